@@ -1,0 +1,335 @@
+"""Tiny random FLUX-shaped models, built in memory, for tests, benchmarks and the offline demo.
+
+Nothing here touches the network or the disk (unless asked to write a file). Every model is in
+eval mode, so two builds with one seed give the same weights and the same images.
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+# Words the tiny tokenizers know as whole pieces. Any other word still encodes, as several
+# character pieces, which is what tests of multi-token activation words rely on.
+TINY_WORDS = (
+    "a an the and or with of in on at to by from is are was be it its their his her they both "
+    "each other together side left right top bottom middle near next under over behind front "
+    "hugging holding hug hold talking walking running sitting standing dancing looking smiling "
+    "laughing playing reading eating painting cooking kissing whispering sharing "
+    "snow rain sun park beach room city forest garden field street kitchen table sofa mountain "
+    "cat dog fox owl bird fish horse rabbit bear girl boy man woman person people friend friends "
+    "alice bob carol dave eve frank "
+    "red blue green yellow purple orange white black pink brown grey gray "
+    "circle square triangle star ring cross heart disk box "
+    "striped dotted plain checkered small big large tiny huge round "
+    "photo picture painting portrait scene image style film lighting soft warm cold light dark "
+    "day night morning evening close up face faces hands hair eyes"
+).split()
+
+# FLUX.1 geometry with every width shrunk: 8x VAE, 2x2 latent packing, 16 latent channels -> 4 here.
+TINY_TRANSFORMER_CONFIG = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 32,
+    "guidance_embeds": True,
+    "axes_dims_rope": (4, 6, 6),
+}
+
+# The layers a typical FLUX character LoRA (ai-toolkit, kohya) adapts, as PEFT module names.
+FLUX_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+    "proj_out",
+)
+
+
+def tiny_t5_tokenizer(words: Iterable[str] = TINY_WORDS):
+    """A T5 (unigram) tokenizer that keeps known words whole and spells unknown ones out.
+
+    Built from pieces and scores directly: transformers 5.x ignores `vocab_file=` for T5.
+    """
+    from transformers import T5TokenizerFast
+
+    vocab: list[tuple[str, float]] = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    seen = {piece for piece, _ in vocab}
+
+    def add(piece: str, score: float) -> None:
+        if piece not in seen:
+            seen.add(piece)
+            vocab.append((piece, score))
+
+    for word in words:
+        add("▁" + word, -2.0)
+        add("▁" + word.capitalize(), -2.0)
+    add("▁", -3.0)
+    for char in string.ascii_letters + string.digits + string.punctuation:
+        add(char, -5.0)
+        add("▁" + char, -5.5)
+    return T5TokenizerFast(vocab=vocab, extra_ids=0)
+
+
+def tiny_clip_tokenizer(words: Iterable[str] = TINY_WORDS):
+    """A byte-pair CLIP tokenizer whose merges spell the known words (lower-cased, as CLIP does)."""
+    from transformers import CLIPTokenizer
+
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    vocab: dict[str, int] = {}
+    for char in chars:
+        vocab[char] = len(vocab)
+    for char in chars:
+        vocab[char + "</w>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for word in words:
+        pieces = list(word)
+        pieces[-1] += "</w>"
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in merges:
+                merges.append(pair)
+            pieces = [pieces[0] + pieces[1], *pieces[2:]]
+            vocab.setdefault(pieces[0], len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def tiny_flux_pipeline(seed: int = 0, transformer_config: dict | None = None):
+    """A complete diffusers `FluxPipeline` with tiny random weights, in eval mode, on the CPU.
+
+    `transformer_config` overrides entries of `TINY_TRANSFORMER_CONFIG` (benchmarks use it to
+    build mid-size models). The pipeline round-trips through `save_pretrained` /
+    `FluxPipeline.from_pretrained`, so it also stands in for a real model directory.
+    """
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    config = {**TINY_TRANSFORMER_CONFIG, **(transformer_config or {})}
+    tokenizer = tiny_clip_tokenizer()
+    tokenizer_2 = tiny_t5_tokenizer()
+    latent_channels = config["in_channels"] // 4
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(**config)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=config["pooled_projection_dim"],
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                max_position_embeddings=77,
+                projection_dim=config["pooled_projection_dim"],
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(tokenizer_2),
+                d_model=config["joint_attention_dim"],
+                d_kv=16,
+                d_ff=64,
+                num_layers=2,
+                num_heads=2,
+                relative_attention_num_buckets=8,
+                dropout_rate=0.0,
+                feed_forward_proj="gated-gelu",
+                is_encoder_decoder=False,
+                pad_token_id=tokenizer_2.pad_token_id,
+                eos_token_id=tokenizer_2.eos_token_id,
+            )
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            latent_channels=latent_channels,
+            norm_num_groups=4,
+            sample_size=64,
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+            mid_block_add_attention=False,
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+    for model in (transformer, text_encoder, text_encoder_2, vae):
+        model.eval()
+        model.requires_grad_(False)
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=transformer,
+    )
+
+
+def random_lora_state_dict(
+    transformer: torch.nn.Module,
+    rank: int = 4,
+    seed: int = 0,
+    targets: Iterable[str] = FLUX_LORA_TARGETS,
+    scale: float = 1.0,
+) -> dict[str, torch.Tensor]:
+    """A random LoRA for `transformer` in diffusers layout (`transformer.<module>.lora_A.weight`).
+
+    The delta B @ A of every layer has roughly `scale` times the spread of the layer's own
+    output, so masking it changes images visibly in tests.
+    """
+    targets = tuple(targets)
+    generator = torch.Generator().manual_seed(seed)
+    state: dict[str, torch.Tensor] = {}
+    for name, module in transformer.named_modules():
+        # Once a LoRA is loaded, PEFT wraps each adapted Linear: its weights sit at `<name>.base_layer`.
+        name = name.removesuffix(".base_layer")
+        if not isinstance(module, torch.nn.Linear) or "transformer_blocks" not in name or ".lora_" in name:
+            continue
+        if not any(name.endswith("." + target) for target in targets):
+            continue
+        out_features, in_features = module.weight.shape
+        down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+        up = (
+            torch.randn(out_features, rank, generator=generator)
+            * scale
+            * module.weight.std()
+            * in_features**0.5
+        )
+        up = up / rank**0.5
+        state[f"transformer.{name}.lora_A.weight"] = down.to(module.weight.dtype).contiguous()
+        state[f"transformer.{name}.lora_B.weight"] = up.to(module.weight.dtype).contiguous()
+    if not state:
+        raise ValueError(f"No linear layer of the transformer matches the LoRA targets {targets}.")
+    return state
+
+
+def random_lora(
+    pipeline,
+    name: str,
+    rank: int = 4,
+    seed: int = 0,
+    path: str | Path | None = None,
+    scale: float = 1.0,
+    metadata: dict[str, str] | None = None,
+):
+    """Add a random LoRA adapter called `name` to `pipeline.transformer`.
+
+    With `path`, only write it there as a diffusers-layout `.safetensors` file (with `metadata`
+    in its header) and leave the pipeline unchanged; return the path. Otherwise load it as a PEFT
+    adapter and return its state dict.
+    """
+    state = random_lora_state_dict(pipeline.transformer, rank=rank, seed=seed, scale=scale)
+    if path is not None:
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(path), metadata={"format": "pt", **(metadata or {})})
+        return path
+    pipeline.load_lora_weights({k: v.clone() for k, v in state.items()}, adapter_name=name)
+    return state
+
+
+PLANTED_COLOURS = ((0.9, 0.2, 0.1), (0.1, 0.3, 0.9), (0.1, 0.8, 0.2), (0.9, 0.9, 0.1), (0.6, 0.1, 0.7))
+
+
+def planted_scene(
+    n_subjects: int,
+    grid: tuple[int, int] = (32, 32),
+    heads: int = 2,
+    dim: int = 32,
+    seed: int = 0,
+    n_sinks: int | None = None,
+    sink_strength: float = 12.0,
+    leak: float = 0.0,
+    noise: float = 0.3,
+    pixels_per_token: int = 16,
+) -> dict:
+    """A synthetic attention scene whose right answer is known, for testing stage 1.
+
+    The grid is split into `n_subjects` Voronoi regions. Image keys and queries of region l point
+    along a direction e_l (so self-attention stays inside the region); subject l's two text tokens
+    query e_l, plus `leak` times the next subject's direction (cross-attention that spills over).
+    `n_sinks` border tokens (default: the top-1% count) get keys along a sink direction that every
+    text query also has, the attention-sink pattern of FLUX: raw cross-attention piles up there.
+    `image` paints each region a distinct colour (plus noise), `pixels_per_token` pixels per token.
+
+    Returns a dict with `q_text` `[heads, T, dim]`, `q_img` and `k_img` `[heads, N, dim]`,
+    `token_sets`, `grid`, `image` `H×W×3`, `regions` `[h, w]` int64 (true subject of each token)
+    and `sinks` (token indices).
+    """
+    if not 1 <= n_subjects <= len(PLANTED_COLOURS) or dim < n_subjects + 1:
+        raise ValueError(f"`n_subjects` must be 1..{len(PLANTED_COLOURS)} and `dim` > n_subjects.")
+    generator = torch.Generator().manual_seed(seed)
+    h, w = grid
+    n_tokens = h * w
+    centres = torch.rand(n_subjects, 2, generator=generator) * torch.tensor([h, w])
+    yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    distance = (yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2
+    regions = distance.argmin(dim=0)
+    # Orthonormal directions: one per subject, the last one for the sinks.
+    directions = torch.linalg.qr(torch.randn(dim, dim, generator=generator))[0][:, : n_subjects + 1].T
+    own = directions[regions.reshape(-1)]
+    k_img = noise * torch.randn(heads, n_tokens, dim, generator=generator) + 3.0 * own[None]
+    q_img = noise * torch.randn(heads, n_tokens, dim, generator=generator) + 3.0 * own[None]
+    n_text = 2 * n_subjects + 3
+    q_text = 0.3 * torch.randn(heads, n_text, dim, generator=generator)
+    token_sets = []
+    for subject in range(n_subjects):
+        positions = [1 + 2 * subject, 2 + 2 * subject]
+        spill = directions[(subject + 1) % n_subjects] if n_subjects > 1 else 0.0
+        for position in positions:
+            q_text[:, position] += 3.0 * directions[subject] + leak * 3.0 * spill + 3.0 * directions[-1]
+        token_sets.append(positions)
+    from .core.attention import border_tokens
+
+    border = border_tokens(grid, 1).nonzero().reshape(-1)
+    n_sinks = int(n_tokens * 0.01) if n_sinks is None else n_sinks
+    sinks = border[torch.randperm(len(border), generator=generator)[:n_sinks]]
+    k_img[:, sinks] = directions[-1] * sink_strength
+    colours = torch.tensor(PLANTED_COLOURS[:n_subjects])
+    image = colours[regions].repeat_interleave(pixels_per_token, 0).repeat_interleave(pixels_per_token, 1)
+    image = (image + 0.03 * torch.randn(image.shape, generator=generator)).clamp(0, 1).numpy()
+    return {
+        "q_text": q_text,
+        "q_img": q_img,
+        "k_img": k_img,
+        "token_sets": token_sets,
+        "grid": grid,
+        "image": image,
+        "regions": regions,
+        "sinks": sinks,
+    }
