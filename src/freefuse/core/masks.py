@@ -1,0 +1,245 @@
+"""Stage 1 of FreeFuse as one function: attention tensors in, one mask per subject out."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .attention import DEFAULT_CHUNK_ELEMENTS, cross_attention_maps, refine_with_self_attention
+from .voting import superpixels, to_token_grid, vote_superpixels, vote_tokens
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """Every constant of stage 1. Defaults are the paper's (FLUX.1-dev); all go into the manifest.
+
+    Attributes:
+        p_sink: top-k fraction for attention-sink handling (k = floor(N * p_sink)); 0 turns it off.
+        sink_border: width, in tokens, of the grid border where sinks are looked for.
+        p_top: fraction of tokens of each cross-attention map that seed the self-attention refinement.
+        self_attention: use the self-attention refinement (M_l^self); False votes on cross maps M_l.
+        n_segments: SLIC superpixel count; None means round(sqrt(H * W)) of the voting image.
+        compactness: SLIC compactness.
+        slic_sigma: Gaussian smoothing SLIC applies before segmenting (pixels).
+        binarize_threshold: None keeps token masks as area shares (soft at superpixel edges); a
+            number makes them one-hot: a token goes to its largest-share subject if that share is
+            at least this much.
+        background: add a background channel: regions no subject claims strongly go to no subject.
+        background_threshold: with `background` and no background words, a region's best subject
+            needs a mean attention density of at least this many times the uniform density 1/N.
+        chunk_elements: most attention logits held in memory at once.
+    """
+
+    p_sink: float = 0.01
+    sink_border: int = 1
+    p_top: float = 0.01
+    self_attention: bool = True
+    n_segments: int | None = None
+    compactness: float = 10.0
+    slic_sigma: float = 0.0
+    binarize_threshold: float | None = None
+    background: bool = False
+    background_threshold: float = 1.0
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+
+    def __post_init__(self) -> None:
+        for name in ("p_sink", "p_top"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"`{name}` must be a fraction in [0, 1], got {value}.")
+        if self.sink_border < 0:
+            raise ValueError(f"`sink_border` must be >= 0 tokens, got {self.sink_border}.")
+        if self.n_segments is not None and self.n_segments < 1:
+            raise ValueError(f"`n_segments` must be >= 1 or None (automatic), got {self.n_segments}.")
+        if self.compactness <= 0:
+            raise ValueError(f"`compactness` must be > 0, got {self.compactness}.")
+        if self.binarize_threshold is not None and not 0.0 <= self.binarize_threshold <= 1.0:
+            raise ValueError(
+                f"`binarize_threshold` must be in [0, 1] or None, got {self.binarize_threshold}."
+            )
+        if self.background_threshold < 0:
+            raise ValueError(f"`background_threshold` must be >= 0, got {self.background_threshold}.")
+        if self.chunk_elements < 1:
+            raise ValueError(f"`chunk_elements` must be >= 1, got {self.chunk_elements}.")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> MaskConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown mask settings {unknown}; valid ones are {sorted(known)}.")
+        return cls(**values)
+
+
+@dataclass
+class MaskResult:
+    """What stage 1 found. L subjects, `(h, w)` token grid, `H×W` image.
+
+    Attributes:
+        token_masks: `[L, h, w]` float, each token's share per subject; shares sum to at most 1.
+        image_masks: `[L, H, W]` bool, disjoint.
+        maps: `[L, h, w]` float, the maps that were voted on (M_l^self, or M_l without refinement).
+        cross_maps: `[L, h, w]` float, the sink-filtered cross-attention maps M_l.
+        labels: `[H, W]` int64 superpixel labels, or None when voting per token.
+        empty: indices of subjects that won no region.
+    """
+
+    token_masks: torch.Tensor
+    image_masks: torch.Tensor
+    maps: torch.Tensor
+    cross_maps: torch.Tensor
+    labels: torch.Tensor | None = None
+    empty: list[int] = field(default_factory=list)
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise ValueError(
+            f"`{name}` contains NaN or inf values; the attention capture is broken (check the dtype)."
+        )
+
+
+def check_inputs(
+    q_text: torch.Tensor,
+    q_img: torch.Tensor,
+    k_img: torch.Tensor,
+    token_sets: Sequence[Sequence[int]],
+    grid: tuple[int, int],
+    image: np.ndarray | torch.Tensor | None,
+    background_tokens: Sequence[int] | None = None,
+) -> None:
+    """Raise a ValueError naming the argument when the inputs of `masks_from_attention` do not fit."""
+    for name, tensor in (("q_text", q_text), ("q_img", q_img), ("k_img", k_img)):
+        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"`{name}` must be a tensor of shape [heads, tokens, dim], got {shape}.")
+    heads, n_text, dim = q_text.shape
+    if q_img.shape != k_img.shape:
+        raise ValueError(
+            f"`q_img` {tuple(q_img.shape)} and `k_img` {tuple(k_img.shape)} must have the same shape."
+        )
+    if q_img.shape[0] != heads or q_img.shape[2] != dim:
+        raise ValueError(
+            f"`q_text` has {heads} heads of dim {dim} but `q_img` has {q_img.shape[0]} heads of dim "
+            f"{q_img.shape[2]}; pass queries and keys of the same attention block."
+        )
+    n_img = q_img.shape[1]
+    if len(grid) != 2 or grid[0] < 1 or grid[1] < 1 or grid[0] * grid[1] != n_img:
+        raise ValueError(
+            f"`grid` {tuple(grid)} does not match the {n_img} image tokens; pass (h, w) with h * w = N."
+        )
+    if len(token_sets) == 0:
+        raise ValueError("`token_sets` is empty: pass one list of text positions per subject.")
+    sets = list(token_sets)
+    if background_tokens is not None:
+        sets.append(background_tokens)
+    for index, tokens in enumerate(sets):
+        label = "`background_tokens`" if index == len(token_sets) else f"`token_sets[{index}]`"
+        if len(tokens) == 0:
+            raise ValueError(f"{label} is empty: every subject needs at least one text position.")
+        bad = [i for i in tokens if not 0 <= int(i) < n_text]
+        if bad:
+            raise ValueError(
+                f"{label} has positions {bad} outside the {n_text} text tokens (0..{n_text - 1})."
+            )
+    if image is not None:
+        shape = tuple(image.shape)
+        if len(shape) != 3 or shape[2] != 3:
+            raise ValueError(f"`image` must be an H×W×3 array in [0, 1], got shape {shape}.")
+        if shape[0] % grid[0] or shape[1] % grid[1]:
+            raise ValueError(
+                f"`image` size {shape[0]}×{shape[1]} is not a multiple of the token grid {grid[0]}×{grid[1]}."
+            )
+        if not np.isfinite(np.asarray(image, dtype=np.float64)).all():
+            raise ValueError("`image` contains NaN or inf values.")
+    for name, tensor in (("q_text", q_text), ("q_img", q_img), ("k_img", k_img)):
+        _check_finite(name, tensor)
+
+
+def masks_from_attention(
+    q_text: torch.Tensor,
+    q_img: torch.Tensor,
+    k_img: torch.Tensor,
+    token_sets: Sequence[Sequence[int]],
+    grid: tuple[int, int],
+    image: np.ndarray | torch.Tensor | None = None,
+    config: MaskConfig = MaskConfig(),
+    background_tokens: Sequence[int] | None = None,
+    image_size: tuple[int, int] | None = None,
+) -> MaskResult:
+    """Stage 1 of FreeFuse: one mask per subject from one attention block's queries and keys.
+
+    Args:
+        q_text: `[heads, T, D]` text queries of the tapped block (post-norm, post-RoPE).
+        q_img: `[heads, N, D]` image queries.
+        k_img: `[heads, N, D]` image keys.
+        token_sets: L lists of text positions, one per subject (its activation words' tokens).
+        grid: `(h, w)` token grid with h * w = N.
+        image: `H×W×3` float array in [0, 1] (the predicted x0) for SLIC voting; None votes per token.
+        config: the stage-1 constants.
+        background_tokens: text positions of background words; with `config.background` their
+            map competes with the subjects as a background channel (instead of the threshold).
+        image_size: `(H, W)` for `image_masks` when `image` is None (nearest upsampling);
+            default: the token grid.
+
+    Returns:
+        A `MaskResult`; `token_masks` `[L, h, w]`, `image_masks` `[L, H, W]`, `maps` `[L, h, w]`.
+    """
+    check_inputs(q_text, q_img, k_img, token_sets, grid, image, background_tokens)
+    h, w = grid
+    sets = [[int(i) for i in tokens] for tokens in token_sets]
+    with_background_words = config.background and background_tokens is not None
+    if with_background_words:
+        sets.append([int(i) for i in background_tokens])
+    n_subjects = len(token_sets)
+
+    cross = cross_attention_maps(
+        q_text, k_img, sets, grid, config.p_sink, config.sink_border, config.chunk_elements
+    )
+    maps = (
+        refine_with_self_attention(cross, q_img, k_img, config.p_top, config.chunk_elements)
+        if config.self_attention
+        else cross
+    )
+    maps = maps.reshape(len(sets), h, w)
+    cross = cross.reshape(len(sets), h, w)
+    background: torch.Tensor | float | None = None
+    if with_background_words:
+        background, maps, cross = maps[-1], maps[:n_subjects], cross[:n_subjects]
+    elif config.background:
+        background = config.background_threshold
+
+    labels = None
+    if image is None:
+        token_hard = vote_tokens(maps, background)
+        token_masks = token_hard.float()
+        height, width = image_size or grid
+        if height % h or width % w:
+            raise ValueError(f"`image_size` {height}×{width} is not a multiple of the token grid {h}×{w}.")
+        image_masks = token_hard.repeat_interleave(height // h, dim=1).repeat_interleave(width // w, dim=2)
+    else:
+        image_np = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        height, width = image_np.shape[:2]
+        n_segments = config.n_segments or round(math.sqrt(height * width))
+        labels = torch.from_numpy(
+            superpixels(np.clip(image_np, 0.0, 1.0), n_segments, config.compactness, config.slic_sigma)
+        ).to(maps.device)
+        image_masks = vote_superpixels(maps, labels, background)
+        token_masks = to_token_grid(image_masks, grid, config.binarize_threshold)
+
+    empty = [index for index in range(n_subjects) if not bool(image_masks[index].any())]
+    return MaskResult(
+        token_masks=token_masks,
+        image_masks=image_masks,
+        maps=maps,
+        cross_maps=cross,
+        labels=labels,
+        empty=empty,
+    )

@@ -1,0 +1,208 @@
+"""A set of named subject masks: resize, save/load (PNGs + JSON, or one .safetensors), overlay."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
+
+from ..files import atomic_save, atomic_write
+
+# Distinct, colour-blind-friendly subject colours (Okabe-Ito), then a fallback hue walk.
+PALETTE = [
+    (230, 159, 0),
+    (86, 180, 233),
+    (0, 158, 115),
+    (240, 228, 66),
+    (0, 114, 178),
+    (213, 94, 0),
+    (204, 121, 167),
+]
+MAX_SUBJECTS_IN_FILE = 256
+_SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def subject_colour(index: int) -> tuple[int, int, int]:
+    if index < len(PALETTE):
+        return PALETTE[index]
+    hue = (index * 0.618034) % 1.0
+    rgb = Image.new("HSV", (1, 1), (int(hue * 255), 200, 230)).convert("RGB").getpixel((0, 0))
+    return tuple(rgb)
+
+
+@dataclass
+class MaskSet:
+    """L named masks over an image.
+
+    Attributes:
+        names: L subject names (unique).
+        masks: `[L, H, W]` float in [0, 1] (binary masks are 0/1).
+    """
+
+    names: list[str]
+    masks: torch.Tensor
+
+    def __post_init__(self) -> None:
+        self.names = [str(name) for name in self.names]
+        if self.masks.ndim != 3:
+            raise ValueError(f"`masks` must have shape [subjects, H, W], got {tuple(self.masks.shape)}.")
+        if len(self.names) != self.masks.shape[0]:
+            raise ValueError(
+                f"{len(self.names)} names for {self.masks.shape[0]} masks; pass one name per mask."
+            )
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"Subject names must be unique, got {self.names}.")
+        self.masks = self.masks.detach().float().cpu()
+        if not torch.isfinite(self.masks).all() or self.masks.min() < 0 or self.masks.max() > 1:
+            raise ValueError("Mask values must be finite and within [0, 1].")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """`(H, W)`."""
+        return int(self.masks.shape[1]), int(self.masks.shape[2])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.masks[self.names.index(name)]
+
+    def resize(self, size: tuple[int, int], mode: str = "area") -> MaskSet:
+        """Resample to `size` `(H, W)`: "area" averages (for shrinking onto a token grid), "nearest" copies."""
+        if tuple(size) == self.size:
+            return MaskSet(list(self.names), self.masks.clone())
+        if mode == "area":
+            resized = F.interpolate(self.masks[None], size=tuple(size), mode="area")[0]
+        elif mode == "nearest":
+            resized = F.interpolate(self.masks[None], size=tuple(size), mode="nearest-exact")[0]
+        else:
+            raise ValueError(f"Unknown resize mode {mode!r}; use 'area' or 'nearest'.")
+        return MaskSet(list(self.names), resized.clamp(0, 1))
+
+    def to_token_grid(self, grid: tuple[int, int]) -> torch.Tensor:
+        """`[L, h, w]` area-averaged masks for stage 2."""
+        return self.resize(grid, mode="area").masks
+
+    # -- files -------------------------------------------------------------------------------
+
+    def save(self, path: str | Path, overwrite: bool = True) -> Path:
+        """Save as one `.safetensors` file, or as `<stem>.json` plus one 8-bit PNG per subject beside it."""
+        from safetensors.torch import save as save_safetensors
+
+        path = Path(path)
+        if path.suffix == ".safetensors":
+            data = save_safetensors(
+                {"masks": self.masks.contiguous()}, metadata={"names": json.dumps(self.names)}
+            )
+            return atomic_write(path, data, overwrite=overwrite)
+        if path.suffix != ".json":
+            raise ValueError(
+                f"Save masks to a `.json` (with PNGs) or `.safetensors` path, got {path.name!r}."
+            )
+        files = []
+        for index, (name, mask) in enumerate(zip(self.names, self.masks, strict=True)):
+            file = f"{path.stem}.{index}-{_SAFE_NAME.sub('_', name)}.png"
+            pixels = (mask.numpy() * 255).round().astype(np.uint8)
+            atomic_save(
+                path.parent / file, lambda f, p=pixels: Image.fromarray(p, "L").save(f, "PNG"), overwrite
+            )
+            files.append(file)
+        index_json = {
+            "format": "freefuse-masks/1",
+            "names": self.names,
+            "files": files,
+            "size": list(self.size),
+        }
+        return atomic_write(path, json.dumps(index_json, indent=2) + "\n", overwrite=overwrite)
+
+    @classmethod
+    def load(cls, path: str | Path) -> MaskSet:
+        """Load what `save` wrote. PNG paths in the JSON must stay inside its folder."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Mask file {path} does not exist.")
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as handle:
+                names = json.loads((handle.metadata() or {}).get("names", "null") or "null")
+                masks = handle.get_tensor("masks")
+            if not isinstance(names, list):
+                raise ValueError(
+                    f"{path} has no subject names in its metadata; it was not written by FreeFuse."
+                )
+            return cls(names, masks)
+        if path.suffix != ".json":
+            raise ValueError(f"Load masks from a `.json` or `.safetensors` file, got {path.name!r}.")
+        if path.stat().st_size > 1 << 20:
+            raise ValueError(f"{path} is larger than 1 MiB; a mask index is a short JSON file.")
+        index = json.loads(path.read_text())
+        names, files = index.get("names"), index.get("files")
+        if not isinstance(names, list) or not isinstance(files, list) or len(names) != len(files):
+            raise ValueError(f"{path} must list `names` and `files` of equal length.")
+        if len(names) > MAX_SUBJECTS_IN_FILE:
+            raise ValueError(f"{path} lists {len(names)} masks; at most {MAX_SUBJECTS_IN_FILE} are accepted.")
+        folder = path.parent.resolve()
+        masks = []
+        for file in files:
+            file_path = (folder / str(file)).resolve()
+            if folder not in file_path.parents:
+                raise ValueError(
+                    f"Mask file {file!r} in {path} points outside its folder; refusing to read it."
+                )
+            masks.append(load_mask_image(file_path))
+        return cls(names, torch.stack(masks) if masks else torch.zeros(0, 1, 1))
+
+    # -- pictures ----------------------------------------------------------------------------
+
+    def overlay(
+        self, image: Image.Image | None = None, alpha: float = 0.55, legend: bool = True
+    ) -> Image.Image:
+        """Subject colours blended over `image` (or over grey), with a legend of names."""
+        height, width = self.size
+        base = (
+            image.convert("RGB").resize((width, height))
+            if image is not None
+            else Image.new("RGB", (width, height), (96, 96, 96))
+        )
+        pixels = np.asarray(base).astype(np.float32)
+        colour = np.zeros_like(pixels)
+        weight = np.zeros(pixels.shape[:2], dtype=np.float32)
+        for index, mask in enumerate(self.masks.numpy()):
+            colour += mask[..., None] * np.array(subject_colour(index), dtype=np.float32)
+            weight += mask
+        covered = np.clip(weight, 0, 1)[..., None] * alpha
+        blended = (
+            pixels * (1 - covered)
+            + np.where(weight[..., None] > 0, colour / np.maximum(weight, 1e-6)[..., None], 0) * covered
+        )
+        result = Image.fromarray(blended.clip(0, 255).astype(np.uint8))
+        if legend and self.names:
+            draw_legend(result, [(name, subject_colour(i)) for i, name in enumerate(self.names)])
+        return result
+
+
+def draw_legend(image: Image.Image, entries: list[tuple[str, tuple[int, int, int]]]) -> None:
+    """Draw coloured squares with names in the top-left corner of `image`, in place."""
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    line = 14
+    box_width = 20 + max(int(draw.textlength(name, font=font)) for name, _ in entries) + 8
+    draw.rectangle([2, 2, 2 + box_width, 4 + line * len(entries)], fill=(0, 0, 0))
+    for row, (name, colour) in enumerate(entries):
+        top = 4 + row * line
+        draw.rectangle([6, top + 2, 16, top + 12], fill=colour)
+        draw.text((20, top), name, fill=(255, 255, 255), font=font)
+
+
+def load_mask_image(path: str | Path) -> torch.Tensor:
+    """A grey-level image file as an `[H, W]` float mask in [0, 1] (colour images are averaged)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Mask image {path} does not exist.")
+    with Image.open(path) as image:
+        grey = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    return torch.from_numpy(grey)

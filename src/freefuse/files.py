@@ -1,0 +1,80 @@
+"""Files written whole or not at all, and file hashes.
+
+Every output FreeFuse writes goes through `atomic_write`: the bytes land in a temporary file in the
+same folder, are flushed to disk, and only then renamed over the target, so a crash, Ctrl-C or
+kill leaves either the old file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO
+
+
+class OutputExistsError(FileExistsError):
+    """An output file is already there and overwriting was not allowed."""
+
+
+@contextlib.contextmanager
+def atomic_open(path: str | Path, mode: str = "wb", overwrite: bool = True) -> Iterator[IO]:
+    """Open a temporary file next to `path`; on success it replaces `path`, on error it is removed."""
+    path = Path(path)
+    if not overwrite and path.exists():
+        raise OutputExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write(path: str | Path, data: bytes | str, overwrite: bool = True) -> Path:
+    """Write `data` to `path` atomically; return the path."""
+    mode = "w" if isinstance(data, str) else "wb"
+    with atomic_open(path, mode, overwrite=overwrite) as handle:
+        handle.write(data)
+    return Path(path)
+
+
+def atomic_save(path: str | Path, save: Callable[[IO[bytes]], None], overwrite: bool = True) -> Path:
+    """Run `save(buffer)` into memory, then write the bytes atomically (for PIL, safetensors...)."""
+    buffer = io.BytesIO()
+    save(buffer)
+    return atomic_write(path, buffer.getvalue(), overwrite=overwrite)
+
+
+def write_json(path: str | Path, value, overwrite: bool = True) -> Path:
+    return atomic_write(
+        path, json.dumps(value, indent=2, sort_keys=False, default=str) + "\n", overwrite=overwrite
+    )
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file. Files in a Hugging Face cache are named by it already, so no read is needed."""
+    path = Path(path)
+    target = path.resolve()
+    if (
+        target.parent.name == "blobs"
+        and len(target.name) == 64
+        and all(c in "0123456789abcdef" for c in target.name)
+    ):
+        return target.name
+    digest = hashlib.sha256()
+    with open(target, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
