@@ -137,8 +137,8 @@ def test_background_words_compete_as_a_channel() -> None:
 
 def test_binarize_threshold_makes_token_masks_one_hot() -> None:
     scene = planted_scene(3, seed=0)
-    soft = run(scene)
-    hard = run(scene, binarize_threshold=0.5)
+    soft = run(scene, slic_max_side=None)
+    hard = run(scene, slic_max_side=None, binarize_threshold=0.5)
     assert ((soft.token_masks > 0) & (soft.token_masks < 1)).any()  # superpixel edges cut tokens
     assert set(hard.token_masks.unique().tolist()) <= {0.0, 1.0}
     assert hard.token_masks.sum(dim=0).max() <= 1
@@ -174,3 +174,23 @@ def test_words_spanning_several_tokens_and_repeats_average_all_positions() -> No
     scene["token_sets"] = [scene["token_sets"][0] * 2, scene["token_sets"][1]]
     repeated = run(scene, image=False)
     torch.testing.assert_close(base.cross_maps, repeated.cross_maps)
+
+
+def test_slic_on_a_shrunk_copy_gives_nearly_the_same_masks() -> None:
+    scene = planted_scene(3, seed=1, pixels_per_token=32)  # a 1024² picture
+    full = run(scene, slic_max_side=None)
+    shrunk = run(scene, slic_max_side=256)
+    assert shrunk.labels.shape == full.labels.shape == (1024, 1024)
+    for subject in range(3):
+        assert iou(full.image_masks[subject], shrunk.image_masks[subject]) >= 0.95
+    assert min(subject_ious(shrunk, scene["regions"])) >= 0.9
+
+
+def test_noise_picture_falls_back_to_token_voting_and_says_so() -> None:
+    scene = planted_scene(2, seed=0)
+    scene["image"] = np.random.default_rng(0).random(scene["image"].shape)
+    result = run(scene)
+    assert result.labels is None
+    assert result.notes and "voted per token" in result.notes[0]
+    assert min(subject_ious(result, scene["regions"])) >= 0.9
+    assert result.image_masks.shape == (2, 512, 512)

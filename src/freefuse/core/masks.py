@@ -25,6 +25,10 @@ class MaskConfig:
         n_segments: SLIC superpixel count; None means round(sqrt(H * W)) of the voting image.
         compactness: SLIC compactness.
         slic_sigma: Gaussian smoothing SLIC applies before segmenting (pixels).
+        slic_max_side: SLIC runs on a copy of the image shrunk to at most this many pixels per side
+            (same `n_segments`, labels scaled back up to full size): at 1024² it is 10x cheaper
+            and the masks move by a few pixels, well under one 16-pixel token. None segments at
+            full size, as the paper does.
         binarize_threshold: None keeps token masks as area shares (soft at superpixel edges); a
             number makes them one-hot: a token goes to its largest-share subject if that share is
             at least this much.
@@ -41,6 +45,7 @@ class MaskConfig:
     n_segments: int | None = None
     compactness: float = 10.0
     slic_sigma: float = 0.0
+    slic_max_side: int | None = 256
     binarize_threshold: float | None = None
     background: bool = False
     background_threshold: float = 1.0
@@ -55,6 +60,8 @@ class MaskConfig:
             raise ValueError(f"`sink_border` must be >= 0 tokens, got {self.sink_border}.")
         if self.n_segments is not None and self.n_segments < 1:
             raise ValueError(f"`n_segments` must be >= 1 or None (automatic), got {self.n_segments}.")
+        if self.slic_max_side is not None and self.slic_max_side < 16:
+            raise ValueError(f"`slic_max_side` must be >= 16 pixels or None, got {self.slic_max_side}.")
         if self.compactness <= 0:
             raise ValueError(f"`compactness` must be > 0, got {self.compactness}.")
         if self.binarize_threshold is not None and not 0.0 <= self.binarize_threshold <= 1.0:
@@ -89,6 +96,7 @@ class MaskResult:
         cross_maps: `[L, h, w]` float, the sink-filtered cross-attention maps M_l.
         labels: `[H, W]` int64 superpixel labels, or None when voting per token.
         empty: indices of subjects that won no region.
+        notes: what stage 1 had to fall back on, in words (empty when nothing unusual happened).
     """
 
     token_masks: torch.Tensor
@@ -97,6 +105,7 @@ class MaskResult:
     cross_maps: torch.Tensor
     labels: torch.Tensor | None = None
     empty: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
 
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -217,7 +226,31 @@ def masks_from_attention(
         background = config.background_threshold
 
     labels = None
-    if image is None:
+    notes: list[str] = []
+    if image is not None:
+        image_np = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        height, width = image_np.shape[:2]
+        n_segments = config.n_segments or round(math.sqrt(height * width))
+        labels = torch.from_numpy(
+            superpixels(
+                np.clip(image_np, 0.0, 1.0),
+                n_segments,
+                config.compactness,
+                config.slic_sigma,
+                config.slic_max_side,
+            )
+        ).to(maps.device)
+        found = int(labels.max()) + 1
+        if found < max(2, n_segments // 10):
+            # SLIC collapses on noise-like pictures (e.g. a very early x0); its few regions would hand
+            # the whole image to one subject, so vote per token instead.
+            notes.append(
+                f"SLIC found only {found} superpixels (asked for {n_segments}); the x0 preview has no usable "
+                "structure, so stage 1 voted per token instead."
+            )
+            labels = None
+            image_size = (height, width)
+    if labels is None:
         token_hard = vote_tokens(maps, background)
         token_masks = token_hard.float()
         height, width = image_size or grid
@@ -225,12 +258,6 @@ def masks_from_attention(
             raise ValueError(f"`image_size` {height}×{width} is not a multiple of the token grid {h}×{w}.")
         image_masks = token_hard.repeat_interleave(height // h, dim=1).repeat_interleave(width // w, dim=2)
     else:
-        image_np = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-        height, width = image_np.shape[:2]
-        n_segments = config.n_segments or round(math.sqrt(height * width))
-        labels = torch.from_numpy(
-            superpixels(np.clip(image_np, 0.0, 1.0), n_segments, config.compactness, config.slic_sigma)
-        ).to(maps.device)
         image_masks = vote_superpixels(maps, labels, background)
         token_masks = to_token_grid(image_masks, grid, config.binarize_threshold)
 
@@ -242,4 +269,5 @@ def masks_from_attention(
         cross_maps=cross,
         labels=labels,
         empty=empty,
+        notes=notes,
     )

@@ -2,17 +2,39 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 
-def superpixels(image: np.ndarray, n_segments: int, compactness: float, sigma: float = 0.0) -> np.ndarray:
-    """SLIC superpixels of an `H×W×3` float image in [0, 1]: `[H, W]` int64 labels 0..S-1."""
+def superpixels(
+    image: np.ndarray, n_segments: int, compactness: float, sigma: float = 0.0, max_side: int | None = None
+) -> np.ndarray:
+    """SLIC superpixels of an `H×W×3` float image in [0, 1]: `[H, W]` int64 labels 0..S-1.
+
+    With `max_side`, SLIC runs on a copy shrunk to at most that many pixels per side (area
+    averaging) and the labels are scaled back up to H×W by nearest neighbour.
+    """
     from skimage.segmentation import slic
 
+    height, width = image.shape[:2]
+    small = image
+    if max_side is not None and max(height, width) > max_side:
+        factor = math.ceil(max(height, width) / max_side)
+        size = (max(1, height // factor), max(1, width // factor))
+        small = (
+            F.interpolate(
+                torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None],
+                size=size,
+                mode="area",
+            )[0]
+            .permute(1, 2, 0)
+            .numpy()
+        )
     labels = slic(
-        np.ascontiguousarray(image, dtype=np.float64),
+        np.ascontiguousarray(small, dtype=np.float64),
         n_segments=n_segments,
         compactness=compactness,
         sigma=sigma,
@@ -21,7 +43,12 @@ def superpixels(image: np.ndarray, n_segments: int, compactness: float, sigma: f
     )
     # slic may skip label values; make them dense so that scores index 0..S-1.
     _, dense = np.unique(labels, return_inverse=True)
-    return dense.reshape(labels.shape).astype(np.int64)
+    dense = dense.reshape(labels.shape).astype(np.int64)
+    if dense.shape != (height, width):
+        rows = np.arange(height) * dense.shape[0] // height
+        cols = np.arange(width) * dense.shape[1] // width
+        dense = dense[rows[:, None], cols[None, :]]
+    return dense
 
 
 def assign(scores: torch.Tensor, background: torch.Tensor | None) -> torch.Tensor:
