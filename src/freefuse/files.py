@@ -18,6 +18,16 @@ from pathlib import Path
 from typing import IO
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp makes files readable by their owner only; finished outputs get the usual permissions.
+_FILE_MODE = 0o666 & ~_current_umask()
+
+
 class OutputExistsError(FileExistsError):
     """An output file is already there and overwriting was not allowed."""
 
@@ -35,6 +45,7 @@ def atomic_open(path: str | Path, mode: str = "wb", overwrite: bool = True) -> I
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

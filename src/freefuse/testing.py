@@ -112,12 +112,19 @@ def tiny_clip_tokenizer(words: Iterable[str] = TINY_WORDS):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def tiny_flux_pipeline(seed: int = 0, transformer_config: dict | None = None):
-    """A complete diffusers `FluxPipeline` with tiny random weights, in eval mode, on the CPU.
+def tiny_flux_pipeline(
+    seed: int = 0,
+    transformer_config: dict | None = None,
+    vae_config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """A complete diffusers `FluxPipeline` with tiny random weights, in eval mode.
 
-    `transformer_config` overrides entries of `TINY_TRANSFORMER_CONFIG` (benchmarks use it to
-    build mid-size models). The pipeline round-trips through `save_pretrained` /
-    `FluxPipeline.from_pretrained`, so it also stands in for a real model directory.
+    `transformer_config` and `vae_config` override the tiny defaults (benchmarks build mid-size and
+    full FLUX.1 shapes this way; text encoders follow the transformer's widths). The pipeline
+    round-trips through `save_pretrained` / `FluxPipeline.from_pretrained`, so it also stands in
+    for a real model directory.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
@@ -129,7 +136,8 @@ def tiny_flux_pipeline(seed: int = 0, transformer_config: dict | None = None):
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = FluxTransformer2DModel(**config)
+        with torch.device(device):
+            transformer = FluxTransformer2DModel(**config).to(dtype)
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 vocab_size=len(tokenizer),
@@ -161,20 +169,23 @@ def tiny_flux_pipeline(seed: int = 0, transformer_config: dict | None = None):
             )
         )
         vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 8, 16, 16),
-            layers_per_block=1,
-            latent_channels=latent_channels,
-            norm_num_groups=4,
-            sample_size=64,
-            scaling_factor=0.3611,
-            shift_factor=0.1159,
-            use_quant_conv=False,
-            use_post_quant_conv=False,
-            mid_block_add_attention=False,
+            **{
+                "in_channels": 3,
+                "out_channels": 3,
+                "down_block_types": ("DownEncoderBlock2D",) * 4,
+                "up_block_types": ("UpDecoderBlock2D",) * 4,
+                "block_out_channels": (8, 8, 16, 16),
+                "layers_per_block": 1,
+                "latent_channels": latent_channels,
+                "norm_num_groups": 4,
+                "sample_size": 64,
+                "scaling_factor": 0.3611,
+                "shift_factor": 0.1159,
+                "use_quant_conv": False,
+                "use_post_quant_conv": False,
+                "mid_block_add_attention": False,
+                **(vae_config or {}),
+            }
         )
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=3.0,
@@ -187,6 +198,9 @@ def tiny_flux_pipeline(seed: int = 0, transformer_config: dict | None = None):
     for model in (transformer, text_encoder, text_encoder_2, vae):
         model.eval()
         model.requires_grad_(False)
+    text_encoder, text_encoder_2, vae = (
+        m.to(device=device, dtype=dtype) for m in (text_encoder, text_encoder_2, vae)
+    )
     return FluxPipeline(
         scheduler=scheduler,
         vae=vae,

@@ -1,0 +1,443 @@
+"""LoRA files (safetensors only), their trigger words, and per-token masks on PEFT LoRA layers.
+
+Reading: a LoRA file is opened with safetensors only; pickle formats (.ckpt, .pt, .bin, ...) are
+refused by name, before any byte is read. Layout conversion (kohya, XLabs, BFL, ai-toolkit,
+diffusers/PEFT) is diffusers' own; this module only checks that the result fits the model.
+
+Masking: `LoraMasker` puts a forward hook on `lora_B[adapter]` of every adapted layer. PEFT forms
+`base(x) + lora_B(lora_A(x)) * scaling`, so scaling `lora_B`'s output by a per-token mask gives
+`base(x) + scaling * mask * B(A(x))`, the masked delta of the method. Hooks live only inside the
+context manager and are removed in `finally`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .files import sha256_file
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".th", ".tar", ".zip"}
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+MAX_METADATA_VALUE_CHARS = 4 << 20  # e.g. kohya ss_tag_frequency; longer values are ignored
+TRIGGER_KEYS = (
+    "modelspec.trigger_phrase",
+    "trigger_phrase",
+    "trigger_words",
+    "trigger_word",
+    "ss_trigger_word",
+)
+
+
+class LoraFileError(ValueError):
+    """A LoRA file cannot be used: missing, not safetensors, corrupt, or for another model."""
+
+
+@dataclass
+class LoraFile:
+    """A LoRA file read from disk.
+
+    Attributes:
+        path: where it was read from.
+        sha256: hash of its bytes.
+        state_dict: tensors as stored (any layout).
+        metadata: the safetensors header metadata (strings).
+        layout: detected layout name ("diffusers", "kohya", "xlabs", "bfl", ...).
+    """
+
+    path: Path
+    sha256: str
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+    layout: str = "unknown"
+
+    @property
+    def trigger_words(self) -> list[str]:
+        return trigger_words_from_metadata(self.metadata)
+
+
+def check_lora_path(path: str | Path) -> Path:
+    """Cheap checks on a LoRA path before any model loads: exists, a file, not pickle, a sane header."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise LoraFileError(f"LoRA file {path} does not exist.")
+    if path.is_dir():
+        raise LoraFileError(f"LoRA path {path} is a directory; pass the .safetensors file inside it.")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise LoraFileError(
+            f"{path.name} is a pickle file ({path.suffix}); FreeFuse never unpickles files, which can run code. "
+            "Convert it to .safetensors first (for example with the `safetensors` convert tool) and pass that."
+        )
+    size = path.stat().st_size
+    if size == 0:
+        raise LoraFileError(f"LoRA file {path} is empty (0 bytes); download it again.")
+    read_header(path)
+    return path
+
+
+def read_header(path: Path) -> dict:
+    """The JSON header of a safetensors file, checked against the file size."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise LoraFileError(
+                f"{path} is too short to be a safetensors file ({size} bytes); it is truncated."
+            )
+        (header_size,) = struct.unpack("<Q", head)
+        if header_size > MAX_HEADER_BYTES or 8 + header_size > size:
+            raise LoraFileError(
+                f"{path} is not a valid safetensors file (its header claims {header_size} bytes of a "
+                f"{size}-byte file): it is corrupt, truncated, or another format."
+            )
+        raw = handle.read(header_size)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise LoraFileError(f"{path} has a corrupt safetensors header ({error}).") from None
+    if not isinstance(header, dict):
+        raise LoraFileError(f"{path} has a corrupt safetensors header (not a JSON object).")
+    end = 0
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2):
+            raise LoraFileError(f"{path} has a corrupt safetensors header (tensor {key!r}).")
+        end = max(end, int(offsets[1]))
+    if 8 + header_size + end > size:
+        raise LoraFileError(
+            f"{path} is truncated: its tensors need {8 + header_size + end} bytes but the file has {size}. "
+            "Download it again."
+        )
+    return header
+
+
+def read_lora_file(path: str | Path) -> LoraFile:
+    """Read a `.safetensors` LoRA: tensors, metadata, hash and detected layout."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = check_lora_path(path)
+    header = read_header(path)
+    metadata = {
+        str(key): str(value)
+        for key, value in (header.get("__metadata__") or {}).items()
+        if isinstance(value, str) and len(value) <= MAX_METADATA_VALUE_CHARS
+    }
+    try:
+        state_dict = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        raise LoraFileError(f"{path} could not be read as safetensors: {error}") from None
+    if not state_dict:
+        raise LoraFileError(f"{path} holds no tensors; it is not a LoRA.")
+    return LoraFile(
+        path=path,
+        sha256=sha256_file(path),
+        state_dict=state_dict,
+        metadata=metadata,
+        layout=detect_layout(state_dict),
+    )
+
+
+def detect_layout(state_dict: dict[str, torch.Tensor]) -> str:
+    """Name the layout of a LoRA state dict (informational; conversion is diffusers')."""
+    keys = list(state_dict)
+    if any(".lora_down.weight" in k for k in keys):
+        if any(k.startswith("lora_unet_") for k in keys) and not any(
+            "double_blocks" in k or "single_blocks" in k or "transformer_blocks" in k for k in keys
+        ):
+            return "kohya-unet"
+        return "kohya"
+    if any("processor" in k for k in keys):
+        return "xlabs"
+    if any(k.startswith("diffusion_model.") for k in keys):
+        return "bfl"
+    if any(k.startswith("transformer.") and ".lora_A." in k for k in keys):
+        return "diffusers"
+    if any(k.startswith("base_model.model.") for k in keys):
+        return "peft"
+    if any(".lora_A." in k for k in keys):
+        return "peft"
+    return "unknown"
+
+
+def _bfl_to_kohya_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BFL-named LoRAs (`diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`) use the names of
+    the original FLUX code base, which diffusers' kohya converter already maps; only the A/B suffixes
+    differ from kohya's down/up."""
+    renamed = {}
+    for key, value in state_dict.items():
+        key = key.replace(".lora_A.weight", ".lora_down.weight").replace(".lora_B.weight", ".lora_up.weight")
+        renamed[key] = value
+    return renamed
+
+
+def to_diffusers_layout(lora: LoraFile, pipeline_class) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Convert a LoRA to diffusers layout with the pipeline class's own converter.
+
+    Returns `(state_dict, network_alphas)`, keys like `transformer.<module>.lora_A.weight`.
+    """
+    state = dict(lora.state_dict)
+    if lora.layout == "bfl" and not any(".lora_down." in k for k in state):
+        state = _bfl_to_kohya_names(state)
+    if lora.layout == "peft" and not any(k.startswith("transformer.") for k in state):
+        state = {"transformer." + k.removeprefix("base_model.model."): v for k, v in state.items()}
+    if lora.layout == "kohya-unet":
+        raise LoraFileError(
+            f"{lora.path.name} is a LoRA for a UNet model (SD 1.x / SDXL keys such as "
+            f"{next(iter(state))!r}), not for {pipeline_class.__name__}; use a LoRA trained for this model."
+        )
+    try:
+        converted = pipeline_class.lora_state_dict(state, return_alphas=True)
+    except (ValueError, KeyError, RuntimeError, AssertionError) as error:
+        first = next(iter(state))
+        raise LoraFileError(
+            f"{lora.path.name} is not a LoRA layout {pipeline_class.__name__} understands (first key {first!r}): "
+            f"{str(error).strip()[:300]}"
+        ) from None
+    state_dict, alphas = converted if isinstance(converted, tuple) else (converted, None)
+    return state_dict, alphas
+
+
+def check_lora_fits(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module, source: str) -> None:
+    """Raise LoraFileError naming the first LoRA key that has no layer in `transformer` or wrong shapes."""
+    transformer_keys = [k for k in state_dict if k.startswith("transformer.")]
+    if not transformer_keys:
+        raise LoraFileError(
+            f"{source} has no layers for this model's transformer (first key {next(iter(state_dict), None)!r}); "
+            "it is a LoRA for another architecture."
+        )
+    modules = dict(transformer.named_modules())
+    ranks: dict[str, int] = {}
+    for key in sorted(transformer_keys):
+        match = re.match(r"transformer\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+        if match is None:
+            continue
+        module_name, which = match.groups()
+        module = modules.get(module_name)
+        if module is None:
+            raise LoraFileError(
+                f"{source} does not fit this model: key {key!r} names layer {module_name!r}, which the "
+                "transformer does not have (a LoRA for another model or version)."
+            )
+        base = getattr(module, "base_layer", module)
+        in_features, out_features = getattr(base, "in_features", None), getattr(base, "out_features", None)
+        tensor = state_dict[key]
+        if tensor.ndim != 2:
+            raise LoraFileError(
+                f"{source}: key {key!r} has shape {tuple(tensor.shape)}; LoRA weights are matrices."
+            )
+        if which == "A" and tensor.shape[1] != in_features:
+            raise LoraFileError(
+                f"{source} does not fit this model: key {key!r} has shape {tuple(tensor.shape)} but layer "
+                f"{module_name!r} takes {in_features} inputs (a LoRA for a model of another size)."
+            )
+        if which == "B" and tensor.shape[0] != out_features:
+            raise LoraFileError(
+                f"{source} does not fit this model: key {key!r} has shape {tuple(tensor.shape)} but layer "
+                f"{module_name!r} gives {out_features} outputs (a LoRA for a model of another size)."
+            )
+        rank = tensor.shape[0] if which == "A" else tensor.shape[1]
+        if ranks.setdefault(module_name, rank) != rank:
+            raise LoraFileError(
+                f"{source} is inconsistent: key {key!r} has rank {rank} but its other half has rank "
+                f"{ranks[module_name]}; the file is damaged."
+            )
+
+
+def trigger_words_from_metadata(metadata: dict[str, str]) -> list[str]:
+    """Trigger words a LoRA file declares: explicit keys first, else kohya's most frequent caption tag."""
+    for key in TRIGGER_KEYS:
+        value = metadata.get(key)
+        if value and value.strip():
+            with contextlib.suppress(json.JSONDecodeError):
+                parsed = json.loads(value)
+                if isinstance(parsed, list):
+                    return [str(word).strip() for word in parsed if str(word).strip()][:16]
+            return [word.strip() for word in value.split(",") if word.strip()][:16]
+    tags = tag_frequencies(metadata)
+    return [tags[0][0]] if tags else []
+
+
+def tag_frequencies(metadata: dict[str, str], limit: int = 10) -> list[tuple[str, int]]:
+    """Kohya's `ss_tag_frequency` summed over datasets, most frequent first."""
+    raw = metadata.get("ss_tag_frequency")
+    if not raw:
+        return []
+    try:
+        datasets = json.loads(raw)
+    except json.JSONDecodeError:
+        return []
+    counts: dict[str, int] = {}
+    if isinstance(datasets, dict):
+        for tags in datasets.values():
+            if isinstance(tags, dict):
+                for tag, count in tags.items():
+                    if isinstance(count, int | float) and str(tag).strip():
+                        counts[str(tag).strip()] = counts.get(str(tag).strip(), 0) + int(count)
+    return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
+
+
+# -- per-token masks on PEFT layers ----------------------------------------------------------------
+
+# How a layer's input is laid out along its token axis (decided per layer by the backend).
+IMAGE, TEXT, JOINT, NO_TOKENS = "image", "text", "joint", "none"
+
+
+@dataclass
+class AdapterMask:
+    """Per-token mask of one adapter for one forward pass.
+
+    Attributes:
+        image: `[B, N]` image-token mask.
+        text: `[B, T]` text-token mask.
+    """
+
+    image: torch.Tensor
+    text: torch.Tensor
+
+    def for_layout(self, layout: str) -> torch.Tensor:
+        """`[B, S, 1]` for token layouts, `[B, 1]` for layers without tokens (mean image coverage)."""
+        if layout == IMAGE:
+            return self.image[..., None]
+        if layout == TEXT:
+            return self.text[..., None]
+        if layout == JOINT:
+            return torch.cat([self.text, self.image], dim=1)[..., None]
+        return self.image.mean(dim=1, keepdim=True)
+
+
+def lora_layers(transformer: torch.nn.Module, adapter: str) -> Iterator[tuple[str, torch.nn.Module]]:
+    """(name, PEFT LoRA layer) for every layer of `transformer` that `adapter` adapts."""
+    for name, module in transformer.named_modules():
+        lora_b = getattr(module, "lora_B", None)
+        if isinstance(lora_b, torch.nn.ModuleDict) and adapter in lora_b:
+            yield name, module
+
+
+class LoraMasker:
+    """Scales each masked adapter's LoRA delta per token; `set_masks` switches masks between passes.
+
+    Args:
+        transformer: the PEFT-adapted model.
+        adapters: names of the adapters to mask (global ones are left out).
+        layout_of: module name → IMAGE, TEXT, JOINT or NO_TOKENS.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, adapters: list[str], layout_of: Callable[[str], str]):
+        self.transformer = transformer
+        self.adapters = list(adapters)
+        self.layout_of = layout_of
+        self._masks: dict[str, AdapterMask] | None = None
+        self._cache: dict[tuple[str, str], torch.Tensor] = {}
+        self.calls = 0
+
+    def set_masks(self, masks: dict[str, AdapterMask] | None) -> None:
+        """Masks for the next forward passes, keyed by adapter; None lets every delta through unchanged."""
+        self._masks = masks
+        self._cache = {}
+
+    def _mask(self, adapter: str, layout: str, output: torch.Tensor) -> torch.Tensor | None:
+        if self._masks is None or adapter not in self._masks:
+            return None
+        key = (adapter, layout)
+        mask = self._cache.get(key)
+        if mask is None:
+            mask = self._masks[adapter].for_layout(layout)
+            self._cache[key] = mask
+        if mask.device != output.device or mask.dtype != output.dtype:
+            mask = mask.to(device=output.device, dtype=output.dtype)
+            self._cache[key] = mask
+        return mask
+
+    def _hook(self, adapter: str, layer_name: str, layout: str):
+        def scale_delta(module, inputs, output):
+            mask = self._mask(adapter, layout, output)
+            if mask is None:
+                return output
+            if mask.shape[:-1] != output.shape[:-1]:
+                raise RuntimeError(
+                    f"Mask for adapter {adapter!r} has shape {tuple(mask.shape)} but layer {layer_name!r} "
+                    f"({layout} tokens) gave {tuple(output.shape)}; the token layout does not match this model."
+                )
+            self.calls += 1
+            return output * mask
+
+        return scale_delta
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[LoraMasker]:
+        """Hooks on every `lora_B[adapter]` while inside; removed on exit, even on error."""
+        handles = []
+        try:
+            for adapter in self.adapters:
+                found = False
+                for name, layer in lora_layers(self.transformer, adapter):
+                    found = True
+                    if getattr(layer, "merged", False):
+                        raise RuntimeError(
+                            f"Adapter {adapter!r} is fused into the weights of {name!r}; a fused LoRA cannot be "
+                            "masked. Call `pipeline.unfuse_lora()` first."
+                        )
+                    if adapter in getattr(layer, "lora_variant", {}):
+                        raise RuntimeError(
+                            f"Adapter {adapter!r} is a DoRA/variant adapter on {name!r}; only plain LoRA can be "
+                            "masked per token."
+                        )
+                    layout = self.layout_of(name)
+                    handles.append(
+                        layer.lora_B[adapter].register_forward_hook(self._hook(adapter, name, layout))
+                    )
+                if not found:
+                    raise RuntimeError(f"Adapter {adapter!r} adapts no layer of the transformer.")
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+            self.set_masks(None)
+
+
+def describe_lora(path: str | Path) -> dict:
+    """What `freefuse inspect` shows: layout, rank, adapted layers, trigger words, selected metadata."""
+    lora = read_lora_file(path)
+    ranks = sorted(
+        {
+            int(tensor.shape[0])
+            for key, tensor in lora.state_dict.items()
+            if tensor.ndim == 2 and (".lora_down." in key or ".lora_A." in key)
+        }
+    )
+    layers = sorted(
+        {re.sub(r"\.(lora_down|lora_A|lora_up|lora_B|alpha)(\.weight)?$", "", key) for key in lora.state_dict}
+    )
+    shown = (
+        "ss_output_name",
+        "ss_base_model_version",
+        "ss_network_dim",
+        "ss_network_alpha",
+        "modelspec.title",
+        "modelspec.architecture",
+        "modelspec.trigger_phrase",
+        "trigger_word",
+        "trigger_words",
+    )
+    return {
+        "path": str(lora.path),
+        "layout": lora.layout,
+        "sha256": lora.sha256,
+        "size_bytes": lora.path.stat().st_size,
+        "tensors": len(lora.state_dict),
+        "rank": ranks,
+        "layers": len(layers),
+        "trigger_words": lora.trigger_words,
+        "top_tags": [f"{tag} ({count})" for tag, count in tag_frequencies(lora.metadata, limit=5)],
+        "metadata": {key: lora.metadata[key][:200] for key in shown if key in lora.metadata},
+    }

@@ -1,0 +1,174 @@
+"""What a run used, as a JSON-able dict: versions, model and LoRA hashes, every setting, seeds, timings.
+
+A manifest is enough to replay a run (`freefuse generate --manifest M`). Manifests handed to
+FreeFuse are untrusted input: they are size-bounded JSON, only known keys are read, and the
+paths in them are checked by the caller (see `cli.py`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import json
+import os
+import platform
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .files import sha256_file, write_json
+
+FORMAT = "freefuse-manifest/1"
+MAX_MANIFEST_BYTES = 4 << 20
+PACKAGES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "peft",
+    "accelerate",
+    "safetensors",
+    "scikit-image",
+    "numpy",
+)
+WEIGHT_SUFFIXES = (".safetensors", ".json", ".txt", ".model")
+IN_MEMORY_HASH_LIMIT = 200_000_000  # parameters; bigger in-memory models are not hashed
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "freefuse": __version__}
+    for package in PACKAGES:
+        try:
+            found[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            found[package] = "not installed"
+    return found
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return str(device)
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("FREEFUSE_CACHE") or Path.home() / ".cache" / "freefuse"
+    return Path(root) / "hashes.json"
+
+
+def cached_sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered by (size, mtime) so that big model files are read once."""
+    path = path.resolve()
+    stat = path.stat()
+    cache_file = _cache_path()
+    try:
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    entry = cache.get(str(path))
+    if (
+        isinstance(entry, dict)
+        and entry.get("size") == stat.st_size
+        and entry.get("mtime_ns") == stat.st_mtime_ns
+    ):
+        return str(entry["sha256"])
+    digest = sha256_file(path)
+    cache[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    with contextlib.suppress(OSError):  # a read-only home only costs re-hashing next time
+        write_json(cache_file, cache)
+    return digest
+
+
+def model_record(pipeline) -> dict:
+    """Model id/path, class, and a hash per weight/config file (or of the weights when in memory)."""
+    record = {"id_or_path": getattr(pipeline, "name_or_path", None) or None, "class": type(pipeline).__name__}
+    files: dict[str, str] = {}
+    for name, component in pipeline.components.items():
+        folder = getattr(getattr(component, "config", None), "_name_or_path", None)
+        if isinstance(folder, str) and folder and Path(folder).is_dir():
+            for file in sorted(Path(folder).iterdir()):
+                if file.is_file() and file.suffix in WEIGHT_SUFFIXES:
+                    files[f"{name}/{file.name}"] = cached_sha256(file)
+    if files:
+        record["files"] = files
+        return record
+    transformer = pipeline.transformer
+    n_params = sum(p.numel() for p in transformer.parameters())
+    if n_params <= IN_MEMORY_HASH_LIMIT:
+        import hashlib
+
+        digest = hashlib.sha256()
+        for key, tensor in sorted(transformer.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        record["transformer_weights_sha256"] = digest.hexdigest()
+    return record
+
+
+def build_manifest(
+    freefuse, settings, *, block, positions, mask_sets, fallbacks, notes, timings, masks_source
+) -> dict:
+    pipeline = freefuse.pipeline
+    images = []
+    for index, (prompt, seed) in enumerate(zip(settings.image_prompts, settings.image_seeds, strict=True)):
+        subjects = {}
+        for name, tokens in positions[index].items():
+            subjects[name] = {"tokens": list(tokens)}
+        masks = mask_sets[index] if index < len(mask_sets) else None
+        if masks is not None:
+            for name, mask in zip(masks.names, masks.masks, strict=True):
+                subjects.setdefault(name, {})["mask_area"] = round(float(mask.mean()), 6)
+        images.append(
+            {
+                "index": index,
+                "prompt": prompt,
+                "seed": seed,
+                "subjects": subjects,
+                "fallbacks": list(fallbacks[index]),
+            }
+        )
+    if masks_source is None or isinstance(masks_source, str | Path):
+        masks_record = None if masks_source is None else str(masks_source)
+    else:
+        masks_record = "in-memory"
+    return {
+        "format": FORMAT,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "command": list(sys.argv),
+        "device": device_description(freefuse.backend.device),
+        "dtype": str(pipeline.transformer.dtype).removeprefix("torch."),
+        "backend": freefuse.backend.name,
+        "model": model_record(pipeline),
+        "loras": [subject.to_dict() for subject in freefuse.subjects.values()],
+        "settings": {**settings.to_dict(), "block": block},
+        "masks": masks_record,
+        "images": images,
+        "notes": list(notes),
+        "timings": {
+            k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v]) for k, v in timings.items()
+        },
+    }
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Load a manifest file (bounded size, JSON only, known format)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Manifest {path} does not exist.")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ValueError(
+            f"Manifest {path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; refusing to read it."
+        )
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"Manifest {path} is not valid JSON: {error}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a FreeFuse manifest (expected format {FORMAT!r}).")
+    for key, kind in (("settings", dict), ("loras", list), ("model", dict)):
+        if not isinstance(manifest.get(key), kind):
+            raise ValueError(f"Manifest {path} has no valid `{key}`.")
+    return manifest

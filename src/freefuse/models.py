@@ -1,0 +1,139 @@
+"""Loading base models: a local diffusers folder, a Hugging Face id (cache or download), or the tiny demo model."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+KNOWN_FLUX_IDS = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
+TINY = "tiny"
+_HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+
+
+class ModelLoadError(ValueError):
+    """The base model cannot be found or loaded (the message says what is missing)."""
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    if device:
+        try:
+            chosen = torch.device(device)
+        except RuntimeError as error:
+            raise ValueError(f"Unknown device {device!r} ({error}); use cpu, cuda, cuda:1 or mps.") from None
+        if chosen.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(
+                f"Device {device!r} was asked for but CUDA is not available here; use --device cpu."
+            )
+        return chosen
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in names:
+        raise ValueError(f"Unknown dtype {dtype!r}; use one of {sorted(names)}.")
+    return names[dtype]
+
+
+def offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def cached_flux_model() -> str | None:
+    """The id of a FLUX.1 model whose files are in the local Hugging Face cache, if any."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return None
+    for repo in KNOWN_FLUX_IDS:
+        found = try_to_load_from_cache(repo, "model_index.json")
+        if isinstance(found, str) and Path(found).is_file():
+            return repo
+    return None
+
+
+def is_hub_id(model: str) -> bool:
+    """`owner/name` that is not a local path."""
+    return not Path(model).expanduser().exists() and bool(_HUB_ID.match(model))
+
+
+def check_model_source(model: str) -> None:
+    """Checks that need no weights: a local folder must be a complete diffusers pipeline folder."""
+    if model == TINY or is_hub_id(model):
+        return
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise ModelLoadError(f"Model folder {path} does not exist.")
+    if path.is_file():
+        raise ModelLoadError(
+            f"{path} is a single file; FreeFuse needs a diffusers pipeline folder (with model_index.json) or a "
+            "Hugging Face id such as black-forest-labs/FLUX.1-dev."
+        )
+    index = path / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"Model folder {path} is incomplete: model_index.json is missing.")
+    import json
+
+    try:
+        components = json.loads(index.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelLoadError(f"{index} is not valid JSON ({error}).") from None
+    for name, value in components.items():
+        if name.startswith("_") or not isinstance(value, list) or value[0] is None:
+            continue
+        if not (path / name).is_dir():
+            raise ModelLoadError(f"Model folder {path} is incomplete: the `{name}` folder is missing.")
+
+
+def load_pipeline(model: str, device: str | None = None, dtype: str | None = None, offload: bool = False):
+    """A diffusers pipeline on `device` (auto: cuda, mps, cpu); "tiny" builds the in-memory demo model."""
+    chosen = pick_device(device)
+    torch_dtype = pick_dtype(dtype, chosen)
+    if model == TINY:
+        from .testing import tiny_flux_pipeline
+
+        pipeline = tiny_flux_pipeline(seed=0).to(chosen)
+        pipeline.register_to_config(_name_or_path=TINY)
+        return pipeline
+    check_model_source(model)
+    from diffusers import DiffusionPipeline
+
+    local = Path(model).expanduser()
+    try:
+        pipeline = DiffusionPipeline.from_pretrained(
+            str(local) if local.exists() else model, torch_dtype=torch_dtype, local_files_only=offline()
+        )
+    except (OSError, ValueError) as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = ""
+        if is_hub_id(model):
+            hint = (
+                " It is not in the local Hugging Face cache and downloading is off (HF_HUB_OFFLINE=1)."
+                if offline()
+                else " Check the id, your network, and `huggingface-cli login` for gated models."
+            )
+        raise ModelLoadError(f"Could not load model {model!r}: {text}.{hint}") from None
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+    if offload:
+        pipeline.enable_model_cpu_offload(device=chosen)
+    else:
+        pipeline.to(chosen)
+    return pipeline
