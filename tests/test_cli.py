@@ -1,0 +1,189 @@
+"""The `freefuse` command line on a tiny model saved like a real one (`--model DIR`)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from freefuse.cli import app, parse_lora_spec
+from freefuse.testing import random_lora, tiny_flux_pipeline
+
+RUNNER = CliRunner()
+FAST = ["--steps", "4", "--size", "128x128", "--max-sequence-length", "32"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny FLUX pipeline folder and two LoRA files, as a user would have them."""
+    root = tmp_path_factory.mktemp("assets")
+    pipe = tiny_flux_pipeline(seed=0)
+    pipe.save_pretrained(root / "model")
+    random_lora(
+        pipe, "alice", seed=1, path=root / "alice.safetensors", metadata={"modelspec.trigger_phrase": "Alice"}
+    )
+    random_lora(pipe, "bob", seed=2, path=root / "bob.safetensors")
+    return root
+
+
+def invoke(*args: str):
+    return RUNNER.invoke(app, list(args), catch_exceptions=False)
+
+
+def generate_args(root, out, *extra: str) -> list[str]:
+    return [
+        "generate",
+        "--model",
+        str(root / "model"),
+        "--lora",
+        f"{root / 'alice.safetensors'}=Alice",
+        "--lora",
+        f"{root / 'bob.safetensors'}=Bob@0.8",
+        "--prompt",
+        "Alice hugging Bob in the snow",
+        "--seed",
+        "3",
+        "--out",
+        str(out),
+        *FAST,
+        *extra,
+    ]
+
+
+def test_help_lists_the_commands() -> None:
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for name in ("generate", "masks", "inspect", "demo"):
+        assert name in result.output
+
+
+def test_generate_writes_image_overlay_masks_and_manifest(model_dir, tmp_path) -> None:
+    result = invoke(*generate_args(model_dir, tmp_path))
+    assert result.exit_code == 0, result.output
+    for name in ("freefuse.png", "freefuse.masks.png", "freefuse.masks.json", "freefuse.json"):
+        assert (tmp_path / name).is_file(), name
+    assert not list(tmp_path.glob("*.part"))
+    manifest = json.loads((tmp_path / "freefuse.json").read_text())
+    assert manifest["settings"]["seed"] == 3 and manifest["settings"]["method"] == "freefuse"
+    assert [lora["weight"] for lora in manifest["loras"]] == [1.0, 0.8]
+    assert all(len(lora["sha256"]) == 64 for lora in manifest["loras"])
+    assert manifest["model"]["files"]  # file hashes of the model folder
+    assert set(manifest["images"][0]["subjects"]) == {"alice", "bob"}
+    with Image.open(tmp_path / "freefuse.png") as image:
+        carried = json.loads(image.text["freefuse"])
+    assert carried["settings"]["prompt"] == "Alice hugging Bob in the snow"
+
+
+def test_manifest_replay_gives_the_same_image(model_dir, tmp_path, monkeypatch) -> None:
+    first = tmp_path / "first"
+    assert invoke(*generate_args(model_dir, first)).exit_code == 0
+    monkeypatch.chdir(model_dir)  # manifest paths must lie inside the working directory
+    replay = tmp_path / "replay"
+    result = invoke("generate", "--manifest", str(first / "freefuse.json"), "--out", str(replay))
+    assert result.exit_code == 0, result.output
+    assert (first / "freefuse.png").read_bytes() == (replay / "freefuse.png").read_bytes()
+
+
+def test_manifest_paths_outside_the_working_directory_are_refused(model_dir, tmp_path, monkeypatch) -> None:
+    first = tmp_path / "first"
+    assert invoke(*generate_args(model_dir, first)).exit_code == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = RUNNER.invoke(app, ["generate", "--manifest", str(first / "freefuse.json"), "--out", "o"])
+    assert result.exit_code == 2
+    assert "outside the working directory" in result.output
+    # Given on the command line, the same files are fine.
+    result = RUNNER.invoke(
+        app,
+        [
+            "generate",
+            "--manifest",
+            str(first / "freefuse.json"),
+            "--out",
+            "o",
+            "--model",
+            str(model_dir / "model"),
+            "--lora",
+            f"{model_dir / 'alice.safetensors'}=Alice",
+            "--lora",
+            f"{model_dir / 'bob.safetensors'}=Bob@0.8",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+
+
+def test_existing_outputs_need_overwrite(model_dir, tmp_path) -> None:
+    assert invoke(*generate_args(model_dir, tmp_path)).exit_code == 0
+    before = (tmp_path / "freefuse.png").read_bytes()
+    result = RUNNER.invoke(app, generate_args(model_dir, tmp_path, "--seed", "4"))
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert (tmp_path / "freefuse.png").read_bytes() == before
+    assert invoke(*generate_args(model_dir, tmp_path, "--seed", "4", "--overwrite")).exit_code == 0
+    assert (tmp_path / "freefuse.png").read_bytes() != before
+
+
+def test_masks_command_then_generate_with_those_masks(model_dir, tmp_path) -> None:
+    result = invoke(
+        "masks",
+        "--model",
+        str(model_dir / "model"),
+        "--lora",
+        f"{model_dir / 'alice.safetensors'}",
+        "--lora",
+        f"{model_dir / 'bob.safetensors'}=Bob",
+        "--prompt",
+        "Alice hugging Bob",
+        "--out",
+        str(tmp_path),
+        *FAST,
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "freefuse.masks.json").is_file() and (tmp_path / "freefuse.masks.png").is_file()
+    assert not (tmp_path / "freefuse.png").exists()
+    out = tmp_path / "gen"
+    result = invoke(
+        *generate_args(model_dir, out, "--method", "masks", "--masks", str(tmp_path / "freefuse.masks.json"))
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "freefuse.json").read_text())
+    assert manifest["masks"].endswith("freefuse.masks.json")
+
+
+def test_inspect_shows_layout_and_trigger_words(model_dir) -> None:
+    result = invoke("inspect", str(model_dir / "alice.safetensors"), "--json")
+    assert result.exit_code == 0
+    report = json.loads(result.output)[0]
+    assert report["layout"] == "diffusers" and report["trigger_words"] == ["Alice"]
+
+
+def test_parse_lora_spec() -> None:
+    assert parse_lora_spec("a.safetensors=Alice,the girl@0.7") == (
+        "a.safetensors",
+        ["Alice", "the girl"],
+        0.7,
+    )
+    assert parse_lora_spec("a.safetensors@1.5") == ("a.safetensors", None, 1.5)
+    assert parse_lora_spec("a.safetensors") == ("a.safetensors", None, 1.0)
+
+
+def test_demo_console_script_writes_its_three_files(tmp_path) -> None:
+    """The README's main command, as a real subprocess through the installed console script."""
+    done = subprocess.run(
+        [sys.executable, "-m", "freefuse.cli", "demo", "--out", str(tmp_path), "--steps", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    for name in ("demo.png", "demo.masks.png", "demo.json"):
+        assert (tmp_path / name).is_file()
+    manifest = json.loads((tmp_path / "demo.json").read_text())
+    assert manifest["settings"]["method"] == "freefuse"
+    assert manifest["model"]["id_or_path"] == "tiny"
+    assert [lora["words"] for lora in manifest["loras"]] == [["Alice"], ["Bob"]]  # from the files' metadata
