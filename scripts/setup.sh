@@ -30,7 +30,7 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$PY" -c 'import torch,
 fi
 
 # PyTorch first: asked for later by another package, pip would pick a multi-GB CUDA build.
-if ! "$PY" -c 'import torch' 2>/dev/null; then
+if ! "$PY" -W ignore -c 'import torch' 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     say "NVIDIA GPU found: installing $TORCH_SPEC (CUDA build)"
     "${PIP[@]}" install "$TORCH_SPEC"
@@ -39,7 +39,7 @@ if ! "$PY" -c 'import torch' 2>/dev/null; then
     # The CPU wheel index when it can be reached; otherwise the configured index (a local CPU wheel here).
     "${PIP[@]}" install --retries 0 --timeout 15 --index-url https://download.pytorch.org/whl/cpu "$TORCH_SPEC" 2>/dev/null \
       || "${PIP[@]}" install "$TORCH_SPEC"
-    if "$PY" -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)'; then
+    if "$PY" -W ignore -c 'import sys, torch; sys.exit(0 if torch.version.cuda else 1)'; then
       say "warning: a CUDA build of torch was installed on a machine without a GPU (it still runs on the CPU)."
     fi
   fi

@@ -249,12 +249,16 @@ class Run:
     def check(self) -> None:
         """Everything that needs no weights."""
         from .lora import check_lora_path
-        from .models import check_model_source
+        from .models import check_model_source, pixels_per_token
 
-        self.settings.validate()
-        names = {}
+        check_model_source(self.model)
+        self.settings.validate(pixels_per_token(self.model))
+        names, files = {}, {}
         for lora in self.loras:
-            check_lora_path(lora["path"])
+            resolved = check_lora_path(lora["path"]).resolve()
+            if resolved in files:
+                raise UserError(f"LoRA file {lora['path']} is given twice; give each LoRA once.")
+            files[resolved] = lora
             name = lora.get("name") or Path(lora["path"]).stem
             if name in names:
                 raise UserError(
@@ -263,7 +267,6 @@ class Run:
             names[name] = lora["path"]
         if not self.loras:
             raise UserError("No LoRA given; add --lora PATH=WORD (one per subject).")
-        check_model_source(self.model)
         if self.masks is not None and not Path(self.masks).is_file():
             raise UserError(
                 f"--masks {self.masks}: no such file (use a .masks.json or .safetensors from `freefuse masks`)."

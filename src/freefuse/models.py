@@ -101,6 +101,20 @@ def check_model_source(model: str) -> None:
             raise ModelLoadError(f"Model folder {path} is incomplete: the `{name}` folder is missing.")
 
 
+def pixels_per_token(model: str) -> int:
+    """Image tokens are this many pixels wide: from a local folder's VAE config, else FLUX.1's 16."""
+    import json
+
+    config = Path(model).expanduser() / "vae" / "config.json"
+    if model != TINY and config.is_file():
+        try:
+            channels = json.loads(config.read_text()).get("block_out_channels", [0] * 4)
+            return 2 ** (len(channels) - 1) * 2
+        except (OSError, json.JSONDecodeError, TypeError):
+            pass
+    return 16
+
+
 def load_pipeline(model: str, device: str | None = None, dtype: str | None = None, offload: bool = False):
     """A diffusers pipeline on `device` (auto: cuda, mps, cpu); "tiny" builds the in-memory demo model."""
     chosen = pick_device(device)

@@ -46,7 +46,7 @@ class Backend:
     """One architecture. Subclasses fill in every method; see `backends/flux.py`."""
 
     name: str = "base"
-    #: Height and width must be multiples of this many pixels.
+    #: Height and width must be multiples of this many pixels (one image token per square).
     size_multiple: int = 16
 
     def __init__(self, pipeline) -> None:

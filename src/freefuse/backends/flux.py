@@ -53,7 +53,11 @@ class AttentionTap:
 @register
 class FluxBackend(Backend):
     name = "flux"
-    size_multiple = 16  # 8x VAE, then 2x2 latent patches
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixels per image token along a side: the VAE factor (8 on FLUX.1) times the 2x2 patches."""
+        return int(self.pipeline.vae_scale_factor) * 2
 
     @classmethod
     def matches(cls, pipeline) -> bool:
