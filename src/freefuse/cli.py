@@ -84,6 +84,7 @@ def _quiet_libraries() -> None:
         from transformers.utils import logging as transformers_logging
 
         transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", module="diffusers")
     warnings.filterwarnings("ignore", module="transformers")
     warnings.filterwarnings("ignore", module="peft")
@@ -709,7 +710,12 @@ def demo(
 
 
 def main() -> None:
-    app()
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        app()
+    except KeyboardInterrupt:  # between commands' own handling, e.g. while importing
+        console.print("[yellow]Interrupted; no partial output was written.[/]")
+        sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

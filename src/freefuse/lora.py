@@ -78,7 +78,13 @@ def check_lora_path(path: str | Path) -> Path:
     size = path.stat().st_size
     if size == 0:
         raise LoraFileError(f"LoRA file {path} is empty (0 bytes); download it again.")
-    read_header(path)
+    header = read_header(path)
+    if detect_layout({key: None for key in header if key != "__metadata__"}) == "kohya-unet":
+        first = next(key for key in header if key != "__metadata__")
+        raise LoraFileError(
+            f"{path.name} is a LoRA for a UNet model (SD 1.x / SDXL keys such as {first!r}), not for a FLUX "
+            "transformer; use a LoRA trained for this model."
+        )
     return path
 
 
@@ -190,11 +196,6 @@ def to_diffusers_layout(lora: LoraFile, pipeline_class) -> tuple[dict[str, torch
         state = _bfl_to_kohya_names(state)
     if lora.layout == "peft" and not any(k.startswith("transformer.") for k in state):
         state = {"transformer." + k.removeprefix("base_model.model."): v for k, v in state.items()}
-    if lora.layout == "kohya-unet":
-        raise LoraFileError(
-            f"{lora.path.name} is a LoRA for a UNet model (SD 1.x / SDXL keys such as "
-            f"{next(iter(state))!r}), not for {pipeline_class.__name__}; use a LoRA trained for this model."
-        )
     try:
         converted = pipeline_class.lora_state_dict(state, return_alphas=True)
     except (ValueError, KeyError, RuntimeError, AssertionError) as error:

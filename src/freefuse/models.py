@@ -97,8 +97,22 @@ def check_model_source(model: str) -> None:
     for name, value in components.items():
         if name.startswith("_") or not isinstance(value, list) or value[0] is None:
             continue
-        if not (path / name).is_dir():
+        folder = path / name
+        if not folder.is_dir():
             raise ModelLoadError(f"Model folder {path} is incomplete: the `{name}` folder is missing.")
+        if (folder / "config.json").is_file() and not any(folder.glob("*.safetensors")):
+            pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(
+                p.name for p in folder.glob("*.pt")
+            )
+            hint = (
+                f" It has {pickled[0]}, a pickle file, which FreeFuse does not load; convert it to safetensors."
+                if pickled
+                else ""
+            )
+            raise ModelLoadError(
+                f"Model folder {path} is incomplete: `{name}/` has no weights (*.safetensors, e.g. "
+                f"{name}/diffusion_pytorch_model.safetensors or {name}/model.safetensors).{hint}"
+            )
 
 
 def pixels_per_token(model: str) -> int:
@@ -131,7 +145,10 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
     local = Path(model).expanduser()
     try:
         pipeline = DiffusionPipeline.from_pretrained(
-            str(local) if local.exists() else model, torch_dtype=torch_dtype, local_files_only=offline()
+            str(local) if local.exists() else model,
+            torch_dtype=torch_dtype,
+            local_files_only=offline(),
+            use_safetensors=True,  # never fall back to unpickling .bin files
         )
     except (OSError, ValueError) as error:
         text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -44,6 +44,10 @@ class FreeFuseWarning(UserWarning):
     """Something in a run fell back to a stated behaviour (also recorded in the manifest)."""
 
 
+class NumericalError(RuntimeError):
+    """The model produced NaN or inf values; the image would be black, so none is returned."""
+
+
 @dataclass
 class Subject:
     """A LoRA that FreeFuse controls, keyed by its PEFT adapter name.
@@ -621,6 +625,12 @@ class FreeFuse:
         return MaskSet(names, torch.stack(loaded))
 
     def _decode(self, latents, height, width, output_type):
+        bad = [index for index, image in enumerate(latents) if not torch.isfinite(image).all()]
+        if bad:
+            raise NumericalError(
+                f"The model produced NaN/inf values for image(s) {bad} (often float16 overflow); no image is "
+                f"written. Use --dtype bfloat16 or float32 (dtype now {str(latents.dtype).removeprefix('torch.')})."
+            )
         if output_type == "latent":
             return list(latents)
         images = self.backend.decode(latents, height, width)
@@ -634,4 +644,4 @@ class FreeFuse:
         raise ValueError(f"Unknown output_type {output_type!r}; use 'pil', 'np', 'pt' or 'latent'.")
 
 
-__all__ = ["FreeFuse", "FreeFuseOutput", "FreeFuseWarning", "Subject"]
+__all__ = ["FreeFuse", "FreeFuseOutput", "FreeFuseWarning", "NumericalError", "Subject"]

@@ -57,6 +57,13 @@ def find_word(tokenizer, prompt: str, word: str, max_length: int | None = None) 
         raise WordNotFoundError(
             "An activation word is empty; pass the LoRA's trigger word, e.g. `words=['ohwx']`."
         )
+    if max_length is not None:
+        word_tokens = len(tokenizer(word.strip(), add_special_tokens=False)["input_ids"])
+        if word_tokens > max_length - 1:
+            raise WordNotFoundError(
+                f"Activation word {word[:40]!r}… is {word_tokens} tokens long, more than the text encoder's "
+                f"{max_length}-token limit; use the LoRA's short trigger word."
+            )
     spans = word_spans(prompt, word)
     if not spans:
         inside = [

@@ -1,0 +1,610 @@
+"""Bad input, faults and safety: one clear message, exit code 2 (1 for bugs), no partial output.
+
+Each case of docs/reliability.md has a test here that runs the CLI (and the library where it
+differs). The tiny model is saved to a folder so that `--model DIR` behaves like a real model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import pickle
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from freefuse import FreeFuse, FreeFuseWarning, MaskSet
+from freefuse.cli import app
+from freefuse.files import atomic_open
+from freefuse.lora import LoraFileError, read_lora_file
+from freefuse.testing import random_lora, random_lora_state_dict, tiny_flux_pipeline, tiny_t5_tokenizer
+from freefuse.tokens import WordNotFoundError, find_word
+
+RUNNER = CliRunner()
+FAST = ["--steps", "3", "--size", "64x64", "--max-sequence-length", "32"]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reliability")
+    pipe = tiny_flux_pipeline(seed=0)
+    pipe.save_pretrained(root / "model")
+    random_lora(pipe, "alice", seed=1, path=root / "alice.safetensors")
+    random_lora(pipe, "bob", seed=2, path=root / "bob.safetensors")
+    return root
+
+
+def cli(*args: str):
+    return RUNNER.invoke(app, list(args))
+
+
+def generate(
+    assets: Path, out: Path, *extra: str, loras: list[str] | None = None, prompt: str = "Alice hugging Bob"
+):
+    if loras is None:
+        loras = [f"{assets / 'alice.safetensors'}=Alice", f"{assets / 'bob.safetensors'}=Bob"]
+    lora_args = [arg for spec in loras for arg in ("--lora", spec)]
+    return cli(
+        "generate",
+        "--model",
+        str(assets / "model"),
+        *lora_args,
+        "--prompt",
+        prompt,
+        "--out",
+        str(out),
+        *FAST,
+        *extra,
+    )
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+    assert "Traceback" not in result.output
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+# -- LoRA files ---------------------------------------------------------------------------------------
+
+
+def test_lora_missing(assets, tmp_path) -> None:
+    result = generate(assets, tmp_path / "o", loras=[f"{tmp_path / 'nope.safetensors'}=Alice"])
+    assert_user_error(result, "does not exist")
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_lora_is_a_directory(assets, tmp_path) -> None:
+    assert_user_error(generate(assets, tmp_path / "o", loras=[f"{tmp_path}=Alice"]), "is a directory")
+
+
+def test_lora_empty_truncated_corrupt(assets, tmp_path) -> None:
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    assert_user_error(generate(assets, tmp_path / "o", loras=[f"{empty}=Alice"]), "is empty")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes((assets / "alice.safetensors").read_bytes()[:-1000])
+    assert_user_error(generate(assets, tmp_path / "o", loras=[f"{truncated}=Alice"]), "truncated")
+    corrupt = tmp_path / "corrupt.safetensors"
+    corrupt.write_bytes(b"\x20\x00\x00\x00\x00\x00\x00\x00{this is not json at all........}")
+    assert_user_error(generate(assets, tmp_path / "o", loras=[f"{corrupt}=Alice"]), "corrupt")
+
+
+def test_lora_pickle_is_refused_unopened(assets, tmp_path, monkeypatch) -> None:
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"state_dict": {}}))
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("unpickled")
+
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    assert_user_error(generate(assets, tmp_path / "o", loras=[f"{evil}=Alice"]), "pickle", "safetensors")
+
+
+def test_lora_for_another_architecture(assets, tmp_path) -> None:
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file(
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4),
+        },
+        str(sdxl),
+    )
+    assert_user_error(generate(assets, tmp_path / "o", loras=[f"{sdxl}=Alice"]), "UNet model")
+    wide = tmp_path / "wide.safetensors"
+    save_file(
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.zeros(1, 3072),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.zeros(3072, 1),
+        },
+        str(wide),
+    )
+    assert_user_error(
+        generate(assets, tmp_path / "o", loras=[f"{wide}=Alice"]),
+        "does not fit this model",
+        "transformer_blocks.0.attn.to_q",
+    )
+
+
+def test_lora_rank_mismatch(assets, tmp_path) -> None:
+    state = random_lora_state_dict(tiny_flux_pipeline(seed=0).transformer, rank=2, seed=3)
+    key = next(k for k in state if k.endswith("lora_B.weight"))
+    state[key] = torch.zeros(state[key].shape[0], 5)
+    path = tmp_path / "rank.safetensors"
+    save_file(state, str(path))
+    assert_user_error(generate(assets, tmp_path / "o", loras=[f"{path}=Alice"]), "rank 5", "damaged")
+
+
+def test_duplicate_names_and_same_file_twice(assets, tmp_path) -> None:
+    (tmp_path / "x").mkdir()
+    other = tmp_path / "x" / "alice.safetensors"
+    other.write_bytes((assets / "bob.safetensors").read_bytes())
+    result = generate(assets, tmp_path / "o", loras=[f"{assets / 'alice.safetensors'}=Alice", f"{other}=Bob"])
+    assert_user_error(result, "Two LoRAs get the name 'alice'")
+    result = generate(
+        assets,
+        tmp_path / "o",
+        loras=[f"{assets / 'alice.safetensors'}=Alice", f"{assets / 'alice.safetensors'}=Bob"],
+    )
+    assert_user_error(result, "given twice")
+
+
+def test_weight_not_a_number(assets, tmp_path) -> None:
+    result = generate(assets, tmp_path / "o", loras=[f"{assets / 'alice.safetensors'}=Alice@strong"])
+    assert_user_error(result, "'strong' is not a number")
+
+
+# -- words and prompts ----------------------------------------------------------------------------------
+
+
+def test_word_absent_lists_the_prompt_tokens(assets, tmp_path) -> None:
+    result = generate(assets, tmp_path / "o", prompt="Alice hugging a cat")
+    assert_user_error(result, "'Bob' is not in the prompt", "'▁cat'")
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_word_only_inside_another_word(assets, tmp_path) -> None:
+    result = generate(
+        assets,
+        tmp_path / "o",
+        prompt="Always hugging Bob",
+        loras=[f"{assets / 'alice.safetensors'}=Al", f"{assets / 'bob.safetensors'}=Bob"],
+    )
+    assert_user_error(result, "'Al' appears only inside other words ('Always')")
+
+
+def test_word_longer_than_the_token_limit(assets, tmp_path) -> None:
+    long_word = "x" * 80
+    result = generate(
+        assets,
+        tmp_path / "o",
+        prompt=f"{long_word} hugging Bob",
+        loras=[f"{assets / 'alice.safetensors'}={long_word}", f"{assets / 'bob.safetensors'}=Bob"],
+    )
+    assert_user_error(result, "tokens long", "32-token limit")
+
+
+def test_prompt_longer_than_the_limit_says_what_was_cut(assets, tmp_path) -> None:
+    prompt = "Alice hugging Bob " + "in the snow " * 20 + "at the very end"
+    result = generate(assets, tmp_path / "o", prompt=prompt)
+    assert result.exit_code == 0, result.output
+    assert "so this part is cut" in result.output and "at the very end" in result.output
+
+
+def test_empty_prompt(assets, tmp_path) -> None:
+    assert_user_error(generate(assets, tmp_path / "o", prompt="   "), "`prompt` is empty")
+
+
+# -- sizes and settings ---------------------------------------------------------------------------------
+
+
+def test_size_not_a_multiple_of_16_names_the_nearest(assets, tmp_path) -> None:
+    result = generate(assets, tmp_path / "o", "--size", "130x64")
+    assert_user_error(result, "`width` 130 is not a multiple of 16", "nearest valid width is 128")
+
+
+def test_mask_step_past_the_steps(assets, tmp_path) -> None:
+    assert_user_error(
+        generate(assets, tmp_path / "o", "--mask-step", "9"), "`mask_step` 9 is past the last of 3"
+    )
+    result = generate(assets, tmp_path / "o2", "--mask-step", "3")
+    assert result.exit_code == 0 and "same as method='merge'" in result.output
+
+
+def test_block_out_of_range(assets, tmp_path) -> None:
+    result = generate(assets, tmp_path / "o", "--block", "7")
+    assert_user_error(result, "`block` 7 is out of range", "2 double-stream blocks")
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_more_subjects_than_the_image_has_room_for(assets, tmp_path) -> None:
+    result = generate(assets, tmp_path / "o", "--size", "16x16")
+    assert_user_error(result, "2 subjects but only 1 image tokens")
+
+
+def test_user_mask_of_the_wrong_size(assets, tmp_path) -> None:
+    masks = MaskSet(["alice", "bob"], torch.ones(2, 48, 48))
+    masks.save(tmp_path / "m.json")
+    result = generate(assets, tmp_path / "o", "--method", "masks", "--masks", str(tmp_path / "m.json"))
+    assert_user_error(result, "shape (48, 48)", "image size 64x64")
+    freefuse = FreeFuse(tiny_flux_pipeline(seed=0))
+    random_lora(freefuse.pipeline, "alice", seed=1)
+    freefuse.use_adapter("alice", words=["Alice"])
+    with pytest.raises(ValueError, match="no mask for"):
+        freefuse(
+            "Alice",
+            method="masks",
+            masks={"bob": torch.ones(64, 64)},
+            height=64,
+            width=64,
+            num_inference_steps=2,
+            max_sequence_length=32,
+            progress=False,
+        )
+
+
+# -- models ---------------------------------------------------------------------------------------------
+
+
+def test_model_path_missing(assets, tmp_path) -> None:
+    result = cli(
+        "generate",
+        "--model",
+        str(tmp_path / "no-model"),
+        "--lora",
+        f"{assets / 'alice.safetensors'}=Alice",
+        "--prompt",
+        "Alice",
+        "--out",
+        str(tmp_path / "o"),
+        *FAST,
+    )
+    assert_user_error(result, "does not exist")
+
+
+def test_model_folder_incomplete_names_the_missing_file(assets, tmp_path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(assets / "model", broken)
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    (broken / "transformer" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({}))
+    result = cli(
+        "generate",
+        "--model",
+        str(broken),
+        "--lora",
+        f"{assets / 'alice.safetensors'}=Alice",
+        "--prompt",
+        "Alice",
+        "--out",
+        str(tmp_path / "o"),
+        *FAST,
+    )
+    assert_user_error(result, "`transformer/` has no weights", "diffusion_pytorch_model.bin, a pickle file")
+    (broken / "model_index.json").unlink()
+    result = cli(
+        "generate",
+        "--model",
+        str(broken),
+        "--lora",
+        f"{assets / 'alice.safetensors'}=Alice",
+        "--prompt",
+        "Alice",
+        "--out",
+        str(tmp_path / "o"),
+        *FAST,
+    )
+    assert_user_error(result, "model_index.json is missing")
+
+
+def test_hub_model_not_in_cache_with_hf_offline(assets, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    result = cli(
+        "generate",
+        "--model",
+        "nobody/no-such-flux",
+        "--lora",
+        f"{assets / 'alice.safetensors'}=Alice",
+        "--prompt",
+        "Alice",
+        "--out",
+        str(tmp_path / "o"),
+        *FAST,
+    )
+    assert_user_error(
+        result, "nobody/no-such-flux", "not in the local Hugging Face cache", "HF_HUB_OFFLINE=1"
+    )
+
+
+def test_out_of_memory_names_the_settings_that_lower_memory(assets, tmp_path, monkeypatch) -> None:
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(FreeFuse, "generate", out_of_memory)
+    result = generate(assets, tmp_path / "o")
+    assert_user_error(result, "ran out of memory", "--offload", "--size")
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_internal_errors_exit_1_and_show_a_traceback_only_with_debug(assets, tmp_path, monkeypatch) -> None:
+    def bug(*args, **kwargs):
+        raise KeyError("unexpected")
+
+    monkeypatch.setattr(FreeFuse, "generate", bug)
+    result = generate(assets, tmp_path / "o")
+    assert result.exit_code == 1 and "internal error" in result.output and "--debug" in result.output
+    debug = RUNNER.invoke(app, ["--debug", *generate_args_list(assets, tmp_path / "o")])
+    assert isinstance(debug.exception, KeyError)
+
+
+def generate_args_list(assets: Path, out: Path) -> list[str]:
+    return [
+        "generate",
+        "--model",
+        str(assets / "model"),
+        "--lora",
+        f"{assets / 'alice.safetensors'}=Alice",
+        "--lora",
+        f"{assets / 'bob.safetensors'}=Bob",
+        "--prompt",
+        "Alice hugging Bob",
+        "--out",
+        str(out),
+        *FAST,
+    ]
+
+
+# -- stage-1 fallbacks ----------------------------------------------------------------------------------
+
+
+def small_freefuse() -> FreeFuse:
+    pipe = tiny_flux_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    freefuse = FreeFuse(pipe)
+    for index, name in enumerate(("alice", "bob")):
+        random_lora(pipe, name, seed=index + 1)
+        freefuse.use_adapter(name, words=[name.capitalize()])
+    return freefuse
+
+
+RUN = {
+    "height": 128,
+    "width": 128,
+    "num_inference_steps": 4,
+    "max_sequence_length": 32,
+    "progress": False,
+    "output_type": "pt",
+    "seed": 1,
+}
+
+
+def test_nan_attention_capture_falls_back_to_merge_and_says_so(assets, tmp_path, monkeypatch) -> None:
+    from freefuse.backends.flux import AttentionTap
+
+    original = AttentionTap.result
+
+    def poisoned(self):
+        captured = original(self)
+        captured.q_img[0, 0, 0, 0] = float("nan")
+        return captured
+
+    monkeypatch.setattr(AttentionTap, "result", poisoned)
+    freefuse = small_freefuse()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = freefuse("Alice hugging Bob", **RUN)
+    merge = freefuse("Alice hugging Bob", method="merge", **RUN)
+    assert torch.equal(out.images[0], merge.images[0])  # every LoRA everywhere, never a black image
+    assert out.images[0].std() > 0.01
+    assert any("NaN/inf" in str(w.message) for w in caught if issubclass(w.category, FreeFuseWarning))
+    assert "NaN/inf" in out.manifest["images"][0]["fallbacks"][0]
+    result = generate(assets, tmp_path / "o")
+    assert result.exit_code == 0 and "note:" in result.output and "NaN/inf" in result.output
+
+
+@pytest.mark.parametrize("policy", ["global", "off"])
+def test_subject_that_wins_no_region_follows_the_stated_policy(monkeypatch, policy: str) -> None:
+    import freefuse.pipeline as pipeline_module
+
+    original = pipeline_module.masks_from_attention
+
+    def bob_loses(*args, **kwargs):
+        result = original(*args, **kwargs)
+        result.image_masks[0] |= result.image_masks[1]
+        result.image_masks[1] = False
+        result.token_masks[0] = 1.0
+        result.token_masks[1] = 0.0
+        result.empty = [1]
+        return result
+
+    monkeypatch.setattr(pipeline_module, "masks_from_attention", bob_loses)
+    freefuse = small_freefuse()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = freefuse("Alice hugging Bob", empty_mask=policy, **RUN)
+    message = " ".join(str(w.message) for w in caught)
+    assert "'bob' won no region" in message and f"empty_mask='{policy}'" in message
+    assert out.manifest["images"][0]["fallbacks"]
+    bob = out.masks[0]["bob"]
+    assert float(bob.mean()) == (1.0 if policy == "global" else 0.0)
+    assert out.images[0].std() > 0.01
+
+
+def test_nan_output_is_an_error_not_a_black_image(monkeypatch) -> None:
+    from freefuse.backends.flux import FluxBackend
+    from freefuse.pipeline import NumericalError
+
+    original = FluxBackend.step
+
+    def overflow(self, velocity, timestep, latents):
+        return original(self, velocity, timestep, latents) * float("inf")
+
+    monkeypatch.setattr(FluxBackend, "step", overflow)
+    with pytest.raises(NumericalError, match="NaN/inf.*bfloat16"):
+        small_freefuse()("Alice hugging Bob", **RUN)
+
+
+# -- outputs --------------------------------------------------------------------------------------------
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path) -> None:
+    target = tmp_path / "image.png"
+    with pytest.raises(RuntimeError), atomic_open(target) as handle:
+        handle.write(b"half of a png")
+        raise RuntimeError("killed mid-write")
+    assert list(tmp_path.iterdir()) == []
+    target.write_bytes(b"old")
+    with pytest.raises(RuntimeError), atomic_open(target) as handle:
+        handle.write(b"new but broken")
+        raise RuntimeError("killed mid-write")
+    assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_interrupted_run_leaves_no_file(assets, tmp_path, signum) -> None:
+    out = tmp_path / "o"
+    command = [
+        sys.executable,
+        "-m",
+        "freefuse.cli",
+        "generate",
+        "--model",
+        str(assets / "model"),
+        "--lora",
+        f"{assets / 'alice.safetensors'}=Alice",
+        "--lora",
+        f"{assets / 'bob.safetensors'}=Bob",
+        "--prompt",
+        "Alice hugging Bob",
+        "--out",
+        str(out),
+        "--steps",
+        "3000",
+        "--size",
+        "128x128",
+        "--max-sequence-length",
+        "32",
+    ]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Loading takes a few seconds and 3000 steps far longer: the signal lands while loading or
+    # denoising, and neither may leave a file behind.
+    time.sleep(8.0)
+    assert process.poll() is None, "the run ended before it could be interrupted"
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Interrupted" in stderr and "Traceback" not in stderr
+    assert_nothing_written(out)
+
+
+# -- untrusted metadata and manifests -------------------------------------------------------------------
+
+
+def test_huge_lora_metadata_is_ignored_not_trusted(tmp_path) -> None:
+    pipe = tiny_flux_pipeline(seed=0)
+    path = tmp_path / "meta.safetensors"
+    save_file(
+        random_lora_state_dict(pipe.transformer, seed=1),
+        str(path),
+        metadata={"modelspec.trigger_phrase": "x" * (5 << 20), "ss_output_name": "fine"},
+    )
+    lora = read_lora_file(path)
+    assert lora.trigger_words == [] and lora.metadata["ss_output_name"] == "fine"
+
+
+def test_bad_manifests_are_refused(assets, tmp_path) -> None:
+    big = tmp_path / "big.json"
+    big.write_text('{"format": "freefuse-manifest/1", "pad": "' + "x" * (5 << 20) + '"}')
+    assert_user_error(
+        cli("generate", "--manifest", str(big), "--out", str(tmp_path / "o")), "larger than 4 MiB"
+    )
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    assert_user_error(
+        cli("generate", "--manifest", str(broken), "--out", str(tmp_path / "o")), "not valid JSON"
+    )
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"format": "something-else"}))
+    assert_user_error(
+        cli("generate", "--manifest", str(other), "--out", str(tmp_path / "o")), "not a FreeFuse manifest"
+    )
+
+
+def test_no_traceback_without_debug_in_a_real_process(assets, tmp_path) -> None:
+    base = [sys.executable, "-m", "freefuse.cli"]
+    args = [
+        "generate",
+        "--model",
+        str(assets / "model"),
+        "--lora",
+        f"{tmp_path / 'missing.safetensors'}=A",
+        "--prompt",
+        "A",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    plain = subprocess.run(base + args, capture_output=True, text=True, check=False)
+    assert plain.returncode == 2 and "does not exist" in plain.stderr and "Traceback" not in plain.stderr
+    debug = subprocess.run(base + ["--debug", *args], capture_output=True, text=True, check=False)
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+# -- fuzzing --------------------------------------------------------------------------------------------
+
+TOKENIZER = tiny_t5_tokenizer()
+
+
+@settings(max_examples=300, deadline=None)
+@given(prompt=st.text(max_size=80), word=st.text(max_size=12), limit=st.sampled_from([None, 4, 16, 512]))
+def test_fuzz_prompts_and_words_only_raise_documented_errors(prompt: str, word: str, limit) -> None:
+    try:
+        match = find_word(TOKENIZER, prompt, word, limit)
+    except WordNotFoundError:
+        return
+    assert match.positions and all(position >= 0 for position in match.positions)
+    if limit is not None:
+        assert max(match.positions) < limit
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=600), header=st.booleans())
+def test_fuzz_random_bytes_as_lora_files_are_refused_cleanly(tmp_path, data: bytes, header: bool) -> None:
+    path = tmp_path / "fuzz.safetensors"
+    if header:  # a plausible length prefix, so the parser gets past the first check
+        data = len(data).to_bytes(8, "little") + data
+    path.write_bytes(data)
+    with pytest.raises(LoraFileError):
+        read_lora_file(path)
+
+
+def test_fuzz_valid_header_with_random_tensor_bytes(tmp_path) -> None:
+    rng = np.random.default_rng(0)
+    good = tmp_path / "g.safetensors"
+    save_file({"transformer.a.lora_A.weight": torch.zeros(2, 8)}, str(good))
+    raw = bytearray(good.read_bytes())
+    for trial in range(50):
+        mutated = bytearray(raw)
+        for _ in range(int(rng.integers(1, 6))):
+            mutated[int(rng.integers(0, len(mutated)))] = int(rng.integers(0, 256))
+        path = tmp_path / f"m{trial}.safetensors"
+        path.write_bytes(bytes(mutated))
+        with contextlib.suppress(LoraFileError):  # refused cleanly, or read: both fine
+            read_lora_file(path)
