@@ -34,6 +34,8 @@ from rich.progress import (
 from rich.table import Table
 
 from . import __version__
+from .outputs import output_paths, write_outputs
+from .settings import parse_size
 
 app = typer.Typer(
     name="freefuse",
@@ -159,17 +161,6 @@ def main_options(
 # -- parsing helpers -----------------------------------------------------------------------------------
 
 
-def parse_size(size: str) -> tuple[int, int]:
-    """ "WIDTHxHEIGHT" (or one number for a square) → (width, height)."""
-    text = size.lower().replace("×", "x").strip()
-    parts = text.split("x") if "x" in text else [text, text]
-    try:
-        width, height = (int(part) for part in parts)
-    except ValueError:
-        raise UserError(f"--size {size!r} is not WIDTHxHEIGHT, e.g. 1024x1024.") from None
-    return width, height
-
-
 def parse_lora_spec(spec: str) -> tuple[str, list[str] | None, float]:
     """`PATH=WORD[,WORD][@WEIGHT]`, `PATH@WEIGHT` or `PATH` → (path, words or None, weight)."""
     if Path(spec).expanduser().exists():
@@ -207,22 +198,6 @@ def _progress() -> Progress:
         console=console,
         transient=False,
     )
-
-
-def _output_paths(out: Path, stem: str, count: int) -> list[dict[str, Path]]:
-    """The files one run writes, per image."""
-    result = []
-    for index in range(count):
-        name = stem if count == 1 else f"{stem}-{index}"
-        result.append(
-            {
-                "image": out / f"{name}.png",
-                "overlay": out / f"{name}.masks.png",
-                "masks": out / f"{name}.masks.json",
-                "manifest": out / f"{name}.json",
-            }
-        )
-    return result
 
 
 def _check_outputs_free(paths: list[dict[str, Path]], overwrite: bool) -> None:
@@ -317,42 +292,6 @@ def execute(freefuse, settings, masks=None, stop_after_masks: bool = False):
         if issubclass(warning.category, FreeFuseWarning):
             console.print(f"[yellow]note:[/] {warning.message}", highlight=False, soft_wrap=True)
     return output
-
-
-def write_outputs(output, paths: list[dict[str, Path]], overwrite: bool, masks_only: bool = False) -> None:
-    """Image (PNG with the settings in a text chunk), mask overlay, masks, then the manifest."""
-    from PIL.PngImagePlugin import PngInfo
-
-    from .files import atomic_save, write_json
-
-    manifest = output.manifest
-    for index, files in enumerate(paths):
-        image = output.images[index]
-        masks = output.masks[index]
-        record = {**manifest, "images": [manifest["images"][index]]}
-        record["outputs"] = {key: path.name for key, path in files.items()}
-        if not masks_only:
-            info = PngInfo()
-            info.add_text(
-                "freefuse",
-                json.dumps(
-                    {
-                        "settings": manifest["settings"],
-                        "loras": manifest["loras"],
-                        "image": manifest["images"][index],
-                    },
-                    default=str,
-                ),
-            )
-            atomic_save(files["image"], lambda f, im=image, i=info: im.save(f, "PNG", pnginfo=i), overwrite)
-        if masks is not None:
-            overlay = masks.overlay(image)
-            atomic_save(files["overlay"], lambda f, im=overlay: im.save(f, "PNG"), overwrite)
-            masks.save(files["masks"], overwrite=overwrite)
-        else:
-            record["outputs"].pop("overlay")
-            record["outputs"].pop("masks")
-        write_json(files["manifest"], record, overwrite=overwrite)
 
 
 def _summary(output, paths) -> None:
@@ -558,7 +497,7 @@ def generate(
         )
         run = Run(settings, loras, model, masks)
     run.check()
-    paths = _output_paths(out, name, len(run.settings.image_prompts))
+    paths = output_paths(out, name, len(run.settings.image_prompts))
     _check_outputs_free(paths, overwrite)
     freefuse = run.load(device, dtype, offload)
     output = execute(freefuse, run.settings, masks=run.masks)
@@ -608,7 +547,7 @@ def masks_command(
     )
     run = Run(settings, _loras_from_flags(lora, None), model)
     run.check()
-    paths = _output_paths(out, name, 1)
+    paths = output_paths(out, name, 1)
     for files in paths:
         files.pop("image")
     _check_outputs_free(paths, overwrite)
@@ -617,6 +556,86 @@ def masks_command(
     write_outputs(output, paths, overwrite, masks_only=True)
     for files in paths:
         console.print(f"masks: {files['masks']}  overlay: {files['overlay']}")
+
+
+@app.command()
+@command
+def batch(
+    jobs: Annotated[
+        Path, typer.Argument(help="Job file: JSONL (one job per line) or YAML/JSON list; with --grid a grid.")
+    ],
+    out: OutOpt = Path("out"),
+    grid: Annotated[
+        bool, typer.Option("--grid", help="JOBS is a grid: LoRA groups x prompts x seeds x methods.")
+    ] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="List the jobs and what is already done; run nothing.")
+    ] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    offload: OffloadOpt = False,
+) -> None:
+    """Run many jobs; re-run the same command after a crash to finish what is missing.
+
+    With `accelerate launch --multi_gpu --num_processes N -m freefuse.cli batch ...` the jobs are split
+    between processes (one GPU each; gloo on CPUs); results and index shards share one folder.
+    """
+    from .batch import Session, expand_grid, is_done, load_jobs, process_state, read_index, run_batch
+    from .lora import check_lora_path
+    from .models import check_model_source
+
+    job_list = expand_grid(jobs) if grid else load_jobs(jobs)
+    for job in job_list:  # everything that needs no weights, before any model loads
+        check_model_source(job.model)
+        for lora in job.loras:
+            check_lora_path(lora["path"])
+    state = process_state()
+    if dry_run:
+        done = read_index(out) if out.is_dir() else {}
+        finished = sum(is_done(done.get(job.id), out) for job in job_list)
+        for job in job_list:
+            mark = "done" if is_done(done.get(job.id), out) else "todo"
+            typer.echo(f"{mark}  {job.stem}  {job.settings.prompt!r}")
+        typer.echo(f"{len(job_list)} jobs, {finished} done, {len(job_list) - finished} to do")
+        return
+    progress = _progress() if state.is_local_main_process else None
+    task = None
+
+    def update(report, share):
+        nonlocal task
+        if progress is None:
+            return
+        if task is None:
+            task = progress.add_task("batch", total=share)
+        rate = f"{report.images_per_minute:.1f} img/min"
+        progress.update(
+            task, completed=report.done + report.skipped + len(report.failed), description=f"batch {rate}"
+        )
+
+    if progress is not None:
+        progress.start()
+    try:
+        report = run_batch(
+            job_list, out, Session(device=device, dtype=dtype, offload=offload), on_progress=update
+        )
+    finally:
+        if progress is not None:
+            progress.stop()
+    console.print(
+        f"[bold]process {state.process_index}[/]: {report.done} made, {report.skipped} already done, "
+        f"{len(report.failed)} failed of {report.share} "
+        f"({report.images_per_minute:.1f} images/min, model loaded {report.model_loads}x)",
+        highlight=False,
+    )
+    for failure in report.failed:
+        console.print(
+            f"[red]failed[/] {failure['source']}: {failure['error']}", highlight=False, soft_wrap=True
+        )
+    if report.failed:
+        console.print(
+            f"Failures are listed in {out}/failed.p{state.process_index}.jsonl; fix them and run again."
+        )
+        raise typer.Exit(EXIT_USER)
 
 
 @app.command()
@@ -683,7 +702,7 @@ def demo(
         num_inference_steps=steps or (8 if tiny else 28),
         max_sequence_length=64 if tiny else 512,
     )
-    paths = _output_paths(out, "demo", 1)
+    paths = output_paths(out, "demo", 1)
     _check_outputs_free(paths, overwrite)
     console.print(f"model: {'built-in tiny random FLUX (no weights found)' if tiny else chosen}")
     with console.status(f"Loading {chosen} ..."):

@@ -20,6 +20,17 @@ MAX_SEED = 2**63 - 1
 MAX_IMAGES = 256
 
 
+def parse_size(size: str) -> tuple[int, int]:
+    """ "WIDTHxHEIGHT" (or one number for a square) → (width, height)."""
+    text = size.lower().replace("×", "x").strip()
+    parts = text.split("x") if "x" in text else [text, text]
+    try:
+        width, height = (int(part) for part in parts)
+    except ValueError:
+        raise ValueError(f"Size {size!r} is not WIDTHxHEIGHT, e.g. 1024x1024.") from None
+    return width, height
+
+
 def nearest_multiple(value: int, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 

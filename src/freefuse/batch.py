@@ -1,0 +1,464 @@
+"""Batch runs: job files, a grid form, resume after a crash, many processes through accelerate.
+
+A job is one image: a model, LoRAs, a prompt and generate settings. Its id is a hash of all of
+that, so a re-run recognises finished work by content, not by position. Each finished job's files
+are written atomically, then one line is appended to this process's index shard
+(`index.p<rank>.jsonl`, with the SHA-256 of every file). A job counts as done only when its index
+line exists and its files still hash to it; anything else (a crash before the index line, a
+truncated or edited file, a half-written index line) is redone. Processes write disjoint files and
+their own shards, so `accelerate launch --num_processes N freefuse batch …` needs no locking.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import combinations, product
+from pathlib import Path
+from string import ascii_uppercase
+
+from .files import atomic_write, sha256_file
+from .models import TINY, is_hub_id, pixels_per_token
+from .settings import GenerationSettings, parse_size
+
+INDEX_GLOB = "index.p*.jsonl"
+MAX_JOB_FILE_BYTES = 64 << 20
+SETTING_ALIASES = {
+    "steps": "num_inference_steps",
+    "guidance": "guidance_scale",
+    "images": "num_images_per_prompt",
+}
+JOB_KEYS = {"model", "loras", "masks", "size", "id"}
+
+
+class JobFileError(ValueError):
+    """A job or grid file is malformed; the message names the line or key."""
+
+
+@dataclass
+class Job:
+    """One image to make."""
+
+    model: str
+    loras: list[dict]
+    settings: GenerationSettings
+    masks: str | None = None
+    source: str = ""  # where it was defined, for messages ("jobs.jsonl:12")
+
+    def record(self) -> dict:
+        return {
+            "model": self.model,
+            "loras": [
+                {k: lora.get(k) for k in ("path", "words", "weight", "scope", "name")} for lora in self.loras
+            ],
+            "settings": self.settings.to_dict(),
+            "masks": self.masks,
+        }
+
+    @property
+    def id(self) -> str:
+        canonical = json.dumps(self.record(), sort_keys=True, default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    @property
+    def stem(self) -> str:
+        names = "+".join(_name_of(lora) for lora in self.loras if lora.get("scope", "subject") == "subject")
+        seed = self.settings.seed if isinstance(self.settings.seed, int) else self.settings.seed[0]
+        return re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{names or 'nolora'}-{self.settings.method}-s{seed}")[
+            :80
+        ] + (f"-{self.id[:8]}")
+
+
+def _name_of(lora: dict) -> str:
+    return str(lora.get("name") or Path(str(lora["path"])).stem)
+
+
+# -- reading jobs ---------------------------------------------------------------------------------------
+
+
+def _fill(template: str, words: list[str], where: str) -> str:
+    letters = set(re.findall(r"\{([A-Z])\}", template))
+    needed = {ascii_uppercase[i] for i in range(len(words))}
+    if letters - needed:
+        raise JobFileError(
+            f"{where}: prompt {template!r} uses {sorted(letters - needed)} but only "
+            f"{len(words)} subject LoRA(s) give words ({{A}} is the first)."
+        )
+    for index, word in enumerate(words):
+        letter = ascii_uppercase[index]
+        if letter in letters and not word:
+            raise JobFileError(
+                f"{where}: LoRA {index + 1} has no words (and none in its metadata) for {{{letter}}}; "
+                "give it `words`."
+            )
+        template = template.replace("{" + letter + "}", word)
+    return template
+
+
+def _first_word(lora: dict, where: str) -> str:
+    """The word a {A}-style placeholder stands for: the job's first word, else the file's trigger word."""
+    if lora.get("words"):
+        return str(lora["words"][0])
+    from .lora import LoraFileError, read_header, trigger_words_from_metadata
+
+    try:
+        metadata = read_header(Path(lora["path"])).get("__metadata__") or {}
+    except (OSError, LoraFileError):
+        return ""  # the file's own check reports what is wrong with it
+    words = trigger_words_from_metadata({k: str(v) for k, v in metadata.items() if isinstance(v, str)})
+    return words[0] if words else ""
+
+
+def _resolve(path: str, base: Path) -> str:
+    candidate = Path(path).expanduser()
+    return str(candidate if candidate.is_absolute() else base / candidate)
+
+
+def job_from_dict(entry: dict, base: Path, where: str) -> Job:
+    """A job from one JSON object (a job-file line). Relative paths are relative to the job file."""
+    if not isinstance(entry, dict):
+        raise JobFileError(f"{where}: a job must be a JSON object, got {type(entry).__name__}.")
+    entry = {SETTING_ALIASES.get(key, key): value for key, value in entry.items()}
+    if "model" not in entry or "prompt" not in entry:
+        raise JobFileError(f"{where}: every job needs `model` and `prompt`.")
+    loras = entry.get("loras") or []
+    if not isinstance(loras, list) or not all(isinstance(lora, dict) and "path" in lora for lora in loras):
+        raise JobFileError(f"{where}: `loras` must be a list of objects with a `path`.")
+    loras = [{**lora, "path": _resolve(str(lora["path"]), base)} for lora in loras]
+    for lora in loras:
+        if isinstance(lora.get("words"), str):
+            lora["words"] = [lora["words"]]
+    words = [_first_word(lora, where) for lora in loras if lora.get("scope", "subject") == "subject"]
+    settings = {k: v for k, v in entry.items() if k not in JOB_KEYS}
+    if "size" in entry:
+        settings["width"], settings["height"] = parse_size(str(entry["size"]))
+    settings["prompt"] = _fill(str(settings["prompt"]), words, where)
+    model = str(entry["model"])
+    if model != TINY and not is_hub_id(model):
+        model = _resolve(model, base)
+    try:
+        generation = GenerationSettings.from_dict(settings)
+        generation.validate(pixels_per_token(model))
+    except ValueError as error:
+        raise JobFileError(f"{where}: {error}") from None
+    if len(generation.image_prompts) != 1:
+        raise JobFileError(f"{where}: a job makes one image; put each prompt or image on its own line.")
+    masks = _resolve(str(entry["masks"]), base) if entry.get("masks") else None
+    return Job(model=model, loras=loras, settings=generation, masks=masks, source=where)
+
+
+def read_structured(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"Job file {path} does not exist.")
+    if path.stat().st_size > MAX_JOB_FILE_BYTES:
+        raise JobFileError(f"Job file {path} is larger than {MAX_JOB_FILE_BYTES >> 20} MiB.")
+    text = path.read_text(encoding="utf-8")
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.safe_load(text)  # safe_load: no Python objects from YAML tags
+        except yaml.YAMLError as error:
+            raise JobFileError(f"{path} is not valid YAML: {error}") from None
+    if path.suffix == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            raise JobFileError(f"{path} is not valid JSON: {error}") from None
+    entries = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        try:
+            entries.append((number, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise JobFileError(f"{path}:{number}: not a JSON object ({error.msg}).") from None
+    return entries
+
+
+def load_jobs(path: str | Path) -> list[Job]:
+    """Jobs from JSONL (one object per line) or YAML/JSON (a list of objects, or {"jobs": [...]})."""
+    path = Path(path)
+    data = read_structured(path)
+    base = path.parent
+    if path.suffix in (".yaml", ".yml", ".json"):
+        if isinstance(data, dict) and "jobs" in data:
+            data = data["jobs"]
+        if not isinstance(data, list):
+            raise JobFileError(f"{path}: expected a list of jobs (or a mapping with `jobs:`).")
+        numbered = [(index + 1, entry) for index, entry in enumerate(data)]
+        where = "entry"
+    else:
+        numbered = data
+        where = "line"
+    jobs = [job_from_dict(entry, base, f"{path.name} {where} {number}") for number, entry in numbered]
+    if not jobs:
+        raise JobFileError(f"{path} has no jobs.")
+    return jobs
+
+
+def expand_grid(path: str | Path) -> list[Job]:
+    """LoRA groups × prompts × seeds × methods, from a grid file (YAML or JSON).
+
+    Keys: `model`, `loras` (list of {path, words, name?, weight?}), `group_size` (2 for pairs; a
+    list such as [2, 3] for pairs and triples), `prompts` (templates with {A}, {B}, ...; a
+    template is used for the groups whose size matches its placeholders), `seeds` (list, or
+    {start, count}), `methods` (list), `global_loras` (list), and `settings` (any generate setting).
+    """
+    path = Path(path)
+    spec = read_structured(path)
+    if not isinstance(spec, dict):
+        raise JobFileError(f"{path}: a grid is a mapping with model, loras, prompts, seeds, methods.")
+    for key in ("model", "loras", "prompts"):
+        if key not in spec:
+            raise JobFileError(f"{path}: the grid needs `{key}`.")
+    loras = spec["loras"]
+    sizes = spec.get("group_size", 2)
+    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    seeds = spec.get("seeds", [0])
+    if isinstance(seeds, dict):
+        seeds = list(
+            range(int(seeds.get("start", 0)), int(seeds.get("start", 0)) + int(seeds.get("count", 1)))
+        )
+    methods = spec.get("methods", ["freefuse"])
+    prompts = spec["prompts"]
+    settings = dict(spec.get("settings") or {})
+    jobs = []
+    for size in sizes:
+        if size < 1 or size > len(loras):
+            raise JobFileError(
+                f"{path}: group_size {size} needs at least {size} LoRAs; the grid has {len(loras)}."
+            )
+        usable = [p for p in prompts if set(re.findall(r"\{([A-Z])\}", p)) == set(ascii_uppercase[:size])]
+        if not usable:
+            raise JobFileError(
+                f"{path}: no prompt uses exactly {{A}}..{{{ascii_uppercase[size - 1]}}} for groups of {size}."
+            )
+        for group, prompt, seed, method in product(combinations(loras, size), usable, seeds, methods):
+            entry = {
+                **settings,
+                "model": spec["model"],
+                "prompt": prompt,
+                "seed": seed,
+                "method": method,
+                "loras": [*group, *[{**g, "scope": "global"} for g in spec.get("global_loras", [])]],
+            }
+            jobs.append(job_from_dict(entry, path.parent, f"{path.name} grid"))
+    return jobs
+
+
+# -- the index ------------------------------------------------------------------------------------------
+
+
+def read_index(out: Path) -> dict[str, dict]:
+    """Finished jobs from every process's index shard; unreadable (half-written) lines are skipped."""
+    done: dict[str, dict] = {}
+    for shard in sorted(out.glob(INDEX_GLOB)):
+        for line in shard.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if (
+                isinstance(entry, dict)
+                and isinstance(entry.get("id"), str)
+                and isinstance(entry.get("files"), dict)
+            ):
+                done[entry["id"]] = entry
+    return done
+
+
+def is_done(entry: dict | None, out: Path) -> bool:
+    """The job's files all exist and still hash to what the index recorded."""
+    if entry is None:
+        return False
+    for info in entry["files"].values():
+        path = out / str(info.get("name", ""))
+        if not path.is_file() or out.resolve() not in path.resolve().parents:
+            return False
+        if sha256_file(path) != info.get("sha256"):
+            return False
+    return True
+
+
+def append_index(shard: Path, entry: dict) -> None:
+    """Append one line and fsync. A line cut short by a crash is terminated before the next one."""
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    with open(shard, "a+b") as handle:
+        handle.seek(0, os.SEEK_END)
+        if handle.tell() > 0:
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                handle.write(b"\n")
+        handle.write((json.dumps(entry, default=str) + "\n").encode())
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+# -- running --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Session:
+    """Per process: one model loaded at a time, each LoRA file loaded once and switched as an adapter."""
+
+    device: str | None = None
+    dtype: str | None = None
+    offload: bool = False
+    model: str | None = None
+    pipeline: object = None
+    loaded: dict[str, object] = field(default_factory=dict)  # LoRA sha256 -> Subject as first loaded
+    loads: int = 0  # model loads, for tests and the summary
+    lora_loads: int = 0
+
+    def freefuse_for(self, job: Job):
+        from .lora import check_lora_path
+        from .manifest import cached_sha256
+        from .models import load_pipeline
+        from .pipeline import FreeFuse
+
+        if job.model != self.model:
+            self.pipeline = None  # free the previous model first
+            self.pipeline = load_pipeline(
+                job.model, device=self.device, dtype=self.dtype, offload=self.offload
+            )
+            self.model, self.loaded, self.loads = job.model, {}, self.loads + 1
+        freefuse = FreeFuse(self.pipeline)
+        for lora in job.loras:
+            sha = cached_sha256(check_lora_path(lora["path"]))
+            first = self.loaded.get(sha)
+            settings = {"weight": lora.get("weight", 1.0), "scope": lora.get("scope", "subject")}
+            if first is None:
+                taken = {subject.name for subject in self.loaded.values()}
+                wanted = re.sub(r"[^A-Za-z0-9_.-]+", "_", _name_of(lora))[:48] or "lora"
+                name = wanted if wanted not in taken else f"{wanted}_{sha[:8]}"
+                self.loaded[sha] = freefuse.add_lora(
+                    lora["path"], words=lora.get("words"), name=name, **settings
+                )
+                self.lora_loads += 1
+            else:
+                subject = freefuse.use_adapter(
+                    first.name, words=lora.get("words") or first.metadata_words, **settings
+                )
+                subject.path, subject.sha256, subject.layout = lora["path"], sha, first.layout
+                subject.metadata_words = first.metadata_words
+        return freefuse
+
+
+def job_files(out: Path, job: Job) -> dict[str, Path]:
+    stem = job.stem
+    return {
+        "image": out / f"{stem}.png",
+        "overlay": out / f"{stem}.masks.png",
+        "masks": out / f"{stem}.masks.json",
+        "manifest": out / f"{stem}.json",
+    }
+
+
+def run_job(session: Session, job: Job, out: Path) -> dict:
+    """Generate one job and write its files; return its index entry (file names and hashes)."""
+    from .outputs import write_outputs
+    from .pipeline import FreeFuseWarning
+
+    freefuse = session.freefuse_for(job)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FreeFuseWarning)
+        output = freefuse.generate(job.settings, masks=job.masks, progress=False)
+    files = job_files(out, job)
+    output.manifest["job"] = {"id": job.id, "source": job.source}
+    write_outputs(output, [files], overwrite=True)  # this job's own names: overwriting is redoing
+    written = {key: path for key, path in files.items() if path.is_file()}
+    notes = [str(w.message) for w in caught if issubclass(w.category, FreeFuseWarning)]
+    return {
+        "id": job.id,
+        "stem": job.stem,
+        "source": job.source,
+        "files": {key: {"name": path.name, "sha256": sha256_file(path)} for key, path in written.items()},
+        "seconds": round(output.manifest["timings"]["total_s"], 3),
+        "notes": notes,
+    }
+
+
+def process_state():
+    """accelerate's view of this process. Without a GPU, a multi-process launch uses gloo on the CPU
+    (`accelerate launch --multi_gpu --num_processes 2 …` starts the processes through torchrun)."""
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+@dataclass
+class BatchReport:
+    total: int
+    share: int = 0  # jobs given to this process
+    skipped: int = 0
+    done: int = 0
+    failed: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    model_loads: int = 0
+
+    @property
+    def images_per_minute(self) -> float:
+        return 60.0 * self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+def run_batch(
+    jobs: list[Job],
+    out: str | Path,
+    session: Session | None = None,
+    on_progress: Callable[[BatchReport, int], None] | None = None,
+) -> BatchReport:
+    """Run this process's share of `jobs` (all of them without accelerate); skip finished ones.
+
+    The share is a fixed split of the whole list (not of what is left), so every process agrees
+    on it without talking to the others, whatever each has finished.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = process_state()
+    session = session or Session()
+    if session.device is None and state.device.type != "cpu":
+        session.device = str(state.device)
+    shard = out / f"index.p{state.process_index}.jsonl"
+    failed_log = out / f"failed.p{state.process_index}.jsonl"
+    report = BatchReport(total=len(jobs))
+    started = time.perf_counter()
+    with state.split_between_processes(list(range(len(jobs)))) as mine:
+        report.share = len(mine)
+        done = read_index(out)
+        for position in mine:
+            job = jobs[position]
+            if is_done(done.get(job.id), out):
+                report.skipped += 1
+            else:
+                try:
+                    append_index(shard, run_job(session, job, out))
+                    report.done += 1
+                except KeyboardInterrupt:
+                    raise
+                except Exception as error:  # recorded and reported; the other jobs go on
+                    failure = {
+                        "id": job.id,
+                        "source": job.source,
+                        "error": f"{type(error).__name__}: {error}",
+                    }
+                    append_index(failed_log, failure)
+                    report.failed.append(failure)
+            report.seconds = time.perf_counter() - started
+            if on_progress is not None:
+                on_progress(report, len(mine))
+    report.model_loads = session.loads
+    state.wait_for_everyone()
+    if state.is_main_process:
+        merged = read_index(out)
+        ordered = [merged[job.id] for job in jobs if job.id in merged]
+        atomic_write(out / "index.jsonl", "".join(json.dumps(entry) + "\n" for entry in ordered))
+    return report

@@ -1,0 +1,61 @@
+"""Writing a run's files: the image (settings in a PNG text chunk), mask overlay, masks, manifest.
+
+Every file is written atomically; the manifest goes last, so a manifest on disk means the rest is there.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .files import atomic_save, write_json
+
+
+def output_paths(out: Path, stem: str, count: int) -> list[dict[str, Path]]:
+    """The files one run writes, per image."""
+    result = []
+    for index in range(count):
+        name = stem if count == 1 else f"{stem}-{index}"
+        result.append(
+            {
+                "image": out / f"{name}.png",
+                "overlay": out / f"{name}.masks.png",
+                "masks": out / f"{name}.masks.json",
+                "manifest": out / f"{name}.json",
+            }
+        )
+    return result
+
+
+def write_outputs(output, paths: list[dict[str, Path]], overwrite: bool, masks_only: bool = False) -> None:
+    """Image (PNG with the settings in a text chunk), mask overlay, masks, then the manifest."""
+    from PIL.PngImagePlugin import PngInfo
+
+    manifest = output.manifest
+    for index, files in enumerate(paths):
+        image = output.images[index]
+        masks = output.masks[index]
+        record = {**manifest, "images": [manifest["images"][index]]}
+        record["outputs"] = {key: path.name for key, path in files.items()}
+        if not masks_only:
+            info = PngInfo()
+            info.add_text(
+                "freefuse",
+                json.dumps(
+                    {
+                        "settings": manifest["settings"],
+                        "loras": manifest["loras"],
+                        "image": manifest["images"][index],
+                    },
+                    default=str,
+                ),
+            )
+            atomic_save(files["image"], lambda f, im=image, i=info: im.save(f, "PNG", pnginfo=i), overwrite)
+        if masks is not None:
+            overlay = masks.overlay(image)
+            atomic_save(files["overlay"], lambda f, im=overlay: im.save(f, "PNG"), overwrite)
+            masks.save(files["masks"], overwrite=overwrite)
+        else:
+            record["outputs"].pop("overlay")
+            record["outputs"].pop("masks")
+        write_json(files["manifest"], record, overwrite=overwrite)

@@ -1,0 +1,242 @@
+"""Batch runs: job files, grids, resume after SIGKILL, corrupt results, many processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from freefuse.batch import JobFileError, Session, expand_grid, load_jobs, read_index, run_batch
+from freefuse.cli import app
+from freefuse.testing import random_lora, tiny_flux_pipeline
+
+RUNNER = CliRunner()
+SETTINGS = {"steps": 3, "size": "64x64", "max_sequence_length": 32}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("batch")
+    pipe = tiny_flux_pipeline(seed=0)
+    pipe.save_pretrained(root / "model")
+    random_lora(
+        pipe, "alice", seed=1, path=root / "alice.safetensors", metadata={"modelspec.trigger_phrase": "Alice"}
+    )
+    random_lora(pipe, "bob", seed=2, path=root / "bob.safetensors")
+    random_lora(pipe, "carol", seed=3, path=root / "carol.safetensors")
+    return root
+
+
+def write_jobs(root: Path, count: int = 6, name: str = "jobs.jsonl") -> Path:
+    lines = []
+    for seed in range(count // 2):
+        for prompt in ("{A} hugging {B}", "{B} and {A} dancing"):
+            lines.append(
+                json.dumps(
+                    {
+                        "model": "model",
+                        "prompt": prompt,
+                        "seed": seed,
+                        **SETTINGS,
+                        "loras": [
+                            {"path": "alice.safetensors"},
+                            {"path": "bob.safetensors", "words": ["Bob"], "weight": 0.8},
+                        ],
+                    }
+                )
+            )
+    path = root / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def images(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.png")) if ".masks" not in p.name}
+
+
+def test_job_files_in_jsonl_and_yaml_with_placeholders_and_relative_paths(world: Path) -> None:
+    jobs = load_jobs(write_jobs(world))
+    assert len(jobs) == 6
+    assert jobs[0].settings.prompt == "Alice hugging Bob"  # {A} from alice's metadata, {B} from the job
+    assert jobs[1].settings.prompt == "Bob and Alice dancing"
+    assert jobs[0].settings.num_inference_steps == 3 and (
+        jobs[0].settings.width,
+        jobs[0].settings.height,
+    ) == (64, 64)
+    assert Path(jobs[0].loras[0]["path"]).is_absolute() and Path(jobs[0].model) == world / "model"
+    assert len({job.id for job in jobs}) == 6
+    yaml_path = world / "jobs.yaml"
+    yaml_path.write_text(
+        "jobs:\n"
+        "  - model: model\n    prompt: '{A} with {B}'\n    seed: 4\n    steps: 2\n    size: 64x64\n"
+        "    loras: [{path: alice.safetensors}, {path: bob.safetensors, words: Bob}]\n"
+    )
+    [job] = load_jobs(yaml_path)
+    assert job.settings.prompt == "Alice with Bob" and job.settings.seed == 4
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('{"prompt": "x"}', "needs `model` and `prompt`"),
+        (
+            '{"model": "m", "prompt": "{A} and {B}", "loras": [{"path": "bob.safetensors", "words": ["Bob"]}]}',
+            r"uses \['B'\]",
+        ),
+        ('{"model": "m", "prompt": "Bob", "size": "65x64", "loras": []}', "not a multiple"),
+        ('{"model": "m", "prompt": "Bob", "colour": "red", "loras": []}', "Unknown settings"),
+        ("not json", "not a JSON object"),
+    ],
+)
+def test_bad_job_lines_name_the_line(world: Path, line: str, message: str) -> None:
+    path = world / "bad.jsonl"
+    path.write_text('{"model": "model", "prompt": "fine", "loras": []}\n' + line + "\n")
+    with pytest.raises(JobFileError, match=message) as raised:
+        load_jobs(path)
+    assert "2" in str(raised.value)
+
+
+def test_grid_expands_groups_prompts_seeds_and_methods(world: Path) -> None:
+    grid = world / "grid.yaml"
+    grid.write_text(
+        "model: model\n"
+        "loras:\n  - {path: alice.safetensors, words: [Alice], name: alice}\n"
+        "  - {path: bob.safetensors, words: [Bob], name: bob}\n  - {path: carol.safetensors, words: [Carol], name: carol}\n"
+        "group_size: [2, 3]\n"
+        "prompts: ['{A} hugging {B}', '{A} and {B} dancing', '{A}, {B} and {C} at the beach']\n"
+        "seeds: {start: 10, count: 2}\nmethods: [freefuse, merge]\nsettings: {steps: 3, size: 64x64}\n"
+    )
+    jobs = expand_grid(grid)
+    # pairs: 3 groups x 2 prompts x 2 seeds x 2 methods; triples: 1 x 1 x 2 x 2
+    assert len(jobs) == 3 * 2 * 2 * 2 + 1 * 1 * 2 * 2
+    assert len({job.id for job in jobs}) == len(jobs)
+    assert {job.settings.method for job in jobs} == {"freefuse", "merge"}
+    assert any(job.settings.prompt == "Bob, Carol and Alice at the beach" for job in jobs) is False
+    assert any(job.settings.prompt == "Alice, Bob and Carol at the beach" for job in jobs)
+
+
+def test_model_and_loras_load_once_and_rerun_skips_everything(world: Path, tmp_path: Path) -> None:
+    jobs = load_jobs(write_jobs(world))
+    session = Session()
+    report = run_batch(jobs, tmp_path, session)
+    assert report.done == 6 and not report.failed
+    assert session.loads == 1 and session.lora_loads == 2
+    index = read_index(tmp_path)
+    assert set(index) == {job.id for job in jobs}
+    again = run_batch(jobs, tmp_path, Session())
+    assert again.done == 0 and again.skipped == 6 and again.model_loads == 0
+    merged = (tmp_path / "index.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in merged] == [job.id for job in jobs]
+
+
+def test_corrupt_result_and_half_written_index_line_are_redone(world: Path, tmp_path: Path) -> None:
+    jobs = load_jobs(write_jobs(world))
+    run_batch(jobs, tmp_path, Session())
+    before = images(tmp_path)
+    victim = tmp_path / f"{jobs[2].stem}.png"
+    victim.write_bytes(victim.read_bytes()[:100])  # truncated by a failing disk, say
+    with open(tmp_path / "index.p0.jsonl", "a") as handle:
+        handle.write('{"id": "half-writ')  # a crash in the middle of an index append
+    report = run_batch(jobs, tmp_path, Session())
+    assert report.done == 1 and report.skipped == 5
+    assert images(tmp_path) == before
+    assert all(line.startswith("{") for line in (tmp_path / "index.p0.jsonl").read_text().splitlines()[:-1])
+
+
+def test_failed_job_is_recorded_and_the_others_finish(world: Path, tmp_path: Path) -> None:
+    path = write_jobs(world, count=2, name="mixed.jsonl")
+    lines = path.read_text().splitlines()
+    broken = json.loads(lines[0])
+    broken["prompt"] = "a cat and {B}"
+    path.write_text("\n".join([json.dumps(broken), lines[1]]) + "\n")
+    result = RUNNER.invoke(app, ["batch", str(path), "--out", str(tmp_path)])
+    assert result.exit_code == 2, result.output
+    assert "'Alice' is not in the prompt" in result.output
+    failures = [json.loads(line) for line in (tmp_path / "failed.p0.jsonl").read_text().splitlines()]
+    assert len(failures) == 1 and "line 1" in failures[0]["source"]
+    assert len(read_index(tmp_path)) == 1
+
+
+def batch_command(jobs: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "freefuse.cli", "batch", str(jobs), "--out", str(out)]
+
+
+def test_sigkill_mid_run_then_resume_gives_every_image_once_with_the_same_bytes(
+    world: Path, tmp_path: Path
+) -> None:
+    jobs_file = write_jobs(world, count=12, name="many.jsonl")
+    reference = tmp_path / "reference"
+    subprocess.run(batch_command(jobs_file, reference), check=True, capture_output=True, timeout=600)
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(
+        batch_command(jobs_file, killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    shard = killed / "index.p0.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if shard.is_file() and len(shard.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    interrupted = len(read_index(killed))
+    assert 3 <= interrupted < 12, "the kill should land in the middle of the batch"
+    assert not (killed / "index.jsonl").exists()
+    subprocess.run(batch_command(jobs_file, killed), check=True, capture_output=True, timeout=600)
+    assert images(killed) == images(reference)
+    assert len(images(killed)) == 12
+    ids = [json.loads(line)["id"] for line in (killed / "index.jsonl").read_text().splitlines()]
+    assert len(ids) == len(set(ids)) == 12
+    assert not list(killed.glob("*.part"))
+
+
+def test_accelerate_launch_two_processes_on_cpu_does_every_job_once(world: Path, tmp_path: Path) -> None:
+    launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
+    assert launcher, "accelerate is a dependency and must be installed"
+    jobs_file = write_jobs(world, count=6, name="dist.jsonl")
+    out = tmp_path / "dist"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(
+        [
+            launcher,
+            "launch",
+            "--multi_gpu",
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--mixed_precision",
+            "no",
+            "--dynamo_backend",
+            "no",
+            "--main_process_port",
+            "29517",
+            "-m",
+            "freefuse.cli",
+            "batch",
+            str(jobs_file),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    shards = sorted(out.glob("index.p*.jsonl"))
+    assert [s.name for s in shards] == ["index.p0.jsonl", "index.p1.jsonl"]
+    per_shard = [len(s.read_text().splitlines()) for s in shards]
+    assert per_shard == [3, 3]
+    ids = [json.loads(line)["id"] for line in (out / "index.jsonl").read_text().splitlines()]
+    assert sorted(ids) == sorted(job.id for job in load_jobs(jobs_file))
+    assert len(images(out)) == 6
