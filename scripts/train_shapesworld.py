@@ -1,0 +1,83 @@
+#!/usr/bin/env python
+"""Train the ShapesWorld model and its subject LoRAs (CPU; resumable; seeded; logs loss).
+
+    python scripts/train_shapesworld.py all                 # vae, base, 4 LoRAs, export (~1 h on 2 cores)
+    python scripts/train_shapesworld.py vae  --steps 1500
+    python scripts/train_shapesworld.py base --steps 4000
+    python scripts/train_shapesworld.py lora --word zorblax --steps 500
+    python scripts/train_shapesworld.py export              # copy results into the package (weights/)
+
+Runs live in --runs (default runs/shapesworld); kill a stage and start it again to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from freefuse.shapesworld.model import LORA_DIR, MODEL_DIR
+from freefuse.shapesworld.scenes import SUBJECTS
+from freefuse.shapesworld.train import TrainConfig, train_base, train_lora, train_vae
+
+DEFAULT_STEPS = {"vae": 1500, "base": 4000, "lora": 500}
+
+
+def stage_config(args, stage: str, out: Path) -> TrainConfig:
+    steps = args.steps or DEFAULT_STEPS[stage]
+    if stage == "vae":
+        return TrainConfig(out=out, steps=steps, batch_size=32, lr=1e-3, warmup=50, seed=args.seed)
+    if stage == "base":
+        return TrainConfig(
+            out=out, steps=steps, batch_size=64, lr=5e-4, warmup=100, seed=args.seed, ema_decay=0.998
+        )
+    return TrainConfig(out=out, steps=steps, batch_size=32, lr=1e-3, warmup=30, seed=args.seed)
+
+
+def export(runs: Path) -> None:
+    """Copy the trained pipeline (half precision) and the LoRAs into the package's weights folder."""
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(runs / "base" / "model"))
+    if MODEL_DIR.exists():
+        shutil.rmtree(MODEL_DIR)
+    pipe.to(torch.float16).save_pretrained(MODEL_DIR)
+    LORA_DIR.mkdir(parents=True, exist_ok=True)
+    for word in SUBJECTS:
+        source = runs / f"lora-{word}" / f"{word}.safetensors"
+        if source.is_file():
+            shutil.copyfile(source, LORA_DIR / source.name)
+    print(f"exported to {MODEL_DIR.parent}")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("stage", choices=["vae", "base", "lora", "all", "export"])
+    parser.add_argument("--runs", type=Path, default=Path("runs/shapesworld"))
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--word", choices=sorted(SUBJECTS), action="append")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runs: Path = args.runs
+    stages = ["vae", "base", "lora", "export"] if args.stage == "all" else [args.stage]
+    for stage in stages:
+        if stage == "vae":
+            train_vae(stage_config(args, "vae", runs / "vae"))
+        elif stage == "base":
+            train_base(stage_config(args, "base", runs / "base"), runs / "vae" / "vae")
+        elif stage == "lora":
+            for word in args.word or list(SUBJECTS):
+                train_lora(stage_config(args, "lora", runs / f"lora-{word}"), runs / "base" / "model", word)
+        else:
+            export(runs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

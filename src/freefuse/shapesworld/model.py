@@ -1,0 +1,142 @@
+"""The ShapesWorld text-to-image model: FLUX.1's architecture, shrunk to 64×64 pictures.
+
+A `FluxPipeline` like any other: `FluxTransformer2DModel` (2 double + 2 single blocks, 4 heads of
+32), an `AutoencoderKL` with a 4x factor (so a 64×64 picture is an 8×8 grid of 64 image tokens),
+tiny T5 and CLIP text encoders, and a flow-matching Euler scheduler. Trained weights are committed
+under `weights/` (safetensors) and load with `load_shapesworld()`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .scenes import SIZE, training_vocabulary
+
+WEIGHTS = Path(__file__).parent / "weights"
+MODEL_DIR = WEIGHTS / "model"
+LORA_DIR = WEIGHTS / "loras"
+MAX_TEXT_TOKENS = 24
+
+TRANSFORMER_CONFIG = {
+    "patch_size": 1,
+    "in_channels": 16,  # 4 latent channels in 2x2 patches
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 32,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 64,
+    "pooled_projection_dim": 64,
+    "guidance_embeds": False,
+    "axes_dims_rope": (8, 12, 12),
+}
+VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 3,
+    "up_block_types": ("UpDecoderBlock2D",) * 3,
+    "block_out_channels": (16, 32, 32),
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": SIZE,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "mid_block_add_attention": False,
+}
+
+
+def tokenizers():
+    from ..testing import tiny_clip_tokenizer, tiny_t5_tokenizer
+
+    words = training_vocabulary()
+    return tiny_clip_tokenizer(words), tiny_t5_tokenizer(words)
+
+
+def build_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKL(**VAE_CONFIG, scaling_factor=1.0, shift_factor=0.0)
+
+
+def build_pipeline(vae=None, seed: int = 0):
+    """An untrained ShapesWorld `FluxPipeline` (with `vae` if given)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip_tokenizer, t5_tokenizer = tokenizers()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
+        text_encoder = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(clip_tokenizer),
+                hidden_size=64,
+                intermediate_size=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=77,
+                projection_dim=64,
+                bos_token_id=clip_tokenizer.bos_token_id,
+                eos_token_id=clip_tokenizer.eos_token_id,
+                pad_token_id=clip_tokenizer.pad_token_id,
+            )
+        )
+        text_encoder_2 = T5EncoderModel(
+            T5Config(
+                vocab_size=len(t5_tokenizer),
+                d_model=64,
+                d_kv=16,
+                d_ff=128,
+                num_layers=2,
+                num_heads=4,
+                relative_attention_num_buckets=8,
+                dropout_rate=0.0,
+                feed_forward_proj="gated-gelu",
+                is_encoder_decoder=False,
+                pad_token_id=t5_tokenizer.pad_token_id,
+                eos_token_id=t5_tokenizer.eos_token_id,
+            )
+        )
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=1.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=64,
+        max_image_seq_len=1024,
+    )
+    return FluxPipeline(
+        scheduler=scheduler,
+        vae=vae if vae is not None else build_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=clip_tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=t5_tokenizer,
+        transformer=transformer,
+    )
+
+
+def load_shapesworld(model_dir: str | Path = MODEL_DIR, dtype: torch.dtype = torch.float32):
+    """The trained ShapesWorld pipeline (committed weights), in eval mode."""
+    from diffusers import FluxPipeline
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"No trained ShapesWorld model in {model_dir}; train one with `python scripts/train_shapesworld.py all`."
+        )
+    pipeline = FluxPipeline.from_pretrained(str(model_dir), torch_dtype=dtype)
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
+            component.requires_grad_(False)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def lora_path(word: str, lora_dir: str | Path = LORA_DIR) -> Path:
+    return Path(lora_dir) / f"{word}.safetensors"

@@ -1,0 +1,372 @@
+"""Training the ShapesWorld model on a CPU: the VAE, the base text-to-image model, one LoRA per subject.
+
+Every stage is seeded and resumable: the batch of step k is drawn from a generator seeded with
+(seed, k), and a checkpoint (safetensors: weights, optimizer state, EMA; JSON: step) is written
+atomically every `checkpoint_every` steps, so a killed run continues where it stopped and gives
+the same result. Loss is logged to `log.jsonl` in the run folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..files import atomic_save, atomic_write
+from .model import MAX_TEXT_TOKENS, build_pipeline, build_vae
+from .scenes import SUBJECTS, random_scene
+
+LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+    "proj_out",
+)
+
+
+@dataclass
+class TrainConfig:
+    """One training stage. `out` is the run folder (checkpoints, log, result)."""
+
+    out: Path
+    steps: int
+    batch_size: int = 64
+    lr: float = 5e-4
+    warmup: int = 100
+    seed: int = 0
+    checkpoint_every: int = 250
+    log_every: int = 25
+    ema_decay: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def scene_batch(seed: int, step: int, batch_size: int, subject: str | None = None):
+    """Pictures `[B, 3, 64, 64]` in [-1, 1] and captions for training step `step` (deterministic)."""
+    rng = np.random.default_rng([seed, step])
+    images, captions = [], []
+    for _ in range(batch_size):
+        if subject is None:
+            scene = random_scene(rng)
+        else:
+            scene = random_scene(rng, subjects=(SUBJECTS[subject],), base_objects=int(rng.integers(0, 3)))
+        images.append(scene.render())
+        captions.append(scene.caption)
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return pixels, captions
+
+
+def mixed_batch(seed: int, step: int, batch_size: int):
+    """Scenes with base objects and any subjects (for the VAE, which must draw everything)."""
+    rng = np.random.default_rng([seed, step])
+    images = []
+    words = list(SUBJECTS)
+    for _ in range(batch_size):
+        count = int(rng.integers(0, 3))
+        chosen = tuple(SUBJECTS[w] for w in rng.choice(words, size=count, replace=False))
+        images.append(random_scene(rng, subjects=chosen).render() if chosen else random_scene(rng).render())
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+# -- checkpoints ----------------------------------------------------------------------------------
+
+
+def _state_path(out: Path) -> Path:
+    return out / "checkpoint"
+
+
+def save_checkpoint(
+    out: Path,
+    step: int,
+    params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    ema: dict[str, torch.Tensor] | None,
+) -> None:
+    from safetensors.torch import save
+
+    folder = _state_path(out)
+    tensors = {f"param.{k}": v.detach().contiguous() for k, v in params.items()}
+    if ema is not None:
+        tensors.update({f"ema.{k}": v.contiguous() for k, v in ema.items()})
+    for index, state in optimizer.state_dict()["state"].items():
+        for key, value in state.items():
+            if torch.is_tensor(value):
+                tensors[f"opt.{index}.{key}"] = value.contiguous()
+    atomic_save(folder / "state.safetensors", lambda f: f.write(save(tensors)))
+    atomic_write(folder / "step.json", json.dumps({"step": step}))
+
+
+def load_checkpoint(
+    out: Path,
+    params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    ema: dict[str, torch.Tensor] | None,
+) -> int:
+    """Restore a checkpoint if there is one; return the next step to run."""
+    from safetensors.torch import load_file
+
+    folder = _state_path(out)
+    if not (folder / "step.json").is_file():
+        return 0
+    step = int(json.loads((folder / "step.json").read_text())["step"])
+    tensors = load_file(str(folder / "state.safetensors"))
+    with torch.no_grad():
+        for key, value in params.items():
+            value.copy_(tensors[f"param.{key}"])
+        if ema is not None:
+            for key, value in ema.items():
+                value.copy_(tensors[f"ema.{key}"])
+    state = optimizer.state_dict()
+    for index in range(len(params)):
+        entries = {k.split(".", 2)[2]: v for k, v in tensors.items() if k.startswith(f"opt.{index}.")}
+        if entries:
+            state["state"][index] = entries
+    optimizer.load_state_dict(state)
+    return step
+
+
+# -- the loop -------------------------------------------------------------------------------------
+
+
+def run_loop(
+    config: TrainConfig,
+    params: dict[str, torch.nn.Parameter],
+    loss_at: Callable[[int], torch.Tensor],
+    progress: bool = True,
+) -> dict[str, torch.Tensor] | None:
+    """AdamW with warm-up and cosine decay over `params`; returns the EMA weights (if any)."""
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str))
+    optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, weight_decay=0.0)
+    ema = {k: v.detach().clone() for k, v in params.items()} if config.ema_decay else None
+    start = load_checkpoint(config.out, params, optimizer, ema)
+
+    def lr_at(step: int) -> float:
+        if step < config.warmup:
+            return config.lr * (step + 1) / config.warmup
+        progress_ = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_)))
+
+    bar = None
+    if progress:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        bar = Progress(
+            TextColumn(f"[bold]{config.out.name}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"),
+            TimeRemainingColumn(),
+        )
+        task = bar.add_task("train", total=config.steps, completed=start, loss=float("nan"))
+        bar.start()
+    log = open(config.out / "log.jsonl", "a")  # noqa: SIM115 - closed in finally
+    started, running = time.perf_counter(), []
+    try:
+        for step in range(start, config.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            loss = loss_at(step)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+            optimizer.step()
+            if ema is not None:
+                with torch.no_grad():
+                    for key, value in params.items():
+                        ema[key].lerp_(value.detach(), 1 - config.ema_decay)
+            running.append(float(loss.detach()))
+            if bar is not None:
+                bar.update(task, completed=step + 1, loss=float(np.mean(running[-config.log_every :])))
+            if (step + 1) % config.log_every == 0:
+                record = {
+                    "step": step + 1,
+                    "loss": float(np.mean(running[-config.log_every :])),
+                    "lr": lr_at(step),
+                    "seconds": round(time.perf_counter() - started, 1),
+                }
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                save_checkpoint(config.out, step + 1, params, optimizer, ema)
+    finally:
+        log.close()
+        if bar is not None:
+            bar.stop()
+    return ema
+
+
+def _flow_loss(transformer, pipe, latents, captions, generator, text_grad: bool) -> torch.Tensor:
+    """Flow-matching loss: x_t = (1 - t) x0 + t ε, the model predicts ε - x0 (t logit-normal)."""
+    batch = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=generator)
+    t = torch.sigmoid(torch.randn(batch, generator=generator))
+    noisy = (1 - t[:, None, None]) * latents + t[:, None, None] * noise
+    with torch.set_grad_enabled(text_grad):
+        embeds, pooled, text_ids = pipe.encode_prompt(
+            captions, prompt_2=None, max_sequence_length=MAX_TEXT_TOKENS, device=torch.device("cpu")
+        )
+    side = int(math.isqrt(latents.shape[1]))
+    image_ids = pipe._prepare_latent_image_ids(batch, side, side, latents.device, latents.dtype)
+    prediction = transformer(
+        hidden_states=noisy,
+        timestep=t,
+        pooled_projections=pooled,
+        encoder_hidden_states=embeds,
+        txt_ids=text_ids,
+        img_ids=image_ids,
+        return_dict=False,
+    )[0]
+    return F.mse_loss(prediction, noise - latents)
+
+
+def encode_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
+    """Packed, normalised latents `[B, N, 16]` of pictures in [-1, 1] (the VAE's mean)."""
+    vae = pipe.vae
+    with torch.no_grad():
+        latents = vae.encode(pixels).latent_dist.mode()
+    latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+    b, c, h, w = latents.shape
+    return pipe._pack_latents(latents, b, c, h, w)
+
+
+# -- stages ---------------------------------------------------------------------------------------
+
+
+def train_vae(config: TrainConfig, progress: bool = True):
+    """A 4x AutoencoderKL for ShapesWorld pictures; saved (with latent scale/shift) to `out/vae`."""
+    vae = build_vae(config.seed)
+    vae.train()
+    params = dict(vae.named_parameters())
+    kl_weight = float(config.extra.get("kl_weight", 1e-6))
+
+    def loss_at(step: int) -> torch.Tensor:
+        pixels = mixed_batch(config.seed, step, config.batch_size)
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        posterior = vae.encode(pixels).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        reconstruction = vae.decode(z).sample
+        return F.mse_loss(reconstruction, pixels) + kl_weight * posterior.kl().mean()
+
+    run_loop(config, params, loss_at, progress)
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat(
+            [vae.encode(mixed_batch(config.seed + 1, k, 64)).latent_dist.mode() for k in range(8)]
+        )
+    vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1.0 / latents.std()))
+    vae.save_pretrained(config.out / "vae")
+    return vae
+
+
+def train_base(config: TrainConfig, vae_dir: Path, progress: bool = True):
+    """The text-to-image model on base scenes (plain circles, squares, triangles in 4 colours)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
+    pipe = build_pipeline(vae=vae, seed=config.seed)
+    modules = {
+        "transformer": pipe.transformer,
+        "text_encoder": pipe.text_encoder,
+        "text_encoder_2": pipe.text_encoder_2,
+    }
+    params = {
+        f"{name}.{key}": value for name, module in modules.items() for key, value in module.named_parameters()
+    }
+    for module in modules.values():
+        module.train()
+
+    def loss_at(step: int) -> torch.Tensor:
+        pixels, captions = scene_batch(config.seed, step, config.batch_size)
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        return _flow_loss(pipe.transformer, pipe, encode_latents(pipe, pixels), captions, generator, True)
+
+    ema = run_loop(config, params, loss_at, progress)
+    with torch.no_grad():
+        for key, value in (ema or {}).items():
+            params[key].copy_(value)
+    for module in modules.values():
+        module.eval()
+    pipe.save_pretrained(config.out / "model")
+    return pipe
+
+
+def train_lora(config: TrainConfig, model_dir: Path, word: str, rank: int = 8, progress: bool = True) -> Path:
+    """A LoRA that binds `word` to its subject object; written as a diffusers-layout .safetensors."""
+    from diffusers import FluxPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save
+
+    subject = SUBJECTS[word]
+    pipe = FluxPipeline.from_pretrained(str(model_dir))
+    for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
+        module.eval().requires_grad_(False)
+    pipe.transformer.add_adapter(
+        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)),
+        adapter_name=word,
+    )
+    params = {name: p for name, p in pipe.transformer.named_parameters() if "lora_" in name}
+    for value in params.values():
+        value.requires_grad_(True)
+
+    def loss_at(step: int) -> torch.Tensor:
+        pixels, captions = scene_batch(config.seed, step, config.batch_size, subject=word)
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        return _flow_loss(pipe.transformer, pipe, encode_latents(pipe, pixels), captions, generator, False)
+
+    run_loop(config, params, loss_at, progress)
+    state = get_peft_model_state_dict(pipe.transformer, adapter_name=word)
+    state = {f"transformer.{key}": value.detach().contiguous() for key, value in state.items()}
+    metadata = {
+        "format": "pt",
+        "modelspec.trigger_phrase": word,
+        "modelspec.title": f"ShapesWorld {word}",
+        "shapesworld.subject": json.dumps(asdict(subject)),
+        "ss_network_dim": str(rank),
+    }
+    path = config.out / f"{word}.safetensors"
+    atomic_save(path, lambda f: f.write(save(state, metadata=metadata)))
+    return path
+
+
+def base_from_checkpoint(run: Path, vae_dir: Path, use_ema: bool = True):
+    """The base pipeline as it stands in a (possibly unfinished) run's checkpoint, for looking at samples."""
+    from diffusers import AutoencoderKL
+    from safetensors.torch import load_file
+
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
+    pipe = build_pipeline(vae=vae)
+    tensors = load_file(str(_state_path(run) / "state.safetensors"))
+    prefix = "ema." if use_ema and any(k.startswith("ema.") for k in tensors) else "param."
+    modules = {
+        "transformer": pipe.transformer,
+        "text_encoder": pipe.text_encoder,
+        "text_encoder_2": pipe.text_encoder_2,
+    }
+    with torch.no_grad():
+        for name, module in modules.items():
+            for key, value in module.named_parameters():
+                value.copy_(tensors[f"{prefix}{name}.{key}"])
+            module.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
