@@ -728,6 +728,87 @@ def demo(
     console.print(f"wrote {paths[0]['image']}, {paths[0]['overlay']}, {paths[0]['manifest']}")
 
 
+eval_app = typer.Typer(help="Measure subject bleeding offline.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("shapesworld")
+@command
+def eval_shapesworld(
+    method: Annotated[
+        list[str] | None, typer.Option("--method", help="merge | freefuse | masks (repeat).")
+    ] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A fixed small subset (CI, smoke checks).")] = False,
+    seeds: Annotated[int | None, typer.Option("--seeds", help="Seeds per prompt (default 4).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (default 20).")] = None,
+    sizes: Annotated[
+        list[int] | None, typer.Option("--subjects", help="Group sizes: 2, 3, 4 (repeat).")
+    ] = None,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="ShapesWorld model folder (default: committed).")
+    ] = None,
+    loras: Annotated[
+        Path | None, typer.Option("--loras", help="Folder of the subject LoRAs (default: committed).")
+    ] = None,
+    out: OutOpt = Path("out/shapesworld"),
+    overwrite: OverwriteOpt = False,
+) -> None:
+    """Pairs, triples and the quad of the 4 ShapesWorld LoRAs x prompts x seeds: identity, presence, leakage."""
+    from .files import atomic_save, atomic_write, write_json
+    from .shapesworld.evaluate import (
+        METHODS,
+        EvalConfig,
+        Evaluator,
+        base_rate,
+        evaluate,
+        markdown_table,
+        picture_grid,
+        result_record,
+        single_lora_rates,
+    )
+
+    methods = tuple(method or METHODS)
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise UserError(f"Unknown method(s) {unknown}; use {list(METHODS)}.")
+    config = EvalConfig.quick() if quick else EvalConfig()
+    config.methods = methods
+    if seeds is not None:
+        config.seeds = tuple(range(seeds))
+    if steps is not None:
+        config.steps = steps
+    if sizes:
+        bad = [size for size in sizes if size not in (2, 3, 4)]
+        if bad:
+            raise UserError(f"--subjects {bad}: ShapesWorld has 4 subjects; use 2, 3 or 4.")
+        config.group_sizes = tuple(sizes)
+    files = {"json": out / "results.json", "md": out / "results.md", "grid": out / "grid.png"}
+    _check_outputs_free([files], overwrite)
+    with console.status("Loading the ShapesWorld model and LoRAs ..."):
+        evaluator = Evaluator(model, loras)
+    with _progress() as progress:
+        task = progress.add_task("evaluating", total=None)
+        evaluation = evaluate(
+            config, evaluator, on_step=lambda done, total: progress.update(task, completed=done, total=total)
+        )
+        progress.update(task, description="single LoRAs")
+        singles = single_lora_rates(evaluator, config.single_seeds, config.steps)
+        progress.update(task, description="base model")
+        base = base_rate(evaluator, config.base_samples, config.steps)
+    record = result_record(config, evaluation, singles, base)
+    command_line = (
+        "freefuse " + " ".join(sys.argv[1:])
+        if sys.argv and "freefuse" in sys.argv[0]
+        else "freefuse eval shapesworld"
+    )
+    grid = picture_grid(evaluation["samples"], methods, config.grid_rows)
+    atomic_save(files["grid"], lambda f: grid.save(f, "PNG"), overwrite)
+    atomic_write(files["md"], markdown_table(record, command_line), overwrite)
+    write_json(files["json"], record, overwrite)
+    console.print(markdown_table(record, command_line), highlight=False)
+    console.print(f"wrote {files['json']}, {files['md']}, {files['grid']}")
+
+
 def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:

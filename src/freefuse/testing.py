@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from .backends.flux import FLUX_LORA_TARGETS
+
 # Words the tiny tokenizers know as whole pieces. Any other word still encodes, as several
 # character pieces, which is what tests of multi-token activation words rely on.
 TINY_WORDS = (
@@ -42,24 +44,6 @@ TINY_TRANSFORMER_CONFIG = {
     "guidance_embeds": True,
     "axes_dims_rope": (4, 6, 6),
 }
-
-# The layers a typical FLUX character LoRA (ai-toolkit, kohya) adapts, as PEFT module names.
-FLUX_LORA_TARGETS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-    "proj_mlp",
-    "proj_out",
-)
 
 
 def tiny_t5_tokenizer(words: Iterable[str] = TINY_WORDS):
@@ -112,6 +96,46 @@ def tiny_clip_tokenizer(words: Iterable[str] = TINY_WORDS):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
+def text_encoders(clip_tokenizer, t5_tokenizer, clip_width: int, t5_width: int, heads: int = 2, ff: int = 64):
+    """Small random CLIP and T5 encoders (2 layers each) for the given tokenizers and widths.
+
+    Random draws come from the global generator: call it inside a seeded `fork_rng`.
+    """
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    clip = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(clip_tokenizer),
+            hidden_size=clip_width,
+            intermediate_size=ff,
+            num_hidden_layers=2,
+            num_attention_heads=heads,
+            max_position_embeddings=77,
+            projection_dim=clip_width,
+            bos_token_id=clip_tokenizer.bos_token_id,
+            eos_token_id=clip_tokenizer.eos_token_id,
+            pad_token_id=clip_tokenizer.pad_token_id,
+        )
+    )
+    t5 = T5EncoderModel(
+        T5Config(
+            vocab_size=len(t5_tokenizer),
+            d_model=t5_width,
+            d_kv=16,
+            d_ff=ff,
+            num_layers=2,
+            num_heads=heads,
+            relative_attention_num_buckets=8,
+            dropout_rate=0.0,
+            feed_forward_proj="gated-gelu",
+            is_encoder_decoder=False,
+            pad_token_id=t5_tokenizer.pad_token_id,
+            eos_token_id=t5_tokenizer.eos_token_id,
+        )
+    )
+    return clip, t5
+
+
 def tiny_flux_pipeline(
     seed: int = 0,
     transformer_config: dict | None = None,
@@ -127,7 +151,6 @@ def tiny_flux_pipeline(
     for a real model directory.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     config = {**TINY_TRANSFORMER_CONFIG, **(transformer_config or {})}
     tokenizer = tiny_clip_tokenizer()
@@ -138,35 +161,11 @@ def tiny_flux_pipeline(
         torch.manual_seed(seed)
         with torch.device(device):
             transformer = FluxTransformer2DModel(**config).to(dtype)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=config["pooled_projection_dim"],
-                intermediate_size=64,
-                num_hidden_layers=2,
-                num_attention_heads=2,
-                max_position_embeddings=77,
-                projection_dim=config["pooled_projection_dim"],
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(tokenizer_2),
-                d_model=config["joint_attention_dim"],
-                d_kv=16,
-                d_ff=64,
-                num_layers=2,
-                num_heads=2,
-                relative_attention_num_buckets=8,
-                dropout_rate=0.0,
-                feed_forward_proj="gated-gelu",
-                is_encoder_decoder=False,
-                pad_token_id=tokenizer_2.pad_token_id,
-                eos_token_id=tokenizer_2.eos_token_id,
-            )
+        text_encoder, text_encoder_2 = text_encoders(
+            tokenizer,
+            tokenizer_2,
+            clip_width=config["pooled_projection_dim"],
+            t5_width=config["joint_attention_dim"],
         )
         vae = AutoencoderKL(
             **{

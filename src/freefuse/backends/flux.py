@@ -20,6 +20,23 @@ from .base import Backend, CapturedAttention, Conditioning
 
 # The paper taps double-stream block 16 of FLUX.1's 19 (the 17th).
 PAPER_BLOCK, PAPER_NUM_BLOCKS = 16, 19
+# The layers a typical FLUX character LoRA (ai-toolkit, kohya) adapts, as PEFT module-name suffixes.
+FLUX_LORA_TARGETS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "ff_context.net.0.proj",
+    "ff_context.net.2",
+    "proj_mlp",
+    "proj_out",
+)
 _TEXT_STREAM = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context.")
 
 

@@ -65,42 +65,14 @@ def build_vae(seed: int = 0):
 def build_pipeline(vae=None, seed: int = 0):
     """An untrained ShapesWorld `FluxPipeline` (with `vae` if given)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
+
+    from ..testing import text_encoders
 
     clip_tokenizer, t5_tokenizer = tokenizers()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
-        text_encoder = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(clip_tokenizer),
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=77,
-                projection_dim=64,
-                bos_token_id=clip_tokenizer.bos_token_id,
-                eos_token_id=clip_tokenizer.eos_token_id,
-                pad_token_id=clip_tokenizer.pad_token_id,
-            )
-        )
-        text_encoder_2 = T5EncoderModel(
-            T5Config(
-                vocab_size=len(t5_tokenizer),
-                d_model=64,
-                d_kv=16,
-                d_ff=128,
-                num_layers=2,
-                num_heads=4,
-                relative_attention_num_buckets=8,
-                dropout_rate=0.0,
-                feed_forward_proj="gated-gelu",
-                is_encoder_decoder=False,
-                pad_token_id=t5_tokenizer.pad_token_id,
-                eos_token_id=t5_tokenizer.eos_token_id,
-            )
-        )
+        text_encoder, text_encoder_2 = text_encoders(clip_tokenizer, t5_tokenizer, 64, 64, heads=4, ff=128)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=1.0,
         use_dynamic_shifting=True,

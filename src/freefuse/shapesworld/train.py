@@ -19,26 +19,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..backends.flux import FLUX_LORA_TARGETS
 from ..files import atomic_save, atomic_write
 from .model import MAX_TEXT_TOKENS, build_pipeline, build_vae
 from .scenes import SUBJECTS, random_scene
-
-LORA_TARGETS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-    "ff.net.0.proj",
-    "ff.net.2",
-    "ff_context.net.0.proj",
-    "ff_context.net.2",
-    "proj_mlp",
-    "proj_out",
-)
 
 
 @dataclass
@@ -60,31 +44,27 @@ class TrainConfig:
 # -- data -----------------------------------------------------------------------------------------
 
 
-def scene_batch(seed: int, step: int, batch_size: int, subject: str | None = None):
-    """Pictures `[B, 3, 64, 64]` in [-1, 1] and captions for training step `step` (deterministic)."""
+def scene_batch(seed: int, step: int, batch_size: int, subject: str | None = None, mixed: bool = False):
+    """Pictures `[B, 3, 64, 64]` in [-1, 1] and captions for training step `step` (deterministic).
+
+    Base scenes; with `subject`, scenes with that subject and 0-2 base objects; with `mixed`, base
+    scenes and scenes with 1-2 random subjects (what the VAE must be able to draw).
+    """
     rng = np.random.default_rng([seed, step])
     images, captions = [], []
     for _ in range(batch_size):
-        if subject is None:
-            scene = random_scene(rng)
+        if subject is not None:
+            chosen = (SUBJECTS[subject],)
+        elif mixed:
+            count = int(rng.integers(0, 3))
+            chosen = tuple(SUBJECTS[w] for w in rng.choice(list(SUBJECTS), size=count, replace=False))
         else:
-            scene = random_scene(rng, subjects=(SUBJECTS[subject],), base_objects=int(rng.integers(0, 3)))
+            chosen = ()
+        scene = random_scene(rng, subjects=chosen) if chosen else random_scene(rng)
         images.append(scene.render())
         captions.append(scene.caption)
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     return pixels, captions
-
-
-def mixed_batch(seed: int, step: int, batch_size: int):
-    """Scenes with base objects and any subjects (for the VAE, which must draw everything)."""
-    rng = np.random.default_rng([seed, step])
-    images = []
-    words = list(SUBJECTS)
-    for _ in range(batch_size):
-        count = int(rng.integers(0, 3))
-        chosen = tuple(SUBJECTS[w] for w in rng.choice(words, size=count, replace=False))
-        images.append(random_scene(rng, subjects=chosen).render() if chosen else random_scene(rng).render())
-    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -260,7 +240,7 @@ def train_vae(config: TrainConfig, progress: bool = True):
     kl_weight = float(config.extra.get("kl_weight", 1e-6))
 
     def loss_at(step: int) -> torch.Tensor:
-        pixels = mixed_batch(config.seed, step, config.batch_size)
+        pixels, _ = scene_batch(config.seed, step, config.batch_size, mixed=True)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         posterior = vae.encode(pixels).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
@@ -271,7 +251,7 @@ def train_vae(config: TrainConfig, progress: bool = True):
     vae.eval()
     with torch.no_grad():
         latents = torch.cat(
-            [vae.encode(mixed_batch(config.seed + 1, k, 64)).latent_dist.mode() for k in range(8)]
+            [vae.encode(scene_batch(config.seed + 1, k, 64, mixed=True)[0]).latent_dist.mode() for k in range(8)]
         )
     vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1.0 / latents.std()))
     vae.save_pretrained(config.out / "vae")
@@ -322,7 +302,9 @@ def train_lora(config: TrainConfig, model_dir: Path, word: str, rank: int = 8, p
     for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         module.eval().requires_grad_(False)
     pipe.transformer.add_adapter(
-        LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)),
+        LoraConfig(
+            r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=list(FLUX_LORA_TARGETS)
+        ),
         adapter_name=word,
     )
     params = {name: p for name, p in pipe.transformer.named_parameters() if "lora_" in name}

@@ -1,0 +1,389 @@
+"""Measuring subject bleeding in ShapesWorld: generate, detect, score.
+
+For every group of subject LoRAs (pairs, triples, the quad) × interaction prompts × seeds, each
+method makes an image and the detector reads it back. Per subject of the prompt:
+
+- present: some detected object matches at least 2 of its 3 attributes (shape, colour, texture);
+- identity correct: the best-matching object has exactly its shape, colour and texture;
+- leakage: the object taken for it carries a colour, texture or shape that belongs to another
+  subject of the prompt and not to it (one subject's look on the other).
+
+`masks` is the ground-truth upper bound: the objects detected in the FreeFuse image are assigned to
+subjects by their attributes, and their regions (dilated) are given as user masks for the same
+seed. Mask quality is how much of each subject's detected object its FreeFuse mask covers.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from itertools import combinations
+from pathlib import Path
+from string import ascii_uppercase
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from ..core import MaskSet
+from .detect import DetectedObject, detect
+from .model import MAX_TEXT_TOKENS, load_shapesworld, lora_path
+from .scenes import SIZE, SUBJECTS, Subject, random_scene
+
+PROMPTS = {
+    2: ["a {A} and a {B}", "a {B} next to a {A}", "a {A}, a {B} and a red circle"],
+    3: ["a {A}, a {B} and a {C}", "a {C} next to a {A} and a {B}"],
+    4: ["a {A}, a {B}, a {C} and a {D}"],
+}
+METHODS = ("merge", "freefuse", "masks")
+
+
+@dataclass
+class EvalConfig:
+    methods: tuple[str, ...] = METHODS
+    group_sizes: tuple[int, ...] = (2, 3, 4)
+    seeds: tuple[int, ...] = (0, 1, 2, 3)
+    steps: int = 20
+    prompts_per_group: int | None = None  # None: all templates of the group size
+    groups_per_size: int | None = None  # None: every group
+    single_seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
+    base_samples: int = 32
+    grid_rows: int = 8
+
+    @classmethod
+    def quick(cls) -> EvalConfig:
+        """A fixed small subset for CI and smoke checks (well under 20 s on a CPU)."""
+        return cls(
+            group_sizes=(2,),
+            seeds=(0, 1),
+            prompts_per_group=1,
+            groups_per_size=2,
+            single_seeds=(0, 1),
+            base_samples=4,
+            steps=12,
+            grid_rows=4,
+        )
+
+
+# -- scoring ----------------------------------------------------------------------------------------
+
+
+def _matches(subject: Subject, obj: DetectedObject) -> int:
+    return (obj.shape == subject.shape) + (obj.colour == subject.colour) + (obj.texture == subject.texture)
+
+
+def assign(subjects: list[Subject], objects: list[DetectedObject]) -> dict[str, DetectedObject | None]:
+    """Each subject's detected object: greedy by attribute matches (then area), each object used once."""
+    pairs = sorted(
+        ((_matches(s, o), o.area, i, j) for i, s in enumerate(subjects) for j, o in enumerate(objects)),
+        reverse=True,
+    )
+    taken_subjects, taken_objects, result = set(), set(), {s.word: None for s in subjects}
+    for score, _, i, j in pairs:
+        if score == 0 or i in taken_subjects or j in taken_objects:
+            continue
+        result[subjects[i].word] = objects[j]
+        taken_subjects.add(i)
+        taken_objects.add(j)
+    return result
+
+
+def score_image(subjects: list[Subject], image: np.ndarray) -> dict:
+    """Per-subject presence, identity and leakage for one picture."""
+    objects = detect(image)
+    assigned = assign(subjects, objects)
+    per_subject = {}
+    for subject in subjects:
+        obj = assigned[subject.word]
+        others = [s for s in subjects if s.word != subject.word]
+        leaked = []
+        if obj is not None:
+            for attribute in ("colour", "texture", "shape"):
+                value = getattr(obj, attribute)
+                if value != getattr(subject, attribute) and any(
+                    getattr(o, attribute) == value for o in others
+                ):
+                    leaked.append(attribute)
+        per_subject[subject.word] = {
+            "present": obj is not None and _matches(subject, obj) >= 2,
+            "identity": obj is not None and _matches(subject, obj) == 3,
+            "leaked": leaked,
+            "detected": None if obj is None else list(obj.attributes()),
+        }
+    return {"subjects": per_subject, "objects": [list(o.attributes()) for o in objects]}
+
+
+def coverage(mask: torch.Tensor, obj: DetectedObject | None) -> float | None:
+    """Fraction of the detected object's pixels that the subject's mask covers."""
+    if obj is None:
+        return None
+    resized = torch.nn.functional.interpolate(mask[None, None].float(), size=(SIZE, SIZE), mode="area")[0, 0]
+    return float((resized.numpy() * obj.mask).sum() / max(obj.mask.sum(), 1))
+
+
+# -- running ------------------------------------------------------------------------------------------
+
+
+def _to_uint8(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
+class Evaluator:
+    """Loads the model and the four LoRAs once; switches adapters per prompt."""
+
+    def __init__(
+        self, model_dir: Path | None = None, lora_dir: Path | None = None, device: str = "cpu"
+    ) -> None:
+        from ..pipeline import FreeFuse
+
+        self.pipeline = load_shapesworld(model_dir) if model_dir else load_shapesworld()
+        self.pipeline.to(device)
+        self.freefuse_class = FreeFuse
+        loader = FreeFuse(self.pipeline)
+        for word in SUBJECTS:
+            path = lora_path(word, lora_dir) if lora_dir else lora_path(word)
+            loader.add_lora(path, name=word)
+        self.subjects = loader.subjects
+
+    def run(self, words: list[str], prompt: str, seed: int, method: str, steps: int, masks=None):
+        freefuse = self.freefuse_class(self.pipeline)
+        for word in words:
+            subject = self.subjects[word]
+            freefuse.use_adapter(word, words=[word])
+            freefuse.subjects[word].path, freefuse.subjects[word].sha256 = subject.path, subject.sha256
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return freefuse(
+                prompt,
+                seed=seed,
+                height=SIZE,
+                width=SIZE,
+                num_inference_steps=steps,
+                method=method,
+                masks=masks,
+                max_sequence_length=MAX_TEXT_TOKENS,
+                progress=False,
+            )
+
+
+def oracle_masks(subjects: list[Subject], freefuse_image: np.ndarray, freefuse_masks: MaskSet) -> MaskSet:
+    """Ground-truth masks: the detected objects of the FreeFuse picture, dilated by 2 px."""
+    assigned = assign(subjects, detect(freefuse_image))
+    masks = []
+    for subject in subjects:
+        obj = assigned[subject.word]
+        if obj is None:  # nothing to go by: keep FreeFuse's own mask for it
+            masks.append(freefuse_masks[subject.word])
+        else:
+            masks.append(torch.from_numpy(ndimage.binary_dilation(obj.mask, iterations=2).astype(np.float32)))
+    stacked = torch.stack(masks)
+    # Where dilated regions overlap, keep the pixel with its nearer object only: masks never overlap.
+    owner = stacked.argmax(dim=0)
+    stacked = stacked * (owner[None] == torch.arange(len(subjects))[:, None, None])
+    return MaskSet([s.word for s in subjects], stacked)
+
+
+def evaluate(
+    config: EvalConfig, evaluator: Evaluator, on_step: Callable[[int, int], None] | None = None
+) -> dict:
+    """All groups × prompts × seeds × methods; returns the per-sample records and the summary."""
+    samples = []
+    plan = []
+    for size in config.group_sizes:
+        groups = list(combinations(SUBJECTS, size))[: config.groups_per_size]
+        templates = PROMPTS[size][: config.prompts_per_group]
+        plan += [
+            (group, template, seed) for group in groups for template in templates for seed in config.seeds
+        ]
+    total = len(plan)
+    started = time.perf_counter()
+    for index, (group, template, seed) in enumerate(plan):
+        subjects = [SUBJECTS[word] for word in group]
+        prompt = template
+        for letter, word in zip(ascii_uppercase, group, strict=False):
+            prompt = prompt.replace("{" + letter + "}", word)
+        record = {"group": list(group), "prompt": prompt, "seed": seed, "methods": {}}
+        outputs = {}
+        for method in config.methods:
+            if method == "masks":
+                if "freefuse" not in outputs:
+                    outputs["freefuse"] = evaluator.run(list(group), prompt, seed, "freefuse", config.steps)
+                gt = oracle_masks(
+                    subjects, _to_uint8(outputs["freefuse"].images[0]), outputs["freefuse"].masks[0]
+                )
+                outputs[method] = evaluator.run(list(group), prompt, seed, "masks", config.steps, masks=gt)
+            elif method not in outputs:
+                outputs[method] = evaluator.run(list(group), prompt, seed, method, config.steps)
+            image = _to_uint8(outputs[method].images[0])
+            record["methods"][method] = score_image(subjects, image)
+        if "freefuse" in outputs:
+            objects = assign(subjects, detect(_to_uint8(outputs["freefuse"].images[0])))
+            masks = outputs["freefuse"].masks[0]
+            record["mask_coverage"] = {s.word: coverage(masks[s.word], objects[s.word]) for s in subjects}
+        record["images"] = {m: outputs[m].images[0] for m in config.methods}
+        record["masks"] = outputs["freefuse"].masks[0] if "freefuse" in outputs else None
+        samples.append(record)
+        if on_step is not None:
+            on_step(index + 1, total)
+    summary = summarise(samples, config.methods)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    return {"samples": samples, "summary": summary}
+
+
+def summarise(samples: list[dict], methods) -> dict:
+    """identity_accuracy, both_present and leakage (fractions) per method, overall and per group size."""
+
+    def rates(records: list[dict], method: str) -> dict:
+        subjects = [s for r in records for s in r["methods"][method]["subjects"].values()]
+        images = [r["methods"][method]["subjects"].values() for r in records]
+        return {
+            "identity_accuracy": round(float(np.mean([s["identity"] for s in subjects])), 4)
+            if subjects
+            else None,
+            "both_present": round(float(np.mean([all(s["present"] for s in img) for img in images])), 4)
+            if images
+            else None,
+            "leakage": round(float(np.mean([bool(s["leaked"]) for s in subjects])), 4) if subjects else None,
+            "images": len(records),
+            "subjects": len(subjects),
+        }
+
+    result: dict = {"methods": {}, "by_group_size": {}}
+    for method in methods:
+        result["methods"][method] = rates(samples, method)
+    for size in sorted({len(r["group"]) for r in samples}):
+        chosen = [r for r in samples if len(r["group"]) == size]
+        result["by_group_size"][str(size)] = {m: rates(chosen, m) for m in methods}
+    coverages = [c for r in samples for c in (r.get("mask_coverage") or {}).values() if c is not None]
+    result["freefuse_mask_coverage"] = round(float(np.mean(coverages)), 4) if coverages else None
+    return result
+
+
+def single_lora_rates(evaluator: Evaluator, seeds, steps: int) -> dict:
+    """Each LoRA alone (`merge` with one subject): how often its subject is drawn correctly."""
+    result = {}
+    for word, subject in SUBJECTS.items():
+        hits = present = 0
+        for seed in seeds:
+            for prompt in (f"a {word}", f"a {word} and a green square"):
+                out = evaluator.run([word], prompt, seed, "merge", steps)
+                scored = score_image([subject], _to_uint8(out.images[0]))["subjects"][word]
+                hits += scored["identity"]
+                present += scored["present"]
+        count = 2 * len(seeds)
+        result[word] = {
+            "identity_rate": round(hits / count, 4),
+            "present_rate": round(present / count, 4),
+            "samples": count,
+        }
+    return result
+
+
+def base_rate(evaluator: Evaluator, samples: int, steps: int, seed: int = 1234) -> dict:
+    """The base model without LoRAs: how often every prompted object (shape and colour) is found."""
+    rng = np.random.default_rng(seed)
+    found = 0
+    for index in range(samples):
+        scene = random_scene(rng, n_objects=int(rng.integers(1, 4)))
+        pipeline = evaluator.pipeline
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipeline.disable_lora()
+            try:
+                image = pipeline(
+                    scene.caption,
+                    height=SIZE,
+                    width=SIZE,
+                    num_inference_steps=steps,
+                    max_sequence_length=MAX_TEXT_TOKENS,
+                    generator=torch.Generator().manual_seed(index),
+                ).images[0]
+            finally:
+                pipeline.enable_lora()
+        detected = [(o.shape, o.colour) for o in detect(_to_uint8(image))]
+        wanted = [(o.shape, o.colour) for o in scene.objects]
+        found += all(detected.count(w) >= wanted.count(w) for w in set(wanted))
+    return {"all_objects_found_rate": round(found / samples, 4), "samples": samples}
+
+
+def result_record(config: EvalConfig, evaluation: dict, singles: dict, base: dict) -> dict:
+    samples = [
+        {k: v for k, v in record.items() if k not in ("images", "masks")} for record in evaluation["samples"]
+    ]
+    summary = evaluation["summary"]
+    record = {
+        "config": asdict(config),
+        "summary": summary,
+        "single_lora": singles,
+        "base_model": base,
+        "samples": samples,
+    }
+    for method, rates in summary["methods"].items():
+        record[method] = rates
+    return record
+
+
+def markdown_table(record: dict, command: str) -> str:
+    lines = [
+        f"Command: `{command}`",
+        "",
+        "| subjects | method | identity accuracy | all present | leakage | images |",
+        "|---|---|---|---|---|---|",
+    ]
+    for size, methods in record["summary"]["by_group_size"].items():
+        for method, rates in methods.items():
+            lines.append(
+                f"| {size} | {method} | {rates['identity_accuracy']:.2f} | {rates['both_present']:.2f} | "
+                f"{rates['leakage']:.2f} | {rates['images']} |"
+            )
+    for method, rates in record["summary"]["methods"].items():
+        lines.append(
+            f"| all | {method} | {rates['identity_accuracy']:.2f} | {rates['both_present']:.2f} | "
+            f"{rates['leakage']:.2f} | {rates['images']} |"
+        )
+    coverage_value = record["summary"].get("freefuse_mask_coverage")
+    lines += [
+        "",
+        f"FreeFuse mask coverage of the detected subject objects: "
+        f"{coverage_value if coverage_value is None else f'{coverage_value:.2f}'}",
+        "",
+        "| single LoRA | identity rate | present rate | samples |",
+        "|---|---|---|---|",
+    ]
+    for word, rates in record["single_lora"].items():
+        lines.append(
+            f"| {word} | {rates['identity_rate']:.2f} | {rates['present_rate']:.2f} | {rates['samples']} |"
+        )
+    base = record["base_model"]
+    lines += [
+        "",
+        f"Base model (no LoRA): all prompted objects found in {base['all_objects_found_rate']:.2f} of "
+        f"{base['samples']} samples.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def picture_grid(samples: list[dict], methods, rows: int) -> Image.Image:
+    """Rows of samples; columns: each method's picture, then FreeFuse's mask overlay (4x upscaled)."""
+
+    chosen = samples[:rows]
+    columns = list(methods) + (["freefuse masks"] if any(r["masks"] is not None for r in chosen) else [])
+    cell, label = SIZE * 4, 14
+    grid = Image.new("RGB", (cell * len(columns), label + cell * len(chosen)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for column, name in enumerate(columns):
+        draw.text((column * cell + 4, 1), name, fill=(0, 0, 0))
+    for row, record in enumerate(chosen):
+        for column, name in enumerate(columns):
+            if name == "freefuse masks":
+                picture = record["masks"].overlay(
+                    record["images"]["freefuse"].resize((SIZE, SIZE)), legend=False
+                )
+            else:
+                picture = record["images"][name]
+            grid.paste(picture.resize((cell, cell), Image.NEAREST), (column * cell, label + row * cell))
+        draw.text((2, label + row * cell + cell - 12), record["prompt"][:40], fill=(255, 255, 255))
+    return grid
