@@ -240,3 +240,34 @@ def test_accelerate_launch_two_processes_on_cpu_does_every_job_once(world: Path,
     ids = [json.loads(line)["id"] for line in (out / "index.jsonl").read_text().splitlines()]
     assert sorted(ids) == sorted(job.id for job in load_jobs(jobs_file))
     assert len(images(out)) == 6
+
+
+def test_repeated_jobs_run_once_and_a_deleted_mask_png_is_redone(world: Path, tmp_path: Path) -> None:
+    import warnings
+
+    from freefuse.batch import BatchWarning
+
+    path = write_jobs(world, count=2, name="repeat.jsonl")
+    first = path.read_text().splitlines()[0]
+    path.write_text(path.read_text() + first + "\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jobs = load_jobs(path)
+    assert len(jobs) == 2
+    assert any(issubclass(w.category, BatchWarning) and "repeats" in str(w.message) for w in caught)
+    report = run_batch(jobs, tmp_path, Session())
+    assert report.done == 2
+    mask_png = next(tmp_path.glob(f"{jobs[0].stem}.masks.0-*.png"))
+    mask_png.unlink()
+    again = run_batch(jobs, tmp_path, Session())
+    assert again.done == 1 and again.skipped == 1 and mask_png.is_file()
+
+
+def test_job_ids_follow_file_content_not_folder(world: Path, tmp_path: Path) -> None:
+    moved = tmp_path / "moved"
+    shutil.copytree(world, moved, ignore=shutil.ignore_patterns("out*"))
+    original = [job.id for job in load_jobs(write_jobs(world, count=2, name="ids.jsonl"))]
+    assert [job.id for job in load_jobs(write_jobs(moved, count=2, name="ids.jsonl"))] == original
+    (moved / "bob.safetensors").write_bytes((world / "carol.safetensors").read_bytes())
+    changed = [job.id for job in load_jobs(moved / "ids.jsonl")]
+    assert set(changed).isdisjoint(original)

@@ -268,3 +268,44 @@ def test_trigger_words_come_from_metadata(tmp_path) -> None:
     assert report["top_tags"][0] == "alice (35)"
     assert report["rank"] == [4] and report["layout"] == "diffusers"
     assert report["metadata"]["ss_output_name"] == "alice_v2"
+
+
+def test_the_lora_files_own_alpha_sets_its_scale(tmp_path) -> None:
+    """diffusers stores lora_alpha in the header metadata; loading must keep scale = alpha / rank."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    source = tiny_flux_pipeline(seed=0)
+    source.transformer.add_adapter(
+        LoraConfig(r=2, lora_alpha=4, target_modules=["to_q"], init_lora_weights=False), adapter_name="x"
+    )
+    FluxPipeline.save_lora_weights(
+        tmp_path,
+        transformer_lora_layers=get_peft_model_state_dict(source.transformer, adapter_name="x"),
+        transformer_lora_adapter_metadata=source.transformer.peft_config["x"].to_dict(),
+        weight_name="alpha.safetensors",
+    )
+    pipe = tiny_flux_pipeline(seed=0)
+    FreeFuse(pipe).add_lora(tmp_path / "alpha.safetensors", words=["x"], name="alpha")
+    assert pipe.transformer.transformer_blocks[0].attn.to_q.scaling["alpha"] == 2.0
+
+
+def test_a_failed_load_leaves_no_adapter_behind(tmp_path, monkeypatch) -> None:
+    pipe = tiny_flux_pipeline(seed=0)
+    path = tmp_path / "a.safetensors"
+    save_file(random_lora_state_dict(pipe.transformer, seed=1), str(path))
+    freefuse = FreeFuse(pipe)
+    with pytest.raises(ValueError, match="empty activation word"):
+        freefuse.add_lora(path, words=[""], name="alice")
+    original = FluxPipeline.load_lora_weights
+
+    def load_then_fail(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FluxPipeline, "load_lora_weights", load_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        freefuse.add_lora(path, words=["Alice"], name="alice")
+    monkeypatch.undo()
+    assert "alice" not in (getattr(pipe.transformer, "peft_config", None) or {})
+    assert freefuse.add_lora(path, words=["Alice"], name="alice").name == "alice"

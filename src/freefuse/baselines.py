@@ -22,6 +22,7 @@ class Method:
         needs_words: activation words must be found in the prompt.
         user_masks: masks come from the caller (`masks=`).
         reads_attention: masks come from attention at `mask_step`.
+        masks_loras: subject LoRAs are masked at all (False: every LoRA acts everywhere).
     """
 
     name: str
@@ -29,6 +30,7 @@ class Method:
     needs_words: bool = False
     user_masks: bool = False
     reads_attention: bool = False
+    masks_loras: bool = True
 
 
 METHODS: dict[str, Method] = {}
@@ -45,7 +47,9 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
-MERGE = register_method(Method("merge", "plain joint LoRAs: every LoRA acts everywhere (the baseline)"))
+MERGE = register_method(
+    Method("merge", "plain joint LoRAs: every LoRA acts everywhere (the baseline)", masks_loras=False)
+)
 USER_MASKS = register_method(
     Method("masks", "each subject LoRA acts only inside a mask you give (--masks)", user_masks=True)
 )

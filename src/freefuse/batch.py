@@ -11,6 +11,7 @@ their own shards, so `accelerate launch --num_processes N freefuse batch …` ne
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -41,6 +42,10 @@ class JobFileError(ValueError):
     """A job or grid file is malformed; the message names the line or key."""
 
 
+class BatchWarning(UserWarning):
+    """Something in a job file was skipped (said on stderr)."""
+
+
 @dataclass
 class Job:
     """One image to make."""
@@ -49,19 +54,32 @@ class Job:
     loras: list[dict]
     settings: GenerationSettings
     masks: str | None = None
-    source: str = ""  # where it was defined, for messages ("jobs.jsonl:12")
+    source: str = ""  # where it was defined, for messages ("jobs.jsonl line 12")
+
+    base: Path | None = None  # the job file's folder: paths in the id are relative to it
 
     def record(self) -> dict:
+        """What the job's id is a hash of: paths relative to the job file, and each LoRA file's hash,
+        so that moving the folder keeps finished work and replacing a LoRA file redoes it."""
+        from .manifest import cached_sha256
+
+        def relative(path: str) -> str:
+            return os.path.relpath(path, self.base) if self.base is not None and Path(path).exists() else path
+
+        loras = []
+        for lora in self.loras:
+            entry = {k: lora.get(k) for k in ("words", "weight", "scope", "name")}
+            entry["path"] = relative(lora["path"])
+            entry["sha256"] = cached_sha256(Path(lora["path"])) if Path(lora["path"]).is_file() else None
+            loras.append(entry)
         return {
-            "model": self.model,
-            "loras": [
-                {k: lora.get(k) for k in ("path", "words", "weight", "scope", "name")} for lora in self.loras
-            ],
+            "model": relative(self.model),
+            "loras": loras,
             "settings": self.settings.to_dict(),
-            "masks": self.masks,
+            "masks": None if self.masks is None else relative(self.masks),
         }
 
-    @property
+    @functools.cached_property
     def id(self) -> str:
         canonical = json.dumps(self.record(), sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
@@ -135,6 +153,10 @@ def job_from_dict(entry: dict, base: Path, where: str) -> Job:
         if isinstance(lora.get("words"), str):
             lora["words"] = [lora["words"]]
     words = [_first_word(lora, where) for lora in loras if lora.get("scope", "subject") == "subject"]
+    if not isinstance(entry["prompt"], str):
+        raise JobFileError(
+            f"{where}: `prompt` must be one text (a job makes one image); put each prompt on its own line."
+        )
     settings = {k: v for k, v in entry.items() if k not in JOB_KEYS}
     if "size" in entry:
         settings["width"], settings["height"] = parse_size(str(entry["size"]))
@@ -150,7 +172,7 @@ def job_from_dict(entry: dict, base: Path, where: str) -> Job:
     if len(generation.image_prompts) != 1:
         raise JobFileError(f"{where}: a job makes one image; put each prompt or image on its own line.")
     masks = _resolve(str(entry["masks"]), base) if entry.get("masks") else None
-    return Job(model=model, loras=loras, settings=generation, masks=masks, source=where)
+    return Job(model=model, loras=loras, settings=generation, masks=masks, source=where, base=base)
 
 
 def read_structured(path: Path):
@@ -200,7 +222,20 @@ def load_jobs(path: str | Path) -> list[Job]:
     jobs = [job_from_dict(entry, base, f"{path.name} {where} {number}") for number, entry in numbered]
     if not jobs:
         raise JobFileError(f"{path} has no jobs.")
-    return jobs
+    return unique_jobs(jobs)
+
+
+def unique_jobs(jobs: list[Job]) -> list[Job]:
+    """Drop repeats of a job (same id): two copies would write the same files. Each drop is warned."""
+    seen: dict[str, Job] = {}
+    for job in jobs:
+        if job.id in seen:
+            warnings.warn(
+                f"{job.source} repeats {seen[job.id].source}; it is run once.", BatchWarning, stacklevel=2
+            )
+        else:
+            seen[job.id] = job
+    return list(seen.values())
 
 
 def expand_grid(path: str | Path) -> list[Job]:
@@ -249,15 +284,16 @@ def expand_grid(path: str | Path) -> list[Job]:
                 "method": method,
                 "loras": [*group, *[{**g, "scope": "global"} for g in spec.get("global_loras", [])]],
             }
-            jobs.append(job_from_dict(entry, path.parent, f"{path.name} grid"))
-    return jobs
+            label = f"{path.name} grid ({'+'.join(_name_of(g) for g in group)}, {prompt!r}, seed {seed}, {method})"
+            jobs.append(job_from_dict(entry, path.parent, label))
+    return unique_jobs(jobs)
 
 
 # -- the index ------------------------------------------------------------------------------------------
 
 
 def read_index(out: Path) -> dict[str, dict]:
-    """Finished jobs from every process's index shard; unreadable (half-written) lines are skipped."""
+    """Finished jobs from every process's index shard; malformed or half-written lines are skipped."""
     done: dict[str, dict] = {}
     for shard in sorted(out.glob(INDEX_GLOB)):
         for line in shard.read_text(encoding="utf-8", errors="replace").splitlines():
@@ -265,24 +301,30 @@ def read_index(out: Path) -> dict[str, dict]:
                 entry = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if (
-                isinstance(entry, dict)
-                and isinstance(entry.get("id"), str)
-                and isinstance(entry.get("files"), dict)
-            ):
+            if _valid_entry(entry):
                 done[entry["id"]] = entry
     return done
 
 
+def _valid_entry(entry) -> bool:
+    if not isinstance(entry, dict) or not isinstance(entry.get("id"), str):
+        return False
+    files = entry.get("files")
+    if not isinstance(files, dict) or not files:
+        return False
+    if not all(isinstance(name, str) and isinstance(digest, str) for name, digest in files.items()):
+        return False
+    return entry.get("image") in files and entry.get("manifest") in files
+
+
 def is_done(entry: dict | None, out: Path) -> bool:
-    """The job's files all exist and still hash to what the index recorded."""
+    """Every file the job wrote (image, overlay, masks, manifest) exists and still hashes as recorded."""
     if entry is None:
         return False
-    for info in entry["files"].values():
-        path = out / str(info.get("name", ""))
-        if not path.is_file() or out.resolve() not in path.resolve().parents:
-            return False
-        if sha256_file(path) != info.get("sha256"):
+    root = out.resolve()
+    for name, digest in entry["files"].items():
+        path = out / name
+        if root not in path.resolve().parents or not path.is_file() or sha256_file(path) != digest:
             return False
     return True
 
@@ -313,7 +355,9 @@ class Session:
     offload: bool = False
     model: str | None = None
     pipeline: object = None
-    loaded: dict[str, object] = field(default_factory=dict)  # LoRA sha256 -> Subject as first loaded
+    # (LoRA file sha256, name the job gives it) -> the Subject it was first loaded as. A file given
+    # under two names is loaded twice, so that each job's masks carry the names it asked for.
+    loaded: dict[tuple[str, str], object] = field(default_factory=dict)
     loads: int = 0  # model loads, for tests and the summary
     lora_loads: int = 0
 
@@ -332,13 +376,13 @@ class Session:
         freefuse = FreeFuse(self.pipeline)
         for lora in job.loras:
             sha = cached_sha256(check_lora_path(lora["path"]))
-            first = self.loaded.get(sha)
+            wanted = re.sub(r"[^A-Za-z0-9_.-]+", "_", _name_of(lora))[:48] or "lora"
+            first = self.loaded.get((sha, wanted))
             settings = {"weight": lora.get("weight", 1.0), "scope": lora.get("scope", "subject")}
             if first is None:
                 taken = {subject.name for subject in self.loaded.values()}
-                wanted = re.sub(r"[^A-Za-z0-9_.-]+", "_", _name_of(lora))[:48] or "lora"
                 name = wanted if wanted not in taken else f"{wanted}_{sha[:8]}"
-                self.loaded[sha] = freefuse.add_lora(
+                self.loaded[(sha, wanted)] = freefuse.add_lora(
                     lora["path"], words=lora.get("words"), name=name, **settings
                 )
                 self.lora_loads += 1
@@ -373,14 +417,15 @@ def run_job(session: Session, job: Job, out: Path) -> dict:
         output = freefuse.generate(job.settings, masks=job.masks, progress=False)
     files = job_files(out, job)
     output.manifest["job"] = {"id": job.id, "source": job.source}
-    write_outputs(output, [files], overwrite=True)  # this job's own names: overwriting is redoing
-    written = {key: path for key, path in files.items() if path.is_file()}
+    [written] = write_outputs(output, [files], overwrite=True)  # this job's own names: overwriting is redoing
     notes = [str(w.message) for w in caught if issubclass(w.category, FreeFuseWarning)]
     return {
         "id": job.id,
         "stem": job.stem,
         "source": job.source,
-        "files": {key: {"name": path.name, "sha256": sha256_file(path)} for key, path in written.items()},
+        "image": files["image"].name,
+        "manifest": files["manifest"].name,
+        "files": {path.name: sha256_file(path) for path in written},
         "seconds": round(output.manifest["timings"]["total_s"], 3),
         "notes": notes,
     }
@@ -440,7 +485,9 @@ def run_batch(
                 report.skipped += 1
             else:
                 try:
-                    append_index(shard, run_job(session, job, out))
+                    entry = run_job(session, job, out)
+                    append_index(shard, entry)
+                    done[job.id] = entry
                     report.done += 1
                 except KeyboardInterrupt:
                     raise

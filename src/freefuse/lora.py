@@ -186,16 +186,26 @@ def _bfl_to_kohya_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.
     return renamed
 
 
-def to_diffusers_layout(lora: LoraFile, pipeline_class) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Convert a LoRA to diffusers layout with the pipeline class's own converter.
+# Layouts whose key names diffusers' loaders do not recognise by themselves; FreeFuse renames them.
+RENAMED_LAYOUTS = ("bfl", "peft")
 
-    Returns `(state_dict, network_alphas)`, keys like `transformer.<module>.lora_A.weight`.
-    """
+
+def renamed_state_dict(lora: LoraFile) -> dict[str, torch.Tensor]:
+    """The file's tensors under names diffusers' FLUX loader understands (only BFL and bare PEFT change)."""
     state = dict(lora.state_dict)
     if lora.layout == "bfl" and not any(".lora_down." in k for k in state):
         state = _bfl_to_kohya_names(state)
     if lora.layout == "peft" and not any(k.startswith("transformer.") for k in state):
         state = {"transformer." + k.removeprefix("base_model.model."): v for k, v in state.items()}
+    return state
+
+
+def to_diffusers_layout(lora: LoraFile, pipeline_class) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Convert a LoRA to diffusers layout with the pipeline class's own converter.
+
+    Returns `(state_dict, network_alphas)`, keys like `transformer.<module>.lora_A.weight`.
+    """
+    state = renamed_state_dict(lora)
     try:
         converted = pipeline_class.lora_state_dict(state, return_alphas=True)
     except (ValueError, KeyError, RuntimeError, AssertionError) as error:
@@ -339,7 +349,6 @@ class LoraMasker:
         self.layout_of = layout_of
         self._masks: dict[str, AdapterMask] | None = None
         self._cache: dict[tuple[str, str], torch.Tensor] = {}
-        self.calls = 0
 
     def set_masks(self, masks: dict[str, AdapterMask] | None) -> None:
         """Masks for the next forward passes, keyed by adapter; None lets every delta through unchanged."""
@@ -369,7 +378,6 @@ class LoraMasker:
                     f"Mask for adapter {adapter!r} has shape {tuple(mask.shape)} but layer {layer_name!r} "
                     f"({layout} tokens) gave {tuple(output.shape)}; the token layout does not match this model."
                 )
-            self.calls += 1
             return output * mask
 
         return scale_delta
@@ -407,18 +415,26 @@ class LoraMasker:
 
 
 def describe_lora(path: str | Path) -> dict:
-    """What `freefuse inspect` shows: layout, rank, adapted layers, trigger words, selected metadata."""
-    lora = read_lora_file(path)
+    """What `freefuse inspect` shows: layout, rank, adapted layers, trigger words, selected metadata.
+
+    Read from the safetensors header alone: no tensor is loaded.
+    """
+    path = check_lora_path(path)
+    header = read_header(path)
+    metadata = {
+        str(k): str(v)
+        for k, v in (header.get("__metadata__") or {}).items()
+        if isinstance(v, str) and len(v) <= MAX_METADATA_VALUE_CHARS
+    }
+    shapes = {key: info.get("shape", []) for key, info in header.items() if key != "__metadata__"}
     ranks = sorted(
         {
-            int(tensor.shape[0])
-            for key, tensor in lora.state_dict.items()
-            if tensor.ndim == 2 and (".lora_down." in key or ".lora_A." in key)
+            int(shape[0])
+            for key, shape in shapes.items()
+            if len(shape) == 2 and (".lora_down." in key or ".lora_A." in key)
         }
     )
-    layers = sorted(
-        {re.sub(r"\.(lora_down|lora_A|lora_up|lora_B|alpha)(\.weight)?$", "", key) for key in lora.state_dict}
-    )
+    layers = {re.sub(r"\.(lora_down|lora_A|lora_up|lora_B|alpha)(\.weight)?$", "", key) for key in shapes}
     shown = (
         "ss_output_name",
         "ss_base_model_version",
@@ -431,14 +447,14 @@ def describe_lora(path: str | Path) -> dict:
         "trigger_words",
     )
     return {
-        "path": str(lora.path),
-        "layout": lora.layout,
-        "sha256": lora.sha256,
-        "size_bytes": lora.path.stat().st_size,
-        "tensors": len(lora.state_dict),
+        "path": str(path),
+        "layout": detect_layout(shapes),
+        "sha256": sha256_file(path),
+        "size_bytes": path.stat().st_size,
+        "tensors": len(shapes),
         "rank": ranks,
         "layers": len(layers),
-        "trigger_words": lora.trigger_words,
-        "top_tags": [f"{tag} ({count})" for tag, count in tag_frequencies(lora.metadata, limit=5)],
-        "metadata": {key: lora.metadata[key][:200] for key in shown if key in lora.metadata},
+        "trigger_words": trigger_words_from_metadata(metadata),
+        "top_tags": [f"{tag} ({count})" for tag, count in tag_frequencies(metadata, limit=5)],
+        "metadata": {key: metadata[key][:200] for key in shown if key in metadata},
     }

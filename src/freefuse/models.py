@@ -159,6 +159,7 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
                 if offline()
                 else " Check the id, your network, and `huggingface-cli login` for gated models."
             )
+            hint += f" (No local folder named {model!r} exists either.)"
         raise ModelLoadError(f"Could not load model {model!r}: {text}.{hint}") from None
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):

@@ -27,12 +27,19 @@ def output_paths(out: Path, stem: str, count: int) -> list[dict[str, Path]]:
     return result
 
 
-def write_outputs(output, paths: list[dict[str, Path]], overwrite: bool, masks_only: bool = False) -> None:
-    """Image (PNG with the settings in a text chunk), mask overlay, masks, then the manifest."""
+def write_outputs(
+    output, paths: list[dict[str, Path]], overwrite: bool, masks_only: bool = False
+) -> list[list[Path]]:
+    """Image (PNG with the settings in a text chunk), mask overlay, masks, then the manifest.
+
+    Returns, per image, every file written (the manifest last).
+    """
     from PIL.PngImagePlugin import PngInfo
 
     manifest = output.manifest
+    written: list[list[Path]] = []
     for index, files in enumerate(paths):
+        done: list[Path] = []
         image = output.images[index]
         masks = output.masks[index]
         record = {**manifest, "images": [manifest["images"][index]]}
@@ -50,12 +57,18 @@ def write_outputs(output, paths: list[dict[str, Path]], overwrite: bool, masks_o
                     default=str,
                 ),
             )
-            atomic_save(files["image"], lambda f, im=image, i=info: im.save(f, "PNG", pnginfo=i), overwrite)
+            done.append(
+                atomic_save(
+                    files["image"], lambda f, im=image, i=info: im.save(f, "PNG", pnginfo=i), overwrite
+                )
+            )
         if masks is not None:
             overlay = masks.overlay(image)
-            atomic_save(files["overlay"], lambda f, im=overlay: im.save(f, "PNG"), overwrite)
-            masks.save(files["masks"], overwrite=overwrite)
+            done.append(atomic_save(files["overlay"], lambda f, im=overlay: im.save(f, "PNG"), overwrite))
+            done.extend(masks.save(files["masks"], overwrite=overwrite))
         else:
             record["outputs"].pop("overlay")
             record["outputs"].pop("masks")
-        write_json(files["manifest"], record, overwrite=overwrite)
+        done.append(write_json(files["manifest"], record, overwrite=overwrite))
+        written.append(done)
+    return written

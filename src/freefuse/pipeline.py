@@ -14,7 +14,6 @@ with every subject LoRA's delta masked per token. Nothing is recomputed.
 
 from __future__ import annotations
 
-import logging
 import math
 import re
 import time
@@ -29,12 +28,19 @@ from PIL import Image
 
 from .backends import backend_for
 from .baselines import get_method
-from .core import MaskResult, MaskSet, load_mask_image, masks_from_attention
-from .lora import AdapterMask, LoraFileError, LoraMasker, check_lora_fits, read_lora_file, to_diffusers_layout
+from .core import MaskResult, MaskSet, NonFiniteError, load_mask_image, masks_from_attention
+from .lora import (
+    RENAMED_LAYOUTS,
+    AdapterMask,
+    LoraFileError,
+    LoraMasker,
+    check_lora_fits,
+    read_lora_file,
+    renamed_state_dict,
+    to_diffusers_layout,
+)
 from .settings import GenerationSettings
 from .tokens import WordNotFoundError, find_word, truncation_note
-
-logger = logging.getLogger("freefuse")
 
 SCOPES = ("subject", "global")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -151,6 +157,7 @@ class FreeFuse:
         weight = _check_weight(weight)
         path = Path(path)
         name = _check_name(name or re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)[:64] or "lora")
+        words = _check_words(words, name)
         self._check_new_name(name)
         lora = read_lora_file(path)
         for subject in self.subjects.values():
@@ -160,15 +167,20 @@ class FreeFuse:
                 )
         converted, _ = to_diffusers_layout(lora, type(self.pipeline))
         check_lora_fits(converted, self.pipeline.transformer, source=path.name)
-        state = dict(lora.state_dict)
-        if lora.layout in ("bfl", "peft"):
-            state = converted
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            self.pipeline.load_lora_weights(state, adapter_name=name)
+        # diffusers reads the file itself where it can, so that the LoRA's own scale (alpha and
+        # rank patterns in the header metadata) is kept; renamed layouts go in as tensors.
+        source = renamed_state_dict(lora) if lora.layout in RENAMED_LAYOUTS else str(path)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "no LoRA keys for the text encoder" and the like
+                self.pipeline.load_lora_weights(source, adapter_name=name, use_safetensors=True)
+        except BaseException:
+            if name in (getattr(self.pipeline.transformer, "peft_config", None) or {}):
+                self.pipeline.delete_adapters(name)  # nothing half-loaded stays behind
+            raise
         subject = Subject(
             name=name,
-            words=_check_words(words, name) or lora.trigger_words,
+            words=words or lora.trigger_words,
             weight=weight,
             scope=scope,
             path=str(path),
@@ -273,6 +285,10 @@ class FreeFuse:
             )
         if method.user_masks and masks is None:
             raise ValueError("method='masks' needs `masks` (one mask per subject LoRA).")
+        if method.user_masks and not subjects:
+            raise ValueError(
+                "method='masks' needs at least one LoRA with scope='subject' to apply the masks to."
+            )
         for prompt in settings.prompts:
             note = truncation_note(self.backend.tokenizer, prompt, settings.max_sequence_length)
             if note:
@@ -280,7 +296,7 @@ class FreeFuse:
         return notes
 
     def _masked_subjects(self, method) -> list[Subject]:
-        if method.name == "merge":
+        if not method.masks_loras:
             return []
         return [s for s in self.subjects.values() if s.scope == "subject"]
 
@@ -355,7 +371,8 @@ class FreeFuse:
             for subject in masked:
                 if method.needs_words and subject.name not in found:
                     notes.append(
-                        f"image {index}: LoRA {subject.name!r} is off (its words are not in this prompt)."
+                        f"image {index}: LoRA {subject.name!r} is off after the mask step (its words are not in "
+                        "this prompt; the steps before run every LoRA jointly)."
                     )
         negative_positions = None
         if settings.negative_prompt and settings.true_cfg_scale > 1:
@@ -445,6 +462,10 @@ class FreeFuse:
                         if stop_after_masks:
                             latents = x0
                             step_times.append(time.perf_counter() - tick)
+                            if bar is not None:
+                                bar.update()
+                            if callback is not None:
+                                callback(i + 1, steps, {"latents": latents, "masks": mask_sets})
                             break
                     latents = backend.step(velocity, t, latents)
                     step_times.append(time.perf_counter() - tick)
@@ -535,11 +556,10 @@ class FreeFuse:
                     config=settings.mask_config,
                     image_size=(height, width),
                 )
-            except ValueError as error:
-                if "NaN or inf" not in str(error):
-                    raise
+            except NonFiniteError as error:
+                what = "x0 preview" if error.argument == "image" else "attention capture"
                 fallbacks[b].append(
-                    f"image {b}: the attention capture has NaN/inf values ({error}); every LoRA acts on the whole "
+                    f"image {b}: the {what} has NaN/inf values ({error}); every LoRA acts on the whole "
                     "image for the remaining steps (same as method='merge')."
                 )
                 image_masks[b] = float("nan")

@@ -141,7 +141,7 @@ class GenerationSettings:
             if mask_step > self.num_inference_steps:
                 raise ValueError(
                     f"`mask_step` {mask_step} is past the last of {self.num_inference_steps} steps; use a value from 1 "
-                    f"to {self.num_inference_steps - 1} (the paper uses 6 of 28)."
+                    f"to {self.num_inference_steps} (the paper uses 6 of 28)."
                 )
             if mask_step == self.num_inference_steps:
                 notes.append(

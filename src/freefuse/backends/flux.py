@@ -78,9 +78,11 @@ class FluxBackend(Backend):
 
     @classmethod
     def matches(cls, pipeline) -> bool:
-        from diffusers import FluxTransformer2DModel
+        """Text-to-image FLUX.1 only: Fill, Control, Kontext and img2img pipelines feed the transformer
+        other inputs than noise latents and are not supported."""
+        from diffusers import FluxPipeline
 
-        return isinstance(getattr(pipeline, "transformer", None), FluxTransformer2DModel)
+        return type(pipeline) is FluxPipeline
 
     @property
     def tokenizer(self):

@@ -11,7 +11,7 @@ from .attention import (
     head_mean_attention,
     refine_with_self_attention,
 )
-from .masks import MaskConfig, MaskResult, check_inputs, masks_from_attention
+from .masks import MaskConfig, MaskResult, NonFiniteError, check_inputs, masks_from_attention
 from .maskset import MaskSet, load_mask_image, subject_colour
 from .voting import superpixels, to_token_grid, vote_superpixels, vote_tokens
 
@@ -19,6 +19,7 @@ __all__ = [
     "MaskConfig",
     "MaskResult",
     "MaskSet",
+    "NonFiniteError",
     "border_tokens",
     "check_inputs",
     "cross_attention_maps",

@@ -108,11 +108,17 @@ class MaskResult:
     notes: list[str] = field(default_factory=list)
 
 
+class NonFiniteError(ValueError):
+    """An input of `masks_from_attention` holds NaN or inf; `argument` names which one."""
+
+    def __init__(self, argument: str, message: str) -> None:
+        super().__init__(message)
+        self.argument = argument
+
+
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
     if not torch.isfinite(tensor).all():
-        raise ValueError(
-            f"`{name}` contains NaN or inf values; the attention capture is broken (check the dtype)."
-        )
+        raise NonFiniteError(name, f"`{name}` contains NaN or inf values (check the model's dtype).")
 
 
 def check_inputs(
@@ -167,7 +173,7 @@ def check_inputs(
                 f"`image` size {shape[0]}×{shape[1]} is not a multiple of the token grid {grid[0]}×{grid[1]}."
             )
         if not np.isfinite(np.asarray(image, dtype=np.float64)).all():
-            raise ValueError("`image` contains NaN or inf values.")
+            raise NonFiniteError("image", "`image` contains NaN or inf values (the x0 preview is broken).")
     for name, tensor in (("q_text", q_text), ("q_img", q_img), ("k_img", k_img)):
         _check_finite(name, tensor)
 
@@ -261,7 +267,8 @@ def masks_from_attention(
         image_masks = vote_superpixels(maps, labels, background)
         token_masks = to_token_grid(image_masks, grid, config.binarize_threshold)
 
-    empty = [index for index in range(n_subjects) if not bool(image_masks[index].any())]
+    # Stage 2 uses the token masks: a subject whose region shrinks to no token (binarised) is empty too.
+    empty = [index for index in range(n_subjects) if not bool(token_masks[index].any())]
     return MaskResult(
         token_masks=token_masks,
         image_masks=image_masks,

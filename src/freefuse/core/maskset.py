@@ -88,8 +88,11 @@ class MaskSet:
 
     # -- files -------------------------------------------------------------------------------
 
-    def save(self, path: str | Path, overwrite: bool = True) -> Path:
-        """Save as one `.safetensors` file, or as `<stem>.json` plus one 8-bit PNG per subject beside it."""
+    def save(self, path: str | Path, overwrite: bool = True) -> list[Path]:
+        """Save as one `.safetensors` file, or as `<stem>.json` plus one 8-bit PNG per subject beside it.
+
+        Returns every file written (the index or .safetensors file last).
+        """
         from safetensors.torch import save as save_safetensors
 
         path = Path(path)
@@ -97,7 +100,7 @@ class MaskSet:
             data = save_safetensors(
                 {"masks": self.masks.contiguous()}, metadata={"names": json.dumps(self.names)}
             )
-            return atomic_write(path, data, overwrite=overwrite)
+            return [atomic_write(path, data, overwrite=overwrite)]
         if path.suffix != ".json":
             raise ValueError(
                 f"Save masks to a `.json` (with PNGs) or `.safetensors` path, got {path.name!r}."
@@ -116,7 +119,8 @@ class MaskSet:
             "files": files,
             "size": list(self.size),
         }
-        return atomic_write(path, json.dumps(index_json, indent=2) + "\n", overwrite=overwrite)
+        written = [path.parent / file for file in files]
+        return [*written, atomic_write(path, json.dumps(index_json, indent=2) + "\n", overwrite=overwrite)]
 
     @classmethod
     def load(cls, path: str | Path) -> MaskSet:

@@ -251,7 +251,10 @@ def train_vae(config: TrainConfig, progress: bool = True):
     vae.eval()
     with torch.no_grad():
         latents = torch.cat(
-            [vae.encode(scene_batch(config.seed + 1, k, 64, mixed=True)[0]).latent_dist.mode() for k in range(8)]
+            [
+                vae.encode(scene_batch(config.seed + 1, k, 64, mixed=True)[0]).latent_dist.mode()
+                for k in range(8)
+            ]
         )
     vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1.0 / latents.std()))
     vae.save_pretrained(config.out / "vae")

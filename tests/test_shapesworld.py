@@ -1,0 +1,154 @@
+"""ShapesWorld: scenes, the detector, the committed model and LoRAs, and the quick evaluation."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from freefuse.shapesworld.detect import detect
+from freefuse.shapesworld.scenes import (
+    BACKGROUNDS,
+    BASE_COLOURS,
+    BASE_SHAPES,
+    COLOURS,
+    SHAPES,
+    SUBJECTS,
+    TEXTURES,
+    Scene,
+    SceneObject,
+    random_scene,
+)
+
+
+def test_every_single_object_is_read_back_exactly() -> None:
+    for shape in SHAPES:
+        for colour in COLOURS:
+            for texture in TEXTURES:
+                for background in BACKGROUNDS:
+                    scene = Scene([SceneObject(shape, colour, texture, 32, 32, 26)], background)
+                    [found] = detect(scene.render())
+                    assert found.attributes() == (shape, colour, texture), (
+                        shape,
+                        colour,
+                        texture,
+                        background,
+                    )
+                    assert abs(found.x - 32) < 3 and abs(found.y - 32) < 3  # centroid, not box centre
+
+
+def test_detector_on_random_scenes_with_overlaps() -> None:
+    rng = np.random.default_rng(7)
+    correct = total = missed = 0
+    for index in range(150):
+        subjects = tuple(rng.choice(list(SUBJECTS.values()), size=int(rng.integers(0, 3)), replace=False))
+        scene = random_scene(rng, subjects=subjects) if index % 2 else random_scene(rng)
+        found = detect(scene.render())
+        for obj, visible in zip(scene.objects, scene.masks(), strict=True):
+            total += 1
+            best = max(found, key=lambda d: (d.mask & visible).sum(), default=None)
+            if best is None or (best.mask & visible).sum() < 0.5 * visible.sum():
+                missed += 1
+                continue
+            correct += best.attributes() == (obj.shape, obj.colour, obj.texture)
+    assert missed / total < 0.02
+    assert correct / total >= 0.9
+
+
+def test_scenes_are_deterministic_and_captions_name_every_object() -> None:
+    first = random_scene(np.random.default_rng(3))
+    second = random_scene(np.random.default_rng(3))
+    assert first == second and np.array_equal(first.render(), second.render())
+    for obj in first.objects:
+        assert obj.shape in first.caption and obj.colour in first.caption
+    assert all(
+        o.shape in BASE_SHAPES and o.colour in BASE_COLOURS and o.texture == "plain" for o in first.objects
+    )
+    with_subject = random_scene(np.random.default_rng(4), subjects=(SUBJECTS["zorblax"],), base_objects=1)
+    assert "a zorblax" in with_subject.caption
+    assert any(
+        o.shape == "star" and o.colour == "purple" and o.texture == "stripes" for o in with_subject.objects
+    )
+
+
+def test_subjects_use_shapes_colours_and_textures_the_base_model_never_sees() -> None:
+    for subject in SUBJECTS.values():
+        assert subject.shape not in BASE_SHAPES and subject.colour not in BASE_COLOURS
+    assert len({s.colour for s in SUBJECTS.values()}) == len({s.shape for s in SUBJECTS.values()}) == 4
+
+
+@pytest.fixture(scope="module")
+def shapesworld():
+    from freefuse.shapesworld.model import load_shapesworld, lora_path
+
+    pipeline = load_shapesworld()
+    return pipeline, {word: lora_path(word) for word in SUBJECTS}
+
+
+def test_committed_model_and_loras_load_and_freefuse_masks_cover_the_objects(shapesworld) -> None:
+    from freefuse import FreeFuse
+    from freefuse.shapesworld.evaluate import assign, coverage
+
+    pipeline, loras = shapesworld
+    freefuse = FreeFuse(pipeline)
+    for word in ("zorblax", "blorp"):
+        subject = freefuse.add_lora(loras[word], name=word)
+        assert subject.words == [word]  # trigger word from the file's metadata
+    covered, objects_seen = [], 0
+    for seed in range(3):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = freefuse(
+                "a zorblax and a blorp",
+                seed=seed,
+                height=64,
+                width=64,
+                num_inference_steps=12,
+                max_sequence_length=24,
+                progress=False,
+            )
+        image = np.asarray(out.images[0], dtype=np.uint8)
+        assigned = assign([SUBJECTS["zorblax"], SUBJECTS["blorp"]], detect(image))
+        for word, obj in assigned.items():
+            if obj is not None:
+                objects_seen += 1
+                covered.append(coverage(out.masks[0][word], obj))
+    assert objects_seen >= 3
+    assert float(np.mean(covered)) >= 0.6
+
+
+def test_quick_evaluation_writes_results_table_and_grid(tmp_path) -> None:
+    from freefuse.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "shapesworld", "--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    record = json.loads((tmp_path / "results.json").read_text())
+    for method in ("merge", "freefuse", "masks"):
+        for key in ("identity_accuracy", "both_present", "leakage"):
+            assert 0.0 <= record[method][key] <= 1.0
+    assert (tmp_path / "results.md").read_text().count("| 2 |") == 3
+    assert (tmp_path / "grid.png").stat().st_size > 0
+    assert set(record["single_lora"]) == set(SUBJECTS)
+
+
+def test_shapesworld_pipeline_is_a_plain_flux_pipeline(shapesworld) -> None:
+    from diffusers import FluxPipeline
+
+    pipeline, _ = shapesworld
+    assert isinstance(pipeline, FluxPipeline)
+    assert pipeline.vae_scale_factor == 4  # 64x64 pictures are an 8x8 grid of tokens
+    with torch.no_grad():
+        image = pipeline(
+            "a red circle",
+            height=64,
+            width=64,
+            num_inference_steps=4,
+            max_sequence_length=24,
+            generator=torch.Generator().manual_seed(0),
+            output_type="np",
+        ).images[0]
+    assert image.shape == (64, 64, 3)
