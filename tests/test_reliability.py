@@ -49,13 +49,13 @@ def cli(*args: str):
     return RUNNER.invoke(app, list(args))
 
 
-def generate(
+def generate_args_list(
     assets: Path, out: Path, *extra: str, loras: list[str] | None = None, prompt: str = "Alice hugging Bob"
-):
+) -> list[str]:
     if loras is None:
         loras = [f"{assets / 'alice.safetensors'}=Alice", f"{assets / 'bob.safetensors'}=Bob"]
     lora_args = [arg for spec in loras for arg in ("--lora", spec)]
-    return cli(
+    return [
         "generate",
         "--model",
         str(assets / "model"),
@@ -66,7 +66,11 @@ def generate(
         str(out),
         *FAST,
         *extra,
-    )
+    ]
+
+
+def generate(assets: Path, out: Path, *extra: str, **options):
+    return cli(*generate_args_list(assets, out, *extra, **options))
 
 
 def assert_user_error(result, *fragments: str) -> None:
@@ -355,23 +359,6 @@ def test_internal_errors_exit_1_and_show_a_traceback_only_with_debug(assets, tmp
     assert isinstance(debug.exception, KeyError)
 
 
-def generate_args_list(assets: Path, out: Path) -> list[str]:
-    return [
-        "generate",
-        "--model",
-        str(assets / "model"),
-        "--lora",
-        f"{assets / 'alice.safetensors'}=Alice",
-        "--lora",
-        f"{assets / 'bob.safetensors'}=Bob",
-        "--prompt",
-        "Alice hugging Bob",
-        "--out",
-        str(out),
-        *FAST,
-    ]
-
-
 # -- stage-1 fallbacks ----------------------------------------------------------------------------------
 
 
@@ -481,27 +468,16 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_interrupted_run_leaves_no_file(assets, tmp_path, signum) -> None:
     out = tmp_path / "o"
+    # Later options win: 3000 steps at 128x128 instead of the fast settings.
     command = [
         sys.executable,
         "-m",
         "freefuse.cli",
-        "generate",
-        "--model",
-        str(assets / "model"),
-        "--lora",
-        f"{assets / 'alice.safetensors'}=Alice",
-        "--lora",
-        f"{assets / 'bob.safetensors'}=Bob",
-        "--prompt",
-        "Alice hugging Bob",
-        "--out",
-        str(out),
+        *generate_args_list(assets, out),
         "--steps",
         "3000",
         "--size",
         "128x128",
-        "--max-sequence-length",
-        "32",
     ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     # Loading takes a few seconds and 3000 steps far longer: the signal lands while loading or
