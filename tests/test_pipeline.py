@@ -91,6 +91,9 @@ def test_freefuse_masks_partition_the_image_and_change_the_result(two: FreeFuse)
     assert all(0 < float(m.mean()) < 1 for m in masks.masks)
     merge = run(two, seed=1, method="merge").images[0]
     assert (out.images[0] - merge).abs().max() > 1e-3
+    maps = out.attention[0]
+    assert set(maps) == {"alice", "bob"} and maps["alice"]["cross"].shape == (8, 8)
+    torch.testing.assert_close(maps["bob"]["refined"].sum(), torch.tensor(1.0))
 
 
 @pytest.mark.parametrize("n_subjects", [2, 3, 4])

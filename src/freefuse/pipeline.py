@@ -96,6 +96,8 @@ class FreeFuseOutput:
     masks: list[MaskSet | None]
     manifest: dict
     previews: list[np.ndarray | None] = field(default_factory=list)
+    # Per image, {subject: {"cross": [h, w], "refined": [h, w]}}: the stage-1 maps masks were voted from.
+    attention: list[dict | None] = field(default_factory=list)
 
 
 MaskInput = MaskSet | dict | Sequence | None
@@ -395,6 +397,7 @@ class FreeFuse:
         device = backend.device
         timings: dict[str, float] = {}
         previews: list[np.ndarray | None] = [None] * batch
+        attention: list[dict | None] = [None] * batch
         fallbacks: list[list[str]] = [[] for _ in range(batch)]
         masker = LoraMasker(self.pipeline.transformer, names, backend.token_layout)
 
@@ -454,7 +457,7 @@ class FreeFuse:
                     if capture_now:
                         stage1 = time.perf_counter()
                         x0 = backend.predict_x0(latents, velocity, sigmas[i])
-                        image_masks, mask_sets, previews = self._stage1(
+                        image_masks, mask_sets, previews, attention = self._stage1(
                             tap.result(), x0, positions, masked, settings, grid, fallbacks
                         )
                         cond_masks = None  # rebuilt from the new masks before the next step
@@ -502,7 +505,9 @@ class FreeFuse:
             timings=timings,
             masks_source=masks,
         )
-        return FreeFuseOutput(images=images, masks=mask_sets, manifest=manifest, previews=previews)
+        return FreeFuseOutput(
+            images=images, masks=mask_sets, manifest=manifest, previews=previews, attention=attention
+        )
 
     # -- stage pieces ----------------------------------------------------------------------------
     def _adapter_masks(self, names, image_masks, text_positions, n_text, text_scope, device):
@@ -532,13 +537,17 @@ class FreeFuse:
         return result
 
     def _stage1(self, captured, x0, positions, subjects, settings, grid, fallbacks):
-        """Masks for every image from the tapped attention. Returns ([B, L, N], mask sets, previews)."""
+        """Masks for every image from the tapped attention.
+
+        Returns `[B, L, N]` token masks, mask sets, previews and the stage-1 maps per image.
+        """
         batch = x0.shape[0]
         names = [s.name for s in subjects]
         height, width = settings.height, settings.width
         previews = self.backend.preview(x0, height, width, settings.preview)
         image_masks = torch.zeros(batch, len(names), grid[0] * grid[1])
         mask_sets: list[MaskSet | None] = []
+        attention: list[dict | None] = [None] * batch
         for b in range(batch):
             active = [name for name in names if name in positions[b]]
             full = torch.zeros(len(names), height, width)
@@ -566,6 +575,10 @@ class FreeFuse:
                 mask_sets.append(None)
                 continue
             fallbacks[b].extend(f"image {b}: {note}" for note in result.notes)
+            attention[b] = {
+                name: {"cross": result.cross_maps[slot], "refined": result.maps[slot]}
+                for slot, name in enumerate(active)
+            }
             hard = result.image_masks.float()[None]
             hard = torch.nn.functional.interpolate(hard, size=(height, width), mode="nearest-exact")[0]
             for slot, name in enumerate(active):
@@ -583,7 +596,7 @@ class FreeFuse:
                     what = "is off in this image (empty_mask='off')"
                 fallbacks[b].append(f"image {b}: LoRA {name!r} won no region of the image; it {what}.")
             mask_sets.append(MaskSet(names, full.clamp(0, 1)))
-        return image_masks, mask_sets, list(previews)
+        return image_masks, mask_sets, list(previews), attention
 
     def _user_masks(self, masks: MaskInput, subjects, batch, size, grid) -> list[MaskSet]:
         """Caller's masks → one MaskSet per image, names in subject order, at image size."""
