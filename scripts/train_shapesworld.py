@@ -1,10 +1,11 @@
 #!/usr/bin/env python
 """Train the ShapesWorld model and its subject LoRAs (CPU; resumable; seeded; logs loss).
 
-    python scripts/train_shapesworld.py all                 # vae, base, 4 LoRAs, export (~1 h on 2 cores)
+    python scripts/train_shapesworld.py all                 # vae, base, words, 4 LoRAs, export (~1.5 h, 2 cores)
     python scripts/train_shapesworld.py vae  --steps 1500
-    python scripts/train_shapesworld.py base --steps 4000
-    python scripts/train_shapesworld.py lora --word zorblax --steps 500
+    python scripts/train_shapesworld.py base --steps 8000
+    python scripts/train_shapesworld.py words               # the subjects' made-up words become new tokens
+    python scripts/train_shapesworld.py lora --word zorblax --steps 1000
     python scripts/train_shapesworld.py export              # copy results into the package (weights/)
 
 Runs live in --runs (default runs/shapesworld); kill a stage and start it again to resume.
@@ -19,11 +20,11 @@ from pathlib import Path
 
 import torch
 
-from freefuse.shapesworld.model import LORA_DIR, MODEL_DIR
+from freefuse.shapesworld.model import LORA_DIR, MODEL_DIR, add_subject_words
 from freefuse.shapesworld.scenes import SUBJECTS
 from freefuse.shapesworld.train import TrainConfig, train_base, train_lora, train_vae
 
-DEFAULT_STEPS = {"vae": 1500, "base": 4000, "lora": 500}
+DEFAULT_STEPS = {"vae": 1500, "base": 8000, "lora": 1000}
 
 
 def stage_config(args, stage: str, out: Path) -> TrainConfig:
@@ -41,7 +42,7 @@ def export(runs: Path) -> None:
     """Copy the trained pipeline (half precision) and the LoRAs into the package's weights folder."""
     from diffusers import FluxPipeline
 
-    pipe = FluxPipeline.from_pretrained(str(runs / "base" / "model"))
+    pipe = FluxPipeline.from_pretrained(str(runs / "words" / "model"))
     if MODEL_DIR.exists():
         shutil.rmtree(MODEL_DIR)
     pipe.to(torch.float16).save_pretrained(MODEL_DIR)
@@ -55,7 +56,7 @@ def export(runs: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("stage", choices=["vae", "base", "lora", "all", "export"])
+    parser.add_argument("stage", choices=["vae", "base", "words", "lora", "all", "export"])
     parser.add_argument("--runs", type=Path, default=Path("runs/shapesworld"))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--word", choices=sorted(SUBJECTS), action="append")
@@ -65,15 +66,21 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     runs: Path = args.runs
-    stages = ["vae", "base", "lora", "export"] if args.stage == "all" else [args.stage]
+    stages = ["vae", "base", "words", "lora", "export"] if args.stage == "all" else [args.stage]
     for stage in stages:
         if stage == "vae":
             train_vae(stage_config(args, "vae", runs / "vae"))
         elif stage == "base":
             train_base(stage_config(args, "base", runs / "base"), runs / "vae" / "vae")
+        elif stage == "words":
+            from diffusers import FluxPipeline
+
+            pipe = FluxPipeline.from_pretrained(str(runs / "base" / "model"))
+            add_subject_words(pipe, seed=args.seed)
+            pipe.save_pretrained(runs / "words" / "model")
         elif stage == "lora":
             for word in args.word or list(SUBJECTS):
-                train_lora(stage_config(args, "lora", runs / f"lora-{word}"), runs / "base" / "model", word)
+                train_lora(stage_config(args, "lora", runs / f"lora-{word}"), runs / "words" / "model", word)
         else:
             export(runs)
     return 0

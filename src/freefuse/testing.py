@@ -46,9 +46,11 @@ TINY_TRANSFORMER_CONFIG = {
 }
 
 
-def tiny_t5_tokenizer(words: Iterable[str] = TINY_WORDS):
+def tiny_t5_tokenizer(words: Iterable[str] = TINY_WORDS, rare_words: Iterable[str] = ()):
     """A T5 (unigram) tokenizer that keeps known words whole and spells unknown ones out.
 
+    `rare_words` become whole pieces too, appended after everything else so that adding them keeps
+    every existing token id (a model trained without them still reads the same ids).
     Built from pieces and scores directly: transformers 5.x ignores `vocab_file=` for T5.
     """
     from transformers import T5TokenizerFast
@@ -68,6 +70,8 @@ def tiny_t5_tokenizer(words: Iterable[str] = TINY_WORDS):
     for char in string.ascii_letters + string.digits + string.punctuation:
         add(char, -5.0)
         add("▁" + char, -5.5)
+    for word in rare_words:
+        add("▁" + word, -2.0)
     return T5TokenizerFast(vocab=vocab, extra_ids=0)
 
 

@@ -54,6 +54,36 @@ def tokenizers():
     return tiny_clip_tokenizer(words), tiny_t5_tokenizer(words)
 
 
+def add_subject_words(pipeline, seed: int = 0) -> None:
+    """Make each subject's made-up word one new T5 token, with a random embedding the model never trained.
+
+    The base model is trained without them; its existing token ids do not change. Spelled out in
+    character pieces instead, all four words read almost alike to the tiny T5 (character pieces
+    never occur in base captions), and no LoRA could tell them apart; a new token is what a rare
+    word is to a real T5.
+    """
+    from ..testing import tiny_t5_tokenizer
+    from .scenes import SUBJECTS
+
+    old = pipeline.tokenizer_2
+    new = tiny_t5_tokenizer(training_vocabulary(), rare_words=list(SUBJECTS))
+    old_vocab, new_vocab = old.get_vocab(), new.get_vocab()
+    if any(new_vocab.get(piece) != index for piece, index in old_vocab.items()):
+        raise ValueError(
+            "The model's T5 tokenizer is not the ShapesWorld base tokenizer; cannot add the words."
+        )
+    encoder = pipeline.text_encoder_2
+    embeddings = encoder.get_input_embeddings().weight
+    std = float(embeddings.detach().std())
+    encoder.resize_token_embeddings(len(new), mean_resizing=False)
+    weight = encoder.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        fresh = torch.randn(len(new) - len(old), weight.shape[1], generator=generator) * std
+        weight[len(old) :] = fresh.to(weight.dtype)
+    pipeline.register_modules(tokenizer_2=new)
+
+
 def build_vae(seed: int = 0):
     from diffusers import AutoencoderKL
 
