@@ -116,9 +116,33 @@ def score_image(subjects: list[Subject], image: np.ndarray) -> dict:
     return {"subjects": per_subject, "objects": [list(o.attributes()) for o in objects]}
 
 
+def attention_share(attention: dict | None, words: list[str], objects: dict) -> dict[str, float | None]:
+    """How much of the stage-1 cross-attention on each subject's detected object is that subject's.
+
+    Per token, a subject's share is its cross-attention map over the sum of all subjects' maps;
+    averaged over the object's pixels. Chance is 1 / (number of subjects): above it, the attention
+    knows where the subject is.
+    """
+    if not attention or any(word not in attention for word in words):
+        return dict.fromkeys(words)
+    maps = torch.stack([attention[word]["cross"].float() for word in words])
+    share = maps / maps.sum(dim=0, keepdim=True).clamp_min(1e-12)
+    share = torch.nn.functional.interpolate(share[None], size=(SIZE, SIZE), mode="nearest")[0]
+    result = {}
+    for index, word in enumerate(words):
+        obj = objects.get(word)
+        result[word] = (
+            None if obj is None else float((share[index].numpy() * obj.mask).sum() / max(obj.mask.sum(), 1))
+        )
+    return result
+
+
 def coverage(mask: torch.Tensor, obj: DetectedObject | None) -> float | None:
-    """Fraction of the detected object's pixels that the subject's mask covers."""
-    if obj is None:
+    """Fraction of the detected object's pixels that the subject's mask covers.
+
+    None when there is no object, or when the mask is the whole image (a fallback, not a mask).
+    """
+    if obj is None or bool((mask >= 1).all()):
         return None
     resized = torch.nn.functional.interpolate(mask[None, None].float(), size=(SIZE, SIZE), mode="area")[0, 0]
     return float((resized.numpy() * obj.mask).sum() / max(obj.mask.sum(), 1))
@@ -223,6 +247,10 @@ def evaluate(
             objects = assign(subjects, detect(_to_uint8(outputs["freefuse"].images[0])))
             masks = outputs["freefuse"].masks[0]
             record["mask_coverage"] = {s.word: coverage(masks[s.word], objects[s.word]) for s in subjects}
+            record["attention_share"] = attention_share(
+                outputs["freefuse"].attention[0], list(group), objects
+            )
+            record["freefuse_fallbacks"] = outputs["freefuse"].manifest["images"][0]["fallbacks"]
         record["images"] = {m: outputs[m].images[0] for m in config.methods}
         record["masks"] = outputs["freefuse"].masks[0] if "freefuse" in outputs else None
         samples.append(record)
@@ -259,6 +287,27 @@ def summarise(samples: list[dict], methods) -> dict:
         result["by_group_size"][str(size)] = {m: rates(chosen, m) for m in methods}
     coverages = [c for r in samples for c in (r.get("mask_coverage") or {}).values() if c is not None]
     result["freefuse_mask_coverage"] = round(float(np.mean(coverages)), 4) if coverages else None
+    with_fallback = [bool(r.get("freefuse_fallbacks")) for r in samples if "freefuse_fallbacks" in r]
+    result["freefuse_fallback_rate"] = round(float(np.mean(with_fallback)), 4) if with_fallback else None
+    # The same comparison split by whether FreeFuse found a region for every subject of the image.
+    result["by_freefuse_masks"] = {}
+    for label, wanted in (("every subject masked", False), ("a subject fell back", True)):
+        chosen = [r for r in samples if "freefuse_fallbacks" in r and bool(r["freefuse_fallbacks"]) == wanted]
+        if chosen:
+            result["by_freefuse_masks"][label] = {m: rates(chosen, m) for m in methods}
+    result["freefuse_attention_share"] = {}
+    for size in sorted({len(r["group"]) for r in samples}):
+        shares = [
+            v
+            for r in samples
+            if len(r["group"]) == size
+            for v in (r.get("attention_share") or {}).values()
+            if v is not None
+        ]
+        result["freefuse_attention_share"][str(size)] = {
+            "own_share": round(float(np.mean(shares)), 4) if shares else None,
+            "chance": round(1.0 / size, 4),
+        }
     return result
 
 
@@ -283,30 +332,45 @@ def single_lora_rates(evaluator: Evaluator, seeds, steps: int) -> dict:
 
 
 def base_rate(evaluator: Evaluator, samples: int, steps: int, seed: int = 1234) -> dict:
-    """The base model without LoRAs: how often every prompted object (shape and colour) is found."""
+    """The base model without LoRAs, on captions of 1, 2 and 3 base objects (`samples` each).
+
+    `all_objects_found_rate`: every prompted object (shape and colour) is detected;
+    `object_found_rate`: the share of prompted objects detected; `colour_found_rate`: by colour only.
+    """
     rng = np.random.default_rng(seed)
-    found = 0
-    for index in range(samples):
-        scene = random_scene(rng, n_objects=int(rng.integers(1, 4)))
-        pipeline = evaluator.pipeline
+    pipeline = evaluator.pipeline
+    result = {}
+    for count in (1, 2, 3):
+        scenes = [random_scene(rng, n_objects=count) for _ in range(samples)]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pipeline.disable_lora()
             try:
-                image = pipeline(
-                    scene.caption,
+                images = pipeline(
+                    [scene.caption for scene in scenes],
                     height=SIZE,
                     width=SIZE,
                     num_inference_steps=steps,
                     max_sequence_length=MAX_TEXT_TOKENS,
-                    generator=torch.Generator().manual_seed(index),
-                ).images[0]
+                    generator=[torch.Generator().manual_seed(index) for index in range(samples)],
+                ).images
             finally:
                 pipeline.enable_lora()
-        detected = [(o.shape, o.colour) for o in detect(_to_uint8(image))]
-        wanted = [(o.shape, o.colour) for o in scene.objects]
-        found += all(detected.count(w) >= wanted.count(w) for w in set(wanted))
-    return {"all_objects_found_rate": round(found / samples, 4), "samples": samples}
+        complete = found = colours = wanted_total = 0
+        for scene, image in zip(scenes, images, strict=True):
+            detected = [(o.shape, o.colour) for o in detect(_to_uint8(image))]
+            wanted = [(o.shape, o.colour) for o in scene.objects]
+            complete += all(detected.count(w) >= wanted.count(w) for w in set(wanted))
+            found += sum(w in detected for w in wanted)
+            colours += sum(any(d[1] == w[1] for d in detected) for w in wanted)
+            wanted_total += len(wanted)
+        result[str(count)] = {
+            "all_objects_found_rate": round(complete / samples, 4),
+            "object_found_rate": round(found / wanted_total, 4),
+            "colour_found_rate": round(colours / wanted_total, 4),
+            "samples": samples,
+        }
+    return result
 
 
 def result_record(config: EvalConfig, evaluation: dict, singles: dict, base: dict) -> dict:
@@ -345,10 +409,35 @@ def markdown_table(record: dict, command: str) -> str:
             f"{rates['leakage']:.2f} | {rates['images']} |"
         )
     coverage_value = record["summary"].get("freefuse_mask_coverage")
+    share_lines = [
+        f"{size} subjects: {v['own_share']:.3f} (chance {v['chance']:.3f})"
+        for size, v in record["summary"].get("freefuse_attention_share", {}).items()
+        if v["own_share"] is not None
+    ]
     lines += [
         "",
         f"FreeFuse mask coverage of the detected subject objects: "
         f"{coverage_value if coverage_value is None else f'{coverage_value:.2f}'}",
+        "",
+        "Stage-1 cross-attention share on each subject's own object: " + ("; ".join(share_lines) or "n/a"),
+        "",
+        f"FreeFuse images where a subject won no region (its LoRA then acts everywhere): "
+        f"{record['summary'].get('freefuse_fallback_rate')}",
+    ]
+    split = record["summary"].get("by_freefuse_masks") or {}
+    if split:
+        lines += [
+            "",
+            "| FreeFuse stage 1 | method | identity accuracy | all present | leakage | images |",
+            "|---|---|---|---|---|---|",
+        ]
+        for label, methods in split.items():
+            for method, rates in methods.items():
+                lines.append(
+                    f"| {label} | {method} | {rates['identity_accuracy']:.2f} | {rates['both_present']:.2f} | "
+                    f"{rates['leakage']:.2f} | {rates['images']} |"
+                )
+    lines += [
         "",
         "| single LoRA | identity rate | present rate | samples |",
         "|---|---|---|---|",
@@ -357,12 +446,16 @@ def markdown_table(record: dict, command: str) -> str:
         lines.append(
             f"| {word} | {rates['identity_rate']:.2f} | {rates['present_rate']:.2f} | {rates['samples']} |"
         )
-    base = record["base_model"]
     lines += [
         "",
-        f"Base model (no LoRA): all prompted objects found in {base['all_objects_found_rate']:.2f} of "
-        f"{base['samples']} samples.",
+        "| base model, objects in the caption | all found | objects found | colours found | samples |",
+        "|---|---|---|---|---|",
     ]
+    for count, rates in record["base_model"].items():
+        lines.append(
+            f"| {count} | {rates['all_objects_found_rate']:.2f} | {rates['object_found_rate']:.2f} | "
+            f"{rates['colour_found_rate']:.2f} | {rates['samples']} |"
+        )
     return "\n".join(lines) + "\n"
 
 
