@@ -123,13 +123,13 @@ def _first_word(lora: dict, where: str) -> str:
     """The word a {A}-style placeholder stands for: the job's first word, else the file's trigger word."""
     if lora.get("words"):
         return str(lora["words"][0])
-    from .lora import LoraFileError, read_header, trigger_words_from_metadata
+    from .lora import LoraFileError, header_metadata, read_header, trigger_words_from_metadata
 
     try:
-        metadata = read_header(Path(lora["path"])).get("__metadata__") or {}
+        metadata = header_metadata(read_header(Path(lora["path"])))
     except (OSError, LoraFileError):
         return ""  # the file's own check reports what is wrong with it
-    words = trigger_words_from_metadata({k: str(v) for k, v in metadata.items() if isinstance(v, str)})
+    words = trigger_words_from_metadata(metadata)
     return words[0] if words else ""
 
 

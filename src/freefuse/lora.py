@@ -126,6 +126,15 @@ def read_header(path: Path) -> dict:
     return header
 
 
+def header_metadata(header: dict) -> dict[str, str]:
+    """The string metadata of a safetensors header; values over MAX_METADATA_VALUE_CHARS are dropped."""
+    return {
+        str(key): value
+        for key, value in (header.get("__metadata__") or {}).items()
+        if isinstance(value, str) and len(value) <= MAX_METADATA_VALUE_CHARS
+    }
+
+
 def read_lora_file(path: str | Path) -> LoraFile:
     """Read a `.safetensors` LoRA: tensors, metadata, hash and detected layout."""
     from safetensors import SafetensorError
@@ -133,11 +142,7 @@ def read_lora_file(path: str | Path) -> LoraFile:
 
     path = check_lora_path(path)
     header = read_header(path)
-    metadata = {
-        str(key): str(value)
-        for key, value in (header.get("__metadata__") or {}).items()
-        if isinstance(value, str) and len(value) <= MAX_METADATA_VALUE_CHARS
-    }
+    metadata = header_metadata(header)
     try:
         state_dict = load_file(str(path))
     except (SafetensorError, OSError, RuntimeError, ValueError) as error:
@@ -421,11 +426,7 @@ def describe_lora(path: str | Path) -> dict:
     """
     path = check_lora_path(path)
     header = read_header(path)
-    metadata = {
-        str(k): str(v)
-        for k, v in (header.get("__metadata__") or {}).items()
-        if isinstance(v, str) and len(v) <= MAX_METADATA_VALUE_CHARS
-    }
+    metadata = header_metadata(header)
     shapes = {key: info.get("shape", []) for key, info in header.items() if key != "__metadata__"}
     ranks = sorted(
         {

@@ -390,6 +390,13 @@ def result_record(config: EvalConfig, evaluation: dict, singles: dict, base: dic
     return record
 
 
+def _rate_row(label: str, method: str, rates: dict) -> str:
+    return (
+        f"| {label} | {method} | {rates['identity_accuracy']:.2f} | {rates['both_present']:.2f} | "
+        f"{rates['leakage']:.2f} | {rates['images']} |"
+    )
+
+
 def markdown_table(record: dict, command: str) -> str:
     lines = [
         f"Command: `{command}`",
@@ -398,16 +405,8 @@ def markdown_table(record: dict, command: str) -> str:
         "|---|---|---|---|---|---|",
     ]
     for size, methods in record["summary"]["by_group_size"].items():
-        for method, rates in methods.items():
-            lines.append(
-                f"| {size} | {method} | {rates['identity_accuracy']:.2f} | {rates['both_present']:.2f} | "
-                f"{rates['leakage']:.2f} | {rates['images']} |"
-            )
-    for method, rates in record["summary"]["methods"].items():
-        lines.append(
-            f"| all | {method} | {rates['identity_accuracy']:.2f} | {rates['both_present']:.2f} | "
-            f"{rates['leakage']:.2f} | {rates['images']} |"
-        )
+        lines += [_rate_row(size, method, rates) for method, rates in methods.items()]
+    lines += [_rate_row("all", method, rates) for method, rates in record["summary"]["methods"].items()]
     coverage_value = record["summary"].get("freefuse_mask_coverage")
     share_lines = [
         f"{size} subjects: {v['own_share']:.3f} (chance {v['chance']:.3f})"
@@ -432,11 +431,7 @@ def markdown_table(record: dict, command: str) -> str:
             "|---|---|---|---|---|---|",
         ]
         for label, methods in split.items():
-            for method, rates in methods.items():
-                lines.append(
-                    f"| {label} | {method} | {rates['identity_accuracy']:.2f} | {rates['both_present']:.2f} | "
-                    f"{rates['leakage']:.2f} | {rates['images']} |"
-                )
+            lines += [_rate_row(label, method, rates) for method, rates in methods.items()]
     lines += [
         "",
         "| single LoRA | identity rate | present rate | samples |",
