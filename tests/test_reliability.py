@@ -50,23 +50,18 @@ def cli(*args: str):
 
 
 def generate_args_list(
-    assets: Path, out: Path, *extra: str, loras: list[str] | None = None, prompt: str = "Alice hugging Bob"
+    assets: Path,
+    out: Path,
+    *extra: str,
+    loras: list[str] | None = None,
+    prompt: str = "Alice hugging Bob",
+    model: str | Path | None = None,
 ) -> list[str]:
     if loras is None:
         loras = [f"{assets / 'alice.safetensors'}=Alice", f"{assets / 'bob.safetensors'}=Bob"]
     lora_args = [arg for spec in loras for arg in ("--lora", spec)]
-    return [
-        "generate",
-        "--model",
-        str(assets / "model"),
-        *lora_args,
-        "--prompt",
-        prompt,
-        "--out",
-        str(out),
-        *FAST,
-        *extra,
-    ]
+    model = str(model or assets / "model")
+    return ["generate", "--model", model, *lora_args, "--prompt", prompt, "--out", str(out), *FAST, *extra]
 
 
 def generate(assets: Path, out: Path, *extra: str, **options):
@@ -267,17 +262,12 @@ def test_user_mask_of_the_wrong_size(assets, tmp_path) -> None:
 
 
 def test_model_path_missing(assets, tmp_path) -> None:
-    result = cli(
-        "generate",
-        "--model",
-        str(tmp_path / "no-model"),
-        "--lora",
-        f"{assets / 'alice.safetensors'}=Alice",
-        "--prompt",
-        "Alice",
-        "--out",
-        str(tmp_path / "o"),
-        *FAST,
+    result = generate(
+        assets,
+        tmp_path / "o",
+        model=str(tmp_path / "no-model"),
+        loras=[f"{assets / 'alice.safetensors'}=Alice"],
+        prompt="Alice",
     )
     assert_user_error(result, "does not exist")
 
@@ -289,31 +279,21 @@ def test_model_folder_incomplete_names_the_missing_file(assets, tmp_path) -> Non
     shutil.copytree(assets / "model", broken)
     (broken / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
     (broken / "transformer" / "diffusion_pytorch_model.bin").write_bytes(pickle.dumps({}))
-    result = cli(
-        "generate",
-        "--model",
-        str(broken),
-        "--lora",
-        f"{assets / 'alice.safetensors'}=Alice",
-        "--prompt",
-        "Alice",
-        "--out",
-        str(tmp_path / "o"),
-        *FAST,
+    result = generate(
+        assets,
+        tmp_path / "o",
+        model=str(broken),
+        loras=[f"{assets / 'alice.safetensors'}=Alice"],
+        prompt="Alice",
     )
     assert_user_error(result, "`transformer/` has no weights", "diffusion_pytorch_model.bin, a pickle file")
     (broken / "model_index.json").unlink()
-    result = cli(
-        "generate",
-        "--model",
-        str(broken),
-        "--lora",
-        f"{assets / 'alice.safetensors'}=Alice",
-        "--prompt",
-        "Alice",
-        "--out",
-        str(tmp_path / "o"),
-        *FAST,
+    result = generate(
+        assets,
+        tmp_path / "o",
+        model=str(broken),
+        loras=[f"{assets / 'alice.safetensors'}=Alice"],
+        prompt="Alice",
     )
     assert_user_error(result, "model_index.json is missing")
 
@@ -321,17 +301,12 @@ def test_model_folder_incomplete_names_the_missing_file(assets, tmp_path) -> Non
 def test_hub_model_not_in_cache_with_hf_offline(assets, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    result = cli(
-        "generate",
-        "--model",
-        "nobody/no-such-flux",
-        "--lora",
-        f"{assets / 'alice.safetensors'}=Alice",
-        "--prompt",
-        "Alice",
-        "--out",
-        str(tmp_path / "o"),
-        *FAST,
+    result = generate(
+        assets,
+        tmp_path / "o",
+        model="nobody/no-such-flux",
+        loras=[f"{assets / 'alice.safetensors'}=Alice"],
+        prompt="Alice",
     )
     assert_user_error(
         result, "nobody/no-such-flux", "not in the local Hugging Face cache", "HF_HUB_OFFLINE=1"

@@ -387,11 +387,8 @@ class Session:
                 )
                 self.lora_loads += 1
             else:
-                subject = freefuse.use_adapter(
-                    first.name, words=lora.get("words") or first.metadata_words, **settings
-                )
-                subject.path, subject.sha256, subject.layout = lora["path"], sha, first.layout
-                subject.metadata_words = first.metadata_words
+                subject = freefuse.use_adapter(first.name, words=lora.get("words"), source=first, **settings)
+                subject.path = lora["path"]  # same bytes, maybe another path
         return freefuse
 
 

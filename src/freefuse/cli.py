@@ -214,7 +214,7 @@ def _check_outputs_free(paths: list[dict[str, Path]], overwrite: bool) -> None:
 
 
 class Run:
-    """What one `generate`/`masks`/`demo` invocation needs: settings, LoRAs, model, outputs."""
+    """What one `generate` or `masks` invocation needs: settings, LoRA specs, model, user masks."""
 
     def __init__(self, settings, loras: list[dict], model: str, masks: str | None = None) -> None:
         self.settings = settings

@@ -194,9 +194,19 @@ class FreeFuse:
         return subject
 
     def use_adapter(
-        self, name: str, words: Sequence[str] | str | None = None, weight: float = 1.0, scope: str = "subject"
+        self,
+        name: str,
+        words: Sequence[str] | str | None = None,
+        weight: float = 1.0,
+        scope: str = "subject",
+        source: Subject | None = None,
     ) -> Subject:
-        """Control a LoRA already loaded into the transformer as PEFT adapter `name`."""
+        """Control a LoRA already loaded into the transformer as PEFT adapter `name`.
+
+        `source`: the Subject the adapter was loaded as (by `add_lora` on another FreeFuse over the
+        same pipeline); its file path, hash, layout and metadata words go into this run's manifest,
+        and its metadata words are the default `words`.
+        """
         if scope not in SCOPES:
             raise ValueError(f"Unknown scope {scope!r}; use 'subject' (masked) or 'global' (never masked).")
         present = sorted(getattr(self.pipeline.transformer, "peft_config", {}) or {})
@@ -205,8 +215,14 @@ class FreeFuse:
         if name in self.subjects:
             raise ValueError(f"Adapter {name!r} is already added.")
         subject = Subject(
-            name=name, words=_check_words(words, name), weight=_check_weight(weight), scope=scope
+            name=name,
+            words=_check_words(words, name) or (source.metadata_words if source else []),
+            weight=_check_weight(weight),
+            scope=scope,
         )
+        if source is not None:
+            subject.path, subject.sha256 = source.path, source.sha256
+            subject.layout, subject.metadata_words = source.layout, list(source.metadata_words)
         self.subjects[name] = subject
         return subject
 

@@ -175,9 +175,7 @@ class Evaluator:
     def run(self, words: list[str], prompt: str, seed: int, method: str, steps: int, masks=None):
         freefuse = self.freefuse_class(self.pipeline)
         for word in words:
-            subject = self.subjects[word]
-            freefuse.use_adapter(word, words=[word])
-            freefuse.subjects[word].path, freefuse.subjects[word].sha256 = subject.path, subject.sha256
+            freefuse.use_adapter(word, words=[word], source=self.subjects[word])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return freefuse(
