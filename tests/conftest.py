@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# One torch/BLAS thread per test process: on a small, shared machine the threads of several
+# processes (tests start CLI subprocesses and accelerate workers) otherwise fight for the cores
+# and a run that takes two minutes takes forty. Set before torch is imported; children inherit it.
+for _variable in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_variable, "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

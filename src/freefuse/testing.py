@@ -6,8 +6,10 @@ eval mode, so two builds with one seed give the same weights and the same images
 
 from __future__ import annotations
 
+import contextlib
 import string
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -215,27 +217,35 @@ def tiny_flux_pipeline(
     )
 
 
+ALL_LINEAR = "all-linear"
+
+
 def random_lora_state_dict(
     transformer: torch.nn.Module,
     rank: int = 4,
     seed: int = 0,
-    targets: Iterable[str] = FLUX_LORA_TARGETS,
+    targets: Iterable[str] | str = FLUX_LORA_TARGETS,
     scale: float = 1.0,
 ) -> dict[str, torch.Tensor]:
     """A random LoRA for `transformer` in diffusers layout (`transformer.<module>.lora_A.weight`).
 
-    The delta B @ A of every layer has roughly `scale` times the spread of the layer's own
-    output, so masking it changes images visibly in tests.
+    `targets`: module-name suffixes inside the transformer blocks, or `ALL_LINEAR` for every
+    linear layer of the transformer, modulation (AdaLN) and embedders included, as kohya's and
+    ai-toolkit's "train everything" FLUX LoRAs do. The delta B @ A of every layer has roughly
+    `scale` times the spread of the layer's own output, so masking it changes images visibly.
     """
-    targets = tuple(targets)
+    every_linear = targets == ALL_LINEAR
+    targets = () if every_linear else tuple(targets)
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     for name, module in transformer.named_modules():
         # Once a LoRA is loaded, PEFT wraps each adapted Linear: its weights sit at `<name>.base_layer`.
         name = name.removesuffix(".base_layer")
-        if not isinstance(module, torch.nn.Linear) or "transformer_blocks" not in name or ".lora_" in name:
+        if not isinstance(module, torch.nn.Linear) or ".lora_" in name:
             continue
-        if not any(name.endswith("." + target) for target in targets):
+        if not every_linear and (
+            "transformer_blocks" not in name or not any(name.endswith("." + target) for target in targets)
+        ):
             continue
         out_features, in_features = module.weight.shape
         down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
@@ -261,6 +271,7 @@ def random_lora(
     path: str | Path | None = None,
     scale: float = 1.0,
     metadata: dict[str, str] | None = None,
+    targets: Iterable[str] | str = FLUX_LORA_TARGETS,
 ):
     """Add a random LoRA adapter called `name` to `pipeline.transformer`.
 
@@ -268,7 +279,7 @@ def random_lora(
     in its header) and leave the pipeline unchanged; return the path. Otherwise load it as a PEFT
     adapter and return its state dict.
     """
-    state = random_lora_state_dict(pipeline.transformer, rank=rank, seed=seed, scale=scale)
+    state = random_lora_state_dict(pipeline.transformer, rank=rank, seed=seed, scale=scale, targets=targets)
     if path is not None:
         from safetensors.torch import save_file
 
@@ -350,3 +361,96 @@ def planted_scene(
         "regions": regions,
         "sinks": sinks,
     }
+
+
+@dataclass
+class LayerCall:
+    """One forward call of a LoRA-adapted layer, as `LoraDeltaRecorder` saw it.
+
+    Attributes:
+        layer: module name inside the transformer.
+        label: what the recorder's `label` said when the call happened (e.g. "cond", "uncond").
+        tokens: length of the token axis of the layer's input, or None for `[B, C]` inputs.
+        masks: adapter name → recovered coefficients, `[B, S]` (or `[B]` without a token axis).
+        fit_error: largest relative residual of the fit; ~0 when the output is exactly base plus
+            per-token multiples of each adapter's delta.
+    """
+
+    layer: str
+    label: str
+    tokens: int | None
+    masks: dict[str, torch.Tensor]
+    fit_error: float
+
+
+class LoraDeltaRecorder:
+    """Reads back, from every LoRA layer's real input and output, how much of each adapter acted per token.
+
+    For a PEFT LoRA layer with input x and output y, the base output is b = base_layer(x) and each
+    adapter's whole delta is d_a = scaling_a · B_a(A_a(x)), formed here from the weights (no hook of
+    the layer runs). Per token, the coefficients m_a solving y - b = Σ_a m_a · d_a (least squares,
+    float64) are the masks that were really applied. It uses nothing of FreeFuse's masking code, so
+    tests of ownership and token layout built on it can catch bugs there.
+
+    Args:
+        transformer: the PEFT-adapted model.
+        adapters: adapter names to recover (every one active during the run).
+    """
+
+    def __init__(self, transformer: torch.nn.Module, adapters: list[str]) -> None:
+        self.transformer = transformer
+        self.adapters = list(adapters)
+        self.label = ""
+        self.calls: list[LayerCall] = []
+
+    def _layers(self) -> list[tuple[str, torch.nn.Module]]:
+        found = []
+        for name, module in self.transformer.named_modules():
+            lora_a = getattr(module, "lora_A", None)
+            if isinstance(lora_a, torch.nn.ModuleDict) and any(a in lora_a for a in self.adapters):
+                found.append((name, module))
+        return found
+
+    def _record(self, name: str, module: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+        x64 = x.detach().double()
+        residual = y.detach().double() - torch.nn.functional.linear(
+            x64,
+            module.base_layer.weight.double(),
+            None if module.base_layer.bias is None else module.base_layer.bias.double(),
+        )
+        adapters = [a for a in self.adapters if a in module.lora_A]
+        deltas = []
+        for adapter in adapters:
+            down = module.lora_A[adapter].weight.double()
+            up = module.lora_B[adapter].weight.double()
+            deltas.append((x64 @ down.T @ up.T) * float(module.scaling[adapter]))
+        system = torch.stack(deltas, dim=-1)  # [..., out, k]
+        solution = torch.linalg.lstsq(system, residual[..., None]).solution[..., 0]  # [..., k]
+        fitted = (system @ solution[..., None])[..., 0]
+        scale = residual.abs().amax().clamp_min(1e-12)
+        fit_error = float((fitted - residual).abs().amax() / scale)
+        self.calls.append(
+            LayerCall(
+                layer=name,
+                label=self.label,
+                tokens=x.shape[1] if x.ndim == 3 else None,
+                masks={adapter: solution[..., i].float() for i, adapter in enumerate(adapters)},
+                fit_error=fit_error,
+            )
+        )
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[LoraDeltaRecorder]:
+        """Record every call of every adapted layer inside; hooks removed on exit, even on error."""
+        handles = []
+        try:
+            for name, module in self._layers():
+
+                def hook(module, inputs, output, name=name):
+                    self._record(name, module, inputs[0], output)
+
+                handles.append(module.register_forward_hook(hook))
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()

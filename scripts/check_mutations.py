@@ -1,0 +1,150 @@
+"""Break the method on purpose, one line at a time, and check that the test suite notices.
+
+Each mutation below is a bug a review once slipped past the whole suite. The script applies one
+mutation to the source, runs pytest (stopping at the first failure), restores the file, and
+prints which test caught it. A mutation that every test survives makes the script exit 1.
+
+    python scripts/check_mutations.py                 # every mutation, whole suite (-x)
+    python scripts/check_mutations.py --only sink     # mutations whose name contains "sink"
+    python scripts/check_mutations.py --tests tests/test_stage2_layers.py tests/test_core_sinks.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SRC = ROOT / "src" / "freefuse"
+
+
+@dataclass(frozen=True)
+class Mutation:
+    name: str
+    file: str  # relative to src/freefuse
+    old: str
+    new: str
+
+
+MUTATIONS = (
+    Mutation(
+        "each LoRA gets the next subject's mask in stage 2",
+        "pipeline.py",
+        "image = image_masks[:, index].clone()",
+        "image = image_masks[:, (index + 1) % len(names)].clone()",
+    ),
+    Mutation(
+        "stage 1's masks handed to the next subject",
+        "pipeline.py",
+        "image_masks[b, index] = result.token_masks[slot].reshape(-1)",
+        "image_masks[b, index] = result.token_masks[(slot + 1) % len(active)].reshape(-1)",
+    ),
+    Mutation(
+        "single-stream mask concatenated [image, text]",
+        "lora.py",
+        "return torch.cat([self.text, self.image], dim=1)[..., None]",
+        "return torch.cat([self.image, self.text], dim=1)[..., None]",
+    ),
+    Mutation(
+        "sink rule: top-k anywhere",
+        "core/attention.py",
+        "kept = rows.masked_fill(top & border, 0.0)",
+        "kept = rows.masked_fill(top, 0.0)",
+    ),
+    Mutation(
+        "sink rule: the whole border",
+        "core/attention.py",
+        "kept = rows.masked_fill(top & border, 0.0)",
+        "kept = rows.masked_fill(border.expand_as(top), 0.0)",
+    ),
+    Mutation(
+        "x0 sign flipped",
+        "backends/flux.py",
+        "return latents - float(sigma) * velocity",
+        "return latents + float(sigma) * velocity",
+    ),
+    Mutation(
+        "negative pass uses the prompt's word positions",
+        "pipeline.py",
+        "uncond_masks = pass_masks(negative_positions) if negative is not None else None",
+        "uncond_masks = pass_masks(positions) if negative is not None else None",
+    ),
+    Mutation(
+        "empty_mask=global no longer makes the LoRA act everywhere",
+        "pipeline.py",
+        'image_masks[b, index] = float("nan")\n                    full[index] = 1.0',
+        "full[index] = 1.0",
+    ),
+    Mutation(
+        "a LoRA on AdaLN (modulation) layers unmasked",
+        "lora.py",
+        "return self.image.mean(dim=1, keepdim=True)",
+        "return torch.ones_like(self.image[:, :1])",
+    ),
+)
+
+
+def run_pytest(tests: list[str], timeout: int) -> tuple[bool, str, float]:
+    """(suite failed, first failing test, seconds)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+    seconds = time.perf_counter() - started
+    failed = re.findall(r"^FAILED (\S+)", done.stdout, flags=re.MULTILINE)
+    errors = re.findall(r"^ERROR (\S+)", done.stdout, flags=re.MULTILINE)
+    return done.returncode != 0, (failed or errors or ["(no test id: see pytest output)"])[0], seconds
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--only", default="", help="run the mutations whose name contains this text")
+    parser.add_argument(
+        "--tests", nargs="*", default=["tests"], help="pytest paths (default: the whole suite)"
+    )
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds per mutation")
+    args = parser.parse_args()
+
+    chosen = [m for m in MUTATIONS if args.only.lower() in m.name.lower()]
+    if not chosen:
+        parser.error(f"no mutation name contains {args.only!r}")
+    survivors = []
+    for mutation in chosen:
+        path = SRC / mutation.file
+        original = path.read_text()
+        count = original.count(mutation.old)
+        if count != 1:
+            print(f"[stale] {mutation.name}: the line to mutate occurs {count} times in {mutation.file}")
+            survivors.append(mutation.name)
+            continue
+        try:
+            path.write_text(original.replace(mutation.old, mutation.new))
+            failed, test, seconds = run_pytest(args.tests, args.timeout)
+        finally:
+            path.write_text(original)
+        if failed:
+            print(f"[caught]   {mutation.name}: {test} ({seconds:.0f} s)")
+        else:
+            print(f"[SURVIVED] {mutation.name} ({seconds:.0f} s)")
+            survivors.append(mutation.name)
+    print(f"{len(chosen) - len(survivors)} of {len(chosen)} mutations caught")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
