@@ -32,7 +32,7 @@ def main() -> None:
 
     from diffusers.models.embeddings import apply_rotary_emb
 
-    from freefuse import FreeFuse
+    from freefuse import FreeFuse, GenerationSettings
     from freefuse.shapesworld.detect import detect
     from freefuse.shapesworld.evaluate import assign
     from freefuse.shapesworld.model import load_shapesworld, lora_path
@@ -75,10 +75,13 @@ def main() -> None:
         per_step = {}
         with torch.no_grad():
             conditioning = backend.encode([prompt], 24)
-            latents, image_ids = backend.prepare_latents([seed], 64, 64, conditioning.prompt_embeds.dtype)
+            state = backend.prepare_latents(
+                [torch.Generator().manual_seed(seed)], 64, 64, conditioning.prompt_embeds.dtype
+            )
             timesteps, _ = backend.timesteps(args.steps, 64, 64)
+            settings = GenerationSettings(prompt=prompt, guidance_scale=3.5)
             for step, t in enumerate(timesteps):
-                velocity = backend.predict(latents, t, conditioning, 3.5, image_ids)
+                velocity = backend.predict(state, t, conditioning, settings)
                 for block in blocks:
                     cos, sin = store[(block, "rope")]
                     n_text = store[(block, "kt")].shape[1]
@@ -98,8 +101,8 @@ def main() -> None:
                         torch.softmax(q_img @ keys.transpose(1, 2) * scale, -1).mean(0)[:, word_positions].T
                     )
                     per_step[(step, block)] = (text_to_image, image_to_text)
-                latents = backend.step(velocity, t, latents)
-            image = (backend.decode(latents, 64, 64)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+                state.latents = backend.step(velocity, t, state.latents)
+            image = (backend.decode(state.latents, 64, 64)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
         objects = assign([SUBJECTS[w] for w in words], detect(image))
         regions = {}
         for word in words:

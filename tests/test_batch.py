@@ -71,7 +71,7 @@ def test_job_files_in_jsonl_and_yaml_with_placeholders_and_relative_paths(world:
         jobs[0].settings.width,
         jobs[0].settings.height,
     ) == (64, 64)
-    assert Path(jobs[0].loras[0]["path"]).is_absolute() and Path(jobs[0].model) == world / "model"
+    assert Path(jobs[0].loras[0].path).is_absolute() and Path(jobs[0].model) == world / "model"
     assert len({job.id for job in jobs}) == 6
     yaml_path = world / "jobs.yaml"
     yaml_path.write_text(
@@ -91,8 +91,8 @@ def test_job_files_in_jsonl_and_yaml_with_placeholders_and_relative_paths(world:
             '{"model": "m", "prompt": "{A} and {B}", "loras": [{"path": "bob.safetensors", "words": ["Bob"]}]}',
             r"uses \['B'\]",
         ),
-        ('{"model": "m", "prompt": "Bob", "size": "65x64", "loras": []}', "not a multiple"),
-        ('{"model": "m", "prompt": "Bob", "colour": "red", "loras": []}', "Unknown settings"),
+        ('{"model": "model", "prompt": "Bob", "size": "65x64", "loras": []}', "not a multiple"),
+        ('{"model": "m", "prompt": "Bob", "colour": "red", "loras": []}', "Unknown setting `colour`"),
         ("not json", "not a JSON object"),
     ],
 )

@@ -359,16 +359,16 @@ RUN = {
 
 
 def test_nan_attention_capture_falls_back_to_merge_and_says_so(assets, tmp_path, monkeypatch) -> None:
-    from freefuse.backends.flux import AttentionTap
+    from freefuse.backends.flux import FluxAttentionTap
 
-    original = AttentionTap.result
+    original = FluxAttentionTap.result
 
     def poisoned(self):
         captured = original(self)
         captured.q_img[0, 0, 0, 0] = float("nan")
         return captured
 
-    monkeypatch.setattr(AttentionTap, "result", poisoned)
+    monkeypatch.setattr(FluxAttentionTap, "result", poisoned)
     freefuse = small_freefuse()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -384,9 +384,9 @@ def test_nan_attention_capture_falls_back_to_merge_and_says_so(assets, tmp_path,
 
 @pytest.mark.parametrize("policy", ["global", "off"])
 def test_subject_that_wins_no_region_follows_the_stated_policy(monkeypatch, policy: str) -> None:
-    import freefuse.pipeline as pipeline_module
+    import freefuse.core as core_module
 
-    original = pipeline_module.masks_from_attention
+    original = core_module.masks_from_attention
 
     def bob_loses(*args, **kwargs):
         result = original(*args, **kwargs)
@@ -397,7 +397,7 @@ def test_subject_that_wins_no_region_follows_the_stated_policy(monkeypatch, poli
         result.empty = [1]
         return result
 
-    monkeypatch.setattr(pipeline_module, "masks_from_attention", bob_loses)
+    monkeypatch.setattr(core_module, "masks_from_attention", bob_loses)
     freefuse = small_freefuse()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from freefuse import FreeFuse, FreeFuseWarning, MaskSet
+from freefuse import core as freefuse_core
 from freefuse.core import MaskResult
 from freefuse.testing import ALL_LINEAR, LoraDeltaRecorder, random_lora, tiny_flux_pipeline
 
@@ -220,22 +221,16 @@ def fake_stage1(monkeypatch, freefuse: FreeFuse, plan: dict[str, torch.Tensor]) 
         empty = [slot for slot, name in enumerate(owners) if not plan[name].any()]
         return MaskResult(token_masks, image_masks, token_masks, token_masks, None, empty, [])
 
-    monkeypatch.setattr(freefuse_core_module(), "masks_from_attention", masks_from_attention)
+    monkeypatch.setattr(freefuse_core, "masks_from_attention", masks_from_attention)
     return calls
 
 
-def freefuse_core_module():
-    """The module whose `masks_from_attention` the two-stage run calls."""
-    import freefuse.pipeline
-
-    return freefuse.pipeline if hasattr(freefuse.pipeline, "masks_from_attention") else freefuse.core
-
-
 def step_labels(recorder: LoraDeltaRecorder):
-    """A step callback that labels the recorder's calls with the step they belong to (0-based)."""
+    """A `callback_on_step_end` that labels the recorder's calls with their step (0-based)."""
 
-    def callback(step, total, info):
-        recorder.label = f"step{step}"
+    def callback(freefuse, step_index, timestep, tensors):
+        recorder.label = f"step{step_index + 1}"
+        return {}
 
     recorder.label = "step0"
     return callback
@@ -254,7 +249,7 @@ def test_masks_found_by_stage1_go_to_the_lora_whose_words_they_came_from(every_l
             mask_step=1,
             output_type="pt",
             progress=False,
-            callback=step_labels(recorder),
+            callback_on_step_end=step_labels(recorder),
             **RUN,
         )
     assert len(calls) == 1
@@ -284,7 +279,7 @@ def test_empty_mask_policy_decides_where_a_lora_that_won_nothing_acts(
             mask_step=1,
             empty_mask=policy,
             text_scope="all",
-            callback=step_labels(recorder),
+            callback_on_step_end=step_labels(recorder),
         )
     bob = 1.0 if policy == "global" else 0.0
     after = {
@@ -306,7 +301,11 @@ def test_x0_of_the_mask_step_is_the_schedulers_own_step_carried_to_the_end(every
     """x0 = x_t - σ_t v; checked against FlowMatchEulerDiscreteScheduler's update, not the formula."""
     latents = []
     run_quietly(
-        every_layer, method="merge", callback=lambda step, total, info: latents.append(info["latents"])
+        every_layer,
+        method="merge",
+        callback_on_step_end=lambda freefuse, step, timestep, tensors: (
+            latents.append(tensors["latents"]) or {}
+        ),
     )
     sigmas = every_layer.pipeline.scheduler.sigmas  # the run's own schedule, ending at 0
     mask_step = 2  # its capture happens during step index 1: from latents[0] to latents[1]

@@ -11,13 +11,14 @@ __version__ = "0.1.0"
 
 from .core import MaskConfig, MaskSet, masks_from_attention
 from .pipeline import FreeFuse, FreeFuseOutput, FreeFuseWarning, Subject
-from .settings import GenerationSettings
+from .settings import GenerationSettings, SettingsError
 
 __all__ = [
     "FreeFuse",
     "FreeFuseOutput",
     "FreeFuseWarning",
     "GenerationSettings",
+    "SettingsError",
     "MaskConfig",
     "MaskSet",
     "Subject",

@@ -26,16 +26,12 @@ from string import ascii_uppercase
 
 from .files import atomic_write, sha256_file
 from .models import TINY, is_hub_id, pixels_per_token
-from .settings import GenerationSettings, parse_size
+from .settings import GenerationSettings
+from .spec import LoraSpec, RunSpec
 
 INDEX_GLOB = "index.p*.jsonl"
 MAX_JOB_FILE_BYTES = 64 << 20
-SETTING_ALIASES = {
-    "steps": "num_inference_steps",
-    "guidance": "guidance_scale",
-    "images": "num_images_per_prompt",
-}
-JOB_KEYS = {"model", "loras", "masks", "size", "id"}
+JOB_KEYS = {"model", "loras", "masks", "id"}
 
 
 class JobFileError(ValueError):
@@ -47,15 +43,10 @@ class BatchWarning(UserWarning):
 
 
 @dataclass
-class Job:
-    """One image to make."""
+class Job(RunSpec):
+    """One image to make: a run spec, where it was defined, and the job file's folder."""
 
-    model: str
-    loras: list[dict]
-    settings: GenerationSettings
-    masks: str | None = None
     source: str = ""  # where it was defined, for messages ("jobs.jsonl line 12")
-
     base: Path | None = None  # the job file's folder: paths in the id are relative to it
 
     def record(self) -> dict:
@@ -68,9 +59,9 @@ class Job:
 
         loras = []
         for lora in self.loras:
-            entry = {k: lora.get(k) for k in ("words", "weight", "scope", "name")}
-            entry["path"] = relative(lora["path"])
-            entry["sha256"] = cached_sha256(Path(lora["path"])) if Path(lora["path"]).is_file() else None
+            entry = {"words": lora.words, "weight": lora.weight, "scope": lora.scope, "name": lora.name}
+            entry["path"] = relative(lora.path)
+            entry["sha256"] = cached_sha256(Path(lora.path)) if Path(lora.path).is_file() else None
             loras.append(entry)
         return {
             "model": relative(self.model),
@@ -79,6 +70,13 @@ class Job:
             "masks": None if self.masks is None else relative(self.masks),
         }
 
+    def check(self) -> None:
+        """Everything that needs no weights; errors name the job's line."""
+        try:
+            super().check()
+        except ValueError as error:
+            raise JobFileError(f"{self.source}: {error}") from None
+
     @functools.cached_property
     def id(self) -> str:
         canonical = json.dumps(self.record(), sort_keys=True, default=str)
@@ -86,7 +84,7 @@ class Job:
 
     @property
     def stem(self) -> str:
-        names = "+".join(_name_of(lora) for lora in self.loras if lora.get("scope", "subject") == "subject")
+        names = "+".join(lora.adapter_name for lora in self.loras if lora.scope == "subject")
         seed = self.settings.seed if isinstance(self.settings.seed, int) else self.settings.seed[0]
         return re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{names or 'nolora'}-{self.settings.method}-s{seed}")[
             :80
@@ -94,6 +92,7 @@ class Job:
 
 
 def _name_of(lora: dict) -> str:
+    """A grid entry's name (before it becomes a LoraSpec)."""
     return str(lora.get("name") or Path(str(lora["path"])).stem)
 
 
@@ -119,14 +118,14 @@ def _fill(template: str, words: list[str], where: str) -> str:
     return template
 
 
-def _first_word(lora: dict, where: str) -> str:
+def _first_word(lora: LoraSpec) -> str:
     """The word a {A}-style placeholder stands for: the job's first word, else the file's trigger word."""
-    if lora.get("words"):
-        return str(lora["words"][0])
+    if lora.words:
+        return str(lora.words[0])
     from .lora import LoraFileError, header_metadata, read_header, trigger_words_from_metadata
 
     try:
-        metadata = header_metadata(read_header(Path(lora["path"])))
+        metadata = header_metadata(read_header(Path(lora.path)))
     except (OSError, LoraFileError):
         return ""  # the file's own check reports what is wrong with it
     words = trigger_words_from_metadata(metadata)
@@ -142,31 +141,35 @@ def job_from_dict(entry: dict, base: Path, where: str) -> Job:
     """A job from one JSON object (a job-file line). Relative paths are relative to the job file."""
     if not isinstance(entry, dict):
         raise JobFileError(f"{where}: a job must be a JSON object, got {type(entry).__name__}.")
-    entry = {SETTING_ALIASES.get(key, key): value for key, value in entry.items()}
     if "model" not in entry or "prompt" not in entry:
         raise JobFileError(f"{where}: every job needs `model` and `prompt`.")
-    loras = entry.get("loras") or []
-    if not isinstance(loras, list) or not all(isinstance(lora, dict) and "path" in lora for lora in loras):
+    raw_loras = entry.get("loras") or []
+    if not isinstance(raw_loras, list) or not all(
+        isinstance(lora, dict) and "path" in lora for lora in raw_loras
+    ):
         raise JobFileError(f"{where}: `loras` must be a list of objects with a `path`.")
-    loras = [{**lora, "path": _resolve(str(lora["path"]), base)} for lora in loras]
-    for lora in loras:
-        if isinstance(lora.get("words"), str):
-            lora["words"] = [lora["words"]]
-    words = [_first_word(lora, where) for lora in loras if lora.get("scope", "subject") == "subject"]
+    try:
+        loras = [
+            LoraSpec.parse({**lora, "path": _resolve(str(lora["path"]), base)}, f"{where}, LoRA {index + 1}")
+            for index, lora in enumerate(raw_loras)
+        ]
+    except ValueError as error:
+        raise JobFileError(str(error)) from None
+    words = [_first_word(lora) for lora in loras if lora.scope == "subject"]
     if not isinstance(entry["prompt"], str):
         raise JobFileError(
             f"{where}: `prompt` must be one text (a job makes one image); put each prompt on its own line."
         )
     settings = {k: v for k, v in entry.items() if k not in JOB_KEYS}
-    if "size" in entry:
-        settings["width"], settings["height"] = parse_size(str(entry["size"]))
     settings["prompt"] = _fill(str(settings["prompt"]), words, where)
     model = str(entry["model"])
     if model != TINY and not is_hub_id(model):
         model = _resolve(model, base)
     try:
         generation = GenerationSettings.from_dict(settings)
-        generation.validate(pixels_per_token(model))
+        multiple = pixels_per_token(model)
+        if multiple is not None:
+            generation.check_size(multiple)
     except ValueError as error:
         raise JobFileError(f"{where}: {error}") from None
     if len(generation.image_prompts) != 1:
@@ -375,20 +378,20 @@ class Session:
             self.model, self.loaded, self.loads = job.model, {}, self.loads + 1
         freefuse = FreeFuse(self.pipeline)
         for lora in job.loras:
-            sha = cached_sha256(check_lora_path(lora["path"]))
-            wanted = re.sub(r"[^A-Za-z0-9_.-]+", "_", _name_of(lora))[:48] or "lora"
+            sha = cached_sha256(check_lora_path(lora.path))
+            wanted = re.sub(r"[^A-Za-z0-9_.-]+", "_", lora.adapter_name)[:48] or "lora"
             first = self.loaded.get((sha, wanted))
-            settings = {"weight": lora.get("weight", 1.0), "scope": lora.get("scope", "subject")}
+            settings = {"weight": lora.weight, "scope": lora.scope}
             if first is None:
                 taken = {subject.name for subject in self.loaded.values()}
                 name = wanted if wanted not in taken else f"{wanted}_{sha[:8]}"
                 self.loaded[(sha, wanted)] = freefuse.add_lora(
-                    lora["path"], words=lora.get("words"), name=name, **settings
+                    lora.path, words=lora.words, name=name, **settings
                 )
                 self.lora_loads += 1
             else:
-                subject = freefuse.use_adapter(first.name, words=lora.get("words"), source=first, **settings)
-                subject.path = lora["path"]  # same bytes, maybe another path
+                subject = freefuse.use_adapter(first.name, words=lora.words, source=first, **settings)
+                subject.path = lora.path  # same bytes, maybe another path
         return freefuse
 
 

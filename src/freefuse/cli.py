@@ -15,14 +15,17 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
+from inspect import Parameter, Signature
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Literal, get_args, get_origin
 
 import typer
+from pydantic_core import PydanticUndefined
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -35,7 +38,10 @@ from rich.table import Table
 
 from . import __version__
 from .outputs import output_paths, write_outputs
-from .settings import parse_size
+from .settings import CLI_FLAGS, GenerationSettings
+
+if TYPE_CHECKING:
+    from .spec import RunSpec
 
 app = typer.Typer(
     name="freefuse",
@@ -210,68 +216,6 @@ def _check_outputs_free(paths: list[dict[str, Path]], overwrite: bool) -> None:
         )
 
 
-# -- shared run ------------------------------------------------------------------------------------------
-
-
-class Run:
-    """What one `generate` or `masks` invocation needs: settings, LoRA specs, model, user masks."""
-
-    def __init__(self, settings, loras: list[dict], model: str, masks: str | None = None) -> None:
-        self.settings = settings
-        self.loras = loras
-        self.model = model
-        self.masks = masks
-
-    def check(self) -> None:
-        """Everything that needs no weights."""
-        from .lora import check_lora_path
-        from .models import check_model_source, pixels_per_token
-
-        check_model_source(self.model)
-        self.settings.validate(pixels_per_token(self.model))
-        names, files = {}, {}
-        for lora in self.loras:
-            resolved = check_lora_path(lora["path"]).resolve()
-            if resolved in files:
-                raise UserError(f"LoRA file {lora['path']} is given twice; give each LoRA once.")
-            files[resolved] = lora
-            name = lora.get("name") or Path(lora["path"]).stem
-            if name in names:
-                raise UserError(
-                    f"Two LoRAs get the name {name!r} ({names[name]} and {lora['path']}); rename one file."
-                )
-            names[name] = lora["path"]
-        if not self.loras:
-            raise UserError("No LoRA given; add --lora PATH=WORD (one per subject).")
-        if self.masks is not None and not Path(self.masks).is_file():
-            raise UserError(
-                f"--masks {self.masks}: no such file (use a .masks.json or .safetensors from `freefuse masks`)."
-            )
-
-    def load(self, device, dtype, offload):
-        from .models import load_pipeline
-        from .pipeline import FreeFuse
-
-        with console.status(f"Loading {self.model} ..."):
-            pipeline = load_pipeline(self.model, device=device, dtype=dtype, offload=offload)
-        freefuse = FreeFuse(pipeline)
-        for lora in self.loras:
-            subject = freefuse.add_lora(
-                lora["path"],
-                words=lora.get("words"),
-                name=lora.get("name"),
-                weight=lora.get("weight", 1.0),
-                scope=lora.get("scope", "subject"),
-            )
-            expected = lora.get("sha256")
-            if expected and subject.sha256 != expected:
-                raise UserError(
-                    f"LoRA {lora['path']} has changed since the manifest was written (sha256 {subject.sha256[:12]}… "
-                    f"!= {expected[:12]}…); pass the right file with --lora."
-                )
-        return freefuse
-
-
 def execute(freefuse, settings, masks=None, stop_after_masks: bool = False):
     """Run the library with a rich progress bar; FreeFuse notes are printed, not raised."""
     from .pipeline import FreeFuseWarning
@@ -280,13 +224,19 @@ def execute(freefuse, settings, masks=None, stop_after_masks: bool = False):
     with _progress() as progress:
         task = progress.add_task("stage 1" if stop_after_masks else "denoising", total=steps)
 
-        def advance(step, total, info):
-            progress.update(task, completed=min(step, steps))
+        def advance(freefuse, step_index, timestep, tensors):
+            progress.update(task, completed=min(step_index + 1, steps))
+            return {}
 
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             output = freefuse.generate(
-                settings, masks=masks, callback=advance, progress=False, stop_after_masks=stop_after_masks
+                settings,
+                masks=masks,
+                callback_on_step_end=advance,
+                callback_on_step_end_tensor_inputs=(),
+                progress=False,
+                stop_after_masks=stop_after_masks,
             )
     for warning in caught:
         if issubclass(warning.category, FreeFuseWarning):
@@ -312,44 +262,14 @@ def _summary(output, paths) -> None:
     )
 
 
-# -- options shared by commands ------------------------------------------------------------------------
+# -- options ---------------------------------------------------------------------------------------------
 
 ModelOpt = Annotated[
     str | None, typer.Option("--model", "-m", help="Diffusers folder or Hugging Face id (or 'tiny').")
 ]
-LoraOpt = Annotated[
-    list[str] | None,
-    typer.Option("--lora", "-l", help="Subject LoRA: PATH=WORD[,WORD][@WEIGHT]. Repeat per subject."),
-]
-GlobalLoraOpt = Annotated[
-    list[str] | None,
-    typer.Option("--global-lora", help="Style/background LoRA, never masked: PATH[@WEIGHT]."),
-]
-PromptOpt = Annotated[
-    str | None, typer.Option("--prompt", "-p", help="The prompt, with each LoRA's words in it.")
-]
-NegativeOpt = Annotated[str | None, typer.Option("--negative-prompt", help="Negative prompt (true CFG).")]
-SeedOpt = Annotated[int, typer.Option("--seed", "-s", help="Seed (image j of a prompt uses seed + j).")]
-StepsOpt = Annotated[int, typer.Option("--steps", help="Denoising steps.")]
-SizeOpt = Annotated[str, typer.Option("--size", help="WIDTHxHEIGHT, multiples of 16.")]
-GuidanceOpt = Annotated[
-    float, typer.Option("--guidance", help="Guidance scale (FLUX.1-dev distilled guidance).")
-]
-TrueCfgOpt = Annotated[float, typer.Option("--true-cfg", help="True CFG scale (> 1 with --negative-prompt).")]
-MaskStepOpt = Annotated[
-    int | None,
-    typer.Option("--mask-step", help="Step whose attention gives the masks (default 6 of 28, scaled)."),
-]
-BlockOpt = Annotated[
-    int | None, typer.Option("--block", help="Double-stream block to tap (default 16 on FLUX.1).")
-]
-TextScopeOpt = Annotated[str, typer.Option("--text-scope", help="exclude-others | all")]
-PreviewOpt = Annotated[str, typer.Option("--preview", help="x0 picture for superpixels: vae | latent")]
-ImagesOpt = Annotated[int, typer.Option("--images", help="Images per prompt.")]
-MaxSeqOpt = Annotated[int, typer.Option("--max-sequence-length", help="T5 token limit (<= 512).")]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
-NameOpt = Annotated[str, typer.Option("--name", help="File name stem of the outputs.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+SeedOpt = Annotated[int, typer.Option("--seed", "-s", help="Seed (image j of a prompt uses seed + j).")]
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="cuda, cuda:1, mps or cpu (default: best available).")
 ]
@@ -357,9 +277,123 @@ DtypeOpt = Annotated[
     str | None, typer.Option("--dtype", help="bfloat16 | float16 | float32 (default: bf16 on GPU).")
 ]
 OffloadOpt = Annotated[bool, typer.Option("--offload", help="Model CPU offload (less GPU memory, slower).")]
-EmptyMaskOpt = Annotated[
-    str, typer.Option("--empty-mask", help="A subject that wins no region: global | off")
+
+# Options of a run besides its settings: (name, annotation, default). Settings options come from
+# `GenerationSettings` (`settings.CLI_FLAGS`), so `generate` and `masks` cannot drift apart.
+RUN_OPTIONS: list[tuple[str, object, object]] = [
+    ("model", ModelOpt, None),
+    (
+        "lora",
+        Annotated[
+            list[str] | None,
+            typer.Option(
+                "--lora", "-l", help="Subject LoRA: PATH=WORD\\[,WORD]\\[@WEIGHT]. Repeat per subject."
+            ),
+        ],
+        None,
+    ),
+    (
+        "global_lora",
+        Annotated[
+            list[str] | None,
+            typer.Option("--global-lora", help="Style/background LoRA, never masked: PATH\\[@WEIGHT]."),
+        ],
+        None,
+    ),
+    ("size", Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT (default 1024x1024).")], None),
+    (
+        "masks",
+        Annotated[str | None, typer.Option("--masks", help="Mask set for --method masks (.masks.json).")],
+        None,
+    ),
+    (
+        "manifest",
+        Annotated[
+            Path | None,
+            typer.Option("--manifest", help="Replay the run a manifest describes; options given here win."),
+        ],
+        None,
+    ),
+    ("out", OutOpt, Path("out")),
+    ("name", Annotated[str, typer.Option("--name", help="File name stem of the outputs.")], "freefuse"),
+    ("overwrite", OverwriteOpt, False),
+    ("device", DeviceOpt, None),
+    ("dtype", DtypeOpt, None),
+    ("offload", OffloadOpt, False),
 ]
+
+
+@dataclass
+class RunOptions:
+    """What `generate` and `masks` were given: run options, and the settings flags that were set."""
+
+    values: dict
+    settings: dict
+
+    def spec(self) -> RunSpec:
+        """The run: from the flags, or from `--manifest` with the flags given winning (and said)."""
+        from .manifest import replay_spec
+        from .spec import LoraSpec, RunSpec
+
+        loras = [
+            LoraSpec(**lora) for lora in _loras_from_flags(self.values["lora"], self.values["global_lora"])
+        ]
+        if self.values["manifest"] is not None:
+            return replay_spec(
+                self.values["manifest"], self.values["model"], loras, self.settings, self.values["masks"]
+            )
+        if "prompt" not in self.settings:
+            raise UserError("--prompt is required (or --manifest to replay a run).")
+        if self.values["model"] is None:
+            raise UserError(
+                "--model is required: a diffusers folder or a Hugging Face id (or 'tiny' to try it)."
+            )
+        settings = GenerationSettings(**self.settings)
+        return RunSpec(self.values["model"], loras, settings, self.values["masks"])
+
+
+def settings_help(field_name: str) -> str:
+    """A setting's help line: its description, its choices, and the settings model's default."""
+    field = GenerationSettings.model_fields[field_name]
+    text = field.description or ""
+    choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+    if field_name == "method":
+        from .methods import METHODS
+
+        choices = tuple(sorted(METHODS))
+    if choices:
+        text += f" One of: {', '.join(choices)}."
+    if field.default not in (None, PydanticUndefined):
+        text += f" [default: {field.default}]"
+    return text
+
+
+def run_options(function: Callable[[RunOptions], None]) -> Callable[..., None]:
+    """Give a command every run option and one option per setting; it receives a `RunOptions`.
+
+    Settings options default to None (unset), so that the settings model's defaults apply and a
+    replay knows which settings the user really gave.
+    """
+    parameters = [
+        Parameter(name, Parameter.KEYWORD_ONLY, annotation=annotation, default=default)
+        for name, annotation, default in RUN_OPTIONS
+    ]
+    for field_name, (flags, kind) in CLI_FLAGS.items():
+        help_text = escape(settings_help(field_name))
+        annotation = Annotated[kind | None, typer.Option(*flags, help=help_text)]
+        parameters.append(Parameter(field_name, Parameter.KEYWORD_ONLY, annotation=annotation, default=None))
+
+    @functools.wraps(function)
+    def wrapper(**given):
+        settings = {name: given.pop(name) for name in CLI_FLAGS}
+        settings = {name: value for name, value in settings.items() if value not in (None, [], ())}
+        if given.get("size") is not None:
+            settings["size"] = given["size"]
+        return function(RunOptions(values=given, settings=settings))
+
+    wrapper.__signature__ = Signature(parameters)
+    wrapper.__annotations__ = {}
+    return wrapper
 
 
 def _loras_from_flags(loras: list[str] | None, global_loras: list[str] | None) -> list[dict]:
@@ -375,55 +409,20 @@ def _loras_from_flags(loras: list[str] | None, global_loras: list[str] | None) -
     return result
 
 
-def _inside(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
+def _prepare(options: RunOptions, count_images: bool = True) -> tuple[RunSpec, list[dict[str, Path]]]:
+    """The run spec, checked before any weights load, and its free output paths."""
+    spec = options.spec()
+    for note in spec.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+    spec.check()
+    count = len(spec.settings.image_prompts) if count_images else 1
+    paths = output_paths(options.values["out"], options.values["name"], count)
+    return spec, paths
 
 
-def run_from_manifest(manifest_path: Path, model: str | None, loras: list[dict]) -> Run:
-    """A replay. Paths from the manifest must stay inside the working directory; flags may override."""
-    from .manifest import read_manifest
-    from .settings import GenerationSettings
-
-    manifest = read_manifest(manifest_path)
-    settings = GenerationSettings.from_dict({k: v for k, v in manifest["settings"].items() if k != "block"})
-    settings.block = manifest["settings"].get("block")
-    here = Path.cwd()
-    if not loras:
-        for entry in manifest["loras"]:
-            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
-                raise UserError(
-                    f"Manifest {manifest_path} names a LoRA without a file path; pass it with --lora."
-                )
-            path = Path(entry["path"])
-            if not _inside(path if path.is_absolute() else here / path, here):
-                raise UserError(
-                    f"Manifest LoRA path {entry['path']!r} is outside the working directory; for safety it is only "
-                    "used when given on the command line (--lora PATH=WORD)."
-                )
-            loras.append(
-                {key: entry.get(key) for key in ("path", "words", "weight", "scope", "name", "sha256")}
-            )
-    if model is None:
-        recorded = manifest["model"].get("id_or_path")
-        if not isinstance(recorded, str) or not recorded:
-            raise UserError(f"Manifest {manifest_path} records no model path; pass --model.")
-        from .models import TINY, is_hub_id
-
-        if recorded != TINY and not is_hub_id(recorded) and not _inside(Path(recorded), here):
-            raise UserError(
-                f"Manifest model path {recorded!r} is outside the working directory; pass it with --model to use it."
-            )
-        model = recorded
-    masks = manifest.get("masks")
-    if isinstance(masks, str) and masks != "in-memory":
-        if not _inside(Path(masks), here):
-            raise UserError(
-                f"Manifest mask path {masks!r} is outside the working directory; refusing to read it."
-            )
-    else:
-        masks = None
-    return Run(settings, loras, model, masks)
+def _load(spec: RunSpec, options: RunOptions):
+    with console.status(escape(f"Loading {spec.model} ...")):
+        return spec.load(options.values["device"], options.values["dtype"], options.values["offload"])
 
 
 # -- commands --------------------------------------------------------------------------------------------
@@ -431,131 +430,42 @@ def run_from_manifest(manifest_path: Path, model: str | None, loras: list[dict])
 
 @app.command()
 @command
-def generate(
-    model: ModelOpt = None,
-    lora: LoraOpt = None,
-    global_lora: GlobalLoraOpt = None,
-    prompt: PromptOpt = None,
-    negative_prompt: NegativeOpt = None,
-    seed: SeedOpt = 0,
-    steps: StepsOpt = 28,
-    size: SizeOpt = "1024x1024",
-    guidance: GuidanceOpt = 3.5,
-    true_cfg: TrueCfgOpt = 1.0,
-    method: Annotated[str, typer.Option("--method", help="freefuse | merge | masks")] = "freefuse",
-    masks: Annotated[
-        str | None, typer.Option("--masks", help="Mask set for --method masks (.masks.json).")
-    ] = None,
-    mask_step: MaskStepOpt = None,
-    block: BlockOpt = None,
-    text_scope: TextScopeOpt = "exclude-others",
-    preview: PreviewOpt = "vae",
-    empty_mask: EmptyMaskOpt = "global",
-    images: ImagesOpt = 1,
-    max_sequence_length: MaxSeqOpt = 512,
-    manifest: Annotated[
-        Path | None, typer.Option("--manifest", help="Replay the run a manifest describes.")
-    ] = None,
-    out: OutOpt = Path("out"),
-    name: NameOpt = "freefuse",
-    overwrite: OverwriteOpt = False,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    offload: OffloadOpt = False,
-) -> None:
+@run_options
+def generate(options: RunOptions) -> None:
     """Generate an image with several subject LoRAs, each kept to its own subject."""
-    from .settings import GenerationSettings
-
-    loras = _loras_from_flags(lora, global_lora)
-    if manifest is not None:
-        run = run_from_manifest(manifest, model, loras)
-    else:
-        if not prompt:
-            raise UserError("--prompt is required (or --manifest to replay a run).")
-        if model is None:
-            raise UserError(
-                "--model is required: a diffusers folder or a Hugging Face id (or 'tiny' to try it)."
-            )
-        width, height = parse_size(size)
-        settings = GenerationSettings(
-            prompt=prompt,
-            negative_prompt=negative_prompt,
-            seed=seed,
-            height=height,
-            width=width,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            true_cfg_scale=true_cfg,
-            num_images_per_prompt=images,
-            method=method,
-            mask_step=mask_step,
-            block=block,
-            text_scope=text_scope,
-            preview=preview,
-            empty_mask=empty_mask,
-            max_sequence_length=max_sequence_length,
-        )
-        run = Run(settings, loras, model, masks)
-    run.check()
-    paths = output_paths(out, name, len(run.settings.image_prompts))
-    _check_outputs_free(paths, overwrite)
-    freefuse = run.load(device, dtype, offload)
-    output = execute(freefuse, run.settings, masks=run.masks)
-    write_outputs(output, paths, overwrite)
+    spec, paths = _prepare(options)
+    _check_outputs_free(paths, options.values["overwrite"])
+    freefuse = _load(spec, options)
+    output = execute(freefuse, spec.settings, masks=spec.masks)
+    write_outputs(output, paths, options.values["overwrite"])
     _summary(output, paths)
 
 
 @app.command("masks")
 @command
-def masks_command(
-    model: ModelOpt = None,
-    lora: LoraOpt = None,
-    prompt: PromptOpt = None,
-    seed: SeedOpt = 0,
-    steps: StepsOpt = 28,
-    size: SizeOpt = "1024x1024",
-    guidance: GuidanceOpt = 3.5,
-    mask_step: MaskStepOpt = None,
-    block: BlockOpt = None,
-    preview: PreviewOpt = "vae",
-    max_sequence_length: MaxSeqOpt = 512,
-    out: OutOpt = Path("out"),
-    name: NameOpt = "freefuse",
-    overwrite: OverwriteOpt = False,
-    device: DeviceOpt = None,
-    dtype: DtypeOpt = None,
-    offload: OffloadOpt = False,
-) -> None:
+@run_options
+def masks_command(options: RunOptions) -> None:
     """Stage 1 only: save the subject masks and their overlay, to preview, edit or reuse (--method masks)."""
-    from .settings import GenerationSettings
+    from .methods import get_method
 
-    if not prompt or model is None:
-        raise UserError("--model and --prompt are required.")
-    width, height = parse_size(size)
-    settings = GenerationSettings(
-        prompt=prompt,
-        seed=seed,
-        height=height,
-        width=width,
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        method="freefuse",
-        mask_step=mask_step,
-        block=block,
-        preview=preview,
-        max_sequence_length=max_sequence_length,
-    )
-    run = Run(settings, _loras_from_flags(lora, None), model)
-    run.check()
-    paths = output_paths(out, name, 1)
+    if options.values["masks"] is not None:
+        raise UserError(
+            "--masks gives masks to generate with; `freefuse masks` makes them. Leave --masks out."
+        )
+    options.settings.setdefault("method", "freefuse")
+    if not get_method(options.settings["method"]).reads_attention:
+        raise UserError(
+            f"`freefuse masks` needs a method that reads attention, not {options.settings['method']!r}."
+        )
+    spec, paths = _prepare(options)
     for files in paths:
         files.pop("image")
-    _check_outputs_free(paths, overwrite)
-    freefuse = run.load(device, dtype, offload)
-    output = execute(freefuse, run.settings, stop_after_masks=True)
-    write_outputs(output, paths, overwrite, masks_only=True)
+    _check_outputs_free(paths, options.values["overwrite"])
+    freefuse = _load(spec, options)
+    output = execute(freefuse, spec.settings, stop_after_masks=True)
+    write_outputs(output, paths, options.values["overwrite"], masks_only=True)
     for files in paths:
-        console.print(f"masks: {files['masks']}  overlay: {files['overlay']}")
+        console.print(escape(f"masks: {files['masks']}  overlay: {files['overlay']}"), highlight=False)
 
 
 @app.command()
@@ -581,14 +491,10 @@ def batch(
     between processes (one GPU each; gloo on CPUs); results and index shards share one folder.
     """
     from .batch import Session, expand_grid, is_done, load_jobs, process_state, read_index, run_batch
-    from .lora import check_lora_path
-    from .models import check_model_source
 
     job_list = expand_grid(jobs) if grid else load_jobs(jobs)
     for job in job_list:  # everything that needs no weights, before any model loads
-        check_model_source(job.model)
-        for lora in job.loras:
-            check_lora_path(lora["path"])
+        job.check()
     state = process_state()
     if dry_run:
         done = read_index(out) if out.is_dir() else {}
@@ -685,47 +591,18 @@ def demo(
     dtype: DtypeOpt = None,
     offload: OffloadOpt = False,
 ) -> None:
-    """Run the whole job offline: the built-in tiny model unless real FLUX.1 weights are present."""
-    from .models import TINY, cached_flux_model, load_pipeline
-    from .pipeline import FreeFuse
-    from .settings import GenerationSettings
-    from .testing import random_lora
+    """Run the whole job offline: the built-in tiny model unless real weights are present."""
+    from .demo import plan_demo, run_demo
 
-    chosen = model or cached_flux_model() or TINY
-    tiny = chosen == TINY
-    width, height = parse_size(size or ("512" if tiny else "1024"))
-    settings = GenerationSettings(
-        prompt="Alice hugging Bob in the snow",
-        seed=seed,
-        height=height,
-        width=width,
-        num_inference_steps=steps or (8 if tiny else 28),
-        max_sequence_length=64 if tiny else 512,
+    plan = plan_demo(model, steps, size, seed)
+    console.print(
+        escape(f"model: {'built-in tiny random FLUX (no weights found)' if plan.tiny else plan.model}")
     )
-    paths = output_paths(out, "demo", 1)
-    _check_outputs_free(paths, overwrite)
-    console.print(f"model: {'built-in tiny random FLUX (no weights found)' if tiny else chosen}")
-    with console.status(f"Loading {chosen} ..."):
-        pipeline = load_pipeline(chosen, device=device, dtype=dtype, offload=offload)
-    freefuse = FreeFuse(pipeline)
-    with tempfile.TemporaryDirectory(prefix="freefuse-demo-") as folder:
-        # Random LoRAs written as files with their trigger word in the metadata, then loaded the
-        # way a user's LoRAs are (words come from the metadata).
-        for name, word, lora_seed in (("alice", "Alice", 1), ("bob", "Bob", 2)):
-            path = Path(folder) / f"{name}.safetensors"
-            random_lora(
-                pipeline,
-                name,
-                seed=lora_seed,
-                path=path,
-                scale=1.0 if tiny else 0.3,
-                metadata={"modelspec.trigger_phrase": word},
-            )
-            freefuse.add_lora(path, name=name)
-        output = execute(freefuse, settings)
-    write_outputs(output, paths, overwrite)
-    _summary(output, paths)
-    console.print(f"wrote {paths[0]['image']}, {paths[0]['overlay']}, {paths[0]['manifest']}")
+    files, output = run_demo(
+        plan, out, execute, overwrite=overwrite, device=device, dtype=dtype, offload=offload
+    )
+    _summary(output, [files])
+    console.print(escape(f"wrote {files['image']}, {files['overlay']}, {files['manifest']}"), highlight=False)
 
 
 eval_app = typer.Typer(help="Measure subject bleeding offline.", no_args_is_help=True)
@@ -754,18 +631,7 @@ def eval_shapesworld(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Pairs, triples and the quad of the 4 ShapesWorld LoRAs x prompts x seeds: identity, presence, leakage."""
-    from .files import atomic_save, atomic_write, write_json
-    from .shapesworld.evaluate import (
-        METHODS,
-        EvalConfig,
-        Evaluator,
-        base_rate,
-        evaluate,
-        markdown_table,
-        picture_grid,
-        result_record,
-        single_lora_rates,
-    )
+    from .shapesworld.evaluate import METHODS, EvalConfig, run_evaluation
 
     methods = tuple(method or METHODS)
     unknown = sorted(set(methods) - set(METHODS))
@@ -782,31 +648,20 @@ def eval_shapesworld(
         if bad:
             raise UserError(f"--subjects {bad}: ShapesWorld has 4 subjects; use 2, 3 or 4.")
         config.group_sizes = tuple(sizes)
-    files = {"json": out / "results.json", "md": out / "results.md", "grid": out / "grid.png"}
-    _check_outputs_free([files], overwrite)
-    with console.status("Loading the ShapesWorld model and LoRAs ..."):
-        evaluator = Evaluator(model, loras)
-    with _progress() as progress:
-        task = progress.add_task("evaluating", total=None)
-        evaluation = evaluate(
-            config, evaluator, on_step=lambda done, total: progress.update(task, completed=done, total=total)
-        )
-        progress.update(task, description="single LoRAs")
-        singles = single_lora_rates(evaluator, config.single_seeds, config.steps)
-        progress.update(task, description="base model")
-        base = base_rate(evaluator, config.base_samples, config.steps)
-    record = result_record(config, evaluation, singles, base)
     command_line = (
         "freefuse " + " ".join(sys.argv[1:])
         if sys.argv and "freefuse" in sys.argv[0]
         else "freefuse eval shapesworld"
     )
-    grid = picture_grid(evaluation["samples"], methods, config.grid_rows)
-    atomic_save(files["grid"], lambda f: grid.save(f, "PNG"), overwrite)
-    atomic_write(files["md"], markdown_table(record, command_line), overwrite)
-    write_json(files["json"], record, overwrite)
-    console.print(markdown_table(record, command_line), highlight=False)
-    console.print(f"wrote {files['json']}, {files['md']}, {files['grid']}")
+    with _progress() as progress:
+        task = progress.add_task("loading", total=None)
+
+        def report(stage: str, done: int | None, total: int | None) -> None:
+            progress.update(task, description=stage, completed=done or 0, total=total)
+
+        _, files, table = run_evaluation(config, out, model, loras, overwrite, command_line, report)
+    console.print(table, highlight=False, markup=False)
+    console.print(escape(f"wrote {files['json']}, {files['md']}, {files['grid']}"), highlight=False)
 
 
 def main() -> None:

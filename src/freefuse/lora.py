@@ -1,13 +1,9 @@
-"""LoRA files (safetensors only), their trigger words, and per-token masks on PEFT LoRA layers.
+"""LoRA files: read with safetensors only, checked, described, and their trigger words found.
 
-Reading: a LoRA file is opened with safetensors only; pickle formats (.ckpt, .pt, .bin, ...) are
-refused by name, before any byte is read. Layout conversion (kohya, XLabs, BFL, ai-toolkit,
-diffusers/PEFT) is diffusers' own; this module only checks that the result fits the model.
-
-Masking: `LoraMasker` puts a forward hook on `lora_B[adapter]` of every adapted layer. PEFT forms
-`base(x) + lora_B(lora_A(x)) * scaling`, so scaling `lora_B`'s output by a per-token mask gives
-`base(x) + scaling * mask * B(A(x))`, the masked delta of the method. Hooks live only inside the
-context manager and are removed in `finally`.
+A LoRA file is opened with safetensors only; pickle formats (.ckpt, .pt, .bin, ...) are refused
+by name, before any byte is read. Layout conversion (kohya, XLabs, BFL, ai-toolkit,
+diffusers/PEFT) is diffusers' own, called by the architecture's backend; this module only reads
+files and checks that a converted LoRA fits a model. Masking at run time is `freefuse.masking`.
 """
 
 from __future__ import annotations
@@ -16,13 +12,16 @@ import contextlib
 import json
 import re
 import struct
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .files import sha256_file
+
+if TYPE_CHECKING:
+    from .backends.base import Backend
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".th", ".tar", ".zip"}
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
@@ -63,8 +62,9 @@ class LoraFile:
         return trigger_words_from_metadata(self.metadata)
 
 
-def check_lora_path(path: str | Path) -> Path:
-    """Cheap checks on a LoRA path before any model loads: exists, a file, not pickle, a sane header."""
+def check_lora_path(path: str | Path, architecture: type[Backend] | None = None) -> Path:
+    """Cheap checks on a LoRA path before any model loads: exists, a file, not pickle, a sane header,
+    and (given the model's backend class) tensor names of that architecture."""
     path = Path(path).expanduser()
     if not path.exists():
         raise LoraFileError(f"LoRA file {path} does not exist.")
@@ -79,12 +79,8 @@ def check_lora_path(path: str | Path) -> Path:
     if size == 0:
         raise LoraFileError(f"LoRA file {path} is empty (0 bytes); download it again.")
     header = read_header(path)
-    if detect_layout({key: None for key in header if key != "__metadata__"}) == "kohya-unet":
-        first = next(key for key in header if key != "__metadata__")
-        raise LoraFileError(
-            f"{path.name} is a LoRA for a UNet model (SD 1.x / SDXL keys such as {first!r}), not for a FLUX "
-            "transformer; use a LoRA trained for this model."
-        )
+    if architecture is not None:
+        architecture.check_lora_keys([key for key in header if key != "__metadata__"], path.name)
     return path
 
 
@@ -171,7 +167,7 @@ def detect_layout(state_dict: dict[str, torch.Tensor]) -> str:
         return "xlabs"
     if any(k.startswith("diffusion_model.") for k in keys):
         return "bfl"
-    if any(k.startswith("transformer.") and ".lora_A." in k for k in keys):
+    if any(re.match(r"(transformer|unet|text_encoder(_2)?)\.", k) and ".lora_A." in k for k in keys):
         return "diffusers"
     if any(k.startswith("base_model.model.") for k in keys):
         return "peft"
@@ -180,61 +176,24 @@ def detect_layout(state_dict: dict[str, torch.Tensor]) -> str:
     return "unknown"
 
 
-def _bfl_to_kohya_names(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """BFL-named LoRAs (`diffusion_model.double_blocks.0.img_attn.qkv.lora_A.weight`) use the names of
-    the original FLUX code base, which diffusers' kohya converter already maps; only the A/B suffixes
-    differ from kohya's down/up."""
-    renamed = {}
-    for key, value in state_dict.items():
-        key = key.replace(".lora_A.weight", ".lora_down.weight").replace(".lora_B.weight", ".lora_up.weight")
-        renamed[key] = value
-    return renamed
+def check_lora_fits(
+    state_dict: dict[str, torch.Tensor], denoiser: torch.nn.Module, prefix: str, source: str
+) -> None:
+    """Raise LoraFileError naming the first LoRA key that has no layer in `denoiser` or wrong shapes.
 
-
-# Layouts whose key names diffusers' loaders do not recognise by themselves; FreeFuse renames them.
-RENAMED_LAYOUTS = ("bfl", "peft")
-
-
-def renamed_state_dict(lora: LoraFile) -> dict[str, torch.Tensor]:
-    """The file's tensors under names diffusers' FLUX loader understands (only BFL and bare PEFT change)."""
-    state = dict(lora.state_dict)
-    if lora.layout == "bfl" and not any(".lora_down." in k for k in state):
-        state = _bfl_to_kohya_names(state)
-    if lora.layout == "peft" and not any(k.startswith("transformer.") for k in state):
-        state = {"transformer." + k.removeprefix("base_model.model."): v for k, v in state.items()}
-    return state
-
-
-def to_diffusers_layout(lora: LoraFile, pipeline_class) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Convert a LoRA to diffusers layout with the pipeline class's own converter.
-
-    Returns `(state_dict, network_alphas)`, keys like `transformer.<module>.lora_A.weight`.
+    `state_dict` is in diffusers layout; `prefix` is the denoiser's key prefix ("transformer").
     """
-    state = renamed_state_dict(lora)
-    try:
-        converted = pipeline_class.lora_state_dict(state, return_alphas=True)
-    except (ValueError, KeyError, RuntimeError, AssertionError) as error:
-        first = next(iter(state))
+    denoiser_keys = [k for k in state_dict if k.startswith(prefix + ".")]
+    if not denoiser_keys:
         raise LoraFileError(
-            f"{lora.path.name} is not a LoRA layout {pipeline_class.__name__} understands (first key {first!r}): "
-            f"{str(error).strip()[:300]}"
-        ) from None
-    state_dict, alphas = converted if isinstance(converted, tuple) else (converted, None)
-    return state_dict, alphas
-
-
-def check_lora_fits(state_dict: dict[str, torch.Tensor], transformer: torch.nn.Module, source: str) -> None:
-    """Raise LoraFileError naming the first LoRA key that has no layer in `transformer` or wrong shapes."""
-    transformer_keys = [k for k in state_dict if k.startswith("transformer.")]
-    if not transformer_keys:
-        raise LoraFileError(
-            f"{source} has no layers for this model's transformer (first key {next(iter(state_dict), None)!r}); "
+            f"{source} has no layers for this model's {prefix} (first key {next(iter(state_dict), None)!r}); "
             "it is a LoRA for another architecture."
         )
-    modules = dict(transformer.named_modules())
+    modules = dict(denoiser.named_modules())
     ranks: dict[str, int] = {}
-    for key in sorted(transformer_keys):
-        match = re.match(r"transformer\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$", key)
+    pattern = re.compile(re.escape(prefix) + r"\.(.+)\.lora_([AB])(?:\.[^.]+)?\.weight$")
+    for key in sorted(denoiser_keys):
+        match = pattern.match(key)
         if match is None:
             continue
         module_name, which = match.groups()
@@ -242,7 +201,7 @@ def check_lora_fits(state_dict: dict[str, torch.Tensor], transformer: torch.nn.M
         if module is None:
             raise LoraFileError(
                 f"{source} does not fit this model: key {key!r} names layer {module_name!r}, which the "
-                "transformer does not have (a LoRA for another model or version)."
+                f"{prefix} does not have (a LoRA for another model or version)."
             )
         base = getattr(module, "base_layer", module)
         in_features, out_features = getattr(base, "in_features", None), getattr(base, "out_features", None)
@@ -300,123 +259,6 @@ def tag_frequencies(metadata: dict[str, str], limit: int = 10) -> list[tuple[str
                     if isinstance(count, int | float) and str(tag).strip():
                         counts[str(tag).strip()] = counts.get(str(tag).strip(), 0) + int(count)
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
-
-
-# -- per-token masks on PEFT layers ----------------------------------------------------------------
-
-# How a layer's input is laid out along its token axis (decided per layer by the backend).
-IMAGE, TEXT, JOINT, NO_TOKENS = "image", "text", "joint", "none"
-
-
-@dataclass
-class AdapterMask:
-    """Per-token mask of one adapter for one forward pass.
-
-    Attributes:
-        image: `[B, N]` image-token mask.
-        text: `[B, T]` text-token mask.
-    """
-
-    image: torch.Tensor
-    text: torch.Tensor
-
-    def for_layout(self, layout: str) -> torch.Tensor:
-        """`[B, S, 1]` for token layouts, `[B, 1]` for layers without tokens (mean image coverage)."""
-        if layout == IMAGE:
-            return self.image[..., None]
-        if layout == TEXT:
-            return self.text[..., None]
-        if layout == JOINT:
-            return torch.cat([self.text, self.image], dim=1)[..., None]
-        return self.image.mean(dim=1, keepdim=True)
-
-
-def lora_layers(transformer: torch.nn.Module, adapter: str) -> Iterator[tuple[str, torch.nn.Module]]:
-    """(name, PEFT LoRA layer) for every layer of `transformer` that `adapter` adapts."""
-    for name, module in transformer.named_modules():
-        lora_b = getattr(module, "lora_B", None)
-        if isinstance(lora_b, torch.nn.ModuleDict) and adapter in lora_b:
-            yield name, module
-
-
-class LoraMasker:
-    """Scales each masked adapter's LoRA delta per token; `set_masks` switches masks between passes.
-
-    Args:
-        transformer: the PEFT-adapted model.
-        adapters: names of the adapters to mask (global ones are left out).
-        layout_of: module name → IMAGE, TEXT, JOINT or NO_TOKENS.
-    """
-
-    def __init__(self, transformer: torch.nn.Module, adapters: list[str], layout_of: Callable[[str], str]):
-        self.transformer = transformer
-        self.adapters = list(adapters)
-        self.layout_of = layout_of
-        self._masks: dict[str, AdapterMask] | None = None
-        self._cache: dict[tuple[str, str], torch.Tensor] = {}
-
-    def set_masks(self, masks: dict[str, AdapterMask] | None) -> None:
-        """Masks for the next forward passes, keyed by adapter; None lets every delta through unchanged."""
-        self._masks = masks
-        self._cache = {}
-
-    def _mask(self, adapter: str, layout: str, output: torch.Tensor) -> torch.Tensor | None:
-        if self._masks is None or adapter not in self._masks:
-            return None
-        key = (adapter, layout)
-        mask = self._cache.get(key)
-        if mask is None:
-            mask = self._masks[adapter].for_layout(layout)
-            self._cache[key] = mask
-        if mask.device != output.device or mask.dtype != output.dtype:
-            mask = mask.to(device=output.device, dtype=output.dtype)
-            self._cache[key] = mask
-        return mask
-
-    def _hook(self, adapter: str, layer_name: str, layout: str):
-        def scale_delta(module, inputs, output):
-            mask = self._mask(adapter, layout, output)
-            if mask is None:
-                return output
-            if mask.shape[:-1] != output.shape[:-1]:
-                raise RuntimeError(
-                    f"Mask for adapter {adapter!r} has shape {tuple(mask.shape)} but layer {layer_name!r} "
-                    f"({layout} tokens) gave {tuple(output.shape)}; the token layout does not match this model."
-                )
-            return output * mask
-
-        return scale_delta
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[LoraMasker]:
-        """Hooks on every `lora_B[adapter]` while inside; removed on exit, even on error."""
-        handles = []
-        try:
-            for adapter in self.adapters:
-                found = False
-                for name, layer in lora_layers(self.transformer, adapter):
-                    found = True
-                    if getattr(layer, "merged", False):
-                        raise RuntimeError(
-                            f"Adapter {adapter!r} is fused into the weights of {name!r}; a fused LoRA cannot be "
-                            "masked. Call `pipeline.unfuse_lora()` first."
-                        )
-                    if adapter in getattr(layer, "lora_variant", {}):
-                        raise RuntimeError(
-                            f"Adapter {adapter!r} is a DoRA/variant adapter on {name!r}; only plain LoRA can be "
-                            "masked per token."
-                        )
-                    layout = self.layout_of(name)
-                    handles.append(
-                        layer.lora_B[adapter].register_forward_hook(self._hook(adapter, name, layout))
-                    )
-                if not found:
-                    raise RuntimeError(f"Adapter {adapter!r} adapts no layer of the transformer.")
-            yield self
-        finally:
-            for handle in handles:
-                handle.remove()
-            self.set_masks(None)
 
 
 def describe_lora(path: str | Path) -> dict:

@@ -81,8 +81,8 @@ def cached_sha256(path: Path) -> str:
     return digest
 
 
-def model_record(pipeline) -> dict:
-    """Model id/path, class, and a hash per weight/config file (or of the weights when in memory)."""
+def model_record(pipeline, denoiser: torch.nn.Module) -> dict:
+    """Model id/path, class, and a hash per weight/config file (or of the denoiser's weights when in memory)."""
     record = {"id_or_path": getattr(pipeline, "name_or_path", None) or None, "class": type(pipeline).__name__}
     files: dict[str, str] = {}
     for name, component in pipeline.components.items():
@@ -94,25 +94,25 @@ def model_record(pipeline) -> dict:
     if files:
         record["files"] = files
         return record
-    transformer = pipeline.transformer
-    n_params = sum(p.numel() for p in transformer.parameters())
+    n_params = sum(p.numel() for p in denoiser.parameters())
     if n_params <= IN_MEMORY_HASH_LIMIT:
         import hashlib
 
         digest = hashlib.sha256()
-        for key, tensor in sorted(transformer.state_dict().items()):
+        for key, tensor in sorted(denoiser.state_dict().items()):
             digest.update(key.encode())
             digest.update(tensor.detach().float().cpu().numpy().tobytes())
-        record["transformer_weights_sha256"] = digest.hexdigest()
+        record["denoiser_weights_sha256"] = digest.hexdigest()
     return record
 
 
 def build_manifest(
-    freefuse, settings, *, block, positions, mask_sets, fallbacks, notes, timings, masks_source
+    freefuse, settings, *, positions, mask_sets, fallbacks, notes, timings, masks_source, seeds
 ) -> dict:
-    pipeline = freefuse.pipeline
+    """The record of one run. `seeds`: per image, or None when the noise came from the caller."""
+    pipeline, backend = freefuse.pipeline, freefuse.backend
     images = []
-    for index, (prompt, seed) in enumerate(zip(settings.image_prompts, settings.image_seeds, strict=True)):
+    for index, prompt in enumerate(settings.image_prompts):
         subjects = {}
         for name, tokens in positions[index].items():
             subjects[name] = {"tokens": list(tokens)}
@@ -124,7 +124,7 @@ def build_manifest(
             {
                 "index": index,
                 "prompt": prompt,
-                "seed": seed,
+                "seed": None if seeds is None else seeds[index],
                 "subjects": subjects,
                 "fallbacks": list(fallbacks[index]),
             }
@@ -138,12 +138,12 @@ def build_manifest(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
         "command": list(sys.argv),
-        "device": device_description(freefuse.backend.device),
-        "dtype": str(pipeline.transformer.dtype).removeprefix("torch."),
-        "backend": freefuse.backend.name,
-        "model": model_record(pipeline),
+        "device": device_description(backend.device),
+        "dtype": str(backend.denoiser.dtype).removeprefix("torch."),
+        "backend": backend.name,
+        "model": model_record(pipeline, backend.denoiser),
         "loras": [subject.to_dict() for subject in freefuse.subjects.values()],
-        "settings": {**settings.to_dict(), "block": block},
+        "settings": settings.to_dict(),
         "masks": masks_record,
         "images": images,
         "notes": list(notes),
@@ -172,3 +172,84 @@ def read_manifest(path: str | Path) -> dict:
         if not isinstance(manifest.get(key), kind):
             raise ValueError(f"Manifest {path} has no valid `{key}`.")
     return manifest
+
+
+# -- replay ----------------------------------------------------------------------------------------------
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def replay_spec(
+    manifest_path: str | Path,
+    model: str | None = None,
+    loras: list | None = None,
+    settings: dict | None = None,
+    masks: str | None = None,
+    here: Path | None = None,
+):
+    """The run a manifest describes, with what the caller gives instead.
+
+    What is given wins over the manifest: `model`, `loras` (all of them), `masks`, and each
+    setting in `settings` (field names); the returned spec's `notes` say which ones changed.
+    Manifests are untrusted: file paths they name must lie inside `here` (the working folder),
+    or be given by the caller.
+    """
+    from .models import TINY, is_hub_id
+    from .settings import GenerationSettings, SettingsError
+    from .spec import LoraSpec, RunSpec
+
+    manifest = read_manifest(manifest_path)
+    here = Path.cwd() if here is None else here
+    recorded = dict(manifest["settings"])
+    overrides = dict(settings or {})
+    notes = []
+    if overrides:
+        changed = ", ".join(
+            f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in sorted(overrides.items())
+        )
+        notes.append(f"replaying {manifest_path} with settings given on the command line: {changed}.")
+    if "num_inference_steps" in overrides and "mask_step" not in overrides:
+        recorded.pop("mask_step", None)  # the default scales with the new step count
+        notes.append(
+            "the mask step follows the new step count (the paper's 6 of 28, scaled); pass --mask-step to fix it."
+        )
+    run_settings = GenerationSettings.from_dict({**recorded, **overrides})
+    if not loras:
+        loras = []
+        for index, entry in enumerate(manifest["loras"]):
+            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+                raise SettingsError(
+                    f"Manifest {manifest_path} names a LoRA without a file path; pass it with --lora."
+                )
+            path = Path(entry["path"])
+            if not _inside(path if path.is_absolute() else here / path, here):
+                raise SettingsError(
+                    f"Manifest LoRA path {entry['path']!r} is outside the working directory; for safety it is only "
+                    "used when given on the command line (--lora PATH=WORD)."
+                )
+            known = {key: entry.get(key) for key in ("path", "words", "weight", "scope", "name", "sha256")}
+            loras.append(LoraSpec.parse(known, f"{manifest_path} LoRA {index + 1}"))
+    else:
+        notes.append(
+            f"replaying {manifest_path} with the LoRAs given on the command line instead of its own."
+        )
+    if model is None:
+        model = manifest["model"].get("id_or_path")
+        if not isinstance(model, str) or not model:
+            raise SettingsError(f"Manifest {manifest_path} records no model path; pass --model.")
+        if model != TINY and not is_hub_id(model) and not _inside(Path(model), here):
+            raise SettingsError(
+                f"Manifest model path {model!r} is outside the working directory; pass it with --model to use it."
+            )
+    if masks is None:
+        recorded_masks = manifest.get("masks")
+        if isinstance(recorded_masks, str) and recorded_masks != "in-memory":
+            if not _inside(Path(recorded_masks), here):
+                raise SettingsError(
+                    f"Manifest mask path {recorded_masks!r} is outside the working directory; refusing to read it."
+                )
+            masks = recorded_masks
+    return RunSpec(model=model, loras=list(loras), settings=run_settings, masks=masks, notes=notes)

@@ -1,15 +1,23 @@
-"""Loading base models: a local diffusers folder, a Hugging Face id (cache or download), or the tiny demo model."""
+"""Loading base models: a local diffusers folder, a Hugging Face id (cache or download), or the tiny demo model.
+
+Which architecture a model is comes from its `model_index.json` (`_class_name`), matched against
+the registered backends; nothing here knows a particular architecture.
+"""
 
 from __future__ import annotations
 
 import os
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-KNOWN_FLUX_IDS = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
+if TYPE_CHECKING:
+    from .backends.base import Backend
+
 TINY = "tiny"
+TINY_ARCHITECTURE = "flux"
 _HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 
 
@@ -55,17 +63,59 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def cached_flux_model() -> str | None:
-    """The id of a FLUX.1 model whose files are in the local Hugging Face cache, if any."""
+def cached_model() -> str | None:
+    """The id of a model a backend knows whose files are in the local Hugging Face cache, if any."""
+    from .backends import BACKENDS
+
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    for repo in KNOWN_FLUX_IDS:
-        found = try_to_load_from_cache(repo, "model_index.json")
-        if isinstance(found, str) and Path(found).is_file():
-            return repo
+    for backend in BACKENDS.values():
+        for repo in backend.known_model_ids:
+            found = try_to_load_from_cache(repo, "model_index.json")
+            if isinstance(found, str) and Path(found).is_file():
+                return repo
     return None
+
+
+def _model_index(model: str) -> dict | None:
+    """`model_index.json` of a local folder or of a cached hub model, without loading anything."""
+    import json
+
+    path = Path(model).expanduser() / "model_index.json"
+    if not path.is_file() and is_hub_id(model):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+        except ImportError:
+            return None
+        found = try_to_load_from_cache(model, "model_index.json")
+        path = Path(found) if isinstance(found, str) else path
+    if not path.is_file():
+        return None
+    try:
+        index = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return index if isinstance(index, dict) else None
+
+
+def architecture_of(model: str) -> type[Backend] | None:
+    """The backend class for a model source, from its `model_index.json`; None when it cannot be
+    told before loading (a hub id not in the cache)."""
+    from .backends import BACKENDS
+
+    if model == TINY:
+        return BACKENDS[TINY_ARCHITECTURE]
+    index = _model_index(model)
+    if index is None:
+        return next((b for b in BACKENDS.values() if model in b.known_model_ids), None)
+    class_name = index.get("_class_name")
+    for backend in BACKENDS.values():
+        if class_name in backend.pipeline_classes:
+            return backend
+    supported = sorted(name for backend in BACKENDS.values() for name in backend.pipeline_classes)
+    raise ModelLoadError(f"{model} is a {class_name}; FreeFuse runs {supported}.")
 
 
 def is_hub_id(model: str) -> bool:
@@ -83,7 +133,7 @@ def check_model_source(model: str) -> None:
     if path.is_file():
         raise ModelLoadError(
             f"{path} is a single file; FreeFuse needs a diffusers pipeline folder (with model_index.json) or a "
-            "Hugging Face id such as black-forest-labs/FLUX.1-dev."
+            "Hugging Face id."
         )
     index = path / "model_index.json"
     if not index.is_file():
@@ -113,20 +163,16 @@ def check_model_source(model: str) -> None:
                 f"Model folder {path} is incomplete: `{name}/` has no weights (*.safetensors, e.g. "
                 f"{name}/diffusion_pytorch_model.safetensors or {name}/model.safetensors).{hint}"
             )
+    architecture_of(model)  # a pipeline class no backend runs is refused here
 
 
-def pixels_per_token(model: str) -> int:
-    """Image tokens are this many pixels wide: from a local folder's VAE config, else FLUX.1's 16."""
-    import json
-
-    config = Path(model).expanduser() / "vae" / "config.json"
-    if model != TINY and config.is_file():
-        try:
-            channels = json.loads(config.read_text()).get("block_out_channels", [0] * 4)
-            return 2 ** (len(channels) - 1) * 2
-        except (OSError, json.JSONDecodeError, TypeError):
-            pass
-    return 16
+def pixels_per_token(model: str) -> int | None:
+    """Image pixels per token for a model source, from its configs (None when not known before loading)."""
+    architecture = architecture_of(model)
+    if architecture is None:
+        return None
+    local = Path(model).expanduser()
+    return architecture.pixels_per_token(local if model != TINY and local.is_dir() else None)
 
 
 def load_pipeline(model: str, device: str | None = None, dtype: str | None = None, offload: bool = False):
@@ -134,9 +180,9 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
     chosen = pick_device(device)
     torch_dtype = pick_dtype(dtype, chosen)
     if model == TINY:
-        from .testing import tiny_flux_pipeline
+        from .testing import TINY_PIPELINES
 
-        pipeline = tiny_flux_pipeline(seed=0).to(chosen)
+        pipeline = TINY_PIPELINES[TINY_ARCHITECTURE](seed=0).to(chosen)
         pipeline.register_to_config(_name_or_path=TINY)
         return pipeline
     check_model_source(model)

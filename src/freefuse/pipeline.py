@@ -9,11 +9,14 @@
 Stage 1: the first `mask_step` steps run as plain joint multi-LoRA inference; during the last of
 them one block's queries/keys are tapped, x0 is predicted and previewed, and `freefuse.core`
 turns them into one mask per subject. Stage 2: the remaining steps continue the same trajectory
-with every subject LoRA's delta masked per token. Nothing is recomputed.
+with every subject LoRA's delta masked per token. Nothing is recomputed. What differs between
+`merge`, `masks` and `freefuse` lives in `freefuse.methods`; what differs between architectures
+lives in `freefuse.backends`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import time
@@ -21,29 +24,24 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
 from .backends import backend_for
-from .baselines import get_method
-from .core import MaskResult, MaskSet, NonFiniteError, load_mask_image, masks_from_attention
-from .lora import (
-    RENAMED_LAYOUTS,
-    AdapterMask,
-    LoraFileError,
-    LoraMasker,
-    check_lora_fits,
-    read_lora_file,
-    renamed_state_dict,
-    to_diffusers_layout,
-)
+from .core import MaskSet
+from .lora import LoraFileError, read_lora_file
+from .masking import LoraMasker, pass_masks
+from .methods import MaskInput, Method, RunContext, SubjectMasks, get_method
 from .settings import GenerationSettings
 from .tokens import WordNotFoundError, find_word, truncation_note
 
 SCOPES = ("subject", "global")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+# What `callback_on_step_end` may ask for, as in diffusers' `_callback_tensor_inputs`.
+CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds")
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 
 class FreeFuseWarning(UserWarning):
@@ -65,6 +63,7 @@ class Subject:
         scope: "subject" (masked) or "global" (style/background LoRA, never masked).
         path, sha256, layout: where the file came from, when it came from a file.
         metadata_words: trigger words found in the file's metadata.
+        owned: this FreeFuse loaded the adapter (so `remove` deletes it); False for `use_adapter`.
     """
 
     name: str
@@ -75,6 +74,7 @@ class Subject:
     sha256: str | None = None
     layout: str | None = None
     metadata_words: list[str] = field(default_factory=list)
+    owned: bool = False
 
     def to_dict(self) -> dict:
         return {
@@ -100,9 +100,6 @@ class FreeFuseOutput:
     attention: list[dict | None] = field(default_factory=list)
 
 
-MaskInput = MaskSet | dict | Sequence | None
-
-
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(
@@ -126,6 +123,12 @@ def _check_words(words, name: str) -> list[str]:
     if any(not word for word in cleaned):
         raise ValueError(f"LoRA {name!r} has an empty activation word; pass words like ['ohwx'].")
     return cleaned
+
+
+def _check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise ValueError(f"Unknown scope {scope!r}; use 'subject' (masked) or 'global' (never masked).")
+    return scope
 
 
 class FreeFuse:
@@ -154,8 +157,7 @@ class FreeFuse:
 
         `words` default to the trigger words in the file's metadata (see `freefuse inspect`).
         """
-        if scope not in SCOPES:
-            raise ValueError(f"Unknown scope {scope!r}; use 'subject' (masked) or 'global' (never masked).")
+        _check_scope(scope)
         weight = _check_weight(weight)
         path = Path(path)
         name = _check_name(name or re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)[:64] or "lora")
@@ -167,19 +169,7 @@ class FreeFuse:
                 raise LoraFileError(
                     f"{path} is the same file as LoRA {subject.name!r} ({subject.path}); add it once."
                 )
-        converted, _ = to_diffusers_layout(lora, type(self.pipeline))
-        check_lora_fits(converted, self.pipeline.transformer, source=path.name)
-        # diffusers reads the file itself where it can, so that the LoRA's own scale (alpha and
-        # rank patterns in the header metadata) is kept; renamed layouts go in as tensors.
-        source = renamed_state_dict(lora) if lora.layout in RENAMED_LAYOUTS else str(path)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # "no LoRA keys for the text encoder" and the like
-                self.pipeline.load_lora_weights(source, adapter_name=name, use_safetensors=True)
-        except BaseException:
-            if name in (getattr(self.pipeline.transformer, "peft_config", None) or {}):
-                self.pipeline.delete_adapters(name)  # nothing half-loaded stays behind
-            raise
+        self.backend.load_lora(lora, name)
         subject = Subject(
             name=name,
             words=words or lora.trigger_words,
@@ -189,6 +179,7 @@ class FreeFuse:
             sha256=lora.sha256,
             layout=lora.layout,
             metadata_words=lora.trigger_words,
+            owned=True,
         )
         self.subjects[name] = subject
         return subject
@@ -201,22 +192,22 @@ class FreeFuse:
         scope: str = "subject",
         source: Subject | None = None,
     ) -> Subject:
-        """Control a LoRA already loaded into the transformer as PEFT adapter `name`.
+        """Control a LoRA already loaded into the denoiser as PEFT adapter `name` (borrowed: `remove`
+        forgets it but leaves the adapter in the pipeline).
 
         `source`: the Subject the adapter was loaded as (by `add_lora` on another FreeFuse over the
         same pipeline); its file path, hash, layout and metadata words go into this run's manifest,
         and its metadata words are the default `words`.
         """
-        if scope not in SCOPES:
-            raise ValueError(f"Unknown scope {scope!r}; use 'subject' (masked) or 'global' (never masked).")
-        present = sorted(getattr(self.pipeline.transformer, "peft_config", {}) or {})
+        _check_scope(scope)
+        present = sorted(getattr(self.backend.denoiser, "peft_config", {}) or {})
         if name not in present:
-            raise ValueError(f"The transformer has no adapter {name!r}; loaded adapters are {present}.")
+            raise ValueError(f"The model has no adapter {name!r}; loaded adapters are {present}.")
         if name in self.subjects:
             raise ValueError(f"Adapter {name!r} is already added.")
         subject = Subject(
             name=name,
-            words=_check_words(words, name) or (source.metadata_words if source else []),
+            words=_check_words(words, name) or (list(source.metadata_words) if source else []),
             weight=_check_weight(weight),
             scope=scope,
         )
@@ -227,20 +218,20 @@ class FreeFuse:
         return subject
 
     def remove(self, name: str) -> None:
-        """Forget a LoRA and delete its adapter from the pipeline."""
+        """Forget a LoRA; delete its adapter from the pipeline if this FreeFuse loaded it."""
         if name not in self.subjects:
             raise ValueError(f"No LoRA named {name!r}; added: {sorted(self.subjects)}.")
         subject = self.subjects.pop(name)
-        if subject.path is not None:
+        if subject.owned:
             self.pipeline.delete_adapters(name)
 
     def _check_new_name(self, name: str) -> None:
         if name in self.subjects:
             raise ValueError(f"A LoRA named {name!r} is already added; give each LoRA its own name.")
-        present = getattr(self.pipeline.transformer, "peft_config", {}) or {}
+        present = getattr(self.backend.denoiser, "peft_config", {}) or {}
         if name in present:
             raise ValueError(
-                f"The transformer already has an adapter {name!r}; pick another name or `use_adapter`."
+                f"The model already has an adapter {name!r}; pick another name or `use_adapter`."
             )
 
     # -- running ---------------------------------------------------------------------------------
@@ -248,72 +239,83 @@ class FreeFuse:
         self,
         prompt: str | list[str],
         masks: MaskInput = None,
-        callback: Callable | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         progress: bool = True,
         output_type: str = "pil",
-        **settings,
+        **settings: Any,
     ) -> FreeFuseOutput:
-        """Generate. Keyword settings are those of `GenerationSettings` (seed, height, method, ...)."""
+        """Generate. Keyword settings are `GenerationSettings` fields (seed, height, method, ...).
+
+        `generator`, `latents` and `callback_on_step_end` work as in diffusers pipelines: a
+        generator (or one per image) for the noise instead of `seed`, initial latents instead of
+        noise, and `callback_on_step_end(freefuse, step_index, timestep, callback_kwargs)` after each
+        step, whose returned dict may replace `latents`.
+        """
         return self.generate(
             GenerationSettings(prompt=prompt, **settings),
             masks=masks,
-            callback=callback,
+            generator=generator,
+            latents=latents,
+            callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             progress=progress,
             output_type=output_type,
         )
 
-    def masks(self, prompt: str | list[str], progress: bool = True, **settings) -> FreeFuseOutput:
+    def masks(self, prompt: str | list[str], progress: bool = True, **settings: Any) -> FreeFuseOutput:
         """Stage 1 only: run up to `mask_step`, return the masks and the x0 images they were read from."""
         settings.setdefault("method", "freefuse")
         return self.generate(
             GenerationSettings(prompt=prompt, **settings), progress=progress, stop_after_masks=True
         )
 
-    def check_inputs(self, settings: GenerationSettings, masks: MaskInput = None) -> list[str]:
-        """Every check that needs the model but no denoising; returns warnings."""
-        notes = settings.validate(self.backend.size_multiple)
+    def check_inputs(
+        self, settings: GenerationSettings, masks: MaskInput = None
+    ) -> tuple[GenerationSettings, list[str]]:
+        """Every check that needs the model but no denoising.
+
+        Returns the settings with the model's defaults filled in (block, token limit) and the
+        notes to show.
+        """
+        backend = self.backend
         method = get_method(settings.method)
+        settings.check_size(backend.size_multiple)
+        notes = backend.check_settings(settings) + settings.notes()
         if not self.subjects:
             raise ValueError("No LoRA added; call `add_lora(path, words=[...])` (or `use_adapter`) first.")
-        block = self.backend.default_block() if settings.block is None else settings.block
-        if not 0 <= block < self.backend.num_blocks:
+        block = backend.default_block() if settings.block is None else settings.block
+        if not 0 <= block < backend.num_blocks:
             raise ValueError(
-                f"`block` {block} is out of range: this model has {self.backend.num_blocks} double-stream blocks "
-                f"(0..{self.backend.num_blocks - 1})."
+                f"`block` {block} is out of range: this model has {backend.num_blocks} {backend.block_kind}s "
+                f"(0..{backend.num_blocks - 1})."
             )
-        if settings.max_sequence_length > self.backend.max_sequence_length:
+        length = settings.max_sequence_length or backend.default_sequence_length
+        settings = settings.model_copy(update={"block": block, "max_sequence_length": length})
+        if masks is not None and not method.takes_masks:
             raise ValueError(
-                f"`max_sequence_length` must be <= {self.backend.max_sequence_length} for this model."
+                f"`masks` are only used by method='masks'; pass method='masks' with them, or leave them out "
+                f"(method is {settings.method!r})."
             )
-        subjects = self._masked_subjects(method)
-        if method.needs_words:
-            if not subjects:
-                raise ValueError("method='freefuse' needs at least one LoRA with scope='subject'.")
-            for subject in subjects:
-                if not subject.words:
-                    raise ValueError(
-                        f"LoRA {subject.name!r} has no activation words and none in its metadata; pass "
-                        f"words=[...] (CLI: --lora PATH=WORD)."
-                    )
-        grid = self.backend.grid(settings.height, settings.width)
-        if method.needs_words and len(subjects) > grid[0] * grid[1]:
+        if settings.background_words and not method.reads_attention:
             raise ValueError(
-                f"{len(subjects)} subjects but only {grid[0] * grid[1]} image tokens at {settings.width}x"
-                f"{settings.height}; use fewer subjects or a larger image."
+                f"`background_words` only act in methods that read attention (method is {settings.method!r})."
             )
-        if method.user_masks and masks is None:
-            raise ValueError("method='masks' needs `masks` (one mask per subject LoRA).")
-        if method.user_masks and not subjects:
-            raise ValueError(
-                "method='masks' needs at least one LoRA with scope='subject' to apply the masks to."
-            )
+        for subject in self._masked_subjects(method):
+            if method.needs_words and not subject.words:
+                raise ValueError(
+                    f"LoRA {subject.name!r} has no activation words and none in its metadata; pass words=[...] "
+                    "(CLI: --lora PATH=WORD)."
+                )
         for prompt in settings.prompts:
-            note = truncation_note(self.backend.tokenizer, prompt, settings.max_sequence_length)
+            note = truncation_note(backend.tokenizer, prompt, length)
             if note:
                 notes.append(note)
-        return notes
+        return settings, notes
 
-    def _masked_subjects(self, method) -> list[Subject]:
+    def _masked_subjects(self, method: Method) -> list[Subject]:
         if not method.masks_loras:
             return []
         return [s for s in self.subjects.values() if s.scope == "subject"]
@@ -349,331 +351,246 @@ class FreeFuse:
                 raise WordNotFoundError(f"LoRA {subject.name!r}: {first_error}")
         return per_image
 
+    def _background_positions(self, prompts: list[str], words: list[str], max_length: int) -> list[list[int]]:
+        """Per image, token positions of the background words found in its prompt."""
+        result = []
+        for prompt in prompts:
+            found: set[int] = set()
+            for word in words:
+                with contextlib.suppress(WordNotFoundError):
+                    found.update(find_word(self.backend.tokenizer, prompt, word, max_length).positions)
+            result.append(sorted(found))
+        if words and not any(result):
+            raise WordNotFoundError(f"None of the background words {words} is in the prompt; put them in it.")
+        return result
+
+    def _context(self, settings: GenerationSettings, method: Method, notes: list[str]) -> RunContext:
+        """Activation words → token positions, per image; the subjects a method masks."""
+        prompts = settings.image_prompts
+        masked = self._masked_subjects(method)
+        length = settings.max_sequence_length
+        positions = self._positions(prompts, masked, length, method.needs_words, notes)
+        if method.needs_words:
+            for index, found in enumerate(positions):
+                for subject in masked:
+                    if subject.name not in found:
+                        notes.append(
+                            f"image {index}: LoRA {subject.name!r} is off after the mask step (its words are not in "
+                            "this prompt; the steps before run every LoRA jointly)."
+                        )
+        return RunContext(
+            settings=settings,
+            backend=self.backend,
+            names=[s.name for s in masked],
+            positions=positions,
+            background=self._background_positions(prompts, settings.background_words, length),
+            grid=self.backend.grid(settings.height, settings.width),
+            fallbacks=[[] for _ in prompts],
+        )
+
     def generate(
         self,
         settings: GenerationSettings,
         masks: MaskInput = None,
-        callback: Callable | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         progress: bool = True,
         output_type: str = "pil",
         stop_after_masks: bool = False,
     ) -> FreeFuseOutput:
-        """Run one generation (a batch of images). `callback(step, total, info)` is called after each step.
+        """Run one generation (a batch of images); see `__call__` for the arguments.
 
         With `stop_after_masks`, stop once stage 1 has made the masks; `images` are then the decoded
         x0 predictions of that step (what the superpixels were cut from).
         """
         started = time.perf_counter()
         # 1. Check inputs
-        notes = self.check_inputs(settings, masks)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"Unknown output_type {output_type!r}; use one of {list(OUTPUT_TYPES)}.")
+        settings, notes = self.check_inputs(settings, masks)
         method = get_method(settings.method)
         if stop_after_masks and not method.reads_attention:
             raise ValueError(
                 f"Only methods that read attention make masks; method={settings.method!r} does not."
             )
-        backend = self.backend
-        prompts, seeds = settings.image_prompts, settings.image_seeds
-        batch = len(prompts)
-        height, width, steps = settings.height, settings.width, settings.num_inference_steps
-        grid = backend.grid(height, width)
-        n_tokens = grid[0] * grid[1]
-        block = backend.default_block() if settings.block is None else settings.block
-        mask_step = settings.resolved_mask_step
-        masked = self._masked_subjects(method)
-        names = [s.name for s in masked]
-
-        # 2. Activation words -> token positions, per image
-        max_length = settings.max_sequence_length
-        positions = self._positions(prompts, masked, max_length, method.needs_words, notes)
-        for index, found in enumerate(positions):
-            for subject in masked:
-                if method.needs_words and subject.name not in found:
-                    notes.append(
-                        f"image {index}: LoRA {subject.name!r} is off after the mask step (its words are not in "
-                        "this prompt; the steps before run every LoRA jointly)."
-                    )
-        negative_positions = None
-        if settings.negative_prompt and settings.true_cfg_scale > 1:
-            negative_positions = self._positions(
-                [settings.negative_prompt] * batch, masked, max_length, False, []
+        unknown = sorted(set(callback_on_step_end_tensor_inputs) - set(CALLBACK_TENSOR_INPUTS))
+        if unknown:
+            raise ValueError(
+                f"`callback_on_step_end_tensor_inputs` {unknown} are not available; use {list(CALLBACK_TENSOR_INPUTS)}."
             )
+        backend = self.backend
+        batch = len(settings.image_prompts)
+        generators = self._generators(settings, generator, latents, batch, notes)
 
-        # 3. Subject masks given by the caller
-        image_masks: torch.Tensor | None = None  # [B, L, N] on the token grid
-        mask_sets: list[MaskSet | None] = [None] * batch
-        if method.user_masks:
-            mask_sets = self._user_masks(masks, masked, batch, (height, width), grid)
-            image_masks = torch.stack(
-                [m.to_token_grid(grid).reshape(len(names), n_tokens) for m in mask_sets]
+        # 2. Activation words -> token positions, per image; masks given by the caller
+        context = self._context(settings, method, notes)
+        method.check(context, masks)
+        subject_masks = method.initial_masks(context, masks)
+        negative_prompt = backend.negative_prompt(settings)
+        negative_positions = None
+        if negative_prompt is not None:
+            negative_positions = self._positions(
+                [negative_prompt] * batch,
+                self._masked_subjects(method),
+                settings.max_sequence_length,
+                False,
+                [],
             )
 
         self.pipeline.set_adapters(
             list(self.subjects), adapter_weights=[s.weight for s in self.subjects.values()]
         )
-        device = backend.device
-        timings: dict[str, float] = {}
-        previews: list[np.ndarray | None] = [None] * batch
-        attention: list[dict | None] = [None] * batch
-        fallbacks: list[list[str]] = [[] for _ in range(batch)]
-        masker = LoraMasker(self.pipeline.transformer, names, backend.token_layout)
+        timings: dict[str, Any] = {}
+        masker = LoraMasker(backend.denoiser, context.names, backend.token_layout)
+        capture_step = method.capture_step(settings)
+        steps = settings.num_inference_steps
 
         with torch.inference_mode(), masker.installed():
-            # 4. Encode prompts
+            # 3. Encode prompts
             tick = time.perf_counter()
-            conditioning = backend.encode(prompts, settings.max_sequence_length)
+            conditioning = backend.encode(settings.image_prompts, settings.max_sequence_length)
             negative = None
-            if negative_positions is not None:
-                negative = backend.encode([settings.negative_prompt] * batch, settings.max_sequence_length)
-            n_text = conditioning.prompt_embeds.shape[1]
+            if negative_prompt is not None:
+                negative = backend.encode([negative_prompt] * batch, settings.max_sequence_length)
             timings["encode_s"] = time.perf_counter() - tick
 
-            # 5. Noise, one generator per image seed
-            latents, image_ids = backend.prepare_latents(
-                seeds, height, width, conditioning.prompt_embeds.dtype
+            # 4. Noise, one generator per image; 5. timesteps
+            state = backend.prepare_latents(
+                generators, settings.height, settings.width, conditioning.prompt_embeds.dtype, latents
             )
-            # 6. Timesteps
-            timesteps, sigmas = backend.timesteps(steps, height, width)
+            timesteps, sigmas = backend.timesteps(steps, settings.height, settings.width)
 
-            def pass_masks(text_positions: list[dict] | None) -> dict[str, AdapterMask] | None:
-                if image_masks is None:
-                    return None
-                return self._adapter_masks(
-                    names, image_masks, text_positions, n_text, settings.text_scope, device
-                )
+            def masks_for_passes(found: SubjectMasks | None) -> dict[str, dict | None]:
+                if found is None:
+                    return {"cond": None, "uncond": None}
+                tokens = {name: mask.to(backend.device) for name, mask in found.tokens.items()}
+                result = {
+                    "cond": pass_masks(
+                        tokens,
+                        context.positions,
+                        conditioning.num_text_tokens,
+                        settings.text_scope,
+                        found.everywhere,
+                    ),
+                    "uncond": None,
+                }
+                if negative is not None:
+                    result["uncond"] = pass_masks(
+                        tokens,
+                        negative_positions,
+                        negative.num_text_tokens,
+                        settings.text_scope,
+                        found.everywhere,
+                    )
+                return result
 
-            cond_masks = uncond_masks = None
+            per_pass = masks_for_passes(subject_masks)
+
+            def switch_masks(name: str) -> None:
+                masker.set_masks(per_pass[name])  # the masks of the pass about to run
+
             step_times = []
-            # 7. Denoising loop: plain joint steps, the capture step, then masked steps
+            # 6. Denoising loop: plain joint steps, the capture step, then masked steps
             bar = self.pipeline.progress_bar(total=steps) if progress else None
             try:
                 for i, t in enumerate(timesteps):
                     tick = time.perf_counter()
-                    capture_now = method.reads_attention and i == mask_step - 1
-                    if cond_masks is None and image_masks is not None:
-                        cond_masks = pass_masks(positions)
-                        uncond_masks = pass_masks(negative_positions) if negative is not None else None
-                    masker.set_masks(cond_masks)
-                    if capture_now:
-                        with backend.capture(block) as tap:
-                            velocity = backend.predict(
-                                latents, t, conditioning, settings.guidance_scale, image_ids
-                            )
-                    else:
-                        velocity = backend.predict(
-                            latents, t, conditioning, settings.guidance_scale, image_ids
+                    tap_here = i == capture_step
+                    with backend.capture(settings.block) if tap_here else contextlib.nullcontext() as tap:
+                        prediction = backend.guided_prediction(
+                            state, t, conditioning, negative, settings, switch_masks
                         )
-                    if negative is not None:
-                        masker.set_masks(uncond_masks)
-                        negative_velocity = backend.predict(
-                            latents, t, negative, settings.guidance_scale, image_ids
-                        )
-                        velocity = negative_velocity + settings.true_cfg_scale * (
-                            velocity - negative_velocity
-                        )
-                    if capture_now:
-                        stage1 = time.perf_counter()
-                        x0 = backend.predict_x0(latents, velocity, sigmas[i])
-                        image_masks, mask_sets, previews, attention = self._stage1(
-                            tap.result(), x0, positions, masked, settings, grid, fallbacks
-                        )
-                        cond_masks = None  # rebuilt from the new masks before the next step
-                        timings["stage1_s"] = time.perf_counter() - stage1
+                    if tap_here:
+                        tick_stage1 = time.perf_counter()
+                        x0 = backend.predict_x0(state.latents, prediction, float(sigmas[i]))
+                        subject_masks = method.masks_from_capture(context, tap.result(), x0)
+                        per_pass = masks_for_passes(subject_masks)
+                        timings["stage1_s"] = time.perf_counter() - tick_stage1
                         if stop_after_masks:
-                            latents = x0
-                            step_times.append(time.perf_counter() - tick)
-                            if bar is not None:
-                                bar.update()
-                            if callback is not None:
-                                callback(i + 1, steps, {"latents": latents, "masks": mask_sets})
-                            break
-                    latents = backend.step(velocity, t, latents)
+                            state.latents = x0
+                    if not (tap_here and stop_after_masks):
+                        state.latents = backend.step(prediction, t, state.latents)
                     step_times.append(time.perf_counter() - tick)
                     if bar is not None:
                         bar.update()
-                    if callback is not None:
-                        callback(
-                            i + 1, steps, {"latents": latents, "masks": mask_sets if capture_now else None}
+                    if callback_on_step_end is not None:
+                        available = {"latents": state.latents, "prompt_embeds": conditioning.prompt_embeds}
+                        returned = callback_on_step_end(
+                            self, i, t, {name: available[name] for name in callback_on_step_end_tensor_inputs}
                         )
+                        state.latents = (returned or {}).get("latents", state.latents)
+                    if tap_here and stop_after_masks:
+                        break
             finally:
                 if bar is not None:
                     bar.close()
             timings["denoise_s"] = sum(step_times)
             timings["step_s"] = step_times
 
-            # 8. Decode
+            # 7. Decode
             tick = time.perf_counter()
-            images = self._decode(latents, height, width, output_type)
+            images = self._decode(state.latents, settings.height, settings.width, output_type)
             timings["decode_s"] = time.perf_counter() - tick
         timings["total_s"] = time.perf_counter() - started
 
-        for note in notes + [msg for image in fallbacks for msg in image]:
+        for note in notes + [message for image in context.fallbacks for message in image]:
             warnings.warn(note, FreeFuseWarning, stacklevel=2)
         from .manifest import build_manifest
 
+        found = subject_masks or SubjectMasks(tokens={})
+        mask_sets = found.sets or [None] * batch
         manifest = build_manifest(
             self,
             settings,
-            block=block,
-            positions=positions,
+            positions=context.positions,
             mask_sets=mask_sets,
-            fallbacks=fallbacks,
+            fallbacks=context.fallbacks,
             notes=notes,
             timings=timings,
             masks_source=masks,
+            seeds=None if generators_from_caller(generator, latents) else settings.image_seeds,
         )
         return FreeFuseOutput(
-            images=images, masks=mask_sets, manifest=manifest, previews=previews, attention=attention
+            images=images,
+            masks=mask_sets,
+            manifest=manifest,
+            previews=found.previews or [None] * batch,
+            attention=found.attention or [None] * batch,
         )
 
-    # -- stage pieces ----------------------------------------------------------------------------
-    def _adapter_masks(self, names, image_masks, text_positions, n_text, text_scope, device):
-        """Per-adapter token masks for one forward pass (cond or uncond).
-
-        Args:
-            image_masks: `[B, L, N]`; a NaN row means no mask in that image (the LoRA acts everywhere).
-            text_positions: per image, {subject: token positions} in the text of this pass, or None.
-
-        A subject with an all-zero image mask gets an all-zero text mask too: its LoRA is off there.
-        """
-        batch = image_masks.shape[0]
-        result = {}
-        for index, name in enumerate(names):
-            image = image_masks[:, index].clone()
-            text = torch.ones(batch, n_text)
-            for b in range(batch):
-                if torch.isnan(image[b]).any():
-                    image[b] = 1.0
-                elif not image[b].any():
-                    text[b] = 0.0
-                elif text_scope == "exclude-others" and text_positions is not None:
-                    for other, tokens in text_positions[b].items():
-                        if other != name:
-                            text[b, [t for t in tokens if t < n_text]] = 0.0
-            result[name] = AdapterMask(image=image.to(device), text=text.to(device))
-        return result
-
-    def _stage1(self, captured, x0, positions, subjects, settings, grid, fallbacks):
-        """Masks for every image from the tapped attention.
-
-        Returns `[B, L, N]` token masks, mask sets, previews and the stage-1 maps per image.
-        """
-        batch = x0.shape[0]
-        names = [s.name for s in subjects]
-        height, width = settings.height, settings.width
-        previews = self.backend.preview(x0, height, width, settings.preview)
-        image_masks = torch.zeros(batch, len(names), grid[0] * grid[1])
-        mask_sets: list[MaskSet | None] = []
-        attention: list[dict | None] = [None] * batch
-        for b in range(batch):
-            active = [name for name in names if name in positions[b]]
-            full = torch.zeros(len(names), height, width)
-            if not active:
-                mask_sets.append(MaskSet(names, full))
-                continue
-            try:
-                result: MaskResult = masks_from_attention(
-                    captured.q_text[b].cpu(),
-                    captured.q_img[b].cpu(),
-                    captured.k_img[b].cpu(),
-                    [positions[b][name] for name in active],
-                    grid,
-                    image=previews[b],
-                    config=settings.mask_config,
-                    image_size=(height, width),
-                )
-            except NonFiniteError as error:
-                what = "x0 preview" if error.argument == "image" else "attention capture"
-                fallbacks[b].append(
-                    f"image {b}: the {what} has NaN/inf values ({error}); every LoRA acts on the whole "
-                    "image for the remaining steps (same as method='merge')."
-                )
-                image_masks[b] = float("nan")
-                mask_sets.append(None)
-                continue
-            fallbacks[b].extend(f"image {b}: {note}" for note in result.notes)
-            attention[b] = {
-                name: {"cross": result.cross_maps[slot], "refined": result.maps[slot]}
-                for slot, name in enumerate(active)
-            }
-            hard = result.image_masks.float()[None]
-            hard = torch.nn.functional.interpolate(hard, size=(height, width), mode="nearest-exact")[0]
-            for slot, name in enumerate(active):
-                index = names.index(name)
-                image_masks[b, index] = result.token_masks[slot].reshape(-1)
-                full[index] = hard[slot]
-            for slot in result.empty:
-                name = active[slot]
-                index = names.index(name)
-                if settings.empty_mask == "global":
-                    image_masks[b, index] = float("nan")
-                    full[index] = 1.0
-                    what = "acts on the whole image (empty_mask='global')"
-                else:
-                    what = "is off in this image (empty_mask='off')"
-                fallbacks[b].append(f"image {b}: LoRA {name!r} won no region of the image; it {what}.")
-            mask_sets.append(MaskSet(names, full.clamp(0, 1)))
-        return image_masks, mask_sets, list(previews), attention
-
-    def _user_masks(self, masks: MaskInput, subjects, batch, size, grid) -> list[MaskSet]:
-        """Caller's masks → one MaskSet per image, names in subject order, at image size."""
-        names = [s.name for s in subjects]
-        sets = (
-            list(masks)
-            if isinstance(masks, list | tuple) and masks and isinstance(masks[0], MaskSet)
-            else [masks]
-        )
-        if len(sets) not in (1, batch):
-            raise ValueError(f"{len(sets)} mask sets for {batch} images; give one set, or one per image.")
-        result = []
-        for mask_set in sets:
-            result.append(self._one_mask_set(mask_set, names, size, grid))
-        return result * batch if len(result) == 1 else result
-
-    def _one_mask_set(self, masks, names, size, grid) -> MaskSet:
-        if isinstance(masks, str | Path):
-            masks = MaskSet.load(masks)
-        if isinstance(masks, MaskSet):
-            missing = [name for name in names if name not in masks.names]
-            if missing:
-                raise ValueError(f"The mask set has no mask for {missing}; it has {masks.names}.")
-            tensors = [masks[name] for name in names]
-        elif isinstance(masks, dict):
-            missing = [name for name in names if name not in masks]
-            if missing:
-                raise ValueError(f"`masks` has no mask for {missing}; give one per subject LoRA: {names}.")
-            tensors = [masks[name] for name in names]
-        elif isinstance(masks, list | tuple):
-            if len(masks) != len(names):
-                raise ValueError(f"{len(masks)} masks for {len(names)} subject LoRAs {names}; give one each.")
-            tensors = list(masks)
-        else:
-            raise ValueError(
-                "`masks` must be a MaskSet, a dict name → mask, or a list with one mask per subject."
-            )
-        loaded = []
-        for name, mask in zip(names, tensors, strict=True):
-            if isinstance(mask, str | Path):
-                mask = load_mask_image(mask)
-            elif isinstance(mask, Image.Image):
-                mask = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
-            mask = torch.as_tensor(mask, dtype=torch.float32)
-            if mask.ndim == 3 and mask.shape[0] == 1:
-                mask = mask[0]
-            if mask.ndim != 2 or tuple(mask.shape) not in (tuple(size), tuple(grid)):
+    # -- pieces ------------------------------------------------------------------------------------
+    @staticmethod
+    def _generators(
+        settings: GenerationSettings,
+        generator: torch.Generator | list[torch.Generator] | None,
+        latents: torch.Tensor | None,
+        batch: int,
+        notes: list[str],
+    ) -> list[torch.Generator]:
+        """One generator per image: from `seed` (image j of a prompt: seed + j, on the CPU, so a seed
+        means the same noise on any device), or the caller's."""
+        if generator is None:
+            generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in settings.image_seeds]
+        elif isinstance(generator, list):
+            if len(generator) != batch:
                 raise ValueError(
-                    f"Mask for {name!r} has shape {tuple(mask.shape)}; it must be the image size "
-                    f"{size[0]}x{size[1]} (H x W) or the token grid {grid[0]}x{grid[1]}."
+                    f"{len(generator)} generators for {batch} images; pass one, or one per image."
                 )
-            if not torch.isfinite(mask).all():
-                raise ValueError(f"Mask for {name!r} has NaN or inf values.")
-            if tuple(mask.shape) != tuple(size):
-                mask = torch.nn.functional.interpolate(
-                    mask[None, None], size=tuple(size), mode="nearest-exact"
-                )[0, 0]
-            loaded.append(mask.clamp(0, 1))
-        return MaskSet(names, torch.stack(loaded))
+            generators = list(generator)
+        else:
+            generators = [generator] * batch
+        if latents is not None and latents.shape[0] != batch:
+            raise ValueError(f"`latents` holds {latents.shape[0]} images but the run makes {batch}.")
+        if generators_from_caller(generator, latents):
+            notes.append(
+                "the noise came from the caller's `generator`/`latents`, not from `seed`; the manifest cannot "
+                "replay it."
+            )
+        return generators
 
-    def _decode(self, latents, height, width, output_type):
+    def _decode(self, latents: torch.Tensor, height: int, width: int, output_type: str) -> list:
         bad = [index for index, image in enumerate(latents) if not torch.isfinite(image).all()]
         if bad:
             raise NumericalError(
@@ -687,10 +604,14 @@ class FreeFuse:
             return list(images.cpu())
         if output_type == "np":
             return list(images.permute(0, 2, 3, 1).cpu().numpy())
-        if output_type == "pil":
-            pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
-            return [Image.fromarray(p) for p in pixels]
-        raise ValueError(f"Unknown output_type {output_type!r}; use 'pil', 'np', 'pt' or 'latent'.")
+        from PIL import Image
+
+        pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        return [Image.fromarray(p) for p in pixels]
+
+
+def generators_from_caller(generator, latents) -> bool:
+    return generator is not None or latents is not None
 
 
 __all__ = ["FreeFuse", "FreeFuseOutput", "FreeFuseWarning", "NumericalError", "Subject"]

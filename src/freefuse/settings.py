@@ -1,33 +1,48 @@
-"""Every setting of a generation run, checked before any weights load.
+"""Every setting of a generation run: one typed model, checked before any weights load.
 
-The same object is built by the library call, the CLI flags, a job file line and a manifest
-replay, and it is what the manifest records.
+`GenerationSettings` is what the library call takes (`ff(prompt, **settings)`), what the CLI's
+options are built from (`CLI_FLAGS`, the help text being each field's description), what a
+job-file line holds, and what the manifest records and replays. Unknown settings are errors.
+Checks that need the model (size multiples, token limits, block range) are the backend's and run
+in `FreeFuse.check_inputs`, still before any denoising.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from typing import Annotated, Any, Literal
 
-from .baselines import get_method
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
 from .core import MaskConfig
 
-TEXT_SCOPES = ("exclude-others", "all")
-PREVIEWS = ("vae", "latent")
-EMPTY_MASK_POLICIES = ("global", "off")
 PAPER_MASK_STEP, PAPER_STEPS = 6, 28
 MAX_SEED = 2**63 - 1
 MAX_IMAGES = 256
 
 
+class SettingsError(ValueError):
+    """Settings that cannot run; the message names each setting and what to pass instead."""
+
+
 def parse_size(size: str) -> tuple[int, int]:
     """ "WIDTHxHEIGHT" (or one number for a square) → (width, height)."""
-    text = size.lower().replace("×", "x").strip()
+    text = str(size).lower().replace("×", "x").strip()
     parts = text.split("x") if "x" in text else [text, text]
     try:
         width, height = (int(part) for part in parts)
     except ValueError:
-        raise ValueError(f"Size {size!r} is not WIDTHxHEIGHT, e.g. 1024x1024.") from None
+        raise SettingsError(f"Size {size!r} is not WIDTHxHEIGHT, e.g. 1024x1024.") from None
     return width, height
 
 
@@ -35,34 +50,201 @@ def nearest_multiple(value: int, multiple: int) -> int:
     return max(multiple, int(round(value / multiple)) * multiple)
 
 
-@dataclass
-class GenerationSettings:
+def _number(value: Any) -> Any:
+    # pydantic's lax floats take True and "3"; a setting given as either is a mistake.
+    if isinstance(value, bool | str):
+        raise ValueError(f"must be a number, got {value!r}")
+    return value
+
+
+Number = Annotated[float, BeforeValidator(_number)]
+
+
+def _alias(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class GenerationSettings(BaseModel):
     """One run. `prompt` may be a list (a batch); each prompt gives `num_images_per_prompt` images.
 
     Seeds: an int gives image j of every prompt the seed `seed + j`, so an image's seed depends only
     on its own prompt and index, never on the rest of the batch; a list gives one seed per image.
-    `mask_step=None` means the paper's 6 of 28 steps scaled to `num_inference_steps`.
+    `mask_step`, `block` and `max_sequence_length` left as None mean the method's and the model's
+    defaults; the manifest records the values a run used. Job files and manifests may also use the
+    CLI's short names (`steps`, `guidance`, `true_cfg`, `images`) and `size: "WIDTHxHEIGHT"`.
     """
 
-    prompt: str | list[str]
-    negative_prompt: str | None = None
-    seed: int | list[int] = 0
-    height: int = 1024
-    width: int = 1024
-    num_inference_steps: int = 28
-    guidance_scale: float = 3.5
-    true_cfg_scale: float = 1.0
-    num_images_per_prompt: int = 1
-    method: str = "freefuse"
-    mask_step: int | None = None
-    block: int | None = None
-    text_scope: str = "exclude-others"
-    preview: str = "vae"
-    empty_mask: str = "global"
-    max_sequence_length: int = 512
-    mask_config: MaskConfig = field(default_factory=MaskConfig)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
-    # -- derived ---------------------------------------------------------------------------------
+    prompt: str | list[str] = Field(description="The prompt, with each LoRA's activation words in it.")
+    negative_prompt: str | None = Field(None, description="Negative prompt (FLUX.1: needs --true-cfg > 1).")
+    seed: StrictInt | list[StrictInt] = Field(0, description="Seed; image j of a prompt uses seed + j.")
+    height: StrictInt = Field(1024, description="Image height in pixels.")
+    width: StrictInt = Field(1024, description="Image width in pixels.")
+    num_inference_steps: StrictInt = Field(
+        28, validation_alias=_alias("num_inference_steps", "steps"), description="Denoising steps."
+    )
+    guidance_scale: Number = Field(
+        3.5,
+        validation_alias=_alias("guidance_scale", "guidance"),
+        description="Guidance scale (FLUX.1-dev: the distilled guidance).",
+    )
+    true_cfg_scale: Number = Field(
+        1.0,
+        validation_alias=_alias("true_cfg_scale", "true_cfg"),
+        description="True CFG scale; > 1 runs a negative-prompt pass.",
+    )
+    num_images_per_prompt: StrictInt = Field(
+        1, validation_alias=_alias("num_images_per_prompt", "images"), description="Images per prompt."
+    )
+    method: str = Field("freefuse", description="How each subject LoRA's region is decided.")
+    mask_step: StrictInt | None = Field(
+        None, description="Step whose attention gives the masks (default: 6 of 28, scaled to the steps)."
+    )
+    block: StrictInt | None = Field(None, description="Block to tap (default: the paper's, 16 on FLUX.1).")
+    text_scope: Literal["exclude-others", "all"] = Field(
+        "exclude-others", description="A LoRA acts on the text except other subjects' words, or on all of it."
+    )
+    preview: Literal["vae", "latent"] = Field(
+        "vae", description="x0 picture for superpixels: a VAE decode, or a cheap latent preview."
+    )
+    empty_mask: Literal["global", "off"] = Field(
+        "global", description="A subject that wins no region: its LoRA acts everywhere, or not at all."
+    )
+    background_words: list[str] = Field(
+        default_factory=list,
+        description="Words for the background; where they win, no subject LoRA acts.",
+    )
+    max_sequence_length: StrictInt | None = Field(
+        None, description="Text token limit (default: the model's, 512 on FLUX.1)."
+    )
+    mask_config: MaskConfig = Field(default_factory=MaskConfig, description="Stage 1's constants.")
+
+    def __init__(self, **values: Any) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as error:
+            raise SettingsError(describe_errors(error)) from None
+
+    # -- field checks ------------------------------------------------------------------------------
+    @model_validator(mode="before")
+    @classmethod
+    def _split_size(cls, values: Any) -> Any:
+        if isinstance(values, dict) and "size" in values:
+            values = dict(values)
+            if "width" in values or "height" in values:
+                raise ValueError("give `size` or `width`/`height`, not both")
+            values["width"], values["height"] = parse_size(values.pop("size"))
+        return values
+
+    @field_validator("prompt")
+    @classmethod
+    def _check_prompt(cls, prompt: str | list[str]) -> str | list[str]:
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not prompts:
+            raise ValueError("`prompt` is an empty list; pass at least one prompt.")
+        if any(not text.strip() for text in prompts):
+            raise ValueError(
+                "`prompt` is empty; describe the image and include each LoRA's activation words."
+            )
+        return prompt
+
+    @field_validator("height", "width")
+    @classmethod
+    def _check_size(cls, value: int, info) -> int:
+        if value <= 0:
+            raise ValueError(f"`{info.field_name}` must be a positive whole number of pixels, got {value}.")
+        return value
+
+    @field_validator("num_inference_steps", "num_images_per_prompt")
+    @classmethod
+    def _at_least_one(cls, value: int, info) -> int:
+        if value < 1:
+            raise ValueError(f"`{info.field_name}` must be >= 1, got {value}.")
+        return value
+
+    @field_validator("guidance_scale", "true_cfg_scale")
+    @classmethod
+    def _check_scale(cls, value: float, info) -> float:
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"`{info.field_name}` must be a finite number >= 0, got {value!r}.")
+        return value
+
+    @field_validator("seed")
+    @classmethod
+    def _check_seed(cls, seed: int | list[int]) -> int | list[int]:
+        for value in [seed] if isinstance(seed, int) else seed:
+            if not 0 <= value <= MAX_SEED - MAX_IMAGES:
+                raise ValueError(
+                    f"`seed` must be a whole number from 0 to {MAX_SEED - MAX_IMAGES}, got {value!r}."
+                )
+        return seed
+
+    @field_validator("method")
+    @classmethod
+    def _check_method(cls, method: str) -> str:
+        from .methods import get_method
+
+        get_method(method)  # an unknown name lists the valid ones
+        return method
+
+    @field_validator("mask_step")
+    @classmethod
+    def _check_mask_step(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(
+                f"`mask_step` must be >= 1 (the step whose attention gives the masks), got {value}."
+            )
+        return value
+
+    @field_validator("block")
+    @classmethod
+    def _check_block(cls, value: int | None) -> int | None:
+        if value is not None and value < 0:
+            raise ValueError(f"`block` must be a block index >= 0, got {value}.")
+        return value
+
+    @field_validator("max_sequence_length")
+    @classmethod
+    def _check_length(cls, value: int | None) -> int | None:
+        if value is not None and value < 1:
+            raise ValueError(f"`max_sequence_length` must be >= 1 token, got {value}.")
+        return value
+
+    @field_validator("background_words")
+    @classmethod
+    def _check_background(cls, words: list[str]) -> list[str]:
+        cleaned = [word.strip() for word in words]
+        if any(not word for word in cleaned):
+            raise ValueError("`background_words` has an empty word; pass words like ['sky', 'grass'].")
+        return cleaned
+
+    @field_validator("mask_config", mode="before")
+    @classmethod
+    def _mask_config_from_dict(cls, value: Any) -> Any:
+        return MaskConfig.from_dict(value) if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _check_together(self) -> GenerationSettings:
+        from .methods import get_method
+
+        n_images = len(self.prompts) * self.num_images_per_prompt
+        if n_images > MAX_IMAGES:
+            raise ValueError(
+                f"{n_images} images in one call; at most {MAX_IMAGES}. Use `freefuse batch` for more."
+            )
+        if not isinstance(self.seed, int) and len(self.seed) != n_images:
+            raise ValueError(
+                f"`seed` lists {len(self.seed)} seeds for {n_images} images; give one per image or one int."
+            )
+        if get_method(self.method).reads_attention and self.resolved_mask_step > self.num_inference_steps:
+            raise ValueError(
+                f"`mask_step` {self.resolved_mask_step} is past the last of {self.num_inference_steps} steps; use a "
+                f"value from 1 to {self.num_inference_steps} (the paper uses 6 of 28)."
+            )
+        return self
+
+    # -- derived -----------------------------------------------------------------------------------
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
@@ -83,102 +265,78 @@ class GenerationSettings:
             return self.mask_step
         return max(1, round(PAPER_MASK_STEP / PAPER_STEPS * self.num_inference_steps))
 
-    # -- checks ----------------------------------------------------------------------------------
-    def validate(self, size_multiple: int = 16) -> list[str]:
-        """Raise ValueError naming the setting and the fix; return warnings for odd but valid runs."""
-        notes: list[str] = []
-        method = get_method(self.method)
-        prompts = self.prompt if isinstance(self.prompt, list) else [self.prompt]
-        if not prompts:
-            raise ValueError("`prompt` is an empty list; pass at least one prompt.")
-        for prompt in prompts:
-            if not isinstance(prompt, str):
-                raise ValueError(f"`prompt` must be text, got {type(prompt).__name__}.")
-            if not prompt.strip():
-                raise ValueError(
-                    "`prompt` is empty; describe the image and include each LoRA's activation words."
-                )
+    # -- checks that need a number from the model --------------------------------------------------
+    def check_size(self, size_multiple: int) -> None:
+        """Height and width must be multiples of the model's pixels per token."""
         for name in ("height", "width"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"`{name}` must be a positive whole number of pixels, got {value!r}.")
             if value % size_multiple:
-                raise ValueError(
+                raise SettingsError(
                     f"`{name}` {value} is not a multiple of {size_multiple}; the nearest valid {name} is "
                     f"{nearest_multiple(value, size_multiple)}."
                 )
-        if not isinstance(self.num_inference_steps, int) or self.num_inference_steps < 1:
-            raise ValueError(f"`num_inference_steps` must be >= 1, got {self.num_inference_steps!r}.")
-        for name in ("guidance_scale", "true_cfg_scale"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"`{name}` must be a finite number >= 0, got {value!r}.")
-        if self.true_cfg_scale > 1 and not self.negative_prompt:
-            notes.append("`true_cfg_scale` > 1 has no effect without a `negative_prompt`.")
-        if not isinstance(self.num_images_per_prompt, int) or self.num_images_per_prompt < 1:
-            raise ValueError(f"`num_images_per_prompt` must be >= 1, got {self.num_images_per_prompt!r}.")
-        n_images = len(prompts) * self.num_images_per_prompt
-        if n_images > MAX_IMAGES:
-            raise ValueError(
-                f"{n_images} images in one call; at most {MAX_IMAGES}. Use `freefuse batch` for more."
+
+    def notes(self) -> list[str]:
+        """Odd but valid choices, said before the run."""
+        from .methods import get_method
+
+        notes = []
+        if get_method(self.method).reads_attention and self.resolved_mask_step == self.num_inference_steps:
+            notes.append(
+                f"`mask_step` equals the number of steps ({self.num_inference_steps}): masks are read at the last "
+                "step and never applied, so the image is the same as method='merge'."
             )
-        seeds = [self.seed] if isinstance(self.seed, int) else list(self.seed)
-        if not isinstance(self.seed, int) and len(seeds) != n_images:
-            raise ValueError(
-                f"`seed` lists {len(seeds)} seeds for {n_images} images; give one per image or one int."
-            )
-        for seed in seeds:
-            if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED - MAX_IMAGES:
-                raise ValueError(
-                    f"`seed` must be a whole number from 0 to {MAX_SEED - MAX_IMAGES}, got {seed!r}."
-                )
-        mask_step = self.resolved_mask_step
-        if method.reads_attention:
-            if not isinstance(mask_step, int) or mask_step < 1:
-                raise ValueError(
-                    f"`mask_step` must be >= 1 (the step whose attention gives the masks), got {mask_step!r}."
-                )
-            if mask_step > self.num_inference_steps:
-                raise ValueError(
-                    f"`mask_step` {mask_step} is past the last of {self.num_inference_steps} steps; use a value from 1 "
-                    f"to {self.num_inference_steps} (the paper uses 6 of 28)."
-                )
-            if mask_step == self.num_inference_steps:
-                notes.append(
-                    f"`mask_step` equals the number of steps ({mask_step}): masks are read at the last step and never "
-                    "applied, so the image is the same as method='merge'."
-                )
-        if self.block is not None and (not isinstance(self.block, int) or self.block < 0):
-            raise ValueError(f"`block` must be a double-stream block index >= 0, got {self.block!r}.")
-        for name, value, valid in (
-            ("text_scope", self.text_scope, TEXT_SCOPES),
-            ("preview", self.preview, PREVIEWS),
-            ("empty_mask", self.empty_mask, EMPTY_MASK_POLICIES),
-        ):
-            if value not in valid:
-                raise ValueError(f"Unknown `{name}` {value!r}; valid values are {list(valid)}.")
-        if not isinstance(self.max_sequence_length, int) or not 1 <= self.max_sequence_length <= 512:
-            raise ValueError(
-                f"`max_sequence_length` must be 1..512 tokens, got {self.max_sequence_length!r}."
-            )
-        if not isinstance(self.mask_config, MaskConfig):
-            raise ValueError("`mask_config` must be a freefuse.core.MaskConfig.")
         return notes
 
-    # -- records ---------------------------------------------------------------------------------
+    # -- records -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        values = {f.name: getattr(self, f.name) for f in fields(self)}
-        values["mask_config"] = self.mask_config.to_dict()
+        """JSON-able, every field by its own name, `mask_step` resolved (what a manifest records)."""
+        values = self.model_dump(mode="json")
         values["mask_step"] = self.resolved_mask_step
         return values
 
     @classmethod
     def from_dict(cls, values: dict) -> GenerationSettings:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Unknown settings {unknown}; valid ones are {sorted(known)}.")
-        values = dict(values)
-        if isinstance(values.get("mask_config"), dict):
-            values["mask_config"] = MaskConfig.from_dict(values["mask_config"])
+        """From a job-file line or a manifest (field names or the CLI's short names)."""
+        if not isinstance(values, dict):
+            raise SettingsError(f"Settings must be a mapping, got {type(values).__name__}.")
         return cls(**values)
+
+
+def describe_errors(error: ValidationError) -> str:
+    """pydantic's errors as FreeFuse messages: each names the setting and what to pass."""
+    valid = sorted(GenerationSettings.model_fields)
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "settings"
+        kind = item["type"]
+        if kind == "extra_forbidden":
+            lines.append(f"Unknown setting `{where}`; valid ones are {valid}.")
+        elif kind == "missing":
+            lines.append(f"`{where}` is required.")
+        elif kind in ("value_error", "assertion_error"):
+            message = str(item["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+            lines.append(message if "`" in message else f"`{where}` {message}.")
+        else:
+            lines.append(f"`{where}`: {item['msg']} (got {item.get('input')!r}).")
+    return " ".join(dict.fromkeys(lines))
+
+
+# The command line's name and type for each setting; help text is the field's description.
+CLI_FLAGS: dict[str, tuple[tuple[str, ...], type]] = {
+    "prompt": (("--prompt", "-p"), str),
+    "negative_prompt": (("--negative-prompt",), str),
+    "seed": (("--seed", "-s"), int),
+    "num_inference_steps": (("--steps",), int),
+    "guidance_scale": (("--guidance",), float),
+    "true_cfg_scale": (("--true-cfg",), float),
+    "num_images_per_prompt": (("--images",), int),
+    "method": (("--method",), str),
+    "mask_step": (("--mask-step",), int),
+    "block": (("--block",), int),
+    "text_scope": (("--text-scope",), str),
+    "preview": (("--preview",), str),
+    "empty_mask": (("--empty-mask",), str),
+    "background_words": (("--background-word",), list[str]),
+    "max_sequence_length": (("--max-sequence-length",), int),
+}

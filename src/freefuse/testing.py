@@ -220,6 +220,11 @@ def tiny_flux_pipeline(
 ALL_LINEAR = "all-linear"
 
 
+# One tiny pipeline builder per registered backend (`freefuse.backends.BACKENDS`), for the contract
+# tests every backend must pass and for the offline demo.
+TINY_PIPELINES = {"flux": tiny_flux_pipeline}
+
+
 def random_lora_state_dict(
     transformer: torch.nn.Module,
     rank: int = 4,

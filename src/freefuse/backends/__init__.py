@@ -6,7 +6,17 @@ A registry, not an if-chain: each backend module registers a class with `registe
 
 from __future__ import annotations
 
-from .base import Backend, Conditioning
+from .base import (
+    IMAGE,
+    NO_TOKENS,
+    TEXT,
+    AttentionTap,
+    Backend,
+    CapturedAttention,
+    Conditioning,
+    Latents,
+    TokenLayout,
+)
 
 BACKENDS: dict[str, type[Backend]] = {}
 
@@ -25,12 +35,23 @@ def backend_for(pipeline, name: str | None = None) -> Backend:
     for cls in BACKENDS.values():
         if cls.matches(pipeline):
             return cls(pipeline)
-    raise ValueError(
-        f"FreeFuse has no backend for {type(pipeline).__name__} (transformer "
-        f"{type(getattr(pipeline, 'transformer', None)).__name__}); supported: {sorted(BACKENDS)}."
-    )
+    supported = sorted(name for cls in BACKENDS.values() for name in cls.pipeline_classes)
+    raise ValueError(f"FreeFuse has no backend for {type(pipeline).__name__}; it runs {supported}.")
 
 
 from . import flux  # noqa: E402,F401  (registers itself)
 
-__all__ = ["BACKENDS", "Backend", "Conditioning", "backend_for", "register"]
+__all__ = [
+    "BACKENDS",
+    "IMAGE",
+    "NO_TOKENS",
+    "TEXT",
+    "AttentionTap",
+    "Backend",
+    "CapturedAttention",
+    "Conditioning",
+    "Latents",
+    "TokenLayout",
+    "backend_for",
+    "register",
+]

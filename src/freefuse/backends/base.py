@@ -1,13 +1,40 @@
-"""What a backend provides to the two-stage run (`freefuse.pipeline`)."""
+"""The backend contract: everything the two-stage run needs to know about one architecture.
+
+`freefuse.pipeline` calls only what `Backend` declares here. A new architecture is one module in
+`backends/` with a `Backend` subclass, registered with `backends.register`, and a tiny pipeline
+builder in `freefuse.testing.TINY_PIPELINES` for the contract tests (`tests/test_backend_contract.py`),
+which every registered backend must pass.
+
+Token layouts: a LoRA-adapted layer sees a sequence of tokens, and FreeFuse scales each adapter's
+delta per token. A backend says, per layer, what that sequence is made of, as a tuple of
+segments in order: `("image",)`, `("text",)`, `("text", "image")` for a joint sequence, or `()` for
+a layer with no token axis (AdaLN modulation, timestep embedders), whose delta is scaled by the
+subject's share of the image.
+"""
 
 from __future__ import annotations
 
+import abc
 import contextlib
-from collections.abc import Iterator
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from ..lora import LoraFile
+    from ..settings import GenerationSettings
+
+TokenSegment = Literal["text", "image"]
+TokenLayout = tuple[TokenSegment, ...]
+IMAGE: TokenLayout = ("image",)
+TEXT: TokenLayout = ("text",)
+NO_TOKENS: TokenLayout = ()
+PassName = Literal["cond", "uncond"]
 
 
 @dataclass
@@ -16,9 +43,9 @@ class Conditioning:
 
     Attributes:
         prompts: B prompt strings.
-        prompt_embeds: `[B, T, C]` token embeddings the transformer attends to.
+        prompt_embeds: `[B, T, C]` token embeddings the denoiser attends to.
         pooled: `[B, P]` pooled embedding, or None.
-        text_ids: backend-specific position ids of the text tokens.
+        text_ids: backend-specific position ids of the text tokens, or None.
     """
 
     prompts: list[str]
@@ -26,97 +53,253 @@ class Conditioning:
     pooled: torch.Tensor | None
     text_ids: torch.Tensor | None
 
+    @property
+    def num_text_tokens(self) -> int:
+        return int(self.prompt_embeds.shape[1])
+
 
 @dataclass
 class CapturedAttention:
-    """Queries and keys of the tapped block for one forward pass (B images).
+    """Queries and keys of the tapped attention for one forward pass (B images).
 
     Attributes:
-        q_text: `[B, heads, T, D]`.
-        q_img: `[B, heads, N, D]`.
-        k_img: `[B, heads, N, D]`.
+        q_text: `[B, heads, T, D]` text queries (None where the architecture has none).
+        q_img: `[B, heads, N, D]` image queries.
+        k_img: `[B, heads, N, D]` image keys.
+        k_text: `[B, heads, T, D]` text keys, or None.
     """
 
-    q_text: torch.Tensor
+    q_text: torch.Tensor | None
     q_img: torch.Tensor
     k_img: torch.Tensor
+    k_text: torch.Tensor | None = None
 
 
-class Backend:
-    """One architecture. Subclasses fill in every method; see `backends/flux.py`."""
+class AttentionTap(Protocol):
+    """What `Backend.capture` yields: after the forward pass inside, `result()` gives the tensors."""
 
-    name: str = "base"
-    #: Height and width must be multiples of this many pixels (one image token per square).
-    size_multiple: int = 16
+    def result(self) -> CapturedAttention: ...
+
+
+@dataclass
+class Latents:
+    """Initial latents of a batch and what the denoiser needs to place them.
+
+    Attributes:
+        latents: the noise (or the caller's latents) in the denoiser's own layout.
+        positions: backend-specific position ids of the image tokens, or None.
+    """
+
+    latents: torch.Tensor
+    positions: torch.Tensor | None = None
+
+
+class Backend(abc.ABC):
+    """One architecture: its model facts, its denoising loop's parts, its tap and its LoRA files."""
+
+    #: Registry key, and what the manifest records.
+    name: ClassVar[str]
+    #: `_class_name` values of `model_index.json` (diffusers pipeline classes) this backend runs.
+    pipeline_classes: ClassVar[tuple[str, ...]]
+    #: The pipeline attribute holding the denoiser, which is also the LoRA key prefix.
+    denoiser_name: ClassVar[str] = "transformer"
+    #: Hub ids of models this backend runs, tried (from the local cache only) by `freefuse demo`.
+    known_model_ids: ClassVar[tuple[str, ...]] = ()
+    #: What a tappable block is called in messages ("double-stream block").
+    block_kind: ClassVar[str] = "block"
+    #: Defaults a user expects on this architecture, for settings left unset.
+    default_steps: ClassVar[int] = 28
+    default_size: ClassVar[int] = 1024
 
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline
 
+    # -- which models ------------------------------------------------------------------------------
     @classmethod
     def matches(cls, pipeline) -> bool:
-        raise NotImplementedError
+        """True when this backend runs `pipeline` exactly (subclasses feeding other inputs are refused)."""
+        return type(pipeline).__name__ in cls.pipeline_classes
+
+    @classmethod
+    @abc.abstractmethod
+    def pixels_per_token(cls, model_folder: Path | None) -> int:
+        """Image pixels per token along a side, read from a model folder's configs without weights
+        (None: the architecture's usual value)."""
+
+    @classmethod
+    @abc.abstractmethod
+    def check_lora_keys(cls, keys: Sequence[str], source: str) -> None:
+        """Raise `LoraFileError` when a LoRA file's tensor names say it is for another architecture."""
 
     # -- model facts -------------------------------------------------------------------------------
     @property
-    def transformer(self) -> torch.nn.Module:
-        return self.pipeline.transformer
-
-    @property
-    def tokenizer(self):
-        """The tokenizer whose tokens the tapped block attends to (for activation words)."""
-        raise NotImplementedError
-
-    @property
-    def max_sequence_length(self) -> int:
-        raise NotImplementedError
-
-    @property
-    def num_blocks(self) -> int:
-        raise NotImplementedError
-
-    def default_block(self) -> int:
-        raise NotImplementedError
-
-    def token_layout(self, module_name: str) -> str:
-        raise NotImplementedError
-
-    def grid(self, height: int, width: int) -> tuple[int, int]:
-        return height // self.size_multiple, width // self.size_multiple
+    def denoiser(self) -> torch.nn.Module:
+        """The LoRA-adapted network (a transformer or a UNet)."""
+        return getattr(self.pipeline, self.denoiser_name)
 
     @property
     def device(self) -> torch.device:
         return self.pipeline._execution_device
 
+    @property
+    @abc.abstractmethod
+    def size_multiple(self) -> int:
+        """Height and width must be multiples of this many pixels (one image token per square)."""
+
+    @property
+    @abc.abstractmethod
+    def tokenizer(self):
+        """The fast tokenizer whose tokens the tapped attention's text side holds (activation words)."""
+
+    @property
+    @abc.abstractmethod
+    def max_sequence_length(self) -> int:
+        """Most text tokens the text encoder takes."""
+
+    @property
+    def default_sequence_length(self) -> int:
+        return self.max_sequence_length
+
+    @property
+    @abc.abstractmethod
+    def num_blocks(self) -> int:
+        """How many blocks can be tapped (`block` is 0..num_blocks-1)."""
+
+    @abc.abstractmethod
+    def default_block(self) -> int:
+        """The block the paper taps, or the same relative depth on smaller models."""
+
+    @abc.abstractmethod
+    def token_layout(self, module_name: str) -> TokenLayout:
+        """What the token axis of the input of denoiser layer `module_name` holds, in order."""
+
+    def grid(self, height: int, width: int) -> tuple[int, int]:
+        """`(h, w)` image tokens for an image of `height` x `width` pixels."""
+        return height // self.size_multiple, width // self.size_multiple
+
+    @abc.abstractmethod
+    def check_settings(self, settings: GenerationSettings) -> list[str]:
+        """Raise ValueError for settings this architecture cannot run; return notes for odd ones."""
+
     # -- the denoising loop's parts ----------------------------------------------------------------
+    @abc.abstractmethod
     def encode(self, prompts: list[str], max_sequence_length: int) -> Conditioning:
-        raise NotImplementedError
+        """Encode B prompts for one forward pass."""
 
-    def prepare_latents(self, seeds: list[int], height: int, width: int, dtype: torch.dtype):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def negative_prompt(self, settings: GenerationSettings) -> str | None:
+        """The text of the second (unconditional) pass, or None when this run has one pass."""
 
+    @abc.abstractmethod
+    def prepare_latents(
+        self,
+        generators: list[torch.Generator],
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        latents: torch.Tensor | None = None,
+    ) -> Latents:
+        """Noise for B images, image b drawn from `generators[b]` alone (or the caller's `latents`)."""
+
+    @abc.abstractmethod
     def timesteps(
         self, num_inference_steps: int, height: int, width: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """`(timesteps [S], sigmas [S + 1])`: sigmas[i] is the noise level at step i, ending at 0."""
 
+    @abc.abstractmethod
     def predict(
-        self, latents, timestep, conditioning: Conditioning, guidance_scale: float, extra
+        self,
+        latents: Latents,
+        timestep: torch.Tensor,
+        conditioning: Conditioning,
+        settings: GenerationSettings,
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """One forward pass of the denoiser: the model output for `latents.latents`."""
 
-    def step(self, velocity: torch.Tensor, timestep, latents: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def cfg_scale(self, settings: GenerationSettings) -> float:
+        """The scale combining the two passes, `uncond + scale * (cond - uncond)`."""
 
-    def predict_x0(self, latents: torch.Tensor, velocity: torch.Tensor, sigma: float) -> torch.Tensor:
-        raise NotImplementedError
+    def guided_prediction(
+        self,
+        latents: Latents,
+        timestep: torch.Tensor,
+        conditioning: Conditioning,
+        negative: Conditioning | None,
+        settings: GenerationSettings,
+        before_pass: Callable[[PassName], None],
+    ) -> torch.Tensor:
+        """The model output of one step: the conditional pass, guided by the negative one if any.
 
+        `before_pass(name)` runs before each forward pass, so that the caller can switch masks
+        (the passes' texts differ, so do their activation-word positions).
+        """
+        before_pass("cond")
+        prediction = self.predict(latents, timestep, conditioning, settings)
+        if negative is None:
+            return prediction
+        before_pass("uncond")
+        unconditional = self.predict(latents, timestep, negative, settings)
+        return unconditional + self.cfg_scale(settings) * (prediction - unconditional)
+
+    @abc.abstractmethod
+    def step(self, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The scheduler's update of `latents` from this step's model output."""
+
+    @abc.abstractmethod
+    def predict_x0(self, latents: torch.Tensor, prediction: torch.Tensor, sigma: float) -> torch.Tensor:
+        """The clean latents the model output implies at noise level `sigma` (stage 1's preview)."""
+
+    @abc.abstractmethod
     def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        raise NotImplementedError
+        """Latents → `[B, 3, H, W]` images in [0, 1]."""
 
+    @abc.abstractmethod
     def preview(self, latents: torch.Tensor, height: int, width: int, mode: str) -> np.ndarray:
-        raise NotImplementedError
+        """`[B, H', W', 3]` float pictures in [0, 1] for superpixels ("vae": decoded; "latent": cheap)."""
 
-    @contextlib.contextmanager
-    def capture(self, block: int) -> Iterator[dict]:
-        raise NotImplementedError
-        yield {}
+    @abc.abstractmethod
+    def capture(self, block: int) -> contextlib.AbstractContextManager[AttentionTap]:
+        """Hooks recording block `block`'s queries and keys during the forward passes inside."""
+
+    # -- LoRA files --------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def lora_source(self, lora: LoraFile) -> str | dict[str, torch.Tensor]:
+        """What to hand to the pipeline's `load_lora_weights`: the file's path where diffusers reads
+        the layout itself (keeping its alpha metadata), else tensors under names it understands."""
+
+    def lora_state_dict(self, lora: LoraFile) -> dict[str, torch.Tensor]:
+        """The LoRA in diffusers layout (`<denoiser>.<module>.lora_A.weight`), by diffusers' converter."""
+        from ..lora import LoraFileError
+
+        source = self.lora_source(lora)
+        state = dict(source) if isinstance(source, dict) else dict(lora.state_dict)
+        try:
+            converted = type(self.pipeline).lora_state_dict(state, return_alphas=True)
+        except (ValueError, KeyError, RuntimeError, AssertionError) as error:
+            raise LoraFileError(
+                f"{lora.path.name} is not a LoRA layout {type(self.pipeline).__name__} understands (first key "
+                f"{next(iter(state))!r}): {str(error).strip()[:300]}"
+            ) from None
+        return converted[0] if isinstance(converted, tuple) else converted
+
+    def load_lora(self, lora: LoraFile, adapter_name: str) -> None:
+        """Convert, check that it fits the denoiser, and load it as PEFT adapter `adapter_name`.
+
+        On any failure nothing of the adapter stays behind.
+        """
+        from ..lora import check_lora_fits
+
+        self.check_lora_keys(list(lora.state_dict), lora.path.name)
+        check_lora_fits(self.lora_state_dict(lora), self.denoiser, self.denoiser_name, source=lora.path.name)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "no LoRA keys for the text encoder" and the like
+                self.pipeline.load_lora_weights(
+                    self.lora_source(lora), adapter_name=adapter_name, use_safetensors=True
+                )
+        except BaseException:
+            if adapter_name in (getattr(self.denoiser, "peft_config", None) or {}):
+                self.pipeline.delete_adapters(adapter_name)
+            raise

@@ -9,14 +9,20 @@ attention keeps whatever processor (SDPA, flash, ...) is set and nothing is comp
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ..lora import IMAGE, JOINT, NO_TOKENS, TEXT
 from . import register
-from .base import Backend, CapturedAttention, Conditioning
+from .base import IMAGE, NO_TOKENS, TEXT, Backend, CapturedAttention, Conditioning, Latents, TokenLayout
+
+if TYPE_CHECKING:
+    from ..lora import LoraFile
+    from ..settings import GenerationSettings
 
 # The paper taps double-stream block 16 of FLUX.1's 19 (the 17th).
 PAPER_BLOCK, PAPER_NUM_BLOCKS = 16, 19
@@ -40,7 +46,7 @@ FLUX_LORA_TARGETS = (
 _TEXT_STREAM = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context.")
 
 
-class AttentionTap:
+class FluxAttentionTap:
     """Keeps the tapped block's post-norm queries/keys and rotary embedding of the last forward pass."""
 
     def __init__(self) -> None:
@@ -70,11 +76,10 @@ class AttentionTap:
 @register
 class FluxBackend(Backend):
     name = "flux"
-
-    @property
-    def size_multiple(self) -> int:
-        """Pixels per image token along a side: the VAE factor (8 on FLUX.1) times the 2x2 patches."""
-        return int(self.pipeline.vae_scale_factor) * 2
+    pipeline_classes = ("FluxPipeline",)
+    denoiser_name = "transformer"
+    known_model_ids = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
+    block_kind = "double-stream block"
 
     @classmethod
     def matches(cls, pipeline) -> bool:
@@ -84,8 +89,37 @@ class FluxBackend(Backend):
 
         return type(pipeline) is FluxPipeline
 
+    @classmethod
+    def pixels_per_token(cls, model_folder: Path | None) -> int:
+        """The VAE's factor (2 per down block after the first; 8 on FLUX.1) times the 2x2 latent patches."""
+        config = None if model_folder is None else Path(model_folder) / "vae" / "config.json"
+        if config is not None and config.is_file():
+            try:
+                channels = json.loads(config.read_text()).get("block_out_channels", [0] * 4)
+                return 2 ** (len(channels) - 1) * 2
+            except (OSError, json.JSONDecodeError, TypeError):
+                pass
+        return 16
+
+    @classmethod
+    def check_lora_keys(cls, keys, source: str) -> None:
+        from ..lora import LoraFileError, detect_layout
+
+        if detect_layout({key: None for key in keys}) == "kohya-unet":
+            first = next(iter(keys))
+            raise LoraFileError(
+                f"{source} is a LoRA for a UNet model (SD 1.x / SDXL keys such as {first!r}), not for a FLUX "
+                "transformer; use a LoRA trained for this model."
+            )
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixels per image token along a side: the VAE factor (8 on FLUX.1) times the 2x2 patches."""
+        return int(self.pipeline.vae_scale_factor) * 2
+
     @property
     def tokenizer(self):
+        """T5's: the text tokens of the joint attention are T5 tokens."""
         return self.pipeline.tokenizer_2
 
     @property
@@ -96,13 +130,20 @@ class FluxBackend(Backend):
     def num_blocks(self) -> int:
         return len(self.transformer.transformer_blocks)
 
+    @property
+    def transformer(self) -> torch.nn.Module:
+        return self.pipeline.transformer
+
     def default_block(self) -> int:
         """Block 16 on FLUX.1; the same relative depth on models with fewer double-stream blocks."""
         return round(PAPER_BLOCK / (PAPER_NUM_BLOCKS - 1) * (self.num_blocks - 1))
 
-    def token_layout(self, module_name: str) -> str:
+    def token_layout(self, module_name: str) -> TokenLayout:
+        """Double-stream blocks: image and text in separate layers. Single-stream blocks: one
+        sequence, `torch.cat([text, image])` in `FluxTransformer2DModel.forward`. Modulation
+        (`norm*.linear`), timestep/guidance/pooled embedders: one vector per image."""
         if module_name.startswith("single_transformer_blocks."):
-            return NO_TOKENS if ".norm." in module_name else JOINT
+            return NO_TOKENS if ".norm." in module_name else ("text", "image")
         if module_name.startswith("transformer_blocks."):
             if ".norm1.linear" in module_name or ".norm1_context.linear" in module_name:
                 return NO_TOKENS
@@ -112,6 +153,23 @@ class FluxBackend(Backend):
         if module_name.startswith("x_embedder") or module_name == "proj_out":
             return IMAGE
         return NO_TOKENS  # time/guidance/pooled-text embedders, final norm modulation
+
+    def check_settings(self, settings: GenerationSettings) -> list[str]:
+        notes = []
+        length = settings.max_sequence_length
+        if length is not None and length > self.max_sequence_length:
+            raise ValueError(
+                f"`max_sequence_length` {length} is more than FLUX.1's T5 takes; use at most "
+                f"{self.max_sequence_length}."
+            )
+        if settings.negative_prompt is not None and settings.true_cfg_scale <= 1:
+            raise ValueError(
+                "`negative_prompt` only acts with true CFG on FLUX.1: pass `true_cfg_scale` > 1 (CLI: "
+                "--true-cfg 1.5), or leave the negative prompt out."
+            )
+        if settings.true_cfg_scale > 1 and settings.negative_prompt is None:
+            notes.append("`true_cfg_scale` > 1 has no effect without a `negative_prompt`.")
+        return notes
 
     # -- denoising loop parts ----------------------------------------------------------------------
 
@@ -125,13 +183,20 @@ class FluxBackend(Backend):
         )
         return Conditioning(list(prompts), prompt_embeds, pooled, text_ids)
 
-    def prepare_latents(self, seeds: list[int], height: int, width: int, dtype: torch.dtype):
-        """Noise for each image from its own CPU generator, so a seed means the same noise anywhere."""
-        generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in seeds]
+    def prepare_latents(
+        self,
+        generators: list[torch.Generator],
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        latents: torch.Tensor | None = None,
+    ) -> Latents:
+        """Packed noise `[B, N, C]` (image b from `generators[b]`) and the image tokens' position ids."""
         channels = self.transformer.config.in_channels // 4
-        return self.pipeline.prepare_latents(
-            len(seeds), channels, height, width, dtype, self.device, generators
+        noise, positions = self.pipeline.prepare_latents(
+            len(generators), channels, height, width, dtype, self.device, generators, latents
         )
+        return Latents(noise, positions)
 
     def timesteps(
         self, num_inference_steps: int, height: int, width: int
@@ -156,27 +221,39 @@ class FluxBackend(Backend):
         scheduler.set_begin_index(0)
         return timesteps, scheduler.sigmas
 
-    def predict(self, latents, timestep, conditioning: Conditioning, guidance_scale: float, image_ids):
-        batch = latents.shape[0]
+    def predict(
+        self,
+        latents: Latents,
+        timestep: torch.Tensor,
+        conditioning: Conditioning,
+        settings: GenerationSettings,
+    ) -> torch.Tensor:
+        """The velocity; FLUX.1-dev's distilled guidance goes in as an embedding."""
+        hidden = latents.latents
+        batch = hidden.shape[0]
         guidance = None
         if self.transformer.config.guidance_embeds:
-            guidance = torch.full([1], guidance_scale, device=latents.device, dtype=torch.float32).expand(
-                batch
-            )
-        timestep = timestep.expand(batch).to(latents.dtype)
+            guidance = torch.full([batch], settings.guidance_scale, device=hidden.device, dtype=torch.float32)
         return self.transformer(
-            hidden_states=latents,
-            timestep=timestep / 1000,
+            hidden_states=hidden,
+            timestep=timestep.expand(batch).to(hidden.dtype) / 1000,
             guidance=guidance,
             pooled_projections=conditioning.pooled,
             encoder_hidden_states=conditioning.prompt_embeds,
             txt_ids=conditioning.text_ids,
-            img_ids=image_ids,
+            img_ids=latents.positions,
             return_dict=False,
         )[0]
 
-    def step(self, velocity: torch.Tensor, timestep, latents: torch.Tensor) -> torch.Tensor:
-        return self.pipeline.scheduler.step(velocity, timestep, latents, return_dict=False)[0]
+    def negative_prompt(self, settings: GenerationSettings) -> str | None:
+        """FLUX.1 runs a second pass only with true CFG (as `FluxPipeline` does)."""
+        return settings.negative_prompt if settings.true_cfg_scale > 1 else None
+
+    def cfg_scale(self, settings: GenerationSettings) -> float:
+        return float(settings.true_cfg_scale)
+
+    def step(self, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        return self.pipeline.scheduler.step(prediction, timestep, latents, return_dict=False)[0]
 
     def predict_x0(self, latents: torch.Tensor, velocity: torch.Tensor, sigma: float) -> torch.Tensor:
         """Flow matching: x_t = (1 - σ) x0 + σ ε and v = ε - x0, so x0 = x_t - σ v."""
@@ -216,10 +293,10 @@ class FluxBackend(Backend):
         return torch.stack(previews).cpu().numpy()
 
     @contextlib.contextmanager
-    def capture(self, block: int) -> Iterator[AttentionTap]:
+    def capture(self, block: int) -> Iterator[FluxAttentionTap]:
         """Hooks that record block `block`'s queries/keys during the forward passes inside."""
         attn = self.transformer.transformer_blocks[block].attn
-        tap = AttentionTap()
+        tap = FluxAttentionTap()
 
         def keep(name: str):
             def hook(module, inputs, output):
@@ -241,3 +318,23 @@ class FluxBackend(Backend):
         finally:
             for handle in handles:
                 handle.remove()
+
+    # -- LoRA files --------------------------------------------------------------------------------
+    def lora_source(self, lora: LoraFile) -> str | dict[str, torch.Tensor]:
+        """BFL-named files (`diffusion_model.double_blocks…lora_A`) and bare PEFT files, which diffusers'
+        FLUX loader does not recognise, go in renamed; every other layout by path."""
+        state = lora.state_dict
+        if lora.layout == "bfl" and not any(".lora_down." in key for key in state):
+            # The original FLUX code base's names, which diffusers' kohya converter maps; only the
+            # A/B suffixes differ from kohya's down/up.
+            return {
+                key.replace(".lora_A.weight", ".lora_down.weight").replace(
+                    ".lora_B.weight", ".lora_up.weight"
+                ): value
+                for key, value in state.items()
+            }
+        if lora.layout == "peft" and not any(key.startswith("transformer.") for key in state):
+            return {
+                "transformer." + key.removeprefix("base_model.model."): value for key, value in state.items()
+            }
+        return str(lora.path)

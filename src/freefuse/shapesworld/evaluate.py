@@ -473,3 +473,39 @@ def picture_grid(samples: list[dict], methods, rows: int) -> Image.Image:
             grid.paste(picture.resize((cell, cell), Image.NEAREST), (column * cell, label + row * cell))
         draw.text((2, label + row * cell + cell - 12), record["prompt"][:40], fill=(255, 255, 255))
     return grid
+
+
+def run_evaluation(
+    config: EvalConfig,
+    out: Path,
+    model_dir: Path | None = None,
+    lora_dir: Path | None = None,
+    overwrite: bool = False,
+    command_line: str = "freefuse eval shapesworld",
+    on_progress: Callable[[str, int | None, int | None], None] | None = None,
+) -> tuple[dict, dict[str, Path], str]:
+    """The whole evaluation: groups × prompts × seeds × methods, single LoRAs, the base model.
+
+    Writes `results.json`, `results.md` and `grid.png` under `out`, each atomically; returns the
+    record, the files and the Markdown table. `on_progress(stage, done, total)` reports progress.
+    """
+    from ..files import OutputExistsError, atomic_save, atomic_write, write_json
+
+    files = {"json": out / "results.json", "md": out / "results.md", "grid": out / "grid.png"}
+    taken = [str(path) for path in files.values() if path.exists()]
+    if taken and not overwrite:
+        raise OutputExistsError(f"{taken[0]} already exists; pass --overwrite to replace it.")
+    report = on_progress or (lambda stage, done, total: None)
+    evaluator = Evaluator(model_dir, lora_dir)
+    evaluation = evaluate(config, evaluator, on_step=lambda done, total: report("evaluating", done, total))
+    report("single LoRAs", None, None)
+    singles = single_lora_rates(evaluator, config.single_seeds, config.steps)
+    report("base model", None, None)
+    base = base_rate(evaluator, config.base_samples, config.steps)
+    record = result_record(config, evaluation, singles, base)
+    table = markdown_table(record, command_line)
+    grid = picture_grid(evaluation["samples"], config.methods, config.grid_rows)
+    atomic_save(files["grid"], lambda f: grid.save(f, "PNG"), overwrite)
+    atomic_write(files["md"], table, overwrite)
+    write_json(files["json"], record, overwrite)
+    return record, files, table

@@ -1,0 +1,133 @@
+"""What one run asks for before anything loads: a model, LoRA files, settings, masks.
+
+The command line, a job-file line and a manifest replay all build a `RunSpec`. `check()` does
+every check that needs no weights (files, architecture, sizes), so that a mistake is reported
+before a multi-GB model loads; `load()` loads the model and the LoRAs into a `FreeFuse`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .settings import GenerationSettings, SettingsError, describe_errors
+
+if TYPE_CHECKING:
+    from .pipeline import FreeFuse
+
+
+class LoraSpec(BaseModel):
+    """One LoRA of a run, as a job file, the CLI or a manifest gives it.
+
+    Attributes:
+        path: the `.safetensors` file.
+        words: activation words; None: the file's metadata trigger words.
+        weight: LoRA strength.
+        scope: "subject" (masked) or "global" (never masked).
+        name: adapter name; None: the file's stem.
+        sha256: the hash the file must have (manifest replays); None: not checked.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    words: list[str] | None = None
+    weight: float = 1.0
+    scope: Literal["subject", "global"] = "subject"
+    name: str | None = None
+    sha256: str | None = Field(None, description="expected file hash")
+
+    @classmethod
+    def parse(cls, values: dict, where: str) -> LoraSpec:
+        """From a job file's or manifest's mapping; errors name `where`."""
+        if isinstance(values, dict) and isinstance(values.get("words"), str):
+            values = {**values, "words": [values["words"]]}
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            raise SettingsError(f"{where}: LoRA {describe_errors(error)}") from None
+
+    @property
+    def adapter_name(self) -> str:
+        return self.name or Path(self.path).stem
+
+
+@dataclass
+class RunSpec:
+    """A model, its LoRAs, the settings, and the caller's masks file (method 'masks')."""
+
+    model: str
+    loras: list[LoraSpec]
+    settings: GenerationSettings
+    masks: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def check(self) -> None:
+        """Everything that needs no weights: model folder and architecture, LoRA files, sizes, masks."""
+        from .lora import check_lora_path
+        from .methods import get_method
+        from .models import architecture_of, check_model_source, pixels_per_token
+
+        check_model_source(self.model)
+        architecture = architecture_of(self.model)
+        multiple = pixels_per_token(self.model)
+        if multiple is not None:
+            self.settings.check_size(multiple)
+        if not self.loras:
+            raise SettingsError("No LoRA given; add --lora PATH=WORD (one per subject).")
+        names: dict[str, str] = {}
+        files: dict[Path, str] = {}
+        for lora in self.loras:
+            resolved = check_lora_path(lora.path, architecture).resolve()
+            if resolved in files:
+                raise SettingsError(f"LoRA file {lora.path} is given twice; give each LoRA once.")
+            files[resolved] = lora.path
+            if lora.adapter_name in names:
+                raise SettingsError(
+                    f"Two LoRAs get the name {lora.adapter_name!r} ({names[lora.adapter_name]} and {lora.path}); "
+                    "rename one file."
+                )
+            names[lora.adapter_name] = lora.path
+        method = get_method(self.settings.method)
+        if self.masks is not None and not method.takes_masks:
+            raise SettingsError(
+                f"--masks is only used with --method masks (method is {self.settings.method!r}); add --method masks "
+                "or leave --masks out."
+            )
+        if method.takes_masks and self.masks is None:
+            raise SettingsError(
+                "--method masks needs --masks FILE (a .masks.json or .safetensors from `freefuse masks`)."
+            )
+        if self.masks is not None and not Path(self.masks).is_file():
+            raise SettingsError(
+                f"--masks {self.masks}: no such file (use a .masks.json or .safetensors from `freefuse masks`)."
+            )
+
+    def load(
+        self,
+        device: str | None = None,
+        dtype: str | None = None,
+        offload: bool = False,
+        status: Callable[[str], object] | None = None,
+    ) -> FreeFuse:
+        """Load the model and every LoRA; a LoRA whose file changed since a manifest is refused."""
+        from .models import load_pipeline
+        from .pipeline import FreeFuse
+
+        if status is not None:
+            status(f"Loading {self.model} ...")
+        freefuse = FreeFuse(load_pipeline(self.model, device=device, dtype=dtype, offload=offload))
+        for lora in self.loras:
+            subject = freefuse.add_lora(
+                lora.path, words=lora.words, name=lora.name, weight=lora.weight, scope=lora.scope
+            )
+            if lora.sha256 and subject.sha256 != lora.sha256:
+                raise SettingsError(
+                    f"LoRA {lora.path} has changed since the manifest was written (sha256 {subject.sha256[:12]}… != "
+                    f"{lora.sha256[:12]}…); pass the right file with --lora."
+                )
+        return freefuse

@@ -1,0 +1,218 @@
+"""The backend contract (`freefuse.backends.base.Backend`), checked on every registered backend.
+
+Each backend must come with a tiny pipeline builder in `freefuse.testing.TINY_PIPELINES`. The
+checks compare what a backend says about its model (token layouts, grid, shapes, x0) with what
+the model really does, so a new architecture that passes them runs in the two-stage pipeline.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from freefuse import FreeFuse, FreeFuseWarning, GenerationSettings, MaskSet
+from freefuse.backends import BACKENDS, Backend, backend_for
+from freefuse.testing import ALL_LINEAR, TINY_PIPELINES, random_lora
+
+PROMPT = "Alice hugging Bob in the snow"
+SIZE = 128
+TOKENS = 16
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def backend(request) -> Backend:
+    name = request.param
+    assert name in TINY_PIPELINES, f"backend {name!r} has no tiny pipeline in freefuse.testing.TINY_PIPELINES"
+    pipe = TINY_PIPELINES[name](seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    return backend_for(pipe)
+
+
+def hooks(module: torch.nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def settings(**values) -> GenerationSettings:
+    return GenerationSettings(prompt=PROMPT, height=SIZE, width=SIZE, **values)
+
+
+def noise(backend: Backend, seeds: list[int], dtype=torch.float32):
+    generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+    return backend.prepare_latents(generators, SIZE, SIZE, dtype)
+
+
+def test_every_backend_is_found_for_its_own_pipeline_only(backend: Backend) -> None:
+    assert type(backend_for(backend.pipeline)) is type(backend)
+    assert backend.matches(backend.pipeline)
+    assert not backend.matches(object())
+    assert type(backend.pipeline).__name__ in backend.pipeline_classes
+    assert backend.denoiser is getattr(backend.pipeline, backend.denoiser_name)
+
+
+def test_model_facts_are_consistent(backend: Backend, tmp_path) -> None:
+    assert 0 <= backend.default_block() < backend.num_blocks
+    assert backend.default_sequence_length <= backend.max_sequence_length
+    assert backend.grid(SIZE, SIZE) == (SIZE // backend.size_multiple,) * 2
+    backend.pipeline.save_pretrained(tmp_path)  # read from configs alone, as before loading
+    assert type(backend).pixels_per_token(tmp_path) == backend.size_multiple
+    assert backend.tokenizer(PROMPT, return_offsets_mapping=True)["offset_mapping"]  # a fast tokenizer
+
+
+def test_encode_gives_one_row_of_tokens_per_prompt(backend: Backend) -> None:
+    with torch.no_grad():
+        conditioning = backend.encode([PROMPT, "a cat"], TOKENS)
+    assert conditioning.prompt_embeds.shape[:2] == (2, conditioning.num_text_tokens)
+    assert (
+        conditioning.num_text_tokens <= TOKENS or conditioning.num_text_tokens == backend.max_sequence_length
+    )
+
+
+def test_noise_of_an_image_depends_only_on_its_own_generator(backend: Backend) -> None:
+    alone = noise(backend, [7]).latents
+    pair = noise(backend, [3, 7]).latents
+    assert torch.equal(pair[1], alone[0])
+    assert not torch.equal(pair[0], pair[1])
+
+
+def test_schedule_ends_at_zero_noise(backend: Backend) -> None:
+    timesteps, sigmas = backend.timesteps(6, SIZE, SIZE)
+    assert len(timesteps) == 6 and len(sigmas) == 7
+    assert float(sigmas[-1]) == 0.0
+    assert bool((sigmas[1:] <= sigmas[:-1]).all())
+
+
+def test_x0_is_where_the_schedulers_last_step_lands(backend: Backend) -> None:
+    """From the last noise level the scheduler steps to σ = 0, which is x0 of that prediction."""
+    state = noise(backend, [0])
+    timesteps, sigmas = backend.timesteps(4, SIZE, SIZE)
+    prediction = torch.randn(state.latents.shape, generator=torch.Generator().manual_seed(1))
+    latents = state.latents
+    for t in timesteps[:-1]:
+        latents = backend.step(prediction, t, latents)
+    last = backend.step(prediction, timesteps[-1], latents)
+    torch.testing.assert_close(backend.predict_x0(latents, prediction, float(sigmas[-2])), last)
+
+
+def test_capture_gives_queries_and_keys_of_the_grid_and_leaves_no_hook(backend: Backend) -> None:
+    before = hooks(backend.denoiser)
+    with torch.no_grad():
+        conditioning = backend.encode([PROMPT], TOKENS)
+        state = noise(backend, [0], conditioning.prompt_embeds.dtype)
+        timesteps, _ = backend.timesteps(4, SIZE, SIZE)
+        with backend.capture(backend.default_block()) as tap:
+            backend.predict(state, timesteps[0], conditioning, settings())
+    captured = tap.result()
+    h, w = backend.grid(SIZE, SIZE)
+    batch, heads, n_img, dim = captured.q_img.shape
+    assert (batch, n_img) == (1, h * w)
+    assert captured.k_img.shape == captured.q_img.shape
+    if captured.q_text is not None:
+        assert captured.q_text.shape == (1, heads, conditioning.num_text_tokens, dim)
+    assert hooks(backend.denoiser) == before
+
+
+def test_token_layout_of_every_adapted_layer_matches_what_it_sees(backend: Backend) -> None:
+    """Every linear layer a full LoRA adapts: its input's token axis has the length its layout says."""
+    random_lora(backend.pipeline, "probe", seed=1, targets=ALL_LINEAR)
+    seen: dict[str, tuple] = {}
+    handles = []
+    for name, module in backend.denoiser.named_modules():
+        if hasattr(module, "lora_A") and "probe" in module.lora_A:
+
+            def record(module, inputs, output, name=name) -> None:
+                seen.setdefault(name, tuple(inputs[0].shape))
+
+            handles.append(module.register_forward_hook(record))
+    try:
+        with torch.no_grad():
+            conditioning = backend.encode([PROMPT], TOKENS)
+            state = noise(backend, [0], conditioning.prompt_embeds.dtype)
+            timesteps, _ = backend.timesteps(4, SIZE, SIZE)
+            backend.predict(state, timesteps[0], conditioning, settings())
+    finally:
+        for handle in handles:
+            handle.remove()
+    h, w = backend.grid(SIZE, SIZE)
+    length = {"image": h * w, "text": conditioning.num_text_tokens}
+    assert seen, "the probe LoRA adapted no layer that ran"
+    for name, shape in seen.items():
+        layout = backend.token_layout(name)
+        if not layout:
+            assert len(shape) == 2, f"{name}: no-token layout but input {shape}"
+        else:
+            assert len(shape) == 3 and shape[1] == sum(length[segment] for segment in layout), (
+                name,
+                layout,
+                shape,
+            )
+
+
+def test_decode_and_preview_give_pictures(backend: Backend) -> None:
+    state = noise(backend, [0, 1])
+    with torch.no_grad():
+        images = backend.decode(state.latents, SIZE, SIZE)
+        full = backend.preview(state.latents, SIZE, SIZE, "vae")
+        cheap = backend.preview(state.latents, SIZE, SIZE, "latent")
+    assert images.shape == (2, 3, SIZE, SIZE) and 0 <= float(images.min()) <= float(images.max()) <= 1
+    assert full.shape == (2, SIZE, SIZE, 3)
+    assert cheap.shape[0] == 2 and cheap.shape[-1] == 3 and np.isfinite(cheap).all()
+
+
+def test_lora_keys_of_its_own_family_are_accepted(backend: Backend, tmp_path) -> None:
+    path = random_lora(backend.pipeline, "probe", seed=1, path=tmp_path / "probe.safetensors")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        type(backend).check_lora_keys(list(handle.keys()), path.name)
+
+
+@pytest.fixture
+def with_two_loras(backend: Backend) -> FreeFuse:
+    for index, name in enumerate(("alice", "bob")):
+        random_lora(backend.pipeline, name, seed=index + 1, targets=ALL_LINEAR, scale=0.5)
+    freefuse = FreeFuse(backend.pipeline)
+    for name in ("alice", "bob"):
+        freefuse.use_adapter(name, words=[name.capitalize()])
+    return freefuse
+
+
+def run(freefuse: FreeFuse, **values):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FreeFuseWarning)
+        return freefuse(
+            PROMPT,
+            output_type="pt",
+            progress=False,
+            height=SIZE,
+            width=SIZE,
+            num_inference_steps=3,
+            max_sequence_length=TOKENS,
+            **values,
+        ).images[0]
+
+
+def test_all_ones_masks_are_merge_and_a_zero_mask_removes_that_lora(with_two_loras: FreeFuse) -> None:
+    merge = run(with_two_loras, method="merge")
+    ones = MaskSet(["alice", "bob"], torch.ones(2, SIZE, SIZE))
+    assert (run(with_two_loras, method="masks", masks=ones, text_scope="all") - merge).abs().max() <= 1e-5
+    bob_off = MaskSet(["alice", "bob"], torch.stack([torch.ones(SIZE, SIZE), torch.zeros(SIZE, SIZE)]))
+    masked = run(with_two_loras, method="masks", masks=bob_off, text_scope="all")
+    with_two_loras.pipeline.delete_adapters("bob")
+    alone = FreeFuse(with_two_loras.pipeline)
+    alone.use_adapter("alice", words=["Alice"])
+    assert (masked - run(alone, method="merge")).abs().max() <= 1e-5
+    assert (masked - merge).abs().max() > 1e-3
+
+
+def test_freefuse_runs_and_partitions_the_image(with_two_loras: FreeFuse) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FreeFuseWarning)
+        out = with_two_loras(
+            PROMPT, progress=False, height=SIZE, width=SIZE, num_inference_steps=3, max_sequence_length=TOKENS
+        )
+    masks = out.masks[0]
+    assert masks.names == ["alice", "bob"] and masks.size == (SIZE, SIZE)
+    assert torch.equal(masks.masks.sum(dim=0), torch.ones(SIZE, SIZE))
