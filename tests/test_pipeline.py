@@ -254,3 +254,75 @@ def test_token_layout_of_every_adapted_flux_layer() -> None:
     assert backend.default_block() == 1
     pipe.transformer.transformer_blocks.extend([pipe.transformer.transformer_blocks[0]] * 17)  # 19 blocks
     assert backend.default_block() == 16
+
+
+@pytest.mark.filterwarnings("ignore:Adapter owned was active")
+def test_remove_forgets_a_borrowed_adapter_but_deletes_an_owned_one(tmp_path) -> None:
+    pipe = tiny_flux_pipeline(seed=0)
+    random_lora(pipe, "borrowed", seed=1)
+    owned_file = random_lora(pipe, "x", seed=2, path=tmp_path / "owned.safetensors")
+    freefuse = FreeFuse(pipe)
+    freefuse.use_adapter("borrowed", words=["Alice"])
+    freefuse.add_lora(owned_file, words=["Bob"], name="owned")
+    freefuse.remove("borrowed")
+    freefuse.remove("owned")
+    assert "borrowed" in pipe.transformer.peft_config  # the caller's adapter stays
+    assert "owned" not in pipe.transformer.peft_config
+    assert freefuse.subjects == {}
+
+
+def test_masks_given_to_a_method_that_does_not_use_them_are_refused(two: FreeFuse) -> None:
+    with pytest.raises(ValueError, match="only used by method='masks'"):
+        run(two, method="merge", masks=full_masks(1.0))
+
+
+def test_generator_latents_and_step_callback_follow_diffusers(two: FreeFuse) -> None:
+    seeded = run(two, seed=4)
+    from_generator = run(two, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(seeded.images[0], from_generator.images[0])
+    assert from_generator.manifest["images"][0]["seed"] is None  # not replayable from the manifest
+    assert any("caller's `generator`" in note for note in from_generator.manifest["notes"])
+    noise = two.backend.prepare_latents([torch.Generator().manual_seed(4)], 128, 128, torch.float32).latents
+    assert torch.equal(run(two, latents=noise).images[0], seeded.images[0])
+
+    seen = []
+
+    def halve_at_step_two(freefuse, step_index, timestep, tensors):
+        seen.append((step_index, sorted(tensors)))
+        return {"latents": tensors["latents"] * 0.5} if step_index == 2 else {}
+
+    changed = run(
+        two, seed=4, callback_on_step_end=halve_at_step_two, callback_on_step_end_tensor_inputs=["latents"]
+    )
+    assert [step for step, _ in seen] == list(range(SMALL["num_inference_steps"]))
+    assert seen[0][1] == ["latents"]
+    assert (changed.images[0] - seeded.images[0]).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="not available"):
+        run(two, callback_on_step_end=halve_at_step_two, callback_on_step_end_tensor_inputs=["noise"])
+
+
+def test_background_words_reach_stage_one_and_leave_their_region_to_no_lora(
+    two: FreeFuse, monkeypatch
+) -> None:
+    from freefuse import core
+
+    seen = {}
+    original = core.masks_from_attention
+
+    def spy(*args, **kwargs):
+        seen["background"] = kwargs.get("background_tokens")
+        seen["config"] = kwargs.get("config")
+        result = original(*args, **kwargs)
+        result.token_masks[:, :, :2] = 0.0  # the two left columns: background
+        result.image_masks[:, :, :32] = False
+        return result
+
+    monkeypatch.setattr(core, "masks_from_attention", spy)
+    out = run(two, seed=1, background_words=["snow"])
+    tokenizer = two.pipeline.tokenizer_2
+    snow = tokenizer.convert_tokens_to_ids("▁snow")
+    assert seen["background"] == [tokenizer(PROMPT)["input_ids"].index(snow)]
+    assert seen["config"].background is True
+    assert float(out.masks[0].masks[:, :, :32].sum()) == 0  # no subject owns the background
+    with pytest.raises(ValueError, match="background words"):
+        run(two, background_words=["castle"])
