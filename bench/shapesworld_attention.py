@@ -76,7 +76,7 @@ def main() -> None:
         with torch.no_grad():
             conditioning = backend.encode([prompt], 24)
             state = backend.prepare_latents(
-                [torch.Generator().manual_seed(seed)], 64, 64, conditioning.prompt_embeds.dtype
+                [torch.Generator().manual_seed(seed)], 1, 64, 64, conditioning.prompt_embeds.dtype
             )
             timesteps, _ = backend.timesteps(args.steps, 64, 64)
             settings = GenerationSettings(prompt=prompt, guidance_scale=3.5)

@@ -70,6 +70,15 @@ MUTATIONS = (
         "kept = rows.masked_fill(border.expand_as(top), 0.0)",
     ),
     Mutation(
+        "stage 1 taps the negative prompt's pass",
+        "backends/base.py",
+        "            prediction = self.predict(latents, timestep, conditioning, settings)\n        if negative",
+        "            prediction = self.predict(latents, timestep, conditioning, settings)\n"
+        "            if negative is not None:\n"
+        "                self.predict(latents, timestep, negative, settings)\n"
+        "        if negative",
+    ),
+    Mutation(
         "x0 sign flipped",
         "backends/flux.py",
         "return latents - float(sigma) * velocity",

@@ -41,7 +41,7 @@ def settings(**values) -> GenerationSettings:
 
 def noise(backend: Backend, seeds: list[int], dtype=torch.float32):
     generators = [torch.Generator().manual_seed(seed) for seed in seeds]
-    return backend.prepare_latents(generators, SIZE, SIZE, dtype)
+    return backend.prepare_latents(generators, len(seeds), SIZE, SIZE, dtype)
 
 
 def test_every_backend_is_found_for_its_own_pipeline_only(backend: Backend) -> None:

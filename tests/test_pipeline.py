@@ -226,7 +226,7 @@ def test_tap_matches_the_processor_queries_and_keys() -> None:
     block.attn.set_processor(Recording())
     conditioning = backend.encode([PROMPT], 32)
     state = backend.prepare_latents(
-        [torch.Generator().manual_seed(0)], 128, 128, conditioning.prompt_embeds.dtype
+        [torch.Generator().manual_seed(0)], 1, 128, 128, conditioning.prompt_embeds.dtype
     )
     timesteps, _ = backend.timesteps(4, 128, 128)
     with torch.no_grad(), backend.capture(1) as tap:
@@ -282,7 +282,9 @@ def test_generator_latents_and_step_callback_follow_diffusers(two: FreeFuse) -> 
     assert torch.equal(seeded.images[0], from_generator.images[0])
     assert from_generator.manifest["images"][0]["seed"] is None  # not replayable from the manifest
     assert any("caller's `generator`" in note for note in from_generator.manifest["notes"])
-    noise = two.backend.prepare_latents([torch.Generator().manual_seed(4)], 128, 128, torch.float32).latents
+    noise = two.backend.prepare_latents(
+        [torch.Generator().manual_seed(4)], 1, 128, 128, torch.float32
+    ).latents
     assert torch.equal(run(two, latents=noise).images[0], seeded.images[0])
 
     seen = []
@@ -326,3 +328,31 @@ def test_background_words_reach_stage_one_and_leave_their_region_to_no_lora(
     assert float(out.masks[0].masks[:, :, :32].sum()) == 0  # no subject owns the background
     with pytest.raises(ValueError, match="background words"):
         run(two, background_words=["castle"])
+
+
+def test_one_generator_for_a_batch_draws_the_noise_as_diffusers_does(two: FreeFuse) -> None:
+    prompts = [PROMPT, "Bob and Alice dancing"]
+    ours = run(two, prompt=prompts, method="merge", generator=torch.Generator().manual_seed(3)).images
+    two.pipeline.set_adapters(["alice", "bob"])
+    theirs = two.pipeline(
+        prompts, generator=torch.Generator().manual_seed(3), output_type="pt", guidance_scale=3.5, **SMALL
+    ).images
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+def test_with_true_cfg_stage_one_reads_the_prompts_pass_not_the_negative_one(
+    two: FreeFuse, monkeypatch
+) -> None:
+    from freefuse import core
+
+    seen = []
+    original = core.masks_from_attention
+
+    def spy(q_text, *args, **kwargs):
+        seen.append(q_text.clone())
+        return original(q_text, *args, **kwargs)
+
+    monkeypatch.setattr(core, "masks_from_attention", spy)
+    run(two, seed=2, mask_step=1)
+    run(two, seed=2, mask_step=1, negative_prompt="dark photo", true_cfg_scale=2.0)
+    assert torch.equal(seen[0], seen[1])  # step 1 is the same run up to the guidance

@@ -37,6 +37,7 @@ def test_unknown_settings_are_errors_that_list_the_valid_ones() -> None:
         ({"background_words": [" "]}, "`background_words` has an empty word"),
         ({"mask_config": {"p_sink": 2.0}}, "`p_sink` must be a fraction"),
         ({"mask_config": {"sinks": 1}}, "Unknown mask settings"),
+        ({"mask_config": {"p_sink": "0.01"}}, "`p_sink` must be a number"),
     ],
 )
 def test_bad_values_name_the_setting(values: dict, message: str) -> None:
@@ -123,9 +124,25 @@ def test_flags_given_with_a_manifest_win_and_are_said(assets, tmp_path, monkeypa
     manifest = json.loads((replay / "freefuse.json").read_text())
     assert manifest["settings"]["seed"] == 5 and manifest["settings"]["num_inference_steps"] == 3
     assert (first / "freefuse.png").read_bytes() != (replay / "freefuse.png").read_bytes()
+    resized = RUNNER.invoke(
+        app,
+        [
+            "generate",
+            "--manifest",
+            str(first / "freefuse.json"),
+            "--size",
+            "96x64",
+            "--out",
+            str(tmp_path / "r2"),
+        ],
+    )
+    assert resized.exit_code == 0, resized.output
+    manifest = json.loads((tmp_path / "r2" / "freefuse.json").read_text())
+    assert (manifest["settings"]["width"], manifest["settings"]["height"]) == (96, 64)
 
 
-def test_masks_without_method_masks_is_an_error(assets, tmp_path) -> None:
+def test_masks_without_method_masks_is_an_error(assets, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("freefuse.models.load_pipeline", never_load)
     masks = tmp_path / "m.masks.json"
     masks.write_text("{}")
     result = RUNNER.invoke(app, generate_args(assets, tmp_path / "o", "--masks", str(masks)))
@@ -134,7 +151,12 @@ def test_masks_without_method_masks_is_an_error(assets, tmp_path) -> None:
     assert not (tmp_path / "o").exists()
 
 
-def test_negative_prompt_without_true_cfg_is_an_error(assets, tmp_path) -> None:
+def never_load(*args, **kwargs):
+    raise AssertionError("the model was loaded before the mistake was reported")
+
+
+def test_negative_prompt_without_true_cfg_is_an_error_before_loading(assets, tmp_path, monkeypatch) -> None:
+    monkeypatch.setattr("freefuse.models.load_pipeline", never_load)
     result = RUNNER.invoke(app, generate_args(assets, tmp_path / "o", "--negative-prompt", "blurry"))
     assert result.exit_code == 2
     assert "`negative_prompt` only acts with true CFG" in result.output and "--true-cfg" in result.output

@@ -37,6 +37,7 @@ from rich.progress import (
 from rich.table import Table
 
 from . import __version__
+from .files import check_free
 from .outputs import output_paths, write_outputs
 from .settings import CLI_FLAGS, GenerationSettings
 
@@ -207,13 +208,7 @@ def _progress() -> Progress:
 
 
 def _check_outputs_free(paths: list[dict[str, Path]], overwrite: bool) -> None:
-    if overwrite:
-        return
-    taken = [str(path) for files in paths for path in files.values() if path.exists()]
-    if taken:
-        raise UserError(
-            f"{taken[0]} already exists (and {len(taken) - 1} more); pass --overwrite to replace."
-        )
+    check_free([path for files in paths for path in files.values()], overwrite)
 
 
 def execute(freefuse, settings, masks=None, stop_after_masks: bool = False):
@@ -452,12 +447,11 @@ def masks_command(options: RunOptions) -> None:
         raise UserError(
             "--masks gives masks to generate with; `freefuse masks` makes them. Leave --masks out."
         )
-    options.settings.setdefault("method", "freefuse")
-    if not get_method(options.settings["method"]).reads_attention:
-        raise UserError(
-            f"`freefuse masks` needs a method that reads attention, not {options.settings['method']!r}."
-        )
     spec, paths = _prepare(options)
+    if not get_method(spec.settings.method).reads_attention:
+        raise UserError(
+            f"`freefuse masks` needs a method that reads attention, not {spec.settings.method!r}."
+        )
     for files in paths:
         files.pop("image")
     _check_outputs_free(paths, options.values["overwrite"])

@@ -10,10 +10,15 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from .files import check_free
 from .models import TINY, architecture_of, cached_model, load_pipeline
 from .outputs import output_paths, write_outputs
 from .settings import GenerationSettings, parse_size
+
+if TYPE_CHECKING:
+    from .pipeline import FreeFuseOutput
 
 PROMPT = "Alice hugging Bob in the snow"
 SUBJECTS = (("alice", "Alice", 1), ("bob", "Bob", 2))
@@ -58,18 +63,14 @@ def run_demo(
     device: str | None = None,
     dtype: str | None = None,
     offload: bool = False,
-) -> dict[str, Path]:
-    """Load, add the two demo LoRAs, generate with `run(freefuse, settings)`, write; return the files."""
+) -> tuple[dict[str, Path], FreeFuseOutput]:
+    """Load, add the two demo LoRAs, generate with `run(freefuse, settings)`, write; return the
+    files and the output."""
     from .pipeline import FreeFuse
     from .testing import random_lora
 
     paths = output_paths(out, "demo", 1)
-    if not overwrite:
-        taken = [str(path) for path in paths[0].values() if path.exists()]
-        if taken:
-            from .files import OutputExistsError
-
-            raise OutputExistsError(f"{taken[0]} already exists; pass --overwrite to replace it.")
+    check_free(list(paths[0].values()), overwrite)
     pipeline = load_pipeline(plan.model, device=device, dtype=dtype, offload=offload)
     freefuse = FreeFuse(pipeline)
     with tempfile.TemporaryDirectory(prefix="freefuse-demo-") as folder:

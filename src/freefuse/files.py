@@ -32,6 +32,18 @@ class OutputExistsError(FileExistsError):
     """An output file is already there and overwriting was not allowed."""
 
 
+def check_free(paths: list[Path], overwrite: bool) -> None:
+    """Raise OutputExistsError, before any work, when an output is already there (unless `overwrite`)."""
+    if overwrite:
+        return
+    taken = [str(path) for path in paths if Path(path).exists()]
+    if taken:
+        more = f" (and {len(taken) - 1} more)" if len(taken) > 1 else ""
+        raise OutputExistsError(
+            f"{taken[0]} already exists{more}; pass --overwrite (overwrite=True) to replace it."
+        )
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb", overwrite: bool = True) -> Iterator[IO]:
     """Open a temporary file next to `path`; on success it replaces `path`, on error it is removed."""

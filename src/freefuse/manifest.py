@@ -211,6 +211,9 @@ def replay_spec(
             f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in sorted(overrides.items())
         )
         notes.append(f"replaying {manifest_path} with settings given on the command line: {changed}.")
+    if "size" in overrides:
+        recorded.pop("width", None)
+        recorded.pop("height", None)
     if "num_inference_steps" in overrides and "mask_step" not in overrides:
         recorded.pop("mask_step", None)  # the default scales with the new step count
         notes.append(

@@ -18,8 +18,6 @@ import torch
 
 from .backends.base import TokenLayout
 
-TEXT_SCOPES = ("exclude-others", "all")
-
 
 @dataclass
 class AdapterMask:
@@ -63,8 +61,6 @@ def pass_masks(
     A subject whose image mask is all zero in an image is off on that image's text too: a LoRA
     masked out of the picture must leave it exactly as it would be without that LoRA.
     """
-    if text_scope not in TEXT_SCOPES:
-        raise ValueError(f"Unknown `text_scope` {text_scope!r}; valid values are {list(TEXT_SCOPES)}.")
     result = {}
     for name, image in image_masks.items():
         batch = image.shape[0]

@@ -45,6 +45,9 @@ class RunContext:
         background: per image, token positions of the background words (empty when none).
         grid: `(h, w)` image tokens.
         fallbacks: per image, what fell back to a stated behaviour (methods append).
+        negative_prompt: the text of the unconditional pass, or None.
+        negative_positions: per image, {adapter name: positions of its words} in the negative
+            prompt (its own words, not the prompt's), or None.
     """
 
     settings: GenerationSettings
@@ -54,6 +57,8 @@ class RunContext:
     background: list[list[int]]
     grid: tuple[int, int]
     fallbacks: list[list[str]]
+    negative_prompt: str | None = None
+    negative_positions: list[dict[str, list[int]]] | None = None
 
     @property
     def batch(self) -> int:
@@ -216,7 +221,7 @@ class AttentionMasks(Method):
             config = replace(config, background=True)
         try:
             result = core.masks_from_attention(
-                None if captured.q_text is None else captured.q_text[b].cpu(),
+                captured.q_text[b].cpu(),
                 captured.q_img[b].cpu(),
                 captured.k_img[b].cpu(),
                 [context.positions[b][name] for name in active],

@@ -29,10 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from .backends import backend_for
+from .backends import Conditioning, backend_for
+from .backends.base import PassName
 from .core import MaskSet
 from .lora import LoraFileError, read_lora_file
-from .masking import LoraMasker, pass_masks
+from .masking import AdapterMask, LoraMasker, pass_masks
 from .methods import MaskInput, Method, RunContext, SubjectMasks, get_method
 from .settings import GenerationSettings
 from .tokens import WordNotFoundError, find_word, truncation_note
@@ -274,16 +275,16 @@ class FreeFuse:
 
     def check_inputs(
         self, settings: GenerationSettings, masks: MaskInput = None
-    ) -> tuple[GenerationSettings, list[str]]:
-        """Every check that needs the model but no denoising.
+    ) -> tuple[GenerationSettings, RunContext, list[str]]:
+        """Every check that needs the model but no denoising, the method's own included.
 
-        Returns the settings with the model's defaults filled in (block, token limit) and the
-        notes to show.
+        Returns the settings with the model's defaults filled in (block, token limit, guidance),
+        the run's context (activation-word positions per image) and the notes to show.
         """
         backend = self.backend
         method = get_method(settings.method)
         settings.check_size(backend.size_multiple)
-        notes = backend.check_settings(settings) + settings.notes()
+        notes = type(backend).check_settings(settings) + settings.notes()
         if not self.subjects:
             raise ValueError("No LoRA added; call `add_lora(path, words=[...])` (or `use_adapter`) first.")
         block = backend.default_block() if settings.block is None else settings.block
@@ -292,8 +293,15 @@ class FreeFuse:
                 f"`block` {block} is out of range: this model has {backend.num_blocks} {backend.block_kind}s "
                 f"(0..{backend.num_blocks - 1})."
             )
-        length = settings.max_sequence_length or backend.default_sequence_length
-        settings = settings.model_copy(update={"block": block, "max_sequence_length": length})
+        settings = settings.model_copy(
+            update={
+                "block": block,
+                "max_sequence_length": settings.max_sequence_length or backend.default_sequence_length,
+                "guidance_scale": backend.default_guidance
+                if settings.guidance_scale is None
+                else settings.guidance_scale,
+            }
+        )
         if masks is not None and not method.takes_masks:
             raise ValueError(
                 f"`masks` are only used by method='masks'; pass method='masks' with them, or leave them out "
@@ -310,10 +318,12 @@ class FreeFuse:
                     "(CLI: --lora PATH=WORD)."
                 )
         for prompt in settings.prompts:
-            note = truncation_note(backend.tokenizer, prompt, length)
+            note = truncation_note(backend.tokenizer, prompt, settings.max_sequence_length)
             if note:
                 notes.append(note)
-        return settings, notes
+        context = self._context(settings, method, notes)
+        method.check(context, masks)
+        return settings, context, notes
 
     def _masked_subjects(self, method: Method) -> list[Subject]:
         if not method.masks_loras:
@@ -378,6 +388,10 @@ class FreeFuse:
                             f"image {index}: LoRA {subject.name!r} is off after the mask step (its words are not in "
                             "this prompt; the steps before run every LoRA jointly)."
                         )
+        negative_prompt = self.backend.negative_prompt(settings)
+        negative_positions = None
+        if negative_prompt is not None:
+            negative_positions = self._positions([negative_prompt] * len(prompts), masked, length, False, [])
         return RunContext(
             settings=settings,
             backend=self.backend,
@@ -386,6 +400,8 @@ class FreeFuse:
             background=self._background_positions(prompts, settings.background_words, length),
             grid=self.backend.grid(settings.height, settings.width),
             fallbacks=[[] for _ in prompts],
+            negative_prompt=negative_prompt,
+            negative_positions=negative_positions,
         )
 
     def generate(
@@ -409,35 +425,23 @@ class FreeFuse:
         # 1. Check inputs
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"Unknown output_type {output_type!r}; use one of {list(OUTPUT_TYPES)}.")
-        settings, notes = self.check_inputs(settings, masks)
-        method = get_method(settings.method)
-        if stop_after_masks and not method.reads_attention:
-            raise ValueError(
-                f"Only methods that read attention make masks; method={settings.method!r} does not."
-            )
         unknown = sorted(set(callback_on_step_end_tensor_inputs) - set(CALLBACK_TENSOR_INPUTS))
         if unknown:
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` {unknown} are not available; use {list(CALLBACK_TENSOR_INPUTS)}."
             )
+        settings, context, notes = self.check_inputs(settings, masks)
+        method = get_method(settings.method)
+        if stop_after_masks and not method.reads_attention:
+            raise ValueError(
+                f"Only methods that read attention make masks; method={settings.method!r} does not."
+            )
         backend = self.backend
-        batch = len(settings.image_prompts)
+        batch = context.batch
         generators = self._generators(settings, generator, latents, batch, notes)
 
-        # 2. Activation words -> token positions, per image; masks given by the caller
-        context = self._context(settings, method, notes)
-        method.check(context, masks)
+        # 2. Masks given by the caller
         subject_masks = method.initial_masks(context, masks)
-        negative_prompt = backend.negative_prompt(settings)
-        negative_positions = None
-        if negative_prompt is not None:
-            negative_positions = self._positions(
-                [negative_prompt] * batch,
-                self._masked_subjects(method),
-                settings.max_sequence_length,
-                False,
-                [],
-            )
 
         self.pipeline.set_adapters(
             list(self.subjects), adapter_weights=[s.weight for s in self.subjects.values()]
@@ -452,41 +456,16 @@ class FreeFuse:
             tick = time.perf_counter()
             conditioning = backend.encode(settings.image_prompts, settings.max_sequence_length)
             negative = None
-            if negative_prompt is not None:
-                negative = backend.encode([negative_prompt] * batch, settings.max_sequence_length)
+            if context.negative_prompt is not None:
+                negative = backend.encode([context.negative_prompt] * batch, settings.max_sequence_length)
             timings["encode_s"] = time.perf_counter() - tick
 
             # 4. Noise, one generator per image; 5. timesteps
             state = backend.prepare_latents(
-                generators, settings.height, settings.width, conditioning.prompt_embeds.dtype, latents
+                generators, batch, settings.height, settings.width, conditioning.prompt_embeds.dtype, latents
             )
             timesteps, sigmas = backend.timesteps(steps, settings.height, settings.width)
-
-            def masks_for_passes(found: SubjectMasks | None) -> dict[str, dict | None]:
-                if found is None:
-                    return {"cond": None, "uncond": None}
-                tokens = {name: mask.to(backend.device) for name, mask in found.tokens.items()}
-                result = {
-                    "cond": pass_masks(
-                        tokens,
-                        context.positions,
-                        conditioning.num_text_tokens,
-                        settings.text_scope,
-                        found.everywhere,
-                    ),
-                    "uncond": None,
-                }
-                if negative is not None:
-                    result["uncond"] = pass_masks(
-                        tokens,
-                        negative_positions,
-                        negative.num_text_tokens,
-                        settings.text_scope,
-                        found.everywhere,
-                    )
-                return result
-
-            per_pass = masks_for_passes(subject_masks)
+            per_pass = pass_masks_of(context, subject_masks, conditioning, negative)
 
             def switch_masks(name: str) -> None:
                 masker.set_masks(per_pass[name])  # the masks of the pass about to run
@@ -498,20 +477,23 @@ class FreeFuse:
                 for i, t in enumerate(timesteps):
                     tick = time.perf_counter()
                     tap_here = i == capture_step
-                    with backend.capture(settings.block) if tap_here else contextlib.nullcontext() as tap:
-                        prediction = backend.guided_prediction(
-                            state, t, conditioning, negative, settings, switch_masks
-                        )
+                    prediction, tap = backend.guided_prediction(
+                        state,
+                        t,
+                        conditioning,
+                        negative,
+                        settings,
+                        switch_masks,
+                        settings.block if tap_here else None,
+                    )
                     if tap_here:
                         tick_stage1 = time.perf_counter()
                         x0 = backend.predict_x0(state.latents, prediction, float(sigmas[i]))
                         subject_masks = method.masks_from_capture(context, tap.result(), x0)
-                        per_pass = masks_for_passes(subject_masks)
+                        per_pass = pass_masks_of(context, subject_masks, conditioning, negative)
                         timings["stage1_s"] = time.perf_counter() - tick_stage1
-                        if stop_after_masks:
-                            state.latents = x0
-                    if not (tap_here and stop_after_masks):
-                        state.latents = backend.step(prediction, t, state.latents)
+                    stop = tap_here and stop_after_masks
+                    state.latents = x0 if stop else backend.step(prediction, t, state.latents)
                     step_times.append(time.perf_counter() - tick)
                     if bar is not None:
                         bar.update()
@@ -521,7 +503,7 @@ class FreeFuse:
                             self, i, t, {name: available[name] for name in callback_on_step_end_tensor_inputs}
                         )
                         state.latents = (returned or {}).get("latents", state.latents)
-                    if tap_here and stop_after_masks:
+                    if stop:
                         break
             finally:
                 if bar is not None:
@@ -568,19 +550,11 @@ class FreeFuse:
         latents: torch.Tensor | None,
         batch: int,
         notes: list[str],
-    ) -> list[torch.Generator]:
-        """One generator per image: from `seed` (image j of a prompt: seed + j, on the CPU, so a seed
-        means the same noise on any device), or the caller's."""
-        if generator is None:
-            generators = [torch.Generator("cpu").manual_seed(int(seed)) for seed in settings.image_seeds]
-        elif isinstance(generator, list):
-            if len(generator) != batch:
-                raise ValueError(
-                    f"{len(generator)} generators for {batch} images; pass one, or one per image."
-                )
-            generators = list(generator)
-        else:
-            generators = [generator] * batch
+    ) -> list[torch.Generator] | torch.Generator:
+        """One CPU generator per image from `seed` (image j of a prompt: seed + j), so a seed means the
+        same noise on any device and in any batch; or the caller's, used as diffusers uses it."""
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(f"{len(generator)} generators for {batch} images; pass one, or one per image.")
         if latents is not None and latents.shape[0] != batch:
             raise ValueError(f"`latents` holds {latents.shape[0]} images but the run makes {batch}.")
         if generators_from_caller(generator, latents):
@@ -588,14 +562,15 @@ class FreeFuse:
                 "the noise came from the caller's `generator`/`latents`, not from `seed`; the manifest cannot "
                 "replay it."
             )
-        return generators
+            return generator
+        return [torch.Generator("cpu").manual_seed(int(seed)) for seed in settings.image_seeds]
 
     def _decode(self, latents: torch.Tensor, height: int, width: int, output_type: str) -> list:
         bad = [index for index, image in enumerate(latents) if not torch.isfinite(image).all()]
         if bad:
             raise NumericalError(
                 f"The model produced NaN/inf values for image(s) {bad} (often float16 overflow); no image is "
-                f"written. Use --dtype bfloat16 or float32 (dtype now {str(latents.dtype).removeprefix('torch.')})."
+                f"written. Use bfloat16 or float32 (CLI: --dtype; dtype now {str(latents.dtype).removeprefix('torch.')})."
             )
         if output_type == "latent":
             return list(latents)
@@ -608,6 +583,29 @@ class FreeFuse:
 
         pixels = (images.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
         return [Image.fromarray(p) for p in pixels]
+
+
+def pass_masks_of(
+    context: RunContext,
+    found: SubjectMasks | None,
+    conditioning: Conditioning,
+    negative: Conditioning | None,
+) -> dict[PassName, dict[str, AdapterMask] | None]:
+    """Each forward pass's adapter masks: the prompt's pass, and the negative prompt's (its own words)."""
+    if found is None:
+        return {"cond": None, "uncond": None}
+    device = context.backend.device
+    tokens = {name: mask.to(device) for name, mask in found.tokens.items()}
+    scope = context.settings.text_scope
+    result: dict[PassName, dict[str, AdapterMask] | None] = {
+        "cond": pass_masks(tokens, context.positions, conditioning.num_text_tokens, scope, found.everywhere),
+        "uncond": None,
+    }
+    if negative is not None:
+        result["uncond"] = pass_masks(
+            tokens, context.negative_positions, negative.num_text_tokens, scope, found.everywhere
+        )
+    return result
 
 
 def generators_from_caller(generator, latents) -> bool:

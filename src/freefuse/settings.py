@@ -77,17 +77,19 @@ class GenerationSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, populate_by_name=True)
 
     prompt: str | list[str] = Field(description="The prompt, with each LoRA's activation words in it.")
-    negative_prompt: str | None = Field(None, description="Negative prompt (FLUX.1: needs --true-cfg > 1).")
+    negative_prompt: str | None = Field(
+        None, description="Negative prompt: the text of a second, guiding pass."
+    )
     seed: StrictInt | list[StrictInt] = Field(0, description="Seed; image j of a prompt uses seed + j.")
     height: StrictInt = Field(1024, description="Image height in pixels.")
     width: StrictInt = Field(1024, description="Image width in pixels.")
     num_inference_steps: StrictInt = Field(
         28, validation_alias=_alias("num_inference_steps", "steps"), description="Denoising steps."
     )
-    guidance_scale: Number = Field(
-        3.5,
+    guidance_scale: Number | None = Field(
+        None,
         validation_alias=_alias("guidance_scale", "guidance"),
-        description="Guidance scale (FLUX.1-dev: the distilled guidance).",
+        description="Guidance scale (default: the model's; FLUX.1-dev's distilled guidance is 3.5).",
     )
     true_cfg_scale: Number = Field(
         1.0,
@@ -101,7 +103,7 @@ class GenerationSettings(BaseModel):
     mask_step: StrictInt | None = Field(
         None, description="Step whose attention gives the masks (default: 6 of 28, scaled to the steps)."
     )
-    block: StrictInt | None = Field(None, description="Block to tap (default: the paper's, 16 on FLUX.1).")
+    block: StrictInt | None = Field(None, description="Block to tap (default: the model's, as in the paper).")
     text_scope: Literal["exclude-others", "all"] = Field(
         "exclude-others", description="A LoRA acts on the text except other subjects' words, or on all of it."
     )
@@ -116,7 +118,7 @@ class GenerationSettings(BaseModel):
         description="Words for the background; where they win, no subject LoRA acts.",
     )
     max_sequence_length: StrictInt | None = Field(
-        None, description="Text token limit (default: the model's, 512 on FLUX.1)."
+        None, description="Text token limit (default: the model's)."
     )
     mask_config: MaskConfig = Field(default_factory=MaskConfig, description="Stage 1's constants.")
 
@@ -165,8 +167,8 @@ class GenerationSettings(BaseModel):
 
     @field_validator("guidance_scale", "true_cfg_scale")
     @classmethod
-    def _check_scale(cls, value: float, info) -> float:
-        if not math.isfinite(value) or value < 0:
+    def _check_scale(cls, value: float | None, info) -> float | None:
+        if value is not None and (not math.isfinite(value) or value < 0):
             raise ValueError(f"`{info.field_name}` must be a finite number >= 0, got {value!r}.")
         return value
 

@@ -77,8 +77,12 @@ class RunSpec:
         multiple = pixels_per_token(self.model)
         if multiple is not None:
             self.settings.check_size(multiple)
+        if architecture is not None:
+            self.notes.extend(architecture.check_settings(self.settings))
         if not self.loras:
-            raise SettingsError("No LoRA given; add --lora PATH=WORD (one per subject).")
+            raise SettingsError(
+                "No LoRA given; a run needs at least one (CLI: --lora PATH=WORD; job files: `loras`)."
+            )
         names: dict[str, str] = {}
         files: dict[Path, str] = {}
         for lora in self.loras:

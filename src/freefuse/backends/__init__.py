@@ -31,6 +31,11 @@ def backend_for(pipeline, name: str | None = None) -> Backend:
     if name is not None:
         if name not in BACKENDS:
             raise ValueError(f"Unknown backend {name!r}; valid backends are {sorted(BACKENDS)}.")
+        if not BACKENDS[name].matches(pipeline):
+            raise ValueError(
+                f"Backend {name!r} does not run a {type(pipeline).__name__}; it runs "
+                f"{list(BACKENDS[name].pipeline_classes)}."
+            )
         return BACKENDS[name](pipeline)
     for cls in BACKENDS.values():
         if cls.matches(pipeline):

@@ -1,6 +1,7 @@
 """The backend contract: everything the two-stage run needs to know about one architecture.
 
-`freefuse.pipeline` calls only what `Backend` declares here. A new architecture is one module in
+`freefuse.pipeline` calls only what `Backend` declares here, besides the LoRA API every diffusers
+pipeline has (`set_adapters`, `delete_adapters`) and its `progress_bar`. A new architecture is one module in
 `backends/` with a `Backend` subclass, registered with `backends.register`, and a tiny pipeline
 builder in `freefuse.testing.TINY_PIPELINES` for the contract tests (`tests/test_backend_contract.py`),
 which every registered backend must pass.
@@ -63,16 +64,14 @@ class CapturedAttention:
     """Queries and keys of the tapped attention for one forward pass (B images).
 
     Attributes:
-        q_text: `[B, heads, T, D]` text queries (None where the architecture has none).
+        q_text: `[B, heads, T, D]` text queries.
         q_img: `[B, heads, N, D]` image queries.
         k_img: `[B, heads, N, D]` image keys.
-        k_text: `[B, heads, T, D]` text keys, or None.
     """
 
-    q_text: torch.Tensor | None
+    q_text: torch.Tensor
     q_img: torch.Tensor
     k_img: torch.Tensor
-    k_text: torch.Tensor | None = None
 
 
 class AttentionTap(Protocol):
@@ -107,9 +106,12 @@ class Backend(abc.ABC):
     known_model_ids: ClassVar[tuple[str, ...]] = ()
     #: What a tappable block is called in messages ("double-stream block").
     block_kind: ClassVar[str] = "block"
+    #: Most text tokens the text encoder takes.
+    max_sequence_length: ClassVar[int]
     #: Defaults a user expects on this architecture, for settings left unset.
     default_steps: ClassVar[int] = 28
     default_size: ClassVar[int] = 1024
+    default_guidance: ClassVar[float]
 
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline
@@ -152,11 +154,6 @@ class Backend(abc.ABC):
         """The fast tokenizer whose tokens the tapped attention's text side holds (activation words)."""
 
     @property
-    @abc.abstractmethod
-    def max_sequence_length(self) -> int:
-        """Most text tokens the text encoder takes."""
-
-    @property
     def default_sequence_length(self) -> int:
         return self.max_sequence_length
 
@@ -177,9 +174,13 @@ class Backend(abc.ABC):
         """`(h, w)` image tokens for an image of `height` x `width` pixels."""
         return height // self.size_multiple, width // self.size_multiple
 
+    @classmethod
     @abc.abstractmethod
-    def check_settings(self, settings: GenerationSettings) -> list[str]:
-        """Raise ValueError for settings this architecture cannot run; return notes for odd ones."""
+    def check_settings(cls, settings: GenerationSettings) -> list[str]:
+        """Raise ValueError for settings this architecture cannot run; return notes for odd ones.
+
+        A class method: the command line runs it before any weights load.
+        """
 
     # -- the denoising loop's parts ----------------------------------------------------------------
     @abc.abstractmethod
@@ -193,13 +194,15 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def prepare_latents(
         self,
-        generators: list[torch.Generator],
+        generators: list[torch.Generator] | torch.Generator,
+        batch: int,
         height: int,
         width: int,
         dtype: torch.dtype,
         latents: torch.Tensor | None = None,
     ) -> Latents:
-        """Noise for B images, image b drawn from `generators[b]` alone (or the caller's `latents`)."""
+        """Noise for `batch` images: image b from `generators[b]` alone, or the whole batch from one
+        generator as diffusers draws it, or the caller's `latents`."""
 
     @abc.abstractmethod
     def timesteps(
@@ -229,19 +232,23 @@ class Backend(abc.ABC):
         negative: Conditioning | None,
         settings: GenerationSettings,
         before_pass: Callable[[PassName], None],
-    ) -> torch.Tensor:
+        tap_block: int | None = None,
+    ) -> tuple[torch.Tensor, AttentionTap | None]:
         """The model output of one step: the conditional pass, guided by the negative one if any.
 
         `before_pass(name)` runs before each forward pass, so that the caller can switch masks
-        (the passes' texts differ, so do their activation-word positions).
+        (the passes' texts differ, so do their activation-word positions). With `tap_block`, block
+        `tap_block` of the conditional pass alone is tapped (the prompt's words are read there);
+        the tap is returned with the prediction.
         """
         before_pass("cond")
-        prediction = self.predict(latents, timestep, conditioning, settings)
-        if negative is None:
-            return prediction
-        before_pass("uncond")
-        unconditional = self.predict(latents, timestep, negative, settings)
-        return unconditional + self.cfg_scale(settings) * (prediction - unconditional)
+        with self.capture(tap_block) if tap_block is not None else contextlib.nullcontext() as tap:
+            prediction = self.predict(latents, timestep, conditioning, settings)
+        if negative is not None:
+            before_pass("uncond")
+            unconditional = self.predict(latents, timestep, negative, settings)
+            prediction = unconditional + self.cfg_scale(settings) * (prediction - unconditional)
+        return prediction, tap
 
     @abc.abstractmethod
     def step(self, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
@@ -269,20 +276,14 @@ class Backend(abc.ABC):
         """What to hand to the pipeline's `load_lora_weights`: the file's path where diffusers reads
         the layout itself (keeping its alpha metadata), else tensors under names it understands."""
 
-    def lora_state_dict(self, lora: LoraFile) -> dict[str, torch.Tensor]:
-        """The LoRA in diffusers layout (`<denoiser>.<module>.lora_A.weight`), by diffusers' converter."""
-        from ..lora import LoraFileError
+    @abc.abstractmethod
+    def lora_state_dict(
+        self, lora: LoraFile, source: str | dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The LoRA in diffusers layout (`<denoiser>.<module>.lora_A.weight`), by diffusers' converter.
 
-        source = self.lora_source(lora)
-        state = dict(source) if isinstance(source, dict) else dict(lora.state_dict)
-        try:
-            converted = type(self.pipeline).lora_state_dict(state, return_alphas=True)
-        except (ValueError, KeyError, RuntimeError, AssertionError) as error:
-            raise LoraFileError(
-                f"{lora.path.name} is not a LoRA layout {type(self.pipeline).__name__} understands (first key "
-                f"{next(iter(state))!r}): {str(error).strip()[:300]}"
-            ) from None
-        return converted[0] if isinstance(converted, tuple) else converted
+        `source` is what `lora_source(lora)` gave. Raises `LoraFileError` for a layout it cannot read.
+        """
 
     def load_lora(self, lora: LoraFile, adapter_name: str) -> None:
         """Convert, check that it fits the denoiser, and load it as PEFT adapter `adapter_name`.
@@ -292,13 +293,13 @@ class Backend(abc.ABC):
         from ..lora import check_lora_fits
 
         self.check_lora_keys(list(lora.state_dict), lora.path.name)
-        check_lora_fits(self.lora_state_dict(lora), self.denoiser, self.denoiser_name, source=lora.path.name)
+        source = self.lora_source(lora)
+        converted = self.lora_state_dict(lora, source)
+        check_lora_fits(converted, self.denoiser, self.denoiser_name, source=lora.path.name)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "no LoRA keys for the text encoder" and the like
-                self.pipeline.load_lora_weights(
-                    self.lora_source(lora), adapter_name=adapter_name, use_safetensors=True
-                )
+                self.pipeline.load_lora_weights(source, adapter_name=adapter_name, use_safetensors=True)
         except BaseException:
             if adapter_name in (getattr(self.denoiser, "peft_config", None) or {}):
                 self.pipeline.delete_adapters(adapter_name)

@@ -80,6 +80,8 @@ class FluxBackend(Backend):
     denoiser_name = "transformer"
     known_model_ids = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
     block_kind = "double-stream block"
+    max_sequence_length = 512  # T5-XXL's limit in FluxPipeline
+    default_guidance = 3.5  # FLUX.1-dev's distilled guidance
 
     @classmethod
     def matches(cls, pipeline) -> bool:
@@ -123,16 +125,8 @@ class FluxBackend(Backend):
         return self.pipeline.tokenizer_2
 
     @property
-    def max_sequence_length(self) -> int:
-        return 512
-
-    @property
     def num_blocks(self) -> int:
-        return len(self.transformer.transformer_blocks)
-
-    @property
-    def transformer(self) -> torch.nn.Module:
-        return self.pipeline.transformer
+        return len(self.denoiser.transformer_blocks)
 
     def default_block(self) -> int:
         """Block 16 on FLUX.1; the same relative depth on models with fewer double-stream blocks."""
@@ -154,13 +148,14 @@ class FluxBackend(Backend):
             return IMAGE
         return NO_TOKENS  # time/guidance/pooled-text embedders, final norm modulation
 
-    def check_settings(self, settings: GenerationSettings) -> list[str]:
+    @classmethod
+    def check_settings(cls, settings: GenerationSettings) -> list[str]:
         notes = []
         length = settings.max_sequence_length
-        if length is not None and length > self.max_sequence_length:
+        if length is not None and length > cls.max_sequence_length:
             raise ValueError(
                 f"`max_sequence_length` {length} is more than FLUX.1's T5 takes; use at most "
-                f"{self.max_sequence_length}."
+                f"{cls.max_sequence_length}."
             )
         if settings.negative_prompt is not None and settings.true_cfg_scale <= 1:
             raise ValueError(
@@ -185,16 +180,17 @@ class FluxBackend(Backend):
 
     def prepare_latents(
         self,
-        generators: list[torch.Generator],
+        generators: list[torch.Generator] | torch.Generator,
+        batch: int,
         height: int,
         width: int,
         dtype: torch.dtype,
         latents: torch.Tensor | None = None,
     ) -> Latents:
-        """Packed noise `[B, N, C]` (image b from `generators[b]`) and the image tokens' position ids."""
-        channels = self.transformer.config.in_channels // 4
+        """Packed noise `[B, N, C]` and the image tokens' position ids (`FluxPipeline.prepare_latents`)."""
+        channels = self.denoiser.config.in_channels // 4
         noise, positions = self.pipeline.prepare_latents(
-            len(generators), channels, height, width, dtype, self.device, generators, latents
+            batch, channels, height, width, dtype, self.device, generators, latents
         )
         return Latents(noise, positions)
 
@@ -232,9 +228,10 @@ class FluxBackend(Backend):
         hidden = latents.latents
         batch = hidden.shape[0]
         guidance = None
-        if self.transformer.config.guidance_embeds:
-            guidance = torch.full([batch], settings.guidance_scale, device=hidden.device, dtype=torch.float32)
-        return self.transformer(
+        if self.denoiser.config.guidance_embeds:
+            scale = self.default_guidance if settings.guidance_scale is None else settings.guidance_scale
+            guidance = torch.full([batch], scale, device=hidden.device, dtype=torch.float32)
+        return self.denoiser(
             hidden_states=hidden,
             timestep=timestep.expand(batch).to(hidden.dtype) / 1000,
             guidance=guidance,
@@ -255,9 +252,9 @@ class FluxBackend(Backend):
     def step(self, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         return self.pipeline.scheduler.step(prediction, timestep, latents, return_dict=False)[0]
 
-    def predict_x0(self, latents: torch.Tensor, velocity: torch.Tensor, sigma: float) -> torch.Tensor:
-        """Flow matching: x_t = (1 - σ) x0 + σ ε and v = ε - x0, so x0 = x_t - σ v."""
-        return latents - float(sigma) * velocity
+    def predict_x0(self, latents: torch.Tensor, prediction: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Flow matching: x_t = (1 - σ) x0 + σ ε and the velocity v = ε - x0, so x0 = x_t - σ v."""
+        return latents - float(sigma) * prediction
 
     def _unpack(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
         return self.pipeline._unpack_latents(latents, height, width, self.pipeline.vae_scale_factor)
@@ -295,7 +292,7 @@ class FluxBackend(Backend):
     @contextlib.contextmanager
     def capture(self, block: int) -> Iterator[FluxAttentionTap]:
         """Hooks that record block `block`'s queries/keys during the forward passes inside."""
-        attn = self.transformer.transformer_blocks[block].attn
+        attn = self.denoiser.transformer_blocks[block].attn
         tap = FluxAttentionTap()
 
         def keep(name: str):
@@ -338,3 +335,20 @@ class FluxBackend(Backend):
                 "transformer." + key.removeprefix("base_model.model."): value for key, value in state.items()
             }
         return str(lora.path)
+
+    def lora_state_dict(
+        self, lora: LoraFile, source: str | dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        from diffusers import FluxPipeline
+
+        from ..lora import LoraFileError
+
+        state = dict(source) if isinstance(source, dict) else dict(lora.state_dict)
+        try:
+            converted = FluxPipeline.lora_state_dict(state, return_alphas=True)
+        except (ValueError, KeyError, RuntimeError, AssertionError, TypeError) as error:
+            raise LoraFileError(
+                f"{lora.path.name} is not a LoRA layout FLUX.1 understands (first key {next(iter(state))!r}): "
+                f"{str(error).strip()[:300]}"
+            ) from None
+        return converted[0] if isinstance(converted, tuple) else converted

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 import torch
 
 from .attention import DEFAULT_CHUNK_ELEMENTS, cross_attention_maps, refine_with_self_attention
 from .voting import superpixels, to_token_grid, vote_superpixels, vote_tokens
+
+_BOOL_FIELDS = frozenset({"self_attention", "background"})
+_INT_FIELDS = frozenset({"sink_border", "n_segments", "slic_max_side", "chunk_elements"})
+_OPTIONAL_FIELDS = frozenset({"n_segments", "slic_max_side", "binarize_threshold"})
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,20 @@ class MaskConfig:
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 
     def __post_init__(self) -> None:
+        # Values from job files and manifests arrive untyped; a wrong type is a ValueError here,
+        # never a TypeError from a comparison below.
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if value is None and item.name in _OPTIONAL_FIELDS:
+                continue
+            if item.name in _BOOL_FIELDS:
+                if not isinstance(value, bool):
+                    raise ValueError(f"`{item.name}` must be true or false, got {value!r}.")
+            elif isinstance(value, bool) or not isinstance(
+                value, int if item.name in _INT_FIELDS else int | float
+            ):
+                kind = "a whole number" if item.name in _INT_FIELDS else "a number"
+                raise ValueError(f"`{item.name}` must be {kind}, got {value!r}.")
         for name in ("p_sink", "p_top"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:

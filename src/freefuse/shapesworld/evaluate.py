@@ -489,12 +489,10 @@ def run_evaluation(
     Writes `results.json`, `results.md` and `grid.png` under `out`, each atomically; returns the
     record, the files and the Markdown table. `on_progress(stage, done, total)` reports progress.
     """
-    from ..files import OutputExistsError, atomic_save, atomic_write, write_json
+    from ..files import atomic_save, atomic_write, check_free, write_json
 
     files = {"json": out / "results.json", "md": out / "results.md", "grid": out / "grid.png"}
-    taken = [str(path) for path in files.values() if path.exists()]
-    if taken and not overwrite:
-        raise OutputExistsError(f"{taken[0]} already exists; pass --overwrite to replace it.")
+    check_free(list(files.values()), overwrite)
     report = on_progress or (lambda stage, done, total: None)
     evaluator = Evaluator(model_dir, lora_dir)
     evaluation = evaluate(config, evaluator, on_step=lambda done, total: report("evaluating", done, total))
