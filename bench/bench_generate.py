@@ -1,11 +1,17 @@
-"""FreeFuse vs plain multi-LoRA (merge): time and peak memory ratios for the same steps, from one run.
+"""FreeFuse against the base model and plain multi-LoRA: time and peak-memory ratios from one run.
 
     python bench/bench_generate.py                       # mid-size random FLUX-shaped model, CPU
     python bench/bench_generate.py --preset flux --device cuda   # FLUX.1 shapes, 1024², 28 steps, bf16
 
-Time: merge and FreeFuse runs alternate (`--repeats` each, after one warm-up of each) and the
-medians are compared. Memory: on CUDA the allocator's peak per run; on CPU each method runs in its
-own fresh process and the processes' peak RSS are compared (same model, same LoRAs, one run).
+Runs, same prompt, seed, steps and two random rank-16 LoRAs:
+- base: the LoRAs switched off (`pipeline.disable_lora()`);
+- merge, fused: the LoRAs fused into the weights (`pipeline.fuse_lora()`), what a one-off user does;
+- merge, PEFT: diffusers' unfused joint adapters (`method="merge"`);
+- FreeFuse: `method="freefuse"` with the fused LoRA op (one op per layer, masks in rank space);
+- FreeFuse, PEFT op: the same with PEFT's per-adapter path and a mask hook per adapter;
+- stage 1 alone: `FreeFuse.masks` (steps up to the mask step, the capture and the masks).
+Time: the runs alternate (`--repeats` rounds after one warm-up round) and medians are compared.
+Memory: each run in its own fresh process; on CUDA the allocator's peak, on CPU the peak RSS.
 Random weights: the numbers measure cost, not image quality.
 """
 
@@ -91,56 +97,69 @@ def build(preset: dict, device: str):
     return freefuse
 
 
-def run_once(freefuse, preset: dict, method: str, preview: str) -> float:
+# name -> (how the pipeline is prepared, FreeFuse call settings)
+RUNS = {
+    "base": ("lora off", {"method": "merge"}),
+    "merge, fused": ("fuse", {"method": "merge"}),
+    "merge, PEFT": ("", {"method": "merge"}),
+    "FreeFuse": ("", {"method": "freefuse", "lora_op": "fused"}),
+    "FreeFuse, PEFT op": ("", {"method": "freefuse", "lora_op": "peft"}),
+    "stage 1 alone": ("masks", {"method": "freefuse", "lora_op": "fused"}),
+}
+
+
+def run_once(freefuse, preset: dict, run: str, preview: str) -> float:
+    prepare, settings = RUNS[run]
+    pipe = freefuse.pipeline
     device = freefuse.backend.device
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        freefuse(
-            PROMPT,
-            method=method,
-            seed=0,
-            height=preset["size"],
-            width=preset["size"],
-            num_inference_steps=preset["steps"],
-            max_sequence_length=preset["text_tokens"],
-            preview=preview,
-            progress=False,
-            output_type="pil",
-        )
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    if prepare == "lora off":
+        pipe.disable_lora()
+    elif prepare == "fuse":
+        pipe.set_adapters(["alice", "bob"])
+        pipe.fuse_lora(adapter_names=["alice", "bob"])
+    call = freefuse.masks if prepare == "masks" else freefuse
+    try:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            call(
+                PROMPT,
+                seed=0,
+                height=preset["size"],
+                width=preset["size"],
+                num_inference_steps=preset["steps"],
+                max_sequence_length=preset["text_tokens"],
+                preview=preview,
+                progress=False,
+                **settings,
+            )
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+    finally:
+        if prepare == "lora off":
+            pipe.enable_lora()
+        elif prepare == "fuse":
+            pipe.unfuse_lora()
 
 
-def memory_worker(preset_name: str, method: str, preview: str, device: str) -> dict:
+def memory_worker(preset_name: str, run: str, preview: str, device: str) -> dict:
     preset = PRESETS[preset_name]
     freefuse = build(preset, device)
     if device.startswith("cuda"):
-        run_once(freefuse, preset, method, preview)  # warm-up (cuDNN/cuBLAS workspaces)
+        run_once(freefuse, preset, run, preview)  # warm-up (cuDNN/cuBLAS workspaces)
         torch.cuda.reset_peak_memory_stats()
-        run_once(freefuse, preset, method, preview)
+        run_once(freefuse, preset, run, preview)
         return {"peak_bytes": torch.cuda.max_memory_allocated()}
-    run_once(freefuse, preset, method, preview)
+    run_once(freefuse, preset, run, preview)
     return {"peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
 
 
-def measure_memory(preset: str, method: str, preview: str, device: str) -> int:
-    command = [
-        sys.executable,
-        __file__,
-        "--preset",
-        preset,
-        "--device",
-        device,
-        "--memory-worker",
-        method,
-        "--preview",
-        preview,
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, check=False)
+def measure_memory(preset: str, run: str, preview: str, device: str) -> int:
+    command = [sys.executable, __file__, "--preset", preset, "--device", device, "--memory-worker", run]
+    done = subprocess.run([*command, "--preview", preview], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"memory worker failed: {done.stderr.strip()[-2000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
@@ -152,7 +171,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--preview", choices=["vae", "latent"], default="vae")
-    parser.add_argument("--memory-worker", choices=["merge", "freefuse"])
+    parser.add_argument("--runs", nargs="*", choices=sorted(RUNS), default=list(RUNS))
+    parser.add_argument("--no-memory", action="store_true", help="time only")
+    parser.add_argument("--memory-worker", choices=sorted(RUNS))
     args = parser.parse_args()
     if args.memory_worker:
         print(json.dumps(memory_worker(args.preset, args.memory_worker, args.preview, args.device)))
@@ -161,28 +182,36 @@ def main() -> None:
     preset = PRESETS[args.preset]
     torch.set_grad_enabled(False)
     freefuse = build(preset, args.device)
-    params = sum(p.numel() for p in freefuse.pipeline.transformer.parameters())
+    params = sum(p.numel() for p in freefuse.backend.denoiser.parameters())
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     print(
-        f"preset={args.preset} device={args.device} transformer={params / 1e6:.0f}M params "
+        f"preset={args.preset} device={args.device} ({device_name}) transformer={params / 1e6:.0f}M params "
         f"size={preset['size']}² steps={preset['steps']} text_tokens={preset['text_tokens']} "
-        f"dtype={preset['dtype']} preview={args.preview}"
+        f"dtype={preset['dtype']} preview={args.preview} threads={torch.get_num_threads()}"
     )
-    times = {"merge": [], "freefuse": []}
-    for method in times:  # warm-up
-        run_once(freefuse, preset, method, args.preview)
+    times: dict[str, list[float]] = {run: [] for run in args.runs}
+    for run in times:  # warm-up round
+        run_once(freefuse, preset, run, args.preview)
     for _ in range(args.repeats):
-        for method in times:
-            times[method].append(run_once(freefuse, preset, method, args.preview))
-    merge_s, freefuse_s = statistics.median(times["merge"]), statistics.median(times["freefuse"])
-    print(f"time    merge {merge_s:8.2f}s   freefuse {freefuse_s:8.2f}s   ratio {freefuse_s / merge_s:.3f}x")
+        for run in times:
+            times[run].append(run_once(freefuse, preset, run, args.preview))
     del freefuse
-    merge_mem = measure_memory(args.preset, "merge", args.preview, args.device)
-    freefuse_mem = measure_memory(args.preset, "freefuse", args.preview, args.device)
-    mib = 1 << 20
-    print(
-        f"memory  merge {merge_mem / mib:8.0f}MiB freefuse {freefuse_mem / mib:8.0f}MiB "
-        f"ratio {freefuse_mem / merge_mem:.3f}x  (extra {(freefuse_mem - merge_mem) / mib:+.0f} MiB)"
+    medians = {run: statistics.median(values) for run, values in times.items()}
+    memory = (
+        {}
+        if args.no_memory
+        else {run: measure_memory(args.preset, run, args.preview, args.device) for run in times}
     )
+    base, merge = medians.get("base"), medians.get("merge, PEFT")
+    print(f"| run | time (median of {args.repeats}) | × base | × merge, PEFT | peak memory | × merge, PEFT |")
+    print("|---|---|---|---|---|---|")
+    for run, seconds in medians.items():
+        over_base = f"{seconds / base:.3f}" if base else "-"
+        over_merge = f"{seconds / merge:.3f}" if merge else "-"
+        peak = memory.get(run)
+        peak_text = f"{peak / (1 << 20):.0f} MiB" if peak else "-"
+        peak_ratio = f"{peak / memory['merge, PEFT']:.3f}" if peak and memory.get("merge, PEFT") else "-"
+        print(f"| {run} | {seconds:.2f} s | {over_base} | {over_merge} | {peak_text} | {peak_ratio} |")
 
 
 if __name__ == "__main__":

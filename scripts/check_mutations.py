@@ -58,6 +58,18 @@ MUTATIONS = (
         "return torch.cat(parts[::-1], dim=1)[..., None]",
     ),
     Mutation(
+        "fused LoRA op ignores the masks",
+        "masking.py",
+        "per_adapter = [masks[a].for_layout(plan.layout) if a in masks else None for a in plan.adapters]",
+        "per_adapter = [None for a in plan.adapters]",
+    ),
+    Mutation(
+        "fused LoRA op reuses one layer's scaling for another",
+        "masking.py",
+        "key = plan.cache_key\n",
+        "key = plan.cache_key[:3]\n",
+    ),
+    Mutation(
         "sink rule: top-k anywhere",
         "core/attention.py",
         "kept = rows.masked_fill(top & border, 0.0)",

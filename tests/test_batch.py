@@ -166,7 +166,7 @@ def test_failed_job_is_recorded_and_the_others_finish(world: Path, tmp_path: Pat
 
 
 def batch_command(jobs: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "freefuse.cli", "batch", str(jobs), "--out", str(out)]
+    return [sys.executable, "-m", "freefuse", "batch", str(jobs), "--out", str(out)]
 
 
 def test_sigkill_mid_run_then_resume_gives_every_image_once_with_the_same_bytes(
@@ -203,7 +203,8 @@ def test_accelerate_launch_two_processes_on_cpu_does_every_job_once(world: Path,
     assert launcher, "accelerate is a dependency and must be installed"
     jobs_file = write_jobs(world, count=6, name="dist.jsonl")
     out = tmp_path / "dist"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # No GPU for the workers even on a GPU machine: with one GPU, rank 1 would ask for cuda:1.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run(
         [
             launcher,
@@ -220,7 +221,7 @@ def test_accelerate_launch_two_processes_on_cpu_does_every_job_once(world: Path,
             "--main_process_port",
             "29517",
             "-m",
-            "freefuse.cli",
+            "freefuse",
             "batch",
             str(jobs_file),
             "--out",

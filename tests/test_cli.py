@@ -174,7 +174,7 @@ def test_parse_lora_spec() -> None:
 def test_demo_console_script_writes_its_three_files(tmp_path) -> None:
     """The README's main command, as a real subprocess through the installed console script."""
     done = subprocess.run(
-        [sys.executable, "-m", "freefuse.cli", "demo", "--out", str(tmp_path), "--steps", "4"],
+        [sys.executable, "-m", "freefuse", "demo", "--out", str(tmp_path), "--steps", "4"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -187,3 +187,10 @@ def test_demo_console_script_writes_its_three_files(tmp_path) -> None:
     assert manifest["settings"]["method"] == "freefuse"
     assert manifest["model"]["id_or_path"] == "tiny"
     assert [lora["words"] for lora in manifest["loras"]] == [["Alice"], ["Bob"]]  # from the files' metadata
+
+
+def test_demo_on_the_tiny_model_honours_dtype(tmp_path) -> None:
+    result = invoke("demo", "--out", str(tmp_path), "--steps", "2", "--size", "128", "--dtype", "bfloat16")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "demo.json").read_text())
+    assert manifest["dtype"] == "bfloat16"

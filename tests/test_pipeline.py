@@ -77,7 +77,10 @@ def test_freefuse_with_mask_step_equal_to_steps_is_merge(two: FreeFuse) -> None:
             progress=False,
             **SMALL,
         )
-    assert torch.equal(late.images[0], merge)
+    # The fused LoRA op sums in another order than PEFT: equal up to float rounding.
+    assert (late.images[0] - merge).abs().max() <= 1e-5
+    peft_op = run(two, method="freefuse", mask_step=SMALL["num_inference_steps"], lora_op="peft").images[0]
+    assert torch.equal(peft_op, merge)
     assert late.masks[0] is not None  # masks were still read (at the last step)
     assert any("same as method='merge'" in str(w.message) for w in caught)
 

@@ -374,7 +374,7 @@ def test_nan_attention_capture_falls_back_to_merge_and_says_so(assets, tmp_path,
         warnings.simplefilter("always")
         out = freefuse("Alice hugging Bob", **RUN)
     merge = freefuse("Alice hugging Bob", method="merge", **RUN)
-    assert torch.equal(out.images[0], merge.images[0])  # every LoRA everywhere, never a black image
+    assert (out.images[0] - merge.images[0]).abs().max() <= 1e-5  # every LoRA everywhere, never black
     assert out.images[0].std() > 0.01
     assert any("NaN/inf" in str(w.message) for w in caught if issubclass(w.category, FreeFuseWarning))
     assert "NaN/inf" in out.manifest["images"][0]["fallbacks"][0]
@@ -440,24 +440,33 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path) -> None:
     assert target.read_bytes() == b"old" and list(tmp_path.iterdir()) == [target]
 
 
+def default_sigint() -> None:
+    # As from an interactive shell: a test runner started in the background has SIGINT ignored,
+    # and children inherit that.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_interrupted_run_leaves_no_file(assets, tmp_path, signum) -> None:
+@pytest.mark.parametrize("delay", [0.3, 8.0], ids=["while-starting", "while-running"])
+def test_interrupted_run_leaves_no_file(assets, tmp_path, signum, delay) -> None:
     out = tmp_path / "o"
-    # Later options win: 3000 steps at 128x128 instead of the fast settings.
+    # Later options win: 30000 steps at 128x128 instead of the fast settings.
     command = [
         sys.executable,
         "-m",
-        "freefuse.cli",
+        "freefuse",
         *generate_args_list(assets, out),
         "--steps",
-        "3000",
+        "30000",
         "--size",
         "128x128",
     ]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Loading takes a few seconds and 3000 steps far longer: the signal lands while loading or
-    # denoising, and neither may leave a file behind.
-    time.sleep(8.0)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    )
+    # 0.3 s: Python is still importing torch and diffusers. 8 s: loading or denoising (30000 steps
+    # take minutes). Neither may leave a file behind or print a traceback.
+    time.sleep(delay)
     assert process.poll() is None, "the run ended before it could be interrupted"
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
@@ -500,7 +509,7 @@ def test_bad_manifests_are_refused(assets, tmp_path) -> None:
 
 
 def test_no_traceback_without_debug_in_a_real_process(assets, tmp_path) -> None:
-    base = [sys.executable, "-m", "freefuse.cli"]
+    base = [sys.executable, "-m", "freefuse"]
     args = [
         "generate",
         "--model",

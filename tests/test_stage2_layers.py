@@ -155,8 +155,9 @@ def run_quietly(freefuse: FreeFuse, prompt: str = PROMPT, **settings):
 
 @pytest.mark.parametrize("owner_of_left", NAMES)
 @pytest.mark.parametrize("text_scope", ["exclude-others", "all"])
+@pytest.mark.parametrize("lora_op", ["fused", "peft"])
 def test_each_lora_acts_only_inside_its_own_mask_in_every_layer(
-    every_layer: FreeFuse, owner_of_left: str, text_scope: str
+    every_layer: FreeFuse, owner_of_left: str, text_scope: str, lora_op: str
 ) -> None:
     """Left columns give exactly LoRA A's delta, the right ones LoRA B's; swapping masks swaps them."""
     grid_masks = column_grid(owner_of_left)
@@ -164,7 +165,9 @@ def test_each_lora_acts_only_inside_its_own_mask_in_every_layer(
     expected = {"": {name: {"image": grid_masks[name].reshape(-1), "text": text[name]} for name in NAMES}}
     recorder = LoraDeltaRecorder(every_layer.pipeline.transformer, list(NAMES))
     with recorder.recording():
-        run_quietly(every_layer, method="masks", masks=as_mask_set(grid_masks), text_scope=text_scope)
+        run_quietly(
+            every_layer, method="masks", masks=as_mask_set(grid_masks), text_scope=text_scope, lora_op=lora_op
+        )
     kinds = check_calls(recorder.calls, expected)
     assert kinds == {"image", "text", "joint", "modulation"}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from diffusers import FluxPipeline
 from safetensors.torch import load_file
@@ -92,3 +93,30 @@ def test_random_lora_changes_images_and_file_form_leaves_pipeline_alone(tmp_path
     assert all(torch.equal(in_memory[key], state[key]) for key in state)
     after = generate(pipe)
     assert (after - before).abs().max() > 0.02
+
+
+def test_big_models_are_built_directly_in_their_dtype(monkeypatch) -> None:
+    """A 12B transformer made in float32 and then cast needs twice the memory on the way."""
+    from diffusers import FluxTransformer2DModel
+
+    seen = []
+    original = FluxTransformer2DModel.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(torch.get_default_dtype())
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(FluxTransformer2DModel, "__init__", spy)
+    pipe = tiny_flux_pipeline(seed=0, dtype=torch.bfloat16)
+    assert seen == [torch.bfloat16]
+    assert torch.get_default_dtype() == torch.float32  # restored
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_random_loras_for_a_model_on_the_gpu(tmp_path) -> None:
+    pipe = tiny_flux_pipeline(seed=0, device="cuda")
+    path = random_lora(pipe, "alice", seed=1, path=tmp_path / "a.safetensors")
+    assert path.is_file()
+    random_lora(pipe, "bob", seed=2)
+    assert "bob" in pipe.transformer.peft_config

@@ -481,7 +481,7 @@ def batch(
 ) -> None:
     """Run many jobs; re-run the same command after a crash to finish what is missing.
 
-    With `accelerate launch --multi_gpu --num_processes N -m freefuse.cli batch ...` the jobs are split
+    With `accelerate launch --multi_gpu --num_processes N -m freefuse batch ...` the jobs are split
     between processes (one GPU each; gloo on CPUs); results and index shards share one folder.
     """
     from .batch import Session, expand_grid, is_done, load_jobs, process_state, read_index, run_batch
@@ -659,6 +659,7 @@ def eval_shapesworld(
 
 
 def main() -> None:
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()

@@ -11,6 +11,7 @@ this module only assembles the per-token mask in that order. Hooks live inside
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence, Set
 from dataclasses import dataclass
 
@@ -78,37 +79,85 @@ def pass_masks(
     return result
 
 
-def lora_layers(denoiser: torch.nn.Module, adapter: str) -> Iterator[tuple[str, torch.nn.Module]]:
-    """(name, PEFT LoRA layer) for every layer of `denoiser` that `adapter` adapts."""
-    for name, module in denoiser.named_modules():
-        lora_b = getattr(module, "lora_B", None)
-        if isinstance(lora_b, torch.nn.ModuleDict) and adapter in lora_b:
-            yield name, module
+LORA_OPS = ("fused", "peft")
+
+
+@dataclass
+class _FusedLayer:
+    """One layer's adapters concatenated: `down` `[Σr, in]`, `up` `[out, Σr]`, per-slot scaling `[Σr]`."""
+
+    name: str
+    layout: TokenLayout
+    adapters: tuple[str, ...]
+    ranks: torch.Tensor
+    scales: torch.Tensor
+    down: torch.Tensor
+    up: torch.Tensor
+
+    @functools.cached_property
+    def cache_key(self) -> tuple:
+        """Layers with the same key take the same coefficients in a pass (scales differ per layer
+        when a LoRA file sets alpha per layer)."""
+        return (self.layout, self.adapters, tuple(self.ranks.tolist()), tuple(self.scales.tolist()))
+
+
+def _fusable(layer: torch.nn.Module, adapters: Sequence[str]) -> bool:
+    """A plain PEFT `lora.Linear` whose adapters are plain LoRA: no bias on B, no live dropout."""
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    if type(layer) is not LoraLinear:
+        return False
+    for adapter in adapters:
+        dropout = layer.lora_dropout[adapter]
+        if getattr(layer.lora_B[adapter], "bias", None) is not None:
+            return False
+        if isinstance(dropout, torch.nn.Dropout) and dropout.training and dropout.p > 0:
+            return False
+    return True
 
 
 class LoraMasker:
-    """Scales each masked adapter's LoRA delta per token; `set_masks` switches masks between passes.
+    """Applies the run's adapters with per-token masks during the forward passes inside `installed()`.
 
     Args:
         denoiser: the PEFT-adapted model.
-        adapters: names of the adapters to mask (global ones are left out).
+        masked: adapters whose deltas are masked per token (subject LoRAs).
         layout_of: module name → its `TokenLayout` (the backend's `token_layout`).
+        unmasked: adapters that act everywhere (global LoRAs).
+        op: "fused": one op per linear layer for all the run's adapters,
+            `base(x) + B_cat((A_cat x) ⊙ c)` with `c` = scaling × mask per token and rank slot; a
+            mask is per token, so `m ⊙ B(Ax) = B(m ⊙ Ax)` and masking costs Σr multiplies per token
+            instead of `out`. "peft": PEFT's own per-adapter path with a hook scaling each masked
+            adapter's output (the reference the fused op is tested against). Layers the fused op
+            cannot take (not `lora.Linear`, bias on B, live dropout) use the "peft" path.
+
+    `set_masks` switches masks between forward passes (the prompt's and the negative prompt's).
     """
 
     def __init__(
-        self, denoiser: torch.nn.Module, adapters: Sequence[str], layout_of: Callable[[str], TokenLayout]
+        self,
+        denoiser: torch.nn.Module,
+        masked: Sequence[str],
+        layout_of: Callable[[str], TokenLayout],
+        unmasked: Sequence[str] = (),
+        op: str = "fused",
     ) -> None:
+        if op not in LORA_OPS:
+            raise ValueError(f"Unknown LoRA op {op!r}; use one of {list(LORA_OPS)}.")
         self.denoiser = denoiser
-        self.adapters = list(adapters)
+        self.masked = list(masked)
+        self.unmasked = list(unmasked)
         self.layout_of = layout_of
+        self.op = op
         self._masks: dict[str, AdapterMask] | None = None
-        self._cache: dict[tuple[str, TokenLayout], torch.Tensor] = {}
+        self._cache: dict[tuple, torch.Tensor] = {}
 
     def set_masks(self, masks: dict[str, AdapterMask] | None) -> None:
         """Masks for the next forward passes, keyed by adapter; None lets every delta through unchanged."""
         self._masks = masks
         self._cache = {}
 
+    # -- the "peft" op: a hook on each masked adapter's lora_B -----------------------------------------
     def _mask(self, adapter: str, layout: TokenLayout, output: torch.Tensor) -> torch.Tensor | None:
         if self._masks is None or adapter not in self._masks:
             return None
@@ -124,43 +173,117 @@ class LoraMasker:
             mask = self._mask(adapter, layout, output)
             if mask is None:
                 return output
-            if mask.shape[:-1] != output.shape[:-1]:
-                raise RuntimeError(
-                    f"Mask for adapter {adapter!r} has shape {tuple(mask.shape)} but layer {layer_name!r} "
-                    f"({'+'.join(layout) or 'no'} tokens) gave {tuple(output.shape)}; the backend's token layout "
-                    "does not match this model."
-                )
+            _check_shape(mask, output, adapter, layer_name, layout)
             return output * mask
 
         return scale_delta
 
+    # -- the "fused" op -----------------------------------------------------------------------------
+    def _coefficients(self, plan: _FusedLayer, low: torch.Tensor) -> torch.Tensor:
+        """Per rank slot: scaling × the adapter's mask for this pass (`[B, S, Σr]`, `[B, Σr]` or `[Σr]`)."""
+        key = plan.cache_key
+        coefficients = self._cache.get(key)
+        if coefficients is not None and coefficients.device == low.device and coefficients.dtype == low.dtype:
+            return coefficients
+        masks = self._masks or {}
+        per_adapter = [masks[a].for_layout(plan.layout) if a in masks else None for a in plan.adapters]
+        if all(mask is None for mask in per_adapter):
+            coefficients = plan.scales
+        else:
+            like = next(mask for mask in per_adapter if mask is not None)
+            stacked = torch.cat([like.new_ones(like.shape) if m is None else m for m in per_adapter], dim=-1)
+            coefficients = stacked.repeat_interleave(plan.ranks.to(stacked.device), dim=-1) * plan.scales.to(
+                stacked.device
+            )
+        coefficients = coefficients.to(device=low.device, dtype=low.dtype)
+        self._cache[key] = coefficients
+        return coefficients
+
+    def _fused_forward(self, layer: torch.nn.Module, plan: _FusedLayer):
+        def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+            result = layer.base_layer(x, *args, **kwargs)
+            if layer.disable_adapters:
+                return result
+            low = torch.nn.functional.linear(x.to(plan.down.dtype), plan.down)
+            coefficients = self._coefficients(plan, low)
+            if coefficients.ndim > 1:
+                _check_shape(coefficients, low, "+".join(plan.adapters), plan.name, plan.layout)
+            return (result + torch.nn.functional.linear(low * coefficients, plan.up)).to(result.dtype)
+
+        return forward
+
+    def _plan(self, name: str, layer: torch.nn.Module, adapters: list[str]) -> _FusedLayer:
+        return _FusedLayer(
+            name=name,
+            layout=self.layout_of(name),
+            adapters=tuple(adapters),
+            ranks=torch.tensor([layer.lora_A[a].weight.shape[0] for a in adapters]),
+            scales=torch.cat(
+                [torch.full((layer.lora_A[a].weight.shape[0],), float(layer.scaling[a])) for a in adapters]
+            ),
+            down=torch.cat([layer.lora_A[a].weight.detach() for a in adapters], dim=0),
+            up=torch.cat([layer.lora_B[a].weight.detach() for a in adapters], dim=1),
+        )
+
     @contextlib.contextmanager
     def installed(self) -> Iterator[LoraMasker]:
-        """Hooks on every `lora_B[adapter]` while inside; removed on exit, even on error."""
+        """The masked op on every adapted layer while inside; the model is exactly as before on exit,
+        even on error (hooks removed, layers' own forward back)."""
         handles = []
+        replaced: list[torch.nn.Module] = []
+        everyone = self.masked + self.unmasked
         try:
-            for adapter in self.adapters:
-                found = False
-                for name, layer in lora_layers(self.denoiser, adapter):
-                    found = True
-                    if getattr(layer, "merged", False):
-                        raise RuntimeError(
-                            f"Adapter {adapter!r} is fused into the weights of {name!r}; a fused LoRA cannot be "
-                            "masked. Call `pipeline.unfuse_lora()` first."
+            found = dict.fromkeys(self.masked, False)
+            for name, layer in self.denoiser.named_modules():
+                lora_a = getattr(layer, "lora_A", None)
+                if not isinstance(lora_a, torch.nn.ModuleDict):
+                    continue
+                adapters = [a for a in everyone if a in lora_a]
+                if not adapters:
+                    continue
+                for adapter in adapters:
+                    _check_maskable(layer, adapter, name)
+                    found[adapter] = True
+                if self.op == "fused" and _fusable(layer, adapters):
+                    layer.forward = self._fused_forward(layer, self._plan(name, layer, adapters))
+                    replaced.append(layer)
+                    continue
+                layout = self.layout_of(name)
+                for adapter in adapters:
+                    if adapter in self.masked:
+                        handles.append(
+                            layer.lora_B[adapter].register_forward_hook(self._hook(adapter, name, layout))
                         )
-                    if adapter in getattr(layer, "lora_variant", {}):
-                        raise RuntimeError(
-                            f"Adapter {adapter!r} is a DoRA/variant adapter on {name!r}; only plain LoRA can be "
-                            "masked per token."
-                        )
-                    layout = self.layout_of(name)
-                    handles.append(
-                        layer.lora_B[adapter].register_forward_hook(self._hook(adapter, name, layout))
-                    )
-                if not found:
-                    raise RuntimeError(f"Adapter {adapter!r} adapts no layer of the model.")
+            missing = [adapter for adapter, seen in found.items() if not seen]
+            if missing:
+                raise RuntimeError(f"Adapter {missing[0]!r} adapts no layer of the model.")
             yield self
         finally:
             for handle in handles:
                 handle.remove()
+            for layer in replaced:
+                del layer.forward  # the instance attribute; the class's forward is back
             self.set_masks(None)
+
+
+def _check_maskable(layer: torch.nn.Module, adapter: str, name: str) -> None:
+    if getattr(layer, "merged", False):
+        raise RuntimeError(
+            f"Adapter {adapter!r} is fused into the weights of {name!r}; a fused LoRA cannot be masked. Call "
+            "`pipeline.unfuse_lora()` first."
+        )
+    if adapter in getattr(layer, "lora_variant", {}):
+        raise RuntimeError(
+            f"Adapter {adapter!r} is a DoRA/variant adapter on {name!r}; only plain LoRA can be masked per token."
+        )
+
+
+def _check_shape(
+    mask: torch.Tensor, output: torch.Tensor, adapter: str, layer_name: str, layout: TokenLayout
+) -> None:
+    if mask.shape[:-1] != output.shape[:-1]:
+        raise RuntimeError(
+            f"Mask for adapter {adapter!r} has shape {tuple(mask.shape)} but layer {layer_name!r} "
+            f"({'+'.join(layout) or 'no'} tokens) gave {tuple(output.shape)}; the backend's token layout does not "
+            "match this model."
+        )

@@ -182,9 +182,11 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
     if model == TINY:
         from .testing import TINY_PIPELINES
 
-        pipeline = TINY_PIPELINES[TINY_ARCHITECTURE](seed=0).to(chosen)
+        # Built on the CPU in float32 and moved, so the tiny model's weights are the same on every
+        # device; then the same dtype and offload as a real model.
+        pipeline = TINY_PIPELINES[TINY_ARCHITECTURE](seed=0)
         pipeline.register_to_config(_name_or_path=TINY)
-        return pipeline
+        return _place(pipeline, chosen, torch_dtype, offload)
     check_model_source(model)
     from diffusers import DiffusionPipeline
 
@@ -207,11 +209,18 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
             )
             hint += f" (No local folder named {model!r} exists either.)"
         raise ModelLoadError(f"Could not load model {model!r}: {text}.{hint}") from None
+    return _place(pipeline, chosen, None, offload)
+
+
+def _place(pipeline, device: torch.device, dtype: torch.dtype | None, offload: bool):
+    """Eval mode, the dtype (when given), then on the device or with model CPU offload."""
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
+    if dtype is not None:
+        pipeline.to(dtype=dtype)
     if offload:
-        pipeline.enable_model_cpu_offload(device=chosen)
+        pipeline.enable_model_cpu_offload(device=device)
     else:
-        pipeline.to(chosen)
+        pipeline.to(device)
     return pipeline

@@ -447,7 +447,15 @@ class FreeFuse:
             list(self.subjects), adapter_weights=[s.weight for s in self.subjects.values()]
         )
         timings: dict[str, Any] = {}
-        masker = LoraMasker(backend.denoiser, context.names, backend.token_layout)
+        masker = LoraMasker(
+            backend.denoiser,
+            context.names,
+            backend.token_layout,
+            unmasked=[name for name in self.subjects if name not in context.names]
+            if method.masks_loras
+            else [],
+            op=settings.lora_op,
+        )
         capture_step = method.capture_step(settings)
         steps = settings.num_inference_steps
 

@@ -120,6 +120,10 @@ class GenerationSettings(BaseModel):
     max_sequence_length: StrictInt | None = Field(
         None, description="Text token limit (default: the model's)."
     )
+    lora_op: Literal["fused", "peft"] = Field(
+        "fused",
+        description="How masked LoRAs run: one fused op per layer (fast), or PEFT's per-adapter path (reference).",
+    )
     mask_config: MaskConfig = Field(default_factory=MaskConfig, description="Stage 1's constants.")
 
     def __init__(self, **values: Any) -> None:
@@ -341,4 +345,5 @@ CLI_FLAGS: dict[str, tuple[tuple[str, ...], type]] = {
     "empty_mask": (("--empty-mask",), str),
     "background_words": (("--background-word",), list[str]),
     "max_sequence_length": (("--max-sequence-length",), int),
+    "lora_op": (("--lora-op",), str),
 }

@@ -142,6 +142,17 @@ def text_encoders(clip_tokenizer, t5_tokenizer, clip_width: int, t5_width: int, 
     return clip, t5
 
 
+@contextlib.contextmanager
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """New parameters are made in `dtype` while inside."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def tiny_flux_pipeline(
     seed: int = 0,
     transformer_config: dict | None = None,
@@ -165,8 +176,10 @@ def tiny_flux_pipeline(
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        with torch.device(device):
-            transformer = FluxTransformer2DModel(**config).to(dtype)
+        # Built directly on `device` in `dtype`: a 12B transformer made in float32 and then cast
+        # would need twice the memory on the way.
+        with torch.device(device), default_dtype(dtype):
+            transformer = FluxTransformer2DModel(**config)
         text_encoder, text_encoder_2 = text_encoders(
             tokenizer,
             tokenizer_2,
@@ -254,12 +267,10 @@ def random_lora_state_dict(
             continue
         out_features, in_features = module.weight.shape
         down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
-        up = (
-            torch.randn(out_features, rank, generator=generator)
-            * scale
-            * module.weight.std()
-            * in_features**0.5
-        )
+        # The layer may sit on a GPU; the LoRA is made on the CPU (a file's tensors), so the
+        # layer's spread comes over as a number.
+        spread = float(module.weight.detach().float().std())
+        up = torch.randn(out_features, rank, generator=generator) * scale * spread * in_features**0.5
         up = up / rank**0.5
         state[f"transformer.{name}.lora_A.weight"] = down.to(module.weight.dtype).contiguous()
         state[f"transformer.{name}.lora_B.weight"] = up.to(module.weight.dtype).contiguous()

@@ -1,0 +1,146 @@
+"""The fused LoRA op (one op per layer, masks on rank activations) against PEFT's own path.
+
+`lora_op="peft"` runs PEFT's per-adapter forward with a hook scaling each masked adapter's
+output: PEFT stays the source of truth for the weights. The fused op must give the same images
+(float32, up to summation order) for any number of adapters, ranks, weights, global LoRAs, and
+masks with zeros and fractions, and leave the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from freefuse import FreeFuse, FreeFuseWarning, MaskSet
+from freefuse.testing import ALL_LINEAR, random_lora, tiny_flux_pipeline
+
+SIZE = 128
+RUN = {"height": SIZE, "width": SIZE, "num_inference_steps": 3, "max_sequence_length": 16}
+NAMES = ("alice", "bob", "carol", "dave")
+RANKS = (2, 4, 8, 3)
+WEIGHTS = (1.0, 0.7, 1.3, 0.9)
+
+
+def build(n_subjects: int, with_global: bool) -> FreeFuse:
+    pipe = tiny_flux_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    freefuse = FreeFuse(pipe)
+    for index in range(n_subjects):
+        name = NAMES[index]
+        random_lora(pipe, name, rank=RANKS[index], seed=index + 1, targets=ALL_LINEAR, scale=0.5)
+        freefuse.use_adapter(name, words=[name.capitalize()], weight=WEIGHTS[index])
+    if with_global:
+        random_lora(pipe, "style", rank=5, seed=9, scale=0.5)
+        freefuse.use_adapter("style", scope="global", weight=0.6)
+    return freefuse
+
+
+def fractional_masks(names: tuple[str, ...]) -> MaskSet:
+    """Vertical bands, one per subject, with soft edges (fractions) and an empty strip (zeros)."""
+    masks = torch.zeros(len(names), SIZE, SIZE)
+    band = SIZE // (len(names) + 1)
+    for index in range(len(names)):
+        masks[index, :, index * band : (index + 1) * band] = 1.0
+        masks[index, :, (index + 1) * band : (index + 1) * band + 8] = 0.35  # half a token, shared edge
+    return MaskSet(list(names), masks.clamp(0, 1))
+
+
+def images(freefuse: FreeFuse, prompt: str, **settings) -> torch.Tensor:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FreeFuseWarning)
+        return freefuse(prompt, output_type="pt", progress=False, seed=3, **{**RUN, **settings}).images[0]
+
+
+@pytest.mark.parametrize("n_subjects", [1, 2, 3, 4])
+@pytest.mark.parametrize("with_global", [False, True])
+def test_fused_op_gives_the_peft_path_images(n_subjects: int, with_global: bool) -> None:
+    freefuse = build(n_subjects, with_global)
+    names = NAMES[:n_subjects]
+    prompt = " and ".join(name.capitalize() for name in names) + " in the snow"
+    masks = fractional_masks(names)
+    for extra in ({}, {"text_scope": "all"}, {"negative_prompt": "dark photo of Bob", "true_cfg_scale": 2.0}):
+        peft = images(freefuse, prompt, method="masks", masks=masks, lora_op="peft", **extra)
+        fused = images(freefuse, prompt, method="masks", masks=masks, lora_op="fused", **extra)
+        assert (fused - peft).abs().max() <= 2e-5, extra
+    fused = images(freefuse, prompt, method="freefuse", lora_op="fused")
+    peft = images(freefuse, prompt, method="freefuse", lora_op="peft")
+    assert (fused - peft).abs().max() <= 2e-5
+
+
+def model_state(pipe) -> tuple[dict, int, list[str]]:
+    transformer = pipe.transformer
+    state = {key: value.clone() for key, value in transformer.state_dict().items()}
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in transformer.modules())
+    overridden = [name for name, m in transformer.named_modules() if "forward" in m.__dict__]
+    return state, hooks, overridden
+
+
+def assert_unchanged(before, pipe) -> None:
+    state, hooks, overridden = model_state(pipe)
+    assert overridden == [] and hooks == before[1]
+    assert state.keys() == before[0].keys()
+    assert all(torch.equal(state[key], before[0][key]) for key in state)
+
+
+@pytest.mark.parametrize("lora_op", ["fused", "peft"])
+def test_the_model_is_exactly_as_before_after_a_run_and_after_an_error(lora_op: str) -> None:
+    freefuse = build(2, with_global=True)
+    before = model_state(freefuse.pipeline)
+    assert before[2] == []
+    images(freefuse, "Alice and Bob", lora_op=lora_op)
+    assert_unchanged(before, freefuse.pipeline)
+
+    def fail_at_step_two(ff, step_index, timestep, tensors):
+        if step_index == 1:
+            raise RuntimeError("stopped mid-run")
+        return {}
+
+    with pytest.raises(RuntimeError, match="stopped mid-run"):
+        images(freefuse, "Alice and Bob", lora_op=lora_op, callback_on_step_end=fail_at_step_two)
+    assert_unchanged(before, freefuse.pipeline)
+
+
+def test_alpha_set_per_layer_is_kept_by_the_fused_op() -> None:
+    """kohya files may give each layer its own alpha: same adapter and rank, another scaling."""
+    from peft import LoraConfig
+
+    pipe = tiny_flux_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    for index, name in enumerate(("alice", "bob")):
+        config = LoraConfig(
+            r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v"], alpha_pattern={"to_k": 12, "to_v": 2}
+        )
+        config.init_lora_weights = False
+        torch.manual_seed(index)
+        pipe.transformer.add_adapter(config, adapter_name=name)
+    freefuse = FreeFuse(pipe)
+    freefuse.use_adapter("alice", words=["Alice"])
+    freefuse.use_adapter("bob", words=["Bob"])
+    masks = fractional_masks(("alice", "bob"))
+    fused = images(freefuse, "Alice and Bob", method="masks", masks=masks, lora_op="fused")
+    peft = images(freefuse, "Alice and Bob", method="masks", masks=masks, lora_op="peft")
+    assert (fused - peft).abs().max() <= 2e-5
+
+
+def test_layers_the_fused_op_cannot_take_fall_back_to_peft() -> None:
+    """A LoRA with a bias on B is not `B(m ⊙ Ax)`-maskable; those layers take PEFT's path."""
+    from peft import LoraConfig
+
+    pipe = tiny_flux_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    random_lora(pipe, "alice", seed=1)
+    pipe.transformer.add_adapter(
+        LoraConfig(
+            r=4, lora_alpha=4, target_modules=["to_q", "to_k"], lora_bias=True, init_lora_weights=False
+        ),
+        adapter_name="bob",
+    )
+    freefuse = FreeFuse(pipe)
+    freefuse.use_adapter("alice", words=["Alice"])
+    freefuse.use_adapter("bob", words=["Bob"])
+    masks = fractional_masks(("alice", "bob"))
+    fused = images(freefuse, "Alice and Bob", method="masks", masks=masks, lora_op="fused")
+    peft = images(freefuse, "Alice and Bob", method="masks", masks=masks, lora_op="peft")
+    assert (fused - peft).abs().max() <= 2e-5
