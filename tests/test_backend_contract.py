@@ -96,21 +96,23 @@ def test_x0_is_where_the_schedulers_last_step_lands(backend: Backend) -> None:
     torch.testing.assert_close(backend.predict_x0(latents, prediction, float(sigmas[-2])), last)
 
 
-def test_capture_gives_queries_and_keys_of_the_grid_and_leaves_no_hook(backend: Backend) -> None:
+def test_capture_gives_queries_keys_and_outputs_of_the_grid_and_leaves_no_hook(backend: Backend) -> None:
     before = hooks(backend.denoiser)
+    blocks = sorted({0, backend.default_block()})
     with torch.no_grad():
         conditioning = backend.encode([PROMPT], TOKENS)
         state = noise(backend, [0], conditioning.prompt_embeds.dtype)
         timesteps, _ = backend.timesteps(4, SIZE, SIZE)
-        with backend.capture(backend.default_block()) as tap:
+        with backend.capture(blocks) as tap:
             backend.predict(state, timesteps[0], conditioning, settings())
     captured = tap.result()
     h, w = backend.grid(SIZE, SIZE)
-    batch, heads, n_img, dim = captured.q_img.shape
-    assert (batch, n_img) == (1, h * w)
+    batch, captures, heads, n_img, dim = captured.q_img.shape
+    assert (batch, captures, n_img) == (1, len(blocks), h * w)
     assert captured.k_img.shape == captured.q_img.shape
-    if captured.q_text is not None:
-        assert captured.q_text.shape == (1, heads, conditioning.num_text_tokens, dim)
+    n_text = conditioning.num_text_tokens
+    assert captured.q_text.shape == captured.k_text.shape == (1, len(blocks), heads, n_text, dim)
+    assert captured.o_img.shape[:3] == (1, len(blocks), n_img)
     assert hooks(backend.denoiser) == before
 
 

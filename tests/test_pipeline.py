@@ -202,7 +202,8 @@ def test_hooks_are_removed_even_when_a_run_fails(two: FreeFuse) -> None:
 
 
 def test_tap_matches_the_processor_queries_and_keys() -> None:
-    """The hook-based tap sees exactly the post-norm, post-RoPE q/k the attention processor uses."""
+    """The hook-based tap sees exactly the post-norm, post-RoPE q/k the attention processor uses,
+    and the image tokens' joint attention output."""
     from diffusers.models.embeddings import apply_rotary_emb
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor, _get_qkv_projections
 
@@ -213,13 +214,21 @@ def test_tap_matches_the_processor_queries_and_keys() -> None:
         def __call__(
             self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None
         ):
-            q, k, _, eq, ek, _ = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
+            q, k, v, eq, ek, ev = _get_qkv_projections(attn, hidden_states, encoder_hidden_states)
             q = attn.norm_q(q.unflatten(-1, (attn.heads, -1)))
             k = attn.norm_k(k.unflatten(-1, (attn.heads, -1)))
             eq = attn.norm_added_q(eq.unflatten(-1, (attn.heads, -1)))
+            ek = attn.norm_added_k(ek.unflatten(-1, (attn.heads, -1)))
             query = apply_rotary_emb(torch.cat([eq, q], 1), image_rotary_emb, sequence_dim=1)
-            key = apply_rotary_emb(torch.cat([eq, k], 1), image_rotary_emb, sequence_dim=1)
-            recorded.update(query=query, key=key, n_text=eq.shape[1])
+            key = apply_rotary_emb(torch.cat([ek, k], 1), image_rotary_emb, sequence_dim=1)
+            value = torch.cat([ev, v], 1).unflatten(-1, (attn.heads, -1))
+            n_text = eq.shape[1]
+            # Joint attention written out: every query over every key, heads side by side.
+            weights = torch.softmax(
+                torch.einsum("bqhd,bkhd->bhqk", query, key) / query.shape[-1] ** 0.5, dim=-1
+            )
+            output = torch.einsum("bhqk,bkhd->bqhd", weights, value).flatten(2)
+            recorded.update(query=query, key=key, output=output[:, n_text:], n_text=n_text)
             return super().__call__(
                 attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb
             )
@@ -236,9 +245,11 @@ def test_tap_matches_the_processor_queries_and_keys() -> None:
         backend.predict(state, timesteps[0], conditioning, GenerationSettings(prompt=PROMPT))
     captured = tap.result()
     n_text = recorded["n_text"]
-    torch.testing.assert_close(captured.q_text[0], recorded["query"][0, :n_text].transpose(0, 1))
-    torch.testing.assert_close(captured.q_img[0], recorded["query"][0, n_text:].transpose(0, 1))
-    torch.testing.assert_close(captured.k_img[0], recorded["key"][0, n_text:].transpose(0, 1))
+    torch.testing.assert_close(captured.q_text[0, 0], recorded["query"][0, :n_text].transpose(0, 1))
+    torch.testing.assert_close(captured.q_img[0, 0], recorded["query"][0, n_text:].transpose(0, 1))
+    torch.testing.assert_close(captured.k_img[0, 0], recorded["key"][0, n_text:].transpose(0, 1))
+    torch.testing.assert_close(captured.k_text[0, 0], recorded["key"][0, :n_text].transpose(0, 1))
+    torch.testing.assert_close(captured.o_img[0, 0], recorded["output"][0])
 
 
 def test_token_layout_of_every_adapted_flux_layer() -> None:

@@ -297,6 +297,18 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
     ),
     ("size", Annotated[str | None, typer.Option("--size", help="WIDTHxHEIGHT (default 1024x1024).")], None),
     (
+        "mask_method",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--mask-method",
+                help="How stage 1 reads attention: text-to-image (the paper, default), image-to-text, combined, "
+                "routing.",
+            ),
+        ],
+        None,
+    ),
+    (
         "masks",
         Annotated[str | None, typer.Option("--masks", help="Mask set for --method masks (.masks.json).")],
         None,
@@ -384,6 +396,8 @@ def run_options(function: Callable[[RunOptions], None]) -> Callable[..., None]:
         settings = {name: value for name, value in settings.items() if value not in (None, [], ())}
         if given.get("size") is not None:
             settings["size"] = given["size"]
+        if given.get("mask_method") is not None:
+            settings["mask_config"] = {"method": given["mask_method"]}
         return function(RunOptions(values=given, settings=settings))
 
     wrapper.__signature__ = Signature(parameters)

@@ -219,6 +219,8 @@ def replay_spec(
         notes.append(
             "the mask step follows the new step count (the paper's 6 of 28, scaled); pass --mask-step to fix it."
         )
+    if isinstance(overrides.get("mask_config"), dict) and isinstance(recorded.get("mask_config"), dict):
+        overrides["mask_config"] = {**recorded["mask_config"], **overrides["mask_config"]}
     run_settings = GenerationSettings.from_dict({**recorded, **overrides})
     if not loras:
         loras = []

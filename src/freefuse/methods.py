@@ -6,7 +6,7 @@
 
 A method answers four questions for the denoising loop in `freefuse.pipeline`: can it run with
 these inputs (`check`), which masks hold from the first step (`initial_masks`), during which
-step to tap the attention (`capture_step`), and which masks the tapped tensors give
+steps to tap the attention (`capture_steps`), and which masks the tapped tensors give
 (`masks_from_capture`). Masks are keyed by adapter name end to end, never by list position.
 """
 
@@ -111,9 +111,9 @@ class Method(abc.ABC):
         """Masks that hold from the first step, or None (every LoRA acts everywhere until told)."""
         return None
 
-    def capture_step(self, settings: GenerationSettings) -> int | None:
-        """0-based index of the step whose attention is tapped, or None."""
-        return None
+    def capture_steps(self, settings: GenerationSettings) -> list[int]:
+        """0-based indices of the steps whose attention is tapped (the last makes the masks)."""
+        return []
 
     def masks_from_capture(
         self, context: RunContext, captured: CapturedAttention, x0: torch.Tensor
@@ -189,8 +189,9 @@ class AttentionMasks(Method):
                 "subjects or a larger image."
             )
 
-    def capture_step(self, settings: GenerationSettings) -> int | None:
-        return settings.resolved_mask_step - 1
+    def capture_steps(self, settings: GenerationSettings) -> list[int]:
+        last = settings.resolved_mask_step - 1
+        return list(range(last - settings.capture_steps + 1, last + 1))
 
     def masks_from_capture(
         self, context: RunContext, captured: CapturedAttention, x0: torch.Tensor
@@ -221,15 +222,17 @@ class AttentionMasks(Method):
             config = replace(config, background=True)
         try:
             result = core.masks_from_attention(
-                captured.q_text[b].cpu(),
-                captured.q_img[b].cpu(),
-                captured.k_img[b].cpu(),
+                captured.q_text[b],
+                captured.q_img[b],
+                captured.k_img[b],
                 [context.positions[b][name] for name in active],
                 grid,
                 image=preview,
                 config=config,
                 background_tokens=background,
                 image_size=(height, width),
+                k_text=captured.k_text[b],
+                o_img=captured.o_img[b],
             )
         except NonFiniteError as error:
             what = "x0 preview" if error.argument == "image" else "attention capture"

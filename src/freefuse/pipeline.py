@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .backends import Conditioning, backend_for
-from .backends.base import PassName
+from .backends.base import CapturedAttention, PassName
 from .core import MaskSet
 from .lora import LoraFileError, read_lora_file
 from .masking import AdapterMask, LoraMasker, pass_masks
@@ -288,11 +288,12 @@ class FreeFuse:
         if not self.subjects:
             raise ValueError("No LoRA added; call `add_lora(path, words=[...])` (or `use_adapter`) first.")
         block = backend.default_block() if settings.block is None else settings.block
-        if not 0 <= block < backend.num_blocks:
-            raise ValueError(
-                f"`block` {block} is out of range: this model has {backend.num_blocks} {backend.block_kind}s "
-                f"(0..{backend.num_blocks - 1})."
-            )
+        for index in [block] if isinstance(block, int) else block:
+            if not 0 <= index < backend.num_blocks:
+                raise ValueError(
+                    f"`block` {index} is out of range: this model has {backend.num_blocks} {backend.block_kind}s "
+                    f"(0..{backend.num_blocks - 1})."
+                )
         settings = settings.model_copy(
             update={
                 "block": block,
@@ -456,7 +457,7 @@ class FreeFuse:
             else [],
             op=settings.lora_op,
         )
-        capture_step = method.capture_step(settings)
+        capture_steps = method.capture_steps(settings)
         steps = settings.num_inference_steps
 
         with torch.inference_mode(), masker.installed():
@@ -479,12 +480,13 @@ class FreeFuse:
                 masker.set_masks(per_pass[name])  # the masks of the pass about to run
 
             step_times = []
-            # 6. Denoising loop: plain joint steps, the capture step, then masked steps
+            captured = []
+            # 6. Denoising loop: plain joint steps, the capture step(s), then masked steps
             bar = self.pipeline.progress_bar(total=steps) if progress else None
             try:
                 for i, t in enumerate(timesteps):
                     tick = time.perf_counter()
-                    tap_here = i == capture_step
+                    tap_here = i in capture_steps
                     prediction, tap = backend.guided_prediction(
                         state,
                         t,
@@ -494,13 +496,19 @@ class FreeFuse:
                         switch_masks,
                         settings.block if tap_here else None,
                     )
+                    mask_step_here = bool(capture_steps) and i == capture_steps[-1]
                     if tap_here:
+                        captured.append(tap.result().cpu())
+                    if mask_step_here:
                         tick_stage1 = time.perf_counter()
                         x0 = backend.predict_x0(state.latents, prediction, float(sigmas[i]))
-                        subject_masks = method.masks_from_capture(context, tap.result(), x0)
+                        subject_masks = method.masks_from_capture(
+                            context, CapturedAttention.concat(captured), x0
+                        )
+                        captured = []
                         per_pass = pass_masks_of(context, subject_masks, conditioning, negative)
                         timings["stage1_s"] = time.perf_counter() - tick_stage1
-                    stop = tap_here and stop_after_masks
+                    stop = mask_step_here and stop_after_masks
                     state.latents = x0 if stop else backend.step(prediction, t, state.latents)
                     step_times.append(time.perf_counter() - tick)
                     if bar is not None:

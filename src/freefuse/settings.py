@@ -103,7 +103,13 @@ class GenerationSettings(BaseModel):
     mask_step: StrictInt | None = Field(
         None, description="Step whose attention gives the masks (default: 6 of 28, scaled to the steps)."
     )
-    block: StrictInt | None = Field(None, description="Block to tap (default: the model's, as in the paper).")
+    block: StrictInt | list[StrictInt] | None = Field(
+        None,
+        description="Block(s) to tap; several are averaged (default: the model's, as in the paper).",
+    )
+    capture_steps: StrictInt = Field(
+        1, description="Read attention at this many steps ending at the mask step, averaged."
+    )
     text_scope: Literal["exclude-others", "all"] = Field(
         "exclude-others", description="A LoRA acts on the text except other subjects' words, or on all of it."
     )
@@ -162,7 +168,7 @@ class GenerationSettings(BaseModel):
             raise ValueError(f"`{info.field_name}` must be a positive whole number of pixels, got {value}.")
         return value
 
-    @field_validator("num_inference_steps", "num_images_per_prompt")
+    @field_validator("num_inference_steps", "num_images_per_prompt", "capture_steps")
     @classmethod
     def _at_least_one(cls, value: int, info) -> int:
         if value < 1:
@@ -205,10 +211,22 @@ class GenerationSettings(BaseModel):
 
     @field_validator("block")
     @classmethod
-    def _check_block(cls, value: int | None) -> int | None:
-        if value is not None and value < 0:
-            raise ValueError(f"`block` must be a block index >= 0, got {value}.")
+    def _check_block(cls, value: int | list[int] | None) -> int | list[int] | None:
+        blocks = [] if value is None else [value] if isinstance(value, int) else value
+        if isinstance(value, list) and not value:
+            raise ValueError("`block` is an empty list; give at least one block index.")
+        if any(block < 0 for block in blocks):
+            raise ValueError(f"`block` must be block indices >= 0, got {value}.")
+        if isinstance(value, list) and len(value) == 1:
+            return value[0]
         return value
+
+    @property
+    def blocks(self) -> list[int] | None:
+        """The tapped blocks as a list (None: the model's default)."""
+        return (
+            None if self.block is None else [self.block] if isinstance(self.block, int) else list(self.block)
+        )
 
     @field_validator("max_sequence_length")
     @classmethod
@@ -247,6 +265,11 @@ class GenerationSettings(BaseModel):
             raise ValueError(
                 f"`mask_step` {self.resolved_mask_step} is past the last of {self.num_inference_steps} steps; use a "
                 f"value from 1 to {self.num_inference_steps} (the paper uses 6 of 28)."
+            )
+        if get_method(self.method).reads_attention and self.capture_steps > self.resolved_mask_step:
+            raise ValueError(
+                f"`capture_steps` {self.capture_steps} reaches before the first step: the last of them is the mask "
+                f"step {self.resolved_mask_step}; use at most {self.resolved_mask_step}."
             )
         return self
 
@@ -339,7 +362,8 @@ CLI_FLAGS: dict[str, tuple[tuple[str, ...], type]] = {
     "num_images_per_prompt": (("--images",), int),
     "method": (("--method",), str),
     "mask_step": (("--mask-step",), int),
-    "block": (("--block",), int),
+    "block": (("--block",), list[int]),
+    "capture_steps": (("--capture-steps",), int),
     "text_scope": (("--text-scope",), str),
     "preview": (("--preview",), str),
     "empty_mask": (("--empty-mask",), str),

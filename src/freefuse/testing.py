@@ -7,6 +7,7 @@ eval mode, so two builds with one seed give the same weights and the same images
 from __future__ import annotations
 
 import contextlib
+import math
 import string
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -470,3 +471,141 @@ class LoraDeltaRecorder:
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def attention_scene(
+    n_subjects: int,
+    grid: tuple[int, int] = (32, 32),
+    layout: str = "regions",
+    area: float = 0.035,
+    touching: bool = False,
+    sinks: str = "border",
+    n_sinks: int | None = None,
+    text_signal: float = 3.0,
+    noise: float = 0.3,
+    background_words: bool = True,
+    heads: int = 2,
+    dim: int = 32,
+    n_text: int = 24,
+    seed: int = 0,
+    pixels_per_token: int = 16,
+) -> dict:
+    """A synthetic joint-attention scene with a known answer, for every stage-1 method.
+
+    Subjects: `layout="regions"` splits the whole grid into Voronoi regions (no background);
+    `layout="discs"` puts one disc of `area` (fraction of the grid) per subject on a background,
+    apart, or side by side with `touching`. Directions: e_l per subject, e_bg for the background,
+    e_sink for image-key sinks, e_eos for the text tokens that soak up attention (EOS, padding).
+
+    - Image tokens of subject l (and of the background) have queries, keys and values along e_l
+      (e_bg), plus noise, so self-attention stays inside a region.
+    - Text: subject l has two tokens whose queries look for e_l (text→image) and whose keys
+      answer to e_l (image→text), both `text_signal` strong; two background-word tokens do the
+      same for e_bg when `background_words`; the last tokens are EOS and padding with keys along
+      e_eos, which every image query also has a little of (they take most image→text attention
+      everywhere, as in FLUX).
+    - Sinks: `n_sinks` image tokens (default 1 % of N) with keys along e_sink, which every text
+      query also has: raw text→image attention piles up there. `sinks="border"` places them on
+      the grid border (FLUX), `"anywhere"` anywhere, `"none"` makes none.
+
+    Returns a dict: `q_text`, `k_text` `[heads, T, dim]`; `q_img`, `k_img` `[heads, N, dim]`;
+    `o_img` `[N, heads*dim]` (the real joint attention output of the image tokens);
+    `token_sets` (L lists), `background_tokens` (list, empty without background words), `grid`,
+    `image` `H×W×3`, `regions` `[h, w]` int64 (subject index, -1 for background), `sinks`.
+    """
+    if layout not in ("regions", "discs") or sinks not in ("border", "anywhere", "none"):
+        raise ValueError("`layout` is 'regions' or 'discs'; `sinks` is 'border', 'anywhere' or 'none'.")
+    n_directions = n_subjects + 3
+    if dim < n_directions or n_text < 2 * n_subjects + 4:
+        raise ValueError(f"`dim` must be >= {n_directions} and `n_text` >= {2 * n_subjects + 4}.")
+    generator = torch.Generator().manual_seed(seed)
+    h, w = grid
+    n_tokens = h * w
+    yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    if layout == "regions":
+        centres = torch.rand(n_subjects, 2, generator=generator) * torch.tensor([h, w])
+        distance = (yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2
+        regions = distance.argmin(dim=0)
+    else:
+        radius = math.sqrt(area * n_tokens / math.pi)
+        regions = torch.full((h, w), -1, dtype=torch.int64)
+        placed: list[tuple[float, float]] = []
+        for subject in range(n_subjects):
+            for _ in range(1000):
+                if touching and placed:
+                    angle = float(torch.rand(1, generator=generator)) * 2 * math.pi
+                    cy = placed[-1][0] + 2 * radius * math.sin(angle)
+                    cx = placed[-1][1] + 2 * radius * math.cos(angle)
+                else:
+                    cy = radius + 1 + float(torch.rand(1, generator=generator)) * (h - 2 * radius - 2)
+                    cx = radius + 1 + float(torch.rand(1, generator=generator)) * (w - 2 * radius - 2)
+                inside = radius + 1 <= cy <= h - radius - 1 and radius + 1 <= cx <= w - radius - 1
+                apart = all(math.hypot(cy - py, cx - px) >= 2 * radius - 0.5 for py, px in placed)
+                far = touching or all(math.hypot(cy - py, cx - px) >= 2 * radius + 2 for py, px in placed)
+                if inside and apart and far:
+                    break
+            else:
+                raise ValueError(f"{n_subjects} discs of area {area} do not fit on a {h}x{w} grid.")
+            placed.append((cy, cx))
+            disc = ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2) & (regions == -1)
+            regions[disc] = subject
+    directions = torch.linalg.qr(torch.randn(dim, dim, generator=generator))[0][:, :n_directions].T
+    e_subject, e_bg, e_sink, e_eos = (
+        directions[:n_subjects],
+        directions[n_subjects],
+        directions[-2],
+        directions[-1],
+    )
+    flat = regions.reshape(-1)
+    own = torch.where((flat >= 0)[:, None], e_subject[flat.clamp(min=0)], e_bg[None].expand(n_tokens, dim))
+
+    def noisy(base: torch.Tensor, scale: float = 3.0) -> torch.Tensor:
+        return noise * torch.randn(heads, *base.shape, generator=generator) + scale * base[None]
+
+    q_img = noisy(own) + 1.0 * e_eos  # every image query looks a little for EOS/padding
+    k_img = noisy(own)
+    v_img = noisy(own)
+    q_text = 0.3 * torch.randn(heads, n_text, dim, generator=generator)
+    k_text = 0.3 * torch.randn(heads, n_text, dim, generator=generator)
+    v_text = 0.3 * torch.randn(heads, n_text, dim, generator=generator)
+    token_sets = [[1 + 2 * subject, 2 + 2 * subject] for subject in range(n_subjects)]
+    for subject, tokens in enumerate(token_sets):
+        q_text[:, tokens] += text_signal * e_subject[subject] + 3.0 * e_sink
+        k_text[:, tokens] += text_signal * e_subject[subject]
+    background_tokens = [2 * n_subjects + 1, 2 * n_subjects + 2] if background_words else []
+    if background_tokens:
+        q_text[:, background_tokens] += text_signal * e_bg + 3.0 * e_sink
+        k_text[:, background_tokens] += text_signal * e_bg
+    eos = list(range(2 * n_subjects + 3, n_text))
+    k_text[:, eos] += 4.0 * e_eos
+    sink_tokens = torch.zeros(0, dtype=torch.int64)
+    if sinks != "none":
+        from .core.attention import border_tokens
+
+        pool = border_tokens(grid, 1).nonzero().reshape(-1) if sinks == "border" else torch.arange(n_tokens)
+        count = max(1, int(n_tokens * 0.01)) if n_sinks is None else n_sinks
+        sink_tokens = pool[torch.randperm(len(pool), generator=generator)[:count]]
+        k_img[:, sink_tokens] = e_sink * 12.0
+    keys = torch.cat([k_text, k_img], dim=1)
+    values = torch.cat([v_text, v_img], dim=1)
+    attention = torch.softmax(q_img @ keys.transpose(1, 2) / math.sqrt(dim), dim=-1)
+    o_img = (attention @ values).transpose(0, 1).reshape(n_tokens, heads * dim)
+    palette = torch.tensor([*PLANTED_COLOURS, (0.5, 0.5, 0.5)])[: n_subjects + 1]
+    colours = torch.where(
+        (regions >= 0)[..., None], palette[regions.clamp(min=0)], torch.tensor([0.85, 0.85, 0.8])
+    )
+    image = colours.repeat_interleave(pixels_per_token, 0).repeat_interleave(pixels_per_token, 1)
+    image = (image + 0.03 * torch.randn(image.shape, generator=generator)).clamp(0, 1).numpy()
+    return {
+        "q_text": q_text,
+        "k_text": k_text,
+        "q_img": q_img,
+        "k_img": k_img,
+        "o_img": o_img,
+        "token_sets": token_sets,
+        "background_tokens": background_tokens,
+        "grid": grid,
+        "image": image,
+        "regions": regions,
+        "sinks": sink_tokens,
+    }

@@ -61,17 +61,31 @@ class Conditioning:
 
 @dataclass
 class CapturedAttention:
-    """Queries and keys of the tapped attention for one forward pass (B images).
+    """What the tapped attention saw in one forward pass: B images, C tapped blocks.
 
     Attributes:
-        q_text: `[B, heads, T, D]` text queries.
-        q_img: `[B, heads, N, D]` image queries.
-        k_img: `[B, heads, N, D]` image keys.
+        q_text: `[B, C, heads, T, D]` text queries (post-norm, post-RoPE).
+        q_img: `[B, C, heads, N, D]` image queries.
+        k_img: `[B, C, heads, N, D]` image keys.
+        k_text: `[B, C, heads, T, D]` text keys.
+        o_img: `[B, C, N, heads*D]` the image tokens' attention outputs, before the output projection.
     """
 
     q_text: torch.Tensor
     q_img: torch.Tensor
     k_img: torch.Tensor
+    k_text: torch.Tensor
+    o_img: torch.Tensor
+
+    @staticmethod
+    def concat(captures: list[CapturedAttention]) -> CapturedAttention:
+        """Several steps' captures as one, their blocks side by side on the C axis."""
+        fields = ("q_text", "q_img", "k_img", "k_text", "o_img")
+        return CapturedAttention(**{f: torch.cat([getattr(c, f) for c in captures], dim=1) for f in fields})
+
+    def cpu(self) -> CapturedAttention:
+        fields = ("q_text", "q_img", "k_img", "k_text", "o_img")
+        return CapturedAttention(**{f: getattr(self, f).cpu() for f in fields})
 
 
 class AttentionTap(Protocol):
@@ -232,7 +246,7 @@ class Backend(abc.ABC):
         negative: Conditioning | None,
         settings: GenerationSettings,
         before_pass: Callable[[PassName], None],
-        tap_block: int | None = None,
+        tap_block: int | Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, AttentionTap | None]:
         """The model output of one step: the conditional pass, guided by the negative one if any.
 
@@ -267,8 +281,9 @@ class Backend(abc.ABC):
         """`[B, H', W', 3]` float pictures in [0, 1] for superpixels ("vae": decoded; "latent": cheap)."""
 
     @abc.abstractmethod
-    def capture(self, block: int) -> contextlib.AbstractContextManager[AttentionTap]:
-        """Hooks recording block `block`'s queries and keys during the forward passes inside."""
+    def capture(self, block: int | Sequence[int]) -> contextlib.AbstractContextManager[AttentionTap]:
+        """Hooks recording the tapped blocks' queries, keys and attention outputs during the forward
+        passes inside (`CapturedAttention`, one entry per block on its C axis)."""
 
     # -- LoRA files --------------------------------------------------------------------------------
     @abc.abstractmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,30 +47,40 @@ _TEXT_STREAM = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.t
 
 
 class FluxAttentionTap:
-    """Keeps the tapped block's post-norm queries/keys and rotary embedding of the last forward pass."""
+    """Keeps the tapped blocks' post-norm queries/keys, attention outputs and rotary embedding of
+    the last forward pass."""
 
-    def __init__(self) -> None:
-        self.store: dict[str, object] = {}
+    def __init__(self, blocks: list[int]) -> None:
+        self.blocks = blocks
+        self.store: dict[int, dict[str, object]] = {block: {} for block in blocks}
 
-    def result(self) -> CapturedAttention:
-        """`CapturedAttention` with RoPE applied, shapes `[B, heads, S, D]`."""
+    def _one(self, block: int) -> dict[str, torch.Tensor]:
         from diffusers.models.embeddings import apply_rotary_emb
 
-        missing = [k for k in ("q_text", "q_img", "k_img") if k not in self.store]
+        store = self.store[block]
+        missing = [k for k in ("q_text", "k_text", "q_img", "k_img", "o_img") if k not in store]
         if missing:
             raise RuntimeError(
-                f"The tapped block did not run (no {missing}); the capture step saw no forward pass."
+                f"Block {block} did not run (no {missing}); the capture step saw no forward pass."
             )
-        q_text, q_img, k_img = self.store["q_text"], self.store["q_img"], self.store["k_img"]
-        rope = self.store.get("rope")
+        tensors = {name: store[name] for name in ("q_text", "k_text", "q_img", "k_img")}
+        rope = store.get("rope")
         if rope is not None:
             cos, sin = rope
-            n_text = q_text.shape[1]
-            q_text = apply_rotary_emb(q_text, (cos[:n_text], sin[:n_text]), sequence_dim=1)
-            q_img = apply_rotary_emb(q_img, (cos[n_text:], sin[n_text:]), sequence_dim=1)
-            k_img = apply_rotary_emb(k_img, (cos[n_text:], sin[n_text:]), sequence_dim=1)
+            n_text = tensors["q_text"].shape[1]
+            for name, tensor in tensors.items():
+                part = (cos[:n_text], sin[:n_text]) if name.endswith("text") else (cos[n_text:], sin[n_text:])
+                tensors[name] = apply_rotary_emb(tensor, part, sequence_dim=1)
         # [B, S, heads, D] -> [B, heads, S, D]
-        return CapturedAttention(q_text.transpose(1, 2), q_img.transpose(1, 2), k_img.transpose(1, 2))
+        result = {name: tensor.transpose(1, 2) for name, tensor in tensors.items()}
+        result["o_img"] = store["o_img"]
+        return result
+
+    def result(self) -> CapturedAttention:
+        """`CapturedAttention` with RoPE applied, shapes `[B, C, heads, S, D]` (C tapped blocks)."""
+        per_block = [self._one(block) for block in self.blocks]
+        stacked = {name: torch.stack([one[name] for one in per_block], dim=1) for name in per_block[0]}
+        return CapturedAttention(**stacked)
 
 
 @register
@@ -290,27 +300,44 @@ class FluxBackend(Backend):
         return torch.stack(previews).cpu().numpy()
 
     @contextlib.contextmanager
-    def capture(self, block: int) -> Iterator[FluxAttentionTap]:
-        """Hooks that record block `block`'s queries/keys during the forward passes inside."""
-        attn = self.denoiser.transformer_blocks[block].attn
-        tap = FluxAttentionTap()
+    def capture(self, block: int | Sequence[int]) -> Iterator[FluxAttentionTap]:
+        """Hooks that record double-stream blocks' queries/keys (text and image, post-norm) and the
+        image tokens' attention output (before `to_out`) during the forward passes inside. Any
+        number of blocks can be tapped in one pass; each costs 4·heads·(N+T)·D stored values."""
+        blocks = [block] if isinstance(block, int) else list(block)
+        tap = FluxAttentionTap(blocks)
+        handles = []
 
-        def keep(name: str):
+        def keep(store: dict, name: str):
             def hook(module, inputs, output):
-                tap.store[name] = output.detach()
+                store[name] = output.detach()
 
             return hook
 
-        def keep_rope(module, args, kwargs):
-            tap.store["rope"] = kwargs.get("image_rotary_emb")
+        def keep_input(store: dict, name: str):
+            def hook(module, args):
+                store[name] = args[0].detach()
 
-        handles = [
-            attn.norm_q.register_forward_hook(keep("q_img")),
-            attn.norm_k.register_forward_hook(keep("k_img")),
-            attn.norm_added_q.register_forward_hook(keep("q_text")),
-            attn.register_forward_pre_hook(keep_rope, with_kwargs=True),
-        ]
+            return hook
+
+        def keep_rope(store: dict):
+            def hook(module, args, kwargs):
+                store["rope"] = kwargs.get("image_rotary_emb")
+
+            return hook
+
         try:
+            for index in blocks:
+                attn = self.denoiser.transformer_blocks[index].attn
+                store = tap.store[index]
+                handles += [
+                    attn.norm_q.register_forward_hook(keep(store, "q_img")),
+                    attn.norm_k.register_forward_hook(keep(store, "k_img")),
+                    attn.norm_added_q.register_forward_hook(keep(store, "q_text")),
+                    attn.norm_added_k.register_forward_hook(keep(store, "k_text")),
+                    attn.to_out[0].register_forward_pre_hook(keep_input(store, "o_img")),
+                    attn.register_forward_pre_hook(keep_rope(store), with_kwargs=True),
+                ]
             yield tap
         finally:
             for handle in handles:

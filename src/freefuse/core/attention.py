@@ -52,12 +52,28 @@ def border_tokens(grid: tuple[int, int], width: int, device: torch.device | None
     return (on_rows[:, None] | on_cols[None, :]).reshape(-1)
 
 
+def shared_sinks(
+    q_text: torch.Tensor, k_img: torch.Tensor, p_sink: float, chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
+) -> torch.Tensor:
+    """`[N]` bool: the top-k image tokens (k = floor(N * p_sink)) of the mean text→image row of ALL
+    text tokens. A sink draws attention from every word, wherever it sits; a subject's own region
+    draws it from that subject's few words only."""
+    n_img = k_img.shape[1]
+    k = math.floor(n_img * p_sink)
+    candidates = torch.zeros(n_img, dtype=torch.bool, device=k_img.device)
+    if k > 0:
+        mean_row = head_mean_attention(q_text, k_img, chunk_elements).mean(dim=0)
+        candidates[mean_row.topk(k).indices] = True
+    return candidates
+
+
 def filter_sinks(rows: torch.Tensor, border: torch.Tensor, p_sink: float) -> torch.Tensor:
     """Attention-sink handling (paper eq. 6-7): drop entries in a row's top-k that lie on the border.
 
     Args:
         rows: `[R, N]` attention rows, each summing to 1.
-        border: `[N]` bool, the grid border (`border_tokens`).
+        border: `[N]` bool, where sinks may be: the grid border (`border_tokens`, the paper), or
+            `shared_sinks`.
         p_sink: fraction of N in the top-k, k = floor(N * p_sink); 0 turns the filter off.
 
     Returns:
@@ -80,6 +96,7 @@ def cross_attention_maps(
     p_sink: float,
     sink_border: int,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    sink_rule: str = "border",
 ) -> torch.Tensor:
     """Subject maps M_l (paper eq. 5-8): mean of sink-filtered text→image rows of each subject's tokens.
 
@@ -88,6 +105,8 @@ def cross_attention_maps(
         k_img: `[heads, N, D]` image keys.
         token_sets: one list of text positions per subject (L lists).
         grid: `(h, w)` token grid, h * w = N.
+        sink_rule: where sinks may be: "border" (the paper: the grid border, `sink_border` wide)
+            or "shared" (`shared_sinks`: the image tokens every text token attends to most).
 
     Returns:
         `[L, N]` float32, every row sums to 1.
@@ -95,7 +114,11 @@ def cross_attention_maps(
     positions = sorted({i for tokens in token_sets for i in tokens})
     row_of = {pos: r for r, pos in enumerate(positions)}
     rows = head_mean_attention(q_text[:, positions], k_img, chunk_elements)
-    rows = filter_sinks(rows, border_tokens(grid, sink_border, rows.device), p_sink)
+    if sink_rule == "shared":
+        candidates = shared_sinks(q_text, k_img, p_sink, chunk_elements)
+    else:
+        candidates = border_tokens(grid, sink_border, rows.device)
+    rows = filter_sinks(rows, candidates, p_sink)
     return torch.stack([rows[[row_of[i] for i in sorted(set(tokens))]].mean(dim=0) for tokens in token_sets])
 
 

@@ -9,12 +9,14 @@ from dataclasses import asdict, dataclass, field, fields
 import numpy as np
 import torch
 
-from .attention import DEFAULT_CHUNK_ELEMENTS, cross_attention_maps, refine_with_self_attention
+from .attention import DEFAULT_CHUNK_ELEMENTS
+from .methods import MAP_METHODS, Capture, get_map_method
 from .voting import superpixels, to_token_grid, vote_superpixels, vote_tokens
 
 _BOOL_FIELDS = frozenset({"self_attention", "background"})
 _INT_FIELDS = frozenset({"sink_border", "n_segments", "slic_max_side", "chunk_elements"})
-_OPTIONAL_FIELDS = frozenset({"n_segments", "slic_max_side", "binarize_threshold"})
+_OPTIONAL_FIELDS = frozenset({"n_segments", "slic_max_side", "binarize_threshold", "self_attention"})
+_CHOICES = {"method": (), "sink_rule": ("border", "shared"), "map_scale": ("density", "peak")}
 
 
 @dataclass(frozen=True)
@@ -22,10 +24,14 @@ class MaskConfig:
     """Every constant of stage 1. Defaults are the paper's (FLUX.1-dev); all go into the manifest.
 
     Attributes:
+        method: the mask method (`freefuse.core.methods.MAP_METHODS`): "text-to-image" (the
+            paper), "image-to-text", "combined" or "routing".
         p_sink: top-k fraction for attention-sink handling (k = floor(N * p_sink)); 0 turns it off.
         sink_border: width, in tokens, of the grid border where sinks are looked for.
         p_top: fraction of tokens of each cross-attention map that seed the self-attention refinement.
-        self_attention: use the self-attention refinement (M_l^self); False votes on cross maps M_l.
+        self_attention: use the self-attention refinement (M_l^self); False votes on the maps as
+            they are. None: the method's default (on for text-to-image and combined, off for
+            image-to-text, whose shares already decide per token; routing does not refine).
         n_segments: SLIC superpixel count; None means round(sqrt(H * W)) of the voting image.
         compactness: SLIC compactness.
         slic_sigma: Gaussian smoothing SLIC applies before segmenting (pixels).
@@ -38,14 +44,18 @@ class MaskConfig:
             at least this much.
         background: add a background channel: regions no subject claims strongly go to no subject.
         background_threshold: with `background` and no background words, a region's best subject
-            needs a mean attention density of at least this many times the uniform density 1/N.
+            needs a mean attention density of at least this many times the uniform density (1/N;
+            1/T for unrefined image-to-text shares). Routing finds its background from the tokens
+            every subject ranks lowest instead.
+        routing_seed_fraction: share of the N image tokens that seed each subject in routing.
         chunk_elements: most attention logits held in memory at once.
     """
 
+    method: str = "text-to-image"
     p_sink: float = 0.01
     sink_border: int = 1
     p_top: float = 0.01
-    self_attention: bool = True
+    self_attention: bool | None = None
     n_segments: int | None = None
     compactness: float = 10.0
     slic_sigma: float = 0.0
@@ -53,6 +63,10 @@ class MaskConfig:
     binarize_threshold: float | None = None
     background: bool = False
     background_threshold: float = 1.0
+    sink_rule: str = "border"
+    map_scale: str = "density"
+    peak_background: float = 0.25
+    routing_seed_fraction: float = 0.01
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS
 
     def __post_init__(self) -> None:
@@ -62,7 +76,11 @@ class MaskConfig:
             value = getattr(self, item.name)
             if value is None and item.name in _OPTIONAL_FIELDS:
                 continue
-            if item.name in _BOOL_FIELDS:
+            if item.name in _CHOICES:
+                choices = sorted(MAP_METHODS) if item.name == "method" else _CHOICES[item.name]
+                if value not in choices:
+                    raise ValueError(f"`{item.name}` must be one of {choices}, got {value!r}.")
+            elif item.name in _BOOL_FIELDS:
                 if not isinstance(value, bool):
                     raise ValueError(f"`{item.name}` must be true or false, got {value!r}.")
             elif isinstance(value, bool) or not isinstance(
@@ -70,7 +88,7 @@ class MaskConfig:
             ):
                 kind = "a whole number" if item.name in _INT_FIELDS else "a number"
                 raise ValueError(f"`{item.name}` must be {kind}, got {value!r}.")
-        for name in ("p_sink", "p_top"):
+        for name in ("p_sink", "p_top", "routing_seed_fraction"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"`{name}` must be a fraction in [0, 1], got {value}.")
@@ -139,31 +157,65 @@ def _check_finite(name: str, tensor: torch.Tensor) -> None:
         raise NonFiniteError(name, f"`{name}` contains NaN or inf values (check the model's dtype).")
 
 
+def _captures(name: str, tensor: torch.Tensor | None, ndim: int) -> torch.Tensor | None:
+    """A tensor with or without the leading capture axis → with it (`[C, ...]`)."""
+    if tensor is None:
+        return None
+    if not isinstance(tensor, torch.Tensor) or tensor.ndim not in (ndim, ndim + 1):
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        what = "[heads, tokens, dim]" if ndim == 3 else "[tokens, channels]"
+        raise ValueError(
+            f"`{name}` must be a tensor of shape {what} (or [captures, ...] of those), got {shape}."
+        )
+    return tensor if tensor.ndim == ndim + 1 else tensor[None]
+
+
 def check_inputs(
-    q_text: torch.Tensor,
+    q_text: torch.Tensor | None,
     q_img: torch.Tensor,
     k_img: torch.Tensor,
     token_sets: Sequence[Sequence[int]],
     grid: tuple[int, int],
     image: np.ndarray | torch.Tensor | None,
     background_tokens: Sequence[int] | None = None,
+    k_text: torch.Tensor | None = None,
+    o_img: torch.Tensor | None = None,
+    method: str = "text-to-image",
 ) -> None:
     """Raise a ValueError naming the argument when the inputs of `masks_from_attention` do not fit."""
-    for name, tensor in (("q_text", q_text), ("q_img", q_img), ("k_img", k_img)):
-        if not isinstance(tensor, torch.Tensor) or tensor.ndim != 3:
-            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"`{name}` must be a tensor of shape [heads, tokens, dim], got {shape}.")
-    heads, n_text, dim = q_text.shape
-    if q_img.shape != k_img.shape:
+    tensors = {
+        "q_text": _captures("q_text", q_text, 3),
+        "q_img": _captures("q_img", q_img, 3),
+        "k_img": _captures("k_img", k_img, 3),
+        "k_text": _captures("k_text", k_text, 3),
+        "o_img": _captures("o_img", o_img, 2),
+    }
+    needed = get_map_method(method).needs
+    missing = [name for name in needed if tensors[name] is None]
+    if missing:
+        raise ValueError(
+            f"Mask method {method!r} needs `{missing[0]}`; pass it (the tapped block's {missing[0]})."
+        )
+    captures, heads, n_img, dim = tensors["q_img"].shape
+    if tensors["k_img"].shape != tensors["q_img"].shape:
         raise ValueError(
             f"`q_img` {tuple(q_img.shape)} and `k_img` {tuple(k_img.shape)} must have the same shape."
         )
-    if q_img.shape[0] != heads or q_img.shape[2] != dim:
-        raise ValueError(
-            f"`q_text` has {heads} heads of dim {dim} but `q_img` has {q_img.shape[0]} heads of dim "
-            f"{q_img.shape[2]}; pass queries and keys of the same attention block."
-        )
-    n_img = q_img.shape[1]
+    n_text = None
+    for name in ("q_text", "k_text"):
+        tensor = tensors[name]
+        if tensor is None:
+            continue
+        if tensor.shape[0] != captures or tensor.shape[1] != heads or tensor.shape[3] != dim:
+            raise ValueError(
+                f"`{name}` has {tensor.shape[1]} heads of dim {tensor.shape[3]} but `q_img` has {heads} heads of "
+                f"dim {dim}; pass queries and keys of the same attention block (and as many captures)."
+            )
+        if n_text is not None and tensor.shape[2] != n_text:
+            raise ValueError("`q_text` and `k_text` must hold the same text tokens.")
+        n_text = tensor.shape[2]
+    if tensors["o_img"] is not None and tuple(tensors["o_img"].shape[:2]) != (captures, n_img):
+        raise ValueError(f"`o_img` {tuple(o_img.shape)} must have one row per image token ({n_img}).")
     if len(grid) != 2 or grid[0] < 1 or grid[1] < 1 or grid[0] * grid[1] != n_img:
         raise ValueError(
             f"`grid` {tuple(grid)} does not match the {n_img} image tokens; pass (h, w) with h * w = N."
@@ -177,7 +229,7 @@ def check_inputs(
         label = "`background_tokens`" if index == len(token_sets) else f"`token_sets[{index}]`"
         if len(tokens) == 0:
             raise ValueError(f"{label} is empty: every subject needs at least one text position.")
-        bad = [i for i in tokens if not 0 <= int(i) < n_text]
+        bad = [i for i in tokens if n_text is not None and not 0 <= int(i) < n_text]
         if bad:
             raise ValueError(
                 f"{label} has positions {bad} outside the {n_text} text tokens (0..{n_text - 1})."
@@ -192,12 +244,13 @@ def check_inputs(
             )
         if not np.isfinite(np.asarray(image, dtype=np.float64)).all():
             raise NonFiniteError("image", "`image` contains NaN or inf values (the x0 preview is broken).")
-    for name, tensor in (("q_text", q_text), ("q_img", q_img), ("k_img", k_img)):
-        _check_finite(name, tensor)
+    for name, tensor in tensors.items():
+        if tensor is not None:
+            _check_finite(name, tensor)
 
 
 def masks_from_attention(
-    q_text: torch.Tensor,
+    q_text: torch.Tensor | None,
     q_img: torch.Tensor,
     k_img: torch.Tensor,
     token_sets: Sequence[Sequence[int]],
@@ -206,48 +259,62 @@ def masks_from_attention(
     config: MaskConfig = MaskConfig(),
     background_tokens: Sequence[int] | None = None,
     image_size: tuple[int, int] | None = None,
+    k_text: torch.Tensor | None = None,
+    o_img: torch.Tensor | None = None,
 ) -> MaskResult:
-    """Stage 1 of FreeFuse: one mask per subject from one attention block's queries and keys.
+    """Stage 1 of FreeFuse: one mask per subject from the tapped attention's queries and keys.
 
     Args:
-        q_text: `[heads, T, D]` text queries of the tapped block (post-norm, post-RoPE).
+        q_text: `[heads, T, D]` text queries of the tapped block (post-norm, post-RoPE); None for
+            a method that does not read them (`image-to-text`, `routing`).
         q_img: `[heads, N, D]` image queries.
         k_img: `[heads, N, D]` image keys.
         token_sets: L lists of text positions, one per subject (its activation words' tokens).
         grid: `(h, w)` token grid with h * w = N.
         image: `H×W×3` float array in [0, 1] (the predicted x0) for SLIC voting; None votes per token.
-        config: the stage-1 constants.
+        config: the stage-1 constants, `config.method` the mask method (`MAP_METHODS`).
         background_tokens: text positions of background words; with `config.background` their
             map competes with the subjects as a background channel (instead of the threshold).
         image_size: `(H, W)` for `image_masks` when `image` is None (nearest upsampling);
             default: the token grid.
+        k_text: `[heads, T, D]` text keys (image-to-text, combined, routing).
+        o_img: `[N, C]` attention outputs of the image tokens before the output projection (routing).
+
+    Every tensor may carry a leading capture axis (`[C, heads, N, D]`, `[C, N, C_out]`): C
+    captures of several blocks or steps of the same image, whose maps are averaged before voting.
 
     Returns:
         A `MaskResult`; `token_masks` `[L, h, w]`, `image_masks` `[L, H, W]`, `maps` `[L, h, w]`.
     """
-    check_inputs(q_text, q_img, k_img, token_sets, grid, image, background_tokens)
+    check_inputs(
+        q_text, q_img, k_img, token_sets, grid, image, background_tokens, k_text, o_img, config.method
+    )
     h, w = grid
     sets = [[int(i) for i in tokens] for tokens in token_sets]
-    with_background_words = config.background and background_tokens is not None
-    if with_background_words:
-        sets.append([int(i) for i in background_tokens])
+    words = (
+        [int(i) for i in background_tokens] if config.background and background_tokens is not None else None
+    )
     n_subjects = len(token_sets)
-
-    cross = cross_attention_maps(
-        q_text, k_img, sets, grid, config.p_sink, config.sink_border, config.chunk_elements
-    )
-    maps = (
-        refine_with_self_attention(cross, q_img, k_img, config.p_top, config.chunk_elements)
-        if config.self_attention
-        else cross
-    )
-    maps = maps.reshape(len(sets), h, w)
-    cross = cross.reshape(len(sets), h, w)
-    background: torch.Tensor | float | None = None
-    if with_background_words:
-        background, maps, cross = maps[-1], maps[:n_subjects], cross[:n_subjects]
-    elif config.background:
-        background = config.background_threshold
+    method = get_map_method(config.method)
+    stacked = {
+        name: _captures(name, tensor, 2 if name == "o_img" else 3)
+        for name, tensor in (
+            ("q_text", q_text),
+            ("q_img", q_img),
+            ("k_img", k_img),
+            ("k_text", k_text),
+            ("o_img", o_img),
+        )
+    }
+    per_capture = []
+    for index in range(stacked["q_img"].shape[0]):
+        capture = Capture(**{name: None if t is None else t[index] for name, t in stacked.items()})
+        per_capture.append(method.function(capture, sets, words, grid, config))
+    maps = torch.stack([found.maps for found in per_capture]).mean(dim=0).reshape(n_subjects, h, w)
+    cross = torch.stack([found.cross for found in per_capture]).mean(dim=0).reshape(n_subjects, h, w)
+    background = None
+    if per_capture[0].background is not None:
+        background = torch.stack([found.background for found in per_capture]).mean(dim=0).reshape(h, w)
 
     labels = None
     notes: list[str] = []

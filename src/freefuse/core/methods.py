@@ -1,0 +1,241 @@
+"""Stage 1's mask methods: from one capture of attention tensors to one map per subject.
+
+Every method returns, for L subjects on N image tokens, maps that voting compares across subjects
+(`maps [L, N]`), the raw maps before refinement (`cross [L, N]`, for inspection) and a background
+map (`[N]`) in the same units, or None when there is no background channel. A registry, so that
+`MaskConfig(method=...)` names one and an unknown name lists the valid ones.
+
+- `text-to-image` (the paper): each subject word's query over the image keys, sink-filtered,
+  averaged; refined with self-attention. Units: probability density over the N image tokens.
+- `image-to-text`: each image token's softmax over the text keys; a subject's map is the mean
+  attention its words get from each image token. The only direction a UNet's cross-attention
+  has, and a local decision per token, which keeps small subjects small. Units: attention share
+  (uniform 1/T); with refinement, densities again.
+- `combined`: the geometric mean of the two directions' maps, each normalised over the image, so
+  a token must be found by both; then refinement.
+- `routing`: seed tokens where a subject's image-to-text attention most exceeds the other
+  subjects', then every token's cosine similarity to those seeds' attention outputs. Units: cosine.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .attention import cross_attention_maps, refine_with_self_attention
+
+if TYPE_CHECKING:
+    from .masks import MaskConfig
+
+
+@dataclass
+class Capture:
+    """The attention tensors of one tapped block at one step, for one image.
+
+    Attributes:
+        q_text: `[heads, T, D]` text queries, or None.
+        q_img: `[heads, N, D]` image queries.
+        k_img: `[heads, N, D]` image keys.
+        k_text: `[heads, T, D]` text keys, or None.
+        o_img: `[N, C]` attention outputs of the image tokens (before the output projection), or None.
+    """
+
+    q_text: torch.Tensor | None
+    q_img: torch.Tensor
+    k_img: torch.Tensor
+    k_text: torch.Tensor | None = None
+    o_img: torch.Tensor | None = None
+
+
+@dataclass
+class StageMaps:
+    """One method's maps for L subjects. `maps`, `cross`: `[L, N]`; `background`: `[N]` or None."""
+
+    maps: torch.Tensor
+    cross: torch.Tensor
+    background: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class MapMethod:
+    """A stage-1 method: what it reads and how it maps."""
+
+    name: str
+    needs: tuple[str, ...]
+    function: Callable[[Capture, list[list[int]], list[int] | None, tuple[int, int], MaskConfig], StageMaps]
+
+
+MAP_METHODS: dict[str, MapMethod] = {}
+
+
+def register_map_method(name: str, needs: tuple[str, ...]):
+    def decorate(function):
+        MAP_METHODS[name] = MapMethod(name, needs, function)
+        return function
+
+    return decorate
+
+
+def get_map_method(name: str) -> MapMethod:
+    if name not in MAP_METHODS:
+        raise ValueError(f"Unknown mask method {name!r}; valid methods are {sorted(MAP_METHODS)}.")
+    return MAP_METHODS[name]
+
+
+# -- building blocks -----------------------------------------------------------------------------------
+
+
+def image_to_text_shares(
+    q_img: torch.Tensor, k_text: torch.Tensor, token_sets: list[list[int]], chunk_elements: int
+) -> torch.Tensor:
+    """Mean attention each token set gets from each image token: softmax over the T text keys.
+
+    Args:
+        q_img: `[heads, N, D]`.
+        k_text: `[heads, T, D]`.
+        token_sets: S lists of text positions.
+
+    Returns:
+        `[S, N]` float32; 1/T where an image token attends to the text uniformly.
+    """
+    heads, n_img, dim = q_img.shape
+    n_text = k_text.shape[1]
+    scale = 1.0 / math.sqrt(dim)
+    keys = k_text.float()
+    totals = torch.zeros(n_img, n_text, device=q_img.device)
+    rows = max(1, chunk_elements // max(1, heads * n_text))
+    for start in range(0, n_img, rows):
+        queries = q_img[:, start : start + rows].float()
+        totals[start : start + rows] = torch.softmax(queries @ keys.transpose(1, 2) * scale, dim=-1).mean(
+            dim=0
+        )
+    return torch.stack([totals[:, sorted(set(tokens))].mean(dim=1) for tokens in token_sets])
+
+
+def as_distribution(maps: torch.Tensor) -> torch.Tensor:
+    """Each row scaled to sum 1 over the image (rows of zeros stay zero)."""
+    return maps / maps.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
+
+
+def _refine(maps: torch.Tensor, capture: Capture, config: MaskConfig, default: bool = True) -> torch.Tensor:
+    if not (default if config.self_attention is None else config.self_attention):
+        return maps
+    return refine_with_self_attention(
+        as_distribution(maps), capture.q_img, capture.k_img, config.p_top, config.chunk_elements
+    )
+
+
+def peak_scaled(maps: torch.Tensor, p_top: float) -> torch.Tensor:
+    """Each row divided by the mean of its top `p_top` share of tokens (at least one): a subject's
+    own region comes out near 1 whatever its size, where densities favour small subjects inside
+    them and spread large ones thin."""
+    k = max(1, math.floor(maps.shape[-1] * p_top))
+    return maps / maps.topk(k, dim=-1).values.mean(dim=-1, keepdim=True).clamp_min(
+        torch.finfo(maps.dtype).tiny
+    )
+
+
+def _split(maps: torch.Tensor, cross: torch.Tensor, n_subjects: int, uniform: float, config) -> StageMaps:
+    """Subjects' rows and the background row (words), or a threshold map, or none."""
+    background = None
+    level = config.background_threshold * uniform
+    if config.map_scale == "peak":
+        maps, level = peak_scaled(maps, config.p_top), config.peak_background
+    if maps.shape[0] > n_subjects:
+        background = maps[n_subjects]
+    elif config.background:
+        background = torch.full_like(maps[0], level)
+    return StageMaps(maps[:n_subjects], cross[:n_subjects], background)
+
+
+# -- the methods -----------------------------------------------------------------------------------------
+
+
+@register_map_method("text-to-image", needs=("q_text",))
+def text_to_image(capture, token_sets, background_tokens, grid, config) -> StageMaps:
+    """The paper's: sink-filtered text→image rows of each subject's words, then self-attention."""
+    sets = token_sets + ([background_tokens] if background_tokens else [])
+    cross = cross_attention_maps(
+        capture.q_text,
+        capture.k_img,
+        sets,
+        grid,
+        config.p_sink,
+        config.sink_border,
+        config.chunk_elements,
+        config.sink_rule,
+    )
+    n_img = capture.q_img.shape[1]
+    return _split(_refine(cross, capture, config), cross, len(token_sets), 1.0 / n_img, config)
+
+
+@register_map_method("image-to-text", needs=("k_text",))
+def image_to_text(capture, token_sets, background_tokens, grid, config) -> StageMaps:
+    """Each image token's attention share on each subject's words; refined with self-attention
+    only when `config.self_attention` is True (the shares already decide per token)."""
+    sets = token_sets + ([background_tokens] if background_tokens else [])
+    shares = image_to_text_shares(capture.q_img, capture.k_text, sets, config.chunk_elements)
+    if config.self_attention:
+        refined = _refine(shares, capture, config, default=False)
+        return _split(refined, shares, len(token_sets), 1.0 / capture.q_img.shape[1], config)
+    return _split(shares, shares, len(token_sets), 1.0 / capture.k_text.shape[1], config)
+
+
+@register_map_method("combined", needs=("q_text", "k_text"))
+def combined(capture, token_sets, background_tokens, grid, config) -> StageMaps:
+    """Geometric mean of both directions' maps (each a distribution over the image), then refined."""
+    sets = token_sets + ([background_tokens] if background_tokens else [])
+    forward = cross_attention_maps(
+        capture.q_text,
+        capture.k_img,
+        sets,
+        grid,
+        config.p_sink,
+        config.sink_border,
+        config.chunk_elements,
+        config.sink_rule,
+    )
+    backward = as_distribution(
+        image_to_text_shares(capture.q_img, capture.k_text, sets, config.chunk_elements)
+    )
+    cross = as_distribution((forward * backward).sqrt())
+    return _split(
+        _refine(cross, capture, config), cross, len(token_sets), 1.0 / capture.q_img.shape[1], config
+    )
+
+
+@register_map_method("routing", needs=("k_text", "o_img"))
+def routing(capture, token_sets, background_tokens, grid, config) -> StageMaps:
+    """Seeds where a subject's image→text attention most exceeds the others', then every token's
+    cosine similarity to the seeds' attention outputs.
+
+    Seeds: the top `routing_seed_fraction` of N tokens (at least one) by the contrastive score
+    `a_l - mean_{c != l} a_c`, a_l the subject's image→text share as a distribution over the image.
+    Background: the background words' own top tokens when given; otherwise, with
+    `config.background`, the tokens that every subject's contrastive score ranks lowest.
+    """
+    sets = token_sets + ([background_tokens] if background_tokens else [])
+    n_subjects = len(token_sets)
+    scores = as_distribution(image_to_text_shares(capture.q_img, capture.k_text, sets, config.chunk_elements))
+    subject_scores = scores[:n_subjects]
+    if n_subjects > 1:
+        others = (subject_scores.sum(dim=0, keepdim=True) - subject_scores) / (n_subjects - 1)
+        contrast = subject_scores - others
+    else:
+        contrast = subject_scores
+    n_img = capture.q_img.shape[1]
+    k = max(1, math.floor(n_img * config.routing_seed_fraction))
+    seeds = [contrast[index].topk(k).indices for index in range(n_subjects)]
+    if background_tokens:
+        seeds.append(scores[n_subjects].topk(k).indices)
+    elif config.background:
+        seeds.append((-contrast.max(dim=0).values).topk(k).indices)
+    outputs = torch.nn.functional.normalize(capture.o_img.float(), dim=-1)
+    centres = torch.nn.functional.normalize(torch.stack([outputs[s].mean(dim=0) for s in seeds]), dim=-1)
+    similarity = centres @ outputs.T  # [S', N]
+    background = similarity[n_subjects] if similarity.shape[0] > n_subjects else None
+    return StageMaps(similarity[:n_subjects], subject_scores, background)
