@@ -1,13 +1,18 @@
-"""Stage-1 cost: `masks_from_attention` (only the needed rows) vs a naive full-matrix version.
+"""Stage-1 cost and quality: every mask method's time and memory, and its IoU on planted scenes.
 
-At FLUX.1 shapes (24 heads, head dim 128, 512 text tokens) for 1024² (N = 4096 image tokens) and
-2048² (N = 16384) images. Each measurement runs in a fresh subprocess so that its peak memory is
-its own; the ratios printed are naive / FreeFuse, from one run of this script.
+Cost: at FLUX.1 shapes (24 heads, head dim 128, 512 text tokens) for 1024² (N = 4096 image tokens)
+and 2048² (N = 16384) images, each mask method of `freefuse.core`, and a naive full-matrix version
+of the paper's method (the whole [T+N, N] map, then rows). Each measurement runs in a fresh
+subprocess so that its peak memory is its own; all vote per token (no SLIC).
 
-    python bench/bench_masks.py                 # CPU, 1024² and 2048²
+Quality (`--quality`): IoU of each subject's mask with its planted region
+(`freefuse.testing.attention_scene`) for 2-5 subjects, large (the grid split among them) and
+small (discs of 3.5 % of the image on a background), with no sinks, border sinks, and sinks
+anywhere; mean, minimum and 10th percentile over subjects.
+
+    python bench/bench_masks.py                 # cost, CPU, 1024² and 2048²
     python bench/bench_masks.py --device cuda   # GPU peak memory from the CUDA allocator
-
-Both versions vote per token (no SLIC) so that only the attention part is compared.
+    python bench/bench_masks.py --quality       # IoU table
 """
 
 from __future__ import annotations
@@ -18,10 +23,19 @@ import resource
 import subprocess
 import sys
 import time
+from itertools import product
 
 import torch
 
 HEADS, DIM, TEXT_TOKENS, SUBJECTS = 24, 128, 512, 2
+# Method variants: MaskConfig settings. "text-to-image" is the paper's method as published.
+VARIANTS = {
+    "text-to-image": {"method": "text-to-image"},
+    "text-to-image+": {"method": "text-to-image", "sink_rule": "shared", "map_scale": "peak"},
+    "image-to-text": {"method": "image-to-text"},
+    "combined": {"method": "combined"},
+    "routing": {"method": "routing"},
+}
 
 
 def inputs(image_side: int, device: str, dtype: torch.dtype) -> dict:
@@ -33,12 +47,14 @@ def inputs(image_side: int, device: str, dtype: torch.dtype) -> dict:
         "q_text": make(TEXT_TOKENS),
         "q_img": make(n_img),
         "k_img": make(n_img),
+        "k_text": make(TEXT_TOKENS),
+        "o_img": torch.randn(n_img, HEADS * DIM, generator=generator).to(device, dtype),
         "token_sets": [[3, 4], [9]],
         "grid": (side, side),
     }
 
 
-def naive_masks(q_text, q_img, k_img, token_sets, grid):
+def naive_masks(q_text, q_img, k_img, token_sets, grid, **unused):
     """What attention-map code usually does: the whole [T+N, N] map per head, then pick rows."""
     from freefuse.core import MaskConfig
     from freefuse.core.attention import border_tokens, filter_sinks
@@ -60,11 +76,18 @@ def naive_masks(q_text, q_img, k_img, token_sets, grid):
 
 
 def worker(variant: str, image_side: int, device: str) -> dict:
-    from freefuse.core import masks_from_attention
+    from freefuse.core import MaskConfig, masks_from_attention
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     args = inputs(image_side, device, dtype)
-    function = naive_masks if variant == "naive" else masks_from_attention
+    if variant == "naive":
+        function = naive_masks
+    else:
+        config = MaskConfig(**VARIANTS[variant])
+
+        def function(**kwargs):
+            return masks_from_attention(**kwargs, config=config)
+
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -92,36 +115,80 @@ def measure(variant: str, image_side: int, device: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def quality(seeds: int) -> None:
+    import numpy as np
+
+    from freefuse.core import MaskConfig, masks_from_attention
+    from freefuse.testing import attention_scene
+
+    torch.set_num_threads(1)
+    sizes = (("regions", "large"), ("discs", "small 3.5%"))
+    difficulty = {"clean": {}, "noisy": {"noise": 1.0, "text_signal": 1.5}}
+    print("| subjects | scene | sinks | method | mean IoU | min | 10th pct | subjects scored |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (layout, label), (level, scene_options), sinks in product(
+        sizes, difficulty.items(), ("none", "border", "anywhere")
+    ):
+        found: dict[str, list[float]] = {name: [] for name in VARIANTS}
+        for n_subjects, seed in product((2, 3, 4, 5), range(seeds)):
+            scene = attention_scene(n_subjects, layout=layout, sinks=sinks, seed=seed, **scene_options)
+            for name, options in VARIANTS.items():
+                result = masks_from_attention(
+                    scene["q_text"],
+                    scene["q_img"],
+                    scene["k_img"],
+                    scene["token_sets"],
+                    scene["grid"],
+                    scene["image"],
+                    MaskConfig(background=layout == "discs", **options),
+                    background_tokens=scene["background_tokens"] or None,
+                    k_text=scene["k_text"],
+                    o_img=scene["o_img"],
+                )
+                for subject in range(n_subjects):
+                    mask, truth = result.token_masks[subject] > 0.5, scene["regions"] == subject
+                    found[name].append(float((mask & truth).sum() / (mask | truth).sum().clamp_min(1)))
+        for name, values in found.items():
+            print(
+                f"| {label} | {level} | {sinks} | {name} | {np.mean(values):.3f} | {np.min(values):.3f} | "
+                f"{np.percentile(values, 10):.3f} | {len(values)} |"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 2048])
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quality", action="store_true", help="IoU of every method on planted scenes")
+    parser.add_argument("--seeds", type=int, default=5, help="scenes per subject count (--quality)")
     parser.add_argument("--worker", nargs=2, metavar=("VARIANT", "SIZE"))
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker[0], int(args.worker[1]), args.device)))
         return
-    print(
-        f"masks_from_attention vs naive full matrix: {HEADS} heads, D={DIM}, T={TEXT_TOKENS}, device={args.device}"
-    )
-    print(
-        f"{'size':>6} {'N':>6} {'freefuse s':>11} {'naive s':>9} {'time ratio':>11} "
-        f"{'freefuse MiB':>13} {'naive MiB':>10} {'memory ratio':>13}"
-    )
+    if args.quality:
+        quality(args.seeds)
+        return
+    print(f"stage-1 cost: {HEADS} heads, D={DIM}, T={TEXT_TOKENS}, {SUBJECTS} subjects, device={args.device}")
+    print("| size | N | method | time | extra peak memory | × naive time | × naive memory |")
+    print("|---|---|---|---|---|---|---|")
+    mib = 1 << 20
     for side in args.sizes:
-        ours = measure("freefuse", side, args.device)
-        naive = measure("naive", side, args.device)
         n_img = (side // 16) ** 2
-        if "error" in ours or "error" in naive:
-            print(f"{side:>6} {n_img:>6}  failed: {ours.get('error') or naive.get('error')}")
-            continue
-        mib = 1 << 20
-        print(
-            f"{side:>6} {n_img:>6} {ours['seconds']:>11.3f} {naive['seconds']:>9.3f} "
-            f"{naive['seconds'] / ours['seconds']:>10.1f}x {ours['extra_peak_bytes'] / mib:>13.1f} "
-            f"{naive['extra_peak_bytes'] / mib:>10.1f} "
-            f"{naive['extra_peak_bytes'] / max(ours['extra_peak_bytes'], 1):>12.1f}x"
-        )
+        naive = measure("naive", side, args.device)
+        for variant in [*VARIANTS, "naive"]:
+            found = naive if variant == "naive" else measure(variant, side, args.device)
+            if "error" in found:
+                print(f"| {side}² | {n_img} | {variant} | failed: {found['error']} | | | |")
+                continue
+            time_ratio = memory_ratio = "-"
+            if "error" not in naive:
+                time_ratio = f"{found['seconds'] / naive['seconds']:.3f}"
+                memory_ratio = f"{found['extra_peak_bytes'] / max(naive['extra_peak_bytes'], 1):.3f}"
+            print(
+                f"| {side}² | {n_img} | {variant} | {found['seconds']:.3f} s | "
+                f"{found['extra_peak_bytes'] / mib:.0f} MiB | {time_ratio} | {memory_ratio} |"
+            )
 
 
 if __name__ == "__main__":

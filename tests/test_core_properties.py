@@ -9,6 +9,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from freefuse.core import MaskConfig, masks_from_attention
+from freefuse.core.methods import MAP_METHODS
+
+METHODS = st.sampled_from(sorted(MAP_METHODS))
 
 
 @st.composite
@@ -40,6 +43,8 @@ def random_inputs(draw, with_image: bool = False):
         "q_text": scale * torch.randn(heads, n_text, dim, generator=generator),
         "q_img": scale * torch.randn(heads, h * w, dim, generator=generator),
         "k_img": scale * torch.randn(heads, h * w, dim, generator=generator),
+        "k_text": scale * torch.randn(heads, n_text, dim, generator=generator),
+        "o_img": torch.randn(h * w, heads * dim, generator=generator),
         "token_sets": token_sets,
         "grid": (h, w),
         "image": torch.rand(h * 4, w * 4, 3, generator=generator).numpy() if with_image else None,
@@ -48,9 +53,9 @@ def random_inputs(draw, with_image: bool = False):
 
 
 @settings(max_examples=60, deadline=None)
-@given(inputs=random_inputs(), background=st.booleans())
-def test_masks_partition_the_grid(inputs: dict, background: bool) -> None:
-    result = masks_from_attention(**inputs, config=MaskConfig(background=background))
+@given(inputs=random_inputs(), background=st.booleans(), method=METHODS)
+def test_masks_partition_the_grid(inputs: dict, background: bool, method: str) -> None:
+    result = masks_from_attention(**inputs, config=MaskConfig(method=method, background=background))
     coverage = result.token_masks.sum(dim=0)
     assert set(result.token_masks.unique().tolist()) <= {0.0, 1.0}
     if background:
@@ -61,29 +66,30 @@ def test_masks_partition_the_grid(inputs: dict, background: bool) -> None:
 
 
 @settings(max_examples=30, deadline=None)
-@given(inputs=random_inputs(with_image=True))
-def test_superpixel_masks_partition_the_image_and_shares_sum_to_one(inputs: dict) -> None:
-    result = masks_from_attention(**inputs)
+@given(inputs=random_inputs(with_image=True), method=METHODS)
+def test_superpixel_masks_partition_the_image_and_shares_sum_to_one(inputs: dict, method: str) -> None:
+    result = masks_from_attention(**inputs, config=MaskConfig(method=method))
     assert bool((result.image_masks.sum(dim=0) == 1).all())
     torch.testing.assert_close(result.token_masks.sum(dim=0), torch.ones(inputs["grid"]))
 
 
 @settings(max_examples=30, deadline=None)
-@given(inputs=random_inputs(with_image=True))
-def test_deterministic(inputs: dict) -> None:
-    first = masks_from_attention(**inputs)
-    second = masks_from_attention(**inputs)
+@given(inputs=random_inputs(with_image=True), method=METHODS)
+def test_deterministic(inputs: dict, method: str) -> None:
+    first = masks_from_attention(**inputs, config=MaskConfig(method=method))
+    second = masks_from_attention(**inputs, config=MaskConfig(method=method))
     assert torch.equal(first.image_masks, second.image_masks)
     assert torch.equal(first.token_masks, second.token_masks)
     assert torch.equal(first.maps, second.maps)
 
 
 @settings(max_examples=40, deadline=None)
-@given(inputs=st.one_of(random_inputs(), random_inputs(with_image=True)), data=st.data())
-def test_permuting_subjects_permutes_masks(inputs: dict, data) -> None:
+@given(inputs=st.one_of(random_inputs(), random_inputs(with_image=True)), data=st.data(), method=METHODS)
+def test_permuting_subjects_permutes_masks(inputs: dict, data, method: str) -> None:
     n_subjects = len(inputs["token_sets"])
     permutation = data.draw(st.permutations(range(n_subjects)))
-    result = masks_from_attention(**inputs)
+    config = MaskConfig(method=method)
+    result = masks_from_attention(**inputs, config=config)
     # On tiny grids two subjects can seed their refinement with the same top token and get equal
     # maps; an exact tie has no symmetric winner, so such draws are not a test of symmetry.
     top2 = result.maps.reshape(n_subjects, -1).topk(min(2, n_subjects), dim=0).values
@@ -91,7 +97,7 @@ def test_permuting_subjects_permutes_masks(inputs: dict, data) -> None:
     # Each map sums to 1, so one superpixel covering the whole image is an exact tie as well.
     assume(result.labels is None or int(result.labels.max()) > 0)
     permuted = masks_from_attention(
-        **{**inputs, "token_sets": [inputs["token_sets"][i] for i in permutation]}
+        **{**inputs, "token_sets": [inputs["token_sets"][i] for i in permutation]}, config=config
     )
     assert torch.equal(permuted.image_masks, result.image_masks[list(permutation)])
     assert torch.equal(permuted.token_masks, result.token_masks[list(permutation)])
@@ -138,6 +144,15 @@ def test_bad_input_is_a_clear_value_error(change: dict, message: str) -> None:
 
 
 @pytest.mark.parametrize(
+    ("method", "missing"), [("image-to-text", "k_text"), ("combined", "k_text"), ("routing", "o_img")]
+)
+def test_a_method_without_its_tensors_says_which(method: str, missing: str) -> None:
+    inputs = {**good_inputs(), "k_text": torch.randn(2, 6, 8)} if missing == "o_img" else good_inputs()
+    with pytest.raises(ValueError, match=f"needs `{missing}`"):
+        masks_from_attention(**inputs, config=MaskConfig(method=method))
+
+
+@pytest.mark.parametrize(
     "settings_",
     [
         {"p_sink": 1.5},
@@ -148,6 +163,10 @@ def test_bad_input_is_a_clear_value_error(change: dict, message: str) -> None:
         {"binarize_threshold": 2.0},
         {"background_threshold": -1},
         {"chunk_elements": 0},
+        {"method": "magic"},
+        {"sink_rule": "edges"},
+        {"map_scale": "log"},
+        {"routing_seed_fraction": 2.0},
     ],
 )
 def test_bad_config_is_a_clear_value_error(settings_: dict) -> None:

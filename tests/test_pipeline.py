@@ -370,3 +370,30 @@ def test_with_true_cfg_stage_one_reads_the_prompts_pass_not_the_negative_one(
     run(two, seed=2, mask_step=1)
     run(two, seed=2, mask_step=1, negative_prompt="dark photo", true_cfg_scale=2.0)
     assert torch.equal(seen[0], seen[1])  # step 1 is the same run up to the guidance
+
+
+@pytest.mark.parametrize("mask_method", ["text-to-image", "image-to-text", "combined", "routing"])
+def test_every_mask_method_runs_end_to_end_and_is_recorded(two: FreeFuse, mask_method: str) -> None:
+    out = run(two, seed=1, mask_config={"method": mask_method, "background": mask_method == "routing"})
+    masks = out.masks[0]
+    assert masks.names == ["alice", "bob"]
+    assert float(masks.masks.sum(dim=0).max()) <= 1.0
+    assert out.manifest["settings"]["mask_config"]["method"] == mask_method
+
+
+def test_several_blocks_and_steps_are_read_and_averaged(two: FreeFuse, monkeypatch) -> None:
+    from freefuse import core
+
+    seen = []
+    original = core.masks_from_attention
+
+    def spy(q_text, q_img, *args, **kwargs):
+        seen.append(q_img.shape[0])
+        return original(q_text, q_img, *args, **kwargs)
+
+    monkeypatch.setattr(core, "masks_from_attention", spy)
+    out = run(two, seed=1, mask_step=3, capture_steps=2, block=[0, 1])
+    assert seen == [4]  # 2 steps x 2 blocks, one call
+    assert out.manifest["settings"]["block"] == [0, 1] and out.manifest["settings"]["capture_steps"] == 2
+    with pytest.raises(ValueError, match="capture_steps"):
+        run(two, mask_step=1, capture_steps=2)
