@@ -68,7 +68,7 @@ def test_masks_partition_the_grid(inputs: dict, background: bool, method: str) -
 @settings(max_examples=30, deadline=None)
 @given(inputs=random_inputs(with_image=True), method=METHODS)
 def test_superpixel_masks_partition_the_image_and_shares_sum_to_one(inputs: dict, method: str) -> None:
-    result = masks_from_attention(**inputs, config=MaskConfig(method=method))
+    result = masks_from_attention(**inputs, config=MaskConfig(method=method, background=False))
     assert bool((result.image_masks.sum(dim=0) == 1).all())
     torch.testing.assert_close(result.token_masks.sum(dim=0), torch.ones(inputs["grid"]))
 
@@ -173,6 +173,12 @@ def test_bad_config_is_a_clear_value_error(settings_: dict) -> None:
     name = next(iter(settings_))
     with pytest.raises(ValueError, match=name):
         MaskConfig(**settings_)
+
+
+def test_routing_has_a_background_channel_unless_told_otherwise() -> None:
+    assert MaskConfig(method="routing").with_background
+    assert not MaskConfig(method="routing", background=False).with_background
+    assert not MaskConfig().with_background and MaskConfig(background=True).with_background
 
 
 def test_config_round_trips_through_a_dict_and_rejects_unknown_keys() -> None:

@@ -15,7 +15,9 @@ from .voting import superpixels, to_token_grid, vote_superpixels, vote_tokens
 
 _BOOL_FIELDS = frozenset({"self_attention", "background"})
 _INT_FIELDS = frozenset({"sink_border", "n_segments", "slic_max_side", "chunk_elements"})
-_OPTIONAL_FIELDS = frozenset({"n_segments", "slic_max_side", "binarize_threshold", "self_attention"})
+_OPTIONAL_FIELDS = frozenset(
+    {"n_segments", "slic_max_side", "binarize_threshold", "self_attention", "background"}
+)
 _CHOICES = {"method": (), "sink_rule": ("border", "shared"), "map_scale": ("density", "peak")}
 
 
@@ -43,6 +45,7 @@ class MaskConfig:
             number makes them one-hot: a token goes to its largest-share subject if that share is
             at least this much.
         background: add a background channel: regions no subject claims strongly go to no subject.
+            None: the method's default (on for routing, off for the others).
         background_threshold: with `background` and no background words, a region's best subject
             needs a mean attention density of at least this many times the uniform density (1/N;
             1/T for unrefined image-to-text shares). Routing finds its background from the tokens
@@ -61,7 +64,7 @@ class MaskConfig:
     slic_sigma: float = 0.0
     slic_max_side: int | None = 256
     binarize_threshold: float | None = None
-    background: bool = False
+    background: bool | None = None
     background_threshold: float = 1.0
     sink_rule: str = "border"
     map_scale: str = "density"
@@ -108,6 +111,11 @@ class MaskConfig:
             raise ValueError(f"`background_threshold` must be >= 0, got {self.background_threshold}.")
         if self.chunk_elements < 1:
             raise ValueError(f"`chunk_elements` must be >= 1, got {self.chunk_elements}.")
+
+    @property
+    def with_background(self) -> bool:
+        """Whether there is a background channel (`background`, or the method's default)."""
+        return get_map_method(self.method).background if self.background is None else self.background
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -292,7 +300,9 @@ def masks_from_attention(
     h, w = grid
     sets = [[int(i) for i in tokens] for tokens in token_sets]
     words = (
-        [int(i) for i in background_tokens] if config.background and background_tokens is not None else None
+        [int(i) for i in background_tokens]
+        if config.with_background and background_tokens is not None
+        else None
     )
     n_subjects = len(token_sets)
     method = get_map_method(config.method)

@@ -66,15 +66,18 @@ class MapMethod:
 
     name: str
     needs: tuple[str, ...]
+    background: bool
     function: Callable[[Capture, list[list[int]], list[int] | None, tuple[int, int], MaskConfig], StageMaps]
 
 
 MAP_METHODS: dict[str, MapMethod] = {}
 
 
-def register_map_method(name: str, needs: tuple[str, ...]):
+def register_map_method(name: str, needs: tuple[str, ...], background: bool = False):
+    """Register a method; `background`: whether it has a background channel unless told otherwise."""
+
     def decorate(function):
-        MAP_METHODS[name] = MapMethod(name, needs, function)
+        MAP_METHODS[name] = MapMethod(name, needs, background, function)
         return function
 
     return decorate
@@ -147,7 +150,7 @@ def _split(maps: torch.Tensor, cross: torch.Tensor, n_subjects: int, uniform: fl
         maps, level = peak_scaled(maps, config.p_top), config.peak_background
     if maps.shape[0] > n_subjects:
         background = maps[n_subjects]
-    elif config.background:
+    elif config.with_background:
         background = torch.full_like(maps[0], level)
     return StageMaps(maps[:n_subjects], cross[:n_subjects], background)
 
@@ -208,15 +211,15 @@ def combined(capture, token_sets, background_tokens, grid, config) -> StageMaps:
     )
 
 
-@register_map_method("routing", needs=("k_text", "o_img"))
+@register_map_method("routing", needs=("k_text", "o_img"), background=True)
 def routing(capture, token_sets, background_tokens, grid, config) -> StageMaps:
     """Seeds where a subject's image→text attention most exceeds the others', then every token's
     cosine similarity to the seeds' attention outputs.
 
     Seeds: the top `routing_seed_fraction` of N tokens (at least one) by the contrastive score
     `a_l - mean_{c != l} a_c`, a_l the subject's image→text share as a distribution over the image.
-    Background: the background words' own top tokens when given; otherwise, with
-    `config.background`, the tokens that every subject's contrastive score ranks lowest.
+    Background (on unless `config.background` is False): the background words' own top tokens
+    when given; otherwise the tokens that every subject's contrastive score ranks lowest.
     """
     sets = token_sets + ([background_tokens] if background_tokens else [])
     n_subjects = len(token_sets)
@@ -232,7 +235,7 @@ def routing(capture, token_sets, background_tokens, grid, config) -> StageMaps:
     seeds = [contrast[index].topk(k).indices for index in range(n_subjects)]
     if background_tokens:
         seeds.append(scores[n_subjects].topk(k).indices)
-    elif config.background:
+    elif config.with_background:
         seeds.append((-contrast.max(dim=0).values).topk(k).indices)
     outputs = torch.nn.functional.normalize(capture.o_img.float(), dim=-1)
     centres = torch.nn.functional.normalize(torch.stack([outputs[s].mean(dim=0) for s in seeds]), dim=-1)
