@@ -298,6 +298,25 @@ def test_model_folder_incomplete_names_the_missing_file(assets, tmp_path) -> Non
     assert_user_error(result, "model_index.json is missing")
 
 
+def test_quantized_model_folders_are_refused_before_loading(assets, tmp_path, monkeypatch) -> None:
+    import shutil
+
+    quantized = tmp_path / "nf4"
+    shutil.copytree(assets / "model", quantized)
+    config_path = quantized / "transformer" / "config.json"
+    config = json.loads(config_path.read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    config_path.write_text(json.dumps(config))
+
+    def never_load(*args, **kwargs):
+        raise AssertionError("weights were loaded")
+
+    monkeypatch.setattr("diffusers.DiffusionPipeline.from_pretrained", never_load)
+    result = generate(assets, tmp_path / "o", model=str(quantized))
+    assert_user_error(result, "is quantized (bitsandbytes)", "unquantized")
+    assert_nothing_written(tmp_path / "o")
+
+
 def test_hub_model_not_in_cache_with_hf_offline(assets, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))

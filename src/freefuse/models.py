@@ -163,7 +163,29 @@ def check_model_source(model: str) -> None:
                 f"Model folder {path} is incomplete: `{name}/` has no weights (*.safetensors, e.g. "
                 f"{name}/diffusion_pytorch_model.safetensors or {name}/model.safetensors).{hint}"
             )
+        _refuse_quantized(folder)
     architecture_of(model)  # a pipeline class no backend runs is refused here
+
+
+def _refuse_quantized(folder: Path) -> None:
+    """Quantized components (bitsandbytes, torchao, GGUF, ...) are refused before any weight loads:
+    masked LoRAs on their layers are not tested yet."""
+    import json
+
+    config = folder / "config.json"
+    if not config.is_file():
+        return
+    try:
+        quantization = json.loads(config.read_text()).get("quantization_config")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return
+    if quantization:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+        raise ModelLoadError(
+            f"`{folder.name}/` of {folder.parent} is quantized ({method}); FreeFuse does not run quantized models yet "
+            "(masked LoRAs on quantized layers are untested). Use the unquantized model (bfloat16 on a GPU, "
+            "--offload if it does not fit)."
+        )
 
 
 def pixels_per_token(model: str) -> int | None:
