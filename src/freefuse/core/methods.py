@@ -155,14 +155,11 @@ def _split(maps: torch.Tensor, cross: torch.Tensor, n_subjects: int, uniform: fl
     return StageMaps(maps[:n_subjects], cross[:n_subjects], background)
 
 
-# -- the methods -----------------------------------------------------------------------------------------
-
-
-@register_map_method("text-to-image", needs=("q_text",))
-def text_to_image(capture, token_sets, background_tokens, grid, config) -> StageMaps:
-    """The paper's: sink-filtered text→image rows of each subject's words, then self-attention."""
-    sets = token_sets + ([background_tokens] if background_tokens else [])
-    cross = cross_attention_maps(
+def _text_to_image_rows(
+    capture: Capture, sets: list[list[int]], grid: tuple[int, int], config
+) -> torch.Tensor:
+    """`[S, N]` sink-filtered text→image maps of each token set (distributions over the image)."""
+    return cross_attention_maps(
         capture.q_text,
         capture.k_img,
         sets,
@@ -172,6 +169,16 @@ def text_to_image(capture, token_sets, background_tokens, grid, config) -> Stage
         config.chunk_elements,
         config.sink_rule,
     )
+
+
+# -- the methods -----------------------------------------------------------------------------------------
+
+
+@register_map_method("text-to-image", needs=("q_text",))
+def text_to_image(capture, token_sets, background_tokens, grid, config) -> StageMaps:
+    """The paper's: sink-filtered text→image rows of each subject's words, then self-attention."""
+    sets = token_sets + ([background_tokens] if background_tokens else [])
+    cross = _text_to_image_rows(capture, sets, grid, config)
     n_img = capture.q_img.shape[1]
     return _split(_refine(cross, capture, config), cross, len(token_sets), 1.0 / n_img, config)
 
@@ -192,16 +199,7 @@ def image_to_text(capture, token_sets, background_tokens, grid, config) -> Stage
 def combined(capture, token_sets, background_tokens, grid, config) -> StageMaps:
     """Geometric mean of both directions' maps (each a distribution over the image), then refined."""
     sets = token_sets + ([background_tokens] if background_tokens else [])
-    forward = cross_attention_maps(
-        capture.q_text,
-        capture.k_img,
-        sets,
-        grid,
-        config.p_sink,
-        config.sink_border,
-        config.chunk_elements,
-        config.sink_rule,
-    )
+    forward = _text_to_image_rows(capture, sets, grid, config)
     backward = as_distribution(
         image_to_text_shares(capture.q_img, capture.k_text, sets, config.chunk_elements)
     )
