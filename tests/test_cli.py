@@ -194,3 +194,17 @@ def test_demo_on_the_tiny_model_honours_dtype(tmp_path) -> None:
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "demo.json").read_text())
     assert manifest["dtype"] == "bfloat16"
+
+
+def test_square_brackets_survive_in_errors_and_prompts(model_dir, tmp_path) -> None:
+    """A1111/ComfyUI prompts have brackets; Rich must not read them as markup."""
+    missing = tmp_path / "loras[v2]" / "a.safetensors"
+    result = RUNNER.invoke(app, generate_args(model_dir, tmp_path / "o") + ["--lora", f"{missing}=Carol"])
+    assert result.exit_code == 2 and "loras[v2]" in result.output
+    for prompt in ("[photo style] Alice hugging a cat", "[/x] Alice hugging a cat"):
+        args = generate_args(model_dir, tmp_path / "o")
+        args[args.index("--prompt") + 1] = prompt
+        result = RUNNER.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert prompt in result.output.replace("\n", "")  # the error quotes the prompt whole
+        assert "Traceback" not in result.output and "MarkupError" not in result.output

@@ -124,7 +124,7 @@ def command(function: Callable) -> Callable:
         except _user_errors() as error:
             if STATE["debug"]:
                 raise
-            console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(EXIT_USER) from None
         except Exception as error:
             if STATE["debug"]:
@@ -139,7 +139,7 @@ def command(function: Callable) -> Callable:
                 )
                 raise typer.Exit(EXIT_USER) from None
             console.print(
-                f"[bold red]internal error:[/] {type(error).__name__}: {error}\nRun again with --debug for the "
+                f"[bold red]internal error:[/] {type(error).__name__}: {escape(str(error))}\nRun again with --debug for the "
                 "traceback, and report it.",
                 highlight=False,
                 soft_wrap=True,
@@ -235,7 +235,7 @@ def execute(freefuse, settings, masks=None, stop_after_masks: bool = False):
             )
     for warning in caught:
         if issubclass(warning.category, FreeFuseWarning):
-            console.print(f"[yellow]note:[/] {warning.message}", highlight=False, soft_wrap=True)
+            console.print(f"[yellow]note:[/] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
     return output
 
 
@@ -249,7 +249,7 @@ def _summary(output, paths) -> None:
             f"{name} {info['mask_area']:.0%}" if "mask_area" in info else name
             for name, info in record["subjects"].items()
         )
-        table.add_row(str(files["image"]), str(record["seed"]), areas or "-")
+        table.add_row(escape(str(files["image"])), str(record["seed"]), escape(areas) or "-")
     console.print(table)
     timings = output.manifest["timings"]
     console.print(
@@ -543,11 +543,15 @@ def batch(
     )
     for failure in report.failed:
         console.print(
-            f"[red]failed[/] {failure['source']}: {failure['error']}", highlight=False, soft_wrap=True
+            f"[red]failed[/] {escape(str(failure['source']))}: {escape(str(failure['error']))}",
+            highlight=False,
+            soft_wrap=True,
         )
     if report.failed:
         console.print(
-            f"Failures are listed in {out}/failed.p{state.process_index}.jsonl; fix them and run again."
+            escape(
+                f"Failures are listed in {out}/failed.p{state.process_index}.jsonl; fix them and run again."
+            )
         )
         raise typer.Exit(EXIT_USER)
 
@@ -566,7 +570,7 @@ def inspect(
         typer.echo(json.dumps(reports, indent=2))
         return
     for report in reports:
-        table = Table(title=report["path"], show_header=False)
+        table = Table(title=escape(report["path"]), show_header=False)
         for key in (
             "layout",
             "sha256",
@@ -578,9 +582,9 @@ def inspect(
             "top_tags",
         ):
             value = report.get(key)
-            table.add_row(key, ", ".join(map(str, value)) if isinstance(value, list) else str(value))
+            table.add_row(key, escape(", ".join(map(str, value)) if isinstance(value, list) else str(value)))
         for key, value in report.get("metadata", {}).items():
-            table.add_row(f"meta: {key}", value)
+            table.add_row(escape(f"meta: {key}"), escape(value))
         console.print(table)
 
 
