@@ -397,3 +397,42 @@ def test_several_blocks_and_steps_are_read_and_averaged(two: FreeFuse, monkeypat
     assert out.manifest["settings"]["block"] == [0, 1] and out.manifest["settings"]["capture_steps"] == 2
     with pytest.raises(ValueError, match="capture_steps"):
         run(two, mask_step=1, capture_steps=2)
+
+
+def test_the_callers_adapter_state_is_back_after_a_run_and_weights_can_change() -> None:
+    pipe = tiny_flux_pipeline(seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    for index, name in enumerate(("alice", "bob", "other")):
+        random_lora(pipe, name, seed=index + 1)
+    pipe.set_adapters(["alice", "other"], adapter_weights=[0.5, 0.25])
+
+    def state():
+        layer = pipe.transformer.transformer_blocks[0].attn.to_q
+        return list(layer.active_adapters), dict(layer.scaling)
+
+    def plain():
+        return pipe(
+            PROMPT, generator=torch.Generator().manual_seed(1), output_type="pt", guidance_scale=3.5, **SMALL
+        ).images[0]
+
+    before, image_before = state(), plain()
+    freefuse = FreeFuse(pipe)
+    freefuse.use_adapter("alice", words=["Alice"])
+    freefuse.use_adapter("bob", words=["Bob"])
+    first = run(freefuse, seed=1)
+    assert state() == before
+    assert torch.equal(plain(), image_before)
+
+    def boom(ff, step_index, timestep, tensors):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        run(freefuse, seed=1, callback_on_step_end=boom)
+    assert state() == before
+
+    freefuse.set_weight("bob", 0.3)
+    assert freefuse.subjects["bob"].weight == 0.3
+    assert (run(freefuse, seed=1).images[0] - first.images[0]).abs().max() > 1e-3
+    assert state() == before
+    with pytest.raises(ValueError, match="No LoRA named"):
+        freefuse.set_weight("carol", 1.0)

@@ -287,3 +287,26 @@ def _check_shape(
             f"({'+'.join(layout) or 'no'} tokens) gave {tuple(output.shape)}; the backend's token layout does not "
             "match this model."
         )
+
+
+@contextlib.contextmanager
+def adapters_for_run(pipeline, names: Sequence[str], weights: Sequence[float]) -> Iterator[None]:
+    """The run's adapters active with the run's weights while inside; afterwards every adapted layer
+    of every component has the caller's active adapters and scalings back (`set_adapters` state),
+    even after an error."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    saved = []
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            for module in component.modules():
+                if isinstance(module, BaseTunerLayer):
+                    saved.append((module, list(module.active_adapters), dict(getattr(module, "scaling", {}))))
+    try:
+        pipeline.set_adapters(list(names), adapter_weights=list(weights))
+        yield
+    finally:
+        for module, active, scaling in saved:
+            module.set_adapter(active)
+            if scaling:
+                module.scaling.update(scaling)

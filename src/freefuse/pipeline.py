@@ -33,7 +33,7 @@ from .backends import Conditioning, backend_for
 from .backends.base import CapturedAttention, PassName
 from .core import MaskSet
 from .lora import LoraFileError, read_lora_file
-from .masking import AdapterMask, LoraMasker, pass_masks
+from .masking import AdapterMask, LoraMasker, adapters_for_run, pass_masks
 from .methods import MaskInput, Method, RunContext, SubjectMasks, get_method
 from .settings import GenerationSettings
 from .tokens import WordNotFoundError, find_word, truncation_note
@@ -217,6 +217,12 @@ class FreeFuse:
             subject.layout, subject.metadata_words = source.layout, list(source.metadata_words)
         self.subjects[name] = subject
         return subject
+
+    def set_weight(self, name: str, weight: float) -> None:
+        """Change a LoRA's strength for the next runs (the pipeline's own adapter weights are untouched)."""
+        if name not in self.subjects:
+            raise ValueError(f"No LoRA named {name!r}; added: {sorted(self.subjects)}.")
+        self.subjects[name].weight = _check_weight(weight)
 
     def remove(self, name: str) -> None:
         """Forget a LoRA; delete its adapter from the pipeline if this FreeFuse loaded it."""
@@ -444,9 +450,6 @@ class FreeFuse:
         # 2. Masks given by the caller
         subject_masks = method.initial_masks(context, masks)
 
-        self.pipeline.set_adapters(
-            list(self.subjects), adapter_weights=[s.weight for s in self.subjects.values()]
-        )
         timings: dict[str, Any] = {}
         masker = LoraMasker(
             backend.denoiser,
@@ -460,7 +463,10 @@ class FreeFuse:
         capture_steps = method.capture_steps(settings)
         steps = settings.num_inference_steps
 
-        with torch.inference_mode(), masker.installed():
+        run_adapters = adapters_for_run(
+            self.pipeline, list(self.subjects), [s.weight for s in self.subjects.values()]
+        )
+        with run_adapters, torch.inference_mode(), masker.installed():
             # 3. Encode prompts
             tick = time.perf_counter()
             conditioning = backend.encode(settings.image_prompts, settings.max_sequence_length)
