@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -76,6 +77,15 @@ def test_generate_writes_image_overlay_masks_and_manifest(model_dir, tmp_path) -
     with Image.open(tmp_path / "freefuse.png") as image:
         carried = json.loads(image.text["freefuse"])
     assert carried["settings"]["prompt"] == "Alice hugging Bob in the snow"
+    # A1111's chunk, for the PNG-info readers people already use
+    with Image.open(tmp_path / "freefuse.png") as image:
+        prompt, parameters = image.text["parameters"].split("\n")
+    assert prompt == "Alice hugging Bob in the snow"
+    fields = dict(part.split(": ", 1) for part in re.split(r", (?=[A-Z][A-Za-z ]+: )", parameters))
+    assert fields["Steps"] == "4" and fields["Seed"] == "3" and fields["Size"] == "128x128"
+    assert fields["Model"].endswith("model")
+    assert "alice=Alice@1.0" in fields["LoRAs"] and "bob=Bob@0.8" in fields["LoRAs"]
+    assert fields["Lora hashes"].startswith('"alice: ')
 
 
 def test_manifest_replay_gives_the_same_image(model_dir, tmp_path, monkeypatch) -> None:

@@ -57,6 +57,7 @@ def write_outputs(
                     default=str,
                 ),
             )
+            info.add_text("parameters", a1111_parameters(manifest, index))
             done.append(
                 atomic_save(
                     files["image"], lambda f, im=image, i=info: im.save(f, "PNG", pnginfo=i), overwrite
@@ -72,3 +73,50 @@ def write_outputs(
         done.append(write_json(files["manifest"], record, overwrite=overwrite))
         written.append(done)
     return written
+
+
+def _quoted(text: str) -> str:
+    return '"' + text.replace('"', "'") + '"'
+
+
+def a1111_parameters(manifest: dict, index: int) -> str:
+    """The `parameters` text chunk A1111-style PNG-info readers show: the prompt, a negative prompt
+    line when there is one, then `Key: value` pairs (steps, seed, size, model, LoRAs, FreeFuse)."""
+    settings, image = manifest["settings"], manifest["images"][index]
+    model = manifest.get("model", {}).get("id_or_path") or "unknown"
+    loras = manifest.get("loras", [])
+    pairs = [
+        ("Steps", settings["num_inference_steps"]),
+        ("Sampler", "Euler (flow match)" if manifest.get("backend") == "flux" else "default"),
+        ("CFG scale", settings.get("true_cfg_scale")),
+        ("Distilled CFG Scale", settings.get("guidance_scale")),
+        ("Seed", image.get("seed") if image.get("seed") is not None else "from the caller's generator"),
+        ("Size", f"{settings['width']}x{settings['height']}"),
+        ("Model", model),
+        (
+            "Lora hashes",
+            _quoted(", ".join(f"{lora['name']}: {(lora.get('sha256') or '')[:12]}" for lora in loras)),
+        ),
+        (
+            "LoRAs",
+            _quoted(
+                ", ".join(
+                    f"{lora['name']}={'|'.join(lora.get('words') or [])}@{lora['weight']}"
+                    + (" (global)" if lora.get("scope") == "global" else "")
+                    for lora in loras
+                )
+            ),
+        ),
+        (
+            "FreeFuse",
+            _quoted(
+                f"method {settings['method']}, mask step {settings['mask_step']}, version "
+                f"{manifest.get('versions', {}).get('freefuse', '?')}"
+            ),
+        ),
+    ]
+    lines = [image["prompt"]]
+    if settings.get("negative_prompt"):
+        lines.append(f"Negative prompt: {settings['negative_prompt']}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in pairs if value is not None))
+    return "\n".join(lines)
