@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -218,3 +219,31 @@ def test_square_brackets_survive_in_errors_and_prompts(model_dir, tmp_path) -> N
         assert result.exit_code == 2, result.output
         assert prompt in result.output.replace("\n", "")  # the error quotes the prompt whole
         assert "Traceback" not in result.output and "MarkupError" not in result.output
+
+
+def test_inspect_reports_every_file_and_kohya_folder_trigger_words(model_dir, tmp_path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(model_dir / "bob.safetensors"))
+    kohya = tmp_path / "kohya.safetensors"
+    tags = '{"10_ohwx woman": {"ohwx woman": 20, "1girl": 25}}'
+    save_file(state, str(kohya), metadata={"ss_tag_frequency": tags})
+    sdxl = tmp_path / "sdxl.safetensors"
+    save_file(
+        {
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": torch.zeros(4, 320),
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight": torch.zeros(320, 4),
+        },
+        str(sdxl),
+    )
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a safetensors file at all")
+    result = RUNNER.invoke(app, ["inspect", str(broken), str(kohya), str(sdxl), "--json"])
+    assert result.exit_code == 2  # one file could not be read; the others are still reported
+    reports = json.loads(result.output)
+    assert [("error" in report) for report in reports] == [True, False, False]
+    assert reports[1]["trigger_words"] == ["ohwx woman"]
+    assert reports[1]["trigger_words_from"] == "ss_tag_frequency (folder name)"
+    assert reports[2]["for"] == "UNet (SD 1.x / SDXL)" and reports[1]["for"] == "FLUX transformer"
+    table = RUNNER.invoke(app, ["inspect", str(kohya), str(sdxl)], terminal_width=200)
+    assert table.exit_code == 0 and "ohwx woman" in table.output and "UNet (SD 1.x / SDXL)" in table.output

@@ -562,30 +562,49 @@ def inspect(
     files: Annotated[list[Path], typer.Argument(help="LoRA .safetensors files.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """Show a LoRA file's layout, rank, layers and trigger words (never unpickles anything)."""
+    """Show each LoRA file's layout, what it is for, rank, layers and trigger words (never unpickles).
+
+    Trigger words are read from `modelspec.trigger_phrase`, `trigger_phrase`, `trigger_words`,
+    `trigger_word`, `ss_trigger_word`; else kohya's dataset folder names (`10_ohwx woman`); else
+    kohya's most frequent caption tag. Every file is reported; the exit code is 2 if any could not be read.
+    """
     from .lora import describe_lora
 
-    reports = [describe_lora(path) for path in files]
+    reports = []
+    for path in files:
+        try:
+            reports.append(describe_lora(path))
+        except _user_errors() as error:
+            reports.append({"path": str(path), "error": str(error)})
     if as_json:
         typer.echo(json.dumps(reports, indent=2))
-        return
-    for report in reports:
-        table = Table(title=escape(report["path"]), show_header=False)
-        for key in (
-            "layout",
-            "sha256",
-            "size_bytes",
-            "tensors",
-            "rank",
-            "layers",
-            "trigger_words",
-            "top_tags",
-        ):
-            value = report.get(key)
-            table.add_row(key, escape(", ".join(map(str, value)) if isinstance(value, list) else str(value)))
-        for key, value in report.get("metadata", {}).items():
-            table.add_row(escape(f"meta: {key}"), escape(value))
-        console.print(table)
+    else:
+        for report in reports:
+            table = Table(title=escape(report["path"]), show_header=False)
+            if "error" in report:
+                table.add_row("error", escape(report["error"]))
+            for key in (
+                "layout",
+                "for",
+                "sha256",
+                "size_bytes",
+                "tensors",
+                "rank",
+                "layers",
+                "trigger_words",
+                "trigger_words_from",
+                "top_tags",
+            ):
+                if key in report:
+                    value = report[key]
+                    table.add_row(
+                        key, escape(", ".join(map(str, value)) if isinstance(value, list) else str(value))
+                    )
+            for key, value in report.get("metadata", {}).items():
+                table.add_row(escape(f"meta: {key}"), escape(value))
+            console.print(table)
+    if any("error" in report for report in reports):
+        raise typer.Exit(EXIT_USER)
 
 
 @app.command()

@@ -229,17 +229,57 @@ def check_lora_fits(
 
 
 def trigger_words_from_metadata(metadata: dict[str, str]) -> list[str]:
-    """Trigger words a LoRA file declares: explicit keys first, else kohya's most frequent caption tag."""
+    """Trigger words a LoRA file declares (see `trigger_words_and_source`)."""
+    return trigger_words_and_source(metadata)[0]
+
+
+# kohya's dataset folders are named "<repeats>_<instance prompt>", e.g. "10_ohwx woman".
+_KOHYA_FOLDER = re.compile(r"^\s*\d+_(.+?)\s*$")
+
+
+def trigger_words_and_source(metadata: dict[str, str]) -> tuple[list[str], str | None]:
+    """Trigger words a LoRA file declares and the metadata key they came from. In this order:
+
+    1. explicit keys: `modelspec.trigger_phrase`, `trigger_phrase`, `trigger_words`,
+       `trigger_word`, `ss_trigger_word` (a JSON list or comma-separated text);
+    2. kohya's dataset folder name, `<repeats>_<instance prompt>`, a key of `ss_dataset_dirs`
+       or `ss_tag_frequency` ("10_ohwx woman" → "ohwx woman"); of several folders, the one
+       with the most images × repeats (or captions);
+    3. kohya's most frequent caption tag (`ss_tag_frequency`).
+    """
     for key in TRIGGER_KEYS:
         value = metadata.get(key)
         if value and value.strip():
             with contextlib.suppress(json.JSONDecodeError):
                 parsed = json.loads(value)
                 if isinstance(parsed, list):
-                    return [str(word).strip() for word in parsed if str(word).strip()][:16]
-            return [word.strip() for word in value.split(",") if word.strip()][:16]
+                    return [str(word).strip() for word in parsed if str(word).strip()][:16], key
+            return [word.strip() for word in value.split(",") if word.strip()][:16], key
+    for key in ("ss_dataset_dirs", "ss_tag_frequency"):
+        try:
+            folders = json.loads(metadata.get(key) or "null")
+        except json.JSONDecodeError:
+            continue
+        if isinstance(folders, dict):
+            weighted = [
+                (_folder_weight(name, content), match.group(1))
+                for name, content in folders.items()
+                if (match := _KOHYA_FOLDER.match(str(name)))
+            ]
+            if weighted:
+                return [max(weighted, key=lambda item: item[0])[1]], f"{key} (folder name)"
     tags = tag_frequencies(metadata)
-    return [tags[0][0]] if tags else []
+    return ([tags[0][0]], "ss_tag_frequency (most frequent tag)") if tags else ([], None)
+
+
+def _folder_weight(name: str, content) -> float:
+    """How much of the training a kohya dataset folder was: images × repeats, else caption tags."""
+    repeats = float(str(name).split("_", 1)[0]) if str(name).split("_", 1)[0].isdigit() else 1.0
+    if isinstance(content, dict):
+        if isinstance(content.get("img_count"), int | float):
+            return float(content["img_count"]) * float(content.get("n_repeats", repeats) or repeats)
+        return float(sum(v for v in content.values() if isinstance(v, int | float)))
+    return 0.0
 
 
 def tag_frequencies(metadata: dict[str, str], limit: int = 10) -> list[tuple[str, int]]:
@@ -261,11 +301,24 @@ def tag_frequencies(metadata: dict[str, str], limit: int = 10) -> list[tuple[str
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
 
 
-def describe_lora(path: str | Path) -> dict:
-    """What `freefuse inspect` shows: layout, rank, adapted layers, trigger words, selected metadata.
+def lora_family(keys) -> str:
+    """What a LoRA file is for, from its tensor names: "FLUX transformer", "UNet (SD 1.x / SDXL)",
+    "text encoder only", or "unknown"."""
+    keys = list(keys)
+    if any(part in key for key in keys for part in ("double_blocks", "single_blocks", "transformer_blocks")):
+        return "FLUX transformer"
+    if any(
+        key.startswith(("lora_unet_", "unet.")) or "down_blocks" in key or "up_blocks" in key for key in keys
+    ):
+        return "UNet (SD 1.x / SDXL)"
+    if keys and all(key.startswith(("lora_te", "text_encoder")) for key in keys):
+        return "text encoder only"
+    return "unknown"
 
-    Read from the safetensors header alone: no tensor is loaded.
-    """
+
+def describe_lora(path: str | Path) -> dict:
+    """What `freefuse inspect` shows: layout, architecture, rank, adapted layers, trigger words and
+    where they came from, selected metadata. Read from the safetensors header alone."""
     path = check_lora_path(path)
     header = read_header(path)
     metadata = header_metadata(header)
@@ -274,7 +327,7 @@ def describe_lora(path: str | Path) -> dict:
         {
             int(shape[0])
             for key, shape in shapes.items()
-            if len(shape) == 2 and (".lora_down." in key or ".lora_A." in key)
+            if isinstance(shape, list) and len(shape) == 2 and (".lora_down." in key or ".lora_A." in key)
         }
     )
     layers = {re.sub(r"\.(lora_down|lora_A|lora_up|lora_B|alpha)(\.weight)?$", "", key) for key in shapes}
@@ -289,15 +342,18 @@ def describe_lora(path: str | Path) -> dict:
         "trigger_word",
         "trigger_words",
     )
+    words, source = trigger_words_and_source(metadata)
     return {
         "path": str(path),
         "layout": detect_layout(shapes),
+        "for": lora_family(shapes),
         "sha256": sha256_file(path),
         "size_bytes": path.stat().st_size,
         "tensors": len(shapes),
         "rank": ranks,
         "layers": len(layers),
-        "trigger_words": trigger_words_from_metadata(metadata),
+        "trigger_words": words,
+        "trigger_words_from": source or "none found",
         "top_tags": [f"{tag} ({count})" for tag, count in tag_frequencies(metadata, limit=5)],
         "metadata": {key: metadata[key][:200] for key in shown if key in metadata},
     }
