@@ -93,14 +93,14 @@ MUTATIONS = (
     Mutation(
         "x0 sign flipped",
         "backends/flux.py",
-        "return latents - float(sigma) * velocity",
-        "return latents + float(sigma) * velocity",
+        "return latents - float(sigma) * prediction",
+        "return latents + float(sigma) * prediction",
     ),
     Mutation(
         "negative pass uses the prompt's word positions",
         "pipeline.py",
-        "negative_positions,\n                        negative.num_text_tokens",
-        "context.positions,\n                        negative.num_text_tokens",
+        "tokens, context.negative_positions, negative.num_text_tokens",
+        "tokens, context.positions, negative.num_text_tokens",
     ),
     Mutation(
         "empty_mask=global no longer makes the LoRA act everywhere",

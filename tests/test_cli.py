@@ -107,7 +107,7 @@ def test_manifest_paths_outside_the_working_directory_are_refused(model_dir, tmp
     monkeypatch.chdir(elsewhere)
     result = RUNNER.invoke(app, ["generate", "--manifest", str(first / "freefuse.json"), "--out", "o"])
     assert result.exit_code == 2
-    assert "outside the working directory" in result.output
+    assert "outside both the manifest's folder and the working directory" in result.output
     # Given on the command line, the same files are fine.
     result = RUNNER.invoke(
         app,
@@ -182,31 +182,6 @@ def test_parse_lora_spec() -> None:
     assert parse_lora_spec("a.safetensors") == ("a.safetensors", None, 1.0)
 
 
-def test_demo_console_script_writes_its_three_files(tmp_path) -> None:
-    """The README's main command, as a real subprocess through the installed console script."""
-    done = subprocess.run(
-        [sys.executable, "-m", "freefuse", "demo", "--out", str(tmp_path), "--steps", "4"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
-    for name in ("demo.png", "demo.masks.png", "demo.json"):
-        assert (tmp_path / name).is_file()
-    manifest = json.loads((tmp_path / "demo.json").read_text())
-    assert manifest["settings"]["method"] == "freefuse"
-    assert manifest["model"]["id_or_path"] == "tiny"
-    assert [lora["words"] for lora in manifest["loras"]] == [["Alice"], ["Bob"]]  # from the files' metadata
-
-
-def test_demo_on_the_tiny_model_honours_dtype(tmp_path) -> None:
-    result = invoke("demo", "--out", str(tmp_path), "--steps", "2", "--size", "128", "--dtype", "bfloat16")
-    assert result.exit_code == 0, result.output
-    manifest = json.loads((tmp_path / "demo.json").read_text())
-    assert manifest["dtype"] == "bfloat16"
-
-
 def test_square_brackets_survive_in_errors_and_prompts(model_dir, tmp_path) -> None:
     """A1111/ComfyUI prompts have brackets; Rich must not read them as markup."""
     missing = tmp_path / "loras[v2]" / "a.safetensors"
@@ -247,3 +222,53 @@ def test_inspect_reports_every_file_and_kohya_folder_trigger_words(model_dir, tm
     assert reports[2]["for"] == "UNet (SD 1.x / SDXL)" and reports[1]["for"] == "FLUX transformer"
     table = RUNNER.invoke(app, ["inspect", str(kohya), str(sdxl)], terminal_width=200)
     assert table.exit_code == 0 and "ohwx woman" in table.output and "UNet (SD 1.x / SDXL)" in table.output
+
+
+def test_demo_shows_merge_beside_freefuse_and_replays_from_another_folder(tmp_path, monkeypatch) -> None:
+    """The README's main command, as a real subprocess; then its manifest replayed from elsewhere."""
+    out = tmp_path / "demo"
+    done = subprocess.run(
+        [sys.executable, "-m", "freefuse", "demo", "--out", str(out), "--steps", "8"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "zorblax" in done.stderr and "demo-compare.png" in done.stderr  # says what to look at
+    for name in ("demo.png", "demo.masks.png", "demo.json", "demo-merge.png", "demo-compare.png"):
+        assert (out / name).is_file(), name
+    with Image.open(out / "demo-compare.png") as compare, Image.open(out / "demo.png") as single:
+        assert compare.width == 3 * 4 * single.width
+    manifest = json.loads((out / "demo.json").read_text())
+    assert manifest["model"]["id_or_path"] == "shapesworld"
+    assert [lora["path_from_manifest"] for lora in manifest["loras"]] == [
+        "demo-loras/zorblax.safetensors",
+        "demo-loras/quiffle.safetensors",
+    ]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = RUNNER.invoke(app, ["generate", "--manifest", str(out / "demo.json"), "--out", "replay"])
+    assert result.exit_code == 0, result.output
+    assert (elsewhere / "replay" / "freefuse.png").read_bytes() == (out / "demo.png").read_bytes()
+
+
+def test_demo_on_the_tiny_model_honours_dtype(tmp_path) -> None:
+    result = invoke(
+        "demo",
+        "--model",
+        "tiny",
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "2",
+        "--size",
+        "128",
+        "--dtype",
+        "bfloat16",
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "demo.json").read_text())
+    assert manifest["dtype"] == "bfloat16"
+    assert (tmp_path / "demo-loras" / "alice.safetensors").is_file()

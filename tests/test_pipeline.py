@@ -270,7 +270,6 @@ def test_token_layout_of_every_adapted_flux_layer() -> None:
     assert backend.default_block() == 16
 
 
-@pytest.mark.filterwarnings("ignore:Adapter owned was active")
 def test_remove_forgets_a_borrowed_adapter_but_deletes_an_owned_one(tmp_path) -> None:
     pipe = tiny_flux_pipeline(seed=0)
     random_lora(pipe, "borrowed", seed=1)

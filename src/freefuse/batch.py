@@ -25,7 +25,7 @@ from pathlib import Path
 from string import ascii_uppercase
 
 from .files import atomic_write, sha256_file
-from .models import TINY, is_hub_id, pixels_per_token
+from .models import BUILT_IN, is_hub_id, pixels_per_token
 from .settings import GenerationSettings
 from .spec import LoraSpec, RunSpec
 
@@ -163,7 +163,7 @@ def job_from_dict(entry: dict, base: Path, where: str) -> Job:
     settings = {k: v for k, v in entry.items() if k not in JOB_KEYS}
     settings["prompt"] = _fill(str(settings["prompt"]), words, where)
     model = str(entry["model"])
-    if model != TINY and not is_hub_id(model):
+    if model not in BUILT_IN and not is_hub_id(model):
         model = _resolve(model, base)
     try:
         generation = GenerationSettings.from_dict(settings)

@@ -611,10 +611,19 @@ def inspect(
 @command
 def demo(
     out: OutOpt = Path("out"),
-    model: ModelOpt = None,
-    steps: Annotated[int | None, typer.Option("--steps", help="Steps (default 8 tiny, 28 real).")] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="A diffusers folder or Hugging Face id; 'tiny' (random); default: ShapesWorld.",
+        ),
+    ] = None,
+    steps: Annotated[
+        int | None, typer.Option("--steps", help="Steps (default 20 ShapesWorld, 28 real).")
+    ] = None,
     size: Annotated[
-        str | None, typer.Option("--size", help="WIDTHxHEIGHT (default 512 tiny, 1024 real).")
+        str | None, typer.Option("--size", help="WIDTHxHEIGHT (default 64 ShapesWorld, 1024 real).")
     ] = None,
     seed: SeedOpt = 0,
     overwrite: OverwriteOpt = False,
@@ -622,18 +631,22 @@ def demo(
     dtype: DtypeOpt = None,
     offload: OffloadOpt = False,
 ) -> None:
-    """Run the whole job offline: the built-in tiny model unless real weights are present."""
+    """Run the whole job offline: merge beside FreeFuse on ShapesWorld, or FLUX.1 when its weights are here."""
     from .demo import plan_demo, run_demo
 
     plan = plan_demo(model, steps, size, seed)
-    console.print(
-        escape(f"model: {'built-in tiny random FLUX (no weights found)' if plan.tiny else plan.model}")
-    )
+    console.print(escape(f"demo: {plan.description}"), highlight=False, soft_wrap=True)
     files, output = run_demo(
         plan, out, execute, overwrite=overwrite, device=device, dtype=dtype, offload=offload
     )
     _summary(output, [files])
-    console.print(escape(f"wrote {files['image']}, {files['overlay']}, {files['manifest']}"), highlight=False)
+    shown = files.get("compare", files["image"])
+    console.print(
+        escape(f"look at {shown}; all files: {', '.join(str(path) for path in files.values())}"),
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(escape(f"replay it: freefuse generate --manifest {files['manifest']} --out OTHER_FOLDER"))
 
 
 eval_app = typer.Typer(help="Measure subject bleeding offline.", no_args_is_help=True)

@@ -1,58 +1,136 @@
-"""`freefuse demo`: the whole job offline, on the built-in tiny model unless real weights are present.
+"""`freefuse demo`: the whole job offline, something worth looking at, and a manifest that replays.
 
-Two LoRA files are written with their trigger word in the metadata and loaded the way a user's
-LoRAs are (words from the metadata); then masks, the masked generation, and the outputs.
+Without real weights the demo runs on ShapesWorld, the small FLUX-architecture model committed
+with FreeFuse (trained offline on pictures of shapes), with two of its subject LoRAs: the
+zorblax (a purple striped star) and the quiffle (an orange dotted cross). It makes the same seed
+twice, with plain joint LoRAs (merge) and with FreeFuse, and writes them side by side with
+FreeFuse's masks. With real FLUX.1 weights (`--model`, or in the Hugging Face cache) it runs
+FreeFuse with two random LoRAs, which shows the pipeline, not a result; `--model tiny` runs the
+random tiny model. The LoRA files the demo used are written beside its outputs, so its manifest
+replays from anywhere (`freefuse generate --manifest out/demo.json`).
 """
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .files import check_free
-from .models import TINY, architecture_of, cached_model, load_pipeline
+from .files import atomic_save, check_free
+from .models import SHAPESWORLD, TINY, architecture_of, cached_model, load_pipeline
 from .outputs import output_paths, write_outputs
 from .settings import GenerationSettings, parse_size
 
 if TYPE_CHECKING:
     from .pipeline import FreeFuseOutput
 
-PROMPT = "Alice hugging Bob in the snow"
-SUBJECTS = (("alice", "Alice", 1), ("bob", "Bob", 2))
-TINY_STEPS, TINY_SIZE, TINY_TOKENS = 8, "512", 64
+LORA_FOLDER = "demo-loras"
 
 
 @dataclass
 class DemoPlan:
-    """What `run_demo` will do: the model it found and the settings it uses."""
+    """What `run_demo` will do: the model, the settings, the LoRAs (name, trigger word) and what the
+    user is looking at."""
 
     model: str
-    tiny: bool
     settings: GenerationSettings
+    subjects: list[tuple[str, str]]
+    description: str
+    compare: bool = False
+    notes: list[str] = field(default_factory=list)
 
 
 def plan_demo(
     model: str | None = None, steps: int | None = None, size: str | None = None, seed: int = 0
 ) -> DemoPlan:
-    """The model (the one given, a cached one a backend knows, else the tiny one) and the settings."""
-    chosen = model or cached_model() or TINY
+    """ShapesWorld unless a model is given or real FLUX.1 weights are in the cache."""
+    chosen = model or cached_model() or SHAPESWORLD
+    if chosen == SHAPESWORLD:
+        from .shapesworld.model import MAX_TEXT_TOKENS
+        from .shapesworld.scenes import SIZE
+
+        width, height = parse_size(size or str(SIZE))
+        return DemoPlan(
+            model=chosen,
+            settings=GenerationSettings(
+                prompt="a zorblax and a quiffle",
+                seed=seed,
+                width=width,
+                height=height,
+                num_inference_steps=steps or 20,
+                max_sequence_length=MAX_TEXT_TOKENS,
+            ),
+            subjects=[("zorblax", "zorblax"), ("quiffle", "quiffle")],
+            description=(
+                "ShapesWorld, a small FLUX-architecture model trained offline on shapes, with two subject LoRAs: "
+                "the zorblax (a purple striped star) and the quiffle (an orange dotted cross). demo-compare.png: "
+                "left, both LoRAs everywhere (plain multi-LoRA, 'merge'); middle, FreeFuse, each LoRA inside its "
+                "mask; right, FreeFuse's masks. Same seed for both."
+            ),
+            compare=True,
+        )
     tiny = chosen == TINY
     architecture = architecture_of(chosen)
-    width, height = parse_size(
-        size or (TINY_SIZE if tiny else str(getattr(architecture, "default_size", 1024)))
+    width, height = parse_size(size or ("512" if tiny else str(getattr(architecture, "default_size", 1024))))
+    return DemoPlan(
+        model=chosen,
+        settings=GenerationSettings(
+            prompt="Alice hugging Bob in the snow",
+            seed=seed,
+            height=height,
+            width=width,
+            num_inference_steps=steps or (8 if tiny else getattr(architecture, "default_steps", 28)),
+            max_sequence_length=64 if tiny else None,
+        ),
+        subjects=[("alice", "Alice"), ("bob", "Bob")],
+        description=(
+            "the built-in tiny random model with two random LoRAs: coloured noise, which shows that the whole "
+            "pipeline runs, not what FreeFuse does (run `freefuse demo` without --model for that)."
+            if tiny
+            else f"{chosen} with two random LoRAs (weight 0.3): the pipeline at full size, not a result."
+        ),
     )
-    settings = GenerationSettings(
-        prompt=PROMPT,
-        seed=seed,
-        height=height,
-        width=width,
-        num_inference_steps=steps or (TINY_STEPS if tiny else getattr(architecture, "default_steps", 28)),
-        max_sequence_length=TINY_TOKENS if tiny else None,
-    )
-    return DemoPlan(model=chosen, tiny=tiny, settings=settings)
+
+
+def _lora_files(plan: DemoPlan, pipeline, folder: Path) -> list[Path]:
+    """The demo's LoRA files in `folder`: ShapesWorld's committed ones, or random ones."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for seed, (name, word) in enumerate(plan.subjects, start=1):
+        path = folder / f"{name}.safetensors"
+        if plan.model == SHAPESWORLD:
+            from .shapesworld.model import lora_path
+
+            atomic_save(path, lambda handle, source=lora_path(name): handle.write(source.read_bytes()))
+        else:
+            from safetensors.torch import save
+
+            from .testing import random_lora_state_dict
+
+            state = random_lora_state_dict(
+                pipeline.transformer, seed=seed, scale=1.0 if plan.model == TINY else 0.3
+            )
+            data = save(state, metadata={"format": "pt", "modelspec.trigger_phrase": word})
+            atomic_save(path, lambda handle, data=data: handle.write(data))
+        paths.append(path)
+    return paths
+
+
+def compare_picture(merge, freefuse, masks, labels=("merge", "FreeFuse", "FreeFuse masks"), scale: int = 4):
+    """merge | FreeFuse | masks over FreeFuse, each `scale`× (nearest), with a caption above each."""
+    from PIL import Image, ImageDraw
+
+    width, height = freefuse.size
+    cell_w, cell_h, caption = width * scale, height * scale, 14
+    big = [image.convert("RGB").resize((cell_w, cell_h), Image.NEAREST) for image in (merge, freefuse)]
+    overlay = masks.resize((cell_h, cell_w), mode="nearest").overlay(big[1]) if masks is not None else big[1]
+    picture = Image.new("RGB", (3 * cell_w, cell_h + caption), (255, 255, 255))
+    draw = ImageDraw.Draw(picture)
+    for column, (image, label) in enumerate(zip((*big, overlay), labels, strict=True)):
+        picture.paste(image, (column * cell_w, caption))
+        draw.text((column * cell_w + 4, 1), label, fill=(0, 0, 0))
+    return picture
 
 
 def run_demo(
@@ -64,27 +142,26 @@ def run_demo(
     dtype: str | None = None,
     offload: bool = False,
 ) -> tuple[dict[str, Path], FreeFuseOutput]:
-    """Load, add the two demo LoRAs, generate with `run(freefuse, settings)`, write; return the
-    files and the output."""
+    """Load, add the demo LoRAs (written under `out/demo-loras`), generate with
+    `run(freefuse, settings)`, write everything; return the files and FreeFuse's output."""
     from .pipeline import FreeFuse
-    from .testing import random_lora
 
-    paths = output_paths(out, "demo", 1)
-    check_free(list(paths[0].values()), overwrite)
+    paths = output_paths(out, "demo", 1)[0]
+    extra = {"merge": out / "demo-merge.png", "compare": out / "demo-compare.png"} if plan.compare else {}
+    loras = [out / LORA_FOLDER / f"{name}.safetensors" for name, _ in plan.subjects]
+    check_free([*paths.values(), *extra.values(), *loras], overwrite)
     pipeline = load_pipeline(plan.model, device=device, dtype=dtype, offload=offload)
     freefuse = FreeFuse(pipeline)
-    with tempfile.TemporaryDirectory(prefix="freefuse-demo-") as folder:
-        for name, word, lora_seed in SUBJECTS:
-            path = Path(folder) / f"{name}.safetensors"
-            random_lora(
-                pipeline,
-                name,
-                seed=lora_seed,
-                path=path,
-                scale=1.0 if plan.tiny else 0.3,
-                metadata={"modelspec.trigger_phrase": word},
-            )
-            freefuse.add_lora(path, name=name)
-        output = run(freefuse, plan.settings)
-    write_outputs(output, paths, overwrite)
-    return paths[0], output
+    for path, (name, word) in zip(_lora_files(plan, pipeline, out / LORA_FOLDER), plan.subjects, strict=True):
+        freefuse.add_lora(path, name=name, words=[word])
+    output = run(freefuse, plan.settings)
+    write_outputs(output, [paths], overwrite)
+    if plan.compare:
+        merge = run(freefuse, plan.settings.model_copy(update={"method": "merge"}))
+        atomic_save(extra["merge"], lambda handle: merge.images[0].save(handle, "PNG"), overwrite)
+        picture = compare_picture(merge.images[0], output.images[0], output.masks[0])
+        atomic_save(extra["compare"], lambda handle: picture.save(handle, "PNG"), overwrite)
+    return {**paths, **extra}, output
+
+
+__all__ = ["DemoPlan", "compare_picture", "plan_demo", "run_demo"]

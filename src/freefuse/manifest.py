@@ -182,6 +182,39 @@ def _inside(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
+def relative_to(path: str | Path, folder: Path) -> str:
+    """`path` as seen from `folder` (what a manifest in `folder` records, so a folder moved whole replays)."""
+    return os.path.relpath(Path(path).expanduser().resolve(), folder.resolve())
+
+
+def _resolve_recorded(
+    entry: dict, key: str, manifest_dir: Path, here: Path, what: str, manifest_path, flag: str
+) -> str:
+    """A file a manifest names: from the manifest's folder first (`<key>_from_manifest`), then as
+    recorded (relative to the working folder). Untrusted: it must lie inside one of the two."""
+    from .settings import SettingsError
+
+    recorded = entry.get(key)
+    candidates = []
+    relative = entry.get(f"{key}_from_manifest")
+    if isinstance(relative, str):
+        candidates.append(manifest_dir / relative)
+    if isinstance(recorded, str):
+        candidates.append(Path(recorded) if Path(recorded).is_absolute() else here / recorded)
+    for candidate in candidates:
+        if candidate.exists():
+            if not (_inside(candidate, manifest_dir) or _inside(candidate, here)):
+                raise SettingsError(
+                    f"Manifest {what} {str(candidate.resolve())!r} is outside both the manifest's folder and the working "
+                    f"directory; for safety it is only used when given on the command line ({flag})."
+                )
+            return str(candidate)
+    looked = ", ".join(str(c) for c in candidates) or "nowhere: no path recorded"
+    raise SettingsError(
+        f"Manifest {manifest_path} names a {what} that does not exist (looked at {looked}); pass it with {flag}."
+    )
+
+
 def replay_spec(
     manifest_path: str | Path,
     model: str | None = None,
@@ -194,14 +227,16 @@ def replay_spec(
 
     What is given wins over the manifest: `model`, `loras` (all of them), `masks`, and each
     setting in `settings` (field names); the returned spec's `notes` say which ones changed.
-    Manifests are untrusted: file paths they name must lie inside `here` (the working folder),
-    or be given by the caller.
+    Files a manifest names are looked up from the manifest's own folder first, then from the
+    working folder; manifests are untrusted, so those files must lie inside one of the two, or be
+    given by the caller.
     """
-    from .models import TINY, is_hub_id
+    from .models import BUILT_IN, is_hub_id
     from .settings import GenerationSettings, SettingsError
     from .spec import LoraSpec, RunSpec
 
     manifest = read_manifest(manifest_path)
+    manifest_dir = Path(manifest_path).resolve().parent
     here = Path.cwd() if here is None else here
     recorded = dict(manifest["settings"])
     overrides = dict(settings or {})
@@ -225,36 +260,42 @@ def replay_spec(
     if not loras:
         loras = []
         for index, entry in enumerate(manifest["loras"]):
-            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            if not isinstance(entry, dict):
                 raise SettingsError(
-                    f"Manifest {manifest_path} names a LoRA without a file path; pass it with --lora."
+                    f"Manifest {manifest_path} has a malformed LoRA entry; pass the LoRAs with --lora."
                 )
-            path = Path(entry["path"])
-            if not _inside(path if path.is_absolute() else here / path, here):
-                raise SettingsError(
-                    f"Manifest LoRA path {entry['path']!r} is outside the working directory; for safety it is only "
-                    "used when given on the command line (--lora PATH=WORD)."
-                )
-            known = {key: entry.get(key) for key in ("path", "words", "weight", "scope", "name", "sha256")}
-            loras.append(LoraSpec.parse(known, f"{manifest_path} LoRA {index + 1}"))
+            path = _resolve_recorded(
+                entry, "path", manifest_dir, here, "LoRA", manifest_path, "--lora PATH=WORD"
+            )
+            known = {key: entry.get(key) for key in ("words", "weight", "scope", "name", "sha256")}
+            loras.append(LoraSpec.parse({**known, "path": path}, f"{manifest_path} LoRA {index + 1}"))
     else:
         notes.append(
             f"replaying {manifest_path} with the LoRAs given on the command line instead of its own."
         )
     if model is None:
-        model = manifest["model"].get("id_or_path")
+        record = manifest["model"]
+        model = record.get("id_or_path")
         if not isinstance(model, str) or not model:
             raise SettingsError(f"Manifest {manifest_path} records no model path; pass --model.")
-        if model != TINY and not is_hub_id(model) and not _inside(Path(model), here):
-            raise SettingsError(
-                f"Manifest model path {model!r} is outside the working directory; pass it with --model to use it."
+        if model not in BUILT_IN and not is_hub_id(model):
+            model = _resolve_recorded(
+                {"path": model, "path_from_manifest": record.get("path_from_manifest")},
+                "path",
+                manifest_dir,
+                here,
+                "model folder",
+                manifest_path,
+                "--model",
             )
-    if masks is None:
-        recorded_masks = manifest.get("masks")
-        if isinstance(recorded_masks, str) and recorded_masks != "in-memory":
-            if not _inside(Path(recorded_masks), here):
-                raise SettingsError(
-                    f"Manifest mask path {recorded_masks!r} is outside the working directory; refusing to read it."
-                )
-            masks = recorded_masks
+    if masks is None and isinstance(manifest.get("masks"), str) and manifest["masks"] != "in-memory":
+        masks = _resolve_recorded(
+            {"path": manifest["masks"], "path_from_manifest": manifest.get("masks_from_manifest")},
+            "path",
+            manifest_dir,
+            here,
+            "mask file",
+            manifest_path,
+            "--masks",
+        )
     return RunSpec(model=model, loras=list(loras), settings=run_settings, masks=masks, notes=notes)

@@ -18,6 +18,9 @@ if TYPE_CHECKING:
 
 TINY = "tiny"
 TINY_ARCHITECTURE = "flux"
+# The ShapesWorld model committed with FreeFuse (a FLUX.1-architecture pipeline).
+SHAPESWORLD = "shapesworld"
+BUILT_IN = (TINY, SHAPESWORLD)
 _HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 
 
@@ -105,7 +108,7 @@ def architecture_of(model: str) -> type[Backend] | None:
     told before loading (a hub id not in the cache)."""
     from .backends import BACKENDS
 
-    if model == TINY:
+    if model in BUILT_IN:
         return BACKENDS[TINY_ARCHITECTURE]
     index = _model_index(model)
     if index is None:
@@ -125,7 +128,7 @@ def is_hub_id(model: str) -> bool:
 
 def check_model_source(model: str) -> None:
     """Checks that need no weights: a local folder must be a complete diffusers pipeline folder."""
-    if model == TINY or is_hub_id(model):
+    if model in BUILT_IN or is_hub_id(model):
         return
     path = Path(model).expanduser()
     if not path.exists():
@@ -194,6 +197,10 @@ def pixels_per_token(model: str) -> int | None:
     if architecture is None:
         return None
     local = Path(model).expanduser()
+    if model == SHAPESWORLD:
+        from .shapesworld.model import MODEL_DIR
+
+        local = MODEL_DIR
     return architecture.pixels_per_token(local if model != TINY and local.is_dir() else None)
 
 
@@ -208,6 +215,12 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
         # device; then the same dtype and offload as a real model.
         pipeline = TINY_PIPELINES[TINY_ARCHITECTURE](seed=0)
         pipeline.register_to_config(_name_or_path=TINY)
+        return _place(pipeline, chosen, torch_dtype, offload)
+    if model == SHAPESWORLD:
+        from .shapesworld.model import load_shapesworld
+
+        pipeline = load_shapesworld()
+        pipeline.register_to_config(_name_or_path=SHAPESWORLD)
         return _place(pipeline, chosen, torch_dtype, offload)
     check_model_source(model)
     from diffusers import DiffusionPipeline

@@ -5,6 +5,7 @@ Every file is written atomically; the manifest goes last, so a manifest on disk 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -42,8 +43,9 @@ def write_outputs(
         done: list[Path] = []
         image = output.images[index]
         masks = output.masks[index]
-        record = {**manifest, "images": [manifest["images"][index]]}
+        record = copy.deepcopy({**manifest, "images": [manifest["images"][index]]})
         record["outputs"] = {key: path.name for key, path in files.items()}
+        located(record, files["manifest"].parent)
         if not masks_only:
             info = PngInfo()
             info.add_text(
@@ -51,7 +53,11 @@ def write_outputs(
                 json.dumps(
                     {
                         "settings": manifest["settings"],
-                        "loras": manifest["loras"],
+                        # No file paths in a picture people share: names, words, weights, hashes.
+                        "loras": [
+                            {key: value for key, value in lora.items() if key != "path"}
+                            for lora in manifest["loras"]
+                        ],
                         "image": manifest["images"][index],
                     },
                     default=str,
@@ -84,6 +90,8 @@ def a1111_parameters(manifest: dict, index: int) -> str:
     line when there is one, then `Key: value` pairs (steps, seed, size, model, LoRAs, FreeFuse)."""
     settings, image = manifest["settings"], manifest["images"][index]
     model = manifest.get("model", {}).get("id_or_path") or "unknown"
+    if Path(model).expanduser().is_dir():
+        model = Path(model).name  # a local folder: its name, not where it lives
     loras = manifest.get("loras", [])
     pairs = [
         ("Steps", settings["num_inference_steps"]),
@@ -120,3 +128,19 @@ def a1111_parameters(manifest: dict, index: int) -> str:
         lines.append(f"Negative prompt: {settings['negative_prompt']}")
     lines.append(", ".join(f"{key}: {value}" for key, value in pairs if value is not None))
     return "\n".join(lines)
+
+
+def located(record: dict, folder: Path) -> None:
+    """Add, beside each file path a manifest records, the path as seen from the manifest's folder,
+    so that a replay finds the files from anywhere (and a folder moved whole still replays)."""
+    from .manifest import relative_to
+
+    for lora in record.get("loras", []):
+        if isinstance(lora.get("path"), str) and Path(lora["path"]).exists():
+            lora["path_from_manifest"] = relative_to(lora["path"], folder)
+    model = record.get("model", {})
+    path = model.get("id_or_path")
+    if isinstance(path, str) and Path(path).expanduser().is_dir():
+        model["path_from_manifest"] = relative_to(path, folder)
+    if isinstance(record.get("masks"), str) and Path(record["masks"]).exists():
+        record["masks_from_manifest"] = relative_to(record["masks"], folder)
