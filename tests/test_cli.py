@@ -272,3 +272,18 @@ def test_demo_on_the_tiny_model_honours_dtype(tmp_path) -> None:
     manifest = json.loads((tmp_path / "demo.json").read_text())
     assert manifest["dtype"] == "bfloat16"
     assert (tmp_path / "demo-loras" / "alice.safetensors").is_file()
+
+
+def test_quiet_details_flags_without_types_no_bar_before_a_word_error_wide_tables(model_dir, tmp_path) -> None:
+    help_text = RUNNER.invoke(app, ["generate", "--help"], terminal_width=160).output
+    flag_lines = [line for line in help_text.splitlines() if "--overwrite" in line or "--offload" in line]
+    assert flag_lines and not any("<bool>" in line for line in flag_lines)
+    args = generate_args(model_dir, tmp_path / "o")
+    args[args.index("--prompt") + 1] = "Alice hugging a cat"
+    result = RUNNER.invoke(app, args)
+    assert result.exit_code == 2 and "'Bob' is not in the prompt" in result.output
+    assert "denoising" not in result.output  # the mistake is said before any progress bar starts
+    deep = tmp_path / ("a-rather-long-folder-name-" * 4) / "out"
+    result = RUNNER.invoke(app, generate_args(model_dir, deep))
+    assert result.exit_code == 0, result.output
+    assert str(deep / "freefuse.png") in result.output  # one table row, not wrapped at 80 columns

@@ -52,7 +52,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console(stderr=True)
+# Not a terminal (a log, a pipe): wide enough that tables of paths do not wrap at 80 columns.
+console = Console(stderr=True, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 1000)
 STATE = {"debug": False}
 EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -157,9 +158,12 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def main_options(
-    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks and debug logs.")] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", metavar="", help="Show full tracebacks and debug logs.")
+    ] = False,
     version: Annotated[
-        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+        bool,
+        typer.Option("--version", metavar="", callback=_version, is_eager=True, help="Print the version."),
     ] = False,
 ) -> None:
     STATE["debug"] = debug
@@ -216,6 +220,7 @@ def execute(freefuse, settings, masks=None, stop_after_masks: bool = False):
     from .pipeline import FreeFuseWarning
 
     steps = settings.resolved_mask_step if stop_after_masks else settings.num_inference_steps
+    freefuse.check_inputs(settings, masks)  # a missing word is said before any progress bar starts
     with _progress() as progress:
         task = progress.add_task("stage 1" if stop_after_masks else "denoising", total=steps)
 
@@ -263,7 +268,7 @@ ModelOpt = Annotated[
     str | None, typer.Option("--model", "-m", help="Diffusers folder or Hugging Face id (or 'tiny').")
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
-OverwriteOpt = Annotated[bool, typer.Option("--overwrite", help="Replace existing output files.")]
+OverwriteOpt = Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace existing output files.")]
 SeedOpt = Annotated[int, typer.Option("--seed", "-s", help="Seed (image j of a prompt uses seed + j).")]
 DeviceOpt = Annotated[
     str | None, typer.Option("--device", help="cuda, cuda:1, mps or cpu (default: best available).")
@@ -271,7 +276,9 @@ DeviceOpt = Annotated[
 DtypeOpt = Annotated[
     str | None, typer.Option("--dtype", help="bfloat16 | float16 | float32 (default: bf16 on GPU).")
 ]
-OffloadOpt = Annotated[bool, typer.Option("--offload", help="Model CPU offload (less GPU memory, slower).")]
+OffloadOpt = Annotated[
+    bool, typer.Option("--offload", metavar="", help="Model CPU offload (less GPU memory, slower).")
+]
 
 # Options of a run besides its settings: (name, annotation, default). Settings options come from
 # `GenerationSettings` (`settings.CLI_FLAGS`), so `generate` and `masks` cannot drift apart.
@@ -484,10 +491,12 @@ def batch(
     ],
     out: OutOpt = Path("out"),
     grid: Annotated[
-        bool, typer.Option("--grid", help="JOBS is a grid: LoRA groups x prompts x seeds x methods.")
+        bool,
+        typer.Option("--grid", metavar="", help="JOBS is a grid: LoRA groups x prompts x seeds x methods."),
     ] = False,
     dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="List the jobs and what is already done; run nothing.")
+        bool,
+        typer.Option("--dry-run", metavar="", help="List the jobs and what is already done; run nothing."),
     ] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
@@ -560,7 +569,9 @@ def batch(
 @command
 def inspect(
     files: Annotated[list[Path], typer.Argument(help="LoRA .safetensors files.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", metavar="", help="Print JSON instead of a table.")
+    ] = False,
 ) -> None:
     """Show each LoRA file's layout, what it is for, rank, layers and trigger words (never unpickles).
 
@@ -659,7 +670,9 @@ def eval_shapesworld(
     method: Annotated[
         list[str] | None, typer.Option("--method", help="merge | freefuse | masks (repeat).")
     ] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="A fixed small subset (CI, smoke checks).")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", metavar="", help="A fixed small subset (CI, smoke checks).")
+    ] = False,
     seeds: Annotated[int | None, typer.Option("--seeds", help="Seeds per prompt (default 4).")] = None,
     steps: Annotated[int | None, typer.Option("--steps", help="Denoising steps (default 20).")] = None,
     sizes: Annotated[
