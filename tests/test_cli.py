@@ -274,7 +274,9 @@ def test_demo_on_the_tiny_model_honours_dtype(tmp_path) -> None:
     assert (tmp_path / "demo-loras" / "alice.safetensors").is_file()
 
 
-def test_quiet_details_flags_without_types_no_bar_before_a_word_error_wide_tables(model_dir, tmp_path) -> None:
+def test_quiet_details_flags_without_types_no_bar_before_a_word_error_wide_tables(
+    model_dir, tmp_path
+) -> None:
     help_text = RUNNER.invoke(app, ["generate", "--help"], terminal_width=160).output
     flag_lines = [line for line in help_text.splitlines() if "--overwrite" in line or "--offload" in line]
     assert flag_lines and not any("<bool>" in line for line in flag_lines)

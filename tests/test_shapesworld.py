@@ -162,3 +162,43 @@ def test_shapesworld_pipeline_is_a_plain_flux_pipeline(shapesworld) -> None:
             output_type="np",
         ).images[0]
     assert image.shape == (64, 64, 3)
+
+
+def test_an_interrupted_evaluation_resumes_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch) -> None:
+    from freefuse.shapesworld import evaluate as evaluation
+
+    config = evaluation.EvalConfig(
+        group_sizes=(2,),
+        seeds=(0, 1),
+        prompts_per_group=1,
+        groups_per_size=2,
+        single_seeds=(0,),
+        base_samples=2,
+        steps=6,
+        grid_rows=2,
+    )
+    whole, _, _ = evaluation.run_evaluation(config, tmp_path / "whole")
+    calls = {"count": 0}
+    original = evaluation.Evaluator.run
+
+    def counted(self, *args, **kwargs):
+        calls["count"] += 1
+        if calls.get("stop_at") == calls["count"]:
+            raise KeyboardInterrupt  # what Ctrl-C raises
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(evaluation.Evaluator, "run", counted)
+    calls["stop_at"] = 7  # after two of the four samples (three runs each)
+    with pytest.raises(KeyboardInterrupt):
+        evaluation.run_evaluation(config, tmp_path / "resumed")
+    assert len(list((tmp_path / "resumed" / "samples").glob("*.json"))) == 2
+    assert not (tmp_path / "resumed" / "results.json").exists()
+    calls.update(count=0, stop_at=None)
+    resumed, _, _ = evaluation.run_evaluation(config, tmp_path / "resumed")
+    assert calls["count"] == 2 * 3 + 4 * 2  # the two missing samples, then each single LoRA (2 prompts)
+    for key in ("summary", "samples", "single_lora", "base_model"):
+        first, second = whole[key], resumed[key]
+        if key == "summary":
+            first, second = dict(first), dict(second)
+            first.pop("seconds"), second.pop("seconds")
+        assert json.loads(json.dumps(first, default=str)) == json.loads(json.dumps(second, default=str))

@@ -697,8 +697,12 @@ def eval_shapesworld(
     config = EvalConfig.quick() if quick else EvalConfig()
     config.methods = methods
     if seeds is not None:
+        if seeds < 1:
+            raise UserError(f"--seeds {seeds}: give at least 1 seed per prompt.")
         config.seeds = tuple(range(seeds))
     if steps is not None:
+        if steps < 2:
+            raise UserError(f"--steps {steps}: ShapesWorld needs at least 2 denoising steps.")
         config.steps = steps
     if sizes:
         bad = [size for size in sizes if size not in (2, 3, 4)]
@@ -716,7 +720,18 @@ def eval_shapesworld(
         def report(stage: str, done: int | None, total: int | None) -> None:
             progress.update(task, description=stage, completed=done or 0, total=total)
 
-        _, files, table = run_evaluation(config, out, model, loras, overwrite, command_line, report)
+        try:
+            _, files, table = run_evaluation(config, out, model, loras, overwrite, command_line, report)
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print(
+                escape(
+                    f"Interrupted; the finished samples are kept in {out / 'samples'}. Run the same command again "
+                    "to resume; no result file was written."
+                ),
+                style="yellow",
+            )
+            raise typer.Exit(EXIT_INTERRUPTED) from None
     console.print(table, highlight=False, markup=False)
     console.print(escape(f"wrote {files['json']}, {files['md']}, {files['grid']}"), highlight=False)
 

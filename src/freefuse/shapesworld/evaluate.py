@@ -208,10 +208,65 @@ def oracle_masks(subjects: list[Subject], freefuse_image: np.ndarray, freefuse_m
     return MaskSet([s.word for s in subjects], stacked)
 
 
+class SampleStore:
+    """Finished samples on disk, so that an interrupted evaluation resumes where it stopped.
+
+    Each sample is `<folder>/<key>.json` (its record, written last) with one PNG per method and
+    FreeFuse's masks beside it; the key hashes what decides the sample (subjects, prompt, seed,
+    steps, methods), so a changed configuration recomputes. Files are written atomically.
+    """
+
+    def __init__(self, folder: Path, config: EvalConfig) -> None:
+        self.folder = folder
+        self.config = config
+
+    def key(self, *parts) -> str:
+        import hashlib
+        import json
+
+        fingerprint = json.dumps([*parts, self.config.steps, list(self.config.methods)], sort_keys=True)
+        return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
+
+    def load(self, key: str) -> dict | None:
+        import json
+
+        path = self.folder / f"{key}.json"
+        try:
+            record = json.loads(path.read_text())
+            record["images"] = {
+                method: Image.open(self.folder / f"{key}.{method}.png").convert("RGB")
+                for method in record["methods"]
+            }
+            masks = self.folder / f"{key}.masks.safetensors"
+            record["masks"] = MaskSet.load(masks) if masks.is_file() else None
+        except (OSError, ValueError, KeyError):
+            return None  # missing, half-written or from another version: redo it
+        return record
+
+    def save(self, key: str, record: dict) -> None:
+        import json
+
+        from ..files import atomic_save, write_json
+
+        for method, image in record["images"].items():
+            atomic_save(self.folder / f"{key}.{method}.png", lambda handle, im=image: im.save(handle, "PNG"))
+        if record.get("masks") is not None:
+            record["masks"].save(self.folder / f"{key}.masks.safetensors")
+        plain = {k: v for k, v in record.items() if k not in ("images", "masks")}
+        write_json(self.folder / f"{key}.json", json.loads(json.dumps(plain, default=str)))
+
+
 def evaluate(
-    config: EvalConfig, evaluator: Evaluator, on_step: Callable[[int, int], None] | None = None
+    config: EvalConfig,
+    evaluator: Evaluator,
+    on_step: Callable[[int, int], None] | None = None,
+    store: SampleStore | None = None,
 ) -> dict:
-    """All groups × prompts × seeds × methods; returns the per-sample records and the summary."""
+    """All groups × prompts × seeds × methods; returns the per-sample records and the summary.
+
+    With `store`, samples already on disk are read back instead of made again, and every new one
+    is saved as soon as it is done.
+    """
     samples = []
     plan = []
     for size in config.group_sizes:
@@ -227,6 +282,13 @@ def evaluate(
         prompt = template
         for letter, word in zip(ascii_uppercase, group, strict=False):
             prompt = prompt.replace("{" + letter + "}", word)
+        key = store.key(list(group), prompt, seed) if store is not None else ""
+        saved = store.load(key) if store is not None else None
+        if saved is not None:
+            samples.append(saved)
+            if on_step is not None:
+                on_step(index + 1, total)
+            continue
         record = {"group": list(group), "prompt": prompt, "seed": seed, "methods": {}}
         outputs = {}
         for method in config.methods:
@@ -251,6 +313,8 @@ def evaluate(
             record["freefuse_fallbacks"] = outputs["freefuse"].manifest["images"][0]["fallbacks"]
         record["images"] = {m: outputs[m].images[0] for m in config.methods}
         record["masks"] = outputs["freefuse"].masks[0] if "freefuse" in outputs else None
+        if store is not None:
+            store.save(key, record)
         samples.append(record)
         if on_step is not None:
             on_step(index + 1, total)
@@ -475,6 +539,23 @@ def picture_grid(samples: list[dict], methods, rows: int) -> Image.Image:
     return grid
 
 
+def _kept(store: SampleStore, name: str, sizes, compute: Callable[[], dict]) -> dict:
+    """A part of the evaluation computed once and kept in the store (resumed runs read it back)."""
+    import json
+
+    from ..files import write_json
+
+    path = (
+        store.folder / f"{name}-{store.key(name, list(sizes) if not isinstance(sizes, int) else sizes)}.json"
+    )
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        result = compute()
+        write_json(path, result)
+        return result
+
+
 def run_evaluation(
     config: EvalConfig,
     out: Path,
@@ -488,6 +569,8 @@ def run_evaluation(
 
     Writes `results.json`, `results.md` and `grid.png` under `out`, each atomically; returns the
     record, the files and the Markdown table. `on_progress(stage, done, total)` reports progress.
+    Every finished sample is kept under `out/samples/`; run the same command again after an
+    interruption and it resumes.
     """
     from ..files import atomic_save, atomic_write, check_free, write_json
 
@@ -495,11 +578,24 @@ def run_evaluation(
     check_free(list(files.values()), overwrite)
     report = on_progress or (lambda stage, done, total: None)
     evaluator = Evaluator(model_dir, lora_dir)
-    evaluation = evaluate(config, evaluator, on_step=lambda done, total: report("evaluating", done, total))
+    store = SampleStore(out / "samples", config)
+    evaluation = evaluate(
+        config, evaluator, on_step=lambda done, total: report("evaluating", done, total), store=store
+    )
     report("single LoRAs", None, None)
-    singles = single_lora_rates(evaluator, config.single_seeds, config.steps)
+    singles = _kept(
+        store,
+        "single_lora",
+        config.single_seeds,
+        lambda: single_lora_rates(evaluator, config.single_seeds, config.steps),
+    )
     report("base model", None, None)
-    base = base_rate(evaluator, config.base_samples, config.steps)
+    base = _kept(
+        store,
+        "base_model",
+        config.base_samples,
+        lambda: base_rate(evaluator, config.base_samples, config.steps),
+    )
     record = result_record(config, evaluation, singles, base)
     table = markdown_table(record, command_line)
     grid = picture_grid(evaluation["samples"], config.methods, config.grid_rows)
