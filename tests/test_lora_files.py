@@ -310,3 +310,22 @@ def test_a_failed_load_leaves_no_adapter_behind(tmp_path, monkeypatch) -> None:
     monkeypatch.undo()
     assert "alice" not in (getattr(pipe.transformer, "peft_config", None) or {})
     assert freefuse.add_lora(path, words=["Alice"], name="alice").name == "alice"
+
+
+def test_what_a_lora_is_for_and_untrusted_kohya_metadata() -> None:
+    from freefuse.lora import lora_family, trigger_words_and_source
+
+    assert lora_family(
+        ["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight"]
+    ) == ("UNet (SD 1.x / SDXL)")
+    assert lora_family(
+        ["unet.up_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight"]
+    ).startswith("UNet")
+    assert lora_family(["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"]) == "FLUX transformer"
+    assert lora_family(["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"]) == "FLUX transformer"
+    assert (
+        lora_family(["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"]) == "text encoder only"
+    )
+    folders = {"10_ohwx": {"n_repeats": [1], "img_count": "many"}, "3_other": {"img_count": 5}, "2_x": [1, 2]}
+    words, source = trigger_words_and_source({"ss_dataset_dirs": json.dumps(folders)})
+    assert words == ["other"] and source == "ss_dataset_dirs (folder name)"

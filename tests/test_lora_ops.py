@@ -144,3 +144,18 @@ def test_layers_the_fused_op_cannot_take_fall_back_to_peft() -> None:
     fused = images(freefuse, "Alice and Bob", method="masks", masks=masks, lora_op="fused")
     peft = images(freefuse, "Alice and Bob", method="masks", masks=masks, lora_op="peft")
     assert (fused - peft).abs().max() <= 2e-5
+
+
+def test_a_global_dora_lora_runs_beside_masked_subjects() -> None:
+    """Global LoRAs are never masked, so one the fused op cannot take (DoRA) runs through PEFT."""
+    from peft import LoraConfig
+
+    freefuse = build(2, with_global=False)
+    config = LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v"], use_dora=True)
+    config.init_lora_weights = False
+    freefuse.pipeline.transformer.add_adapter(config, adapter_name="style")
+    freefuse.use_adapter("style", scope="global", weight=0.6)
+    masks = fractional_masks(("alice", "bob"))
+    fused = images(freefuse, "Alice and Bob", method="masks", masks=masks, lora_op="fused")
+    peft = images(freefuse, "Alice and Bob", method="masks", masks=masks, lora_op="peft")
+    assert (fused - peft).abs().max() <= 2e-5

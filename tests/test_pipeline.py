@@ -407,7 +407,8 @@ def test_the_callers_adapter_state_is_back_after_a_run_and_weights_can_change() 
 
     def state():
         layer = pipe.transformer.transformer_blocks[0].attn.to_q
-        return list(layer.active_adapters), dict(layer.scaling)
+        grads = {name: p.requires_grad for name, p in layer.named_parameters()}
+        return list(layer.active_adapters), dict(layer.scaling), grads
 
     def plain():
         return pipe(

@@ -202,3 +202,13 @@ def test_an_interrupted_evaluation_resumes_and_ends_as_an_uninterrupted_one(tmp_
             first, second = dict(first), dict(second)
             first.pop("seconds"), second.pop("seconds")
         assert json.loads(json.dumps(first, default=str)) == json.loads(json.dumps(second, default=str))
+
+
+def test_kept_samples_are_keyed_by_the_weights_too(tmp_path) -> None:
+    from freefuse.shapesworld.evaluate import EvalConfig, SampleStore
+
+    one = SampleStore(tmp_path, EvalConfig(), ["committed", ["aa", "bb"], "0.1.0"])
+    other = SampleStore(tmp_path, EvalConfig(), ["retrained", ["aa", "bb"], "0.1.0"])
+    assert one.key(["zorblax", "quiffle"], "a zorblax and a quiffle", 0) != other.key(
+        ["zorblax", "quiffle"], "a zorblax and a quiffle", 0
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 import struct
 from dataclasses import dataclass, field
@@ -273,13 +274,21 @@ def trigger_words_and_source(metadata: dict[str, str]) -> tuple[list[str], str |
 
 
 def _folder_weight(name: str, content) -> float:
-    """How much of the training a kohya dataset folder was: images × repeats, else caption tags."""
-    repeats = float(str(name).split("_", 1)[0]) if str(name).split("_", 1)[0].isdigit() else 1.0
-    if isinstance(content, dict):
-        if isinstance(content.get("img_count"), int | float):
-            return float(content["img_count"]) * float(content.get("n_repeats", repeats) or repeats)
-        return float(sum(v for v in content.values() if isinstance(v, int | float)))
-    return 0.0
+    """How much of the training a kohya dataset folder was: images × repeats, else caption tags.
+    Untrusted metadata: anything that is not a plain number counts as nothing."""
+
+    def number(value) -> float | None:
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else None
+
+    prefix = str(name).split("_", 1)[0]
+    repeats = float(prefix) if prefix.isdigit() else 1.0
+    if not isinstance(content, dict):
+        return 0.0
+    images = number(content.get("img_count"))
+    if images is not None:
+        return images * (number(content.get("n_repeats")) or repeats)
+    return float(sum(value for value in map(number, content.values()) if value is not None))
 
 
 def tag_frequencies(metadata: dict[str, str], limit: int = 10) -> list[tuple[str, int]]:
@@ -305,12 +314,19 @@ def lora_family(keys) -> str:
     """What a LoRA file is for, from its tensor names: "FLUX transformer", "UNet (SD 1.x / SDXL)",
     "text encoder only", or "unknown"."""
     keys = list(keys)
-    if any(part in key for key in keys for part in ("double_blocks", "single_blocks", "transformer_blocks")):
-        return "FLUX transformer"
+    # FLUX's own block names first (kohya FLUX files start with lora_unet_ too), then UNet names
+    # (SD and SDXL attention layers are also called transformer_blocks), then diffusers' FLUX.
     if any(
-        key.startswith(("lora_unet_", "unet.")) or "down_blocks" in key or "up_blocks" in key for key in keys
+        part in key
+        for key in keys
+        for part in ("double_blocks", "single_blocks", "single_transformer_blocks")
     ):
+        return "FLUX transformer"
+    unet_parts = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks")
+    if any(key.startswith(("lora_unet_", "unet.")) or any(p in key for p in unet_parts) for key in keys):
         return "UNet (SD 1.x / SDXL)"
+    if any(key.startswith(("transformer.", "diffusion_model.")) for key in keys):
+        return "FLUX transformer"
     if keys and all(key.startswith(("lora_te", "text_encoder")) for key in keys):
         return "text encoder only"
     return "unknown"

@@ -102,12 +102,15 @@ class _FusedLayer:
 
 
 def _fusable(layer: torch.nn.Module, adapters: Sequence[str]) -> bool:
-    """A plain PEFT `lora.Linear` whose adapters are plain LoRA: no bias on B, no live dropout."""
+    """A plain PEFT `lora.Linear` whose adapters are plain LoRA: not merged, no DoRA or other
+    variant, no bias on B, no live dropout."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    if type(layer) is not LoraLinear:
+    if type(layer) is not LoraLinear or getattr(layer, "merged", False):
         return False
     for adapter in adapters:
+        if adapter in getattr(layer, "lora_variant", {}):
+            return False
         dropout = layer.lora_dropout[adapter]
         if getattr(layer.lora_B[adapter], "bias", None) is not None:
             return False
@@ -183,7 +186,7 @@ class LoraMasker:
         """Per rank slot: scaling × the adapter's mask for this pass (`[B, S, Σr]`, `[B, Σr]` or `[Σr]`)."""
         key = plan.cache_key
         coefficients = self._cache.get(key)
-        if coefficients is not None and coefficients.device == low.device and coefficients.dtype == low.dtype:
+        if coefficients is not None and coefficients.device == low.device:
             return coefficients
         masks = self._masks or {}
         per_adapter = [masks[a].for_layout(plan.layout) if a in masks else None for a in plan.adapters]
@@ -195,7 +198,8 @@ class LoraMasker:
             coefficients = stacked.repeat_interleave(plan.ranks.to(stacked.device), dim=-1) * plan.scales.to(
                 stacked.device
             )
-        coefficients = coefficients.to(device=low.device, dtype=low.dtype)
+        # float32, as PEFT's Python-float scaling is: a bf16 0.8 would be 0.80078.
+        coefficients = coefficients.to(device=low.device, dtype=torch.float32)
         self._cache[key] = coefficients
         return coefficients
 
@@ -204,11 +208,15 @@ class LoraMasker:
             result = layer.base_layer(x, *args, **kwargs)
             if layer.disable_adapters:
                 return result
+            if plan.down.device != x.device:
+                # Model CPU offload moves the layer's own weights to the GPU, not these copies.
+                plan.down, plan.up = plan.down.to(x.device), plan.up.to(x.device)
             low = torch.nn.functional.linear(x.to(plan.down.dtype), plan.down)
             coefficients = self._coefficients(plan, low)
             if coefficients.ndim > 1:
                 _check_shape(coefficients, low, "+".join(plan.adapters), plan.name, plan.layout)
-            return (result + torch.nn.functional.linear(low * coefficients, plan.up)).to(result.dtype)
+            scaled = (low.float() * coefficients).to(plan.up.dtype)
+            return (result + torch.nn.functional.linear(scaled, plan.up)).to(result.dtype)
 
         return forward
 
@@ -230,7 +238,7 @@ class LoraMasker:
         """The masked op on every adapted layer while inside; the model is exactly as before on exit,
         even on error (hooks removed, layers' own forward back)."""
         handles = []
-        replaced: list[torch.nn.Module] = []
+        replaced: list[tuple[torch.nn.Module, object]] = []
         everyone = self.masked + self.unmasked
         try:
             found = dict.fromkeys(self.masked, False)
@@ -242,11 +250,13 @@ class LoraMasker:
                 if not adapters:
                     continue
                 for adapter in adapters:
-                    _check_maskable(layer, adapter, name)
-                    found[adapter] = True
+                    if adapter in self.masked:
+                        _check_maskable(layer, adapter, name)
+                        found[adapter] = True
                 if self.op == "fused" and _fusable(layer, adapters):
+                    # An instance `forward` may already be there (accelerate's offload hooks): kept and put back.
+                    replaced.append((layer, layer.__dict__.get("forward")))
                     layer.forward = self._fused_forward(layer, self._plan(name, layer, adapters))
-                    replaced.append(layer)
                     continue
                 layout = self.layout_of(name)
                 for adapter in adapters:
@@ -256,24 +266,31 @@ class LoraMasker:
                         )
             missing = [adapter for adapter, seen in found.items() if not seen]
             if missing:
-                raise RuntimeError(f"Adapter {missing[0]!r} adapts no layer of the model.")
+                raise MaskingError(f"Adapter {missing[0]!r} adapts no layer of the model.")
             yield self
         finally:
             for handle in handles:
                 handle.remove()
-            for layer in replaced:
-                del layer.forward  # the instance attribute; the class's forward is back
+            for layer, previous in replaced:
+                if previous is None:
+                    del layer.forward  # the instance attribute; the class's forward is back
+                else:
+                    layer.forward = previous
             self.set_masks(None)
+
+
+class MaskingError(ValueError):
+    """A subject LoRA that cannot be masked per token (fused into the weights, DoRA, ...)."""
 
 
 def _check_maskable(layer: torch.nn.Module, adapter: str, name: str) -> None:
     if getattr(layer, "merged", False):
-        raise RuntimeError(
+        raise MaskingError(
             f"Adapter {adapter!r} is fused into the weights of {name!r}; a fused LoRA cannot be masked. Call "
             "`pipeline.unfuse_lora()` first."
         )
     if adapter in getattr(layer, "lora_variant", {}):
-        raise RuntimeError(
+        raise MaskingError(
             f"Adapter {adapter!r} is a DoRA/variant adapter on {name!r}; only plain LoRA can be masked per token."
         )
 
@@ -301,12 +318,18 @@ def adapters_for_run(pipeline, names: Sequence[str], weights: Sequence[float]) -
         if isinstance(component, torch.nn.Module):
             for module in component.modules():
                 if isinstance(module, BaseTunerLayer):
-                    saved.append((module, list(module.active_adapters), dict(getattr(module, "scaling", {}))))
+                    grads = {name: p.requires_grad for name, p in module.named_parameters()}
+                    saved.append(
+                        (module, list(module.active_adapters), dict(getattr(module, "scaling", {})), grads)
+                    )
     try:
         pipeline.set_adapters(list(names), adapter_weights=list(weights))
         yield
     finally:
-        for module, active, scaling in saved:
-            module.set_adapter(active)
+        for module, active, scaling, grads in saved:
+            module.set_adapter(active)  # PEFT also switches requires_grad here: put it back below
             if scaling:
                 module.scaling.update(scaling)
+            for name, parameter in module.named_parameters():
+                if name in grads:
+                    parameter.requires_grad_(grads[name])

@@ -221,13 +221,6 @@ class GenerationSettings(BaseModel):
             return value[0]
         return value
 
-    @property
-    def blocks(self) -> list[int] | None:
-        """The tapped blocks as a list (None: the model's default)."""
-        return (
-            None if self.block is None else [self.block] if isinstance(self.block, int) else list(self.block)
-        )
-
     @field_validator("max_sequence_length")
     @classmethod
     def _check_length(cls, value: int | None) -> int | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import dataclasses
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -80,12 +81,13 @@ class CapturedAttention:
     @staticmethod
     def concat(captures: list[CapturedAttention]) -> CapturedAttention:
         """Several steps' captures as one, their blocks side by side on the C axis."""
-        fields = ("q_text", "q_img", "k_img", "k_text", "o_img")
-        return CapturedAttention(**{f: torch.cat([getattr(c, f) for c in captures], dim=1) for f in fields})
+        names = [item.name for item in dataclasses.fields(CapturedAttention)]
+        return CapturedAttention(**{n: torch.cat([getattr(c, n) for c in captures], dim=1) for n in names})
 
     def cpu(self) -> CapturedAttention:
-        fields = ("q_text", "q_img", "k_img", "k_text", "o_img")
-        return CapturedAttention(**{f: getattr(self, f).cpu() for f in fields})
+        return CapturedAttention(
+            **{item.name: getattr(self, item.name).cpu() for item in dataclasses.fields(self)}
+        )
 
 
 class AttentionTap(Protocol):

@@ -62,8 +62,12 @@ def shared_sinks(
     k = math.floor(n_img * p_sink)
     candidates = torch.zeros(n_img, dtype=torch.bool, device=k_img.device)
     if k > 0:
-        mean_row = head_mean_attention(q_text, k_img, chunk_elements).mean(dim=0)
-        candidates[mean_row.topk(k).indices] = True
+        n_text = q_text.shape[1]
+        total = torch.zeros(n_img, device=k_img.device)
+        rows = max(1, chunk_elements // n_img)  # text rows at a time: memory O(rows * N)
+        for start in range(0, n_text, rows):
+            total += head_mean_attention(q_text[:, start : start + rows], k_img, chunk_elements).sum(dim=0)
+        candidates[total.topk(k).indices] = True
     return candidates
 
 

@@ -109,14 +109,15 @@ def image_to_text_shares(
     n_text = k_text.shape[1]
     scale = 1.0 / math.sqrt(dim)
     keys = k_text.float()
-    totals = torch.zeros(n_img, n_text, device=q_img.device)
+    columns = [sorted(set(tokens)) for tokens in token_sets]
+    shares = torch.zeros(len(token_sets), n_img, device=q_img.device)
     rows = max(1, chunk_elements // max(1, heads * n_text))
     for start in range(0, n_img, rows):
         queries = q_img[:, start : start + rows].float()
-        totals[start : start + rows] = torch.softmax(queries @ keys.transpose(1, 2) * scale, dim=-1).mean(
-            dim=0
-        )
-    return torch.stack([totals[:, sorted(set(tokens))].mean(dim=1) for tokens in token_sets])
+        probs = torch.softmax(queries @ keys.transpose(1, 2) * scale, dim=-1).mean(dim=0)  # [rows, T]
+        for index, tokens in enumerate(columns):
+            shares[index, start : start + rows] = probs[:, tokens].mean(dim=1)
+    return shares
 
 
 def as_distribution(maps: torch.Tensor) -> torch.Tensor:

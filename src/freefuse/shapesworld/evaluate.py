@@ -213,18 +213,22 @@ class SampleStore:
 
     Each sample is `<folder>/<key>.json` (its record, written last) with one PNG per method and
     FreeFuse's masks beside it; the key hashes what decides the sample (subjects, prompt, seed,
-    steps, methods), so a changed configuration recomputes. Files are written atomically.
+    steps, methods, and `identity`: the model, the LoRA files' hashes, FreeFuse's version), so a
+    changed configuration or other weights recompute. Files are written atomically.
     """
 
-    def __init__(self, folder: Path, config: EvalConfig) -> None:
+    def __init__(self, folder: Path, config: EvalConfig, identity: list | None = None) -> None:
         self.folder = folder
         self.config = config
+        self.identity = list(identity or [])
 
     def key(self, *parts) -> str:
         import hashlib
         import json
 
-        fingerprint = json.dumps([*parts, self.config.steps, list(self.config.methods)], sort_keys=True)
+        fingerprint = json.dumps(
+            [*parts, self.config.steps, list(self.config.methods), self.identity], sort_keys=True, default=str
+        )
         return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
 
     def load(self, key: str) -> dict | None:
@@ -578,7 +582,18 @@ def run_evaluation(
     check_free(list(files.values()), overwrite)
     report = on_progress or (lambda stage, done, total: None)
     evaluator = Evaluator(model_dir, lora_dir)
-    store = SampleStore(out / "samples", config)
+    from .. import __version__
+
+    identity = [
+        str(model_dir or "committed"),
+        sorted(subject.sha256 or "" for subject in evaluator.subjects.values()),
+        __version__,
+    ]
+    if overwrite and (out / "samples").is_dir():
+        import shutil
+
+        shutil.rmtree(out / "samples")  # --overwrite: start again, keep nothing of an earlier run
+    store = SampleStore(out / "samples", config, identity)
     evaluation = evaluate(
         config, evaluator, on_step=lambda done, total: report("evaluating", done, total), store=store
     )
