@@ -599,3 +599,115 @@ def test_fuzz_valid_header_with_random_tensor_bytes(tmp_path) -> None:
         path.write_bytes(bytes(mutated))
         with contextlib.suppress(LoraFileError):  # refused cleanly, or read: both fine
             read_lora_file(path)
+
+
+# JSON the way a hostile or broken writer might put it in a safetensors header.
+JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8,
+)
+TENSOR_ENTRY = st.fixed_dictionaries(
+    {},
+    optional={
+        "dtype": st.sampled_from(["F32", "F16", "I8", "BOOL"]) | JSON_VALUES,
+        "shape": st.lists(st.integers(-2, 8), max_size=3) | JSON_VALUES,
+        "data_offsets": st.lists(st.integers(-(2**65), 2**65), min_size=2, max_size=2)
+        | st.lists(st.integers(0, 64), min_size=2, max_size=2)
+        | JSON_VALUES,
+    },
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    tensors=st.dictionaries(st.text(min_size=1, max_size=12), TENSOR_ENTRY | JSON_VALUES, max_size=3),
+    metadata=JSON_VALUES,
+    payload=st.binary(max_size=64),
+)
+def test_fuzz_the_header_json_structure(tmp_path, tensors, metadata, payload) -> None:
+    from freefuse.lora import describe_lora
+
+    header = {**tensors, "__metadata__": metadata}
+    raw = json.dumps(header).encode()
+    path = tmp_path / "header.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + payload)
+    for read in (read_lora_file, describe_lora):
+        with contextlib.suppress(LoraFileError):  # refused cleanly, or read: both fine
+            read(path)
+
+
+def never_loaded_model(assets: Path, tmp_path: Path) -> Path:
+    """A model folder that passes every check made before loading and fails loudly if loaded."""
+    import shutil
+
+    folder = tmp_path / "never-loaded"
+    if not folder.exists():
+        shutil.copytree(assets / "model", folder)
+        weights = folder / "transformer" / "diffusion_pytorch_model.safetensors"
+        weights.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")  # valid-looking, no tensors
+    return folder
+
+
+def test_lora_contents_that_are_not_weights_are_refused_by_name(assets, tmp_path) -> None:
+    state = random_lora_state_dict(tiny_flux_pipeline(seed=0).transformer, seed=1)
+    first = sorted(state)[0]
+    for label, broken_value in (
+        ("int8", state[first].to(torch.int8)),
+        ("bool", state[first] > 0),
+        ("NaN", state[first].clone().fill_(float("nan"))),
+        ("infinite", state[first].clone().fill_(float("inf"))),
+    ):
+        path = tmp_path / f"{label}.safetensors"
+        save_file({**state, first: broken_value}, str(path))
+        result = generate(
+            assets, tmp_path / "o", loras=[f"{path}=Alice", f"{assets / 'bob.safetensors'}=Bob"]
+        )
+        expected = "NaN or infinite" if label in ("NaN", "infinite") else "floating point"
+        assert_user_error(result, f"{path.name}: tensor {first!r}", expected)
+        assert_nothing_written(tmp_path / "o")
+
+
+def test_subjects_sharing_or_overlapping_words_are_refused_before_loading(assets, tmp_path) -> None:
+    model = never_loaded_model(assets, tmp_path)
+    alice, bob = f"{assets / 'alice.safetensors'}", f"{assets / 'bob.safetensors'}"
+    same = generate(
+        assets, tmp_path / "o", loras=[f"{alice}=ohwx", f"{bob}=ohwx"], prompt="ohwx and ohwx", model=model
+    )
+    assert_user_error(
+        same, "LoRAs 'alice' and 'bob' share the activation word 'ohwx'", "give each LoRA a word"
+    )
+    overlap = generate(
+        assets,
+        tmp_path / "o",
+        loras=[f"{alice}=Alice", f"{bob}=Alice hugging"],
+        prompt="Alice hugging",
+        model=model,
+    )
+    assert_user_error(overlap, "overlapping activation words 'Alice' and 'Alice hugging'")
+    merge = generate(
+        assets, tmp_path / "m", "--method", "merge", loras=[f"{alice}=ohwx", f"{bob}=ohwx"], prompt="ohwx"
+    )
+    assert merge.exit_code == 0, merge.output  # merge does not tell subjects apart: nothing to refuse
+    freefuse = FreeFuse(tiny_flux_pipeline(seed=0))
+    for name in ("alice", "bob"):
+        random_lora(freefuse.pipeline, name, seed=1)
+        freefuse.use_adapter(name, words=["ohwx"])
+    with pytest.raises(ValueError, match="share the activation word 'ohwx'"):
+        freefuse("ohwx and ohwx", height=64, width=64, num_inference_steps=2, progress=False)
+
+
+def test_a_changed_file_in_a_cache_blob_folder_gets_its_real_hash(tmp_path) -> None:
+    import hashlib
+
+    from freefuse.files import sha256_file
+
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    claimed = hashlib.sha256(b"what was downloaded").hexdigest()
+    (blobs / claimed).write_bytes(b"what is there now")
+    assert sha256_file(blobs / claimed) == hashlib.sha256(b"what is there now").hexdigest()

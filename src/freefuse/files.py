@@ -87,15 +87,10 @@ def write_json(path: str | Path, value, overwrite: bool = True) -> Path:
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file. Files in a Hugging Face cache are named by it already, so no read is needed."""
-    path = Path(path)
-    target = path.resolve()
-    if (
-        target.parent.name == "blobs"
-        and len(target.name) == 64
-        and all(c in "0123456789abcdef" for c in target.name)
-    ):
-        return target.name
+    """SHA-256 of what the file holds now. (A Hugging Face cache names its blobs by their hash, but
+    a blob can be changed after download: the name is not trusted.) Big model files are hashed
+    once per size and mtime by `manifest.cached_sha256`."""
+    target = Path(path).resolve()
     digest = hashlib.sha256()
     with open(target, "rb") as handle:
         while block := handle.read(chunk):

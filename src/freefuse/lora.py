@@ -107,20 +107,40 @@ def read_header(path: Path) -> dict:
         raise LoraFileError(f"{path} has a corrupt safetensors header ({error}).") from None
     if not isinstance(header, dict):
         raise LoraFileError(f"{path} has a corrupt safetensors header (not a JSON object).")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict):
+        raise LoraFileError(f"{path} has a corrupt safetensors header (`__metadata__` is not an object).")
     end = 0
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        offsets = info.get("data_offsets") if isinstance(info, dict) else None
-        if not (isinstance(offsets, list) and len(offsets) == 2):
-            raise LoraFileError(f"{path} has a corrupt safetensors header (tensor {key!r}).")
-        end = max(end, int(offsets[1]))
+        problem = _header_entry_problem(info, size)
+        if problem:
+            raise LoraFileError(f"{path} has a corrupt safetensors header: tensor {key[:80]!r} {problem}.")
+        end = max(end, info["data_offsets"][1])
     if 8 + header_size + end > size:
         raise LoraFileError(
             f"{path} is truncated: its tensors need {8 + header_size + end} bytes but the file has {size}. "
             "Download it again."
         )
     return header
+
+
+def _header_entry_problem(info, size: int) -> str | None:
+    """What is wrong with one tensor's header entry, or None."""
+    if not isinstance(info, dict):
+        return "is not an object"
+    offsets, shape, dtype = info.get("data_offsets"), info.get("shape"), info.get("dtype")
+    whole = lambda value: isinstance(value, int) and not isinstance(value, bool)  # noqa: E731
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(whole(v) for v in offsets)):
+        return "has no [begin, end] pair of whole-number offsets"
+    if not 0 <= offsets[0] <= offsets[1] <= size:
+        return f"has offsets {offsets} outside the file"
+    if not (isinstance(shape, list) and all(whole(v) and 0 <= v < 1 << 40 for v in shape)):
+        return "has a shape that is not a list of sizes"
+    if not isinstance(dtype, str):
+        return "has no dtype"
+    return None
 
 
 def header_metadata(header: dict) -> dict[str, str]:
@@ -146,6 +166,8 @@ def read_lora_file(path: str | Path) -> LoraFile:
         raise LoraFileError(f"{path} could not be read as safetensors: {error}") from None
     if not state_dict:
         raise LoraFileError(f"{path} holds no tensors; it is not a LoRA.")
+    for key, tensor in state_dict.items():
+        check_lora_tensor(path, key, tensor)
     return LoraFile(
         path=path,
         sha256=sha256_file(path),
@@ -153,6 +175,32 @@ def read_lora_file(path: str | Path) -> LoraFile:
         metadata=metadata,
         layout=detect_layout(state_dict),
     )
+
+
+def check_lora_tensor(path: Path, key: str, tensor: torch.Tensor) -> None:
+    """LoRA weights are finite floating-point numbers; name the file and tensor when not."""
+    if not tensor.is_floating_point():
+        raise LoraFileError(
+            f"{path.name}: tensor {key!r} holds {str(tensor.dtype).removeprefix('torch.')} values; LoRA weights "
+            "are floating point (the file is quantized, damaged or not a LoRA)."
+        )
+    if not bool(torch.isfinite(tensor).all()):
+        raise LoraFileError(
+            f"{path.name}: tensor {key!r} holds NaN or infinite values; the file is damaged (download or export "
+            "it again)."
+        )
+
+
+def check_lora_contents(path: Path) -> None:
+    """Every tensor of a LoRA file checked, one at a time (before any model loads)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                check_lora_tensor(path, key, handle.get_tensor(key))
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise LoraFileError(f"{path} could not be read as safetensors: {error}") from None
 
 
 def detect_layout(state_dict: dict[str, torch.Tensor]) -> str:

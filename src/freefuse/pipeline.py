@@ -36,7 +36,7 @@ from .lora import LoraFileError, read_lora_file
 from .masking import AdapterMask, LoraMasker, adapters_for_run, pass_masks
 from .methods import MaskInput, Method, RunContext, SubjectMasks, get_method
 from .settings import GenerationSettings
-from .tokens import WordNotFoundError, find_word, truncation_note
+from .tokens import WordNotFoundError, find_word, shared_word, truncation_note
 
 SCOPES = ("subject", "global")
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
@@ -324,6 +324,10 @@ class FreeFuse:
                     f"LoRA {subject.name!r} has no activation words and none in its metadata; pass words=[...] "
                     "(CLI: --lora PATH=WORD)."
                 )
+        if method.needs_words:
+            clash = shared_word({s.name: s.words for s in self._masked_subjects(method)})
+            if clash:
+                raise ValueError(shared_word_message(*clash))
         for prompt in settings.prompts:
             note = truncation_note(backend.tokenizer, prompt, settings.max_sequence_length)
             if note:
@@ -628,6 +632,16 @@ def pass_masks_of(
             tokens, context.negative_positions, negative.num_text_tokens, scope, found.everywhere
         )
     return result
+
+
+def shared_word_message(name: str, other: str, word: str, other_word: str) -> str:
+    same = "the activation word" if word.lower() == other_word.lower() else "overlapping activation words"
+    shown = repr(word) if word.lower() == other_word.lower() else f"{word!r} and {other_word!r}"
+    return (
+        f"LoRAs {name!r} and {other!r} share {same} {shown}; FreeFuse finds each subject by its own words, so "
+        f"give each LoRA a word of its own (words=[...]; CLI: --lora PATH=WORD), e.g. trained default words such "
+        "as 'ohwx' replaced by the subject's name."
+    )
 
 
 def generators_from_caller(generator, latents) -> bool:

@@ -68,7 +68,7 @@ class RunSpec:
 
     def check(self) -> None:
         """Everything that needs no weights: model folder and architecture, LoRA files, sizes, masks."""
-        from .lora import check_lora_path
+        from .lora import check_lora_contents, check_lora_path
         from .methods import get_method
         from .models import architecture_of, check_model_source, pixels_per_token
 
@@ -87,6 +87,7 @@ class RunSpec:
         files: dict[Path, str] = {}
         for lora in self.loras:
             resolved = check_lora_path(lora.path, architecture).resolve()
+            check_lora_contents(resolved)
             if resolved in files:
                 raise SettingsError(f"LoRA file {lora.path} is given twice; give each LoRA once.")
             files[resolved] = lora.path
@@ -97,6 +98,8 @@ class RunSpec:
                 )
             names[lora.adapter_name] = lora.path
         method = get_method(self.settings.method)
+        if method.needs_words:
+            self._check_words()
         if self.masks is not None and not method.takes_masks:
             raise SettingsError(
                 f"--masks is only used with --method masks (method is {self.settings.method!r}); add --method masks "
@@ -110,6 +113,23 @@ class RunSpec:
             raise SettingsError(
                 f"--masks {self.masks}: no such file (use a .masks.json or .safetensors from `freefuse masks`)."
             )
+
+    def _check_words(self) -> None:
+        """Subjects sharing a word (given, or from their files' metadata) cannot be told apart."""
+        from .lora import header_metadata, read_header, trigger_words_from_metadata
+        from .pipeline import shared_word_message
+        from .tokens import shared_word
+
+        words = {}
+        for lora in self.loras:
+            if lora.scope == "subject":
+                given = lora.words or trigger_words_from_metadata(
+                    header_metadata(read_header(Path(lora.path)))
+                )
+                words[lora.adapter_name] = given
+        clash = shared_word(words)
+        if clash:
+            raise SettingsError(shared_word_message(*clash))
 
     def load(
         self,

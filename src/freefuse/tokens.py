@@ -109,3 +109,17 @@ def truncation_note(tokenizer, prompt: str, max_length: int) -> str | None:
         f"The prompt has {len(offsets)} tokens; the text encoder keeps {max_length}, so this part is cut: "
         f"{prompt[cut_from:]!r}"
     )
+
+
+def shared_word(words_by_subject: dict[str, list[str]]) -> tuple[str, str, str, str] | None:
+    """Two subjects whose activation words are the same or overlap ("Alice" in "Alice hugging"):
+    `(subject, other subject, its word, the other's word)`, or None. FreeFuse tells subjects apart
+    by their words, so such subjects cannot get masks of their own."""
+    names = list(words_by_subject)
+    for index, name in enumerate(names):
+        for other in names[index + 1 :]:
+            for word in words_by_subject[name]:
+                for other_word in words_by_subject[other]:
+                    if word_spans(other_word, word) or word_spans(word, other_word):
+                        return name, other, word, other_word
+    return None
