@@ -241,7 +241,7 @@ def test_user_mask_of_the_wrong_size(assets, tmp_path) -> None:
     masks = MaskSet(["alice", "bob"], torch.ones(2, 48, 48))
     masks.save(tmp_path / "m.json")
     result = generate(assets, tmp_path / "o", "--method", "masks", "--masks", str(tmp_path / "m.json"))
-    assert_user_error(result, "shape (48, 48)", "image size 64x64")
+    assert_user_error(result, "has 48x48 masks", "this run needs 64x64 or 4x4")
     freefuse = FreeFuse(tiny_flux_pipeline(seed=0))
     random_lora(freefuse.pipeline, "alice", seed=1)
     freefuse.use_adapter("alice", words=["Alice"])
@@ -481,22 +481,22 @@ def default_sigint() -> None:
 @pytest.mark.parametrize("delay", [0.3, 8.0], ids=["while-starting", "while-running"])
 def test_interrupted_run_leaves_no_file(assets, tmp_path, signum, delay) -> None:
     out = tmp_path / "o"
-    # Later options win: 30000 steps at 128x128 instead of the fast settings.
+    # Later options win: 1000 steps at 512x512 instead of the fast settings.
     command = [
         sys.executable,
         "-m",
         "freefuse",
         *generate_args_list(assets, out),
         "--steps",
-        "30000",
+        "1000",
         "--size",
-        "128x128",
+        "512x512",
     ]
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
     )
-    # 0.3 s: Python is still importing torch and diffusers. 8 s: loading or denoising (30000 steps
-    # take minutes). Neither may leave a file behind or print a traceback.
+    # 0.3 s: Python is still importing torch and diffusers. 8 s: loading or denoising (1000 steps
+    # at 512² take minutes). Neither may leave a file behind or print a traceback.
     time.sleep(delay)
     assert process.poll() is None, "the run ended before it could be interrupted"
     process.send_signal(signum)
@@ -711,3 +711,49 @@ def test_a_changed_file_in_a_cache_blob_folder_gets_its_real_hash(tmp_path) -> N
     claimed = hashlib.sha256(b"what was downloaded").hexdigest()
     (blobs / claimed).write_bytes(b"what is there now")
     assert sha256_file(blobs / claimed) == hashlib.sha256(b"what is there now").hexdigest()
+
+
+def test_broken_mask_files_are_refused_before_loading(assets, tmp_path) -> None:
+    from PIL import Image
+
+    model = never_loaded_model(assets, tmp_path)
+    good = MaskSet(["alice", "bob"], torch.ones(2, 64, 64))
+    cases = {}
+    folder = tmp_path / "corrupt"
+    good.save(folder / "m.json")
+    (folder / "m.0-alice.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    cases["corrupt PNG"] = (folder / "m.json", "cannot be read")
+    folder = tmp_path / "sizes"
+    good.save(folder / "m.json")
+    Image.new("L", (32, 32)).save(folder / "m.1-bob.png")
+    cases["different sizes"] = (folder / "m.json", "different sizes")
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    cases["a list"] = (listed, "JSON object")
+    empty = tmp_path / "empty.safetensors"
+    save_file({"other": torch.zeros(1)}, str(empty), metadata={"names": json.dumps(["alice", "bob"])})
+    cases["no masks tensor"] = (empty, "no `masks` tensor")
+    folder = tmp_path / "bomb"
+    good.save(folder / "m.json")
+    Image.new("1", (9000, 9000)).save(folder / "m.0-alice.png")  # tiny on disk, 81 megapixels
+    cases["decompression bomb"] = (folder / "m.json", "masks are at most")
+    for label, (path, message) in cases.items():
+        result = generate(assets, tmp_path / "o", "--method", "masks", "--masks", str(path), model=model)
+        assert_user_error(result, message)
+        assert_nothing_written(tmp_path / "o")
+        assert label
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--size", "100000x100000"], "more than 8192 pixels"),
+        (["--steps", "1000000000"], "more than 1000"),
+        (["--steps", str(2**63)], "more than 1000"),
+        (["--steps", "1e9"], "Invalid value for '--steps'"),
+    ],
+)
+def test_limits_are_stated_up_front(assets, tmp_path, flags, message) -> None:
+    result = generate(assets, tmp_path / "o", *flags, model=never_loaded_model(assets, tmp_path))
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert "Traceback" not in result.output

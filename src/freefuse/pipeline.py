@@ -101,6 +101,11 @@ class FreeFuseOutput:
     attention: list[dict | None] = field(default_factory=list)
 
 
+def default_adapter_name(path: str | Path) -> str:
+    """The adapter name a LoRA file gets when none is given: its file name, made safe."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).stem)[:64] or "lora"
+
+
 def _check_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise ValueError(
@@ -161,7 +166,7 @@ class FreeFuse:
         _check_scope(scope)
         weight = _check_weight(weight)
         path = Path(path)
-        name = _check_name(name or re.sub(r"[^A-Za-z0-9_.-]+", "_", path.stem)[:64] or "lora")
+        name = _check_name(name or default_adapter_name(path))
         words = _check_words(words, name)
         self._check_new_name(name)
         lora = read_lora_file(path)

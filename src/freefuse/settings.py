@@ -29,6 +29,10 @@ from .core import MaskConfig
 PAPER_MASK_STEP, PAPER_STEPS = 6, 28
 MAX_SEED = 2**63 - 1
 MAX_IMAGES = 256
+# Past these no model FreeFuse runs makes a useful image, and the run would fail deep inside
+# (attention memory grows with the square of the pixels: 8192² is 262 144 FLUX tokens).
+MAX_SIDE = 8192
+MAX_STEPS = 1000
 
 
 class SettingsError(ValueError):
@@ -166,6 +170,11 @@ class GenerationSettings(BaseModel):
     def _check_size(cls, value: int, info) -> int:
         if value <= 0:
             raise ValueError(f"`{info.field_name}` must be a positive whole number of pixels, got {value}.")
+        if value > MAX_SIDE:
+            raise ValueError(
+                f"`{info.field_name}` {value} is more than {MAX_SIDE} pixels; no supported model makes images that "
+                "large (and the attention alone would not fit in memory)."
+            )
         return value
 
     @field_validator("num_inference_steps", "num_images_per_prompt", "capture_steps")
@@ -173,6 +182,11 @@ class GenerationSettings(BaseModel):
     def _at_least_one(cls, value: int, info) -> int:
         if value < 1:
             raise ValueError(f"`{info.field_name}` must be >= 1, got {value}.")
+        if info.field_name == "num_inference_steps" and value > MAX_STEPS:
+            raise ValueError(
+                f"`num_inference_steps` {value} is more than {MAX_STEPS}; flow-matching samplers gain nothing past "
+                "a few dozen steps (FLUX.1-dev: 28)."
+            )
         return value
 
     @field_validator("guidance_scale", "true_cfg_scale")

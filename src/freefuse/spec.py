@@ -53,7 +53,9 @@ class LoraSpec(BaseModel):
 
     @property
     def adapter_name(self) -> str:
-        return self.name or Path(self.path).stem
+        from .pipeline import default_adapter_name
+
+        return self.name or default_adapter_name(self.path)
 
 
 @dataclass
@@ -112,6 +114,29 @@ class RunSpec:
         if self.masks is not None and not Path(self.masks).is_file():
             raise SettingsError(
                 f"--masks {self.masks}: no such file (use a .masks.json or .safetensors from `freefuse masks`)."
+            )
+        if self.masks is not None:
+            self._check_masks(multiple)
+
+    def _check_masks(self, multiple: int | None) -> None:
+        """The mask file read whole, its names and size checked, before any model loads."""
+        from .core import MaskSet
+
+        try:
+            mask_set = MaskSet.load(self.masks)
+        except ValueError as error:
+            raise SettingsError(f"--masks: {error}") from None
+        subjects = [lora.adapter_name for lora in self.loras if lora.scope == "subject"]
+        missing = [name for name in subjects if name not in mask_set.names]
+        if missing:
+            raise SettingsError(f"--masks {self.masks} has no mask for {missing}; it has {mask_set.names}.")
+        size = (self.settings.height, self.settings.width)
+        sizes = [size] + ([(size[0] // multiple, size[1] // multiple)] if multiple else [])
+        if mask_set.size not in sizes:
+            wanted = " or ".join(f"{h}x{w}" for h, w in sizes)
+            raise SettingsError(
+                f"--masks {self.masks} has {mask_set.size[0]}x{mask_set.size[1]} masks; this run needs {wanted} "
+                "(H x W: the image, or its token grid)."
             )
 
     def _check_words(self) -> None:

@@ -25,6 +25,7 @@ PALETTE = [
     (204, 121, 167),
 ]
 MAX_SUBJECTS_IN_FILE = 256
+MAX_MASK_PIXELS = 8192 * 8192
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
 
@@ -124,26 +125,39 @@ class MaskSet:
 
     @classmethod
     def load(cls, path: str | Path) -> MaskSet:
-        """Load what `save` wrote. PNG paths in the JSON must stay inside its folder."""
+        """Load what `save` wrote. Untrusted input: every way a file can be wrong is a ValueError
+        naming it (PNG paths in the JSON must stay inside its folder; sizes are bounded)."""
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"Mask file {path} does not exist.")
+            raise FileNotFoundError(f"Mask file {path} does not exist (or is not a regular file).")
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
+            from safetensors import SafetensorError, safe_open
 
-            with safe_open(str(path), framework="pt") as handle:
-                names = json.loads((handle.metadata() or {}).get("names", "null") or "null")
-                masks = handle.get_tensor("masks")
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    names = json.loads((handle.metadata() or {}).get("names", "null") or "null")
+                    if "masks" not in handle.keys():  # noqa: SIM118 (not a mapping)
+                        raise ValueError(f"{path} holds no `masks` tensor; it was not written by FreeFuse.")
+                    masks = handle.get_tensor("masks")
+            except (SafetensorError, OSError, json.JSONDecodeError) as error:
+                raise ValueError(f"{path} is not a readable mask file: {error}") from None
             if not isinstance(names, list):
                 raise ValueError(
                     f"{path} has no subject names in its metadata; it was not written by FreeFuse."
                 )
+            if masks.ndim != 3 or masks.shape[1] * masks.shape[2] > MAX_MASK_PIXELS:
+                raise ValueError(f"{path}: masks of shape {tuple(masks.shape)}; expected [subjects, H, W].")
             return cls(names, masks)
         if path.suffix != ".json":
             raise ValueError(f"Load masks from a `.json` or `.safetensors` file, got {path.name!r}.")
         if path.stat().st_size > 1 << 20:
             raise ValueError(f"{path} is larger than 1 MiB; a mask index is a short JSON file.")
-        index = json.loads(path.read_text())
+        try:
+            index = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(index, dict):
+            raise ValueError(f"{path} must be a JSON object with `names` and `files`.")
         names, files = index.get("names"), index.get("files")
         if not isinstance(names, list) or not isinstance(files, list) or len(names) != len(files):
             raise ValueError(f"{path} must list `names` and `files` of equal length.")
@@ -158,6 +172,9 @@ class MaskSet:
                     f"Mask file {file!r} in {path} points outside its folder; refusing to read it."
                 )
             masks.append(load_mask_image(file_path))
+        sizes = sorted({tuple(mask.shape) for mask in masks})
+        if len(sizes) > 1:
+            raise ValueError(f"The mask images of {path} have different sizes {sizes}; they must share one.")
         return cls(names, torch.stack(masks) if masks else torch.zeros(0, 1, 1))
 
     # -- pictures ----------------------------------------------------------------------------
@@ -203,10 +220,23 @@ def draw_legend(image: Image.Image, entries: list[tuple[str, tuple[int, int, int
 
 
 def load_mask_image(path: str | Path) -> torch.Tensor:
-    """A grey-level image file as an `[H, W]` float mask in [0, 1] (colour images are averaged)."""
+    """A grey-level image file as an `[H, W]` float mask in [0, 1] (colour images are averaged).
+
+    Refused with a ValueError: a file that is not an image, a damaged one, or one larger than
+    MAX_MASK_PIXELS (a decompression bomb: small on disk, gigabytes in memory).
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"Mask image {path} does not exist.")
-    with Image.open(path) as image:
-        grey = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        raise FileNotFoundError(f"Mask image {path} does not exist (or is not a regular file).")
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            if width * height > MAX_MASK_PIXELS:
+                raise ValueError(
+                    f"Mask image {path.name} is {width}x{height} pixels; masks are at most {MAX_MASK_PIXELS} pixels "
+                    "(an image's size)."
+                )
+            grey = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except (OSError, Image.DecompressionBombError, SyntaxError) as error:
+        raise ValueError(f"Mask image {path.name} cannot be read: {error}") from None
     return torch.from_numpy(grey)
