@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import pickle
 import signal
 import subprocess
@@ -757,3 +758,93 @@ def test_limits_are_stated_up_front(assets, tmp_path, flags, message) -> None:
     result = generate(assets, tmp_path / "o", *flags, model=never_loaded_model(assets, tmp_path))
     assert result.exit_code == 2 and message in result.output, result.output
     assert "Traceback" not in result.output
+
+
+# -- outputs, round two --------------------------------------------------------------------------------
+
+
+def test_an_output_folder_that_cannot_be_written_is_refused_before_loading(
+    assets, tmp_path, monkeypatch
+) -> None:
+    import errno
+    import tempfile as tempfile_module
+
+    model = never_loaded_model(assets, tmp_path)
+    a_file = tmp_path / "taken.txt"
+    a_file.write_text("x")
+    assert_user_error(generate(assets, a_file, model=model), "is a file, not a folder")
+    assert_user_error(generate(assets, Path("/dev/full"), model=model), "is a file, not a folder")
+
+    def no_permission(*args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(tempfile_module, "TemporaryFile", no_permission)
+    assert_user_error(
+        generate(assets, tmp_path / "locked", model=model), "cannot be written", "Permission denied"
+    )
+
+
+@pytest.mark.parametrize("failing_write", [1, 3, 6])
+def test_a_full_disk_leaves_nothing_and_says_so(assets, tmp_path, monkeypatch, failing_write) -> None:
+    import errno
+
+    import freefuse.files as files_module
+
+    original = files_module._temporary
+    calls = {"count": 0}
+
+    def full_disk(path, data):
+        calls["count"] += 1
+        if calls["count"] == failing_write:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return original(path, data)
+
+    monkeypatch.setattr(files_module, "_temporary", full_disk)
+    out = tmp_path / "o"
+    result = generate(assets, out)
+    assert_user_error(result, "No space left on device", "Nothing of this run was kept")
+    assert_nothing_written(out)
+    monkeypatch.setattr(files_module, "_temporary", original)
+    assert generate(assets, out).exit_code == 0  # the next run starts clean, no --overwrite needed
+
+
+KILLER = """
+import os, signal, sys
+import freefuse.files as files
+count = {"n": 0}
+real_replace = os.replace
+def replace(src, dst):
+    count["n"] += 1
+    if count["n"] == int(os.environ["KILL_AT"]):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(src, dst)
+files.os.replace = replace
+from freefuse.__main__ import main
+sys.argv = ["freefuse", *sys.argv[1:]]
+main()
+"""
+
+
+def test_sigkill_at_any_write_leaves_either_a_finished_run_or_one_the_next_run_replaces(
+    assets, tmp_path
+) -> None:
+    out = tmp_path / "o"
+    args = generate_args_list(assets, out)
+    files = None
+    for kill_at in range(1, 8):
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        env = {**os.environ, "KILL_AT": str(kill_at)}
+        done = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True, text=True)
+        finished = (out / "freefuse.json").exists()
+        if done.returncode == 0:
+            files = sorted(p.name for p in out.iterdir())
+            break  # this run made fewer writes than kill_at: all of them were checked
+        assert done.returncode == -signal.SIGKILL, done.stderr
+        assert not finished, f"a manifest was written though the run was killed at write {kill_at}"
+        again = cli(*args)  # no --overwrite: leftovers of a killed run are not a finished output
+        assert again.exit_code == 0, again.output
+        assert (out / "freefuse.json").exists() and not list(out.glob(".*.part"))
+    assert files is not None and "freefuse.json" in files and kill_at > 4

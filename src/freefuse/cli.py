@@ -9,6 +9,7 @@ shows tracebacks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
@@ -37,8 +38,7 @@ from rich.progress import (
 from rich.table import Table
 
 from . import __version__
-from .files import check_free
-from .outputs import output_paths, write_outputs
+from .outputs import check_outputs, output_paths, write_outputs
 from .settings import CLI_FLAGS, GenerationSettings
 
 if TYPE_CHECKING:
@@ -56,6 +56,8 @@ app = typer.Typer(
 console = Console(stderr=True, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 1000)
 STATE = {"debug": False}
 EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
+# Storage problems are the user's to fix (space, permissions, a read-only disk), not bugs.
+STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 class UserError(Exception):
@@ -126,6 +128,17 @@ def command(function: Callable) -> Callable:
             if STATE["debug"]:
                 raise
             console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_USER) from None
+        except OSError as error:
+            if STATE["debug"] or error.errno not in STORAGE_ERRORS:
+                raise
+            where = f" {error.filename}" if error.filename else ""
+            console.print(
+                f"[bold red]error:[/] could not write{escape(where)}: {escape(error.strerror or str(error))}. Nothing "
+                "of this run was kept; free some space or pick another --out.",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(EXIT_USER) from None
         except Exception as error:
             if STATE["debug"]:
@@ -212,7 +225,8 @@ def _progress() -> Progress:
 
 
 def _check_outputs_free(paths: list[dict[str, Path]], overwrite: bool) -> None:
-    check_free([path for files in paths for path in files.values()], overwrite)
+    for note in check_outputs(paths, overwrite):
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
 def execute(freefuse, settings, masks=None, stop_after_masks: bool = False):

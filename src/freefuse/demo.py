@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from .files import atomic_save, check_free
 from .models import SHAPESWORLD, TINY, architecture_of, cached_model, load_pipeline
-from .outputs import output_paths, write_outputs
+from .outputs import check_outputs, output_paths, write_outputs
 from .settings import GenerationSettings, parse_size
 
 if TYPE_CHECKING:
@@ -149,7 +149,8 @@ def run_demo(
     paths = output_paths(out, "demo", 1)[0]
     extra = {"merge": out / "demo-merge.png", "compare": out / "demo-compare.png"} if plan.compare else {}
     loras = [out / LORA_FOLDER / f"{name}.safetensors" for name, _ in plan.subjects]
-    check_free([*paths.values(), *extra.values(), *loras], overwrite)
+    check_outputs([paths], overwrite)
+    check_free([*extra.values(), *loras], overwrite)
     pipeline = load_pipeline(plan.model, device=device, dtype=dtype, offload=offload)
     freefuse = FreeFuse(pipeline)
     for path, (name, word) in zip(_lora_files(plan, pipeline, out / LORA_FOLDER), plan.subjects, strict=True):

@@ -8,6 +8,7 @@ kill leaves either the old file or the new one, never half of one.
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -30,6 +31,10 @@ _FILE_MODE = 0o666 & ~_current_umask()
 
 class OutputExistsError(FileExistsError):
     """An output file is already there and overwriting was not allowed."""
+
+
+class OutputFolderError(ValueError):
+    """The output folder cannot be written (permissions, a read-only disk, not a folder)."""
 
 
 def check_free(paths: list[Path], overwrite: bool) -> None:
@@ -63,6 +68,74 @@ def atomic_open(path: str | Path, mode: str = "wb", overwrite: bool = True) -> I
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _temporary(path: Path, data: bytes) -> Path:
+    """`data` in a flushed temporary file beside `path` (same file system, so a rename is atomic)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, _FILE_MODE)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return Path(tmp)
+
+
+def write_all(files: dict[Path, bytes], overwrite: bool = False) -> list[Path]:
+    """Write several files as one unit: every file to a temporary name first, then all renamed in
+    order (put the file that marks completion, a manifest, last). On any error nothing new is left:
+    temporary files are removed, and so are the files this call had already put in place.
+    Existing files are replaced only with `overwrite`."""
+    paths = [Path(path) for path in files]
+    if not overwrite:
+        check_free(paths, overwrite=False)
+    temporaries: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for path, data in zip(paths, files.values(), strict=True):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporaries.append((_temporary(path, data), path))
+        for tmp, path in temporaries:
+            existed = path.exists()
+            os.replace(tmp, path)
+            if not existed:
+                placed.append(path)
+    except BaseException:
+        for tmp, _ in temporaries:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+        for path in placed:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+        raise
+    return paths
+
+
+def remove_stale_parts(folder: Path, stem: str) -> None:
+    """Temporary files a killed run left for the outputs named `<stem>.*` (`.<name>.<random>.part`)."""
+    for stale in Path(folder).glob(f".{glob.escape(stem)}.*.part"):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+
+
+def check_output_folder(folder: Path) -> None:
+    """The output folder can be written (made if missing), checked before any model loads."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"--out {folder} is a file, not a folder; give a folder for the outputs.")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise OutputFolderError(
+            f"--out {folder} cannot be written ({error.strerror or error}); pick a folder you can write to."
+        ) from None
 
 
 def atomic_write(path: str | Path, data: bytes | str, overwrite: bool = True) -> Path:

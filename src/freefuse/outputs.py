@@ -1,15 +1,18 @@
-"""Writing a run's files: the image (settings in a PNG text chunk), mask overlay, masks, manifest.
+"""Writing a run's files: the image (settings in PNG text chunks), mask overlay, masks, manifest.
 
-Every file is written atomically; the manifest goes last, so a manifest on disk means the rest is there.
+A run's files are written as one unit (`files.write_all`): all to temporary names, then renamed,
+each image's manifest after its other files, so a manifest on disk means the rest is there, and a
+failure leaves nothing new behind.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import json
 from pathlib import Path
 
-from .files import atomic_save, write_json
+from .files import OutputExistsError, check_output_folder, remove_stale_parts, write_all
 
 
 def output_paths(out: Path, stem: str, count: int) -> list[dict[str, Path]]:
@@ -28,24 +31,45 @@ def output_paths(out: Path, stem: str, count: int) -> list[dict[str, Path]]:
     return result
 
 
-def write_outputs(
-    output, paths: list[dict[str, Path]], overwrite: bool, masks_only: bool = False
-) -> list[list[Path]]:
-    """Image (PNG with the settings in a text chunk), mask overlay, masks, then the manifest.
+def check_outputs(paths: list[dict[str, Path]], overwrite: bool) -> list[str]:
+    """Before any model loads: the folders can be written, and no finished output would be replaced
+    without `overwrite`. A run counts as finished when its manifest is there; files of a run that
+    was killed before its manifest are leftovers and are replaced (said in the returned notes).
+    Temporary files a killed run left beside these outputs are removed."""
+    notes = []
+    for folder in sorted({files["manifest"].parent for files in paths}):
+        check_output_folder(folder)
+    for files in paths:
+        present = [path for path in files.values() if path.exists()]
+        if not present:
+            continue
+        if files["manifest"].exists() and not overwrite:
+            raise OutputExistsError(
+                f"{files['manifest']} already exists (a finished run); pass --overwrite (overwrite=True) to replace it."
+            )
+        if not files["manifest"].exists():
+            notes.append(
+                f"{', '.join(str(p) for p in present)} are left from a run stopped before its manifest; replacing them."
+            )
+    for files in paths:
+        remove_stale_parts(files["manifest"].parent, files["manifest"].stem)
+    return notes
 
-    Returns, per image, every file written (the manifest last).
-    """
+
+def encode_outputs(output, paths: list[dict[str, Path]], masks_only: bool = False) -> list[dict[Path, bytes]]:
+    """Per image, every file it writes and its bytes: image (settings in PNG text chunks), mask
+    overlay, masks, and the manifest last."""
     from PIL.PngImagePlugin import PngInfo
 
     manifest = output.manifest
-    written: list[list[Path]] = []
+    encoded = []
     for index, files in enumerate(paths):
-        done: list[Path] = []
         image = output.images[index]
         masks = output.masks[index]
         record = copy.deepcopy({**manifest, "images": [manifest["images"][index]]})
         record["outputs"] = {key: path.name for key, path in files.items()}
         located(record, files["manifest"].parent)
+        data: dict[Path, bytes] = {}
         if not masks_only:
             info = PngInfo()
             info.add_text(
@@ -64,21 +88,38 @@ def write_outputs(
                 ),
             )
             info.add_text("parameters", a1111_parameters(manifest, index))
-            done.append(
-                atomic_save(
-                    files["image"], lambda f, im=image, i=info: im.save(f, "PNG", pnginfo=i), overwrite
-                )
-            )
+            data[files["image"]] = _png(image, info)
         if masks is not None:
-            overlay = masks.overlay(image)
-            done.append(atomic_save(files["overlay"], lambda f, im=overlay: im.save(f, "PNG"), overwrite))
-            done.extend(masks.save(files["masks"], overwrite=overwrite))
+            data[files["overlay"]] = _png(masks.overlay(image))
+            data.update(masks.encode(files["masks"]))
         else:
             record["outputs"].pop("overlay")
             record["outputs"].pop("masks")
-        done.append(write_json(files["manifest"], record, overwrite=overwrite))
-        written.append(done)
-    return written
+        data[files["manifest"]] = (json.dumps(record, indent=2, default=str) + "\n").encode()
+        encoded.append(data)
+    return encoded
+
+
+def _png(image, info=None) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def write_outputs(
+    output, paths: list[dict[str, Path]], overwrite: bool, masks_only: bool = False
+) -> list[list[Path]]:
+    """Write a run's files as one unit (all images; each image's manifest after its other files):
+    on any failure (a full disk, a kill) nothing of the run is left. Returns, per image, its files.
+    """
+    check_outputs(paths, overwrite)
+    encoded = encode_outputs(output, paths, masks_only)
+    ordered = {path: data for files in encoded for path, data in files.items() if path.suffix != ".json"}
+    ordered.update(
+        {path: data for files in encoded for path, data in files.items() if path.suffix == ".json"}
+    )
+    write_all(ordered, overwrite=True)  # check_outputs decided what may be replaced
+    return [list(files) for files in encoded]
 
 
 def _quoted(text: str) -> str:

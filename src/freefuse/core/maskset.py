@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from ..files import atomic_save, atomic_write
+from ..files import write_all
 
 # Distinct, colour-blind-friendly subject colours (Okabe-Ito), then a fallback hue walk.
 PALETTE = [
@@ -89,11 +90,8 @@ class MaskSet:
 
     # -- files -------------------------------------------------------------------------------
 
-    def save(self, path: str | Path, overwrite: bool = True) -> list[Path]:
-        """Save as one `.safetensors` file, or as `<stem>.json` plus one 8-bit PNG per subject beside it.
-
-        Returns every file written (the index or .safetensors file last).
-        """
+    def encode(self, path: str | Path) -> dict[Path, bytes]:
+        """The files `save` writes and their bytes, the index (or the .safetensors file) last."""
         from safetensors.torch import save as save_safetensors
 
         path = Path(path)
@@ -101,27 +99,29 @@ class MaskSet:
             data = save_safetensors(
                 {"masks": self.masks.contiguous()}, metadata={"names": json.dumps(self.names)}
             )
-            return [atomic_write(path, data, overwrite=overwrite)]
+            return {path: data}
         if path.suffix != ".json":
             raise ValueError(
                 f"Save masks to a `.json` (with PNGs) or `.safetensors` path, got {path.name!r}."
             )
-        files = []
+        encoded: dict[Path, bytes] = {}
         for index, (name, mask) in enumerate(zip(self.names, self.masks, strict=True)):
-            file = f"{path.stem}.{index}-{_SAFE_NAME.sub('_', name)}.png"
-            pixels = (mask.numpy() * 255).round().astype(np.uint8)
-            atomic_save(
-                path.parent / file, lambda f, p=pixels: Image.fromarray(p, "L").save(f, "PNG"), overwrite
-            )
-            files.append(file)
+            buffer = io.BytesIO()
+            Image.fromarray((mask.numpy() * 255).round().astype(np.uint8), "L").save(buffer, "PNG")
+            encoded[path.parent / f"{path.stem}.{index}-{_SAFE_NAME.sub('_', name)}.png"] = buffer.getvalue()
         index_json = {
             "format": "freefuse-masks/1",
             "names": self.names,
-            "files": files,
+            "files": [file.name for file in encoded],
             "size": list(self.size),
         }
-        written = [path.parent / file for file in files]
-        return [*written, atomic_write(path, json.dumps(index_json, indent=2) + "\n", overwrite=overwrite)]
+        encoded[path] = (json.dumps(index_json, indent=2) + "\n").encode()
+        return encoded
+
+    def save(self, path: str | Path, overwrite: bool = True) -> list[Path]:
+        """Save as one `.safetensors` file, or as `<stem>.json` plus one 8-bit PNG per subject beside
+        it, all or nothing. Returns every file written (the index or .safetensors file last)."""
+        return write_all(self.encode(path), overwrite=overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> MaskSet:
