@@ -272,3 +272,81 @@ def test_job_ids_follow_file_content_not_folder(world: Path, tmp_path: Path) -> 
     (moved / "bob.safetensors").write_bytes((world / "carol.safetensors").read_bytes())
     changed = [job.id for job in load_jobs(moved / "ids.jsonl")]
     assert set(changed).isdisjoint(original)
+
+
+# -- hostile job files -----------------------------------------------------------------------------------
+
+
+def test_a_fifo_as_lora_path_is_refused_not_waited_on(world: Path, tmp_path: Path) -> None:
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    jobs = tmp_path / "fifo.jsonl"
+    jobs.write_text(
+        json.dumps({"model": str(world / "model"), "prompt": "{A} here", "loras": [{"path": str(fifo)}]})
+    )
+    started = time.perf_counter()
+    result = RUNNER.invoke(app, ["batch", str(jobs), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "not a regular file" in result.output, result.output
+    assert time.perf_counter() - started < 30
+
+
+def test_huge_grids_and_alias_bombs_are_refused_quickly(world: Path, tmp_path: Path) -> None:
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"model: {world / 'model'}\nloras: [{{path: {world / 'alice.safetensors'}}}, {{path: {world / 'bob.safetensors'}}}]\n"
+        "prompts: ['{A} and {B}']\nseeds: {start: 0, count: 20000000}\n"
+    )
+    started = time.perf_counter()
+    result = RUNNER.invoke(app, ["batch", str(grid), "--grid", "--dry-run", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "20,000,000 jobs" in result.output, result.output
+    bomb = tmp_path / "bomb.yaml"
+    levels = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for index in range(1, 9):
+        previous = chr(ord("a") + index - 1)
+        levels.append(
+            f"{chr(ord('a') + index)}: &{chr(ord('a') + index)} [{', '.join(['*' + previous] * 9)}]"
+        )
+    bomb.write_text("\n".join(levels) + "\njobs: [{model: m, prompt: x, loras: [{path: p, words: *i}]}]\n")
+    result = RUNNER.invoke(app, ["batch", str(bomb), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "expands to more than" in result.output, result.output
+    assert time.perf_counter() - started < 30
+
+
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [
+        ({"path": "alice.safetensors", "words": 5}, "`words`: Input should be a valid list"),
+        ({"path": "alice.safetensors", "words": ["x" * 500]}, "at most 200 characters"),
+        ({"path": "alice.safetensors", "weight": "strong"}, "`weight`"),
+        ({"path": "alice.safetensors", "name": "../../etc"}, "`name`"),
+        ({"path": "alice.safetensors", "colour": "red"}, "Unknown setting `colour`"),
+    ],
+)
+def test_every_lora_field_is_type_and_size_checked(world: Path, lora: dict, message: str) -> None:
+    path = world / "fields.jsonl"
+    path.write_text(json.dumps({"model": "model", "prompt": "Alice", "loras": [lora]}) + "\n")
+    with pytest.raises(JobFileError, match=message):
+        load_jobs(path)
+
+
+def test_repeated_jobs_are_said_as_notes_not_python_warnings(world: Path, tmp_path: Path) -> None:
+    line = json.dumps(
+        {"model": "model", "prompt": "{A}", "loras": [{"path": "alice.safetensors"}], **SETTINGS}
+    )
+    jobs = world / "repeats.jsonl"
+    jobs.write_text(line + "\n" + line + "\n")
+    result = RUNNER.invoke(app, ["batch", str(jobs), "--dry-run", "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    assert "note: repeats.jsonl line 2 repeats" in result.output and "BatchWarning" not in result.output
+
+
+def test_two_batches_on_one_folder_claim_jobs(tmp_path: Path) -> None:
+    from freefuse.batch import claim, release
+
+    assert claim(tmp_path, "job1")
+    assert not claim(tmp_path, "job1")  # this (living) process holds it
+    release(tmp_path, "job1")
+    assert claim(tmp_path, "job1")
+    stale = tmp_path / ".claims" / "job2.claim"
+    stale.write_text(json.dumps({"pid": 2**22 + 12345, "host": __import__("socket").gethostname()}))
+    assert claim(tmp_path, "job2")  # its process is gone: taken over

@@ -436,3 +436,9 @@ def test_the_callers_adapter_state_is_back_after_a_run_and_weights_can_change() 
     assert state() == before
     with pytest.raises(ValueError, match="No LoRA named"):
         freefuse.set_weight("carol", 1.0)
+
+
+def test_an_empty_user_mask_is_said(two: FreeFuse) -> None:
+    masks = MaskSet(["alice", "bob"], torch.stack([torch.ones(128, 128), torch.zeros(128, 128)]))
+    out = run(two, method="masks", masks=masks)
+    assert any("'bob' covers no image token" in note for note in out.manifest["images"][0]["fallbacks"])

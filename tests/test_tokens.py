@@ -100,3 +100,12 @@ def test_found_positions_spell_the_word(word: str, before: list[str], after: lis
     ids = pipeline_ids(prompt, max_length=128)
     text = TOKENIZER.decode([ids[i] for i in match.positions]).replace(" ", "").lower()
     assert word.replace(" ", "").lower() in text
+
+
+def test_words_in_scripts_without_spaces_match_inside_the_text() -> None:
+    from freefuse.tokens import shared_word
+
+    assert word_spans("爱丽丝拥抱鲍勃", "鲍勃") == [(5, 7)]
+    assert word_spans("アリスとボブ", "アリス") == [(0, 3)]
+    assert word_spans("Alice hugging", "Al") == []  # spaced scripts keep the whole-word rule
+    assert shared_word({"a": ["爱丽丝"], "b": ["爱丽丝的猫"]}) == ("a", "b", "爱丽丝", "爱丽丝的猫")

@@ -11,11 +11,14 @@ their own shards, so `accelerate launch --num_processes N freefuse batch …` ne
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
+import math
 import os
 import re
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -124,6 +127,11 @@ def _first_word(lora: LoraSpec) -> str:
         return str(lora.words[0])
     from .lora import LoraFileError, header_metadata, read_header, trigger_words_from_metadata
 
+    path = Path(lora.path)
+    if path.exists() and not path.is_file() and not path.is_dir():
+        raise LoraFileError(f"LoRA path {path} is not a regular file; pass the .safetensors file itself.")
+    if not path.is_file():
+        return ""  # missing or a folder: the file's own check says what is wrong
     try:
         metadata = header_metadata(read_header(Path(lora.path)))
     except (OSError, LoraFileError):
@@ -178,6 +186,34 @@ def job_from_dict(entry: dict, base: Path, where: str) -> Job:
     return Job(model=model, loras=loras, settings=generation, masks=masks, source=where, base=base)
 
 
+MAX_STRUCTURE_ITEMS = 1_000_000
+MAX_GRID_JOBS = 100_000
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_structure_size(data, path: Path) -> None:
+    """YAML aliases can make a few lines stand for billions of items ("billion laughs"): count the
+    items as they would be read, and stop early."""
+    seen = 0
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        seen += 1
+        if seen > MAX_STRUCTURE_ITEMS:
+            raise JobFileError(
+                f"{path} expands to more than {MAX_STRUCTURE_ITEMS:,} items (YAML aliases?); write the jobs out plainly."
+            )
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str) and len(item) > 100_000:
+            raise JobFileError(f"{path} holds a text of {len(item):,} characters; a job's fields are short.")
+
+
 def read_structured(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"Job file {path} does not exist.")
@@ -188,9 +224,11 @@ def read_structured(path: Path):
         import yaml
 
         try:
-            return yaml.safe_load(text)  # safe_load: no Python objects from YAML tags
+            data = yaml.safe_load(text)  # safe_load: no Python objects from YAML tags
         except yaml.YAMLError as error:
             raise JobFileError(f"{path} is not valid YAML: {error}") from None
+        check_structure_size(data, path)
+        return data
     if path.suffix == ".json":
         try:
             return json.loads(text)
@@ -256,18 +294,31 @@ def expand_grid(path: str | Path) -> list[Job]:
     for key in ("model", "loras", "prompts"):
         if key not in spec:
             raise JobFileError(f"{path}: the grid needs `{key}`.")
-    loras = spec["loras"]
+    loras, prompts = spec["loras"], spec["prompts"]
     sizes = spec.get("group_size", 2)
-    sizes = [sizes] if isinstance(sizes, int) else list(sizes)
+    sizes = [sizes] if isinstance(sizes, int) else sizes
     seeds = spec.get("seeds", [0])
-    if isinstance(seeds, dict):
-        seeds = list(
-            range(int(seeds.get("start", 0)), int(seeds.get("start", 0)) + int(seeds.get("count", 1)))
-        )
     methods = spec.get("methods", ["freefuse"])
-    prompts = spec["prompts"]
+    if not isinstance(loras, list) or not all(isinstance(lora, dict) and "path" in lora for lora in loras):
+        raise JobFileError(f"{path}: `loras` must be a list of objects with a `path`.")
+    if not isinstance(prompts, list) or not all(isinstance(prompt, str) for prompt in prompts):
+        raise JobFileError(f"{path}: `prompts` must be a list of texts.")
+    if not isinstance(sizes, list) or not all(_whole(size) for size in sizes):
+        raise JobFileError(f"{path}: `group_size` must be a whole number or a list of them, e.g. [2, 3].")
+    if not isinstance(methods, list) or not all(isinstance(method, str) for method in methods):
+        raise JobFileError(f"{path}: `methods` must be a list of method names.")
+    if isinstance(seeds, dict):
+        start, count = seeds.get("start", 0), seeds.get("count", 1)
+        if not (_whole(start) and _whole(count) and count >= 1):
+            raise JobFileError(f"{path}: `seeds` as a mapping is {{start: N, count: M}} with whole numbers.")
+        seed_count = count
+    elif isinstance(seeds, list) and all(_whole(seed) for seed in seeds):
+        seed_count = len(seeds)
+    else:
+        raise JobFileError(f"{path}: `seeds` must be a list of whole numbers or {{start, count}}.")
     settings = dict(spec.get("settings") or {})
-    jobs = []
+    usable_by_size = {}
+    total = 0
     for size in sizes:
         if size < 1 or size > len(loras):
             raise JobFileError(
@@ -278,6 +329,16 @@ def expand_grid(path: str | Path) -> list[Job]:
             raise JobFileError(
                 f"{path}: no prompt uses exactly {{A}}..{{{ascii_uppercase[size - 1]}}} for groups of {size}."
             )
+        usable_by_size[size] = usable
+        total += math.comb(len(loras), size) * len(usable) * seed_count * len(methods)
+    if total > MAX_GRID_JOBS:
+        raise JobFileError(
+            f"{path} expands to {total:,} jobs; at most {MAX_GRID_JOBS:,} in one grid. Split it into several grids."
+        )
+    if isinstance(seeds, dict):
+        seeds = list(range(seeds.get("start", 0), seeds.get("start", 0) + seeds["count"]))
+    jobs = []
+    for size, usable in usable_by_size.items():
         for group, prompt, seed, method in product(combinations(loras, size), usable, seeds, methods):
             entry = {
                 **settings,
@@ -431,6 +492,49 @@ def run_job(session: Session, job: Job, out: Path) -> dict:
     }
 
 
+CLAIMS = ".claims"
+
+
+def claim(out: Path, job_id: str) -> bool:
+    """Take job `job_id` for this process: a claim file made with O_EXCL, so that two batches on one
+    folder do not make the same image. A claim whose process is gone (on this machine) is taken over."""
+    folder = out / CLAIMS
+    folder.mkdir(exist_ok=True)
+    path = folder / f"{job_id}.claim"
+    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        try:
+            owner = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError):
+            owner = {}
+        if owner.get("host") == socket.gethostname() and _alive(owner.get("pid")):
+            return False
+        path.write_text(mine)  # its process is gone: a crash left it
+        return True
+    with os.fdopen(fd, "w") as handle:
+        handle.write(mine)
+    return True
+
+
+def release(out: Path, job_id: str) -> None:
+    with contextlib.suppress(OSError):
+        (out / CLAIMS / f"{job_id}.claim").unlink()
+
+
+def _alive(pid) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def process_state():
     """accelerate's view of this process. Without a GPU, a multi-process launch uses gloo on the CPU
     (`accelerate launch --multi_gpu --num_processes 2 …` starts the processes through torchrun)."""
@@ -449,6 +553,7 @@ class BatchReport:
     failed: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     model_loads: int = 0
+    claimed_elsewhere: int = 0  # jobs another process on the same folder was making
 
     @property
     def images_per_minute(self) -> float:
@@ -483,6 +588,8 @@ def run_batch(
             job = jobs[position]
             if is_done(done.get(job.id), out):
                 report.skipped += 1
+            elif not claim(out, job.id):
+                report.claimed_elsewhere += 1  # another batch on the same folder is making it
             else:
                 try:
                     entry = run_job(session, job, out)
@@ -499,6 +606,8 @@ def run_batch(
                     }
                     append_index(failed_log, failure)
                     report.failed.append(failure)
+                finally:
+                    release(out, job.id)
             report.seconds = time.perf_counter() - started
             if on_progress is not None:
                 on_progress(report, len(mine))

@@ -523,7 +523,11 @@ def batch(
     """
     from .batch import Session, expand_grid, is_done, load_jobs, process_state, read_index, run_batch
 
-    job_list = expand_grid(jobs) if grid else load_jobs(jobs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        job_list = expand_grid(jobs) if grid else load_jobs(jobs)
+    for warning in caught:
+        console.print(f"[yellow]note:[/] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
     for job in job_list:  # everything that needs no weights, before any model loads
         job.check()
     state = process_state()
@@ -560,7 +564,7 @@ def batch(
             progress.stop()
     console.print(
         f"[bold]process {state.process_index}[/]: {report.done} made, {report.skipped} already done, "
-        f"{len(report.failed)} failed of {report.share} "
+        f"{len(report.failed)} failed, {report.claimed_elsewhere} made by another batch of {report.share} "
         f"({report.images_per_minute:.1f} images/min, model loaded {report.model_loads}x)",
         highlight=False,
     )

@@ -71,6 +71,8 @@ def check_lora_path(path: str | Path, architecture: type[Backend] | None = None)
         raise LoraFileError(f"LoRA file {path} does not exist.")
     if path.is_dir():
         raise LoraFileError(f"LoRA path {path} is a directory; pass the .safetensors file inside it.")
+    if not path.is_file():  # a FIFO, socket or device would block or never end
+        raise LoraFileError(f"LoRA path {path} is not a regular file; pass the .safetensors file itself.")
     if path.suffix.lower() in PICKLE_SUFFIXES:
         raise LoraFileError(
             f"{path.name} is a pickle file ({path.suffix}); FreeFuse never unpickles files, which can run code. "

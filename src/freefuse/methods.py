@@ -166,6 +166,12 @@ class UserMasks(Method):
         tokens = {
             name: torch.stack([grid[index] for grid in grids]) for index, name in enumerate(context.names)
         }
+        for name, mask in tokens.items():
+            for b in range(context.batch):
+                if not bool(mask[b].any()):
+                    context.fallbacks[b].append(
+                        f"image {b}: the mask given for LoRA {name!r} covers no image token; it is off in this image."
+                    )
         return SubjectMasks(tokens=tokens, sets=list(sets))
 
 

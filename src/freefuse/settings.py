@@ -354,7 +354,9 @@ def describe_errors(error: ValidationError) -> str:
             message = str(item["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
             lines.append(message if "`" in message else f"`{where}` {message}.")
         else:
-            lines.append(f"`{where}`: {item['msg']} (got {item.get('input')!r}).")
+            shown = repr(item.get("input"))
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
+            lines.append(f"`{where}`: {item['msg']} (got {shown}).")
     return " ".join(dict.fromkeys(lines))
 
 

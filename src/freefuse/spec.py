@@ -7,14 +7,18 @@ before a multi-GB model loads; `load()` loads the model and the LoRAs into a `Fr
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from .settings import GenerationSettings, SettingsError, describe_errors
+from .settings import GenerationSettings, Number, SettingsError, describe_errors
+
+# An activation word: one to a few words of text, not a paragraph.
+Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
 if TYPE_CHECKING:
     from .pipeline import FreeFuse
@@ -34,12 +38,21 @@ class LoraSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str
-    words: list[str] | None = None
-    weight: float = 1.0
+    path: Annotated[str, StringConstraints(min_length=1, max_length=4096)]
+    words: Annotated[list[Word], Field(max_length=16)] | None = None
+    weight: Number = 1.0
     scope: Literal["subject", "global"] = "subject"
-    name: str | None = None
-    sha256: str | None = Field(None, description="expected file hash")
+    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")] | None = None
+    sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = Field(
+        None, description="expected file hash"
+    )
+
+    @field_validator("weight")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"`weight` must be a finite number, got {value!r}.")
+        return value
 
     @classmethod
     def parse(cls, values: dict, where: str) -> LoraSpec:

@@ -24,12 +24,19 @@ class WordMatch:
     positions: tuple[int, ...]
 
 
+# Scripts written without spaces between words (Chinese, Japanese, Thai, ...): a word there is
+# matched wherever it stands, since there are no word boundaries to look for.
+_UNSPACED = re.compile(r"[\u0e00-\u0e7f\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af]")
+
+
 def word_spans(prompt: str, word: str) -> list[tuple[int, int]]:
-    """Character spans of whole-word, case-insensitive occurrences of `word` in `prompt`."""
+    """Character spans of whole-word, case-insensitive occurrences of `word` in `prompt` (for a word
+    in a script written without spaces, every occurrence)."""
     word = word.strip()
     if not word:
         return []
-    pattern = r"(?<!\w)" + r"\s+".join(re.escape(part) for part in word.split()) + r"(?!\w)"
+    body = r"\s+".join(re.escape(part) for part in word.split())
+    pattern = body if _UNSPACED.search(word) else r"(?<!\w)" + body + r"(?!\w)"
     return [match.span() for match in re.finditer(pattern, prompt, flags=re.IGNORECASE)]
 
 
