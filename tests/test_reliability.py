@@ -848,3 +848,61 @@ def test_sigkill_at_any_write_leaves_either_a_finished_run_or_one_the_next_run_r
         assert again.exit_code == 0, again.output
         assert (out / "freefuse.json").exists() and not list(out.glob(".*.part"))
     assert files is not None and "freefuse.json" in files and kill_at > 4
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    fields=st.dictionaries(
+        st.sampled_from(
+            [
+                "model",
+                "prompt",
+                "seed",
+                "steps",
+                "size",
+                "method",
+                "loras",
+                "masks",
+                "mask_step",
+                "guidance",
+                "images",
+            ]
+        ),
+        JSON_VALUES,
+        max_size=6,
+    ),
+    lora=st.dictionaries(
+        st.sampled_from(["path", "words", "weight", "scope", "name", "sha256"]), JSON_VALUES
+    ),
+)
+def test_fuzz_job_file_fields(tmp_path, fields, lora) -> None:
+    from freefuse.batch import JobFileError, load_jobs
+
+    path = tmp_path / "jobs.jsonl"
+    entry = {"model": "tiny", "prompt": "Alice", "loras": [lora], **fields}
+    path.write_text(json.dumps(entry) + "\n")
+    with contextlib.suppress(JobFileError, LoraFileError, FileNotFoundError):  # refused cleanly, or read
+        load_jobs(path)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(index=JSON_VALUES, png=st.binary(max_size=200), valid_png=st.booleans())
+def test_fuzz_mask_files(tmp_path, index, png, valid_png) -> None:
+    from PIL import Image
+
+    folder = tmp_path / "masks"
+    folder.mkdir(exist_ok=True)
+    if valid_png:
+        Image.new("L", (8, 8), 255).save(folder / "a.png")
+    else:
+        (folder / "a.png").write_bytes(png)
+    (folder / "m.json").write_text(json.dumps(index))
+    (folder / "n.json").write_text(json.dumps({"names": ["alice"], "files": ["a.png"]}))
+    for path in (folder / "m.json", folder / "n.json"):
+        with contextlib.suppress(ValueError, FileNotFoundError):  # refused cleanly, or read
+            MaskSet.load(path)
+
+
+def test_a_missing_word_is_said_before_the_model_loads(assets, tmp_path) -> None:
+    result = generate(assets, tmp_path / "o", prompt="Alice hugging a cat", model=never_loaded_model(assets, tmp_path))
+    assert_user_error(result, "LoRA 'bob'", "'Bob' is not in the prompt", "'▁cat'")

@@ -115,6 +115,8 @@ class RunSpec:
         method = get_method(self.settings.method)
         if method.needs_words:
             self._check_words()
+            if architecture is not None:
+                self._check_prompt_words(architecture)
         if self.masks is not None and not method.takes_masks:
             raise SettingsError(
                 f"--masks is only used with --method masks (method is {self.settings.method!r}); add --method masks "
@@ -151,6 +153,43 @@ class RunSpec:
                 f"--masks {self.masks} has {mask_set.size[0]}x{mask_set.size[1]} masks; this run needs {wanted} "
                 "(H x W: the image, or its token grid)."
             )
+
+    def _check_prompt_words(self, architecture) -> None:
+        """Every subject's words found in some prompt, with the model's own tokenizer (read from its
+        folder, no weights): a missing word is said before a multi-GB load."""
+        from .lora import header_metadata, read_header, trigger_words_from_metadata
+        from .models import SHAPESWORLD, TINY
+        from .tokens import WordNotFoundError, find_word
+
+        if self.model == TINY:
+            folder = None
+        elif self.model == SHAPESWORLD:
+            from .shapesworld.model import MODEL_DIR
+
+            folder = MODEL_DIR
+        elif Path(self.model).expanduser().is_dir():
+            folder = Path(self.model).expanduser()
+        else:
+            return  # a hub id: its tokenizer is checked once it loads
+        tokenizer = architecture.load_tokenizer(folder)
+        if tokenizer is None:
+            return
+        limit = self.settings.max_sequence_length or architecture.max_sequence_length
+        for lora in self.loras:
+            if lora.scope != "subject":
+                continue
+            words = lora.words or trigger_words_from_metadata(header_metadata(read_header(Path(lora.path))))
+            first_error = None
+            found = False
+            for prompt in self.settings.prompts:
+                for word in words:
+                    try:
+                        find_word(tokenizer, prompt, word, limit)
+                        found = True
+                    except WordNotFoundError as error:
+                        first_error = first_error or error
+            if words and not found:
+                raise WordNotFoundError(f"LoRA {lora.adapter_name!r}: {first_error}")
 
     def _check_words(self) -> None:
         """Subjects sharing a word (given, or from their files' metadata) cannot be told apart."""

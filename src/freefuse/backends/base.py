@@ -145,6 +145,12 @@ class Backend(abc.ABC):
         (None: the architecture's usual value)."""
 
     @classmethod
+    def load_tokenizer(cls, model_folder: Path | None):
+        """The activation-word tokenizer from a model folder alone (no weights), or None when it
+        cannot be had that way; lets word mistakes be said before a model loads."""
+        return None
+
+    @classmethod
     @abc.abstractmethod
     def check_lora_keys(cls, keys: Sequence[str], source: str) -> None:
         """Raise `LoraFileError` when a LoRA file's tensor names say it is for another architecture."""

@@ -114,6 +114,23 @@ class FluxBackend(Backend):
         return 16
 
     @classmethod
+    def load_tokenizer(cls, model_folder: Path | None):
+        """T5's fast tokenizer from `<folder>/tokenizer_2` (the tiny model's when None)."""
+        if model_folder is None:
+            from ..testing import tiny_t5_tokenizer
+
+            return tiny_t5_tokenizer()
+        folder = Path(model_folder) / "tokenizer_2"
+        if not folder.is_dir():
+            return None
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
+        except (OSError, ValueError, KeyError):
+            return None
+
+    @classmethod
     def check_lora_keys(cls, keys, source: str) -> None:
         from ..lora import LoraFileError, detect_layout
 
