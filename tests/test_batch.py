@@ -151,7 +151,7 @@ def test_corrupt_result_and_half_written_index_line_are_redone(world: Path, tmp_
     assert all(line.startswith("{") for line in (tmp_path / "index.p0.jsonl").read_text().splitlines()[:-1])
 
 
-def test_failed_job_is_recorded_and_the_others_finish(world: Path, tmp_path: Path) -> None:
+def test_a_job_with_a_mistake_is_refused_before_any_model_loads(world: Path, tmp_path: Path) -> None:
     path = write_jobs(world, count=2, name="mixed.jsonl")
     lines = path.read_text().splitlines()
     broken = json.loads(lines[0])
@@ -159,10 +159,30 @@ def test_failed_job_is_recorded_and_the_others_finish(world: Path, tmp_path: Pat
     path.write_text("\n".join([json.dumps(broken), lines[1]]) + "\n")
     result = RUNNER.invoke(app, ["batch", str(path), "--out", str(tmp_path)])
     assert result.exit_code == 2, result.output
-    assert "'Alice' is not in the prompt" in result.output
+    assert "mixed.jsonl line 1" in result.output and "'Alice' is not in the prompt" in result.output
+    assert not list(tmp_path.glob("*.png"))  # nothing ran: the mistake was found first
+
+
+def test_a_job_that_fails_while_running_is_recorded_and_the_others_finish(
+    world: Path, tmp_path: Path, monkeypatch
+) -> None:
+    import freefuse.batch as batch_module
+
+    jobs = load_jobs(write_jobs(world, count=2, name="runtime.jsonl"))
+    original = batch_module.run_job
+
+    def failing_first(session, job, out):
+        if job is jobs[0]:
+            raise RuntimeError("the device fell over")
+        return original(session, job, out)
+
+    monkeypatch.setattr(batch_module, "run_job", failing_first)
+    report = run_batch(jobs, tmp_path, Session())
+    assert report.done == 1 and len(report.failed) == 1
     failures = [json.loads(line) for line in (tmp_path / "failed.p0.jsonl").read_text().splitlines()]
-    assert len(failures) == 1 and "line 1" in failures[0]["source"]
+    assert len(failures) == 1 and "line 1" in failures[0]["source"] and "fell over" in failures[0]["error"]
     assert len(read_index(tmp_path)) == 1
+    assert not list((tmp_path / ".claims").glob("*.claim"))  # claims are released, also after a failure
 
 
 def batch_command(jobs: Path, out: Path) -> list[str]:
