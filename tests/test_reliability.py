@@ -904,5 +904,7 @@ def test_fuzz_mask_files(tmp_path, index, png, valid_png) -> None:
 
 
 def test_a_missing_word_is_said_before_the_model_loads(assets, tmp_path) -> None:
-    result = generate(assets, tmp_path / "o", prompt="Alice hugging a cat", model=never_loaded_model(assets, tmp_path))
+    result = generate(
+        assets, tmp_path / "o", prompt="Alice hugging a cat", model=never_loaded_model(assets, tmp_path)
+    )
     assert_user_error(result, "LoRA 'bob'", "'Bob' is not in the prompt", "'▁cat'")
