@@ -212,3 +212,11 @@ def test_kept_samples_are_keyed_by_the_weights_too(tmp_path) -> None:
     assert one.key(["zorblax", "quiffle"], "a zorblax and a quiffle", 0) != other.key(
         ["zorblax", "quiffle"], "a zorblax and a quiffle", 0
     )
+
+
+def test_eval_with_no_seeds_is_refused_before_anything_runs(tmp_path) -> None:
+    from freefuse.cli import app
+
+    result = CliRunner().invoke(app, ["eval", "shapesworld", "--seeds", "0", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "--seeds 0" in result.output
+    assert not (tmp_path / "e").exists()
