@@ -118,8 +118,8 @@ def measure(variant: str, image_side: int, device: str) -> dict:
 def quality(seeds: int) -> None:
     import numpy as np
 
-    from freefuse.core import MaskConfig, masks_from_attention
-    from freefuse.testing import attention_scene
+    from freefuse.core import MaskConfig
+    from freefuse.testing import attention_scene, scene_ious, scene_masks
 
     torch.set_num_threads(1)
     sizes = (("regions", "large"), ("discs", "small 3.5%"))
@@ -133,21 +133,8 @@ def quality(seeds: int) -> None:
         for n_subjects, seed in product((2, 3, 4, 5), range(seeds)):
             scene = attention_scene(n_subjects, layout=layout, sinks=sinks, seed=seed, **scene_options)
             for name, options in VARIANTS.items():
-                result = masks_from_attention(
-                    scene["q_text"],
-                    scene["q_img"],
-                    scene["k_img"],
-                    scene["token_sets"],
-                    scene["grid"],
-                    scene["image"],
-                    MaskConfig(background=layout == "discs", **options),
-                    background_tokens=scene["background_tokens"] or None,
-                    k_text=scene["k_text"],
-                    o_img=scene["o_img"],
-                )
-                for subject in range(n_subjects):
-                    mask, truth = result.token_masks[subject] > 0.5, scene["regions"] == subject
-                    found[name].append(float((mask & truth).sum() / (mask | truth).sum().clamp_min(1)))
+                config = MaskConfig(background=layout == "discs", **options)
+                found[name].extend(scene_ious(scene, scene_masks(scene, config)))
         for name, values in found.items():
             print(
                 f"| {label} | {level} | {sinks} | {name} | {np.mean(values):.3f} | {np.min(values):.3f} | "

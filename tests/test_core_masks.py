@@ -8,7 +8,7 @@ import torch
 from scipy import ndimage
 
 from freefuse.core import MaskConfig, head_mean_attention, masks_from_attention
-from freefuse.testing import planted_scene
+from freefuse.testing import planted_scene, scene_masks
 
 
 def iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -21,15 +21,7 @@ def subject_ious(result, regions: torch.Tensor) -> list[float]:
 
 
 def run(scene: dict, image: bool = True, **config) -> object:
-    return masks_from_attention(
-        scene["q_text"],
-        scene["q_img"],
-        scene["k_img"],
-        scene["token_sets"],
-        scene["grid"],
-        scene["image"] if image else None,
-        MaskConfig(**config),
-    )
+    return scene_masks(scene, MaskConfig(**config), image)
 
 
 @pytest.mark.parametrize("n_subjects", [2, 3, 4])

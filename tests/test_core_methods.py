@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from freefuse.core import MaskConfig, masks_from_attention
-from freefuse.testing import attention_scene
+from freefuse.testing import attention_scene, scene_ious, scene_masks
 
 METHODS = {
     "paper": {"method": "text-to-image"},
@@ -24,25 +24,8 @@ METHODS = {
 }
 
 
-def iou(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.bool(), b.bool()
-    return float((a & b).sum() / (a | b).sum().clamp_min(1))
-
-
 def ious(scene: dict, background: bool, image: bool = True, **config) -> list[float]:
-    result = masks_from_attention(
-        scene["q_text"],
-        scene["q_img"],
-        scene["k_img"],
-        scene["token_sets"],
-        scene["grid"],
-        scene["image"] if image else None,
-        MaskConfig(background=background, **config),
-        background_tokens=scene["background_tokens"] or None,
-        k_text=scene["k_text"],
-        o_img=scene["o_img"],
-    )
-    return [iou(result.token_masks[s] > 0.5, scene["regions"] == s) for s in range(len(scene["token_sets"]))]
+    return scene_ious(scene, scene_masks(scene, MaskConfig(background=background, **config), image))
 
 
 def mean_iou(method: str, n_seeds: int = 3, subjects=(2, 3, 5), **scene_options) -> tuple[float, float]:

@@ -609,3 +609,31 @@ def attention_scene(
         "regions": regions,
         "sinks": sink_tokens,
     }
+
+
+def scene_masks(scene: dict, config=None, image: bool = True):
+    """`masks_from_attention` on a planted scene (`planted_scene` or `attention_scene`), with every
+    tensor the scene has (text keys, attention outputs and background words when present)."""
+    from .core import MaskConfig, masks_from_attention
+
+    return masks_from_attention(
+        scene["q_text"],
+        scene["q_img"],
+        scene["k_img"],
+        scene["token_sets"],
+        scene["grid"],
+        scene["image"] if image else None,
+        config if config is not None else MaskConfig(),
+        background_tokens=scene.get("background_tokens") or None,
+        k_text=scene.get("k_text"),
+        o_img=scene.get("o_img"),
+    )
+
+
+def scene_ious(scene: dict, result) -> list[float]:
+    """Per subject, IoU of its token mask (> 0.5) with its planted region."""
+    found = []
+    for subject in range(len(scene["token_sets"])):
+        mask, truth = result.token_masks[subject] > 0.5, scene["regions"] == subject
+        found.append(float((mask & truth).sum() / (mask | truth).sum().clamp_min(1)))
+    return found
