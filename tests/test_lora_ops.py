@@ -102,6 +102,17 @@ def test_the_model_is_exactly_as_before_after_a_run_and_after_an_error(lora_op: 
     assert_unchanged(before, freefuse.pipeline)
 
 
+def assert_fused_equals_peft(pipe) -> None:
+    """alice and bob as subjects under fractional masks: the fused op gives PEFT's images."""
+    freefuse = FreeFuse(pipe)
+    freefuse.use_adapter("alice", words=["Alice"])
+    freefuse.use_adapter("bob", words=["Bob"])
+    masks = fractional_masks(("alice", "bob"))
+    fused = images(freefuse, "Alice and Bob", method="masks", masks=masks, lora_op="fused")
+    peft = images(freefuse, "Alice and Bob", method="masks", masks=masks, lora_op="peft")
+    assert (fused - peft).abs().max() <= 2e-5
+
+
 def test_alpha_set_per_layer_is_kept_by_the_fused_op() -> None:
     """kohya files may give each layer its own alpha: same adapter and rank, another scaling."""
     from peft import LoraConfig
@@ -115,13 +126,7 @@ def test_alpha_set_per_layer_is_kept_by_the_fused_op() -> None:
         config.init_lora_weights = False
         torch.manual_seed(index)
         pipe.transformer.add_adapter(config, adapter_name=name)
-    freefuse = FreeFuse(pipe)
-    freefuse.use_adapter("alice", words=["Alice"])
-    freefuse.use_adapter("bob", words=["Bob"])
-    masks = fractional_masks(("alice", "bob"))
-    fused = images(freefuse, "Alice and Bob", method="masks", masks=masks, lora_op="fused")
-    peft = images(freefuse, "Alice and Bob", method="masks", masks=masks, lora_op="peft")
-    assert (fused - peft).abs().max() <= 2e-5
+    assert_fused_equals_peft(pipe)
 
 
 def test_layers_the_fused_op_cannot_take_fall_back_to_peft() -> None:
@@ -137,13 +142,7 @@ def test_layers_the_fused_op_cannot_take_fall_back_to_peft() -> None:
         ),
         adapter_name="bob",
     )
-    freefuse = FreeFuse(pipe)
-    freefuse.use_adapter("alice", words=["Alice"])
-    freefuse.use_adapter("bob", words=["Bob"])
-    masks = fractional_masks(("alice", "bob"))
-    fused = images(freefuse, "Alice and Bob", method="masks", masks=masks, lora_op="fused")
-    peft = images(freefuse, "Alice and Bob", method="masks", masks=masks, lora_op="peft")
-    assert (fused - peft).abs().max() <= 2e-5
+    assert_fused_equals_peft(pipe)
 
 
 def test_a_global_dora_lora_runs_beside_masked_subjects() -> None:
