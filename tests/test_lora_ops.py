@@ -158,3 +158,16 @@ def test_a_global_dora_lora_runs_beside_masked_subjects() -> None:
     fused = images(freefuse, "Alice and Bob", method="masks", masks=masks, lora_op="fused")
     peft = images(freefuse, "Alice and Bob", method="masks", masks=masks, lora_op="peft")
     assert (fused - peft).abs().max() <= 2e-5
+
+
+def test_offload_without_a_gpu_is_refused_before_loading(tmp_path) -> None:
+    """Model CPU offload needs an accelerator; asked for on the CPU it is a clear mistake (exit 2)."""
+    from typer.testing import CliRunner
+
+    from freefuse.cli import app
+
+    result = CliRunner().invoke(
+        app, ["demo", "--model", "tiny", "--offload", "--device", "cpu", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "--offload moves the models to a GPU" in result.output, result.output
+    assert not list(tmp_path.iterdir())

@@ -208,6 +208,11 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
     """A diffusers pipeline on `device` (auto: cuda, mps, cpu); "tiny" builds the in-memory demo model."""
     chosen = pick_device(device)
     torch_dtype = pick_dtype(dtype, chosen)
+    if offload and chosen.type == "cpu":
+        raise ModelLoadError(
+            "--offload moves the models to a GPU one at a time while keeping them in CPU memory; on the CPU there "
+            "is nothing to offload. Leave --offload out (or pass --device cuda on a machine with a GPU)."
+        )
     if model == TINY:
         from .testing import TINY_PIPELINES
 
