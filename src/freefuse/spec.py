@@ -114,9 +114,10 @@ class RunSpec:
             names[lora.adapter_name] = lora.path
         method = get_method(self.settings.method)
         if method.needs_words:
-            self._check_words()
+            words = self._subject_words()
+            self._check_words(words)
             if architecture is not None:
-                self._check_prompt_words(architecture)
+                self._check_prompt_words(architecture, words)
         if self.masks is not None and not method.takes_masks:
             raise SettingsError(
                 f"--masks is only used with --method masks (method is {self.settings.method!r}); add --method masks "
@@ -154,10 +155,20 @@ class RunSpec:
                 "(H x W: the image, or its token grid)."
             )
 
-    def _check_prompt_words(self, architecture) -> None:
+    def _subject_words(self) -> dict[str, list[str]]:
+        """Each subject LoRA's words: given, or from its file's metadata (header only)."""
+        from .lora import header_metadata, read_header, trigger_words_from_metadata
+
+        return {
+            lora.adapter_name: lora.words
+            or trigger_words_from_metadata(header_metadata(read_header(Path(lora.path))))
+            for lora in self.loras
+            if lora.scope == "subject"
+        }
+
+    def _check_prompt_words(self, architecture, words: dict[str, list[str]]) -> None:
         """Every subject's words found in some prompt, with the model's own tokenizer (read from its
         folder, no weights): a missing word is said before a multi-GB load."""
-        from .lora import header_metadata, read_header, trigger_words_from_metadata
         from .models import SHAPESWORLD, TINY
         from .tokens import WordNotFoundError, find_word
 
@@ -175,35 +186,25 @@ class RunSpec:
         if tokenizer is None:
             return
         limit = self.settings.max_sequence_length or architecture.max_sequence_length
-        for lora in self.loras:
-            if lora.scope != "subject":
-                continue
-            words = lora.words or trigger_words_from_metadata(header_metadata(read_header(Path(lora.path))))
+        for name, subject_words in words.items():
             first_error = None
             found = False
             for prompt in self.settings.prompts:
-                for word in words:
+                for word in subject_words:
                     try:
                         find_word(tokenizer, prompt, word, limit)
                         found = True
                     except WordNotFoundError as error:
                         first_error = first_error or error
-            if words and not found:
-                raise WordNotFoundError(f"LoRA {lora.adapter_name!r}: {first_error}")
+            if subject_words and not found:
+                raise WordNotFoundError(f"LoRA {name!r}: {first_error}")
 
-    def _check_words(self) -> None:
+    @staticmethod
+    def _check_words(words: dict[str, list[str]]) -> None:
         """Subjects sharing a word (given, or from their files' metadata) cannot be told apart."""
-        from .lora import header_metadata, read_header, trigger_words_from_metadata
         from .pipeline import shared_word_message
         from .tokens import shared_word
 
-        words = {}
-        for lora in self.loras:
-            if lora.scope == "subject":
-                given = lora.words or trigger_words_from_metadata(
-                    header_metadata(read_header(Path(lora.path)))
-                )
-                words[lora.adapter_name] = given
         clash = shared_word(words)
         if clash:
             raise SettingsError(shared_word_message(*clash))
