@@ -9,11 +9,14 @@ the other methods, and text-to-image with shared sinks and peak-scaled maps, fin
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
 
 from freefuse.core import MaskConfig, masks_from_attention
+from freefuse.core.methods import contrastive_scores
 from freefuse.testing import attention_scene, scene_ious, scene_masks
 
 METHODS = {
@@ -81,6 +84,17 @@ def test_routing_finds_a_background_without_background_words() -> None:
     assert mean >= 0.9
     paper, _ = mean_iou("paper", layout="discs", background_words=False)
     assert paper < 0.7
+
+
+def test_routing_contrast_is_the_mean_difference_and_ignores_the_subjects_order() -> None:
+    scores = torch.rand(4, 4096, generator=torch.Generator().manual_seed(0))
+    contrast = contrastive_scores(scores)
+    others = torch.stack([scores[[c for c in range(4) if c != index]].mean(dim=0) for index in range(4)])
+    torch.testing.assert_close(contrast, scores - others)
+    # Bit for bit: routing's seeds are top-k of these rows, and a one-ulp difference flips near ties.
+    for permutation in itertools.permutations(range(4)):
+        assert torch.equal(contrastive_scores(scores[list(permutation)]), contrast[list(permutation)])
+    assert torch.equal(contrastive_scores(scores[:1]), scores[:1])
 
 
 def test_maps_of_several_captures_are_averaged() -> None:

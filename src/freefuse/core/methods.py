@@ -210,6 +210,24 @@ def combined(capture, token_sets, background_tokens, grid, config) -> StageMaps:
     )
 
 
+def contrastive_scores(scores: torch.Tensor) -> torch.Tensor:
+    """`a_l - mean_{c != l} a_c` for every subject l (the scores themselves for one subject).
+
+    Args:
+        scores: `[L, N]` each subject's score of each image token.
+
+    Returns:
+        `[L, N]`, the same dtype. Permuting the subjects permutes the rows bit for bit.
+    """
+    n_subjects = scores.shape[0]
+    if n_subjects == 1:
+        return scores
+    # Summed in sorted order so the total, and so every seed, does not depend on the order the
+    # subjects come in: float rounding of a plain sum did, and decided near-tied seeds.
+    total = scores.sort(dim=0).values.sum(dim=0, keepdim=True)
+    return scores - (total - scores) / (n_subjects - 1)
+
+
 @register_map_method("routing", needs=("k_text", "o_img"), background=True)
 def routing(capture, token_sets, background_tokens, grid, config) -> StageMaps:
     """Seeds where a subject's image→text attention most exceeds the others', then every token's
@@ -224,11 +242,7 @@ def routing(capture, token_sets, background_tokens, grid, config) -> StageMaps:
     n_subjects = len(token_sets)
     scores = as_distribution(image_to_text_shares(capture.q_img, capture.k_text, sets, config.chunk_elements))
     subject_scores = scores[:n_subjects]
-    if n_subjects > 1:
-        others = (subject_scores.sum(dim=0, keepdim=True) - subject_scores) / (n_subjects - 1)
-        contrast = subject_scores - others
-    else:
-        contrast = subject_scores
+    contrast = contrastive_scores(subject_scores)
     n_img = capture.q_img.shape[1]
     k = max(1, math.floor(n_img * config.routing_seed_fraction))
     seeds = [contrast[index].topk(k).indices for index in range(n_subjects)]

@@ -67,6 +67,23 @@ def assign(scores: torch.Tensor, background: torch.Tensor | None) -> torch.Tenso
     return winner
 
 
+def region_sums(maps: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each map, bilinearly upsampled to the labels' size, summed over each superpixel.
+
+    Args:
+        maps: `[L, h, w]` maps on the token grid.
+        labels: `[H, W]` int64 superpixel labels 0..S-1.
+
+    Returns:
+        `[L, S]` float32 sums (the votes of eq. 12, before the argmax).
+    """
+    height, width = labels.shape
+    up = F.interpolate(maps[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0]
+    return torch.zeros(maps.shape[0], int(labels.max()) + 1, device=up.device).index_add_(
+        1, labels.reshape(-1), up.reshape(maps.shape[0], -1)
+    )
+
+
 def vote_superpixels(
     maps: torch.Tensor, labels: torch.Tensor, background: torch.Tensor | float | None = None
 ) -> torch.Tensor:
@@ -84,22 +101,12 @@ def vote_superpixels(
     """
     n_subjects = maps.shape[0]
     height, width = labels.shape
-    n_regions = int(labels.max()) + 1
     flat_labels = labels.reshape(-1)
-    area = torch.bincount(flat_labels, minlength=n_regions).to(torch.float32)
-
-    def region_sums(token_maps: torch.Tensor) -> torch.Tensor:
-        up = F.interpolate(
-            token_maps[None].float(), size=(height, width), mode="bilinear", align_corners=False
-        )[0]
-        return torch.zeros(token_maps.shape[0], n_regions, device=up.device).index_add_(
-            1, flat_labels, up.reshape(token_maps.shape[0], -1)
-        )
-
-    scores = region_sums(maps)
+    area = torch.bincount(flat_labels, minlength=int(labels.max()) + 1).to(torch.float32)
+    scores = region_sums(maps, labels)
     background_scores = None
     if isinstance(background, torch.Tensor):
-        background_scores = region_sums(background[None])[0]
+        background_scores = region_sums(background[None], labels)[0]
     elif background is not None:
         uniform = 1.0 / (maps.shape[1] * maps.shape[2])
         background_scores = area * float(background) * uniform
