@@ -25,19 +25,65 @@ class AdapterMask:
     """Per-token mask of one adapter for one forward pass of B images.
 
     Attributes:
-        image: `[B, N]` image-token mask in [0, 1].
+        image: `[B, N]` image-token mask in [0, 1], on the `grid`.
         text: `[B, T]` text-token mask in [0, 1].
+        grid: `(h, w)` with h * w = N; layers that see the image at another resolution (a UNet's
+            levels, its convolutions) get the mask resized to theirs. None: N tokens only.
     """
 
     image: torch.Tensor
     text: torch.Tensor
+    grid: tuple[int, int] | None = None
 
-    def for_layout(self, layout: TokenLayout) -> torch.Tensor:
-        """`[B, S, 1]` with the segments of `layout` in order, or `[B, 1]` for a layer without a
-        token axis: the share of the image the subject owns."""
+    def image_map(self, size: tuple[int, int]) -> torch.Tensor:
+        """`[B, 1, H', W']`: the image mask at `size`, area-averaged down (a coarse token gets the
+        share of it the subject owns) or repeated up (nearest)."""
+        if self.grid is None or self.grid[0] * self.grid[1] != self.image.shape[1]:
+            raise RuntimeError(
+                f"An image mask of {self.image.shape[1]} tokens without its grid cannot be resized to {size}."
+            )
+        mask = self.image.reshape(-1, 1, *self.grid)
+        if tuple(size) == tuple(self.grid):
+            return mask
+        if size[0] <= self.grid[0] and size[1] <= self.grid[1]:
+            return torch.nn.functional.interpolate(mask.float(), size=tuple(size), mode="area").to(mask.dtype)
+        return torch.nn.functional.interpolate(mask, size=tuple(size), mode="nearest")
+
+    def image_tokens(self, count: int) -> torch.Tensor:
+        """`[B, count]`: the image mask on a grid of `count` tokens of the same aspect (a UNet level)."""
+        if count == self.image.shape[1]:
+            return self.image
+        if self.grid is None:
+            raise RuntimeError(
+                f"An image mask of {self.image.shape[1]} tokens has no grid to resize to {count}."
+            )
+        h, w = self.grid
+        scale = (count / (h * w)) ** 0.5
+        size = (max(1, round(h * scale)), max(1, round(w * scale)))
+        if size[0] * size[1] != count:
+            raise RuntimeError(
+                f"A layer sees {count} image tokens, which is no {h}:{w} grid; the backend's token layout does not "
+                "match this model."
+            )
+        return self.image_map(size).reshape(self.image.shape[0], count)
+
+    def for_layout(self, layout: TokenLayout, shape: Sequence[int] | None = None) -> torch.Tensor:
+        """The mask shaped to multiply a layer's output of `shape` (default: the grid's own sizes).
+
+        `[B, S, 1]` with the segments of `layout` in order; `[B, 1]` for a layer without a token
+        axis (the share of the image the subject owns); `[B, 1, H, W]` for a convolution.
+        """
         if not layout:
             return self.image.mean(dim=1, keepdim=True)
-        parts = [self.text if segment == "text" else self.image for segment in layout]
+        if layout == ("spatial",):
+            return self.image_map(tuple(shape[-2:]) if shape is not None else self.grid)
+        n_text = self.text.shape[1] * layout.count("text")
+        n_image = (
+            self.image.shape[1]
+            if shape is None
+            else (int(shape[1]) - n_text) // max(1, layout.count("image"))
+        )
+        parts = [self.text if segment == "text" else self.image_tokens(n_image) for segment in layout]
         return torch.cat(parts, dim=1)[..., None]
 
 
@@ -47,6 +93,7 @@ def pass_masks(
     n_text: int,
     text_scope: str,
     everywhere: Set[tuple[str, int]] = frozenset(),
+    grid: tuple[int, int] | None = None,
 ) -> dict[str, AdapterMask]:
     """Every masked adapter's token masks for one forward pass (the prompt's, or the negative one's).
 
@@ -58,6 +105,7 @@ def pass_masks(
         text_scope: "exclude-others": an adapter is off on the other subjects' words and on
             elsewhere in the text; "all": on every text token.
         everywhere: (adapter, image) pairs acting on the whole text of that image, as in `merge`.
+        grid: `(h, w)` of the N image tokens, for layers at other resolutions.
 
     A subject whose image mask is all zero in an image is off on that image's text too: a LoRA
     masked out of the picture must leave it exactly as it would be without that LoRA.
@@ -75,7 +123,7 @@ def pass_masks(
                 for other, tokens in text_positions[b].items():
                     if other != name:
                         text[b, [t for t in tokens if t < n_text]] = 0.0
-        result[name] = AdapterMask(image=image, text=text)
+        result[name] = AdapterMask(image=image, text=text, grid=grid)
     return result
 
 
@@ -164,10 +212,14 @@ class LoraMasker:
     def _mask(self, adapter: str, layout: TokenLayout, output: torch.Tensor) -> torch.Tensor | None:
         if self._masks is None or adapter not in self._masks:
             return None
-        key = (adapter, layout)
+        key = (adapter, layout, tuple(output.shape[1:-1]) if layout else ())
         mask = self._cache.get(key)
         if mask is None or mask.device != output.device or mask.dtype != output.dtype:
-            mask = self._masks[adapter].for_layout(layout).to(device=output.device, dtype=output.dtype)
+            mask = (
+                self._masks[adapter]
+                .for_layout(layout, output.shape)
+                .to(device=output.device, dtype=output.dtype)
+            )
             self._cache[key] = mask
         return mask
 
@@ -184,12 +236,14 @@ class LoraMasker:
     # -- the "fused" op -----------------------------------------------------------------------------
     def _coefficients(self, plan: _FusedLayer, low: torch.Tensor) -> torch.Tensor:
         """Per rank slot: scaling × the adapter's mask for this pass (`[B, S, Σr]`, `[B, Σr]` or `[Σr]`)."""
-        key = plan.cache_key
+        key = (*plan.cache_key, low.shape[1] if plan.layout else 0)
         coefficients = self._cache.get(key)
         if coefficients is not None and coefficients.device == low.device:
             return coefficients
         masks = self._masks or {}
-        per_adapter = [masks[a].for_layout(plan.layout) if a in masks else None for a in plan.adapters]
+        per_adapter = [
+            masks[a].for_layout(plan.layout, low.shape) if a in masks else None for a in plan.adapters
+        ]
         if all(mask is None for mask in per_adapter):
             coefficients = plan.scales
         else:
@@ -298,7 +352,12 @@ def _check_maskable(layer: torch.nn.Module, adapter: str, name: str) -> None:
 def _check_shape(
     mask: torch.Tensor, output: torch.Tensor, adapter: str, layer_name: str, layout: TokenLayout
 ) -> None:
-    if mask.shape[:-1] != output.shape[:-1]:
+    spatial = layout == ("spatial",)
+    if (
+        (mask.shape[0], *mask.shape[2:]) != (output.shape[0], *output.shape[2:])
+        if spatial
+        else (mask.shape[:-1] != output.shape[:-1])
+    ):
         raise RuntimeError(
             f"Mask for adapter {adapter!r} has shape {tuple(mask.shape)} but layer {layer_name!r} "
             f"({'+'.join(layout) or 'no'} tokens) gave {tuple(output.shape)}; the backend's token layout does not "

@@ -228,9 +228,9 @@ class AttentionMasks(Method):
             config = replace(config, background=True)
         try:
             result = core.masks_from_attention(
-                captured.q_text[b],
+                None if captured.q_text is None else captured.q_text[b],
                 captured.q_img[b],
-                captured.k_img[b],
+                None if captured.k_img is None else captured.k_img[b],
                 [context.positions[b][name] for name in active],
                 grid,
                 image=preview,

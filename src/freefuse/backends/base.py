@@ -8,9 +8,11 @@ which every registered backend must pass.
 
 Token layouts: a LoRA-adapted layer sees a sequence of tokens, and FreeFuse scales each adapter's
 delta per token. A backend says, per layer, what that sequence is made of, as a tuple of
-segments in order: `("image",)`, `("text",)`, `("text", "image")` for a joint sequence, or `()` for
+segments in order: `("image",)`, `("text",)`, `("text", "image")` for a joint sequence, `()` for
 a layer with no token axis (AdaLN modulation, timestep embedders), whose delta is scaled by the
-subject's share of the image.
+subject's share of the image, or `("spatial",)` for a convolution, whose `[B, C, H, W]` output is
+scaled by the mask resized to H×W. An "image" segment may hold the image at another resolution
+than the mask grid (a UNet's levels): the mask is area-averaged down, or repeated up, to it.
 """
 
 from __future__ import annotations
@@ -27,15 +29,19 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 import numpy as np
 import torch
 
+from ..core import MaskConfig
+from ..core.methods import MAP_METHODS, refines
+
 if TYPE_CHECKING:
     from ..lora import LoraFile
     from ..settings import GenerationSettings
 
-TokenSegment = Literal["text", "image"]
+TokenSegment = Literal["text", "image", "spatial"]
 TokenLayout = tuple[TokenSegment, ...]
 IMAGE: TokenLayout = ("image",)
 TEXT: TokenLayout = ("text",)
 NO_TOKENS: TokenLayout = ()
+SPATIAL: TokenLayout = ("spatial",)
 PassName = Literal["cond", "uncond"]
 
 
@@ -65,16 +71,18 @@ class CapturedAttention:
     """What the tapped attention saw in one forward pass: B images, C tapped blocks.
 
     Attributes:
-        q_text: `[B, C, heads, T, D]` text queries (post-norm, post-RoPE).
-        q_img: `[B, C, heads, N, D]` image queries.
-        k_img: `[B, C, heads, N, D]` image keys.
+        q_text: `[B, C, heads, T, D]` text queries (post-norm, post-RoPE), or None where text does
+            not attend (a UNet's cross-attention).
+        q_img: `[B, C, heads, N, D]` image queries (of the attention that reads the text).
+        k_img: `[B, C, heads, N, D]` image keys, or None where the backend has none to pair with
+            `q_img` (methods refining with self-attention need them).
         k_text: `[B, C, heads, T, D]` text keys.
         o_img: `[B, C, N, heads*D]` the image tokens' attention outputs, before the output projection.
     """
 
-    q_text: torch.Tensor
+    q_text: torch.Tensor | None
     q_img: torch.Tensor
-    k_img: torch.Tensor
+    k_img: torch.Tensor | None
     k_text: torch.Tensor
     o_img: torch.Tensor
 
@@ -82,11 +90,21 @@ class CapturedAttention:
     def concat(captures: list[CapturedAttention]) -> CapturedAttention:
         """Several steps' captures as one, their blocks side by side on the C axis."""
         names = [item.name for item in dataclasses.fields(CapturedAttention)]
-        return CapturedAttention(**{n: torch.cat([getattr(c, n) for c in captures], dim=1) for n in names})
+        return CapturedAttention(
+            **{
+                n: None
+                if getattr(captures[0], n) is None
+                else torch.cat([getattr(c, n) for c in captures], dim=1)
+                for n in names
+            }
+        )
 
     def cpu(self) -> CapturedAttention:
         return CapturedAttention(
-            **{item.name: getattr(self, item.name).cpu() for item in dataclasses.fields(self)}
+            **{
+                item.name: None if getattr(self, item.name) is None else getattr(self, item.name).cpu()
+                for item in dataclasses.fields(self)
+            }
         )
 
 
@@ -128,6 +146,11 @@ class Backend(abc.ABC):
     default_steps: ClassVar[int] = 28
     default_size: ClassVar[int] = 1024
     default_guidance: ClassVar[float]
+    #: The `CapturedAttention` fields this backend's tap fills (the others are None).
+    captured: ClassVar[tuple[str, ...]] = ("q_text", "q_img", "k_img", "k_text", "o_img")
+    #: Stage 1's constants when the caller sets none (`mask_config`): the method must read only
+    #: what `captured` holds.
+    default_mask_config: ClassVar[MaskConfig] = MaskConfig()
 
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline
@@ -204,10 +227,40 @@ class Backend(abc.ABC):
         A class method: the command line runs it before any weights load.
         """
 
+    @classmethod
+    def mask_config(cls, settings: GenerationSettings) -> MaskConfig:
+        """The caller's `mask_config`, or this architecture's default when none was given."""
+        if "mask_config" in settings.model_fields_set:
+            return settings.mask_config
+        return cls.default_mask_config
+
+    @classmethod
+    def check_mask_config(cls, settings: GenerationSettings) -> None:
+        """Raise ValueError when the mask method reads attention this architecture's tap does not give."""
+        from ..core.methods import get_map_method
+
+        config = cls.mask_config(settings)
+        method = get_map_method(config.method)
+        needs = set(method.needs) | ({"k_img"} if refines(config, default=False) else set())
+        missing = sorted(needs - set(cls.captured))
+        if missing:
+            usable = [name for name, other in MAP_METHODS.items() if set(other.needs) <= set(cls.captured)]
+            refinement = (
+                " (self-attention refinement)" if "k_img" in missing and refines(config, False) else ""
+            )
+            raise ValueError(
+                f"Mask method {config.method!r}{refinement} reads {missing}, which {cls.name}'s {cls.block_kind}s "
+                f"do not give; use a method among {usable} (CLI: --mask-method), with `self_attention` off."
+            )
+
     # -- the denoising loop's parts ----------------------------------------------------------------
     @abc.abstractmethod
     def encode(self, prompts: list[str], max_sequence_length: int) -> Conditioning:
         """Encode B prompts for one forward pass."""
+
+    def encode_negative(self, prompts: list[str], settings: GenerationSettings) -> Conditioning:
+        """Encode the negative pass's B prompts (some models use zeros for an unset negative prompt)."""
+        return self.encode(prompts, settings.max_sequence_length)
 
     @abc.abstractmethod
     def negative_prompt(self, settings: GenerationSettings) -> str | None:
@@ -327,3 +380,21 @@ class Backend(abc.ABC):
             if adapter_name in (getattr(self.denoiser, "peft_config", None) or {}):
                 self.pipeline.delete_adapters(adapter_name)
             raise
+
+
+def latent_preview(latents: torch.Tensor) -> np.ndarray:
+    """`[B, C, h, w]` latents → `[B, h, w, 3]` float pictures in [0, 1]: each image's channels
+    projected on their 3 principal components, 1-99 % percentiles stretched. No VAE: a cheap
+    picture for superpixels at latent resolution."""
+    previews = []
+    for image in latents.float():
+        channels = image.reshape(image.shape[0], -1)
+        centred = channels - channels.mean(dim=1, keepdim=True)
+        _, _, basis = torch.linalg.svd(centred.T, full_matrices=False)
+        rgb = (basis[:3] @ centred).reshape(-1, *image.shape[1:])
+        if rgb.shape[0] < 3:
+            rgb = torch.cat([rgb, rgb.new_zeros(3 - rgb.shape[0], *rgb.shape[1:])])
+        low = rgb.reshape(3, -1).quantile(0.01, dim=1)[:, None, None]
+        high = rgb.reshape(3, -1).quantile(0.99, dim=1)[:, None, None]
+        previews.append(((rgb - low) / (high - low).clamp_min(1e-6)).clamp(0, 1).permute(1, 2, 0))
+    return torch.stack(previews).cpu().numpy()

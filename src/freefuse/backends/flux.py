@@ -18,7 +18,17 @@ import numpy as np
 import torch
 
 from . import register
-from .base import IMAGE, NO_TOKENS, TEXT, Backend, CapturedAttention, Conditioning, Latents, TokenLayout
+from .base import (
+    IMAGE,
+    NO_TOKENS,
+    TEXT,
+    Backend,
+    CapturedAttention,
+    Conditioning,
+    Latents,
+    TokenLayout,
+    latent_preview,
+)
 
 if TYPE_CHECKING:
     from ..lora import LoraFile
@@ -132,9 +142,9 @@ class FluxBackend(Backend):
 
     @classmethod
     def check_lora_keys(cls, keys, source: str) -> None:
-        from ..lora import LoraFileError, detect_layout
+        from ..lora import LoraFileError, lora_family
 
-        if detect_layout({key: None for key in keys}) == "kohya-unet":
+        if lora_family(keys).startswith("UNet"):
             first = next(iter(keys))
             raise LoraFileError(
                 f"{source} is a LoRA for a UNet model (SD 1.x / SDXL keys such as {first!r}), not for a FLUX "
@@ -302,19 +312,7 @@ class FluxBackend(Backend):
         """
         if mode == "vae":
             return self.decode(latents, height, width).permute(0, 2, 3, 1).cpu().numpy()
-        unpacked = self._unpack(latents, height, width).float()
-        previews = []
-        for image in unpacked:
-            channels = image.reshape(image.shape[0], -1)
-            centred = channels - channels.mean(dim=1, keepdim=True)
-            _, _, basis = torch.linalg.svd(centred.T, full_matrices=False)
-            rgb = (basis[:3] @ centred).reshape(-1, *image.shape[1:])
-            if rgb.shape[0] < 3:
-                rgb = torch.cat([rgb, rgb.new_zeros(3 - rgb.shape[0], *rgb.shape[1:])])
-            low = rgb.reshape(3, -1).quantile(0.01, dim=1)[:, None, None]
-            high = rgb.reshape(3, -1).quantile(0.99, dim=1)[:, None, None]
-            previews.append(((rgb - low) / (high - low).clamp_min(1e-6)).clamp(0, 1).permute(1, 2, 0))
-        return torch.stack(previews).cpu().numpy()
+        return latent_preview(self._unpack(latents, height, width))
 
     @contextlib.contextmanager
     def capture(self, block: int | Sequence[int]) -> Iterator[FluxAttentionTap]:

@@ -181,7 +181,7 @@ def _captures(name: str, tensor: torch.Tensor | None, ndim: int) -> torch.Tensor
 def check_inputs(
     q_text: torch.Tensor | None,
     q_img: torch.Tensor,
-    k_img: torch.Tensor,
+    k_img: torch.Tensor | None,
     token_sets: Sequence[Sequence[int]],
     grid: tuple[int, int],
     image: np.ndarray | torch.Tensor | None,
@@ -189,6 +189,7 @@ def check_inputs(
     k_text: torch.Tensor | None = None,
     o_img: torch.Tensor | None = None,
     method: str = "text-to-image",
+    self_attention: bool = False,
 ) -> None:
     """Raise a ValueError naming the argument when the inputs of `masks_from_attention` do not fit."""
     tensors = {
@@ -199,13 +200,15 @@ def check_inputs(
         "o_img": _captures("o_img", o_img, 2),
     }
     needed = get_map_method(method).needs
+    if self_attention:
+        needed = (*needed, "k_img")
     missing = [name for name in needed if tensors[name] is None]
     if missing:
         raise ValueError(
             f"Mask method {method!r} needs `{missing[0]}`; pass it (the tapped block's {missing[0]})."
         )
     captures, heads, n_img, dim = tensors["q_img"].shape
-    if tensors["k_img"].shape != tensors["q_img"].shape:
+    if tensors["k_img"] is not None and tensors["k_img"].shape != tensors["q_img"].shape:
         raise ValueError(
             f"`q_img` {tuple(q_img.shape)} and `k_img` {tuple(k_img.shape)} must have the same shape."
         )
@@ -260,7 +263,7 @@ def check_inputs(
 def masks_from_attention(
     q_text: torch.Tensor | None,
     q_img: torch.Tensor,
-    k_img: torch.Tensor,
+    k_img: torch.Tensor | None,
     token_sets: Sequence[Sequence[int]],
     grid: tuple[int, int],
     image: np.ndarray | torch.Tensor | None = None,
@@ -276,7 +279,8 @@ def masks_from_attention(
         q_text: `[heads, T, D]` text queries of the tapped block (post-norm, post-RoPE); None for
             a method that does not read them (`image-to-text`, `routing`).
         q_img: `[heads, N, D]` image queries.
-        k_img: `[heads, N, D]` image keys.
+        k_img: `[heads, N, D]` image keys; None for a method that does not refine with
+            self-attention (`image-to-text` and `routing` without `self_attention=True`).
         token_sets: L lists of text positions, one per subject (its activation words' tokens).
         grid: `(h, w)` token grid with h * w = N.
         image: `H×W×3` float array in [0, 1] (the predicted x0) for SLIC voting; None votes per token.
@@ -295,7 +299,17 @@ def masks_from_attention(
         A `MaskResult`; `token_masks` `[L, h, w]`, `image_masks` `[L, H, W]`, `maps` `[L, h, w]`.
     """
     check_inputs(
-        q_text, q_img, k_img, token_sets, grid, image, background_tokens, k_text, o_img, config.method
+        q_text,
+        q_img,
+        k_img,
+        token_sets,
+        grid,
+        image,
+        background_tokens,
+        k_text,
+        o_img,
+        config.method,
+        bool(config.self_attention),
     )
     h, w = grid
     sets = [[int(i) for i in tokens] for tokens in token_sets]

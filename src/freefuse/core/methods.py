@@ -39,14 +39,14 @@ class Capture:
     Attributes:
         q_text: `[heads, T, D]` text queries, or None.
         q_img: `[heads, N, D]` image queries.
-        k_img: `[heads, N, D]` image keys.
+        k_img: `[heads, N, D]` image keys (self-attention refinement), or None.
         k_text: `[heads, T, D]` text keys, or None.
         o_img: `[N, C]` attention outputs of the image tokens (before the output projection), or None.
     """
 
     q_text: torch.Tensor | None
     q_img: torch.Tensor
-    k_img: torch.Tensor
+    k_img: torch.Tensor | None
     k_text: torch.Tensor | None = None
     o_img: torch.Tensor | None = None
 
@@ -125,9 +125,19 @@ def as_distribution(maps: torch.Tensor) -> torch.Tensor:
     return maps / maps.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(maps.dtype).tiny)
 
 
+def refines(config: MaskConfig, default: bool = True) -> bool:
+    """Whether a method refines its maps with self-attention (`default`: the method's own choice)."""
+    return default if config.self_attention is None else config.self_attention
+
+
 def _refine(maps: torch.Tensor, capture: Capture, config: MaskConfig, default: bool = True) -> torch.Tensor:
-    if not (default if config.self_attention is None else config.self_attention):
+    if not refines(config, default):
         return maps
+    if capture.k_img is None:
+        raise ValueError(
+            "Self-attention refinement needs `k_img` (the image keys); pass them, or set "
+            "`self_attention=False` with a method that does not need it (image-to-text, routing)."
+        )
     return refine_with_self_attention(
         as_distribution(maps), capture.q_img, capture.k_img, config.p_top, config.chunk_elements
     )
@@ -175,7 +185,7 @@ def _text_to_image_rows(
 # -- the methods -----------------------------------------------------------------------------------------
 
 
-@register_map_method("text-to-image", needs=("q_text",))
+@register_map_method("text-to-image", needs=("q_text", "k_img"))
 def text_to_image(capture, token_sets, background_tokens, grid, config) -> StageMaps:
     """The paper's: sink-filtered text→image rows of each subject's words, then self-attention."""
     sets = token_sets + ([background_tokens] if background_tokens else [])
@@ -196,7 +206,7 @@ def image_to_text(capture, token_sets, background_tokens, grid, config) -> Stage
     return _split(shares, shares, len(token_sets), 1.0 / capture.k_text.shape[1], config)
 
 
-@register_map_method("combined", needs=("q_text", "k_text"))
+@register_map_method("combined", needs=("q_text", "k_text", "k_img"))
 def combined(capture, token_sets, background_tokens, grid, config) -> StageMaps:
     """Geometric mean of both directions' maps (each a distribution over the image), then refined."""
     sets = token_sets + ([background_tokens] if background_tokens else [])
