@@ -14,12 +14,15 @@ import pytest
 import torch
 
 from freefuse import FreeFuse, FreeFuseWarning, GenerationSettings, MaskSet
-from freefuse.backends import BACKENDS, Backend, backend_for
+from freefuse.backends import BACKENDS, SPATIAL, Backend, backend_for
+from freefuse.core.methods import MAP_METHODS
+from freefuse.masking import AdapterMask
 from freefuse.testing import ALL_LINEAR, TINY_PIPELINES, random_lora
 
 PROMPT = "Alice hugging Bob in the snow"
 SIZE = 128
 TOKENS = 16
+LAYOUT_TOKENS = 24
 
 
 @pytest.fixture(params=sorted(BACKENDS))
@@ -109,11 +112,25 @@ def test_capture_gives_queries_keys_and_outputs_of_the_grid_and_leaves_no_hook(b
     h, w = backend.grid(SIZE, SIZE)
     batch, captures, heads, n_img, dim = captured.q_img.shape
     assert (batch, captures, n_img) == (1, len(blocks), h * w)
-    assert captured.k_img.shape == captured.q_img.shape
     n_text = conditioning.num_text_tokens
-    assert captured.q_text.shape == captured.k_text.shape == (1, len(blocks), heads, n_text, dim)
+    assert captured.k_text.shape == (1, len(blocks), heads, n_text, dim)
     assert captured.o_img.shape[:3] == (1, len(blocks), n_img)
+    # What the backend says it captures is there, and nothing else (methods are refused by it).
+    assert {"q_img", "k_text", "o_img"} <= set(backend.captured)
+    for name, shape in (("k_img", captured.q_img.shape), ("q_text", captured.k_text.shape)):
+        tensor = getattr(captured, name)
+        assert tensor is None if name not in backend.captured else tensor.shape == shape
     assert hooks(backend.denoiser) == before
+
+
+def test_the_default_mask_method_reads_only_what_the_backend_captures(backend: Backend) -> None:
+    type(backend).check_mask_config(settings())
+    unreadable = [
+        name for name, method in MAP_METHODS.items() if not set(method.needs) <= set(backend.captured)
+    ]
+    for name in unreadable:
+        with pytest.raises(ValueError, match="does not give|do not give"):
+            type(backend).check_mask_config(settings(mask_config={"method": name}))
 
 
 def test_token_layout_of_every_adapted_layer_matches_what_it_sees(backend: Backend) -> None:
@@ -130,7 +147,8 @@ def test_token_layout_of_every_adapted_layer_matches_what_it_sees(backend: Backe
             handles.append(module.register_forward_hook(record))
     try:
         with torch.no_grad():
-            conditioning = backend.encode([PROMPT], TOKENS)
+            # A text length that no image grid of the run has, so text and image cannot be mistaken.
+            conditioning = backend.encode([PROMPT], LAYOUT_TOKENS)
             state = noise(backend, [0], conditioning.prompt_embeds.dtype)
             timesteps, _ = backend.timesteps(4, SIZE, SIZE)
             backend.predict(state, timesteps[0], conditioning, settings())
@@ -138,18 +156,30 @@ def test_token_layout_of_every_adapted_layer_matches_what_it_sees(backend: Backe
         for handle in handles:
             handle.remove()
     h, w = backend.grid(SIZE, SIZE)
-    length = {"image": h * w, "text": conditioning.num_text_tokens}
+    # A UNet sees the image at several resolutions: the grid, or halved / doubled some times.
+    image_sizes = {(h * 2**k // 2**j, w * 2**k // 2**j) for k in range(4) for j in range(4)}
+    n_text = conditioning.num_text_tokens
+    assert all(n_text != a * b for a, b in image_sizes)
     assert seen, "the probe LoRA adapted no layer that ran"
     for name, shape in seen.items():
         layout = backend.token_layout(name)
         if not layout:
             assert len(shape) == 2, f"{name}: no-token layout but input {shape}"
+        elif layout == SPATIAL:
+            assert len(shape) == 4 and tuple(shape[2:]) in image_sizes, (name, layout, shape)
         else:
-            assert len(shape) == 3 and shape[1] == sum(length[segment] for segment in layout), (
-                name,
-                layout,
-                shape,
-            )
+            n_image = shape[1] - n_text * layout.count("text")
+            assert len(shape) == 3 and layout.count("image") <= 1, (name, layout, shape)
+            expected = {a * b for a, b in image_sizes} if "image" in layout else {0}
+            if backend.name == "flux":
+                expected = {h * w} if "image" in layout else {0}  # one resolution throughout
+            assert n_image in expected, (name, layout, shape)
+    # A mask on the grid can be put on every adapted layer's output.
+    mask = AdapterMask(image=torch.rand(1, h * w), text=torch.rand(1, n_text), grid=(h, w))
+    for name, shape in seen.items():
+        layout = backend.token_layout(name)
+        out_shape = (*shape[:-1], 5) if layout != SPATIAL else (shape[0], 5, *shape[2:])
+        assert mask.for_layout(layout, out_shape).shape[0] == 1
 
 
 def test_decode_and_preview_give_pictures(backend: Backend) -> None:
@@ -210,11 +240,27 @@ def test_all_ones_masks_are_merge_and_a_zero_mask_removes_that_lora(with_two_lor
 
 
 def test_freefuse_runs_and_partitions_the_image(with_two_loras: FreeFuse) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FreeFuseWarning)
-        out = with_two_loras(
-            PROMPT, progress=False, height=SIZE, width=SIZE, num_inference_steps=3, max_sequence_length=TOKENS
-        )
-    masks = out.masks[0]
-    assert masks.names == ["alice", "bob"] and masks.size == (SIZE, SIZE)
-    assert torch.equal(masks.masks.sum(dim=0), torch.ones(SIZE, SIZE))
+    """With the backend's default mask method: no pixel goes to two subjects; without a background
+    channel every pixel goes to one."""
+    default = type(with_two_loras.backend).default_mask_config
+    for background in (None, False):
+        config = {**default.to_dict(), "background": background}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FreeFuseWarning)
+            out = with_two_loras(
+                PROMPT,
+                progress=False,
+                height=SIZE,
+                width=SIZE,
+                num_inference_steps=3,
+                max_sequence_length=TOKENS,
+                mask_config=config,
+            )
+        masks = out.masks[0]
+        assert masks.names == ["alice", "bob"] and masks.size == (SIZE, SIZE)
+        coverage = masks.masks.sum(dim=0)
+        assert out.manifest["settings"]["mask_config"]["method"] == default.method
+        if background is False or not default.with_background:
+            assert torch.equal(coverage, torch.ones(SIZE, SIZE))
+        else:
+            assert bool((coverage <= 1).all()) and bool(coverage.any())

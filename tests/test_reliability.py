@@ -321,13 +321,29 @@ def test_quantized_model_folders_are_refused_before_loading(assets, tmp_path, mo
 def test_a_pipeline_class_no_backend_runs_is_refused_before_loading(assets, tmp_path) -> None:
     import shutil
 
+    other = tmp_path / "sd3"
+    shutil.copytree(assets / "model", other)
+    index = json.loads((other / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusion3Pipeline"
+    (other / "model_index.json").write_text(json.dumps(index))
+    result = generate(assets, tmp_path / "o", model=str(other))
+    assert_user_error(
+        result, "is a StableDiffusion3Pipeline", "FreeFuse runs ['FluxPipeline', 'StableDiffusionXLPipeline']"
+    )
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_flux_loras_on_an_sdxl_folder_are_refused_before_loading(assets, tmp_path) -> None:
+    import shutil
+
     other = tmp_path / "sdxl"
     shutil.copytree(assets / "model", other)
     index = json.loads((other / "model_index.json").read_text())
     index["_class_name"] = "StableDiffusionXLPipeline"
     (other / "model_index.json").write_text(json.dumps(index))
     result = generate(assets, tmp_path / "o", model=str(other))
-    assert_user_error(result, "is a StableDiffusionXLPipeline", "FreeFuse runs ['FluxPipeline']")
+    assert_user_error(result, "is a LoRA for a FLUX transformer", "not for an SDXL UNet")
+    assert_nothing_written(tmp_path / "o")
 
 
 def test_hub_model_not_in_cache_with_hf_offline(assets, tmp_path, monkeypatch) -> None:

@@ -279,7 +279,8 @@ def _summary(output, paths) -> None:
 # -- options ---------------------------------------------------------------------------------------------
 
 ModelOpt = Annotated[
-    str | None, typer.Option("--model", "-m", help="Diffusers folder or Hugging Face id (or 'tiny').")
+    str | None,
+    typer.Option("--model", "-m", help="Diffusers folder or Hugging Face id (or 'tiny', 'tiny-sdxl')."),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace existing output files.")]
@@ -620,6 +621,7 @@ def inspect(
                 "tensors",
                 "rank",
                 "layers",
+                "text_encoder",
                 "trigger_words",
                 "trigger_words_from",
                 "top_tags",
@@ -645,7 +647,7 @@ def demo(
         typer.Option(
             "--model",
             "-m",
-            help="A diffusers folder or Hugging Face id; 'tiny' (random); default: ShapesWorld.",
+            help="A diffusers folder or Hugging Face id; 'tiny' or 'tiny-sdxl' (random); default: ShapesWorld.",
         ),
     ] = None,
     steps: Annotated[
@@ -659,11 +661,18 @@ def demo(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     offload: OffloadOpt = False,
+    arch: Annotated[
+        str | None,
+        typer.Option(
+            "--arch",
+            help="flux or sdxl: a cached model of it, else its built-in tiny random model (sdxl: tiny-sdxl).",
+        ),
+    ] = None,
 ) -> None:
-    """Run the whole job offline: merge beside FreeFuse on ShapesWorld, or FLUX.1 when its weights are here."""
+    """Run the whole job offline: merge beside FreeFuse on ShapesWorld, or a real model when its weights are here."""
     from .demo import plan_demo, run_demo
 
-    plan = plan_demo(model, steps, size, seed)
+    plan = plan_demo(model, steps, size, seed, arch)
     console.print(escape(f"demo: {plan.description}"), highlight=False, soft_wrap=True)
     files, output = run_demo(
         plan, out, execute, overwrite=overwrite, device=device, dtype=dtype, offload=offload

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .files import atomic_save, check_free
-from .models import SHAPESWORLD, TINY, architecture_of, cached_model, load_pipeline
+from .models import SHAPESWORLD, TINY_MODELS, architecture_of, cached_model, load_pipeline
 from .outputs import check_outputs, output_paths, write_outputs
 from .settings import GenerationSettings, parse_size
 
@@ -42,10 +42,25 @@ class DemoPlan:
 
 
 def plan_demo(
-    model: str | None = None, steps: int | None = None, size: str | None = None, seed: int = 0
+    model: str | None = None,
+    steps: int | None = None,
+    size: str | None = None,
+    seed: int = 0,
+    architecture: str | None = None,
 ) -> DemoPlan:
-    """ShapesWorld unless a model is given or real FLUX.1 weights are in the cache."""
-    chosen = model or cached_model() or SHAPESWORLD
+    """ShapesWorld unless a model is given or real weights are in the cache; with `architecture`,
+    a cached model of it, else its built-in tiny random model ("sdxl": `tiny-sdxl`)."""
+    if model is not None and architecture is not None:
+        found = architecture_of(model)
+        if found is not None and found.name != architecture:
+            raise ValueError(f"--arch {architecture} but {model} is a {found.name} model; leave one out.")
+    fallback = SHAPESWORLD
+    if architecture is not None:
+        tiny_of = {arch: name for name, arch in TINY_MODELS.items()}
+        if architecture not in tiny_of:
+            raise ValueError(f"Unknown architecture {architecture!r}; use one of {sorted(tiny_of)}.")
+        fallback = SHAPESWORLD if architecture == "flux" else tiny_of[architecture]
+    chosen = model or cached_model(architecture) or fallback
     if chosen == SHAPESWORLD:
         from .shapesworld.model import MAX_TEXT_TOKENS
         from .shapesworld.scenes import SIZE
@@ -70,7 +85,7 @@ def plan_demo(
             ),
             compare=True,
         )
-    tiny = chosen == TINY
+    tiny = chosen in TINY_MODELS
     architecture = architecture_of(chosen)
     width, height = parse_size(size or ("512" if tiny else str(getattr(architecture, "default_size", 1024))))
     return DemoPlan(
@@ -106,10 +121,10 @@ def _lora_files(plan: DemoPlan, pipeline, folder: Path) -> list[Path]:
         else:
             from safetensors.torch import save
 
-            from .testing import random_lora_state_dict
+            from .testing import typical_lora_state_dict
 
-            state = random_lora_state_dict(
-                pipeline.transformer, seed=seed, scale=1.0 if plan.model == TINY else 0.3
+            state = typical_lora_state_dict(
+                pipeline, seed=seed, scale=1.0 if plan.model in TINY_MODELS else 0.3
             )
             data = save(state, metadata={"format": "pt", "modelspec.trigger_phrase": word})
             atomic_save(path, lambda handle, data=data: handle.write(data))

@@ -205,12 +205,27 @@ def check_lora_contents(path: Path) -> None:
         raise LoraFileError(f"{path} could not be read as safetensors: {error}") from None
 
 
+# Block names only a UNet has (the original SD code base's and diffusers').
+_UNET_BLOCKS = (
+    "_input_blocks_",
+    "_middle_block_",
+    "_output_blocks_",
+    "_down_blocks_",
+    "_up_blocks_",
+    "_mid_block_",
+)
+
+
 def detect_layout(state_dict: dict[str, torch.Tensor]) -> str:
     """Name the layout of a LoRA state dict (informational; conversion is diffusers')."""
     keys = list(state_dict)
     if any(".lora_down.weight" in k for k in keys):
-        if any(k.startswith("lora_unet_") for k in keys) and not any(
-            "double_blocks" in k or "single_blocks" in k or "transformer_blocks" in k for k in keys
+        unet = [k for k in keys if k.startswith("lora_unet_")]
+        if any(part in k for k in unet for part in _UNET_BLOCKS) or (
+            unet
+            and not any(
+                "double_blocks" in k or "single_blocks" in k or "transformer_blocks" in k for k in keys
+            )
         ):
             return "kohya-unet"
         return "kohya"
@@ -255,11 +270,15 @@ def check_lora_fits(
                 f"{prefix} does not have (a LoRA for another model or version)."
             )
         base = getattr(module, "base_layer", module)
-        in_features, out_features = getattr(base, "in_features", None), getattr(base, "out_features", None)
+        in_features = getattr(base, "in_features", getattr(base, "in_channels", None))
+        out_features = getattr(base, "out_features", getattr(base, "out_channels", None))
         tensor = state_dict[key]
-        if tensor.ndim != 2:
+        expected_ndim = 4 if isinstance(base, torch.nn.Conv2d) else 2
+        if tensor.ndim != expected_ndim:
+            kind = "convolution kernels" if expected_ndim == 4 else "matrices"
             raise LoraFileError(
-                f"{source}: key {key!r} has shape {tuple(tensor.shape)}; LoRA weights are matrices."
+                f"{source}: key {key!r} has shape {tuple(tensor.shape)}; LoRA weights of layer {module_name!r} "
+                f"are {kind}."
             )
         if which == "A" and tensor.shape[1] != in_features:
             raise LoraFileError(
@@ -382,6 +401,26 @@ def lora_family(keys) -> str:
     return "unknown"
 
 
+_TEXT_ENCODER_PREFIXES = {
+    "lora_te_": "text_encoder",
+    "lora_te1_": "text_encoder",
+    "lora_te2_": "text_encoder_2",
+    "text_encoder.": "text_encoder",
+    "text_encoder_2.": "text_encoder_2",
+}
+
+
+def text_encoder_parts(keys) -> list[str]:
+    """The text encoders a LoRA file also adapts (kohya `lora_te1_…`, diffusers `text_encoder.…`).
+
+    Those parts change the encoded prompt, which every image token reads: they act on the whole
+    image and cannot be masked per region."""
+    found = {
+        part for key in keys for prefix, part in _TEXT_ENCODER_PREFIXES.items() if key.startswith(prefix)
+    }
+    return sorted(found)
+
+
 def describe_lora(path: str | Path) -> dict:
     """What `freefuse inspect` shows: layout, architecture, rank, adapted layers, trigger words and
     where they came from, selected metadata. Read from the safetensors header alone."""
@@ -418,6 +457,11 @@ def describe_lora(path: str | Path) -> dict:
         "tensors": len(shapes),
         "rank": ranks,
         "layers": len(layers),
+        "text_encoder": (
+            f"{', '.join(parts)}: applied to the whole prompt, not masked per region"
+            if (parts := text_encoder_parts(shapes))
+            else "none"
+        ),
         "trigger_words": words,
         "trigger_words_from": source or "none found",
         "top_tags": [f"{tag} ({count})" for tag, count in tag_frequencies(metadata, limit=5)],

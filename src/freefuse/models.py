@@ -17,10 +17,12 @@ if TYPE_CHECKING:
     from .backends.base import Backend
 
 TINY = "tiny"
-TINY_ARCHITECTURE = "flux"
+TINY_SDXL = "tiny-sdxl"
+# The built-in random models, by name: the backend whose tiny pipeline each one is.
+TINY_MODELS = {TINY: "flux", TINY_SDXL: "sdxl"}
 # The ShapesWorld model committed with FreeFuse (a FLUX.1-architecture pipeline).
 SHAPESWORLD = "shapesworld"
-BUILT_IN = (TINY, SHAPESWORLD)
+BUILT_IN = (*TINY_MODELS, SHAPESWORLD)
 _HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 
 
@@ -66,8 +68,9 @@ def offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def cached_model() -> str | None:
-    """The id of a model a backend knows whose files are in the local Hugging Face cache, if any."""
+def cached_model(architecture: str | None = None) -> str | None:
+    """The id of a model a backend knows (of `architecture` only, when given) whose files are in
+    the local Hugging Face cache, if any."""
     from .backends import BACKENDS
 
     try:
@@ -75,6 +78,8 @@ def cached_model() -> str | None:
     except ImportError:
         return None
     for backend in BACKENDS.values():
+        if architecture is not None and backend.name != architecture:
+            continue
         for repo in backend.known_model_ids:
             found = try_to_load_from_cache(repo, "model_index.json")
             if isinstance(found, str) and Path(found).is_file():
@@ -108,8 +113,10 @@ def architecture_of(model: str) -> type[Backend] | None:
     told before loading (a hub id not in the cache)."""
     from .backends import BACKENDS
 
-    if model in BUILT_IN:
-        return BACKENDS[TINY_ARCHITECTURE]
+    if model in TINY_MODELS:
+        return BACKENDS[TINY_MODELS[model]]
+    if model == SHAPESWORLD:
+        return BACKENDS["flux"]
     index = _model_index(model)
     if index is None:
         return next((b for b in BACKENDS.values() if model in b.known_model_ids), None)
@@ -201,7 +208,7 @@ def pixels_per_token(model: str) -> int | None:
         from .shapesworld.model import MODEL_DIR
 
         local = MODEL_DIR
-    return architecture.pixels_per_token(local if model != TINY and local.is_dir() else None)
+    return architecture.pixels_per_token(local if model not in TINY_MODELS and local.is_dir() else None)
 
 
 def load_pipeline(model: str, device: str | None = None, dtype: str | None = None, offload: bool = False):
@@ -213,13 +220,13 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
             "--offload moves the models to a GPU one at a time while keeping them in CPU memory; on the CPU there "
             "is nothing to offload. Leave --offload out (or pass --device cuda on a machine with a GPU)."
         )
-    if model == TINY:
+    if model in TINY_MODELS:
         from .testing import TINY_PIPELINES
 
         # Built on the CPU in float32 and moved, so the tiny model's weights are the same on every
         # device; then the same dtype and offload as a real model.
-        pipeline = TINY_PIPELINES[TINY_ARCHITECTURE](seed=0)
-        pipeline.register_to_config(_name_or_path=TINY)
+        pipeline = TINY_PIPELINES[TINY_MODELS[model]](seed=0)
+        pipeline.register_to_config(_name_or_path=model)
         return _place(pipeline, chosen, torch_dtype, offload)
     if model == SHAPESWORLD:
         from .shapesworld.model import load_shapesworld

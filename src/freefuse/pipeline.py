@@ -32,7 +32,7 @@ import torch
 from .backends import Conditioning, backend_for
 from .backends.base import CapturedAttention, PassName
 from .core import MaskSet
-from .lora import LoraFileError, read_lora_file
+from .lora import LoraFileError, read_lora_file, text_encoder_parts
 from .masking import AdapterMask, LoraMasker, adapters_for_run, pass_masks
 from .methods import MaskInput, Method, RunContext, SubjectMasks, get_method
 from .settings import GenerationSettings
@@ -65,6 +65,8 @@ class Subject:
         path, sha256, layout: where the file came from, when it came from a file.
         metadata_words: trigger words found in the file's metadata.
         owned: this FreeFuse loaded the adapter (so `remove` deletes it); False for `use_adapter`.
+        text_encoders: text encoders the file also adapts; those parts act on the whole prompt of
+            every image (a masked LoRA's text-encoder part is not masked).
     """
 
     name: str
@@ -76,6 +78,7 @@ class Subject:
     layout: str | None = None
     metadata_words: list[str] = field(default_factory=list)
     owned: bool = False
+    text_encoders: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -86,6 +89,7 @@ class Subject:
             "path": self.path,
             "sha256": self.sha256,
             "layout": self.layout,
+            **({"text_encoders_unmasked": list(self.text_encoders)} if self.text_encoders else {}),
         }
 
 
@@ -186,6 +190,7 @@ class FreeFuse:
             layout=lora.layout,
             metadata_words=lora.trigger_words,
             owned=True,
+            text_encoders=text_encoder_parts(lora.state_dict),
         )
         self.subjects[name] = subject
         return subject
@@ -296,6 +301,8 @@ class FreeFuse:
         method = get_method(settings.method)
         settings.check_size(backend.size_multiple)
         notes = type(backend).check_settings(settings) + settings.notes()
+        if method.reads_attention:
+            type(backend).check_mask_config(settings)
         if not self.subjects:
             raise ValueError("No LoRA added; call `add_lora(path, words=[...])` (or `use_adapter`) first.")
         block = backend.default_block() if settings.block is None else settings.block
@@ -309,6 +316,7 @@ class FreeFuse:
             update={
                 "block": block,
                 "max_sequence_length": settings.max_sequence_length or backend.default_sequence_length,
+                "mask_config": type(backend).mask_config(settings),
                 "guidance_scale": backend.default_guidance
                 if settings.guidance_scale is None
                 else settings.guidance_scale,
@@ -337,6 +345,14 @@ class FreeFuse:
             note = truncation_note(backend.tokenizer, prompt, settings.max_sequence_length)
             if note:
                 notes.append(note)
+        if method.masks_loras:
+            for subject in self._masked_subjects(method):
+                if subject.text_encoders:
+                    notes.append(
+                        f"LoRA {subject.name!r} also adapts {', '.join(subject.text_encoders)}; that part changes the "
+                        f"prompt every image token reads, so it acts everywhere (only the {backend.denoiser_name} "
+                        "part is masked)."
+                    )
         context = self._context(settings, method, notes)
         method.check(context, masks)
         return settings, context, notes
@@ -481,14 +497,15 @@ class FreeFuse:
             conditioning = backend.encode(settings.image_prompts, settings.max_sequence_length)
             negative = None
             if context.negative_prompt is not None:
-                negative = backend.encode([context.negative_prompt] * batch, settings.max_sequence_length)
+                negative = backend.encode_negative([context.negative_prompt] * batch, settings)
             timings["encode_s"] = time.perf_counter() - tick
 
-            # 4. Noise, one generator per image; 5. timesteps
+            # 4. Timesteps (first: some schedulers scale the initial noise by their first sigma);
+            # 5. noise, one generator per image
+            timesteps, sigmas = backend.timesteps(steps, settings.height, settings.width)
             state = backend.prepare_latents(
                 generators, batch, settings.height, settings.width, conditioning.prompt_embeds.dtype, latents
             )
-            timesteps, sigmas = backend.timesteps(steps, settings.height, settings.width)
             per_pass = pass_masks_of(context, subject_masks, conditioning, negative)
 
             def switch_masks(name: str) -> None:
@@ -629,12 +646,19 @@ def pass_masks_of(
     tokens = {name: mask.to(device) for name, mask in found.tokens.items()}
     scope = context.settings.text_scope
     result: dict[PassName, dict[str, AdapterMask] | None] = {
-        "cond": pass_masks(tokens, context.positions, conditioning.num_text_tokens, scope, found.everywhere),
+        "cond": pass_masks(
+            tokens, context.positions, conditioning.num_text_tokens, scope, found.everywhere, context.grid
+        ),
         "uncond": None,
     }
     if negative is not None:
         result["uncond"] = pass_masks(
-            tokens, context.negative_positions, negative.num_text_tokens, scope, found.everywhere
+            tokens,
+            context.negative_positions,
+            negative.num_text_tokens,
+            scope,
+            found.everywhere,
+            context.grid,
         )
     return result
 

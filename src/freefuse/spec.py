@@ -94,6 +94,8 @@ class RunSpec:
             self.settings.check_size(multiple)
         if architecture is not None:
             self.notes.extend(architecture.check_settings(self.settings))
+            if get_method(self.settings.method).reads_attention:
+                architecture.check_mask_config(self.settings)
         if not self.loras:
             raise SettingsError(
                 "No LoRA given; a run needs at least one (CLI: --lora PATH=WORD; job files: `loras`)."
@@ -169,10 +171,10 @@ class RunSpec:
     def _check_prompt_words(self, architecture, words: dict[str, list[str]]) -> None:
         """Every subject's words found in some prompt, with the model's own tokenizer (read from its
         folder, no weights): a missing word is said before a multi-GB load."""
-        from .models import SHAPESWORLD, TINY
+        from .models import SHAPESWORLD, TINY_MODELS
         from .tokens import WordNotFoundError, find_word
 
-        if self.model == TINY:
+        if self.model in TINY_MODELS:
             folder = None
         elif self.model == SHAPESWORLD:
             from .shapesworld.model import MODEL_DIR

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .backends.flux import FLUX_LORA_TARGETS
+from .backends.sdxl import SDXL_LORA_TARGETS
 
 # Words the tiny tokenizers know as whole pieces. Any other word still encodes, as several
 # character pieces, which is what tests of multi-token activation words rely on.
@@ -231,12 +232,121 @@ def tiny_flux_pipeline(
     )
 
 
+TINY_UNET_CONFIG = {
+    "block_out_channels": (32, 64),
+    "layers_per_block": 1,
+    "sample_size": 32,
+    "in_channels": 4,
+    "out_channels": 4,
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"),
+    "attention_head_dim": (2, 4),
+    "transformer_layers_per_block": (1, 2),
+    "use_linear_projection": True,
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": 8,
+    "norm_num_groups": 8,
+}
+
+
+def tiny_sdxl_pipeline(
+    seed: int = 0,
+    unet_config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    clip_width: int = 32,
+):
+    """A complete diffusers `StableDiffusionXLPipeline` with tiny random weights, in eval mode.
+
+    Two levels (the second with cross-attention, 2 transformer blocks down, 1 mid, 2 x 3 up), two
+    CLIP encoders of `clip_width` (the UNet's cross-attention reads both side by side), SDXL's
+    Euler scheduler and a 4-channel VAE with SDXL's factor 8. `unet_config` overrides the UNet's
+    (benchmarks build mid-size UNets this way).
+    """
+    from diffusers import (
+        AutoencoderKL,
+        EulerDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = tiny_clip_tokenizer()
+    config = {
+        **TINY_UNET_CONFIG,
+        "cross_attention_dim": 2 * clip_width,
+        "projection_class_embeddings_input_dim": 6 * TINY_UNET_CONFIG["addition_time_embed_dim"] + clip_width,
+        **(unet_config or {}),
+    }
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=clip_width,
+        intermediate_size=2 * clip_width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=77,
+        projection_dim=clip_width,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device), default_dtype(dtype):
+            unet = UNet2DConditionModel(**config)
+        text_encoder = CLIPTextModel(text_config)
+        text_encoder_2 = CLIPTextModelWithProjection(text_config)
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=4,
+            sample_size=64,
+            scaling_factor=0.13025,
+            mid_block_add_attention=False,
+        )
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        timestep_spacing="leading",
+        steps_offset=1,
+        prediction_type="epsilon",
+    )
+    for model in (unet, text_encoder, text_encoder_2, vae):
+        model.eval()
+        model.requires_grad_(False)
+    text_encoder, text_encoder_2, vae = (
+        m.to(device=device, dtype=dtype) for m in (text_encoder, text_encoder_2, vae)
+    )
+    return StableDiffusionXLPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tiny_clip_tokenizer(),
+        unet=unet,
+        scheduler=scheduler,
+    )
+
+
 ALL_LINEAR = "all-linear"
+#: Every linear layer and every convolution (a LyCORIS/LoCon-style LoRA on a UNet).
+ALL_LAYERS = "all-layers"
 
 
 # One tiny pipeline builder per registered backend (`freefuse.backends.BACKENDS`), for the contract
 # tests every backend must pass and for the offline demo.
-TINY_PIPELINES = {"flux": tiny_flux_pipeline}
+TINY_PIPELINES = {"flux": tiny_flux_pipeline, "sdxl": tiny_sdxl_pipeline}
+# Each backend's typical LoRA: module-name suffixes, inside modules whose names contain the second.
+TYPICAL_LORA_TARGETS = {
+    "flux": (FLUX_LORA_TARGETS, "transformer_blocks"),
+    "sdxl": (SDXL_LORA_TARGETS, ".attentions."),
+}
 
 
 def random_lora_state_dict(
@@ -245,39 +355,70 @@ def random_lora_state_dict(
     seed: int = 0,
     targets: Iterable[str] | str = FLUX_LORA_TARGETS,
     scale: float = 1.0,
+    prefix: str = "transformer",
+    within: str = "transformer_blocks",
 ) -> dict[str, torch.Tensor]:
-    """A random LoRA for `transformer` in diffusers layout (`transformer.<module>.lora_A.weight`).
+    """A random LoRA for a denoiser in diffusers layout (`<prefix>.<module>.lora_A.weight`).
 
-    `targets`: module-name suffixes inside the transformer blocks, or `ALL_LINEAR` for every
-    linear layer of the transformer, modulation (AdaLN) and embedders included, as kohya's and
-    ai-toolkit's "train everything" FLUX LoRAs do. The delta B @ A of every layer has roughly
-    `scale` times the spread of the layer's own output, so masking it changes images visibly.
+    `targets`: module-name suffixes inside modules whose names contain `within`, or `ALL_LINEAR`
+    for every linear layer of the denoiser, modulation (AdaLN) and embedders included, as kohya's
+    and ai-toolkit's "train everything" LoRAs do, or `ALL_LAYERS` for convolutions too. The delta
+    B @ A of every layer has roughly `scale` times the spread of the layer's own output, so masking
+    it changes images visibly.
     """
-    every_linear = targets == ALL_LINEAR
-    targets = () if every_linear else tuple(targets)
+    everything = targets in (ALL_LINEAR, ALL_LAYERS)
+    kinds = (torch.nn.Linear, torch.nn.Conv2d) if targets == ALL_LAYERS else (torch.nn.Linear,)
+    targets = () if everything else tuple(targets)
     generator = torch.Generator().manual_seed(seed)
     state: dict[str, torch.Tensor] = {}
     for name, module in transformer.named_modules():
-        # Once a LoRA is loaded, PEFT wraps each adapted Linear: its weights sit at `<name>.base_layer`.
+        # Once a LoRA is loaded, PEFT wraps each adapted layer: its weights sit at `<name>.base_layer`.
         name = name.removesuffix(".base_layer")
-        if not isinstance(module, torch.nn.Linear) or ".lora_" in name:
+        if type(module) not in kinds or ".lora_" in name:
             continue
-        if not every_linear and (
-            "transformer_blocks" not in name or not any(name.endswith("." + target) for target in targets)
+        if not everything and (
+            within not in name or not any(name.endswith("." + target) for target in targets)
         ):
             continue
-        out_features, in_features = module.weight.shape
-        down = torch.randn(rank, in_features, generator=generator) / in_features**0.5
+        out_features, in_features = module.weight.shape[:2]
+        kernel = tuple(module.weight.shape[2:])
+        fan_in = in_features * math.prod(kernel)
+        down = torch.randn(rank, in_features, *kernel, generator=generator) / fan_in**0.5
         # The layer may sit on a GPU; the LoRA is made on the CPU (a file's tensors), so the
         # layer's spread comes over as a number.
         spread = float(module.weight.detach().float().std())
-        up = torch.randn(out_features, rank, generator=generator) * scale * spread * in_features**0.5
+        up = (
+            torch.randn(out_features, rank, *(1,) * len(kernel), generator=generator)
+            * scale
+            * spread
+            * fan_in**0.5
+        )
         up = up / rank**0.5
-        state[f"transformer.{name}.lora_A.weight"] = down.to(module.weight.dtype).contiguous()
-        state[f"transformer.{name}.lora_B.weight"] = up.to(module.weight.dtype).contiguous()
+        state[f"{prefix}.{name}.lora_A.weight"] = down.to(module.weight.dtype).contiguous()
+        state[f"{prefix}.{name}.lora_B.weight"] = up.to(module.weight.dtype).contiguous()
     if not state:
-        raise ValueError(f"No linear layer of the transformer matches the LoRA targets {targets}.")
+        raise ValueError(f"No layer of the {prefix} matches the LoRA targets {targets}.")
     return state
+
+
+def typical_lora_state_dict(
+    pipeline, rank: int = 4, seed: int = 0, scale: float = 1.0, targets: Iterable[str] | str | None = None
+) -> dict[str, torch.Tensor]:
+    """`random_lora_state_dict` for the pipeline's denoiser, by default on the layers a typical
+    LoRA of its architecture adapts (`TYPICAL_LORA_TARGETS`)."""
+    from .backends import backend_for
+
+    backend = backend_for(pipeline)
+    typical, within = TYPICAL_LORA_TARGETS[backend.name]
+    return random_lora_state_dict(
+        backend.denoiser,
+        rank=rank,
+        seed=seed,
+        scale=scale,
+        targets=typical if targets is None else targets,
+        prefix=backend.denoiser_name,
+        within=within,
+    )
 
 
 def random_lora(
@@ -288,15 +429,16 @@ def random_lora(
     path: str | Path | None = None,
     scale: float = 1.0,
     metadata: dict[str, str] | None = None,
-    targets: Iterable[str] | str = FLUX_LORA_TARGETS,
+    targets: Iterable[str] | str | None = None,
 ):
-    """Add a random LoRA adapter called `name` to `pipeline.transformer`.
+    """Add a random LoRA adapter called `name` to the pipeline's denoiser (transformer or UNet).
 
-    With `path`, only write it there as a diffusers-layout `.safetensors` file (with `metadata`
-    in its header) and leave the pipeline unchanged; return the path. Otherwise load it as a PEFT
-    adapter and return its state dict.
+    `targets`: default the architecture's typical LoRA layers (`TYPICAL_LORA_TARGETS`). With
+    `path`, only write it there as a diffusers-layout `.safetensors` file (with `metadata` in its
+    header) and leave the pipeline unchanged; return the path. Otherwise load it as a PEFT adapter
+    and return its state dict.
     """
-    state = random_lora_state_dict(pipeline.transformer, rank=rank, seed=seed, scale=scale, targets=targets)
+    state = typical_lora_state_dict(pipeline, rank=rank, seed=seed, scale=scale, targets=targets)
     if path is not None:
         from safetensors.torch import save_file
 
@@ -306,6 +448,57 @@ def random_lora(
         return path
     pipeline.load_lora_weights({k: v.clone() for k, v in state.items()}, adapter_name=name)
     return state
+
+
+# The text-encoder layers kohya's SDXL LoRA training adapts by default.
+KOHYA_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+def kohya_sdxl_lora_state_dict(
+    state: dict[str, torch.Tensor], unet, text_encoders: dict | None = None
+) -> dict:
+    """A diffusers-layout SDXL LoRA (`unet.<module>.lora_A.weight`, attention blocks only) in
+    kohya's layout: the original SD code base's block names (`lora_unet_input_blocks_4_1_…`),
+    `lora_down`/`lora_up`, and an alpha equal to the rank (scale 1).
+
+    `text_encoders`: {"te1" or "te2": the text encoder} to add a random text-encoder part to each
+    (`lora_te1_text_model_encoder_layers_0_self_attn_q_proj…`), as kohya trains by default.
+    """
+    per_block = unet.config.layers_per_block
+    if not isinstance(per_block, int):
+        raise ValueError("kohya_sdxl_lora_state_dict needs one `layers_per_block` for every level.")
+
+    def original_name(module: str) -> str:
+        parts = module.split(".")
+        if parts[0] == "down_blocks" and parts[2] == "attentions":
+            block, rest = f"input_blocks.{1 + int(parts[1]) * (per_block + 1) + int(parts[3])}.1", parts[4:]
+        elif parts[0] == "mid_block" and parts[1] == "attentions":
+            block, rest = "middle_block.1", parts[3:]
+        elif parts[0] == "up_blocks" and parts[2] == "attentions":
+            block, rest = f"output_blocks.{int(parts[1]) * (per_block + 1) + int(parts[3])}.1", parts[4:]
+        else:
+            raise ValueError(f"Only attention-block layers have kohya names here, not {module!r}.")
+        return ".".join([block, *rest])
+
+    result: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, which = key.removeprefix("unet.").rsplit(".lora_", 1)
+        stem = "lora_unet_" + original_name(module).replace(".", "_")
+        result[f"{stem}.lora_{'down' if which.startswith('A') else 'up'}.weight"] = value
+        if which.startswith("A"):
+            result[f"{stem}.alpha"] = torch.tensor(float(value.shape[0]))
+    generator = torch.Generator().manual_seed(len(state))
+    for prefix, encoder in (text_encoders or {}).items():
+        for name, module in encoder.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.endswith(KOHYA_TEXT_ENCODER_TARGETS):
+                stem = f"lora_{prefix}_" + name.replace(".", "_")
+                out_features, in_features = module.weight.shape
+                result[f"{stem}.lora_down.weight"] = (
+                    torch.randn(4, in_features, generator=generator) / in_features**0.5
+                )
+                result[f"{stem}.lora_up.weight"] = torch.randn(out_features, 4, generator=generator) * 0.5
+                result[f"{stem}.alpha"] = torch.tensor(4.0)
+    return result
 
 
 PLANTED_COLOURS = ((0.9, 0.2, 0.1), (0.1, 0.3, 0.9), (0.1, 0.8, 0.2), (0.9, 0.9, 0.1), (0.6, 0.1, 0.7))

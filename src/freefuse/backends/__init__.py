@@ -9,6 +9,7 @@ from __future__ import annotations
 from .base import (
     IMAGE,
     NO_TOKENS,
+    SPATIAL,
     TEXT,
     AttentionTap,
     Backend,
@@ -44,12 +45,13 @@ def backend_for(pipeline, name: str | None = None) -> Backend:
     raise ValueError(f"FreeFuse has no backend for {type(pipeline).__name__}; it runs {supported}.")
 
 
-from . import flux  # noqa: E402,F401  (registers itself)
+from . import flux, sdxl  # noqa: E402,F401  (register themselves)
 
 __all__ = [
     "BACKENDS",
     "IMAGE",
     "NO_TOKENS",
+    "SPATIAL",
     "TEXT",
     "AttentionTap",
     "Backend",

@@ -1,0 +1,442 @@
+"""SDXL (base and fine-tunes such as Pony, Illustrious, NoobAI): `UNet2DConditionModel` in a
+`StableDiffusionXLPipeline`.
+
+A UNet sees the image at several resolutions ("levels"). Every layer inside a level's attention
+blocks sees that level's image tokens, except the cross-attention keys and values, which see the
+77 CLIP tokens; convolutions see `[B, C, H, W]`; time and size embeddings see no tokens. The mask
+grid is the deepest attention level (32×32 at 1024², 32 pixels per token), where the authors tap
+SDXL; layers at finer levels get the mask repeated up, and coarser ones area-averaged.
+
+Stage 1 reads the cross-attention of one transformer block: image queries × text keys (text does
+not attend to the image in a UNet, so there are no text queries: methods `image-to-text` and
+`routing` only), and the block's self-attention output for routing's similarities.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ..core import MaskConfig
+from . import register
+from .base import (
+    IMAGE,
+    NO_TOKENS,
+    SPATIAL,
+    TEXT,
+    Backend,
+    CapturedAttention,
+    Conditioning,
+    Latents,
+    TokenLayout,
+    latent_preview,
+)
+
+if TYPE_CHECKING:
+    from ..lora import LoraFile
+    from ..settings import GenerationSettings
+
+# The authors' SDXL block: up_blocks.0.attentions.0.transformer_blocks.3, the 34th of the 70
+# transformer blocks at SDXL's deepest level (2 x 10 down, 10 mid, 3 x 10 up).
+PAPER_BLOCK, PAPER_NUM_BLOCKS = 33, 70
+# The layers a typical SDXL character LoRA (kohya) adapts: every linear layer of the attention
+# blocks, as PEFT module-name suffixes.
+SDXL_LORA_TARGETS = (
+    "attn1.to_q",
+    "attn1.to_k",
+    "attn1.to_v",
+    "attn1.to_out.0",
+    "attn2.to_q",
+    "attn2.to_k",
+    "attn2.to_v",
+    "attn2.to_out.0",
+    "ff.net.0.proj",
+    "ff.net.2",
+    "proj_in",
+    "proj_out",
+)
+_CROSS_ATTENTION_TEXT_SIDE = ("attn2.to_k", "attn2.to_v")
+
+
+def transformer_block_levels(unet: torch.nn.Module) -> list[tuple[str, int]]:
+    """`(module name, level)` of every transformer block of a UNet in forward order; level 0 is the
+    latent resolution, each level below it half the size."""
+    deepest = len(unet.down_blocks) - 1
+    found = []
+    for name, module in unet.named_modules():
+        if type(module).__name__ != "BasicTransformerBlock":
+            continue
+        parts = name.split(".")
+        if parts[0] == "down_blocks":
+            order, level = (0, int(parts[1])), int(parts[1])
+        elif parts[0] == "mid_block":
+            order, level = (1, 0), deepest
+        elif parts[0] == "up_blocks":
+            order, level = (2, int(parts[1])), deepest - int(parts[1])
+        else:
+            continue
+        numbers = tuple(int(part) for part in parts[2:] if part.isdigit())
+        found.append(((order, numbers), name, level))
+    return [(name, level) for _, name, level in sorted(found)]
+
+
+class SdxlAttentionTap:
+    """Keeps the tapped blocks' cross-attention queries and keys, and self-attention outputs."""
+
+    def __init__(self, blocks: list[int], names: list[str], heads: list[int]) -> None:
+        self.blocks = blocks
+        self.names = names
+        self.heads = heads
+        self.store: dict[int, dict[str, torch.Tensor]] = {block: {} for block in blocks}
+
+    def result(self) -> CapturedAttention:
+        """`CapturedAttention` with `q_img`, `k_text` `[B, C, heads, S, D]`, `o_img` `[B, C, N, heads*D]`;
+        `q_text` and `k_img` are None (a UNet's text does not attend)."""
+        per_block = []
+        for block, name, heads in zip(self.blocks, self.names, self.heads, strict=True):
+            store = self.store[block]
+            missing = [key for key in ("q_img", "k_text", "o_img") if key not in store]
+            if missing:
+                raise RuntimeError(
+                    f"Block {block} ({name}) did not run (no {missing}); the capture step saw no pass."
+                )
+
+            def split(tensor: torch.Tensor, heads: int = heads) -> torch.Tensor:
+                batch, tokens, width = tensor.shape
+                return tensor.reshape(batch, tokens, heads, width // heads).transpose(1, 2)
+
+            per_block.append(
+                {"q_img": split(store["q_img"]), "k_text": split(store["k_text"]), "o_img": store["o_img"]}
+            )
+        stacked = {key: torch.stack([one[key] for one in per_block], dim=1) for key in per_block[0]}
+        return CapturedAttention(q_text=None, k_img=None, **stacked)
+
+
+@register
+class SdxlBackend(Backend):
+    name = "sdxl"
+    pipeline_classes = ("StableDiffusionXLPipeline",)
+    denoiser_name = "unet"
+    known_model_ids = ("stabilityai/stable-diffusion-xl-base-1.0",)
+    block_kind = "deepest-level transformer block"
+    max_sequence_length = 77  # one CLIP window; longer prompts are cut there, as diffusers does
+    default_steps = 30
+    default_guidance = 5.0  # StableDiffusionXLPipeline's
+    captured = ("q_img", "k_text", "o_img")
+    # The authors' SDXL method: seeds from cross-attention, similarity of self-attention outputs.
+    default_mask_config = MaskConfig(method="routing")
+
+    @classmethod
+    def matches(cls, pipeline) -> bool:
+        """Text-to-image SDXL only: img2img, inpainting and ControlNet pipelines feed the UNet more."""
+        from diffusers import StableDiffusionXLPipeline
+
+        return type(pipeline) is StableDiffusionXLPipeline
+
+    @classmethod
+    def pixels_per_token(cls, model_folder: Path | None) -> int:
+        """The VAE's factor times 2 per UNet level above the deepest one with cross-attention."""
+        if model_folder is None:
+            return 32
+        try:
+            vae = json.loads((Path(model_folder) / "vae" / "config.json").read_text())
+            unet = json.loads((Path(model_folder) / "unet" / "config.json").read_text())
+            vae_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
+            levels = [i for i, kind in enumerate(unet["down_block_types"]) if "CrossAttn" in kind]
+            return vae_factor * 2 ** max(levels)
+        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+            return 32
+
+    @classmethod
+    def load_tokenizer(cls, model_folder: Path | None):
+        """CLIP's fast tokenizer from `<folder>/tokenizer` (the tiny model's when None)."""
+        if model_folder is None:
+            from ..testing import tiny_clip_tokenizer
+
+            return tiny_clip_tokenizer()
+        folder = Path(model_folder) / "tokenizer"
+        if not folder.is_dir():
+            return None
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
+        except (OSError, ValueError, KeyError):
+            return None
+
+    @classmethod
+    def check_lora_keys(cls, keys, source: str) -> None:
+        from ..lora import LoraFileError, lora_family
+
+        if lora_family(keys) == "FLUX transformer":
+            raise LoraFileError(
+                f"{source} is a LoRA for a FLUX transformer (keys such as {next(iter(keys))!r}), not for an SDXL "
+                "UNet; use a LoRA trained for this model."
+            )
+
+    # -- model facts -------------------------------------------------------------------------------
+    @property
+    def _levels(self) -> list[tuple[str, int]]:
+        return transformer_block_levels(self.denoiser)
+
+    @property
+    def _grid_level(self) -> int:
+        return max(level for _, level in self._levels)
+
+    @property
+    def tap_blocks(self) -> list[str]:
+        """Module names of the tappable transformer blocks (the deepest level), in forward order."""
+        deepest = self._grid_level
+        return [name for name, level in self._levels if level == deepest]
+
+    @property
+    def size_multiple(self) -> int:
+        return int(self.pipeline.vae_scale_factor) * 2**self._grid_level
+
+    @property
+    def tokenizer(self):
+        """The first CLIP's; both of SDXL's tokenizers cut words the same way."""
+        return self.pipeline.tokenizer
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.tap_blocks)
+
+    def default_block(self) -> int:
+        """The authors' block on SDXL; the same relative depth on smaller UNets."""
+        return round(PAPER_BLOCK / (PAPER_NUM_BLOCKS - 1) * (self.num_blocks - 1))
+
+    def token_layout(self, module_name: str) -> TokenLayout:
+        """Convolutions: spatial. Inside attention blocks: image tokens of that level, but the
+        cross-attention keys/values, which read the text. Time and size embeddings: no tokens."""
+        module = self.denoiser.get_submodule(module_name)
+        if isinstance(getattr(module, "base_layer", module), torch.nn.Conv2d):
+            return SPATIAL
+        if ".attentions." in module_name:
+            return TEXT if any(module_name.endswith(part) for part in _CROSS_ATTENTION_TEXT_SIDE) else IMAGE
+        return NO_TOKENS  # time_embedding, add_embedding, the resnets' time_emb_proj
+
+    @classmethod
+    def check_settings(cls, settings: GenerationSettings) -> list[str]:
+        length = settings.max_sequence_length
+        if length is not None and length > cls.max_sequence_length:
+            raise ValueError(
+                f"`max_sequence_length` {length} is more than SDXL's CLIP window of {cls.max_sequence_length} tokens; "
+                "use at most 77 (longer prompts are cut at 77 tokens, as diffusers does)."
+            )
+        if settings.true_cfg_scale > 1:
+            raise ValueError(
+                "`true_cfg_scale` is FLUX's; SDXL always guides with the negative prompt: set `guidance_scale` "
+                "(CLI: --guidance) instead."
+            )
+        return []
+
+    # -- the denoising loop's parts ----------------------------------------------------------------
+    def encode(self, prompts: list[str], max_sequence_length: int) -> Conditioning:
+        """Both CLIPs' penultimate hidden states side by side `[B, 77, 2048]`, and the second's pooled output."""
+        prompt_embeds, _, pooled, _ = self.pipeline.encode_prompt(
+            prompt=list(prompts),
+            device=self.device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=False,
+        )
+        return Conditioning(list(prompts), prompt_embeds, pooled, None)
+
+    def encode_negative(self, prompts: list[str], settings: GenerationSettings) -> Conditioning:
+        """Zeros for an unset negative prompt where the model asks for it
+        (`force_zeros_for_empty_prompt`, SDXL base), as `StableDiffusionXLPipeline` does."""
+        encoded = self.encode(prompts, self.max_sequence_length)
+        if settings.negative_prompt is None and self.pipeline.config.get(
+            "force_zeros_for_empty_prompt", False
+        ):
+            return Conditioning(
+                list(prompts), torch.zeros_like(encoded.prompt_embeds), torch.zeros_like(encoded.pooled), None
+            )
+        return encoded
+
+    def negative_prompt(self, settings: GenerationSettings) -> str | None:
+        """SDXL guides with a negative pass whenever `guidance_scale` > 1 (an unset one is empty)."""
+        scale = self.default_guidance if settings.guidance_scale is None else settings.guidance_scale
+        if scale <= 1:
+            return None
+        return settings.negative_prompt or ""
+
+    def cfg_scale(self, settings: GenerationSettings) -> float:
+        return float(self.default_guidance if settings.guidance_scale is None else settings.guidance_scale)
+
+    def prepare_latents(
+        self,
+        generators: list[torch.Generator] | torch.Generator,
+        batch: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        latents: torch.Tensor | None = None,
+    ) -> Latents:
+        """Noise `[B, 4, H/8, W/8]` scaled by the scheduler's first sigma (call `timesteps` first), and
+        the size conditioning `[B, 6]` (original size, crop corner, target size) as positions."""
+        channels = self.denoiser.config.in_channels
+        noise = self.pipeline.prepare_latents(
+            batch, channels, height, width, dtype, self.device, generators, latents
+        )
+        projection = self.pipeline.text_encoder_2.config.projection_dim
+        time_ids = self.pipeline._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=dtype, text_encoder_projection_dim=projection
+        )
+        return Latents(noise, time_ids.to(self.device).repeat(batch, 1))
+
+    def timesteps(
+        self, num_inference_steps: int, height: int, width: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The scheduler's own schedule; its `sigmas` end at 0."""
+        from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
+
+        scheduler = self.pipeline.scheduler
+        timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, self.device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
+        sigmas = getattr(scheduler, "sigmas", None)
+        if sigmas is None or len(sigmas) != len(timesteps) + 1:
+            raise ValueError(
+                f"{type(scheduler).__name__} has no per-step sigmas; FreeFuse on SDXL needs a sigma scheduler "
+                "(Euler, Euler ancestral, DPM++, as SDXL ships with)."
+            )
+        return timesteps, sigmas
+
+    def predict(
+        self,
+        latents: Latents,
+        timestep: torch.Tensor,
+        conditioning: Conditioning,
+        settings: GenerationSettings,
+    ) -> torch.Tensor:
+        """The UNet's noise prediction for one pass (the scheduler scales the input first)."""
+        hidden = self.pipeline.scheduler.scale_model_input(latents.latents, timestep)
+        return self.denoiser(
+            hidden,
+            timestep,
+            encoder_hidden_states=conditioning.prompt_embeds,
+            added_cond_kwargs={"text_embeds": conditioning.pooled, "time_ids": latents.positions},
+            return_dict=False,
+        )[0]
+
+    def step(self, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        return self.pipeline.scheduler.step(prediction, timestep, latents, return_dict=False)[0]
+
+    def predict_x0(self, latents: torch.Tensor, prediction: torch.Tensor, sigma: float) -> torch.Tensor:
+        """Karras-style sigmas, x_t = x0 + σ ε: x0 = x_t - σ ε (epsilon), or from v (v-prediction)."""
+        kind = self.pipeline.scheduler.config.get("prediction_type", "epsilon")
+        sigma = float(sigma)
+        if kind == "epsilon":
+            return latents - sigma * prediction
+        if kind == "v_prediction":
+            return latents / (sigma**2 + 1) - prediction * sigma / (sigma**2 + 1) ** 0.5
+        raise ValueError(
+            f"SDXL prediction type {kind!r} is not supported; use an epsilon or v-prediction model."
+        )
+
+    def decode(self, latents: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """`[B, 4, h, w]` latents → `[B, 3, H, W]` images in [0, 1]; float16 VAEs that overflow
+        (`force_upcast`) decode in float32, as diffusers does."""
+        vae = self.pipeline.vae
+        dtype = vae.dtype
+        upcast = dtype == torch.float16 and vae.config.get("force_upcast", False)
+        mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+        if mean is not None and std is not None:
+            mean = torch.tensor(mean, device=latents.device).view(1, -1, 1, 1)
+            std = torch.tensor(std, device=latents.device).view(1, -1, 1, 1)
+            latents = latents * std / vae.config.scaling_factor + mean
+        else:
+            latents = latents / vae.config.scaling_factor
+        try:
+            if upcast:
+                vae.to(torch.float32)
+            image = vae.decode(latents.to(vae.dtype), return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(dtype)
+        return (image.float() / 2 + 0.5).clamp(0, 1)
+
+    def preview(self, latents: torch.Tensor, height: int, width: int, mode: str) -> np.ndarray:
+        """ "vae": decoded at full size; "latent": the latents' 3 principal components at H/8 × W/8."""
+        if mode == "vae":
+            return self.decode(latents, height, width).permute(0, 2, 3, 1).cpu().numpy()
+        return latent_preview(latents)
+
+    @contextlib.contextmanager
+    def capture(self, block: int | Sequence[int]) -> Iterator[SdxlAttentionTap]:
+        """Hooks recording, in each tapped transformer block, the cross-attention's image queries and
+        text keys (`attn2.to_q`, `attn2.to_k` outputs) and the self-attention's output before its
+        projection (`attn1.to_out.0` input). The real attention runs untouched."""
+        blocks = [block] if isinstance(block, int) else list(block)
+        names = [self.tap_blocks[index] for index in blocks]
+        modules = [self.denoiser.get_submodule(name) for name in names]
+        tap = SdxlAttentionTap(blocks, names, [module.attn2.heads for module in modules])
+        handles = []
+
+        def keep(store: dict, key: str):
+            def hook(module, inputs, output):
+                store[key] = output.detach()
+
+            return hook
+
+        def keep_input(store: dict, key: str):
+            def hook(module, args):
+                store[key] = args[0].detach()
+
+            return hook
+
+        try:
+            for index, module in zip(blocks, modules, strict=True):
+                store = tap.store[index]
+                handles += [
+                    module.attn2.to_q.register_forward_hook(keep(store, "q_img")),
+                    module.attn2.to_k.register_forward_hook(keep(store, "k_text")),
+                    module.attn1.to_out[0].register_forward_pre_hook(keep_input(store, "o_img")),
+                ]
+            yield tap
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # -- LoRA files --------------------------------------------------------------------------------
+    def lora_source(self, lora: LoraFile) -> str | dict[str, torch.Tensor]:
+        """Bare PEFT files go in with the `unet.` prefix; every other layout (kohya `lora_unet_…`,
+        `lora_te1_…`, diffusers, LyCORIS where diffusers reads it) by path."""
+        state = lora.state_dict
+        if lora.layout == "peft" and not any(key.startswith(("unet.", "text_encoder")) for key in state):
+            return {"unet." + key.removeprefix("base_model.model."): value for key, value in state.items()}
+        return str(lora.path)
+
+    def lora_state_dict(
+        self, lora: LoraFile, source: str | dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """diffusers' SDXL converter, then PEFT names (`unet.<module>.lora_A.weight`); text-encoder
+        parts keep their `text_encoder(_2).` keys."""
+        from diffusers import StableDiffusionXLPipeline
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        from ..lora import LoraFileError
+
+        state = dict(source) if isinstance(source, dict) else dict(lora.state_dict)
+        try:
+            converted, _ = StableDiffusionXLPipeline.lora_state_dict(state, unet_config=self.denoiser.config)
+        except (ValueError, KeyError, RuntimeError, AssertionError, TypeError) as error:
+            raise LoraFileError(
+                f"{lora.path.name} is not a LoRA layout SDXL understands (first key {next(iter(state))!r}): "
+                f"{str(error).strip()[:300]}"
+            ) from None
+        unet = {
+            key.removeprefix("unet."): value for key, value in converted.items() if key.startswith("unet.")
+        }
+        others = {key: value for key, value in converted.items() if not key.startswith("unet.")}
+        return {
+            **{"unet." + key: value for key, value in convert_unet_state_dict_to_peft(unet).items()},
+            **others,
+        }

@@ -1,0 +1,242 @@
+"""SDXL: the tiny `StableDiffusionXLPipeline` against diffusers itself, masks on every UNet level and
+on convolutions, 2-4 subjects, kohya files with text-encoder parts, and what is refused.
+
+The backend contract (`test_backend_contract.py`) also runs on SDXL; these are SDXL's own facts.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from freefuse import FreeFuse, FreeFuseWarning, GenerationSettings, MaskSet
+from freefuse.backends import backend_for
+from freefuse.backends.sdxl import SdxlBackend
+from freefuse.lora import LoraFileError, describe_lora
+from freefuse.masking import AdapterMask
+from freefuse.models import architecture_of, pixels_per_token
+from freefuse.testing import (
+    ALL_LAYERS,
+    kohya_sdxl_lora_state_dict,
+    random_lora,
+    tiny_flux_pipeline,
+    tiny_sdxl_pipeline,
+    typical_lora_state_dict,
+)
+
+SIZE = 128
+PROMPT = "Alice hugging Bob in the snow"
+NAMES = ("alice", "bob", "carol", "dave")
+
+
+@pytest.fixture
+def pipe():
+    pipeline = tiny_sdxl_pipeline(seed=0)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def run(freefuse: FreeFuse, prompt: str = PROMPT, **values):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FreeFuseWarning)
+        return freefuse(
+            prompt, output_type="pt", progress=False, height=SIZE, width=SIZE, num_inference_steps=3, **values
+        )
+
+
+def with_loras(pipe, count: int = 2, targets=None, scale: float = 0.5) -> FreeFuse:
+    freefuse = FreeFuse(pipe)
+    for index, name in enumerate(NAMES[:count]):
+        random_lora(pipe, name, seed=index + 1, targets=targets, scale=scale)
+        freefuse.use_adapter(name, words=[name.capitalize()])
+    return freefuse
+
+
+def test_merge_is_diffusers_load_lora_weights_and_set_adapters(pipe) -> None:
+    freefuse = with_loras(pipe)
+    weights = {"alice": 0.8, "bob": 0.6}
+    for name, weight in weights.items():
+        freefuse.subjects[name].weight = weight
+    ours = run(freefuse, method="merge", seed=5, guidance_scale=4.0).images[0]
+    pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
+    theirs = pipe(
+        PROMPT,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=3,
+        guidance_scale=4.0,
+        generator=torch.Generator().manual_seed(5),
+        output_type="pt",
+    ).images[0]
+    # diffusers batches both CFG passes in one forward; FreeFuse runs them one by one.
+    torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
+    assert (ours - run(freefuse, method="merge", seed=6, guidance_scale=4.0).images[0]).abs().max() > 1e-3
+
+
+def test_an_explicit_negative_prompt_is_encoded_and_an_unset_one_is_zeros(pipe) -> None:
+    freefuse = with_loras(pipe)
+    unset = run(freefuse, method="merge", seed=1).images[0]
+    pipe.set_adapters(["alice", "bob"])
+    theirs = pipe(
+        PROMPT,
+        negative_prompt="blurry",
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(1),
+        output_type="pt",
+    ).images[0]
+    given = run(freefuse, method="merge", seed=1, negative_prompt="blurry").images[0]
+    torch.testing.assert_close(given, theirs, atol=2e-5, rtol=0)
+    assert (given - unset).abs().max() > 1e-3
+
+
+def test_masks_reach_every_unet_level_and_every_convolution(pipe) -> None:
+    """LoCon-style LoRAs (every linear layer and convolution): all-ones masks are merge, and a
+    zero mask is the run without that LoRA, on layers at every resolution."""
+    freefuse = with_loras(pipe, targets=ALL_LAYERS, scale=0.3)
+    adapted = [name for name, module in pipe.unet.named_modules() if hasattr(module, "lora_A")]
+    assert any(isinstance(pipe.unet.get_submodule(name).base_layer, torch.nn.Conv2d) for name in adapted)
+    merge = run(freefuse, method="merge", seed=2).images[0]
+    for op in ("fused", "peft"):
+        ones = MaskSet(["alice", "bob"], torch.ones(2, SIZE, SIZE))
+        same = run(freefuse, method="masks", masks=ones, text_scope="all", seed=2, lora_op=op).images[0]
+        assert (same - merge).abs().max() <= 1e-5
+    bob_off = MaskSet(["alice", "bob"], torch.stack([torch.ones(SIZE, SIZE), torch.zeros(SIZE, SIZE)]))
+    masked = run(freefuse, method="masks", masks=bob_off, text_scope="all", seed=2).images[0]
+    pipe.delete_adapters("bob")
+    alone = FreeFuse(pipe)
+    alone.use_adapter("alice", words=["Alice"])
+    assert (masked - run(alone, method="merge", seed=2).images[0]).abs().max() <= 1e-5
+    assert (masked - merge).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("count", [2, 3, 4])
+def test_freefuse_makes_one_mask_per_subject(pipe, count: int) -> None:
+    freefuse = with_loras(pipe, count)
+    prompt = " and ".join(name.capitalize() for name in NAMES[:count]) + " in the snow"
+    for config in ({"method": "routing", "background": False}, {"method": "image-to-text"}):
+        # empty_mask="off": a subject that wins no region gets an empty mask, not the whole image.
+        out = run(freefuse, prompt, seed=0, mask_config=config, empty_mask="off")
+        masks = out.masks[0]
+        assert masks.names == list(NAMES[:count]) and masks.size == (SIZE, SIZE)
+        assert torch.equal(masks.masks.sum(dim=0), torch.ones(SIZE, SIZE))
+        assert out.manifest["backend"] == "sdxl"
+
+
+def test_adapter_mask_follows_the_unet_levels() -> None:
+    grid = torch.tensor(
+        [[1.0, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]
+    )
+    mask = AdapterMask(image=grid.reshape(1, 16), text=torch.ones(1, 3), grid=(4, 4))
+    coarse = mask.image_tokens(4).reshape(2, 2)
+    torch.testing.assert_close(coarse, torch.tensor([[0.75, 0.0], [0.0, 0.5]]))  # each coarse token's share
+    fine = mask.image_tokens(64).reshape(8, 8)
+    assert torch.equal(fine, grid.repeat_interleave(2, 0).repeat_interleave(2, 1))
+    assert mask.for_layout(("spatial",), (1, 7, 8, 8)).shape == (1, 1, 8, 8)
+    assert mask.for_layout(("image",), (1, 4, 7)).shape == (1, 4, 1)
+    with pytest.raises(RuntimeError, match="no 4:4 grid"):
+        mask.image_tokens(8)
+
+
+def test_kohya_file_loads_like_the_diffusers_file_and_its_text_encoder_part_is_global(pipe, tmp_path) -> None:
+    state = typical_lora_state_dict(pipe, seed=1, scale=0.5)
+    save_file(state, str(tmp_path / "diffusers.safetensors"))
+    save_file(kohya_sdxl_lora_state_dict(state, pipe.unet), str(tmp_path / "kohya.safetensors"))
+    encoders = {"te1": pipe.text_encoder, "te2": pipe.text_encoder_2}
+    save_file(kohya_sdxl_lora_state_dict(state, pipe.unet, encoders), str(tmp_path / "kohya_te.safetensors"))
+    images = {}
+    for stem in ("diffusers", "kohya", "kohya_te"):
+        freefuse = FreeFuse(pipe)
+        subject = freefuse.add_lora(tmp_path / f"{stem}.safetensors", name="alice", words=["Alice"])
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FreeFuseWarning)
+            out = freefuse(
+                PROMPT,
+                output_type="pt",
+                progress=False,
+                height=SIZE,
+                width=SIZE,
+                num_inference_steps=3,
+                seed=0,
+            )
+        images[stem] = out.images[0]
+        said = " ".join(str(w.message) for w in caught)
+        entry = out.manifest["loras"][0]
+        if stem == "kohya_te":
+            assert subject.text_encoders == ["text_encoder", "text_encoder_2"]
+            assert "alice" in (pipe.text_encoder.peft_config or {})
+            assert "acts everywhere" in said and entry["text_encoders_unmasked"] == subject.text_encoders
+        else:
+            assert subject.text_encoders == [] and "text_encoders_unmasked" not in entry
+        freefuse.remove("alice")
+    assert torch.equal(images["diffusers"], images["kohya"])
+    assert (images["kohya_te"] - images["kohya"]).abs().max() > 1e-3
+    report = describe_lora(tmp_path / "kohya_te.safetensors")
+    assert report["for"] != "FLUX" and "not masked" in report["text_encoder"]
+
+
+def test_loras_of_the_other_architecture_are_refused_before_loading(pipe, tmp_path) -> None:
+    flux_file = random_lora(tiny_flux_pipeline(seed=0), "x", path=tmp_path / "flux.safetensors")
+    freefuse = FreeFuse(pipe)
+    with pytest.raises(LoraFileError, match="FLUX transformer"):
+        freefuse.add_lora(flux_file, name="x", words=["Alice"])
+    assert not getattr(pipe.unet, "peft_config", None)
+    sdxl_file = tmp_path / "sdxl.safetensors"
+    save_file(kohya_sdxl_lora_state_dict(typical_lora_state_dict(pipe, seed=1), pipe.unet), str(sdxl_file))
+    with pytest.raises(LoraFileError, match="UNet"):
+        FreeFuse(tiny_flux_pipeline(seed=0)).add_lora(sdxl_file, name="y", words=["Alice"])
+
+
+def test_methods_sdxl_cannot_read_are_refused_with_the_ones_it_can() -> None:
+    for config in (
+        {"method": "text-to-image"},
+        {"method": "combined"},
+        {"method": "image-to-text", "self_attention": True},
+    ):
+        settings = GenerationSettings(prompt=PROMPT, mask_config=config)
+        with pytest.raises(ValueError, match=r"routing") as error:
+            SdxlBackend.check_mask_config(settings)
+        assert "image-to-text" in str(error.value)
+    assert SdxlBackend.mask_config(GenerationSettings(prompt=PROMPT)).method == "routing"
+    with pytest.raises(ValueError, match="guidance_scale"):
+        SdxlBackend.check_settings(GenerationSettings(prompt=PROMPT, true_cfg_scale=2.0))
+    with pytest.raises(ValueError, match="77"):
+        SdxlBackend.check_settings(GenerationSettings(prompt=PROMPT, max_sequence_length=100))
+
+
+def test_a_model_folder_is_told_sdxl_from_its_files(pipe, tmp_path) -> None:
+    pipe.save_pretrained(tmp_path)
+    assert architecture_of(str(tmp_path)) is SdxlBackend
+    assert pixels_per_token(str(tmp_path)) == backend_for(pipe).size_multiple == 16
+    assert (
+        json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
+    )
+    assert architecture_of("tiny-sdxl") is SdxlBackend
+
+
+def test_demo_arch_sdxl_runs_the_tiny_sdxl_model_and_replays(tmp_path, monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from freefuse.cli import app
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "empty-cache"))  # no cached SDXL model
+    runner = CliRunner()
+    out = tmp_path / "demo"
+    result = runner.invoke(
+        app, ["demo", "--arch", "sdxl", "--out", str(out), "--steps", "3", "--size", "128"]
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "demo.json").read_text())
+    assert manifest["model"]["id_or_path"] == "tiny-sdxl" and manifest["backend"] == "sdxl"
+    assert manifest["settings"]["mask_config"]["method"] == "routing"
+    monkeypatch.chdir(tmp_path)
+    replay = runner.invoke(app, ["generate", "--manifest", str(out / "demo.json"), "--out", "replay"])
+    assert replay.exit_code == 0, replay.output
+    assert (tmp_path / "replay" / "freefuse.png").read_bytes() == (out / "demo.png").read_bytes()
+    wrong = runner.invoke(app, ["demo", "--arch", "sdxl", "--model", "tiny", "--out", str(tmp_path / "x")])
+    assert wrong.exit_code == 2 and "flux model" in wrong.output
