@@ -167,11 +167,30 @@ class Backend(abc.ABC):
         """Image pixels per token along a side, read from a model folder's configs without weights
         (None: the architecture's usual value)."""
 
+    #: The model folder's subfolder with the tokenizer of the tapped attention's text tokens.
+    tokenizer_folder: ClassVar[str | None] = None
+
+    @classmethod
+    def tiny_tokenizer(cls):
+        """That tokenizer of the built-in tiny model, or None."""
+        return None
+
     @classmethod
     def load_tokenizer(cls, model_folder: Path | None):
-        """The activation-word tokenizer from a model folder alone (no weights), or None when it
-        cannot be had that way; lets word mistakes be said before a model loads."""
-        return None
+        """The activation-word tokenizer from a model folder alone (no weights; the tiny model's
+        when None), or None when it cannot be had that way; lets word mistakes be said before a
+        model loads."""
+        if model_folder is None:
+            return cls.tiny_tokenizer()
+        folder = Path(model_folder) / cls.tokenizer_folder if cls.tokenizer_folder else None
+        if folder is None or not folder.is_dir():
+            return None
+        try:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
+        except (OSError, ValueError, KeyError):
+            return None
 
     @classmethod
     @abc.abstractmethod

@@ -123,22 +123,13 @@ class FluxBackend(Backend):
                 pass
         return 16
 
+    tokenizer_folder = "tokenizer_2"
+
     @classmethod
-    def load_tokenizer(cls, model_folder: Path | None):
-        """T5's fast tokenizer from `<folder>/tokenizer_2` (the tiny model's when None)."""
-        if model_folder is None:
-            from ..testing import tiny_t5_tokenizer
+    def tiny_tokenizer(cls):
+        from ..testing import tiny_t5_tokenizer
 
-            return tiny_t5_tokenizer()
-        folder = Path(model_folder) / "tokenizer_2"
-        if not folder.is_dir():
-            return None
-        try:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
-        except (OSError, ValueError, KeyError):
-            return None
+        return tiny_t5_tokenizer()
 
     @classmethod
     def check_lora_keys(cls, keys, source: str) -> None:

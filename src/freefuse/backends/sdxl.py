@@ -153,22 +153,13 @@ class SdxlBackend(Backend):
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
             return 32
 
+    tokenizer_folder = "tokenizer"
+
     @classmethod
-    def load_tokenizer(cls, model_folder: Path | None):
-        """CLIP's fast tokenizer from `<folder>/tokenizer` (the tiny model's when None)."""
-        if model_folder is None:
-            from ..testing import tiny_clip_tokenizer
+    def tiny_tokenizer(cls):
+        from ..testing import tiny_clip_tokenizer
 
-            return tiny_clip_tokenizer()
-        folder = Path(model_folder) / "tokenizer"
-        if not folder.is_dir():
-            return None
-        try:
-            from transformers import AutoTokenizer
-
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, use_fast=True)
-        except (OSError, ValueError, KeyError):
-            return None
+        return tiny_clip_tokenizer()
 
     @classmethod
     def check_lora_keys(cls, keys, source: str) -> None:
