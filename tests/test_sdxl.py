@@ -9,8 +9,10 @@ from __future__ import annotations
 import json
 import warnings
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 from freefuse import FreeFuse, FreeFuseWarning, GenerationSettings, MaskSet
@@ -23,6 +25,7 @@ from freefuse.testing import (
     ALL_LAYERS,
     kohya_sdxl_lora_state_dict,
     random_lora,
+    sdxl_single_file_state_dict,
     tiny_flux_pipeline,
     tiny_sdxl_pipeline,
     typical_lora_state_dict,
@@ -240,3 +243,98 @@ def test_demo_arch_sdxl_runs_the_tiny_sdxl_model_and_replays(tmp_path, monkeypat
     assert (tmp_path / "replay" / "freefuse.png").read_bytes() == (out / "demo.png").read_bytes()
     wrong = runner.invoke(app, ["demo", "--arch", "sdxl", "--model", "tiny", "--out", str(tmp_path / "x")])
     assert wrong.exit_code == 2 and "flux model" in wrong.output
+
+
+def test_a_single_file_checkpoint_runs_like_its_folder_and_replays(pipe, tmp_path, monkeypatch) -> None:
+    """A civitai-style single file (original SGM layout) loads through `from_single_file`, its
+    configs from --base-model, and makes the same image as the diffusers folder it came from."""
+    from typer.testing import CliRunner
+
+    from freefuse.cli import app
+    from freefuse.models import load_pipeline
+
+    folder, checkpoint = tmp_path / "folder", tmp_path / "model.safetensors"
+    pipe.save_pretrained(folder)
+    save_file(sdxl_single_file_state_dict(pipe), str(checkpoint))
+    assert architecture_of(str(checkpoint)) is SdxlBackend
+    loaded = load_pipeline(str(checkpoint), base=str(folder))
+    for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        theirs = getattr(loaded, name).state_dict()
+        for key, value in getattr(pipe, name).state_dict().items():
+            assert torch.equal(theirs[key], value), (name, key)
+    random_lora(pipe, "alice", seed=1, path=tmp_path / "alice.safetensors")
+    runner = CliRunner()
+    common = [
+        "--lora",
+        f"{tmp_path / 'alice.safetensors'}=Alice",
+        "--prompt",
+        PROMPT,
+        "--steps",
+        "3",
+        "--size",
+        "128",
+    ]
+    from_folder = runner.invoke(
+        app, ["generate", "--model", str(folder), *common, "--out", str(tmp_path / "a")]
+    )
+    assert from_folder.exit_code == 0, from_folder.output
+    from_file = runner.invoke(
+        app,
+        [
+            "generate",
+            "--model",
+            str(checkpoint),
+            "--base-model",
+            str(folder),
+            *common,
+            "--out",
+            str(tmp_path / "b"),
+        ],
+    )
+    assert from_file.exit_code == 0, from_file.output
+    image = (tmp_path / "b" / "freefuse.png").read_bytes()
+    # The same picture: equal weights, but from_single_file's UNet differs in the last float bits
+    # (7e-7 on one forward), so a pixel may round the other way.
+    pixels = [np.asarray(Image.open(tmp_path / run / "freefuse.png")).astype(int) for run in ("a", "b")]
+    assert np.abs(pixels[0] - pixels[1]).max() <= 1
+    manifest = json.loads((tmp_path / "b" / "freefuse.json").read_text())
+    assert (
+        manifest["model"]["base_model"] == str(folder.resolve())
+        and "checkpoint" in manifest["model"]["files"]
+    )
+    monkeypatch.chdir(tmp_path)
+    replay = runner.invoke(
+        app, ["generate", "--manifest", str(tmp_path / "b" / "freefuse.json"), "--out", "c"]
+    )
+    assert replay.exit_code == 0, replay.output
+    assert (tmp_path / "c" / "freefuse.png").read_bytes() == image
+
+
+def test_single_files_that_cannot_be_run_are_refused_before_loading(pipe, tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from freefuse.cli import app
+
+    random_lora(pipe, "alice", seed=1, path=tmp_path / "alice.safetensors")
+    runner = CliRunner()
+    common = [
+        "--lora",
+        f"{tmp_path / 'alice.safetensors'}=Alice",
+        "--prompt",
+        PROMPT,
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    pickled = tmp_path / "model.ckpt"
+    pickled.write_bytes(b"not read")
+    unknown = tmp_path / "other.safetensors"
+    save_file({"some.weight": torch.zeros(2)}, str(unknown))
+    cases = [
+        (["--model", str(pickled)], "never unpickles"),
+        (["--model", str(unknown)], "no architecture FreeFuse runs"),
+        (["--model", "tiny-sdxl", "--base-model", str(tmp_path)], "only applies to a single-file checkpoint"),
+    ]
+    for extra, message in cases:
+        result = runner.invoke(app, ["generate", *extra, *common])
+        assert result.exit_code == 2 and message in result.output, result.output
+        assert not (tmp_path / "o").exists()

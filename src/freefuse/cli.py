@@ -280,7 +280,11 @@ def _summary(output, paths) -> None:
 
 ModelOpt = Annotated[
     str | None,
-    typer.Option("--model", "-m", help="Diffusers folder or Hugging Face id (or 'tiny', 'tiny-sdxl')."),
+    typer.Option(
+        "--model",
+        "-m",
+        help="Diffusers folder, Hugging Face id, single .safetensors checkpoint, or 'tiny', 'tiny-sdxl'.",
+    ),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
 OverwriteOpt = Annotated[bool, typer.Option("--overwrite", metavar="", help="Replace existing output files.")]
@@ -299,6 +303,18 @@ OffloadOpt = Annotated[
 # `GenerationSettings` (`settings.CLI_FLAGS`), so `generate` and `masks` cannot drift apart.
 RUN_OPTIONS: list[tuple[str, object, object]] = [
     ("model", ModelOpt, None),
+    (
+        "base_model",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--base-model",
+                help="For --model FILE.safetensors: a diffusers folder or id with its configs (default: the "
+                "architecture's reference model).",
+            ),
+        ],
+        None,
+    ),
     (
         "lora",
         Annotated[
@@ -369,7 +385,12 @@ class RunOptions:
         ]
         if self.values["manifest"] is not None:
             return replay_spec(
-                self.values["manifest"], self.values["model"], loras, self.settings, self.values["masks"]
+                self.values["manifest"],
+                self.values["model"],
+                loras,
+                self.settings,
+                self.values["masks"],
+                base_model=self.values["base_model"],
             )
         if "prompt" not in self.settings:
             raise UserError("--prompt is required (or --manifest to replay a run).")
@@ -378,7 +399,9 @@ class RunOptions:
                 "--model is required: a diffusers folder or a Hugging Face id (or 'tiny' to try it)."
             )
         settings = GenerationSettings(**self.settings)
-        return RunSpec(self.values["model"], loras, settings, self.values["masks"])
+        return RunSpec(
+            self.values["model"], loras, settings, self.values["masks"], base_model=self.values["base_model"]
+        )
 
 
 def settings_help(field_name: str) -> str:

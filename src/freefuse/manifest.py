@@ -85,6 +85,11 @@ def model_record(pipeline, denoiser: torch.nn.Module) -> dict:
     """Model id/path, class, and a hash per weight/config file (or of the denoiser's weights when in memory)."""
     record = {"id_or_path": getattr(pipeline, "name_or_path", None) or None, "class": type(pipeline).__name__}
     files: dict[str, str] = {}
+    base = getattr(pipeline, "freefuse_base_model", None)
+    if base is not None:
+        # A single-file checkpoint: the file itself, and where its configs came from.
+        record["base_model"] = base
+        files["checkpoint"] = cached_sha256(Path(record["id_or_path"]))
     for name, component in pipeline.components.items():
         folder = getattr(getattr(component, "config", None), "_name_or_path", None)
         if isinstance(folder, str) and folder and Path(folder).is_dir():
@@ -222,10 +227,11 @@ def replay_spec(
     settings: dict | None = None,
     masks: str | None = None,
     here: Path | None = None,
+    base_model: str | None = None,
 ):
     """The run a manifest describes, with what the caller gives instead.
 
-    What is given wins over the manifest: `model`, `loras` (all of them), `masks`, and each
+    What is given wins over the manifest: `model`, `base_model`, `loras` (all of them), `masks`, and each
     setting in `settings` (field names); the returned spec's `notes` say which ones changed.
     Files a manifest names are looked up from the manifest's own folder first, then from the
     working folder; manifests are untrusted, so those files must lie inside one of the two, or be
@@ -276,6 +282,8 @@ def replay_spec(
     if model is None:
         record = manifest["model"]
         model = record.get("id_or_path")
+        if base_model is None and isinstance(record.get("base_model"), str):
+            base_model = record["base_model"]
         if not isinstance(model, str) or not model:
             raise SettingsError(f"Manifest {manifest_path} records no model path; pass --model.")
         if model not in BUILT_IN and not is_hub_id(model):
@@ -298,4 +306,11 @@ def replay_spec(
             manifest_path,
             "--masks",
         )
-    return RunSpec(model=model, loras=list(loras), settings=run_settings, masks=masks, notes=notes)
+    if base_model is not None and not Path(base_model).is_dir() and not is_hub_id(base_model):
+        raise SettingsError(
+            f"Manifest {manifest_path} loaded its checkpoint with configs from {base_model}, which is not here; "
+            "pass --model and --base-model."
+        )
+    return RunSpec(
+        model=model, loras=list(loras), settings=run_settings, masks=masks, notes=notes, base_model=base_model
+    )

@@ -108,11 +108,53 @@ def _model_index(model: str) -> dict | None:
     return index if isinstance(index, dict) else None
 
 
+def is_single_file(model: str) -> bool:
+    """A single-file checkpoint (`.safetensors`), as civitai-style downloads store models."""
+    path = Path(model).expanduser()
+    return path.is_file() and path.suffix == ".safetensors"
+
+
+def single_file_architecture(path: str | Path) -> type[Backend]:
+    """The backend whose original layout a checkpoint's tensor names are in (header only, no weights)."""
+    from .backends import BACKENDS
+    from .lora import read_header
+
+    try:
+        keys = [key for key in read_header(Path(path).expanduser()) if key != "__metadata__"]
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{path} is not a readable safetensors file: {error}") from None
+    for backend in BACKENDS.values():
+        if backend.single_file_matches(keys):
+            return backend
+    raise ModelLoadError(
+        f"{path} is a single-file checkpoint of no architecture FreeFuse runs (first tensor {keys[0] if keys else None!r}); "
+        f"it reads SDXL checkpoints (conditioner.embedders…, model.diffusion_model.input_blocks…) and FLUX.1 ones "
+        "(double_blocks…)."
+    )
+
+
+def base_model_for(model: str, base: str | None) -> str | None:
+    """Where a single-file checkpoint's configs (and any component it lacks) come from: `base`, or
+    the architecture's reference model (its first known hub id); None for other model sources."""
+    if not is_single_file(model):
+        return None
+    if base is not None:
+        return base
+    architecture = single_file_architecture(model)
+    if not architecture.known_model_ids:
+        raise ModelLoadError(
+            f"{model} is a {architecture.name} checkpoint; pass --base-model FOLDER_OR_ID for its configs."
+        )
+    return architecture.known_model_ids[0]
+
+
 def architecture_of(model: str) -> type[Backend] | None:
-    """The backend class for a model source, from its `model_index.json`; None when it cannot be
-    told before loading (a hub id not in the cache)."""
+    """The backend class for a model source, from its `model_index.json` (or a single file's tensor
+    names); None when it cannot be told before loading (a hub id not in the cache)."""
     from .backends import BACKENDS
 
+    if is_single_file(model):
+        return single_file_architecture(model)
     if model in TINY_MODELS:
         return BACKENDS[TINY_MODELS[model]]
     if model == SHAPESWORLD:
@@ -141,10 +183,13 @@ def check_model_source(model: str) -> None:
     if not path.exists():
         raise ModelLoadError(f"Model folder {path} does not exist.")
     if path.is_file():
-        raise ModelLoadError(
-            f"{path} is a single file; FreeFuse needs a diffusers pipeline folder (with model_index.json) or a "
-            "Hugging Face id."
-        )
+        if path.suffix != ".safetensors":
+            raise ModelLoadError(
+                f"{path} is a single file but not .safetensors; FreeFuse never unpickles a model file. Use the "
+                ".safetensors download, a diffusers pipeline folder (with model_index.json) or a Hugging Face id."
+            )
+        single_file_architecture(path)
+        return
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelLoadError(f"Model folder {path} is incomplete: model_index.json is missing.")
@@ -198,12 +243,15 @@ def _refuse_quantized(folder: Path) -> None:
         )
 
 
-def pixels_per_token(model: str) -> int | None:
+def pixels_per_token(model: str, base: str | None = None) -> int | None:
     """Image pixels per token for a model source, from its configs (None when not known before loading)."""
     architecture = architecture_of(model)
     if architecture is None:
         return None
     local = Path(model).expanduser()
+    if is_single_file(model):
+        folder = Path(base_model_for(model, base)).expanduser()
+        return architecture.pixels_per_token(folder if folder.is_dir() else None)
     if model == SHAPESWORLD:
         from .shapesworld.model import MODEL_DIR
 
@@ -211,8 +259,19 @@ def pixels_per_token(model: str) -> int | None:
     return architecture.pixels_per_token(local if model not in TINY_MODELS and local.is_dir() else None)
 
 
-def load_pipeline(model: str, device: str | None = None, dtype: str | None = None, offload: bool = False):
-    """A diffusers pipeline on `device` (auto: cuda, mps, cpu); "tiny" builds the in-memory demo model."""
+def load_pipeline(
+    model: str,
+    device: str | None = None,
+    dtype: str | None = None,
+    offload: bool = False,
+    base: str | None = None,
+):
+    """A diffusers pipeline on `device` (auto: cuda, mps, cpu); "tiny" builds the in-memory demo model.
+
+    A single-file checkpoint loads through diffusers' `from_single_file`, its configs (and any
+    component the file lacks, e.g. the text encoders of a FLUX transformer-only file) from `base`:
+    a diffusers folder or hub id, by default the architecture's reference model.
+    """
     chosen = pick_device(device)
     torch_dtype = pick_dtype(dtype, chosen)
     if offload and chosen.type == "cpu":
@@ -235,6 +294,8 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
         pipeline.register_to_config(_name_or_path=SHAPESWORLD)
         return _place(pipeline, chosen, torch_dtype, offload)
     check_model_source(model)
+    if is_single_file(model):
+        return _place(_load_single_file(model, base, torch_dtype), chosen, None, offload)
     from diffusers import DiffusionPipeline
 
     local = Path(model).expanduser()
@@ -257,6 +318,32 @@ def load_pipeline(model: str, device: str | None = None, dtype: str | None = Non
             hint += f" (No local folder named {model!r} exists either.)"
         raise ModelLoadError(f"Could not load model {model!r}: {text}.{hint}") from None
     return _place(pipeline, chosen, None, offload)
+
+
+def _load_single_file(model: str, base: str | None, torch_dtype: torch.dtype | None):
+    architecture = single_file_architecture(model)
+    config = base_model_for(model, base)
+    local_config = Path(config).expanduser()
+    if base is not None and not local_config.is_dir() and not is_hub_id(config):
+        raise ModelLoadError(f"--base-model {config} is neither a diffusers folder nor a Hugging Face id.")
+    try:
+        pipeline = architecture.pipeline_class().from_single_file(
+            str(Path(model).expanduser()),
+            config=str(local_config) if local_config.is_dir() else config,
+            torch_dtype=torch_dtype,
+            local_files_only=offline() or local_config.is_dir(),
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(
+            f"Could not load single-file checkpoint {model} with configs from {config}: {text}. Pass "
+            "--base-model with a diffusers folder of the same architecture (its configs, and the parts the file "
+            "lacks, are read from there)."
+        ) from None
+    pipeline.register_to_config(_name_or_path=str(Path(model).expanduser()))
+    # Recorded in the manifest, so that a replay loads the same configs.
+    pipeline.freefuse_base_model = str(local_config.resolve()) if local_config.is_dir() else config
+    return pipeline
 
 
 def _place(pipeline, device: torch.device, dtype: torch.dtype | None, offload: bool):

@@ -80,16 +80,28 @@ class RunSpec:
     settings: GenerationSettings
     masks: str | None = None
     notes: list[str] = field(default_factory=list)
+    #: Configs (and missing parts) of a single-file checkpoint: a diffusers folder or hub id.
+    base_model: str | None = None
 
     def check(self) -> None:
         """Everything that needs no weights: model folder and architecture, LoRA files, sizes, masks."""
         from .lora import check_lora_contents, check_lora_path
         from .methods import get_method
-        from .models import architecture_of, check_model_source, pixels_per_token
+        from .models import architecture_of, check_model_source, is_hub_id, is_single_file, pixels_per_token
 
         check_model_source(self.model)
+        if self.base_model is not None:
+            if not is_single_file(self.model):
+                raise SettingsError(
+                    "--base-model only applies to a single-file checkpoint (--model FILE.safetensors); leave it out."
+                )
+            base = Path(self.base_model).expanduser()
+            if not base.is_dir() and not is_hub_id(self.base_model):
+                raise SettingsError(
+                    f"--base-model {self.base_model} is neither a diffusers folder nor a Hugging Face id."
+                )
         architecture = architecture_of(self.model)
-        multiple = pixels_per_token(self.model)
+        multiple = pixels_per_token(self.model, self.base_model)
         if multiple is not None:
             self.settings.check_size(multiple)
         if architecture is not None:
@@ -171,7 +183,7 @@ class RunSpec:
     def _check_prompt_words(self, architecture, words: dict[str, list[str]]) -> None:
         """Every subject's words found in some prompt, with the model's own tokenizer (read from its
         folder, no weights): a missing word is said before a multi-GB load."""
-        from .models import SHAPESWORLD, TINY_MODELS
+        from .models import SHAPESWORLD, TINY_MODELS, base_model_for, is_single_file
         from .tokens import WordNotFoundError, find_word
 
         if self.model in TINY_MODELS:
@@ -182,6 +194,11 @@ class RunSpec:
             folder = MODEL_DIR
         elif Path(self.model).expanduser().is_dir():
             folder = Path(self.model).expanduser()
+        elif (
+            is_single_file(self.model)
+            and Path(base_model_for(self.model, self.base_model)).expanduser().is_dir()
+        ):
+            folder = Path(base_model_for(self.model, self.base_model)).expanduser()
         else:
             return  # a hub id: its tokenizer is checked once it loads
         tokenizer = architecture.load_tokenizer(folder)
@@ -224,7 +241,9 @@ class RunSpec:
 
         if status is not None:
             status(f"Loading {self.model} ...")
-        freefuse = FreeFuse(load_pipeline(self.model, device=device, dtype=dtype, offload=offload))
+        freefuse = FreeFuse(
+            load_pipeline(self.model, device=device, dtype=dtype, offload=offload, base=self.base_model)
+        )
         for lora in self.loras:
             subject = freefuse.add_lora(
                 lora.path, words=lora.words, name=lora.name, weight=lora.weight, scope=lora.scope

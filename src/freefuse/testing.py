@@ -259,7 +259,7 @@ def tiny_sdxl_pipeline(
     """A complete diffusers `StableDiffusionXLPipeline` with tiny random weights, in eval mode.
 
     Two levels (the second with cross-attention, 2 transformer blocks down, 1 mid, 2 x 3 up), two
-    CLIP encoders of `clip_width` (the UNet's cross-attention reads both side by side), SDXL's
+    CLIP encoders of `clip_width` and twice that (the UNet's cross-attention reads both side by side), SDXL's
     Euler scheduler and a 4-channel VAE with SDXL's factor 8. `unet_config` overrides the UNet's
     (benchmarks build mid-size UNets this way).
     """
@@ -272,30 +272,36 @@ def tiny_sdxl_pipeline(
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = tiny_clip_tokenizer()
+    # The second encoder is wider than the first, as on SDXL (768 and 1280): diffusers'
+    # single-file loader tells the two apart by width.
+    widths = (clip_width, 2 * clip_width)
     config = {
         **TINY_UNET_CONFIG,
-        "cross_attention_dim": 2 * clip_width,
-        "projection_class_embeddings_input_dim": 6 * TINY_UNET_CONFIG["addition_time_embed_dim"] + clip_width,
+        "cross_attention_dim": sum(widths),
+        "projection_class_embeddings_input_dim": 6 * TINY_UNET_CONFIG["addition_time_embed_dim"] + widths[1],
         **(unet_config or {}),
     }
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=clip_width,
-        intermediate_size=2 * clip_width,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=77,
-        projection_dim=clip_width,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text_configs = [
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=width,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        for width in widths
+    ]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         with torch.device(device), default_dtype(dtype):
             unet = UNet2DConditionModel(**config)
-        text_encoder = CLIPTextModel(text_config)
-        text_encoder_2 = CLIPTextModelWithProjection(text_config)
+        text_encoder = CLIPTextModel(text_configs[0])
+        text_encoder_2 = CLIPTextModelWithProjection(text_configs[1])
         vae = AutoencoderKL(
             in_channels=3,
             out_channels=3,
@@ -499,6 +505,130 @@ def kohya_sdxl_lora_state_dict(
                 result[f"{stem}.lora_up.weight"] = torch.randn(out_features, 4, generator=generator) * 0.5
                 result[f"{stem}.alpha"] = torch.tensor(4.0)
     return result
+
+
+_RESNET_TO_ORIGINAL = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "time_emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "conv_shortcut": "skip_connection",
+}
+_UNET_TOP_TO_ORIGINAL = {
+    "time_embedding.linear_1": "time_embed.0",
+    "time_embedding.linear_2": "time_embed.2",
+    "add_embedding.linear_1": "label_emb.0.0",
+    "add_embedding.linear_2": "label_emb.0.2",
+    "conv_in": "input_blocks.0.0",
+    "conv_norm_out": "out.0",
+    "conv_out": "out.2",
+}
+
+
+def _original_unet_key(key: str, per_block: int, up_has_attention: list[bool]) -> str:
+    """A diffusers UNet2DConditionModel key under the original SD code base's names."""
+    module, _, leaf = key.rpartition(".")
+    for name, original in _UNET_TOP_TO_ORIGINAL.items():
+        if module == name:
+            return f"{original}.{leaf}"
+    parts = module.split(".")
+
+    def resnet(rest: list[str]) -> str:
+        return ".".join([_RESNET_TO_ORIGINAL.get(rest[0], rest[0]), *rest[1:]])
+
+    if parts[0] == "down_blocks":
+        block, kind = int(parts[1]), parts[2]
+        if kind == "downsamplers":
+            return f"input_blocks.{(block + 1) * (per_block + 1)}.0.op.{leaf}"
+        index = 1 + block * (per_block + 1) + int(parts[3])
+        inner = resnet(parts[4:]) if kind == "resnets" else ".".join(parts[4:])
+        return f"input_blocks.{index}.{0 if kind == 'resnets' else 1}.{inner}.{leaf}"
+    if parts[0] == "mid_block":
+        index = {"resnets.0": 0, "attentions.0": 1, "resnets.1": 2}[".".join(parts[1:3])]
+        inner = resnet(parts[3:]) if parts[1] == "resnets" else ".".join(parts[3:])
+        return f"middle_block.{index}.{inner}.{leaf}"
+    if parts[0] == "up_blocks":
+        block, kind = int(parts[1]), parts[2]
+        if kind == "upsamplers":
+            slot = 2 if up_has_attention[block] else 1
+            return f"output_blocks.{block * (per_block + 1) + per_block}.{slot}.conv.{leaf}"
+        index = block * (per_block + 1) + int(parts[3])
+        inner = resnet(parts[4:]) if kind == "resnets" else ".".join(parts[4:])
+        return f"output_blocks.{index}.{0 if kind == 'resnets' else 1}.{inner}.{leaf}"
+    raise ValueError(f"No original name for UNet key {key!r}.")
+
+
+def _original_vae_key(key: str, n_blocks: int) -> str:
+    parts = key.split(".")
+    side = parts[0]
+    rest = [{"conv_shortcut": "nin_shortcut", "conv_norm_out": "norm_out"}.get(p, p) for p in parts[1:]]
+    if rest[0] in ("down_blocks", "up_blocks"):
+        block = int(rest[1]) if rest[0] == "down_blocks" else n_blocks - 1 - int(rest[1])
+        where = "down" if rest[0] == "down_blocks" else "up"
+        if rest[2] == "resnets":
+            return ".".join([side, where, str(block), "block", *rest[3:]])
+        return ".".join([side, where, str(block), "downsample" if where == "down" else "upsample", *rest[4:]])
+    if rest[0] == "mid_block":
+        slot = {"resnets.0": "block_1", "resnets.1": "block_2", "attentions.0": "attn_1"}[".".join(rest[1:3])]
+        return ".".join([side, "mid", slot, *rest[3:]])
+    return ".".join([side, *rest])
+
+
+def sdxl_single_file_state_dict(pipeline) -> dict[str, torch.Tensor]:
+    """An SDXL pipeline's weights as one checkpoint in the original (SGM) layout, as civitai-style
+    single files store them: `model.diffusion_model.` (UNet), `first_stage_model.` (VAE),
+    `conditioner.embedders.0.transformer.` (CLIP-L) and `conditioner.embedders.1.model.` (OpenCLIP-G,
+    fused q/k/v). Lets `from_single_file` be tested offline on the tiny model."""
+    unet = pipeline.unet
+    per_block = unet.config.layers_per_block
+    if not isinstance(per_block, int):
+        raise ValueError("sdxl_single_file_state_dict needs one `layers_per_block` for every level.")
+    up_attention = ["CrossAttn" in kind for kind in unet.config.up_block_types]
+    result = {
+        "model.diffusion_model." + _original_unet_key(key, per_block, up_attention): value
+        for key, value in unet.state_dict().items()
+    }
+    n_vae_blocks = len(pipeline.vae.config.block_out_channels)
+    result.update(
+        {
+            "first_stage_model." + _original_vae_key(key, n_vae_blocks): value
+            for key, value in pipeline.vae.state_dict().items()
+        }
+    )
+    for key, value in pipeline.text_encoder.state_dict().items():
+        key = key if key.startswith("text_model.") else "text_model." + key
+        result["conditioner.embedders.0.transformer." + key] = value
+    big = "conditioner.embedders.1.model."
+    layers: dict[str, dict[str, torch.Tensor]] = {}
+    renames = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    for key, value in pipeline.text_encoder_2.state_dict().items():
+        key = key.removeprefix("text_model.")
+        if key == "embeddings.token_embedding.weight":
+            result[big + "token_embedding.weight"] = value
+        elif key == "embeddings.position_embedding.weight":
+            result[big + "positional_embedding"] = value
+        elif key.startswith("final_layer_norm."):
+            result[big + "ln_final." + key.rpartition(".")[2]] = value
+        elif key == "text_projection.weight":
+            result[big + "text_projection"] = value.T.contiguous()
+        elif key.startswith("encoder.layers."):
+            index, rest = key.removeprefix("encoder.layers.").split(".", 1)
+            stem = f"{big}transformer.resblocks.{index}."
+            if rest.startswith("self_attn.") and rest.split(".")[1] in ("q_proj", "k_proj", "v_proj"):
+                layers.setdefault(stem, {})[rest] = value
+            elif rest.startswith("self_attn.out_proj."):
+                result[stem + "attn.out_proj." + rest.rpartition(".")[2]] = value
+            else:
+                for name, original in renames.items():
+                    rest = rest.replace(name, original)
+                result[stem + rest] = value
+    for stem, parts in layers.items():
+        for leaf in ("weight", "bias"):
+            result[f"{stem}attn.in_proj_{leaf}"] = torch.cat(
+                [parts[f"self_attn.{which}_proj.{leaf}"] for which in ("q", "k", "v")]
+            )
+    return {key: value.contiguous() for key, value in result.items()}
 
 
 PLANTED_COLOURS = ((0.9, 0.2, 0.1), (0.1, 0.3, 0.9), (0.1, 0.8, 0.2), (0.9, 0.9, 0.1), (0.6, 0.1, 0.7))

@@ -193,6 +193,19 @@ class Backend(abc.ABC):
             return None
 
     @classmethod
+    def single_file_matches(cls, keys: Sequence[str]) -> bool:
+        """True when a single-file checkpoint's tensor names are this architecture's (original
+        code base's layout, as civitai-style downloads store them)."""
+        return False
+
+    @classmethod
+    def pipeline_class(cls):
+        """The diffusers pipeline class this backend runs (for `from_single_file`)."""
+        import diffusers
+
+        return getattr(diffusers, cls.pipeline_classes[0])
+
+    @classmethod
     @abc.abstractmethod
     def check_lora_keys(cls, keys: Sequence[str], source: str) -> None:
         """Raise `LoraFileError` when a LoRA file's tensor names say it is for another architecture."""

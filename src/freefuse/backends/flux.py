@@ -132,6 +132,11 @@ class FluxBackend(Backend):
         return tiny_t5_tokenizer()
 
     @classmethod
+    def single_file_matches(cls, keys) -> bool:
+        """FLUX.1's original layout (BFL's): `double_blocks.*`, with or without a `model.diffusion_model.` prefix."""
+        return any(key.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for key in keys)
+
+    @classmethod
     def check_lora_keys(cls, keys, source: str) -> None:
         from ..lora import LoraFileError, lora_family
 

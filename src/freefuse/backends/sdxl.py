@@ -162,6 +162,15 @@ class SdxlBackend(Backend):
         return tiny_clip_tokenizer()
 
     @classmethod
+    def single_file_matches(cls, keys) -> bool:
+        """SDXL's original layout: the second text encoder under `conditioner.embedders.1`, or the
+        UNet's size embedding (`label_emb`) beside its `input_blocks`."""
+        return any(
+            key.startswith(("conditioner.embedders.1.model.", "model.diffusion_model.label_emb."))
+            for key in keys
+        )
+
+    @classmethod
     def check_lora_keys(cls, keys, source: str) -> None:
         from ..lora import LoraFileError, lora_family
 
