@@ -114,6 +114,42 @@ MUTATIONS = (
         "return self.image.mean(dim=1, keepdim=True)",
         "return torch.ones_like(self.image[:, :1])",
     ),
+    Mutation(
+        "routing contrast summed in the subjects' order",
+        "core/methods.py",
+        "total = scores.sort(dim=0).values.sum(dim=0, keepdim=True)",
+        "total = scores.sum(dim=0, keepdim=True)",
+    ),
+    Mutation(
+        "SDXL: a mask repeated up to a finer UNet level comes out mirrored",
+        "masking.py",
+        'return torch.nn.functional.interpolate(mask, size=tuple(size), mode="nearest")',
+        'return torch.nn.functional.interpolate(mask, size=tuple(size), mode="nearest").flip(-1)',
+    ),
+    Mutation(
+        "SDXL: cross-attention values declared image tokens",
+        "backends/sdxl.py",
+        '_CROSS_ATTENTION_TEXT_SIDE = ("attn2.to_k", "attn2.to_v")',
+        '_CROSS_ATTENTION_TEXT_SIDE = ("attn2.to_k",)',
+    ),
+    Mutation(
+        "SDXL: noise drawn before the schedule sets its first sigma",
+        "pipeline.py",
+        "timesteps, sigmas = backend.timesteps(steps, settings.height, settings.width)\n"
+        "            state = backend.prepare_latents(\n"
+        "                generators, batch, settings.height, settings.width, conditioning.prompt_embeds.dtype, latents\n"
+        "            )",
+        "state = backend.prepare_latents(\n"
+        "                generators, batch, settings.height, settings.width, conditioning.prompt_embeds.dtype, latents\n"
+        "            )\n"
+        "            timesteps, sigmas = backend.timesteps(steps, settings.height, settings.width)",
+    ),
+    Mutation(
+        "SDXL: an unset negative prompt encoded instead of zeros",
+        "backends/sdxl.py",
+        "if settings.negative_prompt is None and self.pipeline.config.get(",
+        "if False and self.pipeline.config.get(",
+    ),
 )
 
 

@@ -23,6 +23,7 @@ from freefuse.masking import AdapterMask
 from freefuse.models import architecture_of, pixels_per_token
 from freefuse.testing import (
     ALL_LAYERS,
+    LoraDeltaRecorder,
     kohya_sdxl_lora_state_dict,
     random_lora,
     sdxl_single_file_state_dict,
@@ -338,3 +339,79 @@ def test_single_files_that_cannot_be_run_are_refused_before_loading(pipe, tmp_pa
         result = runner.invoke(app, ["generate", *extra, *common])
         assert result.exit_code == 2 and message in result.output, result.output
         assert not (tmp_path / "o").exists()
+
+
+def test_a_kohya_locon_file_with_convolutions_loads_and_is_masked(pipe, tmp_path) -> None:
+    """LoCon: kohya names for the resnets' convolutions too (`…_in_layers_2`). Loaded from the file it
+    equals the same LoRA in diffusers layout, and a zero mask gives the picture without it."""
+    every_layer = typical_lora_state_dict(pipe, seed=1, scale=0.3, targets=ALL_LAYERS)
+    state = {k: v for k, v in every_layer.items() if ".attentions." in k or ".resnets." in k}
+    assert any(value.ndim == 4 for value in state.values())
+    save_file(state, str(tmp_path / "diffusers.safetensors"))
+    kohya = kohya_sdxl_lora_state_dict(state, pipe.unet)
+    assert any("_in_layers_2.lora_down" in key for key in kohya)
+    save_file(kohya, str(tmp_path / "locon.safetensors"))
+    images = {}
+    for stem in ("diffusers", "locon"):
+        freefuse = FreeFuse(pipe)
+        freefuse.add_lora(tmp_path / f"{stem}.safetensors", name="alice", words=["Alice"])
+        adapted = [n for n, m in pipe.unet.named_modules() if hasattr(m, "lora_A") and "alice" in m.lora_A]
+        assert any(isinstance(pipe.unet.get_submodule(n).base_layer, torch.nn.Conv2d) for n in adapted)
+        images[stem] = run(freefuse, method="merge", seed=0).images[0]
+        off = MaskSet(["alice"], torch.zeros(1, SIZE, SIZE))
+        images[stem + " off"] = run(freefuse, method="masks", masks=off, seed=0).images[0]
+        freefuse.remove("alice")
+    # Equal weights and scalings (checked by hand); the kohya path's PEFT config rounds differently (2e-6).
+    torch.testing.assert_close(images["diffusers"], images["locon"], atol=1e-5, rtol=0)
+    assert (images["locon"] - images["locon off"]).abs().max() > 1e-3
+    torch.testing.assert_close(images["locon off"], images["diffusers off"], atol=1e-5, rtol=0)
+    assert not getattr(pipe.unet, "peft_config", None)  # both removed: diffusers runs the bare model
+    bare = pipe(
+        PROMPT,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(0),
+        output_type="pt",
+    ).images[0]
+    torch.testing.assert_close(images["locon off"], bare, atol=2e-5, rtol=0)
+
+
+def test_each_lora_acts_inside_its_mask_in_every_layer_at_every_unet_level() -> None:
+    """Read back from each adapted layer's real input and output (`LoraDeltaRecorder`, none of
+    FreeFuse's masking code) how much of each LoRA acted per token, on a UNet with attention at two
+    levels: the mask grid (8x8 at 128²) and twice that (16x16), where the mask is repeated up."""
+    pipe = tiny_sdxl_pipeline(
+        seed=0,
+        unet_config={
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        },
+    )
+    pipe.set_progress_bar_config(disable=True)
+    freefuse = with_loras(pipe)
+    h, w = backend_for(pipe).grid(SIZE, SIZE)
+    # Unequal columns (3/8 and 5/8 of the width), on token boundaries, so a swap or a flip shows.
+    alice = torch.zeros(SIZE, SIZE)
+    alice[:, : 3 * SIZE // 8] = 1
+    masks = MaskSet(["alice", "bob"], torch.stack([alice, 1 - alice]))
+    recorder = LoraDeltaRecorder(pipe.unet, ["alice", "bob"])
+    with recorder.recording():
+        # A negative prompt of its own: an unset one is zeros, where any coefficient fits the text side.
+        run(freefuse, method="masks", masks=masks, text_scope="all", seed=0, negative_prompt="blurry")
+    sizes = set()
+    for call in recorder.calls:
+        assert call.fit_error < 1e-4, (call.layer, call.fit_error)
+        layout = backend_for(pipe).token_layout(call.layer)
+        for name, share in (("alice", 3 / 8), ("bob", 5 / 8)):
+            found = call.masks[name]
+            if layout == ("text",):
+                torch.testing.assert_close(found, torch.ones_like(found), atol=1e-4, rtol=0)
+                continue
+            side = int(round((found.shape[1] / (h * w)) ** 0.5))
+            columns = torch.arange(w * side) < round(3 / 8 * w * side)
+            expected = (columns if name == "alice" else ~columns).float().expand(h * side, -1).reshape(1, -1)
+            assert abs(float(expected.mean()) - share) < 1e-6
+            torch.testing.assert_close(found, expected.expand_as(found), atol=1e-4, rtol=0)
+            sizes.add(side)
+    assert sizes == {1, 2}  # layers at the grid and at twice its resolution were both seen

@@ -460,53 +460,6 @@ def random_lora(
 KOHYA_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 
-def kohya_sdxl_lora_state_dict(
-    state: dict[str, torch.Tensor], unet, text_encoders: dict | None = None
-) -> dict:
-    """A diffusers-layout SDXL LoRA (`unet.<module>.lora_A.weight`, attention blocks only) in
-    kohya's layout: the original SD code base's block names (`lora_unet_input_blocks_4_1_…`),
-    `lora_down`/`lora_up`, and an alpha equal to the rank (scale 1).
-
-    `text_encoders`: {"te1" or "te2": the text encoder} to add a random text-encoder part to each
-    (`lora_te1_text_model_encoder_layers_0_self_attn_q_proj…`), as kohya trains by default.
-    """
-    per_block = unet.config.layers_per_block
-    if not isinstance(per_block, int):
-        raise ValueError("kohya_sdxl_lora_state_dict needs one `layers_per_block` for every level.")
-
-    def original_name(module: str) -> str:
-        parts = module.split(".")
-        if parts[0] == "down_blocks" and parts[2] == "attentions":
-            block, rest = f"input_blocks.{1 + int(parts[1]) * (per_block + 1) + int(parts[3])}.1", parts[4:]
-        elif parts[0] == "mid_block" and parts[1] == "attentions":
-            block, rest = "middle_block.1", parts[3:]
-        elif parts[0] == "up_blocks" and parts[2] == "attentions":
-            block, rest = f"output_blocks.{int(parts[1]) * (per_block + 1) + int(parts[3])}.1", parts[4:]
-        else:
-            raise ValueError(f"Only attention-block layers have kohya names here, not {module!r}.")
-        return ".".join([block, *rest])
-
-    result: dict[str, torch.Tensor] = {}
-    for key, value in state.items():
-        module, which = key.removeprefix("unet.").rsplit(".lora_", 1)
-        stem = "lora_unet_" + original_name(module).replace(".", "_")
-        result[f"{stem}.lora_{'down' if which.startswith('A') else 'up'}.weight"] = value
-        if which.startswith("A"):
-            result[f"{stem}.alpha"] = torch.tensor(float(value.shape[0]))
-    generator = torch.Generator().manual_seed(len(state))
-    for prefix, encoder in (text_encoders or {}).items():
-        for name, module in encoder.named_modules():
-            if isinstance(module, torch.nn.Linear) and name.endswith(KOHYA_TEXT_ENCODER_TARGETS):
-                stem = f"lora_{prefix}_" + name.replace(".", "_")
-                out_features, in_features = module.weight.shape
-                result[f"{stem}.lora_down.weight"] = (
-                    torch.randn(4, in_features, generator=generator) / in_features**0.5
-                )
-                result[f"{stem}.lora_up.weight"] = torch.randn(out_features, 4, generator=generator) * 0.5
-                result[f"{stem}.alpha"] = torch.tensor(4.0)
-    return result
-
-
 _RESNET_TO_ORIGINAL = {
     "norm1": "in_layers.0",
     "conv1": "in_layers.2",
@@ -629,6 +582,45 @@ def sdxl_single_file_state_dict(pipeline) -> dict[str, torch.Tensor]:
                 [parts[f"self_attn.{which}_proj.{leaf}"] for which in ("q", "k", "v")]
             )
     return {key: value.contiguous() for key, value in result.items()}
+
+
+def kohya_sdxl_lora_state_dict(
+    state: dict[str, torch.Tensor], unet, text_encoders: dict | None = None
+) -> dict:
+    """A diffusers-layout SDXL LoRA (`unet.<module>.lora_A.weight`) in kohya's layout: the original
+    SD code base's block names (`lora_unet_input_blocks_4_1_…`, `…_in_layers_2` for a LoCon
+    convolution), `lora_down`/`lora_up`, and an alpha equal to the rank (scale 1).
+
+    `text_encoders`: {"te1" or "te2": the text encoder} to add a random text-encoder part to each
+    (`lora_te1_text_model_encoder_layers_0_self_attn_q_proj…`), as kohya trains by default.
+    """
+    per_block = unet.config.layers_per_block
+    if not isinstance(per_block, int):
+        raise ValueError("kohya_sdxl_lora_state_dict needs one `layers_per_block` for every level.")
+    up_attention = ["CrossAttn" in kind for kind in unet.config.up_block_types]
+
+    def original_name(module: str) -> str:
+        return _original_unet_key(module + ".weight", per_block, up_attention).removesuffix(".weight")
+
+    result: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, which = key.removeprefix("unet.").rsplit(".lora_", 1)
+        stem = "lora_unet_" + original_name(module).replace(".", "_")
+        result[f"{stem}.lora_{'down' if which.startswith('A') else 'up'}.weight"] = value
+        if which.startswith("A"):
+            result[f"{stem}.alpha"] = torch.tensor(float(value.shape[0]))
+    generator = torch.Generator().manual_seed(len(state))
+    for prefix, encoder in (text_encoders or {}).items():
+        for name, module in encoder.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.endswith(KOHYA_TEXT_ENCODER_TARGETS):
+                stem = f"lora_{prefix}_" + name.replace(".", "_")
+                out_features, in_features = module.weight.shape
+                result[f"{stem}.lora_down.weight"] = (
+                    torch.randn(4, in_features, generator=generator) / in_features**0.5
+                )
+                result[f"{stem}.lora_up.weight"] = torch.randn(out_features, 4, generator=generator) * 0.5
+                result[f"{stem}.alpha"] = torch.tensor(4.0)
+    return result
 
 
 PLANTED_COLOURS = ((0.9, 0.2, 0.1), (0.1, 0.3, 0.9), (0.1, 0.8, 0.2), (0.9, 0.9, 0.1), (0.6, 0.1, 0.7))
