@@ -326,17 +326,22 @@ def _load_single_file(model: str, base: str | None, torch_dtype: torch.dtype | N
     local_config = Path(config).expanduser()
     if base is not None and not local_config.is_dir() and not is_hub_id(config):
         raise ModelLoadError(f"--base-model {config} is neither a diffusers folder nor a Hugging Face id.")
+    from .lora import read_header
+
+    path = Path(model).expanduser()
+    keys = [key for key in read_header(path) if key != "__metadata__"]
     try:
-        pipeline = architecture.pipeline_class().from_single_file(
-            str(Path(model).expanduser()),
-            config=str(local_config) if local_config.is_dir() else config,
+        pipeline = architecture.load_single_file(
+            path,
+            keys,
+            str(local_config) if local_config.is_dir() else config,
             torch_dtype=torch_dtype,
             local_files_only=offline() or local_config.is_dir(),
         )
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    except Exception as error:
+        text = str(error).strip().splitlines()[0] if str(error).strip() else ""
         raise ModelLoadError(
-            f"Could not load single-file checkpoint {model} with configs from {config}: {text}. Pass "
+            f"Could not load single-file checkpoint {model} with configs from {config}: {type(error).__name__} {text}. Pass "
             "--base-model with a diffusers folder of the same architecture (its configs, and the parts the file "
             "lacks, are read from there)."
         ) from None

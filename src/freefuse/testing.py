@@ -584,6 +584,81 @@ def sdxl_single_file_state_dict(pipeline) -> dict[str, torch.Tensor]:
     return {key: value.contiguous() for key, value in result.items()}
 
 
+_FLUX_TOP_TO_ORIGINAL = {
+    "time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+    "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+    "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "context_embedder": "txt_in",
+    "x_embedder": "img_in",
+    "proj_out": "final_layer.linear",
+}
+_FLUX_DOUBLE_TO_ORIGINAL = {
+    "norm1.linear": "img_mod.lin",
+    "norm1_context.linear": "txt_mod.lin",
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.net.0.proj": "img_mlp.0",
+    "ff.net.2": "img_mlp.2",
+    "ff_context.net.0.proj": "txt_mlp.0",
+    "ff_context.net.2": "txt_mlp.2",
+}
+_FLUX_NORMS_TO_ORIGINAL = {
+    "attn.norm_q": "img_attn.norm.query_norm",
+    "attn.norm_k": "img_attn.norm.key_norm",
+    "attn.norm_added_q": "txt_attn.norm.query_norm",
+    "attn.norm_added_k": "txt_attn.norm.key_norm",
+}
+
+
+def flux_single_file_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """A FLUX transformer's weights in the original (BFL) layout, as transformer-only single files
+    store them: `double_blocks.{i}.img_attn.qkv` (fused q/k/v), `single_blocks.{i}.linear1` (fused
+    q/k/v and MLP in), `final_layer.adaLN_modulation.1` (shift before scale). diffusers' converter
+    assumes FLUX.1's widths (3072), so only a transformer of that width round-trips."""
+    weights = transformer.state_dict()
+    result: dict[str, torch.Tensor] = {}
+
+    def take(name: str) -> dict[str, torch.Tensor]:
+        return {leaf: weights[f"{name}.{leaf}"] for leaf in ("weight", "bias") if f"{name}.{leaf}" in weights}
+
+    for name, original in _FLUX_TOP_TO_ORIGINAL.items():
+        for leaf, value in take(name).items():
+            result[f"{original}.{leaf}"] = value
+    for leaf, value in take("norm_out.linear").items():
+        scale, shift = value.chunk(2, dim=0)
+        result[f"final_layer.adaLN_modulation.1.{leaf}"] = torch.cat([shift, scale])
+    for index in range(len(transformer.transformer_blocks)):
+        block, target = f"transformer_blocks.{index}", f"double_blocks.{index}"
+        for name, original in _FLUX_DOUBLE_TO_ORIGINAL.items():
+            for leaf, value in take(f"{block}.{name}").items():
+                result[f"{target}.{original}.{leaf}"] = value
+        for name, original in _FLUX_NORMS_TO_ORIGINAL.items():
+            result[f"{target}.{original}.scale"] = weights[f"{block}.{name}.weight"]
+        for side, names in (
+            ("img_attn", ("to_q", "to_k", "to_v")),
+            ("txt_attn", ("add_q_proj", "add_k_proj", "add_v_proj")),
+        ):
+            for leaf in ("weight", "bias"):
+                result[f"{target}.{side}.qkv.{leaf}"] = torch.cat(
+                    [weights[f"{block}.attn.{n}.{leaf}"] for n in names]
+                )
+    for index in range(len(transformer.single_transformer_blocks)):
+        block, target = f"single_transformer_blocks.{index}", f"single_blocks.{index}"
+        for leaf, value in take(f"{block}.norm.linear").items():
+            result[f"{target}.modulation.lin.{leaf}"] = value
+        for leaf, value in take(f"{block}.proj_out").items():
+            result[f"{target}.linear2.{leaf}"] = value
+        result[f"{target}.norm.query_norm.scale"] = weights[f"{block}.attn.norm_q.weight"]
+        result[f"{target}.norm.key_norm.scale"] = weights[f"{block}.attn.norm_k.weight"]
+        for leaf in ("weight", "bias"):
+            parts = [weights[f"{block}.attn.{n}.{leaf}"] for n in ("to_q", "to_k", "to_v")]
+            result[f"{target}.linear1.{leaf}"] = torch.cat([*parts, weights[f"{block}.proj_mlp.{leaf}"]])
+    return {key: value.contiguous() for key, value in result.items()}
+
+
 def kohya_sdxl_lora_state_dict(
     state: dict[str, torch.Tensor], unet, text_encoders: dict | None = None
 ) -> dict:

@@ -206,6 +206,12 @@ class Backend(abc.ABC):
         return getattr(diffusers, cls.pipeline_classes[0])
 
     @classmethod
+    def load_single_file(cls, path: Path, keys: Sequence[str], config: str, **options):
+        """The pipeline of a single-file checkpoint (tensor names `keys`), configs from `config` (a
+        diffusers folder or hub id); `options` go to diffusers (`torch_dtype`, `local_files_only`)."""
+        return cls.pipeline_class().from_single_file(str(path), config=config, **options)
+
+    @classmethod
     @abc.abstractmethod
     def check_lora_keys(cls, keys: Sequence[str], source: str) -> None:
         """Raise `LoraFileError` when a LoRA file's tensor names say it is for another architecture."""

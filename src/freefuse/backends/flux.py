@@ -137,6 +137,20 @@ class FluxBackend(Backend):
         return any(key.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for key in keys)
 
     @classmethod
+    def load_single_file(cls, path: Path, keys, config: str, **options):
+        """A transformer-only file (what FLUX fine-tunes ship as): the transformer from the file, the
+        text encoders, VAE and scheduler from `config`, as diffusers' docs load them. A full
+        checkpoint: `FluxPipeline.from_single_file`."""
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+        if any(key.startswith(("vae.", "first_stage_model.", "text_encoders.")) for key in keys):
+            return FluxPipeline.from_single_file(str(path), config=config, **options)
+        transformer = FluxTransformer2DModel.from_single_file(
+            str(path), config=config, subfolder="transformer", **options
+        )
+        return FluxPipeline.from_pretrained(config, transformer=transformer, use_safetensors=True, **options)
+
+    @classmethod
     def check_lora_keys(cls, keys, source: str) -> None:
         from ..lora import LoraFileError, lora_family
 
