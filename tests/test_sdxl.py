@@ -415,3 +415,21 @@ def test_each_lora_acts_inside_its_mask_in_every_layer_at_every_unet_level() -> 
             torch.testing.assert_close(found, expected.expand_as(found), atol=1e-4, rtol=0)
             sizes.add(side)
     assert sizes == {1, 2}  # layers at the grid and at twice its resolution were both seen
+
+
+def test_the_default_block_on_sdxls_own_unet_layout_is_the_authors() -> None:
+    """SDXL's UNet layout (3 levels, 1/2/10 transformer layers, 2 resnets per level) at a tiny
+    width: the tap grid is the deepest level, 32 pixels a token, and the default block is
+    up_blocks.0.attentions.0.transformer_blocks.3, as in the authors' SDXL code."""
+    layout = {
+        "block_out_channels": (32, 32, 32),
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        "transformer_layers_per_block": (1, 2, 10),
+        "layers_per_block": 2,
+        "attention_head_dim": (2, 2, 2),
+    }
+    backend = backend_for(tiny_sdxl_pipeline(seed=0, unet_config=layout))
+    assert backend.num_blocks == 60
+    assert backend.tap_blocks[backend.default_block()] == "up_blocks.0.attentions.0.transformer_blocks.3"
+    assert backend.size_multiple == 32 and backend.grid(1216, 832) == (38, 26)

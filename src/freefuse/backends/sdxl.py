@@ -42,9 +42,9 @@ if TYPE_CHECKING:
     from ..lora import LoraFile
     from ..settings import GenerationSettings
 
-# The authors' SDXL block: up_blocks.0.attentions.0.transformer_blocks.3, the 34th of the 70
+# The authors' SDXL block: up_blocks.0.attentions.0.transformer_blocks.3, the 34th of the 60
 # transformer blocks at SDXL's deepest level (2 x 10 down, 10 mid, 3 x 10 up).
-PAPER_BLOCK, PAPER_NUM_BLOCKS = 33, 70
+PAPER_BLOCK, PAPER_NUM_BLOCKS = 33, 60
 # The layers a typical SDXL character LoRA (kohya) adapts: every linear layer of the attention
 # blocks, as PEFT module-name suffixes.
 SDXL_LORA_TARGETS = (
