@@ -433,3 +433,79 @@ def test_the_default_block_on_sdxls_own_unet_layout_is_the_authors() -> None:
     assert backend.num_blocks == 60
     assert backend.tap_blocks[backend.default_block()] == "up_blocks.0.attentions.0.transformer_blocks.3"
     assert backend.size_multiple == 32 and backend.grid(1216, 832) == (38, 26)
+
+
+def test_euler_ancestral_draws_its_step_noise_from_the_images_generators(pipe) -> None:
+    """A stochastic sampler: the same seed gives the same picture, and diffusers' picture."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    freefuse = with_loras(pipe)
+    first = run(freefuse, method="merge", seed=4).images[0]
+    torch.manual_seed(123)  # the global generator must not matter
+    assert torch.equal(first, run(freefuse, method="merge", seed=4).images[0])
+    pipe.set_adapters(["alice", "bob"])
+    theirs = pipe(
+        PROMPT,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=3,
+        generator=torch.Generator().manual_seed(4),
+        output_type="pt",
+    ).images[0]
+    torch.testing.assert_close(first, theirs, atol=2e-5, rtol=0)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_x0_is_the_schedulers_own_for_variance_preserving_samplers(pipe, prediction_type: str) -> None:
+    """DPM++ keeps latents variance-preserving (x / √(σ² + 1)); x0 is what the scheduler itself
+    predicts from the model output (`convert_model_output`), at every step."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe.scheduler = DPMSolverMultistepScheduler.from_config(
+        pipe.scheduler.config, prediction_type=prediction_type
+    )
+    backend = backend_for(pipe)
+    timesteps, sigmas = backend.timesteps(5, SIZE, SIZE)
+    state = backend.prepare_latents([torch.Generator().manual_seed(0)], 1, SIZE, SIZE, torch.float32)
+    prediction = torch.randn(state.latents.shape, generator=torch.Generator().manual_seed(1))
+    latents = state.latents
+    for index, timestep in enumerate(timesteps):
+        pipe.scheduler._step_index = index
+        expected = pipe.scheduler.convert_model_output(prediction, sample=latents)
+        torch.testing.assert_close(backend.predict_x0(latents, prediction, float(sigmas[index])), expected)
+        latents = backend.step(prediction, timestep, latents)
+
+
+def test_schedulers_whose_steps_are_not_one_model_call_are_refused(pipe) -> None:
+    from diffusers import EDMEulerScheduler, HeunDiscreteScheduler
+
+    freefuse = with_loras(pipe)
+    pipe.scheduler = HeunDiscreteScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="model calls for 3 steps"):
+        run(freefuse, seed=0)
+    pipe.scheduler = EDMEulerScheduler()
+    with pytest.raises(ValueError, match="preconditions"):
+        run(freefuse, seed=0)
+
+
+def test_single_file_markers_and_defaults(pipe, tmp_path) -> None:
+    """A v-prediction file (`v_pred`, `ztsnr` markers) gets a v-prediction, zero-SNR scheduler; a
+    `.sft` file is told to be renamed; without --base-model, diffusers reads SDXL's model type."""
+    from freefuse.models import ModelLoadError, base_model_for, check_model_source, load_pipeline
+
+    folder = tmp_path / "folder"
+    pipe.save_pretrained(folder)
+    state = sdxl_single_file_state_dict(pipe)
+    marked = tmp_path / "noob-vpred.safetensors"
+    save_file({**state, "v_pred": torch.tensor([]), "ztsnr": torch.tensor([])}, str(marked))
+    short = tmp_path / "model.sft"
+    short.write_bytes(b"")
+    with pytest.raises(ModelLoadError, match=r"rename it to model\.safetensors"):
+        check_model_source(str(short))
+    assert architecture_of(str(marked)) is SdxlBackend
+    assert base_model_for(str(marked), None) is None
+    scheduler = load_pipeline(str(marked), base=str(folder)).scheduler
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert scheduler.config.rescale_betas_zero_snr and scheduler.config.timestep_spacing == "trailing"
+    assert float(scheduler.alphas_cumprod[-1]) < 1e-6  # the betas were recomputed, not just relabelled

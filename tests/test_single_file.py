@@ -63,3 +63,18 @@ def test_a_base_model_of_another_architecture_is_a_clear_error(tmp_path) -> None
         load_pipeline(str(checkpoint), base=str(folder))
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == "StableDiffusionXLPipeline"
+
+
+def test_flux_single_file_defaults_and_refusals(tmp_path) -> None:
+    from freefuse.models import base_model_for
+
+    dev, schnell = tmp_path / "dev.safetensors", tmp_path / "schnell.safetensors"
+    save_file({"double_blocks.0.x": torch.zeros(1), "guidance_in.in_layer.weight": torch.zeros(1)}, str(dev))
+    save_file({"double_blocks.0.x": torch.zeros(1)}, str(schnell))
+    assert base_model_for(str(dev), None) == "black-forest-labs/FLUX.1-dev"
+    assert base_model_for(str(schnell), None) == "black-forest-labs/FLUX.1-schnell"
+    assert base_model_for(str(dev), "my/base") == "my/base"
+    scaled = tmp_path / "scaled.safetensors"
+    save_file({"double_blocks.0.x": torch.zeros(1), "scaled_fp8": torch.zeros(1)}, str(scaled))
+    with pytest.raises(ModelLoadError, match="scaled fp8"):
+        load_pipeline(str(scaled), base=str(tmp_path))

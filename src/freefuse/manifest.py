@@ -85,11 +85,12 @@ def model_record(pipeline, denoiser: torch.nn.Module) -> dict:
     """Model id/path, class, and a hash per weight/config file (or of the denoiser's weights when in memory)."""
     record = {"id_or_path": getattr(pipeline, "name_or_path", None) or None, "class": type(pipeline).__name__}
     files: dict[str, str] = {}
-    base = getattr(pipeline, "freefuse_base_model", None)
-    if base is not None:
-        # A single-file checkpoint: the file itself, and where its configs came from.
-        record["base_model"] = base
-        files["checkpoint"] = cached_sha256(Path(record["id_or_path"]))
+    single_file = getattr(pipeline, "freefuse_single_file", None)
+    if single_file is not None:
+        # A single-file checkpoint: the file itself, and where its configs came from (if not from it).
+        files["checkpoint"] = cached_sha256(Path(single_file))
+        if getattr(pipeline, "freefuse_base_model", None):
+            record["base_model"] = pipeline.freefuse_base_model
     for name, component in pipeline.components.items():
         folder = getattr(getattr(component, "config", None), "_name_or_path", None)
         if isinstance(folder, str) and folder and Path(folder).is_dir():

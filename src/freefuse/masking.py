@@ -212,7 +212,8 @@ class LoraMasker:
     def _mask(self, adapter: str, layout: TokenLayout, output: torch.Tensor) -> torch.Tensor | None:
         if self._masks is None or adapter not in self._masks:
             return None
-        key = (adapter, layout, tuple(output.shape[1:-1]) if layout else ())
+        # What the mask's shape depends on: the token count, or a convolution's H x W.
+        key = (adapter, layout, tuple(output.shape[2:] if layout == ("spatial",) else output.shape[1:-1]))
         mask = self._cache.get(key)
         if mask is None or mask.device != output.device or mask.dtype != output.dtype:
             mask = (

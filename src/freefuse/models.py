@@ -108,21 +108,32 @@ def _model_index(model: str) -> dict | None:
     return index if isinstance(index, dict) else None
 
 
+# Single-file checkpoints are safetensors files, under the suffix diffusers reads as safetensors
+# (any other it would hand to torch.load, which unpickles).
+SINGLE_FILE_SUFFIXES = (".safetensors",)
+
+
 def is_single_file(model: str) -> bool:
     """A single-file checkpoint (`.safetensors`), as civitai-style downloads store models."""
     path = Path(model).expanduser()
-    return path.is_file() and path.suffix == ".safetensors"
+    return path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES
+
+
+def single_file_keys(path: str | Path) -> list[str]:
+    """The tensor names of a single-file checkpoint, from its header (no weights read)."""
+    from .lora import read_header
+
+    try:
+        return [key for key in read_header(Path(path).expanduser()) if key != "__metadata__"]
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"{path} is not a readable safetensors file: {error}") from None
 
 
 def single_file_architecture(path: str | Path) -> type[Backend]:
     """The backend whose original layout a checkpoint's tensor names are in (header only, no weights)."""
     from .backends import BACKENDS
-    from .lora import read_header
 
-    try:
-        keys = [key for key in read_header(Path(path).expanduser()) if key != "__metadata__"]
-    except (OSError, ValueError) as error:
-        raise ModelLoadError(f"{path} is not a readable safetensors file: {error}") from None
+    keys = single_file_keys(path)
     for backend in BACKENDS.values():
         if backend.single_file_matches(keys):
             return backend
@@ -135,17 +146,13 @@ def single_file_architecture(path: str | Path) -> type[Backend]:
 
 def base_model_for(model: str, base: str | None) -> str | None:
     """Where a single-file checkpoint's configs (and any component it lacks) come from: `base`, or
-    the architecture's reference model (its first known hub id); None for other model sources."""
+    the architecture's choice for the file (a hub id; None: diffusers tells the model type from the
+    file). None for other model sources."""
     if not is_single_file(model):
         return None
     if base is not None:
         return base
-    architecture = single_file_architecture(model)
-    if not architecture.known_model_ids:
-        raise ModelLoadError(
-            f"{model} is a {architecture.name} checkpoint; pass --base-model FOLDER_OR_ID for its configs."
-        )
-    return architecture.known_model_ids[0]
+    return single_file_architecture(model).default_single_file_base(single_file_keys(model))
 
 
 def architecture_of(model: str) -> type[Backend] | None:
@@ -183,7 +190,12 @@ def check_model_source(model: str) -> None:
     if not path.exists():
         raise ModelLoadError(f"Model folder {path} does not exist.")
     if path.is_file():
-        if path.suffix != ".safetensors":
+        if path.suffix == ".sft":
+            raise ModelLoadError(
+                f"{path} is a safetensors file under ComfyUI's short suffix; rename it to "
+                f"{path.with_suffix('.safetensors').name} (diffusers reads only that suffix as safetensors)."
+            )
+        if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(
                 f"{path} is a single file but not .safetensors; FreeFuse never unpickles a model file. Use the "
                 ".safetensors download, a diffusers pipeline folder (with model_index.json) or a Hugging Face id."
@@ -250,8 +262,9 @@ def pixels_per_token(model: str, base: str | None = None) -> int | None:
         return None
     local = Path(model).expanduser()
     if is_single_file(model):
-        folder = Path(base_model_for(model, base)).expanduser()
-        return architecture.pixels_per_token(folder if folder.is_dir() else None)
+        config = base_model_for(model, base)
+        folder = Path(config).expanduser() if config else None
+        return architecture.pixels_per_token(folder if folder is not None and folder.is_dir() else None)
     if model == SHAPESWORLD:
         from .shapesworld.model import MODEL_DIR
 
@@ -322,32 +335,29 @@ def load_pipeline(
 
 def _load_single_file(model: str, base: str | None, torch_dtype: torch.dtype | None):
     architecture = single_file_architecture(model)
+    if base is not None and not Path(base).expanduser().is_dir() and not is_hub_id(base):
+        raise ModelLoadError(f"--base-model {base} is neither a diffusers folder nor a Hugging Face id.")
     config = base_model_for(model, base)
-    local_config = Path(config).expanduser()
-    if base is not None and not local_config.is_dir() and not is_hub_id(config):
-        raise ModelLoadError(f"--base-model {config} is neither a diffusers folder nor a Hugging Face id.")
-    from .lora import read_header
-
+    local = config is not None and Path(config).expanduser().is_dir()
+    if local:
+        config = str(Path(config).expanduser().resolve())
     path = Path(model).expanduser()
-    keys = [key for key in read_header(path) if key != "__metadata__"]
     try:
         pipeline = architecture.load_single_file(
-            path,
-            keys,
-            str(local_config) if local_config.is_dir() else config,
-            torch_dtype=torch_dtype,
-            local_files_only=offline() or local_config.is_dir(),
+            path, single_file_keys(path), config, torch_dtype=torch_dtype, local_files_only=offline() or local
         )
     except Exception as error:
         text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        source = f"configs from {config}" if config else "the model type diffusers read from the file"
         raise ModelLoadError(
-            f"Could not load single-file checkpoint {model} with configs from {config}: {type(error).__name__} {text}. Pass "
-            "--base-model with a diffusers folder of the same architecture (its configs, and the parts the file "
-            "lacks, are read from there)."
+            f"Could not load single-file checkpoint {model} with {source}: {type(error).__name__} {text}. Pass "
+            "--base-model with a diffusers folder (or Hugging Face id) of the same model family: its configs, and "
+            "the parts the file lacks, are read from there."
         ) from None
-    pipeline.register_to_config(_name_or_path=str(Path(model).expanduser()))
-    # Recorded in the manifest, so that a replay loads the same configs.
-    pipeline.freefuse_base_model = str(local_config.resolve()) if local_config.is_dir() else config
+    pipeline.register_to_config(_name_or_path=str(path))
+    # Recorded in the manifest (the file's hash, and the base when one was used), so a replay loads the same.
+    pipeline.freefuse_single_file = str(path)
+    pipeline.freefuse_base_model = config
     return pipeline
 
 

@@ -194,13 +194,10 @@ class RunSpec:
             folder = MODEL_DIR
         elif Path(self.model).expanduser().is_dir():
             folder = Path(self.model).expanduser()
-        elif (
-            is_single_file(self.model)
-            and Path(base_model_for(self.model, self.base_model)).expanduser().is_dir()
-        ):
-            folder = Path(base_model_for(self.model, self.base_model)).expanduser()
+        elif is_single_file(self.model) and _local_folder(base_model_for(self.model, self.base_model)):
+            folder = _local_folder(base_model_for(self.model, self.base_model))
         else:
-            return  # a hub id: its tokenizer is checked once it loads
+            return  # a hub id or a single file's own tokenizer: checked once it loads
         tokenizer = architecture.load_tokenizer(folder)
         if tokenizer is None:
             return
@@ -254,3 +251,11 @@ class RunSpec:
                     f"{lora.sha256[:12]}…); pass the right file with --lora."
                 )
         return freefuse
+
+
+def _local_folder(source: str | None) -> Path | None:
+    """`source` as a local folder, or None (unset, or a hub id)."""
+    if not source:
+        return None
+    path = Path(source).expanduser()
+    return path if path.is_dir() else None

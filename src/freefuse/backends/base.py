@@ -206,7 +206,13 @@ class Backend(abc.ABC):
         return getattr(diffusers, cls.pipeline_classes[0])
 
     @classmethod
-    def load_single_file(cls, path: Path, keys: Sequence[str], config: str, **options):
+    def default_single_file_base(cls, keys: Sequence[str]) -> str | None:
+        """Where a single file's configs come from when the caller names none (a hub id), or None to
+        let diffusers tell the model type from the file."""
+        return None
+
+    @classmethod
+    def load_single_file(cls, path: Path, keys: Sequence[str], config: str | None, **options):
         """The pipeline of a single-file checkpoint (tensor names `keys`), configs from `config` (a
         diffusers folder or hub id); `options` go to diffusers (`torch_dtype`, `local_files_only`)."""
         return cls.pipeline_class().from_single_file(str(path), config=config, **options)

@@ -137,12 +137,25 @@ class FluxBackend(Backend):
         return any(key.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for key in keys)
 
     @classmethod
-    def load_single_file(cls, path: Path, keys, config: str, **options):
+    def default_single_file_base(cls, keys) -> str | None:
+        """FLUX.1-schnell for a file without the guidance embedder, else FLUX.1-dev (the text
+        encoders and VAE of a transformer-only file come from there)."""
+        schnell = not any("guidance_in." in key for key in keys)
+        return cls.known_model_ids[1] if schnell else cls.known_model_ids[0]
+
+    @classmethod
+    def load_single_file(cls, path: Path, keys, config: str | None, **options):
         """A transformer-only file (what FLUX fine-tunes ship as): the transformer from the file, the
         text encoders, VAE and scheduler from `config`, as diffusers' docs load them. A full
         checkpoint: `FluxPipeline.from_single_file`."""
         from diffusers import FluxPipeline, FluxTransformer2DModel
 
+        if "scaled_fp8" in keys or any(key.endswith(".scale_weight") for key in keys):
+            raise ValueError(
+                "it is a 'scaled fp8' file (per-tensor scales diffusers does not apply); use a bf16/fp16 or plain "
+                "fp8 file"
+            )
+        config = config or cls.default_single_file_base(keys)
         if any(key.startswith(("vae.", "first_stage_model.", "text_encoders.")) for key in keys):
             return FluxPipeline.from_single_file(str(path), config=config, **options)
         transformer = FluxTransformer2DModel.from_single_file(

@@ -171,6 +171,22 @@ class SdxlBackend(Backend):
         )
 
     @classmethod
+    def load_single_file(cls, path: Path, keys, config: str | None, **options):
+        """`from_single_file` (configs from `config`, or the model type diffusers reads from the file),
+        then the scheduler of v-prediction files (NoobAI v-pred and the like mark themselves with
+        `v_pred` / `ztsnr` tensors, which diffusers does not read)."""
+        pipeline = cls.pipeline_class().from_single_file(str(path), config=config, **options)
+        changes = {}
+        if "v_pred" in keys:
+            changes["prediction_type"] = "v_prediction"
+        if "ztsnr" in keys:
+            changes.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+        if changes:
+            scheduler = pipeline.scheduler
+            pipeline.scheduler = type(scheduler).from_config({**scheduler.config, **changes})
+        return pipeline
+
+    @classmethod
     def check_lora_keys(cls, keys, source: str) -> None:
         from ..lora import LoraFileError, lora_family
 
@@ -285,6 +301,9 @@ class SdxlBackend(Backend):
         noise = self.pipeline.prepare_latents(
             batch, channels, height, width, dtype, self.device, generators, latents
         )
+        # Stochastic samplers (Euler ancestral, SDE DPM++) draw noise at every step: from these same
+        # generators, as diffusers does, so that a seed replays.
+        self._step_options = self.pipeline.prepare_extra_step_kwargs(generators, 0.0)
         projection = self.pipeline.text_encoder_2.config.projection_dim
         time_ids = self.pipeline._get_add_time_ids(
             (height, width), (0, 0), (height, width), dtype=dtype, text_encoder_projection_dim=projection
@@ -298,15 +317,22 @@ class SdxlBackend(Backend):
         from diffusers.pipelines.stable_diffusion_xl.pipeline_stable_diffusion_xl import retrieve_timesteps
 
         scheduler = self.pipeline.scheduler
+        name = type(scheduler).__name__
+        supported = "use Euler, Euler ancestral, DPM++ 2M / SDE, UniPC or DEIS (diffusers' SDXL schedulers)"
+        if name.startswith("EDM"):
+            raise ValueError(
+                f"{name} preconditions the model input differently (Playground v2.5); {supported}."
+            )
         timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, self.device)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
         sigmas = getattr(scheduler, "sigmas", None)
-        if sigmas is None or len(sigmas) != len(timesteps) + 1:
+        if len(timesteps) != num_inference_steps:
             raise ValueError(
-                f"{type(scheduler).__name__} has no per-step sigmas; FreeFuse on SDXL needs a sigma scheduler "
-                "(Euler, Euler ancestral, DPM++, as SDXL ships with)."
+                f"{name} takes {len(timesteps)} model calls for {num_inference_steps} steps; {supported}."
             )
+        if sigmas is None or len(sigmas) != len(timesteps) + 1:
+            raise ValueError(f"{name} has no per-step sigmas; {supported}.")
         return timesteps, sigmas
 
     def predict(
@@ -327,16 +353,26 @@ class SdxlBackend(Backend):
         )[0]
 
     def step(self, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        return self.pipeline.scheduler.step(prediction, timestep, latents, return_dict=False)[0]
+        options = getattr(self, "_step_options", {})
+        return self.pipeline.scheduler.step(prediction, timestep, latents, **options, return_dict=False)[0]
 
     def predict_x0(self, latents: torch.Tensor, prediction: torch.Tensor, sigma: float) -> torch.Tensor:
-        """Karras-style sigmas, x_t = x0 + σ ε: x0 = x_t - σ ε (epsilon), or from v (v-prediction)."""
-        kind = self.pipeline.scheduler.config.get("prediction_type", "epsilon")
+        """x0 from the model output at noise level σ (the scheduler's Karras-style sigma).
+
+        Euler-type schedulers keep latents x = x0 + σ ε (their first noise is scaled by σ_max);
+        DPM-Solver-type ones keep x / √(σ² + 1). With x in the first form: x0 = x - σ ε
+        (epsilon models), or x / (σ² + 1) - v σ / √(σ² + 1) (v-prediction).
+        """
+        scheduler = self.pipeline.scheduler
+        kind = scheduler.config.get("prediction_type", "epsilon")
         sigma = float(sigma)
+        scale = (sigma**2 + 1) ** 0.5
+        if float(getattr(scheduler, "init_noise_sigma", 1.0)) <= 1.0:
+            latents = latents * scale  # variance-preserving latents, as the first form
         if kind == "epsilon":
             return latents - sigma * prediction
         if kind == "v_prediction":
-            return latents / (sigma**2 + 1) - prediction * sigma / (sigma**2 + 1) ** 0.5
+            return latents / scale**2 - prediction * sigma / scale
         raise ValueError(
             f"SDXL prediction type {kind!r} is not supported; use an epsilon or v-prediction model."
         )
