@@ -901,6 +901,24 @@ def test_fuzz_job_file_fields(tmp_path, fields, lora) -> None:
         load_jobs(path)
 
 
+def test_lora_paths_the_system_cannot_name_are_refused_cleanly(tmp_path) -> None:
+    """Found by the fuzz test above: a path that is not text, or a name longer than the file system
+    allows (its `stat` raises ENAMETOOLONG), is a clear error, not an OSError."""
+    from freefuse.batch import JobFileError, load_jobs
+    from freefuse.lora import check_lora_path
+
+    path = tmp_path / "jobs.jsonl"
+    path.write_text(json.dumps({"model": "tiny", "prompt": "Alice", "loras": [{"path": {"a": 1}}]}) + "\n")
+    with pytest.raises(JobFileError, match="a `path`"):
+        load_jobs(path)
+    long_name = "x" * 300 + ".safetensors"
+    path.write_text(json.dumps({"model": "tiny", "prompt": "{A}", "loras": [{"path": long_name}]}) + "\n")
+    with contextlib.suppress(JobFileError, LoraFileError):
+        load_jobs(path)
+    with pytest.raises(LoraFileError, match="cannot be a file here"):
+        check_lora_path(tmp_path / long_name)
+
+
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(index=JSON_VALUES, png=st.binary(max_size=200), valid_png=st.booleans())
 def test_fuzz_mask_files(tmp_path, index, png, valid_png) -> None:

@@ -128,10 +128,13 @@ def _first_word(lora: LoraSpec) -> str:
     from .lora import LoraFileError, header_metadata, read_header, trigger_words_from_metadata
 
     path = Path(lora.path)
-    if path.exists() and not path.is_file() and not path.is_dir():
-        raise LoraFileError(f"LoRA path {path} is not a regular file; pass the .safetensors file itself.")
-    if not path.is_file():
-        return ""  # missing or a folder: the file's own check says what is wrong
+    try:
+        if path.exists() and not path.is_file() and not path.is_dir():
+            raise LoraFileError(f"LoRA path {path} is not a regular file; pass the .safetensors file itself.")
+        if not path.is_file():
+            return ""  # missing or a folder: the file's own check says what is wrong
+    except OSError:
+        return ""  # a name the system refuses (too long, ...): the file's own check says so
     try:
         metadata = header_metadata(read_header(Path(lora.path)))
     except (OSError, LoraFileError):
@@ -153,9 +156,9 @@ def job_from_dict(entry: dict, base: Path, where: str) -> Job:
         raise JobFileError(f"{where}: every job needs `model` and `prompt`.")
     raw_loras = entry.get("loras") or []
     if not isinstance(raw_loras, list) or not all(
-        isinstance(lora, dict) and "path" in lora for lora in raw_loras
+        isinstance(lora, dict) and isinstance(lora.get("path"), str) for lora in raw_loras
     ):
-        raise JobFileError(f"{where}: `loras` must be a list of objects with a `path`.")
+        raise JobFileError(f"{where}: `loras` must be a list of objects with a `path` (a file name).")
     try:
         loras = [
             LoraSpec.parse({**lora, "path": _resolve(str(lora["path"]), base)}, f"{where}, LoRA {index + 1}")
@@ -170,7 +173,9 @@ def job_from_dict(entry: dict, base: Path, where: str) -> Job:
         )
     settings = {k: v for k, v in entry.items() if k not in JOB_KEYS}
     settings["prompt"] = _fill(str(settings["prompt"]), words, where)
-    model = str(entry["model"])
+    if not isinstance(entry["model"], str) or not entry["model"]:
+        raise JobFileError(f"{where}: `model` must be a text: a model folder, a Hugging Face id or 'tiny'.")
+    model = entry["model"]
     if model not in BUILT_IN and not is_hub_id(model):
         model = _resolve(model, base)
     try:

@@ -67,7 +67,13 @@ def check_lora_path(path: str | Path, architecture: type[Backend] | None = None)
     """Cheap checks on a LoRA path before any model loads: exists, a file, not pickle, a sane header,
     and (given the model's backend class) tensor names of that architecture."""
     path = Path(path).expanduser()
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except OSError as error:  # e.g. a name longer than the file system allows
+        raise LoraFileError(
+            f"LoRA path {str(path)[:200]!r} cannot be a file here: {error.strerror}."
+        ) from None
+    if not exists:
         raise LoraFileError(f"LoRA file {path} does not exist.")
     if path.is_dir():
         raise LoraFileError(f"LoRA path {path} is a directory; pass the .safetensors file inside it.")

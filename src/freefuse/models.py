@@ -179,7 +179,12 @@ def architecture_of(model: str) -> type[Backend] | None:
 
 def is_hub_id(model: str) -> bool:
     """`owner/name` that is not a local path."""
-    return not Path(model).expanduser().exists() and bool(_HUB_ID.match(model))
+    if not _HUB_ID.match(model):
+        return False
+    try:
+        return not Path(model).expanduser().exists()
+    except OSError:  # a name the file system refuses is no local path
+        return True
 
 
 def check_model_source(model: str) -> None:
