@@ -710,6 +710,39 @@ def demo(
     console.print(escape(f"replay it: freefuse generate --manifest {files['manifest']} --out OTHER_FOLDER"))
 
 
+@app.command()
+@command
+def ui(
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", help="Model the page starts with: 'tiny', a folder or a Hugging Face id."
+        ),
+    ] = "tiny",
+    host: Annotated[
+        str,
+        typer.Option("--host", help="Address to bind (127.0.0.1: this machine only; 0.0.0.0: the network)."),
+    ] = "127.0.0.1",
+    port: Annotated[
+        int | None, typer.Option("--port", help="Port (default: the first free one from 7860).")
+    ] = None,
+    root: Annotated[
+        Path | None,
+        typer.Option("--root", help="Folder for the sessions' files (default: a temporary folder)."),
+    ] = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """A web page: add LoRAs, find and paint masks, generate beside merge, download and replay runs."""
+    try:
+        from .ui import build_app, launch
+    except ImportError as error:
+        raise UserError(f"freefuse ui needs Gradio: pip install 'freefuse[ui]' ({error}).") from None
+    app_ = build_app(model=model, root=root, device=device, dtype=dtype)
+    console.print(escape(f"FreeFuse UI: sessions under {app_.freefuse_root}; Ctrl-C stops it."))
+    launch(app_, host=host, port=port)
+
+
 eval_app = typer.Typer(help="Measure subject bleeding offline.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 

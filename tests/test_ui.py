@@ -1,0 +1,213 @@
+"""`freefuse ui` in a real headless Chromium: add two LoRA files, find masks, paint one, generate,
+download the run, and replay the downloaded manifest to the same image bytes.
+
+Needs Gradio and Playwright (the dev extras) and a Chromium on the machine (Debian's `chromium`;
+nothing is downloaded at run time). Without them the tests skip and say why. Screenshots of each
+step go to $FREEFUSE_UI_SCREENSHOTS (default: the test's temporary folder).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import warnings
+import zipfile
+from pathlib import Path
+
+import pytest
+
+gradio = pytest.importorskip("gradio", reason="Gradio is not installed (pip install 'freefuse[ui]')")
+playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (dev extras)")
+
+CHROMIUM = os.environ.get("FREEFUSE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no Chromium on this machine (Debian: apt-get install chromium; or set FREEFUSE_CHROMIUM)",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The app on the tiny model, on a free localhost port, and two LoRA files with trigger words."""
+    from freefuse.testing import random_lora, tiny_flux_pipeline
+    from freefuse.ui import build_app, launch
+
+    folder = tmp_path_factory.mktemp("ui")
+    pipe = tiny_flux_pipeline(seed=0)
+    for seed, (name, word) in enumerate((("alice", "Alice"), ("bob", "Bob")), start=1):
+        random_lora(
+            pipe,
+            name,
+            seed=seed,
+            path=folder / f"{name}.safetensors",
+            metadata={"modelspec.trigger_phrase": word},
+        )
+    app = build_app(model="tiny", root=folder / "sessions")
+    port = free_port()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        launch(app, port=port, block=False)
+    yield {"url": f"http://127.0.0.1:{port}/", "folder": folder, "app": app}
+    app.close()
+
+
+@pytest.fixture
+def page(server):
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1900}, accept_downloads=True)
+            page.goto(server["url"])
+            page.wait_for_selector("#lora-file-0")
+            yield page
+        finally:
+            browser.close()
+
+
+def text_of(page, selector: str) -> str:
+    return page.locator(selector).first.input_value()
+
+
+def toasts(page) -> list[str]:
+    return page.evaluate("Array.from(document.querySelectorAll('.toast-body')).map(e => e.innerText)")
+
+
+def test_add_loras_find_masks_paint_generate_download_and_replay(server, page, tmp_path, monkeypatch) -> None:
+    shots = Path(os.environ.get("FREEFUSE_UI_SCREENSHOTS") or tmp_path / "screenshots")
+    shots.mkdir(parents=True, exist_ok=True)
+    folder = server["folder"]
+
+    # 1. Two LoRAs, one uploaded and one by its path: their trigger words come from the files' metadata.
+    page.locator("#lora-file-0 input[type=file]").set_input_files(str(folder / "alice.safetensors"))
+    page.locator("#lora-path-1 textarea, #lora-path-1 input").first.fill(str(folder / "bob.safetensors"))
+    page.wait_for_function(
+        "document.querySelector('#lora-words-1 textarea, #lora-words-1 input').value === 'Bob'"
+    )
+    assert text_of(page, "#lora-words-0 textarea, #lora-words-0 input") == "Alice"
+    page.wait_for_function("document.querySelector('#warnings').innerText.includes('Ready')")
+    page.screenshot(path=str(shots / "1-loras.png"), full_page=True)
+
+    # 2. Find masks (stage 1 alone): one mask per subject, shown over the preview.
+    page.click("#find-masks")
+    page.wait_for_function(
+        "document.querySelector('#mask-summary').innerText.includes('Masks:')", timeout=60_000
+    )
+    found = page.inner_text("#mask-summary")
+    assert "alice" in found and "bob" in found
+    page.screenshot(path=str(shots / "2-masks.png"), full_page=True)
+
+    # 3. Paint on alice's mask with the white brush, and apply: her share of the picture grows.
+    page.wait_for_timeout(1000)  # the editor draws its canvas
+    page.locator("#mask-editor").scroll_into_view_if_needed()  # the mouse paints in the viewport
+    box = page.locator("#mask-editor canvas").first.bounding_box()
+    page.locator("#mask-editor button[aria-label='Brush']").click()
+    x, y = box["x"] + box["width"] * 0.3, box["y"] + box["height"] * 0.3
+    page.mouse.move(x, y)
+    page.mouse.down()
+    for step in range(25):
+        page.mouse.move(x + step * 10, y + step * 5)
+    page.mouse.up()
+    page.wait_for_timeout(300)
+    page.screenshot(path=str(shots / "3-painted.png"), full_page=True)
+    page.click("#apply-edit")
+    page.wait_for_function("document.querySelector('#mask-summary').innerText.includes('edited')")
+    edited = page.inner_text("#mask-summary")
+
+    def share(text: str, name: str) -> float:
+        return float(text.split(f"{name} ")[1].split("%")[0])
+
+    assert share(edited, "alice") > share(found, "alice")
+
+    # 4. Generate: FreeFuse with the painted masks beside merge, and the run in the list.
+    page.click("#generate")
+    page.wait_for_function(
+        "document.querySelector('#run-choice input') && document.querySelector('#run-choice input').value === 'run 1'",
+        timeout=120_000,
+    )
+    assert not toasts(page)
+    page.screenshot(path=str(shots / "4-generated.png"), full_page=True)
+
+    # 5. Download the manifest, the image and the run (zip), and replay the downloaded manifest elsewhere.
+    downloads = {}
+    for name in ("freefuse.json", "freefuse.png", "freefuse-run-1.zip"):
+        with page.expect_download() as download:
+            page.locator(f"#manifest a[href$='{name}']").first.click()
+        downloads[name] = tmp_path / "downloads" / name
+        download.value.save_as(str(downloads[name]))
+    manifest = json.loads(downloads["freefuse.json"].read_text())
+    assert manifest["settings"]["method"] == "masks" and manifest["masks"]
+    elsewhere = tmp_path / "elsewhere"
+    with zipfile.ZipFile(downloads["freefuse-run-1.zip"]) as archive:
+        archive.extractall(elsewhere)
+    shutil.copyfile(downloads["freefuse.json"], elsewhere / "freefuse.json")  # the manifest as downloaded
+    from typer.testing import CliRunner
+
+    from freefuse.cli import app as cli
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(
+        cli, ["generate", "--manifest", str(elsewhere / "freefuse.json"), "--out", "replayed"]
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "replayed" / "freefuse.png").read_bytes() == downloads["freefuse.png"].read_bytes()
+
+    # 6. Replay in the page too.
+    page.click("#replay")
+    page.wait_for_function(
+        "document.querySelector('#replay-status').innerText.includes('Replayed')", timeout=120_000
+    )
+    assert "byte for byte" in page.inner_text("#replay-status")
+    page.screenshot(path=str(shots / "5-replayed.png"), full_page=True)
+
+
+def test_mistakes_are_messages_in_the_page_not_stack_traces(server, page) -> None:
+    page.click("#generate")
+    page.wait_for_function("document.querySelectorAll('.toast-body').length > 0")
+    message = " ".join(toasts(page))
+    assert "No LoRA" in message and "Traceback" not in page.inner_text("body")
+    page.locator("#lora-file-0 input[type=file]").set_input_files(str(server["folder"] / "alice.safetensors"))
+    page.locator("#prompt textarea").fill("Bob in the snow")  # alice's word is not in the prompt
+    page.wait_for_function("document.querySelector('#warnings').innerText.includes('⚠')")
+    assert "Alice" in page.inner_text("#warnings")
+
+
+def test_sessions_are_apart_and_the_server_is_local(server) -> None:
+    from freefuse.ui import Session
+
+    first, second = Session.new(server["folder"] / "apart"), Session.new(server["folder"] / "apart")
+    assert first.folder != second.folder and len(first.folder.name) == 32
+    assert server["app"].server_name == "127.0.0.1"
+
+
+def test_cancel_stops_a_run_and_leaves_no_half_written_run(server, page) -> None:
+    page.locator("#lora-file-0 input[type=file]").set_input_files(str(server["folder"] / "alice.safetensors"))
+    page.wait_for_function(
+        "document.querySelector('#lora-words-0 textarea, #lora-words-0 input').value === 'Alice'"
+    )
+    # 1000 steps at 512²: minutes, unless Cancel really stops the run (the next one waits for it).
+    page.locator("#steps input").fill("1000")
+    page.locator("#width input").fill("512")
+    page.locator("#height input").fill("512")
+    page.locator("#prompt textarea").fill("Alice in the snow")
+    page.click("#generate")
+    page.wait_for_timeout(2500)  # running
+    page.click("#cancel")
+    # The server is free again at once: the next run starts and finishes.
+    page.locator("#steps input").fill("4")
+    page.locator("#width input").fill("128")
+    page.locator("#height input").fill("128")
+    page.click("#find-masks")
+    page.wait_for_function(
+        "document.querySelector('#mask-summary').innerText.includes('Masks:')", timeout=30_000
+    )
+    # No run folder holds an image without its manifest (outputs are written as one unit).
+    for run in (server["folder"] / "sessions").glob("*/run-*"):
+        assert (run / "freefuse.json").exists() or not (run / "freefuse.png").exists(), run
