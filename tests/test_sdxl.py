@@ -509,3 +509,32 @@ def test_single_file_markers_and_defaults(pipe, tmp_path) -> None:
     assert scheduler.config.prediction_type == "v_prediction"
     assert scheduler.config.rescale_betas_zero_snr and scheduler.config.timestep_spacing == "trailing"
     assert float(scheduler.alphas_cumprod[-1]) < 1e-6  # the betas were recomputed, not just relabelled
+
+
+def test_a_batch_job_runs_a_single_file_checkpoint_with_its_base_model(pipe, tmp_path) -> None:
+    """Job files take `base_model` beside `model` (relative paths from the job file)."""
+    from freefuse.batch import load_jobs, run_batch
+
+    (tmp_path / "models").mkdir()
+    pipe.save_pretrained(tmp_path / "models" / "base")
+    save_file(sdxl_single_file_state_dict(pipe), str(tmp_path / "models" / "model.safetensors"))
+    random_lora(pipe, "alice", seed=1, path=tmp_path / "alice.safetensors")
+    job = {
+        "model": "models/model.safetensors",
+        "base_model": "models/base",
+        "prompt": "{A} in the snow",
+        "loras": [{"path": "alice.safetensors", "words": ["Alice"]}],
+        "steps": 2,
+        "size": "128",
+    }
+    (tmp_path / "jobs.jsonl").write_text(json.dumps(job) + "\n")
+    jobs = load_jobs(tmp_path / "jobs.jsonl")
+    assert jobs[0].base_model == str(tmp_path / "models" / "base")
+    report = run_batch(jobs, tmp_path / "out")
+    manifests = list((tmp_path / "out").rglob("*.json"))
+    records = [json.loads(path.read_text()) for path in manifests]
+    assert report.model_loads == 1
+    assert any(
+        record.get("model", {}).get("base_model") == str((tmp_path / "models" / "base").resolve())
+        for record in records
+    )

@@ -34,7 +34,7 @@ from .spec import LoraSpec, RunSpec
 
 INDEX_GLOB = "index.p*.jsonl"
 MAX_JOB_FILE_BYTES = 64 << 20
-JOB_KEYS = {"model", "loras", "masks", "id"}
+JOB_KEYS = {"model", "base_model", "loras", "masks", "id"}
 
 
 class JobFileError(ValueError):
@@ -66,12 +66,15 @@ class Job(RunSpec):
             entry["path"] = relative(lora.path)
             entry["sha256"] = cached_sha256(Path(lora.path)) if Path(lora.path).is_file() else None
             loras.append(entry)
-        return {
+        record = {
             "model": relative(self.model),
             "loras": loras,
             "settings": self.settings.to_dict(),
             "masks": None if self.masks is None else relative(self.masks),
         }
+        if self.base_model is not None:  # only when set: the ids of other jobs stay as they were
+            record["base_model"] = relative(self.base_model)
+        return record
 
     def check(self) -> None:
         """Everything that needs no weights; errors name the job's line."""
@@ -143,6 +146,17 @@ def _first_word(lora: LoraSpec) -> str:
     return words[0] if words else ""
 
 
+def _folder_or_hub_id(value: str, base: Path) -> str:
+    """A path relative to the job file when it names something there; else a Hugging Face id when it
+    looks like one (`owner/name`); else a path relative to the job file (its check says it is missing)."""
+    try:
+        if (base / Path(value).expanduser()).exists():
+            return _resolve(value, base)
+    except OSError:
+        pass
+    return value if is_hub_id(value) else _resolve(value, base)
+
+
 def _resolve(path: str, base: Path) -> str:
     candidate = Path(path).expanduser()
     return str(candidate if candidate.is_absolute() else base / candidate)
@@ -175,12 +189,17 @@ def job_from_dict(entry: dict, base: Path, where: str) -> Job:
     settings["prompt"] = _fill(str(settings["prompt"]), words, where)
     if not isinstance(entry["model"], str) or not entry["model"]:
         raise JobFileError(f"{where}: `model` must be a text: a model folder, a Hugging Face id or 'tiny'.")
-    model = entry["model"]
-    if model not in BUILT_IN and not is_hub_id(model):
-        model = _resolve(model, base)
+    model = entry["model"] if entry["model"] in BUILT_IN else _folder_or_hub_id(entry["model"], base)
+    base_model = entry.get("base_model")
+    if base_model is not None:
+        if not isinstance(base_model, str) or not base_model:
+            raise JobFileError(
+                f"{where}: `base_model` must be a text: a diffusers folder or a Hugging Face id."
+            )
+        base_model = _folder_or_hub_id(base_model, base)
     try:
         generation = GenerationSettings.from_dict(settings)
-        multiple = pixels_per_token(model)
+        multiple = pixels_per_token(model, base_model)
         if multiple is not None:
             generation.check_size(multiple)
     except ValueError as error:
@@ -188,7 +207,15 @@ def job_from_dict(entry: dict, base: Path, where: str) -> Job:
     if len(generation.image_prompts) != 1:
         raise JobFileError(f"{where}: a job makes one image; put each prompt or image on its own line.")
     masks = _resolve(str(entry["masks"]), base) if entry.get("masks") else None
-    return Job(model=model, loras=loras, settings=generation, masks=masks, source=where, base=base)
+    return Job(
+        model=model,
+        loras=loras,
+        settings=generation,
+        masks=masks,
+        source=where,
+        base=base,
+        base_model=base_model,
+    )
 
 
 MAX_STRUCTURE_ITEMS = 1_000_000
@@ -422,7 +449,7 @@ class Session:
     device: str | None = None
     dtype: str | None = None
     offload: bool = False
-    model: str | None = None
+    model: tuple[str, str | None] | None = None  # (model, base model) loaded now
     pipeline: object = None
     # (LoRA file sha256, name the job gives it) -> the Subject it was first loaded as. A file given
     # under two names is loaded twice, so that each job's masks carry the names it asked for.
@@ -436,12 +463,12 @@ class Session:
         from .models import load_pipeline
         from .pipeline import FreeFuse
 
-        if job.model != self.model:
+        if (job.model, job.base_model) != self.model:
             self.pipeline = None  # free the previous model first
             self.pipeline = load_pipeline(
-                job.model, device=self.device, dtype=self.dtype, offload=self.offload
+                job.model, device=self.device, dtype=self.dtype, offload=self.offload, base=job.base_model
             )
-            self.model, self.loaded, self.loads = job.model, {}, self.loads + 1
+            self.model, self.loaded, self.loads = (job.model, job.base_model), {}, self.loads + 1
         freefuse = FreeFuse(self.pipeline)
         for lora in job.loras:
             sha = cached_sha256(check_lora_path(lora.path))
