@@ -177,6 +177,13 @@ def test_mistakes_are_messages_in_the_page_not_stack_traces(server, page) -> Non
     page.locator("#prompt textarea").fill("Bob in the snow")  # alice's word is not in the prompt
     page.wait_for_function("document.querySelector('#warnings').innerText.includes('⚠')")
     assert "Alice" in page.inner_text("#warnings")
+    # A path to a file that is no LoRA is refused, and nothing of it lands where the page serves files.
+    secret = server["folder"] / "secret.txt"
+    secret.write_text("not a LoRA")
+    page.locator("#lora-path-1 textarea, #lora-path-1 input").first.fill(str(secret))
+    page.wait_for_function("document.querySelector('#warnings').innerText.includes('secret.txt')")
+    served = [path.read_bytes() for path in (server["folder"] / "sessions").rglob("*") if path.is_file()]
+    assert b"not a LoRA" not in served
 
 
 def test_sessions_are_apart_and_the_server_is_local(server) -> None:

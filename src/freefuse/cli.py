@@ -738,7 +738,9 @@ def ui(
         from .ui import build_app, launch
     except ImportError as error:
         raise UserError(f"freefuse ui needs Gradio: pip install 'freefuse[ui]' ({error}).") from None
-    app_ = build_app(model=model, root=root, device=device, dtype=dtype)
+    # Paths on this machine only for a page this machine alone can reach.
+    local = host in ("127.0.0.1", "localhost", "::1")
+    app_ = build_app(model=model, root=root, device=device, dtype=dtype, local_paths=local)
     console.print(escape(f"FreeFuse UI: sessions under {app_.freefuse_root}; Ctrl-C stops it."))
     launch(app_, host=host, port=port)
 

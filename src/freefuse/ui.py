@@ -66,7 +66,7 @@ class Models:
 
         key = (spec.model, spec.base_model)
         if self.name != key:
-            self.pipeline = None  # free the previous model first
+            self.name, self.pipeline = None, None  # free the previous model first; a failed load leaves none
             self.pipeline = load_pipeline(
                 spec.model, device=self.device, dtype=self.dtype, base=spec.base_model
             )
@@ -100,9 +100,13 @@ def build_spec(
 ):
     """A `RunSpec` from the page's fields. The LoRA files are linked (or copied) into `folder/loras`,
     so that a run's folder holds everything its manifest names and replays from anywhere."""
-    from .settings import GenerationSettings
+    from .lora import check_lora_path
+    from .settings import GenerationSettings, SettingsError
     from .spec import LoraSpec, RunSpec
 
+    for key, label in (("seed", "Seed"), ("steps", "Steps"), ("width", "Width"), ("height", "Height")):
+        if form.get(key) in (None, ""):
+            raise SettingsError(f"{label} is empty; enter a number.")
     specs = []
     taken: set[str] = set()
     for index, (path, words, weight, scope) in enumerate(loras):
@@ -110,13 +114,16 @@ def build_spec(
             continue
         source = Path(path)
         name = _adapter_name(source.stem, index, taken)
+        # A typed path may name any file: it must be a LoRA (a regular safetensors file with a sane
+        # header) before anything is linked where the page serves files from.
+        check_lora_path(source)
         kept = folder / "loras" / f"{name}.safetensors"
-        if not kept.exists():
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(source, kept)  # no second copy of a large file where the disk allows
-            except OSError:
-                shutil.copyfile(source, kept)
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        kept.unlink(missing_ok=True)  # a new file under an old name must not find the old weights
+        try:
+            os.link(source, kept)  # no second copy of a large file where the disk allows
+        except OSError:
+            shutil.copyfile(source, kept)
         specs.append(
             LoraSpec(
                 path=str(kept),
@@ -204,9 +211,17 @@ def summary(masks) -> str:
 
 
 def build_app(
-    model: str = "tiny", root: Path | None = None, device: str | None = None, dtype: str | None = None
+    model: str = "tiny",
+    root: Path | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    local_paths: bool = True,
 ):
-    """The Gradio app; `root` holds one folder per browser session (default: a temporary folder)."""
+    """The Gradio app; `root` holds one folder per browser session (default: a temporary folder).
+
+    `local_paths`: offer a box for a LoRA's path on the server's machine (the CLI turns it off when
+    the page is served beyond this machine: anyone reaching it could point at the server's files).
+    """
     import gradio as gr
 
     root = Path(root or tempfile.mkdtemp(prefix="freefuse-ui-"))
@@ -220,6 +235,10 @@ def build_app(
                 return function(*args, **kwargs)
             except gr.Error:
                 raise
+            except RunCancelled:
+                raise gr.Error(
+                    "Cancelled: the run stopped between two steps; nothing of it was kept."
+                ) from None
             except Exception as error:
                 raise gr.Error(user_error(error), print_exception=False) from None
 
@@ -243,7 +262,10 @@ def build_app(
                             elem_id=f"lora-file-{index}",
                         )
                         path = gr.Textbox(
-                            label="or its path on this machine", elem_id=f"lora-path-{index}", max_lines=1
+                            label="or its path on this machine",
+                            elem_id=f"lora-path-{index}",
+                            max_lines=1,
+                            visible=local_paths,
                         )
                     words = gr.Textbox(label="Trigger words (comma-separated)", elem_id=f"lora-words-{index}")
                     weight = gr.Number(1.0, label="Weight", elem_id=f"lora-weight-{index}")
@@ -314,7 +336,7 @@ def build_app(
             # (file or path, words, weight, scope) per slot; an uploaded file wins over a typed path.
             rows = [values[i : i + 5] for i in range(0, 5 * MAX_LORAS, 5)]
             loras = [
-                (file or (path or "").strip() or None, words, weight, scope)
+                (file or ((path or "").strip() if local_paths else "") or None, words, weight, scope)
                 for file, path, words, weight, scope in rows
             ]
             rest = values[5 * MAX_LORAS :]
@@ -350,8 +372,7 @@ def build_app(
             total = (
                 spec.settings.resolved_mask_step if stop_after_masks else spec.settings.num_inference_steps
             )
-            cancel = state.cancel if state is not None else threading.Event()
-            cancel.clear()
+            cancel = state.cancel if state is not None else threading.Event()  # a new one per action
 
             def advance(pipeline, step, timestep, tensors):
                 if cancel.is_set():
@@ -396,9 +417,12 @@ def build_app(
         @fails_as_message
         def find_masks(state, model_name, *values, progress=gr.Progress(track_tqdm=True)):
             state = ensure(state)
+            state.cancel = threading.Event()
             loras, form = unpack(values)
             spec = build_spec(state.folder / "masks", model_name, loras, form, "freefuse")
             output = run_spec(spec, state, progress, stop_after_masks=True)
+            if output.masks[0] is None:
+                raise gr.Error("No subject LoRA: masks are made for LoRAs that act as a subject.")
             state.masks, state.preview, state.edited = output.masks[0], output.images[0], False
             names = state.masks.names
             overlay_image = state.masks.overlay(state.preview)
@@ -433,8 +457,12 @@ def build_app(
 
             state = ensure(state)
             loras, form = unpack(values)
+            state.cancel = threading.Event()
             number = len(state.runs) + 1
+            while (state.folder / f"run-{number}").exists():  # a failed or cancelled attempt keeps its number
+                number += 1
             folder = state.folder / f"run-{number}"
+            folder.mkdir(parents=True)
             masks_path = None
             if state.edited and state.masks is not None:
                 masks_path = folder / "masks.safetensors"
@@ -473,6 +501,7 @@ def build_app(
 
             if state is None or not state.runs:
                 raise gr.Error("No run to replay yet: generate first.")
+            state.cancel = threading.Event()
             run = next((r for r in state.runs if r["id"] == run_id), state.runs[-1])
             spec = replay_spec(run["manifest"])
             output = run_spec(spec, state)
@@ -510,14 +539,16 @@ def build_app(
                 run_notes,
             ],
         )
+        replay_event = replay_button.click(replay, inputs=[session, run_choice], outputs=replay_status)
         stop.click(
             lambda state: state.cancel.set() if state is not None else None,
             inputs=session,
             outputs=None,
             queue=False,
-            cancels=[find_event, generate_event],
+            cancels=[find_event, generate_event, replay_event],
         )
-        replay_button.click(replay, inputs=[session, run_choice], outputs=replay_status)
+        # A session (its folder) from the page's first load, so Cancel has one to stop from the start.
+        app.load(lambda state: ensure(state), inputs=session, outputs=session)
         for component in [model_box, *lora_inputs, *form_inputs]:
             # Outside the queue (no weights load), and only the last of a burst of keystrokes.
             component.change(
