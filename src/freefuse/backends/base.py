@@ -442,3 +442,21 @@ def latent_preview(latents: torch.Tensor) -> np.ndarray:
         high = rgb.reshape(3, -1).quantile(0.99, dim=1)[:, None, None]
         previews.append(((rgb - low) / (high - low).clamp_min(1e-6)).clamp(0, 1).permute(1, 2, 0))
     return torch.stack(previews).cpu().numpy()
+
+
+def keep_output(store: dict, key: str):
+    """A forward hook that keeps its module's output (detached) in `store[key]` (attention taps)."""
+
+    def hook(module, inputs, output):
+        store[key] = output.detach()
+
+    return hook
+
+
+def keep_first_input(store: dict, key: str):
+    """A forward pre-hook that keeps its module's first input (detached) in `store[key]`."""
+
+    def hook(module, args):
+        store[key] = args[0].detach()
+
+    return hook

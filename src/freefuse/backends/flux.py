@@ -27,6 +27,8 @@ from .base import (
     Conditioning,
     Latents,
     TokenLayout,
+    keep_first_input,
+    keep_output,
     latent_preview,
 )
 
@@ -346,18 +348,6 @@ class FluxBackend(Backend):
         tap = FluxAttentionTap(blocks)
         handles = []
 
-        def keep(store: dict, name: str):
-            def hook(module, inputs, output):
-                store[name] = output.detach()
-
-            return hook
-
-        def keep_input(store: dict, name: str):
-            def hook(module, args):
-                store[name] = args[0].detach()
-
-            return hook
-
         def keep_rope(store: dict):
             def hook(module, args, kwargs):
                 store["rope"] = kwargs.get("image_rotary_emb")
@@ -369,11 +359,11 @@ class FluxBackend(Backend):
                 attn = self.denoiser.transformer_blocks[index].attn
                 store = tap.store[index]
                 handles += [
-                    attn.norm_q.register_forward_hook(keep(store, "q_img")),
-                    attn.norm_k.register_forward_hook(keep(store, "k_img")),
-                    attn.norm_added_q.register_forward_hook(keep(store, "q_text")),
-                    attn.norm_added_k.register_forward_hook(keep(store, "k_text")),
-                    attn.to_out[0].register_forward_pre_hook(keep_input(store, "o_img")),
+                    attn.norm_q.register_forward_hook(keep_output(store, "q_img")),
+                    attn.norm_k.register_forward_hook(keep_output(store, "k_img")),
+                    attn.norm_added_q.register_forward_hook(keep_output(store, "q_text")),
+                    attn.norm_added_k.register_forward_hook(keep_output(store, "k_text")),
+                    attn.to_out[0].register_forward_pre_hook(keep_first_input(store, "o_img")),
                     attn.register_forward_pre_hook(keep_rope(store), with_kwargs=True),
                 ]
             yield tap

@@ -35,6 +35,8 @@ from .base import (
     Conditioning,
     Latents,
     TokenLayout,
+    keep_first_input,
+    keep_output,
     latent_preview,
 )
 
@@ -416,25 +418,13 @@ class SdxlBackend(Backend):
         tap = SdxlAttentionTap(blocks, names, [module.attn2.heads for module in modules])
         handles = []
 
-        def keep(store: dict, key: str):
-            def hook(module, inputs, output):
-                store[key] = output.detach()
-
-            return hook
-
-        def keep_input(store: dict, key: str):
-            def hook(module, args):
-                store[key] = args[0].detach()
-
-            return hook
-
         try:
             for index, module in zip(blocks, modules, strict=True):
                 store = tap.store[index]
                 handles += [
-                    module.attn2.to_q.register_forward_hook(keep(store, "q_img")),
-                    module.attn2.to_k.register_forward_hook(keep(store, "k_text")),
-                    module.attn1.to_out[0].register_forward_pre_hook(keep_input(store, "o_img")),
+                    module.attn2.to_q.register_forward_hook(keep_output(store, "q_img")),
+                    module.attn2.to_k.register_forward_hook(keep_output(store, "k_text")),
+                    module.attn1.to_out[0].register_forward_pre_hook(keep_first_input(store, "o_img")),
                 ]
             yield tap
         finally:
