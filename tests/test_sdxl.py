@@ -52,6 +52,20 @@ def run(freefuse: FreeFuse, prompt: str = PROMPT, **values):
         )
 
 
+def diffusers_image(pipe, seed: int, **options) -> torch.Tensor:
+    """diffusers' own `StableDiffusionXLPipeline` call with the adapters active now: the reference."""
+    generator = torch.Generator().manual_seed(seed)
+    return pipe(
+        PROMPT,
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=3,
+        generator=generator,
+        output_type="pt",
+        **options,
+    ).images[0]
+
+
 def with_loras(pipe, count: int = 2, targets=None, scale: float = 0.5) -> FreeFuse:
     freefuse = FreeFuse(pipe)
     for index, name in enumerate(NAMES[:count]):
@@ -67,15 +81,7 @@ def test_merge_is_diffusers_load_lora_weights_and_set_adapters(pipe) -> None:
         freefuse.subjects[name].weight = weight
     ours = run(freefuse, method="merge", seed=5, guidance_scale=4.0).images[0]
     pipe.set_adapters(list(weights), adapter_weights=list(weights.values()))
-    theirs = pipe(
-        PROMPT,
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=3,
-        guidance_scale=4.0,
-        generator=torch.Generator().manual_seed(5),
-        output_type="pt",
-    ).images[0]
+    theirs = diffusers_image(pipe, seed=5, guidance_scale=4.0)
     # diffusers batches both CFG passes in one forward; FreeFuse runs them one by one.
     torch.testing.assert_close(ours, theirs, atol=2e-5, rtol=0)
     assert (ours - run(freefuse, method="merge", seed=6, guidance_scale=4.0).images[0]).abs().max() > 1e-3
@@ -85,15 +91,7 @@ def test_an_explicit_negative_prompt_is_encoded_and_an_unset_one_is_zeros(pipe) 
     freefuse = with_loras(pipe)
     unset = run(freefuse, method="merge", seed=1).images[0]
     pipe.set_adapters(["alice", "bob"])
-    theirs = pipe(
-        PROMPT,
-        negative_prompt="blurry",
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=3,
-        generator=torch.Generator().manual_seed(1),
-        output_type="pt",
-    ).images[0]
+    theirs = diffusers_image(pipe, seed=1, negative_prompt="blurry")
     given = run(freefuse, method="merge", seed=1, negative_prompt="blurry").images[0]
     torch.testing.assert_close(given, theirs, atol=2e-5, rtol=0)
     assert (given - unset).abs().max() > 1e-3
@@ -366,14 +364,7 @@ def test_a_kohya_locon_file_with_convolutions_loads_and_is_masked(pipe, tmp_path
     assert (images["locon"] - images["locon off"]).abs().max() > 1e-3
     torch.testing.assert_close(images["locon off"], images["diffusers off"], atol=1e-5, rtol=0)
     assert not getattr(pipe.unet, "peft_config", None)  # both removed: diffusers runs the bare model
-    bare = pipe(
-        PROMPT,
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=3,
-        generator=torch.Generator().manual_seed(0),
-        output_type="pt",
-    ).images[0]
+    bare = diffusers_image(pipe, seed=0)
     torch.testing.assert_close(images["locon off"], bare, atol=2e-5, rtol=0)
 
 
@@ -445,14 +436,7 @@ def test_euler_ancestral_draws_its_step_noise_from_the_images_generators(pipe) -
     torch.manual_seed(123)  # the global generator must not matter
     assert torch.equal(first, run(freefuse, method="merge", seed=4).images[0])
     pipe.set_adapters(["alice", "bob"])
-    theirs = pipe(
-        PROMPT,
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=3,
-        generator=torch.Generator().manual_seed(4),
-        output_type="pt",
-    ).images[0]
+    theirs = diffusers_image(pipe, seed=4)
     torch.testing.assert_close(first, theirs, atol=2e-5, rtol=0)
 
 

@@ -129,11 +129,12 @@ def single_file_keys(path: str | Path) -> list[str]:
         raise ModelLoadError(f"{path} is not a readable safetensors file: {error}") from None
 
 
-def single_file_architecture(path: str | Path) -> type[Backend]:
-    """The backend whose original layout a checkpoint's tensor names are in (header only, no weights)."""
+def single_file_architecture(path: str | Path, keys: list[str] | None = None) -> type[Backend]:
+    """The backend whose original layout a checkpoint's tensor names are in (header only, no weights;
+    `keys`: the names when the caller has read them already)."""
     from .backends import BACKENDS
 
-    keys = single_file_keys(path)
+    keys = single_file_keys(path) if keys is None else keys
     for backend in BACKENDS.values():
         if backend.single_file_matches(keys):
             return backend
@@ -152,7 +153,8 @@ def base_model_for(model: str, base: str | None) -> str | None:
         return None
     if base is not None:
         return base
-    return single_file_architecture(model).default_single_file_base(single_file_keys(model))
+    keys = single_file_keys(model)
+    return single_file_architecture(model, keys).default_single_file_base(keys)
 
 
 def architecture_of(model: str) -> type[Backend] | None:
@@ -339,17 +341,18 @@ def load_pipeline(
 
 
 def _load_single_file(model: str, base: str | None, torch_dtype: torch.dtype | None):
-    architecture = single_file_architecture(model)
     if base is not None and not Path(base).expanduser().is_dir() and not is_hub_id(base):
         raise ModelLoadError(f"--base-model {base} is neither a diffusers folder nor a Hugging Face id.")
-    config = base_model_for(model, base)
+    path = Path(model).expanduser()
+    keys = single_file_keys(path)  # the header once: architecture, default base, and the loader's checks
+    architecture = single_file_architecture(path, keys)
+    config = base if base is not None else architecture.default_single_file_base(keys)
     local = config is not None and Path(config).expanduser().is_dir()
     if local:
         config = str(Path(config).expanduser().resolve())
-    path = Path(model).expanduser()
     try:
         pipeline = architecture.load_single_file(
-            path, single_file_keys(path), config, torch_dtype=torch_dtype, local_files_only=offline() or local
+            path, keys, config, torch_dtype=torch_dtype, local_files_only=offline() or local
         )
     except Exception as error:
         text = str(error).strip().splitlines()[0] if str(error).strip() else ""
