@@ -491,7 +491,10 @@ class FreeFuse:
         run_adapters = adapters_for_run(
             self.pipeline, list(self.subjects), [s.weight for s in self.subjects.values()]
         )
-        with run_adapters, torch.inference_mode(), masker.installed():
+        # no_grad, not inference_mode: model CPU offload moves weights during the run, and weights
+        # re-made under inference_mode become inference tensors that PEFT can no longer switch
+        # (`requires_grad_` on them fails in `set_adapter` afterwards).
+        with run_adapters, torch.no_grad(), masker.installed():
             # 3. Encode prompts
             tick = time.perf_counter()
             conditioning = backend.encode(settings.image_prompts, settings.max_sequence_length)
