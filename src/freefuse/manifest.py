@@ -101,6 +101,11 @@ def model_record(pipeline, denoiser: torch.nn.Module) -> dict:
         record["files"] = files
         return record
     n_params = sum(p.numel() for p in denoiser.parameters())
+    if any(p.device.type == "meta" for p in denoiser.parameters()):
+        # Sequential CPU offload keeps the weights in accelerate's hooks, not in the model.
+        record["denoiser_weights_sha256"] = None
+        record["denoiser_weights_note"] = "not hashed: the weights are offloaded (sequential CPU offload)"
+        return record
     if n_params <= IN_MEMORY_HASH_LIMIT:
         import hashlib
 

@@ -151,12 +151,16 @@ class _FusedLayer:
 
 def _fusable(layer: torch.nn.Module, adapters: Sequence[str]) -> bool:
     """A plain PEFT `lora.Linear` whose adapters are plain LoRA: not merged, no DoRA or other
-    variant, no bias on B, no live dropout."""
+    variant, no bias on B, no live dropout, weights in memory (not offloaded to "meta")."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     if type(layer) is not LoraLinear or getattr(layer, "merged", False):
         return False
     for adapter in adapters:
+        if layer.lora_A[adapter].weight.device.type == "meta":
+            # Sequential CPU offload keeps weights on "meta" between forwards and brings each
+            # module's own in its pre-forward hook: concatenated copies made now would be empty.
+            return False
         if adapter in getattr(layer, "lora_variant", {}):
             return False
         dropout = layer.lora_dropout[adapter]
@@ -200,13 +204,32 @@ class LoraMasker:
         self.unmasked = list(unmasked)
         self.layout_of = layout_of
         self.op = op
+        self._forget_masks()
+
+    def _forget_masks(self) -> None:
         self._masks: dict[str, AdapterMask] | None = None
         self._cache: dict[tuple, torch.Tensor] = {}
+        # Each masks object with what was built from it (kept with the object, not keyed by id():
+        # a freed dict's id can be reused).
+        self._caches: list[tuple[dict[str, AdapterMask] | None, dict[tuple, torch.Tensor]]] = [
+            (None, self._cache)
+        ]
 
     def set_masks(self, masks: dict[str, AdapterMask] | None) -> None:
-        """Masks for the next forward passes, keyed by adapter; None lets every delta through unchanged."""
+        """Masks for the next forward passes, keyed by adapter; None lets every delta through unchanged.
+
+        Setting the same masks object again (every step of a run) keeps what was built from it, so
+        the per-layer coefficients are made once per run and pass, not once per step.
+        """
+        if masks is self._masks:
+            return
         self._masks = masks
+        for seen, cache in self._caches:
+            if seen is masks:
+                self._cache = cache
+                return
         self._cache = {}
+        self._caches.append((masks, self._cache))
 
     # -- the "peft" op: a hook on each masked adapter's lora_B -----------------------------------------
     def _mask(self, adapter: str, layout: TokenLayout, output: torch.Tensor) -> torch.Tensor | None:
@@ -270,7 +293,15 @@ class LoraMasker:
             coefficients = self._coefficients(plan, low)
             if coefficients.ndim > 1:
                 _check_shape(coefficients, low, "+".join(plan.adapters), plan.name, plan.layout)
-            scaled = (low.float() * coefficients).to(plan.up.dtype)
+            # bf16 × float32 promotes inside the one multiply kernel: no separate upcast of `low`.
+            scaled = (low * coefficients).to(plan.up.dtype)
+            if plan.up.dtype == result.dtype:
+                # The add rides in the matmul's epilogue: one pass over the full-width output, where
+                # `result + linear(...)` takes three (write the delta, read both, write the sum).
+                summed = torch.addmm(
+                    result.reshape(-1, result.shape[-1]), scaled.reshape(-1, scaled.shape[-1]), plan.up.t()
+                )
+                return summed.view(result.shape)
             return (result + torch.nn.functional.linear(scaled, plan.up)).to(result.dtype)
 
         return forward
@@ -331,7 +362,7 @@ class LoraMasker:
                     del layer.forward  # the instance attribute; the class's forward is back
                 else:
                     layer.forward = previous
-            self.set_masks(None)
+            self._forget_masks()
 
 
 class MaskingError(ValueError):
