@@ -11,7 +11,7 @@ Runs, same prompt, seed, steps and two random rank-16 LoRAs:
 - FreeFuse, PEFT op: the same with PEFT's per-adapter path and a mask hook per adapter;
 - stage 1 alone: `FreeFuse.masks` (steps up to the mask step, the capture and the masks).
 Time: the runs alternate (`--repeats` rounds after one warm-up round) and medians are compared.
-Memory: each run in its own fresh process; on CUDA the allocator's peak, on CPU the peak RSS.
+Memory: on CUDA the allocator's peak, reset before each run; on CPU the peak RSS, each run in a fresh process.
 Random weights: the numbers measure cost, not image quality.
 """
 
@@ -105,7 +105,10 @@ RUNS = {
     "FreeFuse": ("", {"method": "freefuse", "lora_op": "fused"}),
     "FreeFuse, PEFT op": ("", {"method": "freefuse", "lora_op": "peft"}),
     "stage 1 alone": ("masks", {"method": "freefuse", "lora_op": "fused"}),
+    "stage 1, latent preview": ("masks", {"method": "freefuse", "lora_op": "fused", "preview": "latent"}),
 }
+# Stage 1's own wall time (x0 preview and masks, after the capture step), per run: FreeFuse's timings.
+STAGE1_SECONDS: dict[str, list[float]] = {}
 
 
 def run_once(freefuse, preset: dict, run: str, preview: str) -> float:
@@ -124,20 +127,23 @@ def run_once(freefuse, preset: dict, run: str, preview: str) -> float:
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            call(
+            result = call(
                 PROMPT,
                 seed=0,
                 height=preset["size"],
                 width=preset["size"],
                 num_inference_steps=preset["steps"],
                 max_sequence_length=preset["text_tokens"],
-                preview=preview,
                 progress=False,
-                **settings,
+                **{"preview": preview, **settings},
             )
         if device.type == "cuda":
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        timings = result.manifest.get("timings", {})
+        if "stage1_s" in timings:
+            STAGE1_SECONDS.setdefault(run, []).append(timings["stage1_s"])
+        return seconds
     finally:
         if prepare == "lora off":
             pipe.enable_lora()
@@ -165,6 +171,21 @@ def measure_memory(preset: str, run: str, preview: str, device: str) -> int:
     return json.loads(done.stdout.strip().splitlines()[-1])["peak_bytes"]
 
 
+def profile(freefuse, preset: dict, run: str, preview: str, rows: int = 15) -> None:
+    """Where one run's time goes: the ops with the most self time (device time on CUDA)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU]
+    if freefuse.backend.device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with torch_profile(activities=activities) as profiler:
+        run_once(freefuse, preset, run, preview)
+    key = "self_cuda_time_total" if ProfilerActivity.CUDA in activities else "self_cpu_time_total"
+    print(f"\nprofile of {run!r}, sorted by {key}:")
+    print(profiler.key_averages().table(sort_by=key, row_limit=rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="mid")
@@ -174,6 +195,13 @@ def main() -> None:
     parser.add_argument("--runs", nargs="*", choices=sorted(RUNS), default=list(RUNS))
     parser.add_argument("--no-memory", action="store_true", help="time only")
     parser.add_argument("--memory-worker", choices=sorted(RUNS))
+    parser.add_argument(
+        "--profile",
+        nargs="*",
+        choices=sorted(RUNS),
+        default=[],
+        help="print torch.profiler's top ops of these runs",
+    )
     args = parser.parse_args()
     if args.memory_worker:
         print(json.dumps(memory_worker(args.preset, args.memory_worker, args.preview, args.device)))
@@ -190,18 +218,29 @@ def main() -> None:
         f"dtype={preset['dtype']} preview={args.preview} threads={torch.get_num_threads()}"
     )
     times: dict[str, list[float]] = {run: [] for run in args.runs}
+    cuda = args.device.startswith("cuda")
+    cuda_peaks: dict[str, int] = {}
     for run in times:  # warm-up round
         run_once(freefuse, preset, run, args.preview)
     for _ in range(args.repeats):
         for run in times:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             times[run].append(run_once(freefuse, preset, run, args.preview))
+            if cuda:
+                cuda_peaks[run] = max(cuda_peaks.get(run, 0), torch.cuda.max_memory_allocated())
+    for run in args.profile:
+        profile(freefuse, preset, run, args.preview)
     del freefuse
     medians = {run: statistics.median(values) for run, values in times.items()}
-    memory = (
-        {}
-        if args.no_memory
-        else {run: measure_memory(args.preset, run, args.preview, args.device) for run in times}
-    )
+    if args.no_memory:
+        memory = {}
+    elif cuda:
+        # The allocator's peak resets per run, so one process measures every run (a worker per run
+        # would rebuild the 12B model six times).
+        memory = cuda_peaks
+    else:  # peak RSS never goes down: each run in a fresh process
+        memory = {run: measure_memory(args.preset, run, args.preview, args.device) for run in times}
     base, merge = medians.get("base"), medians.get("merge, PEFT")
     print(f"| run | time (median of {args.repeats}) | × base | × merge, PEFT | peak memory | × merge, PEFT |")
     print("|---|---|---|---|---|---|")
@@ -212,6 +251,8 @@ def main() -> None:
         peak_text = f"{peak / (1 << 20):.0f} MiB" if peak else "-"
         peak_ratio = f"{peak / memory['merge, PEFT']:.3f}" if peak and memory.get("merge, PEFT") else "-"
         print(f"| {run} | {seconds:.2f} s | {over_base} | {over_merge} | {peak_text} | {peak_ratio} |")
+    for run, values in STAGE1_SECONDS.items():
+        print(f"{run}: stage 1 after the capture step (x0 preview + masks) {statistics.median(values):.3f} s")
 
 
 if __name__ == "__main__":
