@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .embeddings import EmbeddingError, bundled_embeddings, is_bundle_key
 from .files import sha256_file
 
 if TYPE_CHECKING:
@@ -50,6 +51,8 @@ class LoraFile:
         state_dict: tensors as stored (any layout).
         metadata: the safetensors header metadata (strings).
         layout: detected layout name ("diffusers", "kohya", "xlabs", "bfl", ...).
+        embeddings: trigger-word embeddings bundled in the file (pivotal tuning), placeholder →
+            {encoder key: `[n_vectors, width]`}; not part of `state_dict`.
     """
 
     path: Path
@@ -57,10 +60,12 @@ class LoraFile:
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, str] = field(default_factory=dict)
     layout: str = "unknown"
+    embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     @property
     def trigger_words(self) -> list[str]:
-        return trigger_words_from_metadata(self.metadata)
+        """The metadata's trigger words, else the placeholders of bundled embeddings."""
+        return trigger_words_from_metadata(self.metadata) or list(self.embeddings)
 
 
 def check_lora_path(path: str | Path, architecture: type[Backend] | None = None) -> Path:
@@ -89,7 +94,9 @@ def check_lora_path(path: str | Path, architecture: type[Backend] | None = None)
         raise LoraFileError(f"LoRA file {path} is empty (0 bytes); download it again.")
     header = read_header(path)
     if architecture is not None:
-        architecture.check_lora_keys([key for key in header if key != "__metadata__"], path.name)
+        architecture.check_lora_keys(
+            [key for key in header if key != "__metadata__" and not is_bundle_key(key)], path.name
+        )
     return path
 
 
@@ -176,12 +183,20 @@ def read_lora_file(path: str | Path) -> LoraFile:
         raise LoraFileError(f"{path} holds no tensors; it is not a LoRA.")
     for key, tensor in state_dict.items():
         check_lora_tensor(path, key, tensor)
+    try:
+        embeddings = bundled_embeddings(state_dict)
+    except EmbeddingError as error:
+        raise LoraFileError(f"{path.name}: {error}") from None
+    lora_only = {key: value for key, value in state_dict.items() if not is_bundle_key(key)}
+    if not lora_only:
+        raise LoraFileError(f"{path} holds only bundled embeddings and no LoRA weights; it is not a LoRA.")
     return LoraFile(
         path=path,
         sha256=sha256_file(path),
-        state_dict=state_dict,
+        state_dict=lora_only,
         metadata=metadata,
-        layout=detect_layout(state_dict),
+        layout=detect_layout(lora_only),
+        embeddings=embeddings,
     )
 
 
@@ -434,6 +449,7 @@ def describe_lora(path: str | Path) -> dict:
     header = read_header(path)
     metadata = header_metadata(header)
     shapes = {key: info.get("shape", []) for key, info in header.items() if key != "__metadata__"}
+    bundled = {key: shapes.pop(key) for key in list(shapes) if is_bundle_key(key)}
     ranks = sorted(
         {
             int(shape[0])
@@ -454,6 +470,9 @@ def describe_lora(path: str | Path) -> dict:
         "trigger_words",
     )
     words, source = trigger_words_and_source(metadata)
+    if not words and bundled:
+        words = sorted({key[len("bundle_emb.") :].split(".")[0] for key in bundled})
+        source = "bundled embeddings"
     return {
         "path": str(path),
         "layout": detect_layout(shapes),
@@ -470,6 +489,12 @@ def describe_lora(path: str | Path) -> dict:
         ),
         "trigger_words": words,
         "trigger_words_from": source or "none found",
+        "bundled_embeddings": (
+            ", ".join(f"{key[len('bundle_emb.') :]} {shape}" for key, shape in sorted(bundled.items()))
+            + ": loaded into the text encoders with the LoRA"
+            if bundled
+            else "none"
+        ),
         "top_tags": [f"{tag} ({count})" for tag, count in tag_frequencies(metadata, limit=5)],
         "metadata": {key: metadata[key][:200] for key in shown if key in metadata},
     }

@@ -32,6 +32,9 @@ import torch
 from .backends import Conditioning, backend_for
 from .backends.base import CapturedAttention, PassName
 from .core import MaskSet
+from .embeddings import EmbeddingError, InstalledEmbeddings, check_embeddings
+from .embeddings import install as install_embeddings
+from .embeddings import uninstall as uninstall_embeddings
 from .lora import LoraFileError, read_lora_file, text_encoder_parts
 from .masking import AdapterMask, LoraMasker, adapters_for_run, pass_masks
 from .methods import MaskInput, Method, RunContext, SubjectMasks, get_method
@@ -67,6 +70,8 @@ class Subject:
         owned: this FreeFuse loaded the adapter (so `remove` deletes it); False for `use_adapter`.
         text_encoders: text encoders the file also adapts; those parts act on the whole prompt of
             every image (a masked LoRA's text-encoder part is not masked).
+        embeddings: trigger-word embeddings the file bundled and `add_lora` put into the text
+            encoders ("placeholder/encoder"); like text-encoder parts, they act on the whole prompt.
     """
 
     name: str
@@ -79,6 +84,7 @@ class Subject:
     metadata_words: list[str] = field(default_factory=list)
     owned: bool = False
     text_encoders: list[str] = field(default_factory=list)
+    embeddings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return {
@@ -90,6 +96,7 @@ class Subject:
             "sha256": self.sha256,
             "layout": self.layout,
             **({"text_encoders_unmasked": list(self.text_encoders)} if self.text_encoders else {}),
+            **({"bundled_embeddings": list(self.embeddings)} if self.embeddings else {}),
         }
 
 
@@ -153,6 +160,7 @@ class FreeFuse:
         self.pipeline = pipeline
         self.backend = backend_for(pipeline, backend)
         self.subjects: dict[str, Subject] = {}
+        self._embeddings: dict[str, InstalledEmbeddings] = {}
 
     # -- LoRAs -------------------------------------------------------------------------------------
     def add_lora(
@@ -179,7 +187,21 @@ class FreeFuse:
                 raise LoraFileError(
                     f"{path} is the same file as LoRA {subject.name!r} ({subject.path}); add it once."
                 )
+        # Bundled trigger-word embeddings, per pipeline (another FreeFuse over it may have set some).
+        taken = self.pipeline.__dict__.setdefault("_freefuse_bundled_words", {})
+        try:
+            check_embeddings(lora.embeddings, self.backend.embedding_slots, self.pipeline, path.name, taken)
+        except EmbeddingError as error:
+            raise LoraFileError(str(error)) from None
         self.backend.load_lora(lora, name)
+        try:
+            installed = install_embeddings(lora.embeddings, self.backend.embedding_slots, self.pipeline)
+        except BaseException:
+            self.pipeline.delete_adapters(name)
+            raise
+        if installed.names:
+            self._embeddings[name] = installed
+            taken.update(dict.fromkeys(lora.embeddings, name))
         subject = Subject(
             name=name,
             words=words or lora.trigger_words,
@@ -191,6 +213,7 @@ class FreeFuse:
             metadata_words=lora.trigger_words,
             owned=True,
             text_encoders=text_encoder_parts(lora.state_dict),
+            embeddings=installed.names,
         )
         self.subjects[name] = subject
         return subject
@@ -239,6 +262,12 @@ class FreeFuse:
         if name not in self.subjects:
             raise ValueError(f"No LoRA named {name!r}; added: {sorted(self.subjects)}.")
         subject = self.subjects.pop(name)
+        installed = self._embeddings.pop(name, None)
+        if installed is not None:
+            uninstall_embeddings(installed, self.pipeline)
+            taken = self.pipeline.__dict__.get("_freefuse_bundled_words", {})
+            for word in [word for word, owner in taken.items() if owner == name]:
+                del taken[word]
         if subject.owned:
             self.pipeline.delete_adapters(name)
 

@@ -151,6 +151,9 @@ class Backend(abc.ABC):
     #: Stage 1's constants when the caller sets none (`mask_config`): the method must read only
     #: what `captured` holds.
     default_mask_config: ClassVar[MaskConfig] = MaskConfig()
+    #: Bundled trigger-word embeddings (`bundle_emb.<word>.<encoder>` in LoRA files): encoder key →
+    #: (tokenizer attribute, text encoder attribute) of the pipeline.
+    embedding_slots: ClassVar[dict[str, tuple[str, str]]] = {}
 
     def __init__(self, pipeline) -> None:
         self.pipeline = pipeline
@@ -414,6 +417,10 @@ class Backend(abc.ABC):
 
         self.check_lora_keys(list(lora.state_dict), lora.path.name)
         source = self.lora_source(lora)
+        if lora.embeddings and isinstance(source, str) and lora.layout != "diffusers":
+            # diffusers would read the file again, bundled embeddings included, and its kohya
+            # converters refuse keys they do not know; diffusers-layout loading ignores them.
+            source = dict(lora.state_dict)
         converted = self.lora_state_dict(lora, source)
         check_lora_fits(converted, self.denoiser, self.denoiser_name, source=lora.path.name)
         try:

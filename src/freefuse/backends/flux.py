@@ -99,6 +99,7 @@ class FluxAttentionTap:
 class FluxBackend(Backend):
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
+    embedding_slots = {"clip_l": ("tokenizer", "text_encoder"), "t5": ("tokenizer_2", "text_encoder_2")}
     denoiser_name = "transformer"
     known_model_ids = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
     block_kind = "double-stream block"

@@ -133,6 +133,7 @@ class SdxlBackend(Backend):
     captured = ("q_img", "k_text", "o_img")
     # The authors' SDXL method: seeds from cross-attention, similarity of self-attention outputs.
     default_mask_config = MaskConfig(method="routing")
+    embedding_slots = {"clip_l": ("tokenizer", "text_encoder"), "clip_g": ("tokenizer_2", "text_encoder_2")}
 
     @classmethod
     def matches(cls, pipeline) -> bool:
