@@ -27,6 +27,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=12)
     parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--model", default=None, help="a ShapesWorld model folder (default: the committed one)")
+    parser.add_argument("--loras", default=None, help="a folder of the four LoRAs (default: the committed ones)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 
@@ -38,11 +40,11 @@ def main() -> None:
     from freefuse.shapesworld.model import load_shapesworld, lora_path
     from freefuse.shapesworld.scenes import SUBJECTS
 
-    pipe = load_shapesworld()
+    pipe = load_shapesworld(args.model) if args.model else load_shapesworld()
     freefuse = FreeFuse(pipe)
     words = ["zorblax", "blorp"]
     for word in words:
-        freefuse.add_lora(lora_path(word), name=word)
+        freefuse.add_lora(lora_path(word, args.loras) if args.loras else lora_path(word), name=word)
     pipe.set_adapters(words)
     backend = freefuse.backend
     prompt = "a zorblax and a blorp"

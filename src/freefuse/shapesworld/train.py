@@ -293,15 +293,54 @@ def train_base(config: TrainConfig, vae_dir: Path, progress: bool = True):
     return pipe
 
 
-def train_lora(config: TrainConfig, model_dir: Path, word: str, rank: int = 8, progress: bool = True) -> Path:
-    """A LoRA that binds `word` to its subject object; written as a diffusers-layout .safetensors."""
+def word_token(tokenizer, word: str) -> int:
+    """The one token id `word` is to this tokenizer (the ShapesWorld words are single T5 tokens)."""
+    ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise ValueError(f"{word!r} is {len(ids)} tokens to the T5 tokenizer; pivotal tuning needs one.")
+    return ids[0]
+
+
+def substitute_embedding(text_encoder: torch.nn.Module, token: int, row: torch.Tensor) -> list:
+    """Forward hooks putting `row` in place of `token`'s embedding (pivotal tuning trains `row`).
+
+    On every embedding module sharing the input table: T5's encoder looks tokens up through its
+    own `embed_tokens`, which ties the weight of `get_input_embeddings()` but is another module.
+    """
+    table = text_encoder.get_input_embeddings().weight
+
+    def hook(module, inputs, output):
+        hit = (inputs[0] == token)[..., None]
+        return torch.where(hit, row.to(output.dtype), output)
+
+    return [
+        module.register_forward_hook(hook)
+        for module in text_encoder.modules()
+        if isinstance(module, torch.nn.Embedding) and module.weight is table
+    ]
+
+
+def train_lora(
+    config: TrainConfig,
+    model_dir: Path,
+    word: str,
+    rank: int = 8,
+    pivotal: bool = True,
+    progress: bool = True,
+) -> Path:
+    """A LoRA that binds `word` to its subject object; written as a diffusers-layout .safetensors.
+
+    `pivotal`: train the word's T5 embedding with the LoRA (pivotal tuning, as character LoRAs are
+    trained) and bundle it in the file as `bundle_emb.<word>.t5` (OneTrainer's key, read by
+    ComfyUI and by `FreeFuse.add_lora`).
+    """
     from diffusers import FluxPipeline
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save
 
     subject = SUBJECTS[word]
-    pipe = FluxPipeline.from_pretrained(str(model_dir))
+    pipe = FluxPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32)
     for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         module.eval().requires_grad_(False)
     pipe.transformer.add_adapter(
@@ -313,15 +352,27 @@ def train_lora(config: TrainConfig, model_dir: Path, word: str, rank: int = 8, p
     params = {name: p for name, p in pipe.transformer.named_parameters() if "lora_" in name}
     for value in params.values():
         value.requires_grad_(True)
+    hooks = []
+    if pivotal:
+        table = pipe.text_encoder_2.get_input_embeddings().weight
+        token = word_token(pipe.tokenizer_2, word)
+        params["word_embedding"] = torch.nn.Parameter(table[token].detach().clone())
+        hooks = substitute_embedding(pipe.text_encoder_2, token, params["word_embedding"])
 
     def loss_at(step: int) -> torch.Tensor:
         pixels, captions = scene_batch(config.seed, step, config.batch_size, subject=word)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        return _flow_loss(pipe.transformer, pipe, encode_latents(pipe, pixels), captions, generator, False)
+        return _flow_loss(pipe.transformer, pipe, encode_latents(pipe, pixels), captions, generator, pivotal)
 
-    run_loop(config, params, loss_at, progress)
+    try:
+        run_loop(config, params, loss_at, progress)
+    finally:
+        for hook in hooks:
+            hook.remove()
     state = get_peft_model_state_dict(pipe.transformer, adapter_name=word)
     state = {f"transformer.{key}": value.detach().contiguous() for key, value in state.items()}
+    if pivotal:
+        state[f"bundle_emb.{word}.t5"] = params["word_embedding"].detach()[None].contiguous()
     metadata = {
         "format": "pt",
         "modelspec.trigger_phrase": word,
@@ -332,6 +383,168 @@ def train_lora(config: TrainConfig, model_dir: Path, word: str, rank: int = 8, p
     path = config.out / f"{word}.safetensors"
     atomic_save(path, lambda f: f.write(save(state, metadata=metadata)))
     return path
+
+
+GRID = 8  # image tokens per side: 64 px, a 4x VAE, 2x2 patches
+
+
+def grounded_batch(seed: int, step: int, batch_size: int, tokenizer):
+    """Base scenes with where each object is, for the grounding loss (deterministic per step).
+
+    Returns pixels `[B, 3, 64, 64]`, captions, `words` `[B, K, T]` (1 where text token t is one of
+    object k's content words: colour, texture, shape; not the article) and `regions` `[B, K, N]`
+    (1 where image token n is mostly object k), K = 4 objects at most, T = MAX_TEXT_TOKENS.
+    """
+    rng = np.random.default_rng([seed, step, 7])
+    images, captions = [], []
+    words = torch.zeros(batch_size, 4, MAX_TEXT_TOKENS)
+    regions = torch.zeros(batch_size, 4, GRID * GRID)
+    for b in range(batch_size):
+        scene = random_scene(rng)
+        images.append(scene.render())
+        caption = scene.caption
+        captions.append(caption)
+        offsets = tokenizer(caption, return_offsets_mapping=True, add_special_tokens=True)["offset_mapping"]
+        visible = torch.from_numpy(scene.masks().astype(np.float32))
+        share = F.adaptive_avg_pool2d(visible[None], GRID)[0].reshape(len(scene.objects), -1)
+        start = 0
+        for k, obj in enumerate(scene.objects):
+            phrase = obj.phrase()
+            at = caption.index(phrase, start)
+            first, last = at + 2, at + len(phrase)  # without the article "a "
+            start = at + len(phrase)
+            for t, (low, high) in enumerate(offsets[:MAX_TEXT_TOKENS]):
+                if high > low and low >= first and high <= last:
+                    words[b, k, t] = 1.0
+            regions[b, k] = (share[k] >= 0.5).float()
+    pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    return pixels, captions, words, regions
+
+
+class DoubleBlockTaps:
+    """Forward hooks keeping the double-stream blocks' post-norm queries/keys and RoPE, with grad."""
+
+    def __init__(self, transformer) -> None:
+        self.store: dict = {}
+        self.handles = []
+        for index, block in enumerate(transformer.transformer_blocks):
+            attn = block.attn
+            for name, module in (
+                ("q_img", attn.norm_q),
+                ("k_img", attn.norm_k),
+                ("q_text", attn.norm_added_q),
+                ("k_text", attn.norm_added_k),
+            ):
+                self.handles.append(module.register_forward_hook(self._keep(index, name)))
+            self.handles.append(attn.register_forward_pre_hook(self._keep_rope(index), with_kwargs=True))
+        self.blocks = len(transformer.transformer_blocks)
+
+    def _keep(self, index: int, name: str):
+        def hook(module, inputs, output):
+            self.store[index, name] = output
+
+        return hook
+
+    def _keep_rope(self, index: int):
+        def hook(module, args, kwargs):
+            self.store[index, "rope"] = kwargs.get("image_rotary_emb")
+
+        return hook
+
+    def qk(self, index: int) -> dict[str, torch.Tensor]:
+        """`[B, H, S, D]` queries and keys of block `index` with RoPE applied."""
+        from diffusers.models.embeddings import apply_rotary_emb
+
+        cos, sin = self.store[index, "rope"]
+        n_text = self.store[index, "q_text"].shape[1]
+        result = {}
+        for name in ("q_img", "k_img", "q_text", "k_text"):
+            part = (cos[:n_text], sin[:n_text]) if name.endswith("text") else (cos[n_text:], sin[n_text:])
+            result[name] = apply_rotary_emb(self.store[index, name], part, sequence_dim=1).transpose(1, 2)
+        return result
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def grounding_loss(taps: DoubleBlockTaps, words: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
+    """-log of the share of attention that lands on the right object, both directions, every double block.
+
+    image→text: an object's image tokens, softmax over all keys, share of the objects' words' mass
+    that goes to its own words. text→image: an object's words, softmax over all keys, share of the
+    image mass that lands on its own region. Heads are averaged before the shares.
+    """
+    eps = 1e-6
+    losses = []
+    any_word = words.amax(dim=1)  # [B, T]
+    for index in range(taps.blocks):
+        qk = taps.qk(index)
+        keys = torch.cat([qk["k_text"], qk["k_img"]], dim=2)
+        n_text = qk["k_text"].shape[2]
+        scale = qk["q_img"].shape[-1] ** -0.5
+        image_rows = torch.softmax(qk["q_img"] @ keys.transpose(-1, -2) * scale, dim=-1).mean(1)  # [B, N, S]
+        to_text = image_rows[..., :n_text]  # [B, N, T]
+        own = torch.einsum("bnt,bkt,bkn->bn", to_text, words, regions)
+        total = (to_text * any_word[:, None, :]).sum(-1)
+        owned = regions.amax(dim=1)  # [B, N]
+        image_to_text = -(torch.log(own / (total + eps) + eps) * owned).sum() / owned.sum().clamp_min(1.0)
+        text_rows = torch.softmax(qk["q_text"] @ keys.transpose(-1, -2) * scale, dim=-1).mean(1)  # [B, T, S]
+        to_image = text_rows[..., n_text:]  # [B, T, N]
+        own_t = torch.einsum("btn,bkn,bkt->bt", to_image, regions, words)
+        total_t = to_image.sum(-1)
+        text_to_image = -(
+            torch.log(own_t / (total_t + eps) + eps) * any_word
+        ).sum() / any_word.sum().clamp_min(1.0)
+        losses.append(image_to_text + text_to_image)
+    return torch.stack(losses).mean()
+
+
+def train_grounding(config: TrainConfig, model_dir: Path, weight: float = 0.05, progress: bool = True):
+    """Fine-tune the base model so that its attention knows where each object is.
+
+    The 2+2-block model trained on flow matching alone attends at chance (docs/shapesworld.md): a
+    word's attention does not land on its object, in either direction. FLUX.1 learns that from
+    scale; here a grounding loss on the double-stream blocks' attention (`grounding_loss`, rendered
+    object masks and caption words of base scenes) is added to the flow-matching loss. Subject
+    words are never in these captions: whether their LoRAs' attention localizes is measured, not
+    trained.
+    """
+    from diffusers import FluxPipeline
+
+    pipe = FluxPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32)
+    modules = {
+        "transformer": pipe.transformer,
+        "text_encoder": pipe.text_encoder,
+        "text_encoder_2": pipe.text_encoder_2,
+    }
+    params = {
+        f"{name}.{key}": value for name, module in modules.items() for key, value in module.named_parameters()
+    }
+    for module in modules.values():
+        module.train()
+    pipe.vae.eval().requires_grad_(False)
+    taps = DoubleBlockTaps(pipe.transformer)
+
+    def loss_at(step: int) -> torch.Tensor:
+        pixels, captions, words, regions = grounded_batch(
+            config.seed, step, config.batch_size, pipe.tokenizer_2
+        )
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
+        flow = _flow_loss(pipe.transformer, pipe, encode_latents(pipe, pixels), captions, generator, True)
+        return flow + weight * grounding_loss(taps, words, regions)
+
+    try:
+        ema = run_loop(config, params, loss_at, progress)
+    finally:
+        taps.remove()
+    with torch.no_grad():
+        for key, value in (ema or {}).items():
+            params[key].copy_(value)
+    for module in modules.values():
+        module.eval()
+    pipe.save_pretrained(config.out / "model")
+    return pipe
 
 
 def base_from_checkpoint(run: Path, vae_dir: Path, use_ema: bool = True):

@@ -1,0 +1,88 @@
+"""ShapesWorld training pieces: pivotal-tuned LoRAs and the grounding loss (seconds, on the committed model)."""
+
+from __future__ import annotations
+
+import torch
+from safetensors.torch import load_file
+
+from freefuse import FreeFuse
+from freefuse.shapesworld.model import MAX_TEXT_TOKENS, MODEL_DIR, load_shapesworld, tokenizers
+from freefuse.shapesworld.train import (
+    GRID,
+    TrainConfig,
+    grounded_batch,
+    grounding_loss,
+    train_lora,
+    word_token,
+)
+
+
+def test_a_pivotal_lora_carries_its_trained_word_embedding_and_add_lora_puts_it_in(tmp_path) -> None:
+    config = TrainConfig(out=tmp_path, steps=3, batch_size=2, lr=1e-2, warmup=1, checkpoint_every=100)
+    path = train_lora(config, MODEL_DIR, "zorblax", rank=2, progress=False)
+    state = load_file(str(path))
+    vector = state["bundle_emb.zorblax.t5"]
+    pipe = load_shapesworld()
+    token = word_token(pipe.tokenizer_2, "zorblax")
+    table = pipe.text_encoder_2.get_input_embeddings().weight
+    original = table[token].detach().clone()
+    assert vector.shape == (1, table.shape[1])
+    assert not torch.allclose(vector[0], original.float(), atol=1e-3)  # trained, not a copy
+
+    freefuse = FreeFuse(pipe)
+    subject = freefuse.add_lora(path)
+    assert subject.words == ["zorblax"] and subject.embeddings == ["zorblax/t5"]
+    assert torch.allclose(table[token].float(), vector[0], atol=1e-3)
+    freefuse.remove("zorblax")
+    assert torch.equal(table[token], original)
+
+
+def test_grounded_batches_mark_each_objects_own_words_and_tokens() -> None:
+    _, t5 = tokenizers()
+    _, captions, words, regions = grounded_batch(0, 3, 6, t5)
+    assert words.shape == (6, 4, MAX_TEXT_TOKENS) and regions.shape == (6, 4, GRID * GRID)
+    for b, caption in enumerate(captions):
+        ids = t5(caption)["input_ids"]
+        phrases = caption.replace(" and ", ", ").split(", ")
+        for k, phrase in enumerate(phrases):
+            marked = [t5.convert_ids_to_tokens(ids[t]).lstrip("▁") for t in range(len(ids)) if words[b, k, t]]
+            assert marked == phrase.split()[1:], (caption, k, marked)  # its words, without "a"
+        assert not words[b, len(phrases) :].any()
+    # every region belongs to a captioned object; most objects own image tokens (a small one mostly
+    # hidden behind others may own none)
+    assert not ((regions.sum(-1) > 0) & (words.sum(-1) == 0)).any()
+    assert (regions.sum(-1) > 0).sum() >= 0.8 * (words.sum(-1) > 0).sum()
+
+
+class FakeTaps:
+    """One double block whose queries and keys are given directly (`[B, H, S, D]`)."""
+
+    blocks = 1
+
+    def __init__(self, q_img, k_img, q_text, k_text) -> None:
+        self.tensors = {"q_img": q_img, "k_img": k_img, "q_text": q_text, "k_text": k_text}
+
+    def qk(self, index: int) -> dict[str, torch.Tensor]:
+        return self.tensors
+
+
+def test_the_grounding_loss_is_low_only_when_attention_lands_on_the_right_object() -> None:
+    # Two objects: image tokens 0-3 are object 0, 4-7 object 1; text tokens 1 and 2 are their words.
+    n_image, n_text, dim = 8, 4, 2
+    words = torch.zeros(1, 4, n_text)
+    words[0, 0, 1] = words[0, 1, 2] = 1.0
+    regions = torch.zeros(1, 4, n_image)
+    regions[0, 0, :4] = regions[0, 1, 4:] = 1.0
+    code = torch.tensor([[1.0, 0.0], [0.0, 1.0]])  # object 0 → e0, object 1 → e1
+    image = torch.cat([code[0].expand(4, dim), code[1].expand(4, dim)]) * 8
+    text = torch.zeros(n_text, dim)
+    text[1], text[2] = code[0] * 8, code[1] * 8
+
+    def loss(k_text, k_img) -> float:
+        taps = FakeTaps(image[None, None], k_img[None, None], text[None, None], k_text[None, None])
+        return float(grounding_loss(taps, words, regions))
+
+    right = loss(text, image)
+    swapped = loss(text[[0, 2, 1, 3]], image[[4, 5, 6, 7, 0, 1, 2, 3]])
+    flat = loss(torch.zeros_like(text), torch.zeros_like(image))
+    assert right < 0.05 < flat < swapped
