@@ -220,3 +220,39 @@ def test_eval_with_no_seeds_is_refused_before_anything_runs(tmp_path) -> None:
     result = CliRunner().invoke(app, ["eval", "shapesworld", "--seeds", "0", "--out", str(tmp_path / "e")])
     assert result.exit_code == 2 and "--seeds 0" in result.output
     assert not (tmp_path / "e").exists()
+
+
+def test_eval_mask_method_is_checked_and_reaches_freefuse(tmp_path, monkeypatch) -> None:
+    from freefuse.cli import app
+    from freefuse.shapesworld import evaluate
+
+    result = CliRunner().invoke(
+        app, ["eval", "shapesworld", "--mask-method", "magic", "--out", str(tmp_path / "e")]
+    )
+    assert result.exit_code == 2 and "--mask-method 'magic'" in result.output
+    assert not (tmp_path / "e").exists()
+
+    seen = []
+    original = evaluate.Evaluator.run
+
+    def spy(self, words, prompt, seed, method, steps, masks=None, mask_method=None):
+        seen.append((method, mask_method))
+        return original(self, words, prompt, seed, method, steps, masks=masks, mask_method=mask_method)
+
+    monkeypatch.setattr(evaluate.Evaluator, "run", spy)
+    config = evaluate.EvalConfig.quick()
+    config.methods, config.seeds, config.groups_per_size, config.mask_method = (
+        ("freefuse",),
+        (0,),
+        1,
+        "routing",
+    )
+    evaluator = evaluate.Evaluator()
+    out = evaluator.run(
+        ["zorblax", "quiffle"], "a zorblax and a quiffle", 0, "freefuse", 4, mask_method="routing"
+    )
+    assert out.manifest["settings"]["mask_config"]["method"] == "routing"
+    evaluate.evaluate(config, evaluator)
+    assert seen[-1] == ("freefuse", "routing")
+    other = evaluate.SampleStore(tmp_path, evaluate.EvalConfig.quick())
+    assert evaluate.SampleStore(tmp_path, config).key("x") != other.key("x")  # kept samples are per method

@@ -769,6 +769,13 @@ def eval_shapesworld(
     loras: Annotated[
         Path | None, typer.Option("--loras", help="Folder of the subject LoRAs (default: committed).")
     ] = None,
+    mask_method: Annotated[
+        str | None,
+        typer.Option(
+            "--mask-method",
+            help="FreeFuse's stage-1 method: text-to-image | image-to-text | combined | routing.",
+        ),
+    ] = None,
     out: OutOpt = Path("out/shapesworld"),
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -781,6 +788,12 @@ def eval_shapesworld(
         raise UserError(f"Unknown method(s) {unknown}; use {list(METHODS)}.")
     config = EvalConfig.quick() if quick else EvalConfig()
     config.methods = methods
+    if mask_method is not None:
+        from .core.methods import MAP_METHODS
+
+        if mask_method not in MAP_METHODS:
+            raise UserError(f"--mask-method {mask_method!r}: use one of {sorted(MAP_METHODS)}.")
+        config.mask_method = mask_method
     if seeds is not None:
         if seeds < 1:
             raise UserError(f"--seeds {seeds}: give at least 1 seed per prompt.")

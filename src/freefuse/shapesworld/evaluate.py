@@ -52,6 +52,8 @@ class EvalConfig:
     single_seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
     base_samples: int = 32
     grid_rows: int = 8
+    #: FreeFuse's stage-1 mask method (`MaskConfig.method`); None: the model's default.
+    mask_method: str | None = None
 
     @classmethod
     def quick(cls) -> EvalConfig:
@@ -172,7 +174,9 @@ class Evaluator:
             loader.add_lora(path, name=word)
         self.subjects = loader.subjects
 
-    def run(self, words: list[str], prompt: str, seed: int, method: str, steps: int, masks=None):
+    def run(
+        self, words: list[str], prompt: str, seed: int, method: str, steps: int, masks=None, mask_method=None
+    ):
         freefuse = self.freefuse_class(self.pipeline)
         for word in words:
             freefuse.use_adapter(word, words=[word], source=self.subjects[word])
@@ -188,6 +192,7 @@ class Evaluator:
                 masks=masks,
                 max_sequence_length=MAX_TEXT_TOKENS,
                 progress=False,
+                **({"mask_config": {"method": mask_method}} if mask_method and method == "freefuse" else {}),
             )
 
 
@@ -227,7 +232,10 @@ class SampleStore:
         import json
 
         fingerprint = json.dumps(
-            [*parts, self.config.steps, list(self.config.methods), self.identity], sort_keys=True, default=str
+            [*parts, self.config.steps, list(self.config.methods), self.identity]
+            + ([self.config.mask_method] if self.config.mask_method else []),
+            sort_keys=True,
+            default=str,
         )
         return hashlib.sha256(fingerprint.encode()).hexdigest()[:16]
 
@@ -298,13 +306,17 @@ def evaluate(
         for method in config.methods:
             if method == "masks":
                 if "freefuse" not in outputs:
-                    outputs["freefuse"] = evaluator.run(list(group), prompt, seed, "freefuse", config.steps)
+                    outputs["freefuse"] = evaluator.run(
+                        list(group), prompt, seed, "freefuse", config.steps, mask_method=config.mask_method
+                    )
                 gt = oracle_masks(
                     subjects, _to_uint8(outputs["freefuse"].images[0]), outputs["freefuse"].masks[0]
                 )
                 outputs[method] = evaluator.run(list(group), prompt, seed, "masks", config.steps, masks=gt)
             elif method not in outputs:
-                outputs[method] = evaluator.run(list(group), prompt, seed, method, config.steps)
+                outputs[method] = evaluator.run(
+                    list(group), prompt, seed, method, config.steps, mask_method=config.mask_method
+                )
             image = _to_uint8(outputs[method].images[0])
             record["methods"][method] = score_image(subjects, image)
         if "freefuse" in outputs:
