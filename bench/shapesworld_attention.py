@@ -27,8 +27,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=12)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--model", default=None, help="a ShapesWorld model folder (default: the committed one)")
-    parser.add_argument("--loras", default=None, help="a folder of the four LoRAs (default: the committed ones)")
+    parser.add_argument(
+        "--model", default=None, help="a ShapesWorld model folder (default: the committed one)"
+    )
+    parser.add_argument(
+        "--loras", default=None, help="a folder of the four LoRAs (default: the committed ones)"
+    )
+    parser.add_argument(
+        "--base-words",
+        action="store_true",
+        help='"a red circle and a blue square", no LoRAs: the colour words of base-vocabulary objects',
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
 
@@ -38,16 +47,23 @@ def main() -> None:
     from freefuse.shapesworld.detect import detect
     from freefuse.shapesworld.evaluate import assign
     from freefuse.shapesworld.model import load_shapesworld, lora_path
-    from freefuse.shapesworld.scenes import SUBJECTS
+    from freefuse.shapesworld.scenes import SUBJECTS, Subject
 
     pipe = load_shapesworld(args.model) if args.model else load_shapesworld()
     freefuse = FreeFuse(pipe)
-    words = ["zorblax", "blorp"]
-    for word in words:
-        freefuse.add_lora(lora_path(word, args.loras) if args.loras else lora_path(word), name=word)
-    pipe.set_adapters(words)
+    if args.base_words:
+        words, prompt = ["red", "blue"], "a red circle and a blue square"
+        wanted = {
+            "red": Subject("red", "circle", "red", "plain"),
+            "blue": Subject("blue", "square", "blue", "plain"),
+        }
+    else:
+        words, prompt = ["zorblax", "blorp"], "a zorblax and a blorp"
+        wanted = {word: SUBJECTS[word] for word in words}
+        for word in words:
+            freefuse.add_lora(lora_path(word, args.loras) if args.loras else lora_path(word), name=word)
+        pipe.set_adapters(words)
     backend = freefuse.backend
-    prompt = "a zorblax and a blorp"
     ids = backend.tokenizer(prompt)["input_ids"]
     word_positions = [ids.index(backend.tokenizer.convert_tokens_to_ids("▁" + word)) for word in words]
     blocks = range(len(pipe.transformer.transformer_blocks))
@@ -105,11 +121,11 @@ def main() -> None:
                     per_step[(step, block)] = (text_to_image, image_to_text)
                 state.latents = backend.step(velocity, t, state.latents)
             image = (backend.decode(state.latents, 64, 64)[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-        objects = assign([SUBJECTS[w] for w in words], detect(image))
+        objects = assign([wanted[w] for w in words], detect(image))
         regions = {}
         for word in words:
             obj = objects[word]
-            if obj is not None and obj.colour == SUBJECTS[word].colour:
+            if obj is not None and obj.colour == wanted[word].colour:
                 mask = torch.from_numpy(obj.mask.astype(np.float32))[None, None]
                 regions[word] = torch.nn.functional.interpolate(mask, size=(8, 8), mode="area")[0, 0].reshape(
                     -1
