@@ -86,3 +86,21 @@ def test_the_grounding_loss_is_low_only_when_attention_lands_on_the_right_object
     swapped = loss(text[[0, 2, 1, 3]], image[[4, 5, 6, 7, 0, 1, 2, 3]])
     flat = loss(torch.zeros_like(text), torch.zeros_like(image))
     assert right < 0.05 < flat < swapped
+
+
+def test_the_grounding_fine_tune_runs_and_saves_a_model_that_loads(tmp_path) -> None:
+    from freefuse.shapesworld.train import train_grounding
+
+    config = TrainConfig(out=tmp_path, steps=2, batch_size=2, lr=1e-3, warmup=1, checkpoint_every=100)
+    trained = train_grounding(config, MODEL_DIR, progress=False)
+    assert not any(hook for m in trained.transformer.modules() for hook in m._forward_hooks.values())
+    pipe = load_shapesworld(tmp_path / "model")
+    before = load_shapesworld()
+    changed = [
+        name
+        for (name, p), q in zip(
+            pipe.transformer.named_parameters(), before.transformer.parameters(), strict=True
+        )
+        if not torch.equal(p, q)
+    ]
+    assert changed and not any(module.training for module in (pipe.transformer, pipe.text_encoder_2))

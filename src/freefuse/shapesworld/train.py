@@ -261,12 +261,8 @@ def train_vae(config: TrainConfig, progress: bool = True):
     return vae
 
 
-def train_base(config: TrainConfig, vae_dir: Path, progress: bool = True):
-    """The text-to-image model on base scenes (plain circles, squares, triangles in 4 colours)."""
-    from diffusers import AutoencoderKL
-
-    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
-    pipe = build_pipeline(vae=vae, seed=config.seed)
+def _trainable_text_to_image(pipe) -> tuple[dict[str, torch.nn.Module], dict[str, torch.nn.Parameter]]:
+    """The transformer and both text encoders in training mode, and their parameters by full name."""
     modules = {
         "transformer": pipe.transformer,
         "text_encoder": pipe.text_encoder,
@@ -277,6 +273,26 @@ def train_base(config: TrainConfig, vae_dir: Path, progress: bool = True):
     }
     for module in modules.values():
         module.train()
+    return modules, params
+
+
+def _save_trained(pipe, modules: dict, params: dict, ema: dict | None, folder: Path) -> None:
+    """The EMA weights (if any) into the model, eval mode, and the pipeline saved to `folder`."""
+    with torch.no_grad():
+        for key, value in (ema or {}).items():
+            params[key].copy_(value)
+    for module in modules.values():
+        module.eval()
+    pipe.save_pretrained(folder)
+
+
+def train_base(config: TrainConfig, vae_dir: Path, progress: bool = True):
+    """The text-to-image model on base scenes (plain circles, squares, triangles in 4 colours)."""
+    from diffusers import AutoencoderKL
+
+    vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
+    pipe = build_pipeline(vae=vae, seed=config.seed)
+    modules, params = _trainable_text_to_image(pipe)
 
     def loss_at(step: int) -> torch.Tensor:
         pixels, captions = scene_batch(config.seed, step, config.batch_size)
@@ -284,12 +300,7 @@ def train_base(config: TrainConfig, vae_dir: Path, progress: bool = True):
         return _flow_loss(pipe.transformer, pipe, encode_latents(pipe, pixels), captions, generator, True)
 
     ema = run_loop(config, params, loss_at, progress)
-    with torch.no_grad():
-        for key, value in (ema or {}).items():
-            params[key].copy_(value)
-    for module in modules.values():
-        module.eval()
-    pipe.save_pretrained(config.out / "model")
+    _save_trained(pipe, modules, params, ema, config.out / "model")
     return pipe
 
 
@@ -513,16 +524,7 @@ def train_grounding(config: TrainConfig, model_dir: Path, weight: float = 0.05, 
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32)
-    modules = {
-        "transformer": pipe.transformer,
-        "text_encoder": pipe.text_encoder,
-        "text_encoder_2": pipe.text_encoder_2,
-    }
-    params = {
-        f"{name}.{key}": value for name, module in modules.items() for key, value in module.named_parameters()
-    }
-    for module in modules.values():
-        module.train()
+    modules, params = _trainable_text_to_image(pipe)
     pipe.vae.eval().requires_grad_(False)
     taps = DoubleBlockTaps(pipe.transformer)
 
@@ -538,12 +540,7 @@ def train_grounding(config: TrainConfig, model_dir: Path, weight: float = 0.05, 
         ema = run_loop(config, params, loss_at, progress)
     finally:
         taps.remove()
-    with torch.no_grad():
-        for key, value in (ema or {}).items():
-            params[key].copy_(value)
-    for module in modules.values():
-        module.eval()
-    pipe.save_pretrained(config.out / "model")
+    _save_trained(pipe, modules, params, ema, config.out / "model")
     return pipe
 
 
