@@ -28,6 +28,9 @@ from freefuse.shapesworld.model import LORA_DIR, MODEL_DIR, add_subject_words
 from freefuse.shapesworld.scenes import SUBJECTS
 from freefuse.shapesworld.train import TrainConfig, train_base, train_grounding, train_lora, train_vae
 
+# Each subject's embedding starts from the base colour word nearest its own colour (textual
+# inversion's "initializer token"), one distinct word per subject.
+INIT_WORDS = {"zorblax": "blue", "quiffle": "yellow", "blorp": "green", "snerk": "red"}
 DEFAULT_STEPS = {"vae": 1500, "base": 8000, "ground": 2000, "lora": 1000}
 
 
@@ -76,6 +79,9 @@ def main() -> int:
     parser.add_argument(
         "--no-pivotal", action="store_true", help="LoRAs without the trigger word's embedding"
     )
+    parser.add_argument(
+        "--no-init-word", action="store_true", help="embeddings start from the word's own row"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -99,7 +105,8 @@ def main() -> int:
             source = args.from_model or runs / "ground" / "model"
             for word in args.word or list(SUBJECTS):
                 config = stage_config(args, "lora", runs / f"lora-{word}")
-                train_lora(config, source, word, pivotal=not args.no_pivotal)
+                init = None if args.no_init_word else INIT_WORDS[word]
+                train_lora(config, source, word, pivotal=not args.no_pivotal, init_word=init)
         else:
             export(runs)
     return 0

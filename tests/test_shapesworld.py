@@ -235,24 +235,20 @@ def test_eval_mask_method_is_checked_and_reaches_freefuse(tmp_path, monkeypatch)
     seen = []
     original = evaluate.Evaluator.run
 
-    def spy(self, words, prompt, seed, method, steps, masks=None, mask_method=None):
-        seen.append((method, mask_method))
-        return original(self, words, prompt, seed, method, steps, masks=masks, mask_method=mask_method)
+    def spy(self, words, prompt, seed, method, steps, masks=None, mask_method=None, stage1=None):
+        seen.append((method, mask_method, stage1))
+        return original(self, words, prompt, seed, method, steps, masks, mask_method, stage1)
 
     monkeypatch.setattr(evaluate.Evaluator, "run", spy)
     config = evaluate.EvalConfig.quick()
-    config.methods, config.seeds, config.groups_per_size, config.mask_method = (
-        ("freefuse",),
-        (0,),
-        1,
-        "routing",
-    )
+    config.methods, config.seeds, config.groups_per_size = ("freefuse",), (0,), 1
+    config.mask_method, config.mask_step, config.block = "routing", 3, 0
     evaluator = evaluate.Evaluator()
     out = evaluator.run(
         ["zorblax", "quiffle"], "a zorblax and a quiffle", 0, "freefuse", 4, mask_method="routing"
     )
     assert out.manifest["settings"]["mask_config"]["method"] == "routing"
     evaluate.evaluate(config, evaluator)
-    assert seen[-1] == ("freefuse", "routing")
+    assert seen[-1] == ("freefuse", "routing", {"mask_step": 3, "block": 0})
     other = evaluate.SampleStore(tmp_path, evaluate.EvalConfig.quick())
     assert evaluate.SampleStore(tmp_path, config).key("x") != other.key("x")  # kept samples are per method

@@ -104,3 +104,13 @@ def test_the_grounding_fine_tune_runs_and_saves_a_model_that_loads(tmp_path) -> 
         if not torch.equal(p, q)
     ]
     assert changed and not any(module.training for module in (pipe.transformer, pipe.text_encoder_2))
+
+
+def test_a_pivotal_embedding_can_start_from_an_initializer_word(tmp_path) -> None:
+    config = TrainConfig(out=tmp_path, steps=1, batch_size=2, lr=1e-4, warmup=1, checkpoint_every=100)
+    path = train_lora(config, MODEL_DIR, "snerk", rank=2, init_word="red", progress=False)
+    vector = load_file(str(path))["bundle_emb.snerk.t5"][0]
+    pipe = load_shapesworld()
+    table = pipe.text_encoder_2.get_input_embeddings().weight.float()
+    red, own = table[word_token(pipe.tokenizer_2, "red")], table[word_token(pipe.tokenizer_2, "snerk")]
+    assert (vector - red).norm() < 0.1 * (vector - own).norm()  # one small step away from "red"

@@ -776,6 +776,10 @@ def eval_shapesworld(
             help="FreeFuse's stage-1 method: text-to-image | image-to-text | combined | routing.",
         ),
     ] = None,
+    mask_step: Annotated[
+        int | None, typer.Option("--mask-step", help="FreeFuse's mask step (default: the paper's share).")
+    ] = None,
+    block: Annotated[int | None, typer.Option("--block", help="FreeFuse's tapped block.")] = None,
     out: OutOpt = Path("out/shapesworld"),
     overwrite: OverwriteOpt = False,
 ) -> None:
@@ -794,6 +798,7 @@ def eval_shapesworld(
         if mask_method not in MAP_METHODS:
             raise UserError(f"--mask-method {mask_method!r}: use one of {sorted(MAP_METHODS)}.")
         config.mask_method = mask_method
+    config.mask_step, config.block = mask_step, block
     if seeds is not None:
         if seeds < 1:
             raise UserError(f"--seeds {seeds}: give at least 1 seed per prompt.")

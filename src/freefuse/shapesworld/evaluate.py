@@ -54,6 +54,9 @@ class EvalConfig:
     grid_rows: int = 8
     #: FreeFuse's stage-1 mask method (`MaskConfig.method`); None: the model's default.
     mask_method: str | None = None
+    #: FreeFuse's mask step and tapped block; None: the defaults.
+    mask_step: int | None = None
+    block: int | None = None
 
     @classmethod
     def quick(cls) -> EvalConfig:
@@ -175,7 +178,15 @@ class Evaluator:
         self.subjects = loader.subjects
 
     def run(
-        self, words: list[str], prompt: str, seed: int, method: str, steps: int, masks=None, mask_method=None
+        self,
+        words: list[str],
+        prompt: str,
+        seed: int,
+        method: str,
+        steps: int,
+        masks=None,
+        mask_method=None,
+        stage1: dict | None = None,
     ):
         freefuse = self.freefuse_class(self.pipeline)
         for word in words:
@@ -193,6 +204,7 @@ class Evaluator:
                 max_sequence_length=MAX_TEXT_TOKENS,
                 progress=False,
                 **({"mask_config": {"method": mask_method}} if mask_method and method == "freefuse" else {}),
+                **((stage1 or {}) if method == "freefuse" else {}),
             )
 
 
@@ -211,6 +223,11 @@ def oracle_masks(subjects: list[Subject], freefuse_image: np.ndarray, freefuse_m
     owner = stacked.argmax(dim=0)
     stacked = stacked * (owner[None] == torch.arange(len(subjects))[:, None, None])
     return MaskSet([s.word for s in subjects], stacked)
+
+
+def stage1_settings(config: EvalConfig) -> dict:
+    """`mask_step` and `block` for FreeFuse's runs, where the evaluation sets them."""
+    return {key: value for key in ("mask_step", "block") if (value := getattr(config, key)) is not None}
 
 
 class SampleStore:
@@ -233,7 +250,12 @@ class SampleStore:
 
         fingerprint = json.dumps(
             [*parts, self.config.steps, list(self.config.methods), self.identity]
-            + ([self.config.mask_method] if self.config.mask_method else []),
+            + ([self.config.mask_method] if self.config.mask_method else [])
+            + (
+                [self.config.mask_step, self.config.block]
+                if (self.config.mask_step, self.config.block) != (None, None)
+                else []
+            ),
             sort_keys=True,
             default=str,
         )
@@ -307,7 +329,13 @@ def evaluate(
             if method == "masks":
                 if "freefuse" not in outputs:
                     outputs["freefuse"] = evaluator.run(
-                        list(group), prompt, seed, "freefuse", config.steps, mask_method=config.mask_method
+                        list(group),
+                        prompt,
+                        seed,
+                        "freefuse",
+                        config.steps,
+                        mask_method=config.mask_method,
+                        stage1=stage1_settings(config),
                     )
                 gt = oracle_masks(
                     subjects, _to_uint8(outputs["freefuse"].images[0]), outputs["freefuse"].masks[0]
@@ -315,7 +343,13 @@ def evaluate(
                 outputs[method] = evaluator.run(list(group), prompt, seed, "masks", config.steps, masks=gt)
             elif method not in outputs:
                 outputs[method] = evaluator.run(
-                    list(group), prompt, seed, method, config.steps, mask_method=config.mask_method
+                    list(group),
+                    prompt,
+                    seed,
+                    method,
+                    config.steps,
+                    mask_method=config.mask_method,
+                    stage1=stage1_settings(config),
                 )
             image = _to_uint8(outputs[method].images[0])
             record["methods"][method] = score_image(subjects, image)

@@ -337,13 +337,15 @@ def train_lora(
     word: str,
     rank: int = 8,
     pivotal: bool = True,
+    init_word: str | None = None,
     progress: bool = True,
 ) -> Path:
     """A LoRA that binds `word` to its subject object; written as a diffusers-layout .safetensors.
 
     `pivotal`: train the word's T5 embedding with the LoRA (pivotal tuning, as character LoRAs are
     trained) and bundle it in the file as `bundle_emb.<word>.t5` (OneTrainer's key, read by
-    ComfyUI and by `FreeFuse.add_lora`).
+    ComfyUI and by `FreeFuse.add_lora`). `init_word`: the embedding starts from this word's row
+    (textual inversion's "initializer token") instead of the word's own untrained one.
     """
     from diffusers import FluxPipeline
     from peft import LoraConfig
@@ -367,7 +369,8 @@ def train_lora(
     if pivotal:
         table = pipe.text_encoder_2.get_input_embeddings().weight
         token = word_token(pipe.tokenizer_2, word)
-        params["word_embedding"] = torch.nn.Parameter(table[token].detach().clone())
+        start = table[word_token(pipe.tokenizer_2, init_word) if init_word else token]
+        params["word_embedding"] = torch.nn.Parameter(start.detach().clone())
         hooks = substitute_embedding(pipe.text_encoder_2, token, params["word_embedding"])
 
     def loss_at(step: int) -> torch.Tensor:
