@@ -235,20 +235,22 @@ def test_eval_mask_method_is_checked_and_reaches_freefuse(tmp_path, monkeypatch)
     seen = []
     original = evaluate.Evaluator.run
 
-    def spy(self, words, prompt, seed, method, steps, masks=None, mask_method=None, stage1=None):
-        seen.append((method, mask_method, stage1))
-        return original(self, words, prompt, seed, method, steps, masks, mask_method, stage1)
+    def spy(self, words, prompt, seed, method, steps, masks=None, stage1=None):
+        seen.append((method, stage1))
+        return original(self, words, prompt, seed, method, steps, masks, stage1)
 
     monkeypatch.setattr(evaluate.Evaluator, "run", spy)
     config = evaluate.EvalConfig.quick()
     config.methods, config.seeds, config.groups_per_size = ("freefuse",), (0,), 1
     config.mask_method, config.mask_step, config.block = "routing", 3, 0
     evaluator = evaluate.Evaluator()
-    out = evaluator.run(
-        ["zorblax", "quiffle"], "a zorblax and a quiffle", 0, "freefuse", 4, mask_method="routing"
+    stage1 = {"mask_config": {"method": "routing"}, "block": 0}
+    out = evaluator.run(["zorblax", "quiffle"], "a zorblax and a quiffle", 0, "freefuse", 4, stage1=stage1)
+    assert (
+        out.manifest["settings"]["mask_config"]["method"] == "routing"
+        and out.manifest["settings"]["block"] == 0
     )
-    assert out.manifest["settings"]["mask_config"]["method"] == "routing"
     evaluate.evaluate(config, evaluator)
-    assert seen[-1] == ("freefuse", "routing", {"mask_step": 3, "block": 0})
+    assert seen[-1] == ("freefuse", {"mask_step": 3, "block": 0, "mask_config": {"method": "routing"}})
     other = evaluate.SampleStore(tmp_path, evaluate.EvalConfig.quick())
     assert evaluate.SampleStore(tmp_path, config).key("x") != other.key("x")  # kept samples are per method

@@ -185,7 +185,6 @@ class Evaluator:
         method: str,
         steps: int,
         masks=None,
-        mask_method=None,
         stage1: dict | None = None,
     ):
         freefuse = self.freefuse_class(self.pipeline)
@@ -203,7 +202,6 @@ class Evaluator:
                 masks=masks,
                 max_sequence_length=MAX_TEXT_TOKENS,
                 progress=False,
-                **({"mask_config": {"method": mask_method}} if mask_method and method == "freefuse" else {}),
                 **((stage1 or {}) if method == "freefuse" else {}),
             )
 
@@ -226,8 +224,11 @@ def oracle_masks(subjects: list[Subject], freefuse_image: np.ndarray, freefuse_m
 
 
 def stage1_settings(config: EvalConfig) -> dict:
-    """`mask_step` and `block` for FreeFuse's runs, where the evaluation sets them."""
-    return {key: value for key in ("mask_step", "block") if (value := getattr(config, key)) is not None}
+    """FreeFuse's stage-1 settings where the evaluation sets them (`mask_config`, `mask_step`, `block`)."""
+    settings = {key: value for key in ("mask_step", "block") if (value := getattr(config, key)) is not None}
+    if config.mask_method:
+        settings["mask_config"] = {"method": config.mask_method}
+    return settings
 
 
 class SampleStore:
@@ -334,7 +335,6 @@ def evaluate(
                         seed,
                         "freefuse",
                         config.steps,
-                        mask_method=config.mask_method,
                         stage1=stage1_settings(config),
                     )
                 gt = oracle_masks(
@@ -348,7 +348,6 @@ def evaluate(
                     seed,
                     method,
                     config.steps,
-                    mask_method=config.mask_method,
                     stage1=stage1_settings(config),
                 )
             image = _to_uint8(outputs[method].images[0])
