@@ -156,3 +156,8 @@ def test_inspect_shows_the_bundled_embeddings_and_takes_their_word(tmp_path) -> 
     assert report["trigger_words"] == ["ohwx"] and report["trigger_words_from"] == "bundled embeddings"
     assert report["bundled_embeddings"].startswith("ohwx.t5 [1, 32]")
     assert report["layout"] == "diffusers"
+    # a dotted placeholder in kohya's form: inspect names the word the loader will use
+    dotted = write_lora(
+        tmp_path / "d.safetensors", pipe, 2, {"bundle_emb.ms.x.string_to_param.*": torch.randn(1, 32)}
+    )
+    assert describe_lora(dotted)["trigger_words"] == ["ms.x"] == read_lora_file(dotted).trigger_words

@@ -35,21 +35,25 @@ def is_bundle_key(key: str) -> bool:
     return key.startswith(BUNDLE_PREFIX)
 
 
+def split_bundle_key(key: str) -> tuple[str, str]:
+    """`bundle_emb.<placeholder>.<encoder>` → (placeholder, encoder); kohya's form reads as `clip_l`."""
+    rest = key[len(BUNDLE_PREFIX) :]
+    if rest.endswith(_KOHYA_SUFFIX):
+        placeholder, encoder = rest[: -len(_KOHYA_SUFFIX)], "clip_l"
+    else:
+        placeholder, _, encoder = rest.rpartition(".")
+    if not placeholder or not encoder:
+        raise EmbeddingError(f"Bundled embedding key {key!r} is not `bundle_emb.<placeholder>.<encoder>`.")
+    return placeholder, encoder
+
+
 def bundled_embeddings(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """placeholder → {encoder key: `[n_vectors, width]`} from a LoRA file's tensors (empty if none)."""
     found: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         if not is_bundle_key(key):
             continue
-        rest = key[len(BUNDLE_PREFIX) :]
-        if rest.endswith(_KOHYA_SUFFIX):
-            placeholder, encoder = rest[: -len(_KOHYA_SUFFIX)], "clip_l"
-        else:
-            placeholder, _, encoder = rest.rpartition(".")
-        if not placeholder or not encoder:
-            raise EmbeddingError(
-                f"Bundled embedding key {key!r} is not `bundle_emb.<placeholder>.<encoder>`."
-            )
+        placeholder, encoder = split_bundle_key(key)
         vectors = value if value.ndim == 2 else value.reshape(-1, value.shape[-1])
         found.setdefault(placeholder, {})[encoder] = vectors
     return found

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .embeddings import EmbeddingError, bundled_embeddings, is_bundle_key
+from .embeddings import EmbeddingError, bundled_embeddings, is_bundle_key, split_bundle_key
 from .files import sha256_file
 
 if TYPE_CHECKING:
@@ -471,7 +471,10 @@ def describe_lora(path: str | Path) -> dict:
     )
     words, source = trigger_words_and_source(metadata)
     if not words and bundled:
-        words = sorted({key[len("bundle_emb.") :].split(".")[0] for key in bundled})
+        try:
+            words = sorted({split_bundle_key(key)[0] for key in bundled})
+        except EmbeddingError as error:
+            raise LoraFileError(f"{path.name}: {error}") from None
         source = "bundled embeddings"
     return {
         "path": str(path),
