@@ -51,16 +51,16 @@ def test_every_backend_is_found_for_its_own_pipeline_only(backend: Backend) -> N
     assert type(backend_for(backend.pipeline)) is type(backend)
     assert backend.matches(backend.pipeline)
     assert not backend.matches(object())
-    assert type(backend.pipeline).__name__ in backend.pipeline_classes
+    assert type(backend.pipeline).__name__ in backend.architecture.pipeline_classes
     assert backend.denoiser is getattr(backend.pipeline, backend.denoiser_name)
 
 
 def test_model_facts_are_consistent(backend: Backend, tmp_path) -> None:
     assert 0 <= backend.default_block() < backend.num_blocks
-    assert backend.default_sequence_length <= backend.max_sequence_length
+    assert backend.architecture.max_sequence_length > 0
     assert backend.grid(SIZE, SIZE) == (SIZE // backend.size_multiple,) * 2
     backend.pipeline.save_pretrained(tmp_path)  # read from configs alone, as before loading
-    assert type(backend).pixels_per_token(tmp_path) == backend.size_multiple
+    assert backend.architecture.pixels_per_token(tmp_path) == backend.size_multiple
     assert backend.tokenizer(PROMPT, return_offsets_mapping=True)["offset_mapping"]  # a fast tokenizer
 
 
@@ -69,7 +69,7 @@ def test_encode_gives_one_row_of_tokens_per_prompt(backend: Backend) -> None:
         conditioning = backend.encode([PROMPT, "a cat"], TOKENS)
     assert conditioning.prompt_embeds.shape[:2] == (2, conditioning.num_text_tokens)
     assert (
-        conditioning.num_text_tokens <= TOKENS or conditioning.num_text_tokens == backend.max_sequence_length
+        conditioning.num_text_tokens <= TOKENS or conditioning.num_text_tokens == backend.architecture.max_sequence_length
     )
 
 
@@ -116,21 +116,21 @@ def test_capture_gives_queries_keys_and_outputs_of_the_grid_and_leaves_no_hook(b
     assert captured.k_text.shape == (1, len(blocks), heads, n_text, dim)
     assert captured.o_img.shape[:3] == (1, len(blocks), n_img)
     # What the backend says it captures is there, and nothing else (methods are refused by it).
-    assert {"q_img", "k_text", "o_img"} <= set(backend.captured)
+    assert {"q_img", "k_text", "o_img"} <= set(backend.architecture.captured)
     for name, shape in (("k_img", captured.q_img.shape), ("q_text", captured.k_text.shape)):
         tensor = getattr(captured, name)
-        assert tensor is None if name not in backend.captured else tensor.shape == shape
+        assert tensor is None if name not in backend.architecture.captured else tensor.shape == shape
     assert hooks(backend.denoiser) == before
 
 
 def test_the_default_mask_method_reads_only_what_the_backend_captures(backend: Backend) -> None:
-    type(backend).check_mask_config(settings())
+    backend.architecture.check_mask_config(settings())
     unreadable = [
-        name for name, method in MAP_METHODS.items() if not set(method.needs) <= set(backend.captured)
+        name for name, method in MAP_METHODS.items() if not set(method.needs) <= set(backend.architecture.captured)
     ]
     for name in unreadable:
         with pytest.raises(ValueError, match="does not give|do not give"):
-            type(backend).check_mask_config(settings(mask_config={"method": name}))
+            backend.architecture.check_mask_config(settings(mask_config={"method": name}))
 
 
 def test_token_layout_of_every_adapted_layer_matches_what_it_sees(backend: Backend) -> None:
@@ -198,7 +198,7 @@ def test_lora_keys_of_its_own_family_are_accepted(backend: Backend, tmp_path) ->
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as handle:
-        type(backend).check_lora_keys(list(handle.keys()), path.name)
+        backend.architecture.check_lora_keys(list(handle.keys()), path.name)
 
 
 @pytest.fixture
@@ -242,7 +242,7 @@ def test_all_ones_masks_are_merge_and_a_zero_mask_removes_that_lora(with_two_lor
 def test_freefuse_runs_and_partitions_the_image(with_two_loras: FreeFuse) -> None:
     """With the backend's default mask method: no pixel goes to two subjects; without a background
     channel every pixel goes to one."""
-    default = type(with_two_loras.backend).default_mask_config
+    default = with_two_loras.backend.architecture.default_mask_config
     for background in (None, False):
         config = {**default.to_dict(), "background": background}
         with warnings.catch_warnings():

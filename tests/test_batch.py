@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from freefuse.batch import JobFileError, Session, expand_grid, load_jobs, read_index, run_batch
+from freefuse.batch import JobFileError, expand_grid, load_jobs, read_index, run_batch
+from freefuse.runner import RunService
 from freefuse.cli import app
 from freefuse.testing import random_lora, tiny_flux_pipeline
 
@@ -125,13 +126,13 @@ def test_grid_expands_groups_prompts_seeds_and_methods(world: Path) -> None:
 
 def test_model_and_loras_load_once_and_rerun_skips_everything(world: Path, tmp_path: Path) -> None:
     jobs = load_jobs(write_jobs(world))
-    session = Session()
-    report = run_batch(jobs, tmp_path, session)
+    service = RunService()
+    report = run_batch(jobs, tmp_path, service)
     assert report.done == 6 and not report.failed
-    assert session.loads == 1 and session.lora_loads == 2
+    assert service.model_loads == 1 and service.lora_loads == 2
     index = read_index(tmp_path)
     assert set(index) == {job.id for job in jobs}
-    again = run_batch(jobs, tmp_path, Session())
+    again = run_batch(jobs, tmp_path, RunService())
     assert again.done == 0 and again.skipped == 6 and again.model_loads == 0
     merged = (tmp_path / "index.jsonl").read_text().splitlines()
     assert [json.loads(line)["id"] for line in merged] == [job.id for job in jobs]
@@ -139,13 +140,13 @@ def test_model_and_loras_load_once_and_rerun_skips_everything(world: Path, tmp_p
 
 def test_corrupt_result_and_half_written_index_line_are_redone(world: Path, tmp_path: Path) -> None:
     jobs = load_jobs(write_jobs(world))
-    run_batch(jobs, tmp_path, Session())
+    run_batch(jobs, tmp_path, RunService())
     before = images(tmp_path)
     victim = tmp_path / f"{jobs[2].stem}.png"
     victim.write_bytes(victim.read_bytes()[:100])  # truncated by a failing disk, say
     with open(tmp_path / "index.p0.jsonl", "a") as handle:
         handle.write('{"id": "half-writ')  # a crash in the middle of an index append
-    report = run_batch(jobs, tmp_path, Session())
+    report = run_batch(jobs, tmp_path, RunService())
     assert report.done == 1 and report.skipped == 5
     assert images(tmp_path) == before
     assert all(line.startswith("{") for line in (tmp_path / "index.p0.jsonl").read_text().splitlines()[:-1])
@@ -177,7 +178,7 @@ def test_a_job_that_fails_while_running_is_recorded_and_the_others_finish(
         return original(session, job, out)
 
     monkeypatch.setattr(batch_module, "run_job", failing_first)
-    report = run_batch(jobs, tmp_path, Session())
+    report = run_batch(jobs, tmp_path, RunService())
     assert report.done == 1 and len(report.failed) == 1
     failures = [json.loads(line) for line in (tmp_path / "failed.p0.jsonl").read_text().splitlines()]
     assert len(failures) == 1 and "line 1" in failures[0]["source"] and "fell over" in failures[0]["error"]
@@ -276,11 +277,11 @@ def test_repeated_jobs_run_once_and_a_deleted_mask_png_is_redone(world: Path, tm
         jobs = load_jobs(path)
     assert len(jobs) == 2
     assert any(issubclass(w.category, BatchWarning) and "repeats" in str(w.message) for w in caught)
-    report = run_batch(jobs, tmp_path, Session())
+    report = run_batch(jobs, tmp_path, RunService())
     assert report.done == 2
     mask_png = next(tmp_path.glob(f"{jobs[0].stem}.masks.0-*.png"))
     mask_png.unlink()
-    again = run_batch(jobs, tmp_path, Session())
+    again = run_batch(jobs, tmp_path, RunService())
     assert again.done == 1 and again.skipped == 1 and mask_png.is_file()
 
 

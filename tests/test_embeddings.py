@@ -123,7 +123,7 @@ def test_two_loras_cannot_define_one_word(tmp_path) -> None:
     first = write_lora(tmp_path / "a.safetensors", pipe, 1, {"bundle_emb.ohwx.t5": torch.randn(1, 32)})
     second = write_lora(tmp_path / "b.safetensors", pipe, 2, {"bundle_emb.ohwx.t5": torch.randn(1, 32)})
     freefuse.add_lora(first)
-    with pytest.raises(LoraFileError, match="LoRA 'a' already set that word"):
+    with pytest.raises(LoraFileError, match="another FreeFuse over this pipeline already set that word"):
         FreeFuse(pipe).add_lora(second)  # another FreeFuse over the same pipeline
     assert sorted(pipe.transformer.peft_config) == ["a"]
     freefuse.remove("a")

@@ -202,23 +202,23 @@ def test_methods_sdxl_cannot_read_are_refused_with_the_ones_it_can() -> None:
     ):
         settings = GenerationSettings(prompt=PROMPT, mask_config=config)
         with pytest.raises(ValueError, match=r"routing") as error:
-            SdxlBackend.check_mask_config(settings)
+            SdxlBackend.architecture.check_mask_config(settings)
         assert "image-to-text" in str(error.value)
-    assert SdxlBackend.mask_config(GenerationSettings(prompt=PROMPT)).method == "routing"
+    assert SdxlBackend.architecture.mask_config(GenerationSettings(prompt=PROMPT)).method == "routing"
     with pytest.raises(ValueError, match="guidance_scale"):
-        SdxlBackend.check_settings(GenerationSettings(prompt=PROMPT, true_cfg_scale=2.0))
+        SdxlBackend.architecture.check_settings(GenerationSettings(prompt=PROMPT, true_cfg_scale=2.0))
     with pytest.raises(ValueError, match="77"):
-        SdxlBackend.check_settings(GenerationSettings(prompt=PROMPT, max_sequence_length=100))
+        SdxlBackend.architecture.check_settings(GenerationSettings(prompt=PROMPT, max_sequence_length=100))
 
 
 def test_a_model_folder_is_told_sdxl_from_its_files(pipe, tmp_path) -> None:
     pipe.save_pretrained(tmp_path)
-    assert architecture_of(str(tmp_path)) is SdxlBackend
+    assert architecture_of(str(tmp_path)) is SdxlBackend.architecture
     assert pixels_per_token(str(tmp_path)) == backend_for(pipe).size_multiple == 16
     assert (
         json.loads((tmp_path / "model_index.json").read_text())["_class_name"] == "StableDiffusionXLPipeline"
     )
-    assert architecture_of("tiny-sdxl") is SdxlBackend
+    assert architecture_of("tiny-sdxl") is SdxlBackend.architecture
 
 
 def test_demo_arch_sdxl_runs_the_tiny_sdxl_model_and_replays(tmp_path, monkeypatch) -> None:
@@ -255,7 +255,7 @@ def test_a_single_file_checkpoint_runs_like_its_folder_and_replays(pipe, tmp_pat
     folder, checkpoint = tmp_path / "folder", tmp_path / "model.safetensors"
     pipe.save_pretrained(folder)
     save_file(sdxl_single_file_state_dict(pipe), str(checkpoint))
-    assert architecture_of(str(checkpoint)) is SdxlBackend
+    assert architecture_of(str(checkpoint)) is SdxlBackend.architecture
     loaded = load_pipeline(str(checkpoint), base=str(folder))
     for name in ("unet", "vae", "text_encoder", "text_encoder_2"):
         theirs = getattr(loaded, name).state_dict()
@@ -487,7 +487,7 @@ def test_single_file_markers_and_defaults(pipe, tmp_path) -> None:
     short.write_bytes(b"")
     with pytest.raises(ModelLoadError, match=r"rename it to model\.safetensors"):
         check_model_source(str(short))
-    assert architecture_of(str(marked)) is SdxlBackend
+    assert architecture_of(str(marked)) is SdxlBackend.architecture
     assert base_model_for(str(marked), None) is None
     scheduler = load_pipeline(str(marked), base=str(folder)).scheduler
     assert scheduler.config.prediction_type == "v_prediction"

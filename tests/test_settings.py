@@ -142,12 +142,12 @@ def test_flags_given_with_a_manifest_win_and_are_said(assets, tmp_path, monkeypa
 
 
 def test_masks_without_method_masks_is_an_error(assets, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr("freefuse.models.load_pipeline", never_load)
+    monkeypatch.setattr("freefuse.runner.load_pipeline", never_load)
     masks = tmp_path / "m.masks.json"
     masks.write_text("{}")
     result = RUNNER.invoke(app, generate_args(assets, tmp_path / "o", "--masks", str(masks)))
     assert result.exit_code == 2
-    assert "--masks is only used with --method masks" in result.output
+    assert "only used by method='masks'" in result.output
     assert not (tmp_path / "o").exists()
 
 
@@ -156,7 +156,7 @@ def never_load(*args, **kwargs):
 
 
 def test_negative_prompt_without_true_cfg_is_an_error_before_loading(assets, tmp_path, monkeypatch) -> None:
-    monkeypatch.setattr("freefuse.models.load_pipeline", never_load)
+    monkeypatch.setattr("freefuse.runner.load_pipeline", never_load)
     result = RUNNER.invoke(app, generate_args(assets, tmp_path / "o", "--negative-prompt", "blurry"))
     assert result.exit_code == 2
     assert "`negative_prompt` only acts with true CFG" in result.output and "--true-cfg" in result.output

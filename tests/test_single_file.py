@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from freefuse.backends.flux import FluxBackend
-from freefuse.models import ModelLoadError, architecture_of, load_pipeline
+from freefuse.models import ModelLoadError, architecture_of, load_pipeline, model_source
 from freefuse.testing import flux_single_file_state_dict, tiny_flux_pipeline
 
 FLUX_WIDTH = {
@@ -39,7 +39,7 @@ def test_a_flux_transformer_file_loads_with_the_rest_from_the_base_model(tmp_pat
     checkpoint = tmp_path / "flux-finetune.safetensors"
     save_file(flux_single_file_state_dict(wide), str(checkpoint))
 
-    assert architecture_of(str(checkpoint)) is FluxBackend
+    assert architecture_of(str(checkpoint)) is FluxBackend.architecture
     loaded = load_pipeline(str(checkpoint), base=str(base), dtype="bfloat16")
     assert type(loaded).__name__ == "FluxPipeline"
     theirs = loaded.transformer.state_dict()
@@ -49,7 +49,7 @@ def test_a_flux_transformer_file_loads_with_the_rest_from_the_base_model(tmp_pat
         theirs = getattr(loaded, name).state_dict()
         for key, value in getattr(tiny, name).state_dict().items():
             assert torch.equal(theirs[key].float(), value.to(torch.bfloat16).float()), (name, key)
-    assert loaded.freefuse_base_model == str(base.resolve())
+    assert model_source(str(checkpoint), str(base)).base_model == str(base.resolve())
 
 
 def test_a_base_model_of_another_architecture_is_a_clear_error(tmp_path) -> None:

@@ -187,9 +187,8 @@ def test_mistakes_are_messages_in_the_page_not_stack_traces(server, page) -> Non
 
 
 def test_sessions_are_apart_and_the_server_is_local(server) -> None:
-    from freefuse.ui import Session
-
-    first, second = Session.new(server["folder"] / "apart"), Session.new(server["folder"] / "apart")
+    workspace = server["app"].freefuse_workspace
+    first, second = workspace.new_session(), workspace.new_session()
     assert first.folder != second.folder and len(first.folder.name) == 32
     assert server["app"].server_name == "127.0.0.1"
 

@@ -27,18 +27,18 @@ from itertools import combinations, product
 from pathlib import Path
 from string import ascii_uppercase
 
-from .files import atomic_write, sha256_file
+from .errors import JobFileError, LoraFileError
+from .files import atomic_write, cached_sha256, sha256_file
+from .lora import header_metadata, read_header, trigger_words_from_metadata
 from .models import BUILT_IN, is_hub_id, pixels_per_token
+from .outputs import write_outputs
+from .runner import RunService
 from .settings import GenerationSettings
 from .spec import LoraSpec, RunSpec
 
 INDEX_GLOB = "index.p*.jsonl"
 MAX_JOB_FILE_BYTES = 64 << 20
 JOB_KEYS = {"model", "base_model", "loras", "masks", "id"}
-
-
-class JobFileError(ValueError):
-    """A job or grid file is malformed; the message names the line or key."""
 
 
 class BatchWarning(UserWarning):
@@ -55,8 +55,6 @@ class Job(RunSpec):
     def record(self) -> dict:
         """What the job's id is a hash of: paths relative to the job file, and each LoRA file's hash,
         so that moving the folder keeps finished work and replacing a LoRA file redoes it."""
-        from .manifest import cached_sha256
-
         def relative(path: str) -> str:
             return os.path.relpath(path, self.base) if self.base is not None and Path(path).exists() else path
 
@@ -128,8 +126,6 @@ def _first_word(lora: LoraSpec) -> str:
     """The word a {A}-style placeholder stands for: the job's first word, else the file's trigger word."""
     if lora.words:
         return str(lora.words[0])
-    from .lora import LoraFileError, header_metadata, read_header, trigger_words_from_metadata
-
     path = Path(lora.path)
     try:
         if path.exists() and not path.is_file() and not path.is_dir():
@@ -442,52 +438,6 @@ def append_index(shard: Path, entry: dict) -> None:
 # -- running --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Session:
-    """Per process: one model loaded at a time, each LoRA file loaded once and switched as an adapter."""
-
-    device: str | None = None
-    dtype: str | None = None
-    offload: bool = False
-    model: tuple[str, str | None] | None = None  # (model, base model) loaded now
-    pipeline: object = None
-    # (LoRA file sha256, name the job gives it) -> the Subject it was first loaded as. A file given
-    # under two names is loaded twice, so that each job's masks carry the names it asked for.
-    loaded: dict[tuple[str, str], object] = field(default_factory=dict)
-    loads: int = 0  # model loads, for tests and the summary
-    lora_loads: int = 0
-
-    def freefuse_for(self, job: Job):
-        from .lora import check_lora_path
-        from .manifest import cached_sha256
-        from .models import load_pipeline
-        from .pipeline import FreeFuse
-
-        if (job.model, job.base_model) != self.model:
-            self.pipeline = None  # free the previous model first
-            self.pipeline = load_pipeline(
-                job.model, device=self.device, dtype=self.dtype, offload=self.offload, base=job.base_model
-            )
-            self.model, self.loaded, self.loads = (job.model, job.base_model), {}, self.loads + 1
-        freefuse = FreeFuse(self.pipeline)
-        for lora in job.loras:
-            sha = cached_sha256(check_lora_path(lora.path))
-            wanted = re.sub(r"[^A-Za-z0-9_.-]+", "_", lora.adapter_name)[:48] or "lora"
-            first = self.loaded.get((sha, wanted))
-            settings = {"weight": lora.weight, "scope": lora.scope}
-            if first is None:
-                taken = {subject.name for subject in self.loaded.values()}
-                name = wanted if wanted not in taken else f"{wanted}_{sha[:8]}"
-                self.loaded[(sha, wanted)] = freefuse.add_lora(
-                    lora.path, words=lora.words, name=name, **settings
-                )
-                self.lora_loads += 1
-            else:
-                subject = freefuse.use_adapter(first.name, words=lora.words, source=first, **settings)
-                subject.path = lora.path  # same bytes, maybe another path
-        return freefuse
-
-
 def job_files(out: Path, job: Job) -> dict[str, Path]:
     stem = job.stem
     return {
@@ -498,20 +448,13 @@ def job_files(out: Path, job: Job) -> dict[str, Path]:
     }
 
 
-def run_job(session: Session, job: Job, out: Path) -> dict:
+def run_job(service: RunService, job: Job, out: Path) -> dict:
     """Generate one job and write its files; return its index entry (file names and hashes)."""
-    from .outputs import write_outputs
-    from .pipeline import FreeFuseWarning
-
-    freefuse = session.freefuse_for(job)
-
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", FreeFuseWarning)
-        output = freefuse.generate(job.settings, masks=job.masks, progress=False)
+    result = service.run(job, check=False)  # every job was checked before the first model loaded
+    output, notes = result.output, result.notes
     files = job_files(out, job)
     output.manifest["job"] = {"id": job.id, "source": job.source}
     [written] = write_outputs(output, [files], overwrite=True)  # this job's own names: overwriting is redoing
-    notes = [str(w.message) for w in caught if issubclass(w.category, FreeFuseWarning)]
     return {
         "id": job.id,
         "stem": job.stem,
@@ -595,7 +538,7 @@ class BatchReport:
 def run_batch(
     jobs: list[Job],
     out: str | Path,
-    session: Session | None = None,
+    service: RunService | None = None,
     on_progress: Callable[[BatchReport, int], None] | None = None,
 ) -> BatchReport:
     """Run this process's share of `jobs` (all of them without accelerate); skip finished ones.
@@ -606,9 +549,9 @@ def run_batch(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = process_state()
-    session = session or Session()
-    if session.device is None and state.device.type != "cpu":
-        session.device = str(state.device)
+    service = service or RunService()
+    if service.device is None and state.device.type != "cpu":
+        service.device = str(state.device)
     shard = out / f"index.p{state.process_index}.jsonl"
     failed_log = out / f"failed.p{state.process_index}.jsonl"
     report = BatchReport(total=len(jobs))
@@ -624,7 +567,7 @@ def run_batch(
                 report.claimed_elsewhere += 1  # another batch on the same folder is making it
             else:
                 try:
-                    entry = run_job(session, job, out)
+                    entry = run_job(service, job, out)
                     append_index(shard, entry)
                     done[job.id] = entry
                     report.done += 1
@@ -643,7 +586,7 @@ def run_batch(
             report.seconds = time.perf_counter() - started
             if on_progress is not None:
                 on_progress(report, len(mine))
-    report.model_loads = session.loads
+    report.model_loads = service.model_loads
     state.wait_for_everyone()
     if state.is_main_process:
         merged = read_index(out)

@@ -9,7 +9,6 @@ shows tracebacks.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import logging
@@ -37,7 +36,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from . import __version__
+from . import __version__, stages
+from .core.config import MAP_METHOD_NAMES
+from .errors import INTERRUPTED, USER_ERRORS, SettingsError, describe_failure, is_interrupt
+from .methods import METHODS
 from .outputs import check_outputs, output_paths, write_outputs
 from .settings import CLI_FLAGS, GenerationSettings
 
@@ -56,31 +58,6 @@ app = typer.Typer(
 console = Console(stderr=True, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 1000)
 STATE = {"debug": False}
 EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
-# Storage problems are the user's to fix (space, permissions, a read-only disk), not bugs.
-STORAGE_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
-
-
-class UserError(Exception):
-    """A mistake in what the user asked for; the message says how to fix it."""
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .files import OutputExistsError
-    from .lora import LoraFileError
-    from .models import ModelLoadError
-    from .tokens import WordNotFoundError
-
-    return (
-        UserError,
-        ValueError,
-        FileNotFoundError,
-        NotADirectoryError,
-        IsADirectoryError,
-        LoraFileError,
-        ModelLoadError,
-        OutputExistsError,
-        WordNotFoundError,
-    )
 
 
 def _quiet_libraries() -> None:
@@ -107,6 +84,20 @@ def _terminate(signum, frame):
     raise KeyboardInterrupt
 
 
+def _interrupted() -> None:
+    """Say so once and exit 130; further signals are ignored from here (when in the main thread)."""
+    with contextlib.suppress(ValueError):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
+    console.print(f"[yellow]{INTERRUPTED}[/]")
+    raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def _say_error(message: str, internal: bool = False) -> None:
+    label = "internal error" if internal else "error"
+    console.print(f"[bold red]{label}:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def command(function: Callable) -> Callable:
     """Run a command with clean error handling: exit 2 for mistakes, 1 for bugs, 130 if interrupted."""
 
@@ -122,43 +113,18 @@ def command(function: Callable) -> Callable:
         except typer.Exit:
             raise
         except KeyboardInterrupt:
-            console.print("[yellow]Interrupted; no partial output was written.[/]")
-            raise typer.Exit(EXIT_INTERRUPTED) from None
-        except _user_errors() as error:
-            if STATE["debug"]:
-                raise
-            console.print(f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-            raise typer.Exit(EXIT_USER) from None
-        except OSError as error:
-            if STATE["debug"] or error.errno not in STORAGE_ERRORS:
-                raise
-            where = f" {error.filename}" if error.filename else ""
-            console.print(
-                f"[bold red]error:[/] could not write{escape(where)}: {escape(error.strerror or str(error))}. Nothing "
-                "of this run was kept; free some space or pick another --out.",
-                highlight=False,
-                soft_wrap=True,
-            )
-            raise typer.Exit(EXIT_USER) from None
+            _interrupted()
         except Exception as error:
+            if is_interrupt(error):
+                _interrupted()
             if STATE["debug"]:
                 raise
-            import torch
-
-            if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
-                console.print(
-                    "[bold red]error:[/] the device ran out of memory. Lower memory use with --offload (model CPU "
-                    "offload), --dtype bfloat16, a smaller --size, fewer images per prompt, or --preview latent.",
-                    highlight=False,
-                )
-                raise typer.Exit(EXIT_USER) from None
-            console.print(
-                f"[bold red]internal error:[/] {type(error).__name__}: {escape(str(error))}\nRun again with --debug for the "
-                "traceback, and report it.",
-                highlight=False,
-                soft_wrap=True,
-            )
-            raise typer.Exit(EXIT_INTERNAL) from None
+            failure = describe_failure(error)
+            if failure.kind == "internal":
+                _say_error(f"{failure.message}\nRun again with --debug for the traceback, and report it.", True)
+                raise typer.Exit(EXIT_INTERNAL) from None
+            _say_error(failure.message)
+            raise typer.Exit(EXIT_USER) from None
 
     return wrapper
 
@@ -196,7 +162,7 @@ def parse_lora_spec(spec: str) -> tuple[str, list[str] | None, float]:
             rest, weight_text = rest.rsplit("@", 1)
         words = [word.strip() for word in rest.split(",") if word.strip()]
         if not words:
-            raise UserError(
+            raise SettingsError(
                 f"--lora {spec!r}: no activation word after '='; write PATH=WORD[,WORD][@WEIGHT]."
             )
     elif "@" in spec:
@@ -206,9 +172,9 @@ def parse_lora_spec(spec: str) -> tuple[str, list[str] | None, float]:
         try:
             weight = float(weight_text)
         except ValueError:
-            raise UserError(f"--lora {spec!r}: weight {weight_text!r} is not a number (e.g. @0.8).") from None
+            raise SettingsError(f"--lora {spec!r}: weight {weight_text!r} is not a number (e.g. @0.8).") from None
         if weight != weight or weight in (float("inf"), float("-inf")):
-            raise UserError(f"--lora {spec!r}: weight must be a finite number.")
+            raise SettingsError(f"--lora {spec!r}: weight must be a finite number.")
     return path, words, weight
 
 
@@ -229,33 +195,37 @@ def _check_outputs_free(paths: list[dict[str, Path]], overwrite: bool) -> None:
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
 
 
-def execute(freefuse, settings, masks=None, stop_after_masks: bool = False):
-    """Run the library with a rich progress bar; FreeFuse notes are printed, not raised."""
-    from .pipeline import FreeFuseWarning
+def _progress_for(progress: Progress, description: str):
+    """A run's `on_step(done, total)` that drives one task of `progress` (made at the first step, so
+    that a mistake found when the run starts is said before any bar is drawn)."""
+    task = None
 
-    steps = settings.resolved_mask_step if stop_after_masks else settings.num_inference_steps
-    freefuse.check_inputs(settings, masks)  # a missing word is said before any progress bar starts
+    def on_step(done: int, total: int) -> None:
+        nonlocal task
+        stages.report(f"step {done}/{total}")
+        if task is None:
+            task = progress.add_task(description, total=total)
+        progress.update(task, completed=done)
+
+    return on_step
+
+
+def _notes(notes: list[str]) -> None:
+    for note in notes:
+        console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
+
+
+def execute(service, spec, stop_after_masks: bool = False):
+    """Run `spec` on the run service with a rich progress bar; its notes are printed, not raised."""
     with _progress() as progress:
-        task = progress.add_task("stage 1" if stop_after_masks else "denoising", total=steps)
-
-        def advance(freefuse, step_index, timestep, tensors):
-            progress.update(task, completed=min(step_index + 1, steps))
-            return {}
-
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            output = freefuse.generate(
-                settings,
-                masks=masks,
-                callback_on_step_end=advance,
-                callback_on_step_end_tensor_inputs=(),
-                progress=False,
-                stop_after_masks=stop_after_masks,
-            )
-    for warning in caught:
-        if issubclass(warning.category, FreeFuseWarning):
-            console.print(f"[yellow]note:[/] {escape(str(warning.message))}", highlight=False, soft_wrap=True)
-    return output
+        result = service.run(
+            spec,
+            check=False,
+            on_step=_progress_for(progress, "stage 1" if stop_after_masks else "denoising"),
+            stop_after_masks=stop_after_masks,
+        )
+    _notes(result.notes)
+    return result.output
 
 
 def _summary(output, paths) -> None:
@@ -340,8 +310,8 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
             str | None,
             typer.Option(
                 "--mask-method",
-                help="How stage 1 reads attention: text-to-image (the paper, default), image-to-text, combined, "
-                "routing.",
+                help=f"How stage 1 reads attention: {', '.join(MAP_METHOD_NAMES)} (the first is the paper's; "
+                "default: the model's).",
             ),
         ],
         None,
@@ -377,8 +347,7 @@ class RunOptions:
 
     def spec(self) -> RunSpec:
         """The run: from the flags, or from `--manifest` with the flags given winning (and said)."""
-        from .manifest import replay_spec
-        from .spec import LoraSpec, RunSpec
+        from .spec import LoraSpec, RunSpec, replay_spec  # torch: not for --help or a flag's mistake
 
         loras = [
             LoraSpec(**lora) for lora in _loras_from_flags(self.values["lora"], self.values["global_lora"])
@@ -393,9 +362,9 @@ class RunOptions:
                 base_model=self.values["base_model"],
             )
         if "prompt" not in self.settings:
-            raise UserError("--prompt is required (or --manifest to replay a run).")
+            raise SettingsError("--prompt is required (or --manifest to replay a run).")
         if self.values["model"] is None:
-            raise UserError(
+            raise SettingsError(
                 "--model is required: a diffusers folder or a Hugging Face id (or 'tiny' to try it)."
             )
         settings = GenerationSettings(**self.settings)
@@ -410,8 +379,6 @@ def settings_help(field_name: str) -> str:
     text = field.description or ""
     choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
     if field_name == "method":
-        from .methods import METHODS
-
         choices = tuple(sorted(METHODS))
     if choices:
         text += f" One of: {', '.join(choices)}."
@@ -458,7 +425,7 @@ def _loras_from_flags(loras: list[str] | None, global_loras: list[str] | None) -
     for spec in global_loras or []:
         path, words, weight = parse_lora_spec(spec)
         if words:
-            raise UserError(f"--global-lora {spec!r}: global LoRAs take no words; write PATH[@WEIGHT].")
+            raise SettingsError(f"--global-lora {spec!r}: global LoRAs take no words; write PATH[@WEIGHT].")
         result.append({"path": path, "words": None, "weight": weight, "scope": "global"})
     return result
 
@@ -474,9 +441,10 @@ def _prepare(options: RunOptions, count_images: bool = True) -> tuple[RunSpec, l
     return spec, paths
 
 
-def _load(spec: RunSpec, options: RunOptions):
-    with console.status(escape(f"Loading {spec.model} ...")):
-        return spec.load(options.values["device"], options.values["dtype"], options.values["offload"])
+def _service(options: RunOptions):
+    from .runner import RunService  # torch and diffusers: not for --help or a flag's mistake
+
+    return RunService(options.values["device"], options.values["dtype"], options.values["offload"])
 
 
 # -- commands --------------------------------------------------------------------------------------------
@@ -489,9 +457,14 @@ def generate(options: RunOptions) -> None:
     """Generate an image with several subject LoRAs, each kept to its own subject."""
     spec, paths = _prepare(options)
     _check_outputs_free(paths, options.values["overwrite"])
-    freefuse = _load(spec, options)
-    output = execute(freefuse, spec.settings, masks=spec.masks)
+    service = _service(options)
+    stages.report("loading")
+    with console.status(escape(f"Loading {spec.model} ...")):
+        service.pipeline(spec.model, spec.base_model)
+    output = execute(service, spec)
+    stages.report("writing")
     write_outputs(output, paths, options.values["overwrite"])
+    stages.report("done")
     _summary(output, paths)
 
 
@@ -500,22 +473,22 @@ def generate(options: RunOptions) -> None:
 @run_options
 def masks_command(options: RunOptions) -> None:
     """Stage 1 only: save the subject masks and their overlay, to preview, edit or reuse (--method masks)."""
-    from .methods import get_method
-
     if options.values["masks"] is not None:
-        raise UserError(
+        raise SettingsError(
             "--masks gives masks to generate with; `freefuse masks` makes them. Leave --masks out."
         )
     spec, paths = _prepare(options)
-    if not get_method(spec.settings.method).reads_attention:
-        raise UserError(
+    if not METHODS[spec.settings.method].reads_attention:
+        raise SettingsError(
             f"`freefuse masks` needs a method that reads attention, not {spec.settings.method!r}."
         )
     for files in paths:
         files.pop("image")
     _check_outputs_free(paths, options.values["overwrite"])
-    freefuse = _load(spec, options)
-    output = execute(freefuse, spec.settings, stop_after_masks=True)
+    service = _service(options)
+    with console.status(escape(f"Loading {spec.model} ...")):
+        service.pipeline(spec.model, spec.base_model)
+    output = execute(service, spec, stop_after_masks=True)
     write_outputs(output, paths, options.values["overwrite"], masks_only=True)
     for files in paths:
         console.print(escape(f"masks: {files['masks']}  overlay: {files['overlay']}"), highlight=False)
@@ -545,7 +518,8 @@ def batch(
     With `accelerate launch --multi_gpu --num_processes N -m freefuse batch ...` the jobs are split
     between processes (one GPU each; gloo on CPUs); results and index shards share one folder.
     """
-    from .batch import Session, expand_grid, is_done, load_jobs, process_state, read_index, run_batch
+    from .batch import expand_grid, is_done, load_jobs, process_state, read_index, run_batch
+    from .runner import RunService
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -581,7 +555,7 @@ def batch(
         progress.start()
     try:
         report = run_batch(
-            job_list, out, Session(device=device, dtype=dtype, offload=offload), on_progress=update
+            job_list, out, RunService(device=device, dtype=dtype, offload=offload), on_progress=update
         )
     finally:
         if progress is not None:
@@ -627,7 +601,7 @@ def inspect(
     for path in files:
         try:
             reports.append(describe_lora(path))
-        except _user_errors() as error:
+        except USER_ERRORS as error:
             reports.append({"path": str(path), "error": str(error)})
     if as_json:
         typer.echo(json.dumps(reports, indent=2))
@@ -694,12 +668,14 @@ def demo(
 ) -> None:
     """Run the whole job offline: merge beside FreeFuse on ShapesWorld, or a real model when its weights are here."""
     from .demo import plan_demo, run_demo
+    from .runner import RunService
 
     plan = plan_demo(model, steps, size, seed, arch)
     console.print(escape(f"demo: {plan.description}"), highlight=False, soft_wrap=True)
-    files, output = run_demo(
-        plan, out, execute, overwrite=overwrite, device=device, dtype=dtype, offload=offload
-    )
+    service = RunService(device=device, dtype=dtype, offload=offload)
+    with _progress() as progress:
+        files, output, notes = run_demo(plan, out, service, overwrite=overwrite, on_step=_progress_for(progress, "demo"))
+    _notes(notes)
     _summary(output, [files])
     shown = files.get("compare", files["image"])
     console.print(
@@ -737,7 +713,7 @@ def ui(
     try:
         from .ui import build_app, launch
     except ImportError as error:
-        raise UserError(f"freefuse ui needs Gradio: pip install 'freefuse[ui]' ({error}).") from None
+        raise SettingsError(f"freefuse ui needs Gradio: pip install 'freefuse[ui]' ({error}).") from None
     # Paths on this machine only for a page this machine alone can reach.
     local = host in ("127.0.0.1", "localhost", "::1")
     app_ = build_app(model=model, root=root, device=device, dtype=dtype, local_paths=local)
@@ -773,7 +749,7 @@ def eval_shapesworld(
         str | None,
         typer.Option(
             "--mask-method",
-            help="FreeFuse's stage-1 method: text-to-image | image-to-text | combined | routing.",
+            help=f"FreeFuse's stage-1 method: {' | '.join(MAP_METHOD_NAMES)}.",
         ),
     ] = None,
     mask_step: Annotated[
@@ -789,28 +765,26 @@ def eval_shapesworld(
     methods = tuple(method or METHODS)
     unknown = sorted(set(methods) - set(METHODS))
     if unknown:
-        raise UserError(f"Unknown method(s) {unknown}; use {list(METHODS)}.")
+        raise SettingsError(f"Unknown method(s) {unknown}; use {list(METHODS)}.")
     config = EvalConfig.quick() if quick else EvalConfig()
     config.methods = methods
     if mask_method is not None:
-        from .core.methods import MAP_METHODS
-
-        if mask_method not in MAP_METHODS:
-            raise UserError(f"--mask-method {mask_method!r}: use one of {sorted(MAP_METHODS)}.")
+        if mask_method not in MAP_METHOD_NAMES:
+            raise SettingsError(f"--mask-method {mask_method!r}: use one of {list(MAP_METHOD_NAMES)}.")
         config.mask_method = mask_method
     config.mask_step, config.block = mask_step, block
     if seeds is not None:
         if seeds < 1:
-            raise UserError(f"--seeds {seeds}: give at least 1 seed per prompt.")
+            raise SettingsError(f"--seeds {seeds}: give at least 1 seed per prompt.")
         config.seeds = tuple(range(seeds))
     if steps is not None:
         if steps < 2:
-            raise UserError(f"--steps {steps}: ShapesWorld needs at least 2 denoising steps.")
+            raise SettingsError(f"--steps {steps}: ShapesWorld needs at least 2 denoising steps.")
         config.steps = steps
     if sizes:
         bad = [size for size in sizes if size not in (2, 3, 4)]
         if bad:
-            raise UserError(f"--subjects {bad}: ShapesWorld has 4 subjects; use 2, 3 or 4.")
+            raise SettingsError(f"--subjects {bad}: ShapesWorld has 4 subjects; use 2, 3 or 4.")
         config.group_sizes = tuple(sizes)
     command_line = (
         "freefuse " + " ".join(sys.argv[1:])
@@ -844,8 +818,13 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         app()
-    except KeyboardInterrupt:  # between commands' own handling, e.g. while importing
-        console.print("[yellow]Interrupted; no partial output was written.[/]")
+    except BaseException as error:  # between commands' own handling, e.g. while importing
+        if not is_interrupt(error):
+            raise
+        with contextlib.suppress(ValueError):
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, signal.SIG_IGN)
+        console.print(f"[yellow]{INTERRUPTED}[/]")
         sys.exit(EXIT_INTERRUPTED)
 
 

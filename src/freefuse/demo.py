@@ -12,18 +12,22 @@ replays from anywhere (`freefuse generate --manifest out/demo.json`).
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+from safetensors.torch import save
+
+from .backends import backend_for
 from .files import atomic_save, check_free
-from .models import SHAPESWORLD, TINY_MODELS, architecture_of, cached_model, load_pipeline
+from .models import SHAPESWORLD, TINY_MODELS, architecture_of, cached_model
 from .outputs import check_outputs, output_paths, write_outputs
+from .pipeline import FreeFuseOutput
+from .runner import RunService, StepCallback
 from .settings import GenerationSettings, parse_size
-
-if TYPE_CHECKING:
-    from .pipeline import FreeFuseOutput
+from .shapesworld.model import MAX_TEXT_TOKENS, lora_path
+from .shapesworld.scenes import SIZE
+from .spec import LoraSpec, RunSpec
+from .tiny import random_lora_weights
 
 LORA_FOLDER = "demo-loras"
 
@@ -62,9 +66,6 @@ def plan_demo(
         fallback = SHAPESWORLD if architecture == "flux" else tiny_of[architecture]
     chosen = model or cached_model(architecture) or fallback
     if chosen == SHAPESWORLD:
-        from .shapesworld.model import MAX_TEXT_TOKENS
-        from .shapesworld.scenes import SIZE
-
         width, height = parse_size(size or str(SIZE))
         return DemoPlan(
             model=chosen,
@@ -112,19 +113,20 @@ def _lora_files(plan: DemoPlan, pipeline, folder: Path) -> list[Path]:
     """The demo's LoRA files in `folder`: ShapesWorld's committed ones, or random ones."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
+    backend = backend_for(pipeline)
+    targets, within = backend.architecture.typical_lora_targets
     for seed, (name, word) in enumerate(plan.subjects, start=1):
         path = folder / f"{name}.safetensors"
         if plan.model == SHAPESWORLD:
-            from .shapesworld.model import lora_path
-
             atomic_save(path, lambda handle, source=lora_path(name): handle.write(source.read_bytes()))
         else:
-            from safetensors.torch import save
-
-            from .testing import typical_lora_state_dict
-
-            state = typical_lora_state_dict(
-                pipeline, seed=seed, scale=1.0 if plan.model in TINY_MODELS else 0.3
+            state = random_lora_weights(
+                backend.denoiser,
+                targets=targets,
+                within=within,
+                prefix=backend.denoiser_name,
+                seed=seed,
+                scale=1.0 if plan.model in TINY_MODELS else 0.3,
             )
             data = save(state, metadata={"format": "pt", "modelspec.trigger_phrase": word})
             atomic_save(path, lambda handle, data=data: handle.write(data))
@@ -151,33 +153,35 @@ def compare_picture(merge, freefuse, masks, labels=("merge", "FreeFuse", "FreeFu
 def run_demo(
     plan: DemoPlan,
     out: Path,
-    run: Callable,
+    service: RunService,
     overwrite: bool = False,
-    device: str | None = None,
-    dtype: str | None = None,
-    offload: bool = False,
-) -> tuple[dict[str, Path], FreeFuseOutput]:
-    """Load, add the demo LoRAs (written under `out/demo-loras`), generate with
-    `run(freefuse, settings)`, write everything; return the files and FreeFuse's output."""
-    from .pipeline import FreeFuse
-
+    on_step: StepCallback | None = None,
+) -> tuple[dict[str, Path], FreeFuseOutput, list[str]]:
+    """Load, write the demo LoRAs (under `out/demo-loras`), run FreeFuse (and merge beside it) on
+    the run service, write everything; return the files, FreeFuse's output and the run's notes."""
     paths = output_paths(out, "demo", 1)[0]
     extra = {"merge": out / "demo-merge.png", "compare": out / "demo-compare.png"} if plan.compare else {}
     loras = [out / LORA_FOLDER / f"{name}.safetensors" for name, _ in plan.subjects]
     check_outputs([paths], overwrite)
     check_free([*extra.values(), *loras], overwrite)
-    pipeline = load_pipeline(plan.model, device=device, dtype=dtype, offload=offload)
-    freefuse = FreeFuse(pipeline)
-    for path, (name, word) in zip(_lora_files(plan, pipeline, out / LORA_FOLDER), plan.subjects, strict=True):
-        freefuse.add_lora(path, name=name, words=[word])
-    output = run(freefuse, plan.settings)
-    write_outputs(output, [paths], overwrite)
+    pipeline = service.pipeline(plan.model)
+    files = _lora_files(plan, pipeline, out / LORA_FOLDER)
+    spec = RunSpec(
+        model=plan.model,
+        loras=[
+            LoraSpec(path=str(path), name=name, words=[word])
+            for path, (name, word) in zip(files, plan.subjects, strict=True)
+        ],
+        settings=plan.settings,
+    )
+    result = service.run(spec, on_step=on_step)
+    write_outputs(result.output, [paths], overwrite)
     if plan.compare:
-        merge = run(freefuse, plan.settings.model_copy(update={"method": "merge"}))
-        atomic_save(extra["merge"], lambda handle: merge.images[0].save(handle, "PNG"), overwrite)
-        picture = compare_picture(merge.images[0], output.images[0], output.masks[0])
+        merge = service.run(replace(spec, settings=plan.settings.model_copy(update={"method": "merge"})), on_step=on_step)
+        atomic_save(extra["merge"], lambda handle: merge.output.images[0].save(handle, "PNG"), overwrite)
+        picture = compare_picture(merge.output.images[0], result.output.images[0], result.output.masks[0])
         atomic_save(extra["compare"], lambda handle: picture.save(handle, "PNG"), overwrite)
-    return {**paths, **extra}, output
+    return {**paths, **extra}, result.output, result.notes
 
 
 __all__ = ["DemoPlan", "compare_picture", "plan_demo", "run_demo"]

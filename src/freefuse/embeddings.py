@@ -20,15 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import EmbeddingError
+
 BUNDLE_PREFIX = "bundle_emb."
 #: kohya's single-encoder form, read as the first CLIP encoder.
 _KOHYA_SUFFIX = ".string_to_param.*"
 #: OneTrainer's "output embeddings" (`t5_out`, `clip_l_out`) change what the encoder puts out, not its input.
 _OUTPUT_SUFFIX = "_out"
-
-
-class EmbeddingError(ValueError):
-    """A bundled embedding that cannot be used with this model."""
 
 
 def is_bundle_key(key: str) -> bool:
@@ -84,13 +82,13 @@ def check_embeddings(
         embeddings: `bundled_embeddings` of the file.
         slots: encoder key → (tokenizer attribute, text encoder attribute) of this architecture.
         source: the file's name, for messages.
-        taken: placeholder → the LoRA that already bundled it.
+        taken: placeholder → who already set that word's embedding ("LoRA 'alice'").
     """
     for placeholder, per_encoder in embeddings.items():
         if placeholder in taken:
             raise EmbeddingError(
-                f"{source} bundles an embedding for {placeholder!r}, and LoRA {taken[placeholder]!r} already "
-                "set that word's embedding; two LoRAs cannot both define one word. Remove the other LoRA first."
+                f"{source} bundles an embedding for {placeholder!r}, and {taken[placeholder]} already set that "
+                "word's embedding; two LoRAs cannot both define one word. Remove the other LoRA first."
             )
         for encoder, vectors in per_encoder.items():
             if encoder.endswith(_OUTPUT_SUFFIX):

@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+from .errors import OutputExistsError, OutputFolderError
+
 
 def _current_umask() -> int:
     mask = os.umask(0)
@@ -27,14 +29,6 @@ def _current_umask() -> int:
 
 # mkstemp makes files readable by their owner only; finished outputs get the usual permissions.
 _FILE_MODE = 0o666 & ~_current_umask()
-
-
-class OutputExistsError(FileExistsError):
-    """An output file is already there and overwriting was not allowed."""
-
-
-class OutputFolderError(ValueError):
-    """The output folder cannot be written (permissions, a read-only disk, not a folder)."""
 
 
 def check_free(paths: list[Path], overwrite: bool) -> None:
@@ -169,3 +163,36 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def _cache_path() -> Path:
+    root = os.environ.get("FREEFUSE_CACHE") or Path.home() / ".cache" / "freefuse"
+    return Path(root) / "hashes.json"
+
+
+def cached_sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered by (size, mtime) so that big model files are read once."""
+    path = path.resolve()
+    stat = path.stat()
+    cache_file = _cache_path()
+    try:
+        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        cache = {}
+    entry = cache.get(str(path))
+    if (
+        isinstance(entry, dict)
+        and entry.get("size") == stat.st_size
+        and entry.get("mtime_ns") == stat.st_mtime_ns
+    ):
+        return str(entry["sha256"])
+    digest = sha256_file(path)
+    cache[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
+    with contextlib.suppress(OSError):  # a read-only home only costs re-hashing next time
+        write_json(cache_file, cache)
+    return digest
+
+
+def relative_to(path: str | Path, folder: Path) -> str:
+    """`path` as seen from `folder` (what a manifest in `folder` records, so a folder moved whole replays)."""
+    return os.path.relpath(Path(path).expanduser().resolve(), folder.resolve())

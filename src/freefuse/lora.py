@@ -9,10 +9,12 @@ files and checks that a converted LoRA fits a model. Masking at run time is `fre
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import re
 import struct
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,6 +22,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from .embeddings import EmbeddingError, bundled_embeddings, is_bundle_key, split_bundle_key
+from .errors import LoraFileError
 from .files import sha256_file
 
 if TYPE_CHECKING:
@@ -37,8 +40,34 @@ TRIGGER_KEYS = (
 )
 
 
-class LoraFileError(ValueError):
-    """A LoRA file cannot be used: missing, not safetensors, corrupt, or for another model."""
+#: What PEFT accepts as an adapter name (and what masks, manifests and file names show).
+ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+
+
+def adapter_name(stem: str | Path, taken: Collection[str] = ()) -> str:
+    """The adapter name a LoRA gets when none is given: its file's stem (a path's, or the text)
+    with other characters as `_`, at most 64, made unique against `taken` with `_2`, `_3`, ...
+    The one rule every front end names LoRAs by."""
+    text = Path(stem).stem if isinstance(stem, Path) or str(stem).endswith(".safetensors") else str(stem)
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", text)[:64] or "lora"
+    if not ADAPTER_NAME.match(name):
+        name = ("_" + name)[:64]
+    unique, number = name, 1
+    while unique in taken:
+        number += 1
+        suffix = f"_{number}"
+        unique = name[: 64 - len(suffix)] + suffix
+    return unique
+
+
+def check_adapter_name(name: str) -> str:
+    """`name` if PEFT takes it as an adapter name; else a `LoraFileError` saying what does."""
+    if not isinstance(name, str) or not ADAPTER_NAME.match(name):
+        raise LoraFileError(
+            f"LoRA name {name!r} is not usable as an adapter name; use 1-64 letters, digits, '_', '-' or '.', "
+            "not starting with '-' or '.'."
+        )
+    return name
 
 
 @dataclass
@@ -61,6 +90,12 @@ class LoraFile:
     metadata: dict[str, str] = field(default_factory=dict)
     layout: str = "unknown"
     embeddings: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def adapter_metadata(self) -> bool:
+        """The file carries diffusers' own LoRA config (`lora_adapter_metadata`: alpha, rank
+        pattern), which diffusers applies only when it reads the file's header itself."""
+        return "lora_adapter_metadata" in self.metadata
 
     @property
     def trigger_words(self) -> list[str]:
@@ -101,25 +136,39 @@ def check_lora_path(path: str | Path, architecture: type[Backend] | None = None)
 
 
 def read_header(path: Path) -> dict:
-    """The JSON header of a safetensors file, checked against the file size."""
+    """The JSON header of a safetensors file (its first bytes only), checked against the file size."""
     size = path.stat().st_size
     with open(path, "rb") as handle:
         head = handle.read(8)
-        if len(head) < 8:
-            raise LoraFileError(
-                f"{path} is too short to be a safetensors file ({size} bytes); it is truncated."
-            )
-        (header_size,) = struct.unpack("<Q", head)
-        if header_size > MAX_HEADER_BYTES or 8 + header_size > size:
-            raise LoraFileError(
-                f"{path} is not a valid safetensors file (its header claims {header_size} bytes of a "
-                f"{size}-byte file): it is corrupt, truncated, or another format."
-            )
-        raw = handle.read(header_size)
+        raw = handle.read(_header_size(head, size, path))
+    return _checked_header(raw, size, path)
+
+
+def parse_header(data: bytes, path: Path) -> dict:
+    """The header of a safetensors file already read into memory (`data`), checked as `read_header` does."""
+    size = len(data)
+    end = 8 + _header_size(data[:8], size, path)
+    return _checked_header(data[8:end], size, path)
+
+
+def _header_size(head: bytes, size: int, path: Path) -> int:
+    if len(head) < 8:
+        raise LoraFileError(f"{path} is too short to be a safetensors file ({size} bytes); it is truncated.")
+    (header_size,) = struct.unpack("<Q", head)
+    if header_size > MAX_HEADER_BYTES or 8 + header_size > size:
+        raise LoraFileError(
+            f"{path} is not a valid safetensors file (its header claims {header_size} bytes of a "
+            f"{size}-byte file): it is corrupt, truncated, or another format."
+        )
+    return header_size
+
+
+def _checked_header(raw: bytes, size: int, path: Path) -> dict:
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise LoraFileError(f"{path} has a corrupt safetensors header ({error}).") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else error
+        raise LoraFileError(f"{path} has a corrupt safetensors header ({reason}).") from None
     if not isinstance(header, dict):
         raise LoraFileError(f"{path} has a corrupt safetensors header (not a JSON object).")
     metadata = header.get("__metadata__", {})
@@ -133,9 +182,9 @@ def read_header(path: Path) -> dict:
         if problem:
             raise LoraFileError(f"{path} has a corrupt safetensors header: tensor {key[:80]!r} {problem}.")
         end = max(end, info["data_offsets"][1])
-    if 8 + header_size + end > size:
+    if 8 + len(raw) + end > size:
         raise LoraFileError(
-            f"{path} is truncated: its tensors need {8 + header_size + end} bytes but the file has {size}. "
+            f"{path} is truncated: its tensors need {8 + len(raw) + end} bytes but the file has {size}. "
             "Download it again."
         )
     return header
@@ -168,16 +217,17 @@ def header_metadata(header: dict) -> dict[str, str]:
 
 
 def read_lora_file(path: str | Path) -> LoraFile:
-    """Read a `.safetensors` LoRA: tensors, metadata, hash and detected layout."""
+    """Read a `.safetensors` LoRA once: its bytes give the header (metadata), the hash and the
+    tensors (safetensors' own parser, from memory), checked and with its layout detected."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors.torch import load
 
     path = check_lora_path(path)
-    header = read_header(path)
-    metadata = header_metadata(header)
+    data = path.read_bytes()
+    metadata = header_metadata(parse_header(data, path))
     try:
-        state_dict = load_file(str(path))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as error:
+        state_dict = load(data)
+    except (SafetensorError, RuntimeError, ValueError) as error:
         raise LoraFileError(f"{path} could not be read as safetensors: {error}") from None
     if not state_dict:
         raise LoraFileError(f"{path} holds no tensors; it is not a LoRA.")
@@ -192,7 +242,7 @@ def read_lora_file(path: str | Path) -> LoraFile:
         raise LoraFileError(f"{path} holds only bundled embeddings and no LoRA weights; it is not a LoRA.")
     return LoraFile(
         path=path,
-        sha256=sha256_file(path),
+        sha256=hashlib.sha256(data).hexdigest(),
         state_dict=lora_only,
         metadata=metadata,
         layout=detect_layout(lora_only),

@@ -7,19 +7,18 @@ paths in them are checked by the caller (see `cli.py`).
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
-import os
 import platform
 import sys
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .files import sha256_file, write_json
+from .files import cached_sha256
 
 FORMAT = "freefuse-manifest/1"
 MAX_MANIFEST_BYTES = 4 << 20
@@ -53,44 +52,24 @@ def device_description(device: torch.device) -> str:
     return str(device)
 
 
-def _cache_path() -> Path:
-    root = os.environ.get("FREEFUSE_CACHE") or Path.home() / ".cache" / "freefuse"
-    return Path(root) / "hashes.json"
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a pipeline came from when its components' folders do not say: a single-file
+    checkpoint, and the diffusers folder or hub id its configs (and missing parts) came from."""
+
+    single_file: str | None = None
+    base_model: str | None = None
 
 
-def cached_sha256(path: Path) -> str:
-    """SHA-256 of a file, remembered by (size, mtime) so that big model files are read once."""
-    path = path.resolve()
-    stat = path.stat()
-    cache_file = _cache_path()
-    try:
-        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        cache = {}
-    entry = cache.get(str(path))
-    if (
-        isinstance(entry, dict)
-        and entry.get("size") == stat.st_size
-        and entry.get("mtime_ns") == stat.st_mtime_ns
-    ):
-        return str(entry["sha256"])
-    digest = sha256_file(path)
-    cache[str(path)] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
-    with contextlib.suppress(OSError):  # a read-only home only costs re-hashing next time
-        write_json(cache_file, cache)
-    return digest
-
-
-def model_record(pipeline, denoiser: torch.nn.Module) -> dict:
+def model_record(pipeline, denoiser: torch.nn.Module, source: ModelSource | None = None) -> dict:
     """Model id/path, class, and a hash per weight/config file (or of the denoiser's weights when in memory)."""
     record = {"id_or_path": getattr(pipeline, "name_or_path", None) or None, "class": type(pipeline).__name__}
     files: dict[str, str] = {}
-    single_file = getattr(pipeline, "freefuse_single_file", None)
-    if single_file is not None:
+    if source is not None and source.single_file is not None:
         # A single-file checkpoint: the file itself, and where its configs came from (if not from it).
-        files["checkpoint"] = cached_sha256(Path(single_file))
-        if getattr(pipeline, "freefuse_base_model", None):
-            record["base_model"] = pipeline.freefuse_base_model
+        files["checkpoint"] = cached_sha256(Path(source.single_file))
+        if source.base_model:
+            record["base_model"] = source.base_model
     for name, component in pipeline.components.items():
         folder = getattr(getattr(component, "config", None), "_name_or_path", None)
         if isinstance(folder, str) and folder and Path(folder).is_dir():
@@ -152,7 +131,7 @@ def build_manifest(
         "device": device_description(backend.device),
         "dtype": str(backend.denoiser.dtype).removeprefix("torch."),
         "backend": backend.name,
-        "model": model_record(pipeline, backend.denoiser),
+        "model": model_record(pipeline, backend.denoiser, freefuse.source),
         "loras": [subject.to_dict() for subject in freefuse.subjects.values()],
         "settings": settings.to_dict(),
         "masks": masks_record,
@@ -183,140 +162,3 @@ def read_manifest(path: str | Path) -> dict:
         if not isinstance(manifest.get(key), kind):
             raise ValueError(f"Manifest {path} has no valid `{key}`.")
     return manifest
-
-
-# -- replay ----------------------------------------------------------------------------------------------
-
-
-def _inside(path: Path, folder: Path) -> bool:
-    path, folder = path.resolve(), folder.resolve()
-    return path == folder or folder in path.parents
-
-
-def relative_to(path: str | Path, folder: Path) -> str:
-    """`path` as seen from `folder` (what a manifest in `folder` records, so a folder moved whole replays)."""
-    return os.path.relpath(Path(path).expanduser().resolve(), folder.resolve())
-
-
-def _resolve_recorded(
-    entry: dict, key: str, manifest_dir: Path, here: Path, what: str, manifest_path, flag: str
-) -> str:
-    """A file a manifest names: from the manifest's folder first (`<key>_from_manifest`), then as
-    recorded (relative to the working folder). Untrusted: it must lie inside one of the two."""
-    from .settings import SettingsError
-
-    recorded = entry.get(key)
-    candidates = []
-    relative = entry.get(f"{key}_from_manifest")
-    if isinstance(relative, str):
-        candidates.append(manifest_dir / relative)
-    if isinstance(recorded, str):
-        candidates.append(Path(recorded) if Path(recorded).is_absolute() else here / recorded)
-    for candidate in candidates:
-        if candidate.exists():
-            if not (_inside(candidate, manifest_dir) or _inside(candidate, here)):
-                raise SettingsError(
-                    f"Manifest {what} {str(candidate.resolve())!r} is outside both the manifest's folder and the working "
-                    f"directory; for safety it is only used when given on the command line ({flag})."
-                )
-            return str(candidate)
-    looked = ", ".join(str(c) for c in candidates) or "nowhere: no path recorded"
-    raise SettingsError(
-        f"Manifest {manifest_path} names a {what} that does not exist (looked at {looked}); pass it with {flag}."
-    )
-
-
-def replay_spec(
-    manifest_path: str | Path,
-    model: str | None = None,
-    loras: list | None = None,
-    settings: dict | None = None,
-    masks: str | None = None,
-    here: Path | None = None,
-    base_model: str | None = None,
-):
-    """The run a manifest describes, with what the caller gives instead.
-
-    What is given wins over the manifest: `model`, `base_model`, `loras` (all of them), `masks`, and each
-    setting in `settings` (field names); the returned spec's `notes` say which ones changed.
-    Files a manifest names are looked up from the manifest's own folder first, then from the
-    working folder; manifests are untrusted, so those files must lie inside one of the two, or be
-    given by the caller.
-    """
-    from .models import BUILT_IN, is_hub_id
-    from .settings import GenerationSettings, SettingsError
-    from .spec import LoraSpec, RunSpec
-
-    manifest = read_manifest(manifest_path)
-    manifest_dir = Path(manifest_path).resolve().parent
-    here = Path.cwd() if here is None else here
-    recorded = dict(manifest["settings"])
-    overrides = dict(settings or {})
-    notes = []
-    if overrides:
-        changed = ", ".join(
-            f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in sorted(overrides.items())
-        )
-        notes.append(f"replaying {manifest_path} with settings given on the command line: {changed}.")
-    if "size" in overrides:
-        recorded.pop("width", None)
-        recorded.pop("height", None)
-    if "num_inference_steps" in overrides and "mask_step" not in overrides:
-        recorded.pop("mask_step", None)  # the default scales with the new step count
-        notes.append(
-            "the mask step follows the new step count (the paper's 6 of 28, scaled); pass --mask-step to fix it."
-        )
-    if isinstance(overrides.get("mask_config"), dict) and isinstance(recorded.get("mask_config"), dict):
-        overrides["mask_config"] = {**recorded["mask_config"], **overrides["mask_config"]}
-    run_settings = GenerationSettings.from_dict({**recorded, **overrides})
-    if not loras:
-        loras = []
-        for index, entry in enumerate(manifest["loras"]):
-            if not isinstance(entry, dict):
-                raise SettingsError(
-                    f"Manifest {manifest_path} has a malformed LoRA entry; pass the LoRAs with --lora."
-                )
-            path = _resolve_recorded(
-                entry, "path", manifest_dir, here, "LoRA", manifest_path, "--lora PATH=WORD"
-            )
-            known = {key: entry.get(key) for key in ("words", "weight", "scope", "name", "sha256")}
-            loras.append(LoraSpec.parse({**known, "path": path}, f"{manifest_path} LoRA {index + 1}"))
-    else:
-        notes.append(
-            f"replaying {manifest_path} with the LoRAs given on the command line instead of its own."
-        )
-    if model is None:
-        record = manifest["model"]
-        model = record.get("id_or_path")
-        if base_model is None and isinstance(record.get("base_model"), str):
-            base_model = record["base_model"]
-        if not isinstance(model, str) or not model:
-            raise SettingsError(f"Manifest {manifest_path} records no model path; pass --model.")
-        if model not in BUILT_IN and not is_hub_id(model):
-            model = _resolve_recorded(
-                {"path": model, "path_from_manifest": record.get("path_from_manifest")},
-                "path",
-                manifest_dir,
-                here,
-                "model folder",
-                manifest_path,
-                "--model",
-            )
-    if masks is None and isinstance(manifest.get("masks"), str) and manifest["masks"] != "in-memory":
-        masks = _resolve_recorded(
-            {"path": manifest["masks"], "path_from_manifest": manifest.get("masks_from_manifest")},
-            "path",
-            manifest_dir,
-            here,
-            "mask file",
-            manifest_path,
-            "--masks",
-        )
-    if base_model is not None and not Path(base_model).is_dir() and not is_hub_id(base_model):
-        raise SettingsError(
-            f"Manifest {manifest_path} loaded its checkpoint with configs from {base_model}, which is not here; "
-            "pass --model and --base-model."
-        )
-    return RunSpec(
-        model=model, loras=list(loras), settings=run_settings, masks=masks, notes=notes, base_model=base_model
-    )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .backends.base import TokenLayout
+from .errors import MaskingError
 
 
 @dataclass
@@ -363,10 +364,6 @@ class LoraMasker:
                 else:
                     layer.forward = previous
             self._forget_masks()
-
-
-class MaskingError(ValueError):
-    """A subject LoRA that cannot be masked per token (fused into the weights, DoRA, ...)."""
 
 
 def _check_maskable(layer: torch.nn.Module, adapter: str, name: str) -> None:

@@ -16,20 +16,22 @@ import abc
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
-
-import numpy as np
-import torch
-from PIL import Image
+from typing import TYPE_CHECKING, ClassVar, Union
 
 from . import core
-from .core import MaskSet, NonFiniteError, load_mask_image
+from .errors import SettingsError
 
 if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
     from .backends.base import Backend, CapturedAttention
+    from .core import MaskSet
     from .settings import GenerationSettings
 
-MaskInput = MaskSet | dict | Sequence | str | Path | None
+#: What a caller may give as masks: a MaskSet or its file, a dict name → mask, a list (see
+#: `user_mask_sets`), or None.
+MaskInput = Union["MaskSet", dict, Sequence, str, Path, None]
 
 
 @dataclass
@@ -104,8 +106,12 @@ class Method(abc.ABC):
     #: Subject LoRAs are masked at all (False: every LoRA acts everywhere).
     masks_loras: ClassVar[bool] = True
 
-    def check(self, context: RunContext, masks: MaskInput) -> None:  # noqa: B027 (optional hook)
-        """Raise ValueError for inputs this method cannot use; runs before any denoising."""
+    def check(  # noqa: B027 (optional hook)
+        self, subjects: list[str], grid: tuple[int, int] | None, size: tuple[int, int]
+    ) -> None:
+        """Raise ValueError for a run this method cannot do (`freefuse.preflight` calls it before any
+        weights load). `subjects`: the masked subject LoRAs; `grid`: `(h, w)` image tokens, None
+        when not yet known; `size`: `(H, W)` pixels."""
 
     def initial_masks(self, context: RunContext, masks: MaskInput) -> SubjectMasks | None:
         """Masks that hold from the first step, or None (every LoRA acts everywhere until told)."""
@@ -149,15 +155,15 @@ class UserMasks(Method):
     description = "each subject LoRA acts only inside a mask you give (--masks)"
     takes_masks = True
 
-    def check(self, context: RunContext, masks: MaskInput) -> None:
-        if masks is None:
-            raise ValueError("method='masks' needs `masks` (one mask per subject LoRA).")
-        if not context.names:
-            raise ValueError(
+    def check(self, subjects: list[str], grid: tuple[int, int] | None, size: tuple[int, int]) -> None:
+        if not subjects:
+            raise SettingsError(
                 "method='masks' needs at least one LoRA with scope='subject' to apply the masks to."
             )
 
     def initial_masks(self, context: RunContext, masks: MaskInput) -> SubjectMasks:
+        import torch  # here, not at the top: the registry is read by `--help`, which needs no torch
+
         sets = user_mask_sets(masks, context.names, context.batch, context.size, context.grid)
         n_tokens = context.grid[0] * context.grid[1]
         grids = [
@@ -184,14 +190,14 @@ class AttentionMasks(Method):
     needs_words = True
     reads_attention = True
 
-    def check(self, context: RunContext, masks: MaskInput) -> None:
-        if not context.names:
-            raise ValueError("method='freefuse' needs at least one LoRA with scope='subject'.")
-        n_tokens = context.grid[0] * context.grid[1]
-        if len(context.names) > n_tokens:
-            height, width = context.size
-            raise ValueError(
-                f"{len(context.names)} subjects but only {n_tokens} image tokens at {width}x{height}; use fewer "
+    def check(self, subjects: list[str], grid: tuple[int, int] | None, size: tuple[int, int]) -> None:
+        if not subjects:
+            raise SettingsError("method='freefuse' needs at least one LoRA with scope='subject'.")
+        n_tokens = None if grid is None else grid[0] * grid[1]
+        if n_tokens is not None and len(subjects) > n_tokens:
+            height, width = size
+            raise SettingsError(
+                f"{len(subjects)} subjects but only {n_tokens} image tokens at {width}x{height}; use fewer "
                 "subjects or a larger image."
             )
 
@@ -203,6 +209,8 @@ class AttentionMasks(Method):
         self, context: RunContext, captured: CapturedAttention, x0: torch.Tensor
     ) -> SubjectMasks:
         """Stage 1 for every image: `freefuse.core` on the tapped tensors and the x0 preview."""
+        import torch
+
         settings, names, grid = context.settings, context.names, context.grid
         height, width = context.size
         previews = list(context.backend.preview(x0, height, width, settings.preview))
@@ -216,12 +224,14 @@ class AttentionMasks(Method):
         return masks
 
     def _one_image(self, context, captured, preview, b: int, masks: SubjectMasks) -> MaskSet | None:
+        import torch
+
         settings, names, grid = context.settings, context.names, context.grid
         height, width = context.size
         full = {name: torch.zeros(height, width) for name in names}
         active = [name for name in names if name in context.positions[b]]
         if not active:
-            return MaskSet(names, torch.stack([full[name] for name in names]))
+            return core.MaskSet(names, torch.stack([full[name] for name in names]))
         config = settings.mask_config
         background = context.background[b] or None
         if background is not None:
@@ -240,7 +250,7 @@ class AttentionMasks(Method):
                 k_text=captured.k_text[b],
                 o_img=captured.o_img[b],
             )
-        except NonFiniteError as error:
+        except core.NonFiniteError as error:
             what = "x0 preview" if error.argument == "image" else "attention capture"
             context.fallbacks[b].append(
                 f"image {b}: the {what} has NaN/inf values ({error}); every LoRA acts on the whole image for the "
@@ -271,7 +281,7 @@ class AttentionMasks(Method):
             else:
                 what = "is off in this image (empty_mask='off')"
             context.fallbacks[b].append(f"image {b}: LoRA {name!r} won no region of the image; it {what}.")
-        return MaskSet(names, torch.stack([full[name] for name in names]).clamp(0, 1))
+        return core.MaskSet(names, torch.stack([full[name] for name in names]).clamp(0, 1))
 
 
 # -- the caller's masks ------------------------------------------------------------------------------
@@ -288,7 +298,7 @@ def user_mask_sets(
     """
     sets = (
         list(masks)
-        if isinstance(masks, list | tuple) and masks and isinstance(masks[0], MaskSet)
+        if isinstance(masks, list | tuple) and masks and isinstance(masks[0], core.MaskSet)
         else [masks]
     )
     if len(sets) not in (1, batch):
@@ -300,9 +310,11 @@ def user_mask_sets(
 def _one_mask_set(
     masks: MaskInput, names: list[str], size: tuple[int, int], grid: tuple[int, int]
 ) -> MaskSet:
+    import torch
+
     if isinstance(masks, str | Path):
-        masks = MaskSet.load(masks)
-    if isinstance(masks, MaskSet):
+        masks = core.MaskSet.load(masks)
+    if isinstance(masks, core.MaskSet):
         missing = [name for name in names if name not in masks.names]
         if missing:
             raise ValueError(f"The mask set has no mask for {missing}; it has {masks.names}.")
@@ -321,12 +333,16 @@ def _one_mask_set(
             "`masks` must be a MaskSet, a dict name → mask, or a list with one mask per subject."
         )
     loaded = [_mask_tensor(name, given[name], size, grid) for name in names]
-    return MaskSet(names, torch.stack(loaded))
+    return core.MaskSet(names, torch.stack(loaded))
 
 
 def _mask_tensor(name: str, mask, size: tuple[int, int], grid: tuple[int, int]) -> torch.Tensor:
+    import numpy as np
+    import torch
+    from PIL import Image
+
     if isinstance(mask, str | Path):
-        mask = load_mask_image(mask)
+        mask = core.load_mask_image(mask)
     elif isinstance(mask, Image.Image):
         mask = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)
     mask = torch.as_tensor(mask, dtype=torch.float32)

@@ -9,12 +9,16 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
-if TYPE_CHECKING:
-    from .backends.base import Backend
+from .backends import BACKENDS, Architecture, architectures
+from .errors import ModelLoadError
+from .lora import read_header
+from .manifest import ModelSource
+from .shapesworld.model import MODEL_DIR as SHAPESWORLD_DIR
+from .shapesworld.model import load_shapesworld
+from .tiny import TINY_PIPELINES
 
 TINY = "tiny"
 TINY_SDXL = "tiny-sdxl"
@@ -24,10 +28,6 @@ TINY_MODELS = {TINY: "flux", TINY_SDXL: "sdxl"}
 SHAPESWORLD = "shapesworld"
 BUILT_IN = (*TINY_MODELS, SHAPESWORLD)
 _HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
-
-
-class ModelLoadError(ValueError):
-    """The base model cannot be found or loaded (the message says what is missing)."""
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -71,16 +71,14 @@ def offline() -> bool:
 def cached_model(architecture: str | None = None) -> str | None:
     """The id of a model a backend knows (of `architecture` only, when given) whose files are in
     the local Hugging Face cache, if any."""
-    from .backends import BACKENDS
-
     try:
         from huggingface_hub import try_to_load_from_cache
     except ImportError:
         return None
-    for backend in BACKENDS.values():
-        if architecture is not None and backend.name != architecture:
+    for facts in architectures().values():
+        if architecture is not None and facts.name != architecture:
             continue
-        for repo in backend.known_model_ids:
+        for repo in facts.known_model_ids:
             found = try_to_load_from_cache(repo, "model_index.json")
             if isinstance(found, str) and Path(found).is_file():
                 return repo
@@ -121,23 +119,19 @@ def is_single_file(model: str) -> bool:
 
 def single_file_keys(path: str | Path) -> list[str]:
     """The tensor names of a single-file checkpoint, from its header (no weights read)."""
-    from .lora import read_header
-
     try:
         return [key for key in read_header(Path(path).expanduser()) if key != "__metadata__"]
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"{path} is not a readable safetensors file: {error}") from None
 
 
-def single_file_architecture(path: str | Path, keys: list[str] | None = None) -> type[Backend]:
-    """The backend whose original layout a checkpoint's tensor names are in (header only, no weights;
-    `keys`: the names when the caller has read them already)."""
-    from .backends import BACKENDS
-
+def single_file_architecture(path: str | Path, keys: list[str] | None = None) -> type[Architecture]:
+    """The architecture whose original layout a checkpoint's tensor names are in (header only, no
+    weights; `keys`: the names when the caller has read them already)."""
     keys = single_file_keys(path) if keys is None else keys
-    for backend in BACKENDS.values():
-        if backend.single_file_matches(keys):
-            return backend
+    for facts in architectures().values():
+        if facts.single_file_matches(keys):
+            return facts
     raise ModelLoadError(
         f"{path} is a single-file checkpoint of no architecture FreeFuse runs (first tensor {keys[0] if keys else None!r}); "
         f"it reads SDXL checkpoints (conditioner.embedders…, model.diffusion_model.input_blocks…) and FLUX.1 ones "
@@ -157,25 +151,24 @@ def base_model_for(model: str, base: str | None) -> str | None:
     return single_file_architecture(model, keys).default_single_file_base(keys)
 
 
-def architecture_of(model: str) -> type[Backend] | None:
-    """The backend class for a model source, from its `model_index.json` (or a single file's tensor
+def architecture_of(model: str) -> type[Architecture] | None:
+    """The architecture of a model source, from its `model_index.json` (or a single file's tensor
     names); None when it cannot be told before loading (a hub id not in the cache)."""
-    from .backends import BACKENDS
-
+    known = architectures()
     if is_single_file(model):
         return single_file_architecture(model)
     if model in TINY_MODELS:
-        return BACKENDS[TINY_MODELS[model]]
+        return known[TINY_MODELS[model]]
     if model == SHAPESWORLD:
-        return BACKENDS["flux"]
+        return known["flux"]
     index = _model_index(model)
     if index is None:
-        return next((b for b in BACKENDS.values() if model in b.known_model_ids), None)
+        return next((facts for facts in known.values() if model in facts.known_model_ids), None)
     class_name = index.get("_class_name")
-    for backend in BACKENDS.values():
-        if class_name in backend.pipeline_classes:
-            return backend
-    supported = sorted(name for backend in BACKENDS.values() for name in backend.pipeline_classes)
+    for facts in known.values():
+        if class_name in facts.pipeline_classes:
+            return facts
+    supported = sorted(name for facts in known.values() for name in facts.pipeline_classes)
     raise ModelLoadError(f"{model} is a {class_name}; FreeFuse runs {supported}.")
 
 
@@ -273,9 +266,7 @@ def pixels_per_token(model: str, base: str | None = None) -> int | None:
         folder = Path(config).expanduser() if config else None
         return architecture.pixels_per_token(folder if folder is not None and folder.is_dir() else None)
     if model == SHAPESWORLD:
-        from .shapesworld.model import MODEL_DIR
-
-        local = MODEL_DIR
+        local = SHAPESWORLD_DIR
     return architecture.pixels_per_token(local if model not in TINY_MODELS and local.is_dir() else None)
 
 
@@ -300,16 +291,12 @@ def load_pipeline(
             "is nothing to offload. Leave --offload out (or pass --device cuda on a machine with a GPU)."
         )
     if model in TINY_MODELS:
-        from .testing import TINY_PIPELINES
-
         # Built on the CPU in float32 and moved, so the tiny model's weights are the same on every
         # device; then the same dtype and offload as a real model.
         pipeline = TINY_PIPELINES[TINY_MODELS[model]](seed=0)
         pipeline.register_to_config(_name_or_path=model)
         return _place(pipeline, chosen, torch_dtype, offload)
     if model == SHAPESWORLD:
-        from .shapesworld.model import load_shapesworld
-
         pipeline = load_shapesworld()
         pipeline.register_to_config(_name_or_path=SHAPESWORLD)
         return _place(pipeline, chosen, torch_dtype, offload)
@@ -340,6 +327,17 @@ def load_pipeline(
     return _place(pipeline, chosen, None, offload)
 
 
+def model_source(model: str, base: str | None = None) -> ModelSource | None:
+    """What the manifest records of a single-file checkpoint (the file, and where its configs came
+    from, as `load_pipeline` resolves it), so that a replay loads the same; None for other models."""
+    if not is_single_file(model):
+        return None
+    config = base_model_for(model, base)
+    if config is not None and Path(config).expanduser().is_dir():
+        config = str(Path(config).expanduser().resolve())
+    return ModelSource(single_file=str(Path(model).expanduser()), base_model=config)
+
+
 def _load_single_file(model: str, base: str | None, torch_dtype: torch.dtype | None):
     if base is not None and not Path(base).expanduser().is_dir() and not is_hub_id(base):
         raise ModelLoadError(f"--base-model {base} is neither a diffusers folder nor a Hugging Face id.")
@@ -351,7 +349,7 @@ def _load_single_file(model: str, base: str | None, torch_dtype: torch.dtype | N
     if local:
         config = str(Path(config).expanduser().resolve())
     try:
-        pipeline = architecture.load_single_file(
+        pipeline = BACKENDS[architecture.name].load_single_file(
             path, keys, config, torch_dtype=torch_dtype, local_files_only=offline() or local
         )
     except Exception as error:
@@ -363,9 +361,6 @@ def _load_single_file(model: str, base: str | None, torch_dtype: torch.dtype | N
             "the parts the file lacks, are read from there."
         ) from None
     pipeline.register_to_config(_name_or_path=str(path))
-    # Recorded in the manifest (the file's hash, and the base when one was used), so a replay loads the same.
-    pipeline.freefuse_single_file = str(path)
-    pipeline.freefuse_base_model = config
     return pipeline
 
 

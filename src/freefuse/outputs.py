@@ -12,7 +12,7 @@ import io
 import json
 from pathlib import Path
 
-from .files import OutputExistsError, check_output_folder, remove_stale_parts, write_all
+from .files import OutputExistsError, check_output_folder, relative_to, remove_stale_parts, write_all
 
 
 def output_paths(out: Path, stem: str, count: int) -> list[dict[str, Path]]:
@@ -174,8 +174,6 @@ def a1111_parameters(manifest: dict, index: int) -> str:
 def located(record: dict, folder: Path) -> None:
     """Add, beside each file path a manifest records, the path as seen from the manifest's folder,
     so that a replay finds the files from anywhere (and a folder moved whole still replays)."""
-    from .manifest import relative_to
-
     for lora in record.get("loras", []):
         if isinstance(lora.get("path"), str) and Path(lora["path"]).exists():
             lora["path_from_manifest"] = relative_to(lora["path"], folder)

@@ -16,9 +16,7 @@ lives in `freefuse.backends`.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import re
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -32,17 +30,18 @@ import torch
 from .backends import Conditioning, backend_for
 from .backends.base import CapturedAttention, PassName
 from .core import MaskSet
-from .embeddings import EmbeddingError, InstalledEmbeddings, check_embeddings
+from .embeddings import InstalledEmbeddings, check_embeddings
 from .embeddings import install as install_embeddings
 from .embeddings import uninstall as uninstall_embeddings
-from .lora import LoraFileError, read_lora_file, text_encoder_parts
+from .errors import EmbeddingError, NumericalError
+from .lora import LoraFileError, adapter_name, check_adapter_name, read_lora_file, text_encoder_parts
+from .manifest import ModelSource, build_manifest
 from .masking import AdapterMask, LoraMasker, adapters_for_run, pass_masks
-from .methods import MaskInput, Method, RunContext, SubjectMasks, get_method
+from .methods import MaskInput, RunContext, SubjectMasks, get_method
+from .preflight import MaskFacts, ModelFacts, SubjectFacts, preflight
 from .settings import GenerationSettings
-from .tokens import WordNotFoundError, find_word, shared_word, truncation_note
 
 SCOPES = ("subject", "global")
-_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
 # What `callback_on_step_end` may ask for, as in diffusers' `_callback_tensor_inputs`.
 CALLBACK_TENSOR_INPUTS = ("latents", "prompt_embeds")
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -50,10 +49,6 @@ OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
 class FreeFuseWarning(UserWarning):
     """Something in a run fell back to a stated behaviour (also recorded in the manifest)."""
-
-
-class NumericalError(RuntimeError):
-    """The model produced NaN or inf values; the image would be black, so none is returned."""
 
 
 @dataclass
@@ -86,6 +81,17 @@ class Subject:
     text_encoders: list[str] = field(default_factory=list)
     embeddings: list[str] = field(default_factory=list)
 
+    def facts(self) -> SubjectFacts:
+        """What `freefuse.preflight` checks of this LoRA."""
+        return SubjectFacts(
+            name=self.name,
+            words=tuple(self.words),
+            scope=self.scope,
+            bundled=tuple(tuple(item.rsplit("/", 1)) for item in self.embeddings),
+            text_encoders=tuple(self.text_encoders),
+            source=Path(self.path).name if self.path else None,
+        )
+
     def to_dict(self) -> dict:
         return {
             "name": self.name,
@@ -110,19 +116,6 @@ class FreeFuseOutput:
     previews: list[np.ndarray | None] = field(default_factory=list)
     # Per image, {subject: {"cross": [h, w], "refined": [h, w]}}: the stage-1 maps masks were voted from.
     attention: list[dict | None] = field(default_factory=list)
-
-
-def default_adapter_name(path: str | Path) -> str:
-    """The adapter name a LoRA file gets when none is given: its file name, made safe."""
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).stem)[:64] or "lora"
-
-
-def _check_name(name: str) -> str:
-    if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
-            f"LoRA name {name!r} is not usable as an adapter name; use 1-64 letters, digits, '_', '-' or '.'."
-        )
-    return name
 
 
 def _check_weight(weight) -> float:
@@ -154,11 +147,14 @@ class FreeFuse:
     Args:
         pipeline: a loaded diffusers pipeline (FLUX.1: `FluxPipeline`).
         backend: backend name; default: detected from the pipeline.
+        source: where the pipeline came from when its folders do not say (a single-file
+            checkpoint and its base), for the manifest.
     """
 
-    def __init__(self, pipeline, backend: str | None = None) -> None:
+    def __init__(self, pipeline, backend: str | None = None, source: ModelSource | None = None) -> None:
         self.pipeline = pipeline
         self.backend = backend_for(pipeline, backend)
+        self.source = source
         self.subjects: dict[str, Subject] = {}
         self._embeddings: dict[str, InstalledEmbeddings] = {}
 
@@ -178,7 +174,7 @@ class FreeFuse:
         _check_scope(scope)
         weight = _check_weight(weight)
         path = Path(path)
-        name = _check_name(name or default_adapter_name(path))
+        name = check_adapter_name(name or adapter_name(path))
         words = _check_words(words, name)
         self._check_new_name(name)
         lora = read_lora_file(path)
@@ -187,21 +183,19 @@ class FreeFuse:
                 raise LoraFileError(
                     f"{path} is the same file as LoRA {subject.name!r} ({subject.path}); add it once."
                 )
-        # Bundled trigger-word embeddings, per pipeline (another FreeFuse over it may have set some).
-        taken = self.pipeline.__dict__.setdefault("_freefuse_bundled_words", {})
+        slots = self.backend.architecture.embedding_slots
         try:
-            check_embeddings(lora.embeddings, self.backend.embedding_slots, self.pipeline, path.name, taken)
+            check_embeddings(lora.embeddings, slots, self.pipeline, path.name, self._bundled_words())
         except EmbeddingError as error:
             raise LoraFileError(str(error)) from None
         self.backend.load_lora(lora, name)
         try:
-            installed = install_embeddings(lora.embeddings, self.backend.embedding_slots, self.pipeline)
+            installed = install_embeddings(lora.embeddings, slots, self.pipeline)
         except BaseException:
             self.pipeline.delete_adapters(name)
             raise
         if installed.names:
             self._embeddings[name] = installed
-            taken.update(dict.fromkeys(lora.embeddings, name))
         subject = Subject(
             name=name,
             words=words or lora.trigger_words,
@@ -248,6 +242,7 @@ class FreeFuse:
         if source is not None:
             subject.path, subject.sha256 = source.path, source.sha256
             subject.layout, subject.metadata_words = source.layout, list(source.metadata_words)
+            subject.text_encoders, subject.embeddings = list(source.text_encoders), list(source.embeddings)
         self.subjects[name] = subject
         return subject
 
@@ -265,11 +260,23 @@ class FreeFuse:
         installed = self._embeddings.pop(name, None)
         if installed is not None:
             uninstall_embeddings(installed, self.pipeline)
-            taken = self.pipeline.__dict__.get("_freefuse_bundled_words", {})
-            for word in [word for word, owner in taken.items() if owner == name]:
-                del taken[word]
         if subject.owned:
             self.pipeline.delete_adapters(name)
+
+    def _bundled_words(self) -> dict[str, str]:
+        """Placeholder → who set its embedding: this FreeFuse's LoRAs, and tokens another FreeFuse
+        over the same pipeline added to its tokenizers (read from the tokenizers themselves)."""
+        taken = {
+            item.rsplit("/", 1)[0]: f"LoRA {name!r}"
+            for name, installed in self._embeddings.items()
+            for item in installed.names
+        }
+        for tokenizer_name, _ in self.backend.architecture.embedding_slots.values():
+            tokenizer = getattr(self.pipeline, tokenizer_name, None)
+            for token in getattr(tokenizer, "get_added_vocab", dict)():
+                if token not in taken and token not in getattr(tokenizer, "all_special_tokens", ()):
+                    taken[token] = "a LoRA loaded by another FreeFuse over this pipeline"
+        return taken
 
     def _check_new_name(self, name: str) -> None:
         if name in self.subjects:
@@ -321,149 +328,34 @@ class FreeFuse:
     def check_inputs(
         self, settings: GenerationSettings, masks: MaskInput = None
     ) -> tuple[GenerationSettings, RunContext, list[str]]:
-        """Every check that needs the model but no denoising, the method's own included.
+        """Every check that needs the model but no denoising (`freefuse.preflight` with this model's facts).
 
         Returns the settings with the model's defaults filled in (block, token limit, guidance),
         the run's context (activation-word positions per image) and the notes to show.
         """
         backend = self.backend
-        method = get_method(settings.method)
-        settings.check_size(backend.size_multiple)
-        notes = type(backend).check_settings(settings) + settings.notes()
-        if method.reads_attention:
-            type(backend).check_mask_config(settings)
+        model = ModelFacts(
+            architecture=backend.architecture,
+            tokenizer=backend.tokenizer,
+            size_multiple=backend.size_multiple,
+            num_blocks=backend.num_blocks,
+        )
         if not self.subjects:
             raise ValueError("No LoRA added; call `add_lora(path, words=[...])` (or `use_adapter`) first.")
-        block = backend.default_block() if settings.block is None else settings.block
-        for index in [block] if isinstance(block, int) else block:
-            if not 0 <= index < backend.num_blocks:
-                raise ValueError(
-                    f"`block` {index} is out of range: this model has {backend.num_blocks} {backend.block_kind}s "
-                    f"(0..{backend.num_blocks - 1})."
-                )
-        settings = settings.model_copy(
-            update={
-                "block": block,
-                "max_sequence_length": settings.max_sequence_length or backend.default_sequence_length,
-                "mask_config": type(backend).mask_config(settings),
-                "guidance_scale": backend.default_guidance
-                if settings.guidance_scale is None
-                else settings.guidance_scale,
-            }
-        )
-        if masks is not None and not method.takes_masks:
-            raise ValueError(
-                f"`masks` are only used by method='masks'; pass method='masks' with them, or leave them out "
-                f"(method is {settings.method!r})."
-            )
-        if settings.background_words and not method.reads_attention:
-            raise ValueError(
-                f"`background_words` only act in methods that read attention (method is {settings.method!r})."
-            )
-        for subject in self._masked_subjects(method):
-            if method.needs_words and not subject.words:
-                raise ValueError(
-                    f"LoRA {subject.name!r} has no activation words and none in its metadata; pass words=[...] "
-                    "(CLI: --lora PATH=WORD)."
-                )
-        if method.needs_words:
-            clash = shared_word({s.name: s.words for s in self._masked_subjects(method)})
-            if clash:
-                raise ValueError(shared_word_message(*clash))
-        for prompt in settings.prompts:
-            note = truncation_note(backend.tokenizer, prompt, settings.max_sequence_length)
-            if note:
-                notes.append(note)
-        if method.masks_loras:
-            for subject in self._masked_subjects(method):
-                if subject.text_encoders:
-                    notes.append(
-                        f"LoRA {subject.name!r} also adapts {', '.join(subject.text_encoders)}; that part changes the "
-                        f"prompt every image token reads, so it acts everywhere (only the {backend.denoiser_name} "
-                        "part is masked)."
-                    )
-        context = self._context(settings, method, notes)
-        method.check(context, masks)
-        return settings, context, notes
-
-    def _masked_subjects(self, method: Method) -> list[Subject]:
-        if not method.masks_loras:
-            return []
-        return [s for s in self.subjects.values() if s.scope == "subject"]
-
-    def _positions(
-        self, prompts: list[str], subjects: list[Subject], max_length: int, required: bool, notes: list[str]
-    ) -> list[dict[str, list[int]]]:
-        """For each image, {subject name: token positions of its activation words}.
-
-        A subject none of whose words are in a prompt is absent from that image. With `required`, a
-        subject absent from every prompt is an error that shows the prompt's tokens.
-        """
-        tokenizer = self.backend.tokenizer
-        per_image: list[dict[str, list[int]]] = [{} for _ in prompts]
-        for subject in subjects:
-            first_error: WordNotFoundError | None = None
-            for index, prompt in enumerate(prompts):
-                found: set[int] = set()
-                missing = []
-                for word in subject.words:
-                    try:
-                        found.update(find_word(tokenizer, prompt, word, max_length).positions)
-                    except WordNotFoundError as error:
-                        first_error = first_error or error
-                        missing.append(word)
-                if found:
-                    per_image[index][subject.name] = sorted(found)
-                    if missing:
-                        notes.append(
-                            f"image {index}: words {missing} of LoRA {subject.name!r} are not in the prompt."
-                        )
-            if required and subject.words and not any(subject.name in image for image in per_image):
-                raise WordNotFoundError(f"LoRA {subject.name!r}: {first_error}")
-        return per_image
-
-    def _background_positions(self, prompts: list[str], words: list[str], max_length: int) -> list[list[int]]:
-        """Per image, token positions of the background words found in its prompt."""
-        result = []
-        for prompt in prompts:
-            found: set[int] = set()
-            for word in words:
-                with contextlib.suppress(WordNotFoundError):
-                    found.update(find_word(self.backend.tokenizer, prompt, word, max_length).positions)
-            result.append(sorted(found))
-        if words and not any(result):
-            raise WordNotFoundError(f"None of the background words {words} is in the prompt; put them in it.")
-        return result
-
-    def _context(self, settings: GenerationSettings, method: Method, notes: list[str]) -> RunContext:
-        """Activation words → token positions, per image; the subjects a method masks."""
-        prompts = settings.image_prompts
-        masked = self._masked_subjects(method)
-        length = settings.max_sequence_length
-        positions = self._positions(prompts, masked, length, method.needs_words, notes)
-        if method.needs_words:
-            for index, found in enumerate(positions):
-                for subject in masked:
-                    if subject.name not in found:
-                        notes.append(
-                            f"image {index}: LoRA {subject.name!r} is off after the mask step (its words are not in "
-                            "this prompt; the steps before run every LoRA jointly)."
-                        )
-        negative_prompt = self.backend.negative_prompt(settings)
-        negative_positions = None
-        if negative_prompt is not None:
-            negative_positions = self._positions([negative_prompt] * len(prompts), masked, length, False, [])
-        return RunContext(
-            settings=settings,
-            backend=self.backend,
-            names=[s.name for s in masked],
-            positions=positions,
-            background=self._background_positions(prompts, settings.background_words, length),
-            grid=self.backend.grid(settings.height, settings.width),
+        checked = preflight(model, settings, [s.facts() for s in self.subjects.values()], mask_facts(masks))
+        prompts = checked.settings.image_prompts
+        context = RunContext(
+            settings=checked.settings,
+            backend=backend,
+            names=checked.masked,
+            positions=checked.positions,
+            background=checked.background,
+            grid=backend.grid(checked.settings.height, checked.settings.width),
             fallbacks=[[] for _ in prompts],
-            negative_prompt=negative_prompt,
-            negative_positions=negative_positions,
+            negative_prompt=checked.negative_prompt,
+            negative_positions=checked.negative_positions,
         )
+        return checked.settings, context, checked.notes
 
     def generate(
         self,
@@ -599,8 +491,6 @@ class FreeFuse:
 
         for note in notes + [message for image in context.fallbacks for message in image]:
             warnings.warn(note, FreeFuseWarning, stacklevel=2)
-        from .manifest import build_manifest
-
         found = subject_masks or SubjectMasks(tokens={})
         mask_sets = found.sets or [None] * batch
         manifest = build_manifest(
@@ -695,14 +585,15 @@ def pass_masks_of(
     return result
 
 
-def shared_word_message(name: str, other: str, word: str, other_word: str) -> str:
-    same = "the activation word" if word.lower() == other_word.lower() else "overlapping activation words"
-    shown = repr(word) if word.lower() == other_word.lower() else f"{word!r} and {other_word!r}"
-    return (
-        f"LoRAs {name!r} and {other!r} share {same} {shown}; FreeFuse finds each subject by its own words, so "
-        f"give each LoRA a word of its own (words=[...]; CLI: --lora PATH=WORD), e.g. trained default words such "
-        "as 'ohwx' replaced by the subject's name."
-    )
+def mask_facts(masks: MaskInput) -> MaskFacts | None:
+    """What preflight can know of the caller's masks without reading a file (None: no masks)."""
+    if masks is None:
+        return None
+    if isinstance(masks, MaskSet):
+        return MaskFacts(names=tuple(masks.names), size=masks.size)
+    if isinstance(masks, dict):
+        return MaskFacts(names=tuple(masks))
+    return MaskFacts()
 
 
 def generators_from_caller(generator, latents) -> bool:

@@ -24,7 +24,9 @@ from pydantic import (
     model_validator,
 )
 
-from .core import MaskConfig
+from .core.config import MaskConfig
+from .errors import SettingsError
+from .methods import get_method
 
 PAPER_MASK_STEP, PAPER_STEPS = 6, 28
 MAX_SEED = 2**63 - 1
@@ -33,10 +35,6 @@ MAX_IMAGES = 256
 # (attention memory grows with the square of the pixels: 8192² is 262 144 FLUX tokens).
 MAX_SIDE = 8192
 MAX_STEPS = 1000
-
-
-class SettingsError(ValueError):
-    """Settings that cannot run; the message names each setting and what to pass instead."""
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -209,8 +207,6 @@ class GenerationSettings(BaseModel):
     @field_validator("method")
     @classmethod
     def _check_method(cls, method: str) -> str:
-        from .methods import get_method
-
         get_method(method)  # an unknown name lists the valid ones
         return method
 
@@ -257,8 +253,6 @@ class GenerationSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check_together(self) -> GenerationSettings:
-        from .methods import get_method
-
         n_images = len(self.prompts) * self.num_images_per_prompt
         if n_images > MAX_IMAGES:
             raise ValueError(
@@ -314,8 +308,6 @@ class GenerationSettings(BaseModel):
 
     def notes(self) -> list[str]:
         """Odd but valid choices, said before the run."""
-        from .methods import get_method
-
         notes = []
         if get_method(self.method).reads_attention and self.resolved_mask_step == self.num_inference_steps:
             notes.append(

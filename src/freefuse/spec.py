@@ -1,27 +1,54 @@
 """What one run asks for before anything loads: a model, LoRA files, settings, masks.
 
-The command line, a job-file line and a manifest replay all build a `RunSpec`. `check()` does
-every check that needs no weights (files, architecture, sizes), so that a mistake is reported
-before a multi-GB model loads; `load()` loads the model and the LoRAs into a `FreeFuse`.
+The command line, a job-file line, the web page and a manifest replay all build a `RunSpec`.
+`check()` reads the files a run names (the model folder's configs and tokenizer, each LoRA's
+header and tensors, the mask file) and hands what it learnt to `freefuse.preflight`, so that a
+mistake is reported before a multi-GB model loads. Loading and running are the run service's
+(`freefuse.runner`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
 
-from .settings import GenerationSettings, Number, SettingsError, describe_errors
+from .core import MaskSet
+from .embeddings import is_bundle_key, split_bundle_key
+from .errors import EmbeddingError, LoraFileError, SettingsError
+from .files import cached_sha256
+from .lora import (
+    ADAPTER_NAME,
+    adapter_name,
+    check_lora_contents,
+    check_lora_path,
+    header_metadata,
+    read_header,
+    text_encoder_parts,
+    trigger_words_from_metadata,
+)
+from .manifest import read_manifest
+from .methods import METHODS
+from .models import (
+    BUILT_IN,
+    SHAPESWORLD,
+    SHAPESWORLD_DIR,
+    TINY_MODELS,
+    architecture_of,
+    base_model_for,
+    check_model_source,
+    is_hub_id,
+    is_single_file,
+    pixels_per_token,
+)
+from .preflight import Checked, MaskFacts, ModelFacts, SubjectFacts, preflight
+from .settings import GenerationSettings, Number, describe_errors
 
 # An activation word: one to a few words of text, not a paragraph.
 Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-
-if TYPE_CHECKING:
-    from .pipeline import FreeFuse
 
 
 class LoraSpec(BaseModel):
@@ -42,7 +69,7 @@ class LoraSpec(BaseModel):
     words: Annotated[list[Word], Field(max_length=16)] | None = None
     weight: Number = 1.0
     scope: Literal["subject", "global"] = "subject"
-    name: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")] | None = None
+    name: Annotated[str, StringConstraints(pattern=ADAPTER_NAME.pattern)] | None = None
     sha256: Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")] | None = Field(
         None, description="expected file hash"
     )
@@ -66,9 +93,7 @@ class LoraSpec(BaseModel):
 
     @property
     def adapter_name(self) -> str:
-        from .pipeline import default_adapter_name
-
-        return self.name or default_adapter_name(self.path)
+        return self.name or adapter_name(Path(self.path))
 
 
 @dataclass
@@ -83,179 +108,244 @@ class RunSpec:
     #: Configs (and missing parts) of a single-file checkpoint: a diffusers folder or hub id.
     base_model: str | None = None
 
-    def check(self) -> None:
-        """Everything that needs no weights: model folder and architecture, LoRA files, sizes, masks."""
-        from .lora import check_lora_contents, check_lora_path
-        from .methods import get_method
-        from .models import architecture_of, check_model_source, is_hub_id, is_single_file, pixels_per_token
-
+    def check(self) -> Checked:
+        """Everything that needs no weights: model folder and architecture, LoRA files, sizes, masks,
+        and then every rule of `freefuse.preflight`. Its notes are added to `notes`."""
         check_model_source(self.model)
-        if self.base_model is not None:
-            if not is_single_file(self.model):
-                raise SettingsError(
-                    "--base-model only applies to a single-file checkpoint (--model FILE.safetensors); leave it out."
-                )
-            base = Path(self.base_model).expanduser()
-            if not base.is_dir() and not is_hub_id(self.base_model):
-                raise SettingsError(
-                    f"--base-model {self.base_model} is neither a diffusers folder nor a Hugging Face id."
-                )
+        self._check_base_model()
         architecture = architecture_of(self.model)
-        multiple = pixels_per_token(self.model, self.base_model)
-        if multiple is not None:
-            self.settings.check_size(multiple)
-        if architecture is not None:
-            self.notes.extend(architecture.check_settings(self.settings))
-            if get_method(self.settings.method).reads_attention:
-                architecture.check_mask_config(self.settings)
-        if not self.loras:
+        for lora in self.loras:
+            check_lora_path(lora.path, architecture)
+        self._check_lora_files()
+        model = ModelFacts(
+            architecture=architecture,
+            tokenizer=self._tokenizer(architecture),
+            size_multiple=pixels_per_token(self.model, self.base_model),
+        )
+        checked = preflight(model, self.settings, [self._subject_facts(lora) for lora in self.loras], self._masks())
+        self.notes.extend(note for note in checked.notes if note not in self.notes)
+        return checked
+
+    def _check_base_model(self) -> None:
+        if self.base_model is None:
+            return
+        if not is_single_file(self.model):
             raise SettingsError(
-                "No LoRA given; a run needs at least one (CLI: --lora PATH=WORD; job files: `loras`)."
+                "A base model only applies to a single-file checkpoint (a model FILE.safetensors); leave it out."
             )
+        if not Path(self.base_model).expanduser().is_dir() and not is_hub_id(self.base_model):
+            raise SettingsError(f"Base model {self.base_model} is neither a diffusers folder nor a Hugging Face id.")
+
+    def _check_lora_files(self) -> None:
+        """Every tensor of every file read once (finite floats), each file and name given once."""
         names: dict[str, str] = {}
         files: dict[Path, str] = {}
         for lora in self.loras:
-            resolved = check_lora_path(lora.path, architecture).resolve()
+            resolved = Path(lora.path).expanduser().resolve()
             check_lora_contents(resolved)
             if resolved in files:
-                raise SettingsError(f"LoRA file {lora.path} is given twice; give each LoRA once.")
+                raise LoraFileError(f"LoRA file {lora.path} is given twice; give each LoRA once.")
             files[resolved] = lora.path
             if lora.adapter_name in names:
-                raise SettingsError(
+                raise LoraFileError(
                     f"Two LoRAs get the name {lora.adapter_name!r} ({names[lora.adapter_name]} and {lora.path}); "
                     "rename one file."
                 )
             names[lora.adapter_name] = lora.path
-        method = get_method(self.settings.method)
-        if method.needs_words:
-            words = self._subject_words()
-            self._check_words(words)
-            if architecture is not None:
-                self._check_prompt_words(architecture, words)
-        if self.masks is not None and not method.takes_masks:
-            raise SettingsError(
-                f"--masks is only used with --method masks (method is {self.settings.method!r}); add --method masks "
-                "or leave --masks out."
-            )
-        if method.takes_masks and self.masks is None:
-            raise SettingsError(
-                "--method masks needs --masks FILE (a .masks.json or .safetensors from `freefuse masks`)."
-            )
-        if self.masks is not None and not Path(self.masks).is_file():
-            raise SettingsError(
-                f"--masks {self.masks}: no such file (use a .masks.json or .safetensors from `freefuse masks`)."
-            )
-        if self.masks is not None:
-            self._check_masks(multiple)
+            if lora.sha256 is not None:
+                found = cached_sha256(resolved)
+                if found != lora.sha256:
+                    raise LoraFileError(changed_lora_message(lora.path, found, lora.sha256))
 
-    def _check_masks(self, multiple: int | None) -> None:
-        """The mask file read whole, its names and size checked, before any model loads."""
-        from .core import MaskSet
+    @staticmethod
+    def _subject_facts(lora: LoraSpec) -> SubjectFacts:
+        """What preflight checks of one LoRA, from its file's header alone."""
+        header = read_header(Path(lora.path).expanduser())
+        keys = [key for key in header if key != "__metadata__"]
+        try:
+            bundled = tuple(split_bundle_key(key) for key in keys if is_bundle_key(key))
+        except EmbeddingError as error:
+            raise LoraFileError(f"{Path(lora.path).name}: {error}") from None
+        words = lora.words or trigger_words_from_metadata(header_metadata(header)) or [b[0] for b in bundled]
+        return SubjectFacts(
+            name=lora.adapter_name,
+            words=tuple(words),
+            scope=lora.scope,
+            bundled=bundled,
+            text_encoders=tuple(text_encoder_parts(keys)),
+            source=Path(lora.path).name,
+        )
 
+    def _masks(self) -> MaskFacts | None:
+        """The mask file read whole and checked (names, size are preflight's)."""
+        if self.masks is None:
+            return None
+        if not METHODS[self.settings.method].takes_masks:
+            return MaskFacts()  # preflight says that this method takes none
+        if not Path(self.masks).is_file():
+            raise SettingsError(
+                f"Mask file {self.masks} does not exist (use a .masks.json or .safetensors from `freefuse masks`)."
+            )
         try:
             mask_set = MaskSet.load(self.masks)
         except ValueError as error:
-            raise SettingsError(f"--masks: {error}") from None
-        subjects = [lora.adapter_name for lora in self.loras if lora.scope == "subject"]
-        missing = [name for name in subjects if name not in mask_set.names]
-        if missing:
-            raise SettingsError(f"--masks {self.masks} has no mask for {missing}; it has {mask_set.names}.")
-        size = (self.settings.height, self.settings.width)
-        sizes = [size] + ([(size[0] // multiple, size[1] // multiple)] if multiple else [])
-        if mask_set.size not in sizes:
-            wanted = " or ".join(f"{h}x{w}" for h, w in sizes)
-            raise SettingsError(
-                f"--masks {self.masks} has {mask_set.size[0]}x{mask_set.size[1]} masks; this run needs {wanted} "
-                "(H x W: the image, or its token grid)."
-            )
+            raise SettingsError(f"Mask file {self.masks}: {error}") from None
+        return MaskFacts(names=tuple(mask_set.names), size=mask_set.size)
 
-    def _subject_words(self) -> dict[str, list[str]]:
-        """Each subject LoRA's words: given, or from its file's metadata (header only)."""
-        from .lora import header_metadata, read_header, trigger_words_from_metadata
-
-        return {
-            lora.adapter_name: lora.words
-            or trigger_words_from_metadata(header_metadata(read_header(Path(lora.path))))
-            for lora in self.loras
-            if lora.scope == "subject"
-        }
-
-    def _check_prompt_words(self, architecture, words: dict[str, list[str]]) -> None:
-        """Every subject's words found in some prompt, with the model's own tokenizer (read from its
-        folder, no weights): a missing word is said before a multi-GB load."""
-        from .models import SHAPESWORLD, TINY_MODELS, base_model_for, is_single_file
-        from .tokens import WordNotFoundError, find_word
-
+    def _tokenizer(self, architecture):
+        """The activation-word tokenizer read from the model folder (no weights), or None where
+        it cannot be had before loading (a hub id, a single file without a local base)."""
+        if architecture is None:
+            return None
         if self.model in TINY_MODELS:
-            folder = None
-        elif self.model == SHAPESWORLD:
-            from .shapesworld.model import MODEL_DIR
-
-            folder = MODEL_DIR
-        elif Path(self.model).expanduser().is_dir():
-            folder = Path(self.model).expanduser()
-        elif is_single_file(self.model) and _local_folder(base_model_for(self.model, self.base_model)):
-            folder = _local_folder(base_model_for(self.model, self.base_model))
-        else:
-            return  # a hub id or a single file's own tokenizer: checked once it loads
-        tokenizer = architecture.load_tokenizer(folder)
-        if tokenizer is None:
-            return
-        limit = self.settings.max_sequence_length or architecture.max_sequence_length
-        for name, subject_words in words.items():
-            first_error = None
-            found = False
-            for prompt in self.settings.prompts:
-                for word in subject_words:
-                    try:
-                        find_word(tokenizer, prompt, word, limit)
-                        found = True
-                    except WordNotFoundError as error:
-                        first_error = first_error or error
-            if subject_words and not found:
-                raise WordNotFoundError(f"LoRA {name!r}: {first_error}")
-
-    @staticmethod
-    def _check_words(words: dict[str, list[str]]) -> None:
-        """Subjects sharing a word (given, or from their files' metadata) cannot be told apart."""
-        from .pipeline import shared_word_message
-        from .tokens import shared_word
-
-        clash = shared_word(words)
-        if clash:
-            raise SettingsError(shared_word_message(*clash))
-
-    def load(
-        self,
-        device: str | None = None,
-        dtype: str | None = None,
-        offload: bool = False,
-        status: Callable[[str], object] | None = None,
-    ) -> FreeFuse:
-        """Load the model and every LoRA; a LoRA whose file changed since a manifest is refused."""
-        from .models import load_pipeline
-        from .pipeline import FreeFuse
-
-        if status is not None:
-            status(f"Loading {self.model} ...")
-        freefuse = FreeFuse(
-            load_pipeline(self.model, device=device, dtype=dtype, offload=offload, base=self.base_model)
-        )
-        for lora in self.loras:
-            subject = freefuse.add_lora(
-                lora.path, words=lora.words, name=lora.name, weight=lora.weight, scope=lora.scope
-            )
-            if lora.sha256 and subject.sha256 != lora.sha256:
-                raise SettingsError(
-                    f"LoRA {lora.path} has changed since the manifest was written (sha256 {subject.sha256[:12]}… != "
-                    f"{lora.sha256[:12]}…); pass the right file with --lora."
-                )
-        return freefuse
-
-
-def _local_folder(source: str | None) -> Path | None:
-    """`source` as a local folder, or None (unset, or a hub id)."""
-    if not source:
+            return architecture.load_tokenizer(None)
+        if self.model == SHAPESWORLD:
+            return architecture.load_tokenizer(SHAPESWORLD_DIR)
+        if Path(self.model).expanduser().is_dir():
+            return architecture.load_tokenizer(Path(self.model).expanduser())
+        base = base_model_for(self.model, self.base_model) if is_single_file(self.model) else None
+        if base and Path(base).expanduser().is_dir():
+            return architecture.load_tokenizer(Path(base).expanduser())
         return None
-    path = Path(source).expanduser()
-    return path if path.is_dir() else None
+
+
+def changed_lora_message(path: str, found: str, recorded: str) -> str:
+    return (
+        f"LoRA {path} has changed since the manifest was written (sha256 {found[:12]}… != {recorded[:12]}…); pass "
+        "the right file with --lora."
+    )
+
+
+# -- replay ----------------------------------------------------------------------------------------------
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _resolve_recorded(
+    entry: dict, key: str, manifest_dir: Path, here: Path, what: str, manifest_path, flag: str
+) -> str:
+    """A file a manifest names: from the manifest's folder first (`<key>_from_manifest`), then as
+    recorded (relative to the working folder). Untrusted: it must lie inside one of the two."""
+    recorded = entry.get(key)
+    candidates = []
+    relative = entry.get(f"{key}_from_manifest")
+    if isinstance(relative, str):
+        candidates.append(manifest_dir / relative)
+    if isinstance(recorded, str):
+        candidates.append(Path(recorded) if Path(recorded).is_absolute() else here / recorded)
+    for candidate in candidates:
+        if candidate.exists():
+            if not (_inside(candidate, manifest_dir) or _inside(candidate, here)):
+                raise SettingsError(
+                    f"Manifest {what} {str(candidate.resolve())!r} is outside both the manifest's folder and the working "
+                    f"directory; for safety it is only used when given on the command line ({flag})."
+                )
+            return str(candidate)
+    looked = ", ".join(str(c) for c in candidates) or "nowhere: no path recorded"
+    raise SettingsError(
+        f"Manifest {manifest_path} names a {what} that does not exist (looked at {looked}); pass it with {flag}."
+    )
+
+
+def _replay_settings(recorded: dict, overrides: dict, manifest_path, notes: list[str]) -> GenerationSettings:
+    """The manifest's settings with the caller's winning; the notes say what changed."""
+    recorded = dict(recorded)
+    overrides = dict(overrides)
+    if overrides:
+        changed = ", ".join(
+            f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in sorted(overrides.items())
+        )
+        notes.append(f"replaying {manifest_path} with settings given on the command line: {changed}.")
+    if "size" in overrides:
+        recorded.pop("width", None)
+        recorded.pop("height", None)
+    if "num_inference_steps" in overrides and "mask_step" not in overrides:
+        recorded.pop("mask_step", None)  # the default scales with the new step count
+        notes.append(
+            "the mask step follows the new step count (the paper's 6 of 28, scaled); pass --mask-step to fix it."
+        )
+    if isinstance(overrides.get("mask_config"), dict) and isinstance(recorded.get("mask_config"), dict):
+        overrides["mask_config"] = {**recorded["mask_config"], **overrides["mask_config"]}
+    return GenerationSettings.from_dict({**recorded, **overrides})
+
+
+def _replay_loras(manifest: dict, manifest_path, manifest_dir: Path, here: Path) -> list[LoraSpec]:
+    loras = []
+    for index, entry in enumerate(manifest["loras"]):
+        if not isinstance(entry, dict):
+            raise SettingsError(f"Manifest {manifest_path} has a malformed LoRA entry; pass the LoRAs with --lora.")
+        path = _resolve_recorded(entry, "path", manifest_dir, here, "LoRA", manifest_path, "--lora PATH=WORD")
+        known = {key: entry.get(key) for key in ("words", "weight", "scope", "name", "sha256")}
+        loras.append(LoraSpec.parse({**known, "path": path}, f"{manifest_path} LoRA {index + 1}"))
+    return loras
+
+
+def _replay_model(manifest: dict, manifest_path, manifest_dir: Path, here: Path) -> tuple[str, str | None]:
+    record = manifest["model"]
+    model = record.get("id_or_path")
+    base_model = record["base_model"] if isinstance(record.get("base_model"), str) else None
+    if not isinstance(model, str) or not model:
+        raise SettingsError(f"Manifest {manifest_path} records no model path; pass --model.")
+    if model not in BUILT_IN and not is_hub_id(model):
+        model = _resolve_recorded(
+            {"path": model, "path_from_manifest": record.get("path_from_manifest")},
+            "path",
+            manifest_dir,
+            here,
+            "model folder",
+            manifest_path,
+            "--model",
+        )
+    return model, base_model
+
+
+def replay_spec(
+    manifest_path: str | Path,
+    model: str | None = None,
+    loras: list | None = None,
+    settings: dict | None = None,
+    masks: str | None = None,
+    here: Path | None = None,
+    base_model: str | None = None,
+) -> RunSpec:
+    """The run a manifest describes, with what the caller gives instead.
+
+    What is given wins over the manifest: `model`, `base_model`, `loras` (all of them), `masks`, and each
+    setting in `settings` (field names); the returned spec's `notes` say which ones changed.
+    Files a manifest names are looked up from the manifest's own folder first, then from the
+    working folder; manifests are untrusted, so those files must lie inside one of the two, or be
+    given by the caller.
+    """
+    manifest = read_manifest(manifest_path)
+    manifest_dir = Path(manifest_path).resolve().parent
+    here = Path.cwd() if here is None else here
+    notes: list[str] = []
+    run_settings = _replay_settings(manifest["settings"], settings or {}, manifest_path, notes)
+    if loras:
+        notes.append(f"replaying {manifest_path} with the LoRAs given on the command line instead of its own.")
+    else:
+        loras = _replay_loras(manifest, manifest_path, manifest_dir, here)
+    if model is None:
+        model, recorded_base = _replay_model(manifest, manifest_path, manifest_dir, here)
+        base_model = base_model if base_model is not None else recorded_base
+    if masks is None and isinstance(manifest.get("masks"), str) and manifest["masks"] != "in-memory":
+        masks = _resolve_recorded(
+            {"path": manifest["masks"], "path_from_manifest": manifest.get("masks_from_manifest")},
+            "path",
+            manifest_dir,
+            here,
+            "mask file",
+            manifest_path,
+            "--masks",
+        )
+    if base_model is not None and not Path(base_model).is_dir() and not is_hub_id(base_model):
+        raise SettingsError(
+            f"Manifest {manifest_path} loaded its checkpoint with configs from {base_model}, which is not here; "
+            "pass --model and --base-model."
+        )
+    return RunSpec(
+        model=model, loras=list(loras), settings=run_settings, masks=masks, notes=notes, base_model=base_model
+    )

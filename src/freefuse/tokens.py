@@ -10,9 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-
-class WordNotFoundError(ValueError):
-    """An activation word is not in the prompt (or only inside another word, or cut off)."""
+from .errors import WordNotFoundError
 
 
 @dataclass(frozen=True)

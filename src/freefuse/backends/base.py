@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from ..core import MaskConfig
-from ..core.methods import MAP_METHODS, refines
+from ..core.methods import MAP_METHODS, get_map_method, refines
+from ..lora import LoraFile, check_lora_fits
 
 if TYPE_CHECKING:
-    from ..lora import LoraFile
     from ..settings import GenerationSettings
 
 TokenSegment = Literal["text", "image", "spatial"]
@@ -127,26 +127,33 @@ class Latents:
     positions: torch.Tensor | None = None
 
 
-class Backend(abc.ABC):
-    """One architecture: its model facts, its denoising loop's parts, its tap and its LoRA files."""
+class Architecture:
+    """What FreeFuse knows of one architecture without a pipeline: ids, defaults, token limits,
+    LoRA key families, single-file detection, and the rules its settings follow.
+
+    Class-level only (never instantiated): `freefuse.preflight` and the command line read it before
+    any weights load, from a model folder's configs at most.
+    """
 
     #: Registry key, and what the manifest records.
     name: ClassVar[str]
-    #: `_class_name` values of `model_index.json` (diffusers pipeline classes) this backend runs.
+    #: `_class_name` values of `model_index.json` (diffusers pipeline classes) this architecture runs.
     pipeline_classes: ClassVar[tuple[str, ...]]
     #: The pipeline attribute holding the denoiser, which is also the LoRA key prefix.
     denoiser_name: ClassVar[str] = "transformer"
-    #: Hub ids of models this backend runs, tried (from the local cache only) by `freefuse demo`.
+    #: Hub ids of models of this architecture, tried (from the local cache only) by `freefuse demo`.
     known_model_ids: ClassVar[tuple[str, ...]] = ()
     #: What a tappable block is called in messages ("double-stream block").
     block_kind: ClassVar[str] = "block"
+    #: The block the paper (or the authors' code) taps, of how many: other sizes get the same depth.
+    paper_block: ClassVar[tuple[int, int]] = (0, 1)
     #: Most text tokens the text encoder takes.
     max_sequence_length: ClassVar[int]
     #: Defaults a user expects on this architecture, for settings left unset.
     default_steps: ClassVar[int] = 28
     default_size: ClassVar[int] = 1024
     default_guidance: ClassVar[float]
-    #: The `CapturedAttention` fields this backend's tap fills (the others are None).
+    #: The `CapturedAttention` fields this architecture's tap fills (the others are None).
     captured: ClassVar[tuple[str, ...]] = ("q_text", "q_img", "k_img", "k_text", "o_img")
     #: Stage 1's constants when the caller sets none (`mask_config`): the method must read only
     #: what `captured` holds.
@@ -154,24 +161,23 @@ class Backend(abc.ABC):
     #: Bundled trigger-word embeddings (`bundle_emb.<word>.<encoder>` in LoRA files): encoder key →
     #: (tokenizer attribute, text encoder attribute) of the pipeline.
     embedding_slots: ClassVar[dict[str, tuple[str, str]]] = {}
-
-    def __init__(self, pipeline) -> None:
-        self.pipeline = pipeline
-
-    # -- which models ------------------------------------------------------------------------------
-    @classmethod
-    def matches(cls, pipeline) -> bool:
-        """True when this backend runs `pipeline` exactly (subclasses feeding other inputs are refused)."""
-        return type(pipeline).__name__ in cls.pipeline_classes
+    #: The layers a typical LoRA of this architecture adapts: PEFT module-name suffixes, inside
+    #: modules whose names contain the second item (random LoRAs for the demo and the tests).
+    typical_lora_targets: ClassVar[tuple[tuple[str, ...], str]] = ((), "")
+    #: The model folder's subfolder with the tokenizer of the tapped attention's text tokens.
+    tokenizer_folder: ClassVar[str | None] = None
 
     @classmethod
-    @abc.abstractmethod
+    def default_block(cls, num_blocks: int) -> int:
+        """The block the paper taps, or the same relative depth on a model with `num_blocks` blocks."""
+        block, of = cls.paper_block
+        return round(block / max(1, of - 1) * (num_blocks - 1))
+
+    @classmethod
     def pixels_per_token(cls, model_folder: Path | None) -> int:
         """Image pixels per token along a side, read from a model folder's configs without weights
         (None: the architecture's usual value)."""
-
-    #: The model folder's subfolder with the tokenizer of the tapped attention's text tokens.
-    tokenizer_folder: ClassVar[str | None] = None
+        raise NotImplementedError
 
     @classmethod
     def tiny_tokenizer(cls):
@@ -202,17 +208,87 @@ class Backend(abc.ABC):
         return False
 
     @classmethod
-    def pipeline_class(cls):
-        """The diffusers pipeline class this backend runs (for `from_single_file`)."""
-        import diffusers
-
-        return getattr(diffusers, cls.pipeline_classes[0])
-
-    @classmethod
     def default_single_file_base(cls, keys: Sequence[str]) -> str | None:
         """Where a single file's configs come from when the caller names none (a hub id), or None to
         let diffusers tell the model type from the file."""
         return None
+
+    @classmethod
+    def check_lora_keys(cls, keys: Sequence[str], source: str) -> None:
+        """Raise `LoraFileError` when a LoRA file's tensor names say it is for another architecture."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_settings(cls, settings: GenerationSettings) -> list[str]:
+        """Raise ValueError for settings this architecture cannot run; return notes for odd ones."""
+        raise NotImplementedError
+
+    @classmethod
+    def negative_prompt(cls, settings: GenerationSettings) -> str | None:
+        """The text of the second (unconditional) pass, or None when this run has one pass."""
+        raise NotImplementedError
+
+    @classmethod
+    def cfg_scale(cls, settings: GenerationSettings) -> float:
+        """The scale combining the two passes, `uncond + scale * (cond - uncond)`."""
+        raise NotImplementedError
+
+    @classmethod
+    def mask_config(cls, settings: GenerationSettings) -> MaskConfig:
+        """The caller's `mask_config`, or this architecture's default when none was given."""
+        if "mask_config" in settings.model_fields_set:
+            return settings.mask_config
+        return cls.default_mask_config
+
+    @classmethod
+    def check_mask_config(cls, settings: GenerationSettings) -> None:
+        """Raise ValueError when the mask method reads attention this architecture's tap does not give."""
+        config = cls.mask_config(settings)
+        method = get_map_method(config.method)
+        needs = set(method.needs) | ({"k_img"} if refines(config, default=False) else set())
+        missing = sorted(needs - set(cls.captured))
+        if missing:
+            usable = [name for name, other in MAP_METHODS.items() if set(other.needs) <= set(cls.captured)]
+            refinement = (
+                " (self-attention refinement)" if "k_img" in missing and refines(config, False) else ""
+            )
+            raise ValueError(
+                f"Mask method {config.method!r}{refinement} reads {missing}, which {cls.name}'s {cls.block_kind}s "
+                f"do not give; use a method among {usable} (CLI: --mask-method), with `self_attention` off."
+            )
+
+
+class Backend(abc.ABC):
+    """One architecture's runner parts over a loaded pipeline: the denoising loop's steps, the
+    attention tap, the token layout of its layers, and loading its LoRA files. Its facts and
+    rules are its `architecture`'s."""
+
+    architecture: ClassVar[type[Architecture]]
+    #: The architecture's name and denoiser attribute (copied from `architecture`).
+    name: ClassVar[str]
+    denoiser_name: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        super().__init_subclass__(**kwargs)
+        if "architecture" in cls.__dict__:
+            cls.name = cls.architecture.name
+            cls.denoiser_name = cls.architecture.denoiser_name
+
+    def __init__(self, pipeline) -> None:
+        self.pipeline = pipeline
+
+    # -- which pipelines ---------------------------------------------------------------------------
+    @classmethod
+    def matches(cls, pipeline) -> bool:
+        """True when this backend runs `pipeline` exactly (subclasses feeding other inputs are refused)."""
+        return type(pipeline).__name__ in cls.architecture.pipeline_classes
+
+    @classmethod
+    def pipeline_class(cls):
+        """The diffusers pipeline class this backend runs (for `from_single_file`)."""
+        import diffusers
+
+        return getattr(diffusers, cls.architecture.pipeline_classes[0])
 
     @classmethod
     def load_single_file(cls, path: Path, keys: Sequence[str], config: str | None, **options):
@@ -220,12 +296,7 @@ class Backend(abc.ABC):
         diffusers folder or hub id); `options` go to diffusers (`torch_dtype`, `local_files_only`)."""
         return cls.pipeline_class().from_single_file(str(path), config=config, **options)
 
-    @classmethod
-    @abc.abstractmethod
-    def check_lora_keys(cls, keys: Sequence[str], source: str) -> None:
-        """Raise `LoraFileError` when a LoRA file's tensor names say it is for another architecture."""
-
-    # -- model facts -------------------------------------------------------------------------------
+    # -- the loaded model ------------------------------------------------------------------------------
     @property
     def denoiser(self) -> torch.nn.Module:
         """The LoRA-adapted network (a transformer or a UNet)."""
@@ -246,17 +317,13 @@ class Backend(abc.ABC):
         """The fast tokenizer whose tokens the tapped attention's text side holds (activation words)."""
 
     @property
-    def default_sequence_length(self) -> int:
-        return self.max_sequence_length
-
-    @property
     @abc.abstractmethod
     def num_blocks(self) -> int:
         """How many blocks can be tapped (`block` is 0..num_blocks-1)."""
 
-    @abc.abstractmethod
     def default_block(self) -> int:
-        """The block the paper taps, or the same relative depth on smaller models."""
+        """The block the paper taps, or the same relative depth on this model."""
+        return self.architecture.default_block(self.num_blocks)
 
     @abc.abstractmethod
     def token_layout(self, module_name: str) -> TokenLayout:
@@ -266,40 +333,6 @@ class Backend(abc.ABC):
         """`(h, w)` image tokens for an image of `height` x `width` pixels."""
         return height // self.size_multiple, width // self.size_multiple
 
-    @classmethod
-    @abc.abstractmethod
-    def check_settings(cls, settings: GenerationSettings) -> list[str]:
-        """Raise ValueError for settings this architecture cannot run; return notes for odd ones.
-
-        A class method: the command line runs it before any weights load.
-        """
-
-    @classmethod
-    def mask_config(cls, settings: GenerationSettings) -> MaskConfig:
-        """The caller's `mask_config`, or this architecture's default when none was given."""
-        if "mask_config" in settings.model_fields_set:
-            return settings.mask_config
-        return cls.default_mask_config
-
-    @classmethod
-    def check_mask_config(cls, settings: GenerationSettings) -> None:
-        """Raise ValueError when the mask method reads attention this architecture's tap does not give."""
-        from ..core.methods import get_map_method
-
-        config = cls.mask_config(settings)
-        method = get_map_method(config.method)
-        needs = set(method.needs) | ({"k_img"} if refines(config, default=False) else set())
-        missing = sorted(needs - set(cls.captured))
-        if missing:
-            usable = [name for name, other in MAP_METHODS.items() if set(other.needs) <= set(cls.captured)]
-            refinement = (
-                " (self-attention refinement)" if "k_img" in missing and refines(config, False) else ""
-            )
-            raise ValueError(
-                f"Mask method {config.method!r}{refinement} reads {missing}, which {cls.name}'s {cls.block_kind}s "
-                f"do not give; use a method among {usable} (CLI: --mask-method), with `self_attention` off."
-            )
-
     # -- the denoising loop's parts ----------------------------------------------------------------
     @abc.abstractmethod
     def encode(self, prompts: list[str], max_sequence_length: int) -> Conditioning:
@@ -308,10 +341,6 @@ class Backend(abc.ABC):
     def encode_negative(self, prompts: list[str], settings: GenerationSettings) -> Conditioning:
         """Encode the negative pass's B prompts (some models use zeros for an unset negative prompt)."""
         return self.encode(prompts, settings.max_sequence_length)
-
-    @abc.abstractmethod
-    def negative_prompt(self, settings: GenerationSettings) -> str | None:
-        """The text of the second (unconditional) pass, or None when this run has one pass."""
 
     @abc.abstractmethod
     def prepare_latents(
@@ -342,10 +371,6 @@ class Backend(abc.ABC):
     ) -> torch.Tensor:
         """One forward pass of the denoiser: the model output for `latents.latents`."""
 
-    @abc.abstractmethod
-    def cfg_scale(self, settings: GenerationSettings) -> float:
-        """The scale combining the two passes, `uncond + scale * (cond - uncond)`."""
-
     def guided_prediction(
         self,
         latents: Latents,
@@ -369,7 +394,7 @@ class Backend(abc.ABC):
         if negative is not None:
             before_pass("uncond")
             unconditional = self.predict(latents, timestep, negative, settings)
-            prediction = unconditional + self.cfg_scale(settings) * (prediction - unconditional)
+            prediction = unconditional + self.architecture.cfg_scale(settings) * (prediction - unconditional)
         return prediction, tap
 
     @abc.abstractmethod
@@ -394,15 +419,13 @@ class Backend(abc.ABC):
         passes inside (`CapturedAttention`, one entry per block on its C axis)."""
 
     # -- LoRA files --------------------------------------------------------------------------------
-    @abc.abstractmethod
-    def lora_source(self, lora: LoraFile) -> str | dict[str, torch.Tensor]:
-        """What to hand to the pipeline's `load_lora_weights`: the file's path where diffusers reads
-        the layout itself (keeping its alpha metadata), else tensors under names it understands."""
+    def lora_source(self, lora: LoraFile) -> dict[str, torch.Tensor]:
+        """The tensors to hand to the pipeline's `load_lora_weights`, under names its converters
+        understand (the file's own names, unless the backend renames a layout diffusers misses)."""
+        return lora.state_dict
 
     @abc.abstractmethod
-    def lora_state_dict(
-        self, lora: LoraFile, source: str | dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
+    def lora_state_dict(self, lora: LoraFile, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The LoRA in diffusers layout (`<denoiser>.<module>.lora_A.weight`), by diffusers' converter.
 
         `source` is what `lora_source(lora)` gave. Raises `LoraFileError` for a layout it cannot read.
@@ -411,22 +434,25 @@ class Backend(abc.ABC):
     def load_lora(self, lora: LoraFile, adapter_name: str) -> None:
         """Convert, check that it fits the denoiser, and load it as PEFT adapter `adapter_name`.
 
-        On any failure nothing of the adapter stays behind.
+        diffusers is handed the tensors already read (`lora.state_dict`), except for files that
+        carry diffusers' own LoRA config in their header (`lora_adapter_metadata`: alpha and rank
+        patterns), which diffusers applies only when it reads that header itself. On any failure
+        nothing of the adapter stays behind.
         """
-        from ..lora import check_lora_fits
-
-        self.check_lora_keys(list(lora.state_dict), lora.path.name)
+        self.architecture.check_lora_keys(list(lora.state_dict), lora.path.name)
         source = self.lora_source(lora)
-        if lora.embeddings and isinstance(source, str) and lora.layout != "diffusers":
-            # diffusers would read the file again, bundled embeddings included, and its kohya
-            # converters refuse keys they do not know; diffusers-layout loading ignores them.
-            source = dict(lora.state_dict)
         converted = self.lora_state_dict(lora, source)
         check_lora_fits(converted, self.denoiser, self.denoiser_name, source=lora.path.name)
+        if lora.adapter_metadata and not lora.embeddings:
+            source = str(lora.path)
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # "no LoRA keys for the text encoder" and the like
-                self.pipeline.load_lora_weights(source, adapter_name=adapter_name, use_safetensors=True)
+                self.pipeline.load_lora_weights(
+                    dict(source) if isinstance(source, dict) else source,
+                    adapter_name=adapter_name,
+                    use_safetensors=True,
+                )
         except BaseException:
             if adapter_name in (getattr(self.denoiser, "peft_config", None) or {}):
                 self.pipeline.delete_adapters(adapter_name)

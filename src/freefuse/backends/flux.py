@@ -17,11 +17,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from . import register
+from ..errors import LoraFileError
+from ..lora import lora_family
+from ..tiny import tiny_t5_tokenizer
 from .base import (
     IMAGE,
     NO_TOKENS,
     TEXT,
+    Architecture,
     Backend,
     CapturedAttention,
     Conditioning,
@@ -31,13 +34,12 @@ from .base import (
     keep_output,
     latent_preview,
 )
+from .registry import register
 
 if TYPE_CHECKING:
     from ..lora import LoraFile
     from ..settings import GenerationSettings
 
-# The paper taps double-stream block 16 of FLUX.1's 19 (the 17th).
-PAPER_BLOCK, PAPER_NUM_BLOCKS = 16, 19
 # The layers a typical FLUX character LoRA (ai-toolkit, kohya) adapts, as PEFT module-name suffixes.
 FLUX_LORA_TARGETS = (
     "attn.to_q",
@@ -95,24 +97,21 @@ class FluxAttentionTap:
         return CapturedAttention(**stacked)
 
 
-@register
-class FluxBackend(Backend):
+class FluxArchitecture(Architecture):
+    """FLUX.1's facts and rules (no pipeline needed)."""
+
     name = "flux"
     pipeline_classes = ("FluxPipeline",)
     embedding_slots = {"clip_l": ("tokenizer", "text_encoder"), "t5": ("tokenizer_2", "text_encoder_2")}
     denoiser_name = "transformer"
     known_model_ids = ("black-forest-labs/FLUX.1-dev", "black-forest-labs/FLUX.1-schnell")
     block_kind = "double-stream block"
+    # The paper taps double-stream block 16 of FLUX.1's 19 (the 17th).
+    paper_block = (16, 19)
     max_sequence_length = 512  # T5-XXL's limit in FluxPipeline
     default_guidance = 3.5  # FLUX.1-dev's distilled guidance
-
-    @classmethod
-    def matches(cls, pipeline) -> bool:
-        """Text-to-image FLUX.1 only: Fill, Control, Kontext and img2img pipelines feed the transformer
-        other inputs than noise latents and are not supported."""
-        from diffusers import FluxPipeline
-
-        return type(pipeline) is FluxPipeline
+    typical_lora_targets = (FLUX_LORA_TARGETS, "transformer_blocks")
+    tokenizer_folder = "tokenizer_2"
 
     @classmethod
     def pixels_per_token(cls, model_folder: Path | None) -> int:
@@ -126,12 +125,8 @@ class FluxBackend(Backend):
                 pass
         return 16
 
-    tokenizer_folder = "tokenizer_2"
-
     @classmethod
     def tiny_tokenizer(cls):
-        from ..testing import tiny_t5_tokenizer
-
         return tiny_t5_tokenizer()
 
     @classmethod
@@ -147,69 +142,13 @@ class FluxBackend(Backend):
         return cls.known_model_ids[1] if schnell else cls.known_model_ids[0]
 
     @classmethod
-    def load_single_file(cls, path: Path, keys, config: str | None, **options):
-        """A transformer-only file (what FLUX fine-tunes ship as): the transformer from the file, the
-        text encoders, VAE and scheduler from `config`, as diffusers' docs load them. A full
-        checkpoint: `FluxPipeline.from_single_file`."""
-        from diffusers import FluxPipeline, FluxTransformer2DModel
-
-        if "scaled_fp8" in keys or any(key.endswith(".scale_weight") for key in keys):
-            raise ValueError(
-                "it is a 'scaled fp8' file (per-tensor scales diffusers does not apply); use a bf16/fp16 or plain "
-                "fp8 file"
-            )
-        config = config or cls.default_single_file_base(keys)
-        if any(key.startswith(("vae.", "first_stage_model.", "text_encoders.")) for key in keys):
-            return FluxPipeline.from_single_file(str(path), config=config, **options)
-        transformer = FluxTransformer2DModel.from_single_file(
-            str(path), config=config, subfolder="transformer", **options
-        )
-        return FluxPipeline.from_pretrained(config, transformer=transformer, use_safetensors=True, **options)
-
-    @classmethod
     def check_lora_keys(cls, keys, source: str) -> None:
-        from ..lora import LoraFileError, lora_family
-
         if lora_family(keys).startswith("UNet"):
             first = next(iter(keys))
             raise LoraFileError(
                 f"{source} is a LoRA for a UNet model (SD 1.x / SDXL keys such as {first!r}), not for a FLUX "
                 "transformer; use a LoRA trained for this model."
             )
-
-    @property
-    def size_multiple(self) -> int:
-        """Pixels per image token along a side: the VAE factor (8 on FLUX.1) times the 2x2 patches."""
-        return int(self.pipeline.vae_scale_factor) * 2
-
-    @property
-    def tokenizer(self):
-        """T5's: the text tokens of the joint attention are T5 tokens."""
-        return self.pipeline.tokenizer_2
-
-    @property
-    def num_blocks(self) -> int:
-        return len(self.denoiser.transformer_blocks)
-
-    def default_block(self) -> int:
-        """Block 16 on FLUX.1; the same relative depth on models with fewer double-stream blocks."""
-        return round(PAPER_BLOCK / (PAPER_NUM_BLOCKS - 1) * (self.num_blocks - 1))
-
-    def token_layout(self, module_name: str) -> TokenLayout:
-        """Double-stream blocks: image and text in separate layers. Single-stream blocks: one
-        sequence, `torch.cat([text, image])` in `FluxTransformer2DModel.forward`. Modulation
-        (`norm*.linear`), timestep/guidance/pooled embedders: one vector per image."""
-        if module_name.startswith("single_transformer_blocks."):
-            return NO_TOKENS if ".norm." in module_name else ("text", "image")
-        if module_name.startswith("transformer_blocks."):
-            if ".norm1.linear" in module_name or ".norm1_context.linear" in module_name:
-                return NO_TOKENS
-            return TEXT if any(part in module_name for part in _TEXT_STREAM) else IMAGE
-        if module_name.startswith("context_embedder"):
-            return TEXT
-        if module_name.startswith("x_embedder") or module_name == "proj_out":
-            return IMAGE
-        return NO_TOKENS  # time/guidance/pooled-text embedders, final norm modulation
 
     @classmethod
     def check_settings(cls, settings: GenerationSettings) -> list[str]:
@@ -228,6 +167,80 @@ class FluxBackend(Backend):
         if settings.true_cfg_scale > 1 and settings.negative_prompt is None:
             notes.append("`true_cfg_scale` > 1 has no effect without a `negative_prompt`.")
         return notes
+
+    @classmethod
+    def negative_prompt(cls, settings: GenerationSettings) -> str | None:
+        """FLUX.1 runs a second pass only with true CFG (as `FluxPipeline` does)."""
+        return settings.negative_prompt if settings.true_cfg_scale > 1 else None
+
+    @classmethod
+    def cfg_scale(cls, settings: GenerationSettings) -> float:
+        return float(settings.true_cfg_scale)
+
+
+@register
+class FluxBackend(Backend):
+    """FLUX.1's runner parts over a `FluxPipeline`."""
+
+    architecture = FluxArchitecture
+
+    @classmethod
+    def matches(cls, pipeline) -> bool:
+        """Text-to-image FLUX.1 only: Fill, Control, Kontext and img2img pipelines feed the transformer
+        other inputs than noise latents and are not supported."""
+        from diffusers import FluxPipeline
+
+        return type(pipeline) is FluxPipeline
+
+    @classmethod
+    def load_single_file(cls, path: Path, keys, config: str | None, **options):
+        """A transformer-only file (what FLUX fine-tunes ship as): the transformer from the file, the
+        text encoders, VAE and scheduler from `config`, as diffusers' docs load them. A full
+        checkpoint: `FluxPipeline.from_single_file`."""
+        from diffusers import FluxPipeline, FluxTransformer2DModel
+
+        if "scaled_fp8" in keys or any(key.endswith(".scale_weight") for key in keys):
+            raise ValueError(
+                "it is a 'scaled fp8' file (per-tensor scales diffusers does not apply); use a bf16/fp16 or plain "
+                "fp8 file"
+            )
+        config = config or cls.architecture.default_single_file_base(keys)
+        if any(key.startswith(("vae.", "first_stage_model.", "text_encoders.")) for key in keys):
+            return FluxPipeline.from_single_file(str(path), config=config, **options)
+        transformer = FluxTransformer2DModel.from_single_file(
+            str(path), config=config, subfolder="transformer", **options
+        )
+        return FluxPipeline.from_pretrained(config, transformer=transformer, use_safetensors=True, **options)
+
+    @property
+    def size_multiple(self) -> int:
+        """Pixels per image token along a side: the VAE factor (8 on FLUX.1) times the 2x2 patches."""
+        return int(self.pipeline.vae_scale_factor) * 2
+
+    @property
+    def tokenizer(self):
+        """T5's: the text tokens of the joint attention are T5 tokens."""
+        return self.pipeline.tokenizer_2
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.denoiser.transformer_blocks)
+
+    def token_layout(self, module_name: str) -> TokenLayout:
+        """Double-stream blocks: image and text in separate layers. Single-stream blocks: one
+        sequence, `torch.cat([text, image])` in `FluxTransformer2DModel.forward`. Modulation
+        (`norm*.linear`), timestep/guidance/pooled embedders: one vector per image."""
+        if module_name.startswith("single_transformer_blocks."):
+            return NO_TOKENS if ".norm." in module_name else ("text", "image")
+        if module_name.startswith("transformer_blocks."):
+            if ".norm1.linear" in module_name or ".norm1_context.linear" in module_name:
+                return NO_TOKENS
+            return TEXT if any(part in module_name for part in _TEXT_STREAM) else IMAGE
+        if module_name.startswith("context_embedder"):
+            return TEXT
+        if module_name.startswith("x_embedder") or module_name == "proj_out":
+            return IMAGE
+        return NO_TOKENS  # time/guidance/pooled-text embedders, final norm modulation
 
     # -- denoising loop parts ----------------------------------------------------------------------
 
@@ -292,7 +305,7 @@ class FluxBackend(Backend):
         batch = hidden.shape[0]
         guidance = None
         if self.denoiser.config.guidance_embeds:
-            scale = self.default_guidance if settings.guidance_scale is None else settings.guidance_scale
+            scale = self.architecture.default_guidance if settings.guidance_scale is None else settings.guidance_scale
             guidance = torch.full([batch], scale, device=hidden.device, dtype=torch.float32)
         return self.denoiser(
             hidden_states=hidden,
@@ -304,13 +317,6 @@ class FluxBackend(Backend):
             img_ids=latents.positions,
             return_dict=False,
         )[0]
-
-    def negative_prompt(self, settings: GenerationSettings) -> str | None:
-        """FLUX.1 runs a second pass only with true CFG (as `FluxPipeline` does)."""
-        return settings.negative_prompt if settings.true_cfg_scale > 1 else None
-
-    def cfg_scale(self, settings: GenerationSettings) -> float:
-        return float(settings.true_cfg_scale)
 
     def step(self, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         return self.pipeline.scheduler.step(prediction, timestep, latents, return_dict=False)[0]
@@ -373,7 +379,7 @@ class FluxBackend(Backend):
                 handle.remove()
 
     # -- LoRA files --------------------------------------------------------------------------------
-    def lora_source(self, lora: LoraFile) -> str | dict[str, torch.Tensor]:
+    def lora_source(self, lora: LoraFile) -> dict[str, torch.Tensor]:
         """BFL-named files (`diffusion_model.double_blocks…lora_A`) and bare PEFT files, which diffusers'
         FLUX loader does not recognise, go in renamed; every other layout by path."""
         state = lora.state_dict
@@ -390,16 +396,12 @@ class FluxBackend(Backend):
             return {
                 "transformer." + key.removeprefix("base_model.model."): value for key, value in state.items()
             }
-        return str(lora.path)
+        return state
 
-    def lora_state_dict(
-        self, lora: LoraFile, source: str | dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
+    def lora_state_dict(self, lora: LoraFile, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         from diffusers import FluxPipeline
 
-        from ..lora import LoraFileError
-
-        state = dict(source) if isinstance(source, dict) else dict(lora.state_dict)
+        state = dict(source)
         try:
             converted = FluxPipeline.lora_state_dict(state, return_alphas=True)
         except (ValueError, KeyError, RuntimeError, AssertionError, TypeError) as error:

@@ -24,12 +24,15 @@ import numpy as np
 import torch
 
 from ..core import MaskConfig
-from . import register
+from ..errors import LoraFileError
+from ..lora import lora_family
+from ..tiny import tiny_clip_tokenizer
 from .base import (
     IMAGE,
     NO_TOKENS,
     SPATIAL,
     TEXT,
+    Architecture,
     Backend,
     CapturedAttention,
     Conditioning,
@@ -39,14 +42,12 @@ from .base import (
     keep_output,
     latent_preview,
 )
+from .registry import register
 
 if TYPE_CHECKING:
     from ..lora import LoraFile
     from ..settings import GenerationSettings
 
-# The authors' SDXL block: up_blocks.0.attentions.0.transformer_blocks.3, the 34th of the 60
-# transformer blocks at SDXL's deepest level (2 x 10 down, 10 mid, 3 x 10 up).
-PAPER_BLOCK, PAPER_NUM_BLOCKS = 33, 60
 # The layers a typical SDXL character LoRA (kohya) adapts: every linear layer of the attention
 # blocks, as PEFT module-name suffixes.
 SDXL_LORA_TARGETS = (
@@ -120,13 +121,17 @@ class SdxlAttentionTap:
         return CapturedAttention(q_text=None, k_img=None, **stacked)
 
 
-@register
-class SdxlBackend(Backend):
+class SdxlArchitecture(Architecture):
+    """SDXL's facts and rules (no pipeline needed)."""
+
     name = "sdxl"
     pipeline_classes = ("StableDiffusionXLPipeline",)
     denoiser_name = "unet"
     known_model_ids = ("stabilityai/stable-diffusion-xl-base-1.0",)
     block_kind = "deepest-level transformer block"
+    # The authors' SDXL block: up_blocks.0.attentions.0.transformer_blocks.3, the 34th of the 60
+    # transformer blocks at SDXL's deepest level (2 x 10 down, 10 mid, 3 x 10 up).
+    paper_block = (33, 60)
     max_sequence_length = 77  # one CLIP window; longer prompts are cut there, as diffusers does
     default_steps = 30
     default_guidance = 5.0  # StableDiffusionXLPipeline's
@@ -134,13 +139,8 @@ class SdxlBackend(Backend):
     # The authors' SDXL method: seeds from cross-attention, similarity of self-attention outputs.
     default_mask_config = MaskConfig(method="routing")
     embedding_slots = {"clip_l": ("tokenizer", "text_encoder"), "clip_g": ("tokenizer_2", "text_encoder_2")}
-
-    @classmethod
-    def matches(cls, pipeline) -> bool:
-        """Text-to-image SDXL only: img2img, inpainting and ControlNet pipelines feed the UNet more."""
-        from diffusers import StableDiffusionXLPipeline
-
-        return type(pipeline) is StableDiffusionXLPipeline
+    typical_lora_targets = (SDXL_LORA_TARGETS, ".attentions.")
+    tokenizer_folder = "tokenizer"
 
     @classmethod
     def pixels_per_token(cls, model_folder: Path | None) -> int:
@@ -156,12 +156,8 @@ class SdxlBackend(Backend):
         except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
             return 32
 
-    tokenizer_folder = "tokenizer"
-
     @classmethod
     def tiny_tokenizer(cls):
-        from ..testing import tiny_clip_tokenizer
-
         return tiny_clip_tokenizer()
 
     @classmethod
@@ -172,6 +168,55 @@ class SdxlBackend(Backend):
             key.startswith(("conditioner.embedders.1.model.", "model.diffusion_model.label_emb."))
             for key in keys
         )
+
+    @classmethod
+    def check_lora_keys(cls, keys, source: str) -> None:
+        if lora_family(keys) == "FLUX transformer":
+            raise LoraFileError(
+                f"{source} is a LoRA for a FLUX transformer (keys such as {next(iter(keys))!r}), not for an SDXL "
+                "UNet; use a LoRA trained for this model."
+            )
+
+    @classmethod
+    def check_settings(cls, settings: GenerationSettings) -> list[str]:
+        length = settings.max_sequence_length
+        if length is not None and length > cls.max_sequence_length:
+            raise ValueError(
+                f"`max_sequence_length` {length} is more than SDXL's CLIP window of {cls.max_sequence_length} tokens; "
+                "use at most 77 (longer prompts are cut at 77 tokens, as diffusers does)."
+            )
+        if settings.true_cfg_scale > 1:
+            raise ValueError(
+                "`true_cfg_scale` is FLUX's; SDXL always guides with the negative prompt: set `guidance_scale` "
+                "(CLI: --guidance) instead."
+            )
+        return []
+
+    @classmethod
+    def negative_prompt(cls, settings: GenerationSettings) -> str | None:
+        """SDXL guides with a negative pass whenever `guidance_scale` > 1 (an unset one is empty)."""
+        scale = cls.default_guidance if settings.guidance_scale is None else settings.guidance_scale
+        if scale <= 1:
+            return None
+        return settings.negative_prompt or ""
+
+    @classmethod
+    def cfg_scale(cls, settings: GenerationSettings) -> float:
+        return float(cls.default_guidance if settings.guidance_scale is None else settings.guidance_scale)
+
+
+@register
+class SdxlBackend(Backend):
+    """SDXL's runner parts over a `StableDiffusionXLPipeline`."""
+
+    architecture = SdxlArchitecture
+
+    @classmethod
+    def matches(cls, pipeline) -> bool:
+        """Text-to-image SDXL only: img2img, inpainting and ControlNet pipelines feed the UNet more."""
+        from diffusers import StableDiffusionXLPipeline
+
+        return type(pipeline) is StableDiffusionXLPipeline
 
     @classmethod
     def load_single_file(cls, path: Path, keys, config: str | None, **options):
@@ -189,17 +234,7 @@ class SdxlBackend(Backend):
             pipeline.scheduler = type(scheduler).from_config({**scheduler.config, **changes})
         return pipeline
 
-    @classmethod
-    def check_lora_keys(cls, keys, source: str) -> None:
-        from ..lora import LoraFileError, lora_family
-
-        if lora_family(keys) == "FLUX transformer":
-            raise LoraFileError(
-                f"{source} is a LoRA for a FLUX transformer (keys such as {next(iter(keys))!r}), not for an SDXL "
-                "UNet; use a LoRA trained for this model."
-            )
-
-    # -- model facts -------------------------------------------------------------------------------
+    # -- the loaded model -------------------------------------------------------------------------------
     @property
     def _levels(self) -> list[tuple[str, int]]:
         return transformer_block_levels(self.denoiser)
@@ -227,10 +262,6 @@ class SdxlBackend(Backend):
     def num_blocks(self) -> int:
         return len(self.tap_blocks)
 
-    def default_block(self) -> int:
-        """The authors' block on SDXL; the same relative depth on smaller UNets."""
-        return round(PAPER_BLOCK / (PAPER_NUM_BLOCKS - 1) * (self.num_blocks - 1))
-
     def token_layout(self, module_name: str) -> TokenLayout:
         """Convolutions: spatial. Inside attention blocks: image tokens of that level, but the
         cross-attention keys/values, which read the text. Time and size embeddings: no tokens."""
@@ -240,21 +271,6 @@ class SdxlBackend(Backend):
         if ".attentions." in module_name:
             return TEXT if any(module_name.endswith(part) for part in _CROSS_ATTENTION_TEXT_SIDE) else IMAGE
         return NO_TOKENS  # time_embedding, add_embedding, the resnets' time_emb_proj
-
-    @classmethod
-    def check_settings(cls, settings: GenerationSettings) -> list[str]:
-        length = settings.max_sequence_length
-        if length is not None and length > cls.max_sequence_length:
-            raise ValueError(
-                f"`max_sequence_length` {length} is more than SDXL's CLIP window of {cls.max_sequence_length} tokens; "
-                "use at most 77 (longer prompts are cut at 77 tokens, as diffusers does)."
-            )
-        if settings.true_cfg_scale > 1:
-            raise ValueError(
-                "`true_cfg_scale` is FLUX's; SDXL always guides with the negative prompt: set `guidance_scale` "
-                "(CLI: --guidance) instead."
-            )
-        return []
 
     # -- the denoising loop's parts ----------------------------------------------------------------
     def encode(self, prompts: list[str], max_sequence_length: int) -> Conditioning:
@@ -270,7 +286,7 @@ class SdxlBackend(Backend):
     def encode_negative(self, prompts: list[str], settings: GenerationSettings) -> Conditioning:
         """Zeros for an unset negative prompt where the model asks for it
         (`force_zeros_for_empty_prompt`, SDXL base), as `StableDiffusionXLPipeline` does."""
-        encoded = self.encode(prompts, self.max_sequence_length)
+        encoded = self.encode(prompts, self.architecture.max_sequence_length)
         if settings.negative_prompt is None and self.pipeline.config.get(
             "force_zeros_for_empty_prompt", False
         ):
@@ -278,16 +294,6 @@ class SdxlBackend(Backend):
                 list(prompts), torch.zeros_like(encoded.prompt_embeds), torch.zeros_like(encoded.pooled), None
             )
         return encoded
-
-    def negative_prompt(self, settings: GenerationSettings) -> str | None:
-        """SDXL guides with a negative pass whenever `guidance_scale` > 1 (an unset one is empty)."""
-        scale = self.default_guidance if settings.guidance_scale is None else settings.guidance_scale
-        if scale <= 1:
-            return None
-        return settings.negative_prompt or ""
-
-    def cfg_scale(self, settings: GenerationSettings) -> float:
-        return float(self.default_guidance if settings.guidance_scale is None else settings.guidance_scale)
 
     def prepare_latents(
         self,
@@ -433,25 +439,21 @@ class SdxlBackend(Backend):
                 handle.remove()
 
     # -- LoRA files --------------------------------------------------------------------------------
-    def lora_source(self, lora: LoraFile) -> str | dict[str, torch.Tensor]:
+    def lora_source(self, lora: LoraFile) -> dict[str, torch.Tensor]:
         """Bare PEFT files go in with the `unet.` prefix; every other layout (kohya `lora_unet_…`,
         `lora_te1_…`, diffusers, LyCORIS where diffusers reads it) by path."""
         state = lora.state_dict
         if lora.layout == "peft" and not any(key.startswith(("unet.", "text_encoder")) for key in state):
             return {"unet." + key.removeprefix("base_model.model."): value for key, value in state.items()}
-        return str(lora.path)
+        return state
 
-    def lora_state_dict(
-        self, lora: LoraFile, source: str | dict[str, torch.Tensor]
-    ) -> dict[str, torch.Tensor]:
+    def lora_state_dict(self, lora: LoraFile, source: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """diffusers' SDXL converter, then PEFT names (`unet.<module>.lora_A.weight`); text-encoder
         parts keep their `text_encoder(_2).` keys."""
         from diffusers import StableDiffusionXLPipeline
         from diffusers.utils import convert_unet_state_dict_to_peft
 
-        from ..lora import LoraFileError
-
-        state = dict(source) if isinstance(source, dict) else dict(lora.state_dict)
+        state = dict(source)
         try:
             converted, _ = StableDiffusionXLPipeline.lora_state_dict(state, unet_config=self.denoiser.config)
         except (ValueError, KeyError, RuntimeError, AssertionError, TypeError) as error:

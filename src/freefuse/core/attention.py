@@ -10,8 +10,7 @@ import math
 
 import torch
 
-# At most this many attention logits exist at once (64 MiB in float32).
-DEFAULT_CHUNK_ELEMENTS = 1 << 24
+from .config import DEFAULT_CHUNK_ELEMENTS
 
 
 def head_mean_attention(

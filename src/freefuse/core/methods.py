@@ -22,14 +22,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 
 from .attention import cross_attention_maps, refine_with_self_attention
-
-if TYPE_CHECKING:
-    from .masks import MaskConfig
+from .config import MaskConfig
 
 
 @dataclass

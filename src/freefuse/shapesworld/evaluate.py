@@ -28,7 +28,10 @@ import torch
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from .. import __version__
 from ..core import MaskSet
+from ..files import atomic_save, atomic_write, check_free, write_json
+from ..pipeline import FreeFuse
 from .detect import DetectedObject, detect
 from .model import MAX_TEXT_TOKENS, load_shapesworld, lora_path
 from .scenes import SIZE, SUBJECTS, Subject, random_scene
@@ -166,8 +169,6 @@ class Evaluator:
     def __init__(
         self, model_dir: Path | None = None, lora_dir: Path | None = None, device: str = "cpu"
     ) -> None:
-        from ..pipeline import FreeFuse
-
         self.pipeline = load_shapesworld(model_dir) if model_dir else load_shapesworld()
         self.pipeline.to(device)
         self.freefuse_class = FreeFuse
@@ -280,8 +281,6 @@ class SampleStore:
 
     def save(self, key: str, record: dict) -> None:
         import json
-
-        from ..files import atomic_save, write_json
 
         for method, image in record["images"].items():
             atomic_save(self.folder / f"{key}.{method}.png", lambda handle, im=image: im.save(handle, "PNG"))
@@ -592,8 +591,6 @@ def _kept(store: SampleStore, name: str, sizes, compute: Callable[[], dict]) -> 
     """A part of the evaluation computed once and kept in the store (resumed runs read it back)."""
     import json
 
-    from ..files import write_json
-
     path = (
         store.folder / f"{name}-{store.key(name, list(sizes) if not isinstance(sizes, int) else sizes)}.json"
     )
@@ -621,14 +618,10 @@ def run_evaluation(
     Every finished sample is kept under `out/samples/`; run the same command again after an
     interruption and it resumes.
     """
-    from ..files import atomic_save, atomic_write, check_free, write_json
-
     files = {"json": out / "results.json", "md": out / "results.md", "grid": out / "grid.png"}
     check_free(list(files.values()), overwrite)
     report = on_progress or (lambda stage, done, total: None)
     evaluator = Evaluator(model_dir, lora_dir)
-    from .. import __version__
-
     identity = [
         str(model_dir or "committed"),
         sorted(subject.sha256 or "" for subject in evaluator.subjects.values()),

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .scenes import SIZE, training_vocabulary
+from ..tiny import text_encoders, tiny_clip_tokenizer, tiny_t5_tokenizer
+from .scenes import SIZE, SUBJECTS, training_vocabulary
 
 WEIGHTS = Path(__file__).parent / "weights"
 MODEL_DIR = WEIGHTS / "model"
@@ -48,8 +49,6 @@ VAE_CONFIG = {
 
 
 def tokenizers():
-    from ..testing import tiny_clip_tokenizer, tiny_t5_tokenizer
-
     words = training_vocabulary()
     return tiny_clip_tokenizer(words), tiny_t5_tokenizer(words)
 
@@ -62,9 +61,6 @@ def add_subject_words(pipeline, seed: int = 0) -> None:
     never occur in base captions), and no LoRA could tell them apart; a new token is what a rare
     word is to a real T5.
     """
-    from ..testing import tiny_t5_tokenizer
-    from .scenes import SUBJECTS
-
     old = pipeline.tokenizer_2
     new = tiny_t5_tokenizer(training_vocabulary(), rare_words=list(SUBJECTS))
     old_vocab, new_vocab = old.get_vocab(), new.get_vocab()
@@ -95,8 +91,6 @@ def build_vae(seed: int = 0):
 def build_pipeline(vae=None, seed: int = 0):
     """An untrained ShapesWorld `FluxPipeline` (with `vae` if given)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
-
-    from ..testing import text_encoders
 
     clip_tokenizer, t5_tokenizer = tokenizers()
     with torch.random.fork_rng(devices=[]):

@@ -1,0 +1,366 @@
+"""Every check a run can have before any weights load, written once, as one pure function.
+
+`preflight(model, settings, subjects, masks)` knows the architecture's facts and rules, the
+tokenizer of the tapped text (when one can be had), the settings, each LoRA's words and bundled
+embeddings, and what is known of the caller's masks. The command line, a job-file line, a
+manifest replay and the web page call it with what they know before loading (the model folder's
+configs and tokenizer, the LoRA files' headers); `FreeFuse.check_inputs` calls it again with the
+loaded model's facts. It reads no file and touches no model: a mistake is said before a
+multi-GB load, and said the same way by every front end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .errors import EmbeddingError, SettingsError, WordNotFoundError
+from .methods import Method, get_method
+from .settings import GenerationSettings
+from .tokens import find_word, shared_word, truncation_note, word_spans
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What is known of the model: always its architecture; the rest once it can be read.
+
+    Attributes:
+        architecture: the architecture's facts and rules (`backends.base.Architecture`); None when
+            it cannot be told before loading (a hub id not in the cache): its rules wait for the load.
+        tokenizer: the fast tokenizer of the tapped attention's text, or None (words are checked
+            once the model loads).
+        size_multiple: pixels per image token along a side, or None.
+        num_blocks: tappable blocks, or None.
+    """
+
+    architecture: type | None
+    tokenizer: object | None = None
+    size_multiple: int | None = None
+    num_blocks: int | None = None
+
+
+@dataclass(frozen=True)
+class SubjectFacts:
+    """One LoRA of a run as preflight sees it, keyed by its adapter name.
+
+    Attributes:
+        name: the adapter name.
+        words: its activation words (given, or from its file's metadata).
+        scope: "subject" (masked) or "global" (never masked).
+        bundled: (placeholder, encoder) of each trigger-word embedding its file bundles.
+        text_encoders: the text encoders its file also adapts (acting on the whole prompt).
+        source: its file's name, for messages.
+    """
+
+    name: str
+    words: tuple[str, ...] = ()
+    scope: str = "subject"
+    bundled: tuple[tuple[str, str], ...] = ()
+    text_encoders: tuple[str, ...] = ()
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class MaskFacts:
+    """What is known of the caller's masks before denoising: the subjects they name and their
+    `(H, W)` size, each None when not known (masks given as plain tensors)."""
+
+    names: tuple[str, ...] | None = None
+    size: tuple[int, int] | None = None
+
+
+@dataclass
+class Checked:
+    """What preflight found. B images (prompts × images per prompt).
+
+    Attributes:
+        settings: the settings with the model's defaults filled in where known (block, token
+            limit, mask constants, guidance).
+        method: the run's method.
+        masked: adapter names of the subject LoRAs the method masks, in the given order.
+        notes: odd but valid choices, to show before the run.
+        positions: per image, {adapter name: token positions of its words}; None without a tokenizer.
+        background: per image, positions of the background words; None without a tokenizer.
+        negative_prompt: the text of the second pass, or None.
+        negative_positions: per image, {adapter name: positions in the negative prompt}, or None.
+    """
+
+    settings: GenerationSettings
+    method: Method
+    masked: list[str]
+    notes: list[str] = field(default_factory=list)
+    positions: list[dict[str, list[int]]] | None = None
+    background: list[list[int]] | None = None
+    negative_prompt: str | None = None
+    negative_positions: list[dict[str, list[int]]] | None = None
+
+
+def preflight(
+    model: ModelFacts,
+    settings: GenerationSettings,
+    subjects: Sequence[SubjectFacts],
+    masks: MaskFacts | None = None,
+) -> Checked:
+    """Check a run against what is known of its model; raise a `FreeFuseError` (a `ValueError`)
+    that names the setting and the fix, or return the resolved run. `masks`: None when the caller
+    gives none."""
+    architecture = model.architecture
+    method = get_method(settings.method)
+    if model.size_multiple is not None:
+        settings.check_size(model.size_multiple)
+    notes = settings.notes()
+    if architecture is not None:
+        notes = architecture.check_settings(settings) + notes
+        if method.reads_attention:
+            architecture.check_mask_config(settings)
+    if not subjects:
+        raise SettingsError("No LoRA given; a run needs at least one LoRA with its activation words.")
+    settings = _resolved(model, settings) if architecture is not None else settings
+    _check_masks(method, settings, masks, [s.name for s in subjects if s.scope == "subject"], model)
+    masked = [s for s in subjects if s.scope == "subject"] if method.masks_loras else []
+    grid = _grid(settings, model.size_multiple)
+    method.check([s.name for s in masked], grid, (settings.height, settings.width))
+    _check_words(method, settings, masked)
+    if architecture is not None:
+        _check_embeddings(architecture, subjects, model.tokenizer)
+    if method.masks_loras and architecture is not None:
+        notes.extend(
+            f"LoRA {s.name!r} also adapts {', '.join(s.text_encoders)}; that part changes the prompt every image "
+            f"token reads, so it acts everywhere (only the {architecture.denoiser_name} part is masked)."
+            for s in masked
+            if s.text_encoders
+        )
+    checked = Checked(
+        settings=settings,
+        method=method,
+        masked=[s.name for s in masked],
+        notes=notes,
+        negative_prompt=None if architecture is None else architecture.negative_prompt(settings),
+    )
+    if model.tokenizer is not None and architecture is not None:
+        _find_words(model.tokenizer, checked, masked)
+    return checked
+
+
+def _resolved(model: ModelFacts, settings: GenerationSettings) -> GenerationSettings:
+    """The model's defaults for what the caller left unset, and the block range once it is known."""
+    architecture = model.architecture
+    block = settings.block
+    if model.num_blocks is not None:
+        block = architecture.default_block(model.num_blocks) if block is None else block
+        for index in [block] if isinstance(block, int) else block:
+            if not 0 <= index < model.num_blocks:
+                raise SettingsError(
+                    f"`block` {index} is out of range: this model has {model.num_blocks} {architecture.block_kind}s "
+                    f"(0..{model.num_blocks - 1})."
+                )
+    guidance = settings.guidance_scale
+    return settings.model_copy(
+        update={
+            "block": block,
+            "max_sequence_length": settings.max_sequence_length or architecture.max_sequence_length,
+            "mask_config": architecture.mask_config(settings),
+            "guidance_scale": architecture.default_guidance if guidance is None else guidance,
+        }
+    )
+
+
+def _grid(settings: GenerationSettings, size_multiple: int | None) -> tuple[int, int] | None:
+    if size_multiple is None:
+        return None
+    return settings.height // size_multiple, settings.width // size_multiple
+
+
+def _check_masks(
+    method: Method,
+    settings: GenerationSettings,
+    masks: MaskFacts | None,
+    subjects: list[str],
+    model: ModelFacts,
+) -> None:
+    """The caller's masks against the method, the subjects and the image size."""
+    if masks is not None and not method.takes_masks:
+        raise SettingsError(
+            f"Masks are only used by method='masks' (method is {settings.method!r}); run method 'masks' with them, "
+            "or leave the masks out."
+        )
+    if method.takes_masks and masks is None:
+        raise SettingsError(
+            "Method 'masks' needs masks, one per subject LoRA (a .masks.json or .safetensors from `freefuse masks`)."
+        )
+    if masks is None:
+        return
+    if masks.names is not None:
+        missing = [name for name in subjects if name not in masks.names]
+        if missing:
+            raise SettingsError(f"The masks have no mask for {missing}; they have {list(masks.names)}.")
+    if masks.size is not None:
+        size = (settings.height, settings.width)
+        grid = _grid(settings, model.size_multiple)
+        sizes = [size] + ([grid] if grid is not None else [])
+        if tuple(masks.size) not in sizes:
+            wanted = " or ".join(f"{h}x{w}" for h, w in sizes)
+            raise SettingsError(
+                f"The mask set has {masks.size[0]}x{masks.size[1]} masks; this run needs {wanted} (H x W: the image, "
+                "or its token grid)."
+            )
+
+
+def _check_words(method: Method, settings: GenerationSettings, masked: list[SubjectFacts]) -> None:
+    """Background words only where attention is read, never a subject's; every masked subject has
+    words, and no two subjects share one."""
+    if settings.background_words and not method.reads_attention:
+        raise SettingsError(
+            f"Background words only act in methods that read attention (method is {settings.method!r})."
+        )
+    for word in settings.background_words:
+        for subject in masked:
+            clash = next((w for w in subject.words if word_spans(w, word) or word_spans(word, w)), None)
+            if clash is not None:
+                raise SettingsError(
+                    f"Background word {word!r} is also LoRA {subject.name!r}'s word {clash!r}; a word cannot mark "
+                    "both a subject and the background. Pick a background word of its own."
+                )
+    if not method.needs_words:
+        return
+    for subject in masked:
+        if not subject.words:
+            raise SettingsError(
+                f"LoRA {subject.name!r} has no activation words and none in its metadata; give it its trigger "
+                "word (e.g. the word it was trained with)."
+            )
+    clash = shared_word({s.name: list(s.words) for s in masked})
+    if clash:
+        raise SettingsError(shared_word_message(*clash))
+
+
+def _check_embeddings(architecture, subjects: Sequence[SubjectFacts], tokenizer) -> None:
+    """Bundled embeddings this model can take: known encoders, one LoRA per word, no special tokens."""
+    owners: dict[str, str] = {}
+    specials = set(getattr(tokenizer, "all_special_tokens", None) or ())
+    for subject in subjects:
+        for placeholder, encoder in subject.bundled:
+            source = subject.source or subject.name
+            if encoder not in architecture.embedding_slots and not encoder.endswith("_out"):
+                raise EmbeddingError(
+                    f"{source} bundles an embedding for text encoder {encoder!r}, which {architecture.name} models do "
+                    f"not have (they have {sorted(architecture.embedding_slots)}); the LoRA was made for another model."
+                )
+            if placeholder in specials:
+                raise EmbeddingError(
+                    f"{source} bundles an embedding for {placeholder!r}, one of the tokenizer's special tokens; "
+                    "replacing it would change every prompt's encoding. The file is broken or hostile: do not use it."
+                )
+            owner = owners.setdefault(placeholder, subject.name)
+            if owner != subject.name:
+                raise EmbeddingError(
+                    f"LoRAs {owner!r} and {subject.name!r} both bundle an embedding for {placeholder!r}; two LoRAs "
+                    "cannot both define one word. Use one of them, or a copy without `bundle_emb.*` tensors."
+                )
+
+
+def _find_words(tokenizer, checked: Checked, masked: list[SubjectFacts]) -> None:
+    """Token positions of every subject's and background word in every image's prompt (and the
+    negative prompt's), with the notes on what is missing or cut off."""
+    settings, method = checked.settings, checked.method
+    length = settings.max_sequence_length
+    for prompt in settings.prompts:
+        note = truncation_note(tokenizer, prompt, length)
+        if note:
+            checked.notes.append(note)
+    prompts = settings.image_prompts
+    checked.positions = word_positions(tokenizer, prompts, masked, length, method.needs_words, checked.notes)
+    if method.needs_words:
+        _check_distinct_tokens(tokenizer, prompts, checked.positions, masked)
+        for index, found in enumerate(checked.positions):
+            checked.notes.extend(
+                f"image {index}: LoRA {subject.name!r} is off after the mask step (its words are not in this prompt; "
+                "the steps before run every LoRA jointly)."
+                for subject in masked
+                if subject.name not in found
+            )
+    checked.background = _background_positions(tokenizer, prompts, settings.background_words, length)
+    if checked.negative_prompt is not None:
+        negatives = [checked.negative_prompt] * len(prompts)
+        checked.negative_positions = word_positions(tokenizer, negatives, masked, length, False, [])
+
+
+def word_positions(
+    tokenizer,
+    prompts: list[str],
+    subjects: Sequence[SubjectFacts],
+    max_length: int,
+    required: bool,
+    notes: list[str],
+) -> list[dict[str, list[int]]]:
+    """For each prompt, {subject name: token positions of its activation words}.
+
+    A subject none of whose words are in a prompt is absent from that prompt's dict. With
+    `required`, a subject absent from every prompt is an error that shows the prompt's tokens.
+    """
+    per_image: list[dict[str, list[int]]] = [{} for _ in prompts]
+    for subject in subjects:
+        first_error: WordNotFoundError | None = None
+        for index, prompt in enumerate(prompts):
+            found: set[int] = set()
+            missing = []
+            for word in subject.words:
+                try:
+                    found.update(find_word(tokenizer, prompt, word, max_length).positions)
+                except WordNotFoundError as error:
+                    first_error = first_error or error
+                    missing.append(word)
+            if found:
+                per_image[index][subject.name] = sorted(found)
+                if missing:
+                    notes.append(f"image {index}: words {missing} of LoRA {subject.name!r} are not in the prompt.")
+        if required and subject.words and not any(subject.name in image for image in per_image):
+            raise WordNotFoundError(f"LoRA {subject.name!r}: {first_error}")
+    return per_image
+
+
+def _check_distinct_tokens(
+    tokenizer, prompts: list[str], positions: list[dict[str, list[int]]], masked: list[SubjectFacts]
+) -> None:
+    """Two subjects whose words become the same tokens (both unknown to the tokenizer: `<unk>`)
+    cannot be told apart by attention, whatever their spelling."""
+    for index, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, add_special_tokens=True, truncation=False)["input_ids"]
+        seen: dict[tuple[int, ...], str] = {}
+        for subject in masked:
+            found = positions[index].get(subject.name)
+            if not found:
+                continue
+            tokens = tuple(sorted({ids[p] for p in found if p < len(ids)}))
+            other = seen.setdefault(tokens, subject.name)
+            if other != subject.name:
+                shown = tokenizer.convert_ids_to_tokens(list(tokens))
+                raise WordNotFoundError(
+                    f"LoRAs {other!r} and {subject.name!r} have words the model reads as the same tokens {shown} "
+                    f"(in {prompt!r}); FreeFuse tells subjects apart by their words' tokens. Use words the "
+                    "tokenizer knows, or the LoRAs' bundled embeddings."
+                )
+
+
+def _background_positions(tokenizer, prompts: list[str], words: list[str], max_length: int) -> list[list[int]]:
+    """Per prompt, token positions of the background words found in it."""
+    result = []
+    for prompt in prompts:
+        found: set[int] = set()
+        for word in words:
+            with contextlib.suppress(WordNotFoundError):
+                found.update(find_word(tokenizer, prompt, word, max_length).positions)
+        result.append(sorted(found))
+    if words and not any(result):
+        raise WordNotFoundError(f"None of the background words {words} is in the prompt; put them in it.")
+    return result
+
+
+def shared_word_message(name: str, other: str, word: str, other_word: str) -> str:
+    same = "the activation word" if word.lower() == other_word.lower() else "overlapping activation words"
+    shown = repr(word) if word.lower() == other_word.lower() else f"{word!r} and {other_word!r}"
+    return (
+        f"LoRAs {name!r} and {other!r} share {same} {shown}; FreeFuse finds each subject by its own words, so "
+        "give each LoRA a word of its own, e.g. trained default words such as 'ohwx' replaced by the subject's name."
+    )

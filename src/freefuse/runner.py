@@ -1,0 +1,175 @@
+"""The run service under every front end: one model at a time, its LoRAs kept loaded, runs in turn.
+
+The command line, the batch runner, the web page and the demo each turn what their user gave
+into a `RunSpec` and call `RunService.run`, which checks it (before any weights load), loads the
+model when it changes, adds the LoRAs (each file read once, kept as an adapter for the next run),
+runs FreeFuse with a step callback and a cancel flag, and returns the output with the run's
+notes. None of the front ends loads a model, adds a LoRA or collects notes itself.
+"""
+
+from __future__ import annotations
+
+import threading
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import RunCancelled, SettingsError
+from .manifest import ModelSource
+from .models import load_pipeline, model_source
+from .pipeline import FreeFuse, FreeFuseOutput, FreeFuseWarning, Subject
+from .spec import LoraSpec, RunSpec, changed_lora_message
+
+#: `on_step(done, total)`: called after every denoising step of a run.
+StepCallback = Callable[[int, int], None]
+
+
+@dataclass
+class RunResult:
+    """A run's output and what it said: the spec's notes (from before loading) and the run's own."""
+
+    output: FreeFuseOutput
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Loaded:
+    """A LoRA kept loaded as an adapter between runs: which file it was read from, and as what."""
+
+    identity: tuple[str, int, int]  # resolved path, size, modification time (ns)
+    subject: Subject
+
+
+class RunService:
+    """Loads, caches and runs. One model is loaded at a time (a new one frees the previous first);
+    up to `max_loras` LoRA adapters stay loaded between runs, keyed by adapter name and file hash.
+    Runs take turns (`lock`), so one service can serve several page sessions.
+
+    Args:
+        device, dtype, offload: where and how models load (see `freefuse.models.load_pipeline`).
+        max_loras: adapters kept loaded; the least recently used beyond this are deleted.
+    """
+
+    def __init__(
+        self, device: str | None = None, dtype: str | None = None, offload: bool = False, max_loras: int = 8
+    ) -> None:
+        self.device, self.dtype, self.offload = device, dtype, offload
+        self.max_loras = max_loras
+        self.lock = threading.RLock()
+        self.model_loads = 0
+        self.lora_loads = 0
+        self._model: tuple[str, str | None] | None = None
+        self._pipeline = None
+        self._source: ModelSource | None = None
+        self._owner: FreeFuse | None = None  # owns the kept adapters (and their bundled embeddings)
+        self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
+
+    # -- models and LoRAs --------------------------------------------------------------------------
+    def pipeline(self, model: str, base_model: str | None = None):
+        """The pipeline of `model` (loaded now unless it is the one loaded)."""
+        with self.lock:
+            if self._model != (model, base_model):
+                self.close()  # free the previous model first; a failed load leaves none
+                self._pipeline = load_pipeline(
+                    model, device=self.device, dtype=self.dtype, offload=self.offload, base=base_model
+                )
+                self._source = model_source(model, base_model)
+                self._owner = FreeFuse(self._pipeline, source=self._source)
+                self._model = (model, base_model)
+                self.model_loads += 1
+            return self._pipeline
+
+    def close(self) -> None:
+        """Forget the loaded model and its adapters."""
+        with self.lock:
+            self._model, self._pipeline, self._source, self._owner = None, None, None, None
+            self._loaded.clear()
+
+    def freefuse(self, spec: RunSpec) -> FreeFuse:
+        """A `FreeFuse` over `spec`'s model with exactly `spec`'s LoRAs (each loaded once, then kept)."""
+        with self.lock:
+            pipeline = self.pipeline(spec.model, spec.base_model)
+            wanted = {lora.adapter_name for lora in spec.loras}
+            self._unload(lambda name, kept: name not in wanted and bool(kept.subject.embeddings))
+            freefuse = FreeFuse(pipeline, source=self._source)
+            for lora in spec.loras:
+                source = self._adapter(lora)
+                subject = freefuse.use_adapter(
+                    source.name, words=lora.words, weight=lora.weight, scope=lora.scope, source=source
+                )
+                subject.path = lora.path  # the same bytes, perhaps under another path
+            excess = len(self._loaded) - self.max_loras
+            if excess > 0:
+                stale = [name for name in self._loaded if name not in wanted][:excess]
+                self._unload(lambda name, kept: name in stale)
+            return freefuse
+
+    def _adapter(self, lora: LoraSpec) -> Subject:
+        """The kept adapter for `lora`'s file under its name, loaded now if it is not kept."""
+        name = lora.adapter_name
+        path = Path(lora.path).expanduser().resolve()
+        stat = path.stat()
+        identity = (str(path), stat.st_size, stat.st_mtime_ns)
+        kept = self._loaded.get(name)
+        if kept is not None and kept.identity != identity:
+            self._unload(lambda other, _: other == name)  # another file (or a changed one) under this name
+            kept = None
+        if kept is None:
+            subject = self._owner.add_lora(path, name=name)
+            kept = self._loaded[name] = _Loaded(identity=identity, subject=subject)
+            self.lora_loads += 1
+        if lora.sha256 is not None and lora.sha256 != kept.subject.sha256:
+            raise SettingsError(changed_lora_message(lora.path, kept.subject.sha256 or "", lora.sha256))
+        self._loaded.move_to_end(name)
+        return kept.subject
+
+    def _unload(self, which: Callable[[str, _Loaded], bool]) -> None:
+        for name, kept in list(self._loaded.items()):
+            if which(name, kept):
+                self._owner.remove(name)
+                del self._loaded[name]
+
+    # -- running -----------------------------------------------------------------------------------
+    def run(
+        self,
+        spec: RunSpec,
+        *,
+        check: bool = True,
+        on_step: StepCallback | None = None,
+        cancel: threading.Event | None = None,
+        stop_after_masks: bool = False,
+    ) -> RunResult:
+        """Check `spec` (unless the caller did), load what it needs and run it.
+
+        `on_step(done, total)` follows the denoising; `cancel`, when set, stops the run between two
+        steps with `RunCancelled`. With `stop_after_masks`, stage 1 only (`FreeFuse.masks`).
+        """
+        if check:
+            spec.check()
+        settings = spec.settings
+        total = settings.resolved_mask_step if stop_after_masks else settings.num_inference_steps
+
+        def step_end(freefuse, step: int, timestep, tensors) -> dict:
+            if cancel is not None and cancel.is_set():
+                raise RunCancelled("Cancelled.")
+            if on_step is not None:
+                on_step(min(step + 1, total), total)
+            return {}
+
+        with self.lock:
+            freefuse = self.freefuse(spec)
+            freefuse.check_inputs(settings, spec.masks)  # a word error before any progress is shown
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", FreeFuseWarning)
+                output = freefuse.generate(
+                    settings,
+                    masks=spec.masks,
+                    callback_on_step_end=step_end,
+                    callback_on_step_end_tensor_inputs=(),
+                    progress=False,
+                    stop_after_masks=stop_after_masks,
+                )
+        notes = [str(w.message) for w in caught if issubclass(w.category, FreeFuseWarning)]
+        return RunResult(output=output, notes=notes)

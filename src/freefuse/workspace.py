@@ -1,0 +1,282 @@
+"""What the web page does, without the page: sessions, their folders, and each button's action.
+
+`freefuse.ui` lays out the page and wires its events to a `Workspace`; everything a button does
+happens here, on the run service, and is tested without a browser. Each browser session gets
+its own random folder below the workspace's root, so one visitor's runs cannot be seen or
+replaced by another's. A run's folder holds everything its manifest names (the LoRA files are
+hard-linked in), so a downloaded run replays anywhere.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .core import MaskSet
+from .errors import SettingsError
+from .lora import adapter_name, check_lora_path, describe_lora
+from .outputs import encode_outputs, output_paths, write_outputs
+from .runner import RunService, StepCallback
+from .settings import GenerationSettings
+from .spec import LoraSpec, RunSpec, replay_spec
+
+#: LoRA slots on the page.
+MAX_LORAS = 4
+
+
+@dataclass
+class LoraSlot:
+    """One LoRA row of the page: a file (an upload, or a path on this machine), its words, weight, scope."""
+
+    path: str | None = None
+    words: str = ""
+    weight: float | None = 1.0
+    scope: str = "subject"
+
+
+@dataclass
+class Form:
+    """The page's run settings, as its fields give them (numbers may be empty)."""
+
+    prompt: str = ""
+    seed: float | None = 0
+    steps: float | None = 8
+    width: float | None = 256
+    height: float | None = 256
+    guidance: str | float | None = ""
+    mask_method: str = "text-to-image"
+    mask_step: float | None = 0
+
+
+@dataclass
+class Session:
+    """One browser session: its own folder, the masks it found or painted, its runs."""
+
+    folder: Path
+    masks: MaskSet | None = None  # on the image grid, from "Find masks" and edits
+    preview: object = None  # the PIL picture the masks were found on
+    edited: bool = False
+    runs: list[dict] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # the last run's notes, shown under it
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    def fresh_cancel(self) -> threading.Event:
+        """A new cancel flag for the action about to start (an old Cancel must not stop it)."""
+        self.cancel = threading.Event()
+        return self.cancel
+
+
+@dataclass
+class GeneratedRun:
+    """What "Generate" shows: merge beside FreeFuse, FreeFuse's masks, the run's files and notes."""
+
+    merge: object
+    image: object
+    masks: object
+    downloads: list[str]
+    notes: list[str]
+    run_id: str
+
+
+def trigger_words(path: str | None) -> str:
+    """The words a LoRA file's metadata names (comma-separated), or "" when it names none."""
+    if not path:
+        return ""
+    try:
+        return ", ".join(describe_lora(path)["trigger_words"])
+    except (OSError, ValueError):
+        return ""
+
+
+def mask_picture(mask: torch.Tensor) -> np.ndarray:
+    """`[H, W]` mask → an RGB picture to paint on: white inside the mask, black outside."""
+    grey = ((mask.cpu().numpy() > 0.5) * 255).astype(np.uint8)
+    return np.dstack([grey] * 3)
+
+
+def edited_mask(value: dict | None, size: tuple[int, int]) -> torch.Tensor | None:
+    """What the editor shows (its composite: the mask picture with the strokes on it) as an
+    `[H, W]` mask: the light pixels. None when the editor holds no picture."""
+    if not value or value.get("composite") is None:
+        return None
+    array = np.asarray(value["composite"]).astype(np.float32)
+    if array.ndim != 3 or array.shape[2] < 3:
+        return None
+    mask = torch.from_numpy((array[..., :3].mean(axis=-1) > 127).astype(np.float32))
+    if tuple(mask.shape) != tuple(size):
+        mask = torch.nn.functional.interpolate(mask[None, None], size=size, mode="nearest")[0, 0]
+    return mask
+
+
+def replace_mask(masks: MaskSet, name: str, mask: torch.Tensor) -> MaskSet:
+    """`masks` with subject `name`'s mask replaced; the painted pixels leave the other subjects."""
+    stacked = masks.masks.clone()
+    index = masks.names.index(name)
+    stacked[index] = mask
+    for other in range(len(masks.names)):
+        if other != index:
+            stacked[other] = stacked[other] * (1 - mask)
+    return MaskSet(list(masks.names), stacked)
+
+
+def summary(masks: MaskSet | None) -> str:
+    if masks is None:
+        return "No masks yet: press **Find masks**, or **Generate** to find them during the run."
+    areas = ", ".join(
+        f"{name} {float(mask.mean()):.0%}" for name, mask in zip(masks.names, masks.masks, strict=True)
+    )
+    return f"Masks: {areas}"
+
+
+class Workspace:
+    """The page's state and actions: a root folder of sessions and one run service they share.
+
+    Args:
+        root: the folder holding one folder per session.
+        service: the run service (one loaded model at a time; runs take turns).
+    """
+
+    def __init__(self, root: Path, service: RunService) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.service = service
+
+    def new_session(self) -> Session:
+        folder = self.root / secrets.token_hex(16)  # unguessable, one per session
+        folder.mkdir(parents=True, exist_ok=False)
+        return Session(folder=folder)
+
+    # -- a form as a run -----------------------------------------------------------------------------
+    def spec(
+        self,
+        folder: Path,
+        model: str,
+        loras: list[LoraSlot],
+        form: Form,
+        method: str,
+        masks: str | None = None,
+    ) -> RunSpec:
+        """A `RunSpec` from the page's fields. The LoRA files are linked (or copied) into
+        `folder/loras`, so that a run's folder holds everything its manifest names."""
+        for key, label in (("seed", "Seed"), ("steps", "Steps"), ("width", "Width"), ("height", "Height")):
+            if getattr(form, key) in (None, ""):
+                raise SettingsError(f"{label} is empty; enter a number.")
+        specs: list[LoraSpec] = []
+        taken: set[str] = set()
+        for slot in loras:
+            if not slot.path:
+                continue
+            source = Path(slot.path)
+            name = adapter_name(source, taken)
+            taken.add(name)
+            # A path may name any file: it must be a LoRA (a regular safetensors file with a sane
+            # header) before anything is linked where the page serves files from.
+            check_lora_path(source)
+            kept = folder / "loras" / f"{name}.safetensors"
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.unlink(missing_ok=True)  # a new file under an old name must not find the old weights
+            try:
+                os.link(source, kept)  # no second copy of a large file where the disk allows
+            except OSError:
+                shutil.copyfile(source, kept)
+            words = [word.strip() for word in (slot.words or "").split(",") if word.strip()] or None
+            weight = float(slot.weight if slot.weight is not None else 1.0)
+            specs.append(LoraSpec(path=str(kept), words=words, weight=weight, scope=slot.scope or "subject", name=name))
+        settings = GenerationSettings(
+            prompt=form.prompt,
+            seed=int(form.seed),
+            num_inference_steps=int(form.steps),
+            width=int(form.width),
+            height=int(form.height),
+            guidance_scale=None if form.guidance in (None, "") else float(form.guidance),
+            method=method,
+            mask_step=None if form.mask_step in (None, "", 0) else int(form.mask_step),
+            mask_config={"method": form.mask_method},
+        )
+        return RunSpec(model=model, loras=specs, settings=settings, masks=masks)
+
+    def check(self, session: Session, model: str, loras: list[LoraSlot], form: Form) -> None:
+        """Everything the form's run needs that is known before loading (raises what is wrong)."""
+        self.spec(session.folder / "check", model, loras, form, "freefuse").check()
+
+    # -- the buttons ---------------------------------------------------------------------------------
+    def find_masks(
+        self, session: Session, model: str, loras: list[LoraSlot], form: Form, on_step: StepCallback | None = None
+    ) -> list[str]:
+        """Stage 1 alone: the session's masks and the picture they were found on; returns the subjects."""
+        cancel = session.fresh_cancel()
+        spec = self.spec(session.folder / "masks", model, loras, form, "freefuse")
+        result = self.service.run(spec, on_step=on_step, cancel=cancel, stop_after_masks=True)
+        if result.output.masks[0] is None:
+            raise SettingsError("No subject LoRA: masks are made for LoRAs that act as a subject.")
+        session.masks, session.preview, session.edited = result.output.masks[0], result.output.images[0], False
+        session.notes = result.notes
+        return list(session.masks.names)
+
+    def apply_edit(self, session: Session, name: str, value: dict | None) -> None:
+        """The editor's picture becomes subject `name`'s mask."""
+        if session.masks is None:
+            raise SettingsError("Find the masks first (or generate once).")
+        if name not in session.masks.names:
+            raise SettingsError("Choose a subject above, paint on its mask, then Apply.")
+        mask = edited_mask(value, session.masks.size)
+        if mask is None:
+            raise SettingsError("The editor holds no mask: choose a subject above, paint on its mask, then Apply.")
+        session.masks, session.edited = replace_mask(session.masks, name, mask), True
+
+    def generate(
+        self, session: Session, model: str, loras: list[LoraSlot], form: Form, on_step: StepCallback | None = None
+    ) -> GeneratedRun:
+        """FreeFuse (with the session's edited masks, if any) beside merge, same seed; the run's
+        files written to its own folder and zipped."""
+        cancel = session.fresh_cancel()
+        number = len(session.runs) + 1
+        while (session.folder / f"run-{number}").exists():  # a failed or cancelled attempt keeps its number
+            number += 1
+        folder = session.folder / f"run-{number}"
+        folder.mkdir(parents=True)
+        masks_path = None
+        if session.edited and session.masks is not None:
+            masks_path = folder / "masks.safetensors"
+            session.masks.save(masks_path)
+        method = "masks" if masks_path is not None else "freefuse"
+        spec = self.spec(folder, model, loras, form, method, str(masks_path) if masks_path else None)
+        result = self.service.run(spec, on_step=on_step, cancel=cancel)
+        merge = self.service.run(self.spec(folder, model, loras, form, "merge"), on_step=on_step, cancel=cancel)
+        paths = output_paths(folder, "freefuse", 1)
+        write_outputs(result.output, paths, overwrite=False)
+        merge.output.images[0].save(folder / "merge.png")
+        # The run as one download: image, masks, manifest and the LoRA files it names.
+        archive = Path(shutil.make_archive(str(session.folder / f"freefuse-run-{number}"), "zip", folder))
+        run = {"id": f"run {number}", "image": paths[0]["image"], "manifest": paths[0]["manifest"]}
+        session.runs.append(run)
+        session.notes = result.notes
+        output = result.output
+        return GeneratedRun(
+            merge=merge.output.images[0],
+            image=output.images[0],
+            masks=output.masks[0].overlay(output.images[0]) if output.masks[0] is not None else None,
+            downloads=[str(paths[0]["manifest"]), str(paths[0]["image"]), str(archive)],
+            notes=list(result.notes),
+            run_id=run["id"],
+        )
+
+    def replay(self, session: Session, run_id: str | None) -> str:
+        """Run a past run again from its manifest and say whether the image comes out the same bytes."""
+        if not session.runs:
+            raise SettingsError("No run to replay yet: generate first.")
+        cancel = session.fresh_cancel()
+        run = next((r for r in session.runs if r["id"] == run_id), session.runs[-1])
+        result = self.service.run(replay_spec(run["manifest"]), cancel=cancel)
+        replayed = encode_outputs(result.output, output_paths(session.folder / "replay", "freefuse", 1))[0]
+        data = next(value for path, value in replayed.items() if path.suffix == ".png" and ".masks" not in path.name)
+        same = data == Path(run["image"]).read_bytes()
+        verdict = "the same image, byte for byte ✓" if same else "a different image ✗"
+        return f"Replayed {run['id']} from its manifest: {verdict}"
