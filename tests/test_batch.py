@@ -15,8 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from freefuse.batch import JobFileError, expand_grid, load_jobs, read_index, run_batch
-from freefuse.runner import RunService
 from freefuse.cli import app
+from freefuse.runner import RunService
 from freefuse.testing import random_lora, tiny_flux_pipeline
 
 RUNNER = CliRunner()
