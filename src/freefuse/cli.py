@@ -518,8 +518,9 @@ def batch(
     With `accelerate launch --multi_gpu --num_processes N -m freefuse batch ...` the jobs are split
     between processes (one GPU each; gloo on CPUs); results and index shards share one folder.
     """
-    from .batch import expand_grid, is_done, load_jobs, process_state, read_index, run_batch
-    from .runner import RunService
+    # Here, not at the top: torch and diffusers take seconds that --help and a flag's mistake need not wait.
+    from .batch import expand_grid, is_done, load_jobs, process_state, read_index, run_batch  # start-up
+    from .runner import RunService  # start-up time
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -595,7 +596,7 @@ def inspect(
     `trigger_word`, `ss_trigger_word`; else kohya's dataset folder names (`10_ohwx woman`); else
     kohya's most frequent caption tag. Every file is reported; the exit code is 2 if any could not be read.
     """
-    from .lora import describe_lora
+    from .lora import describe_lora  # start-up time: torch
 
     reports = []
     for path in files:
@@ -667,8 +668,8 @@ def demo(
     ] = None,
 ) -> None:
     """Run the whole job offline: merge beside FreeFuse on ShapesWorld, or a real model when its weights are here."""
-    from .demo import plan_demo, run_demo
-    from .runner import RunService
+    from .demo import plan_demo, run_demo  # start-up time: torch and diffusers
+    from .runner import RunService  # start-up time
 
     plan = plan_demo(model, steps, size, seed, arch)
     console.print(escape(f"demo: {plan.description}"), highlight=False, soft_wrap=True)
@@ -711,7 +712,7 @@ def ui(
 ) -> None:
     """A web page: add LoRAs, find and paint masks, generate beside merge, download and replay runs."""
     try:
-        from .ui import build_app, launch
+        from .ui import build_app, launch  # an optional extra: Gradio
     except ImportError as error:
         raise SettingsError(f"freefuse ui needs Gradio: pip install 'freefuse[ui]' ({error}).") from None
     # Paths on this machine only for a page this machine alone can reach.
@@ -760,7 +761,7 @@ def eval_shapesworld(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Pairs, triples and the quad of the 4 ShapesWorld LoRAs x prompts x seeds: identity, presence, leakage."""
-    from .shapesworld.evaluate import METHODS, EvalConfig, run_evaluation
+    from .shapesworld.evaluate import METHODS, EvalConfig, run_evaluation  # start-up time
 
     methods = tuple(method or METHODS)
     unknown = sorted(set(methods) - set(METHODS))

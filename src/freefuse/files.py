@@ -18,17 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+from .core import storage
 from .errors import OutputExistsError, OutputFolderError
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp makes files readable by their owner only; finished outputs get the usual permissions.
-_FILE_MODE = 0o666 & ~_current_umask()
 
 
 def check_free(paths: list[Path], overwrite: bool) -> None:
@@ -56,7 +47,7 @@ def atomic_open(path: str | Path, mode: str = "wb", overwrite: bool = True) -> I
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, _FILE_MODE)
+        os.chmod(tmp, storage.FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -64,50 +55,12 @@ def atomic_open(path: str | Path, mode: str = "wb", overwrite: bool = True) -> I
         raise
 
 
-def _temporary(path: Path, data: bytes) -> Path:
-    """`data` in a flushed temporary file beside `path` (same file system, so a rename is atomic)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _FILE_MODE)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return Path(tmp)
-
-
 def write_all(files: dict[Path, bytes], overwrite: bool = False) -> list[Path]:
-    """Write several files as one unit: every file to a temporary name first, then all renamed in
-    order (put the file that marks completion, a manifest, last). On any error nothing new is left:
-    temporary files are removed, and so are the files this call had already put in place.
-    Existing files are replaced only with `overwrite`."""
-    paths = [Path(path) for path in files]
+    """Write several files as one unit (`core.storage.write_all`): on any error nothing new is left.
+    Existing files are replaced only with `overwrite`; otherwise `OutputExistsError` before any write."""
     if not overwrite:
-        check_free(paths, overwrite=False)
-    temporaries: list[tuple[Path, Path]] = []
-    placed: list[Path] = []
-    try:
-        for path, data in zip(paths, files.values(), strict=True):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporaries.append((_temporary(path, data), path))
-        for tmp, path in temporaries:
-            existed = path.exists()
-            os.replace(tmp, path)
-            if not existed:
-                placed.append(path)
-    except BaseException:
-        for tmp, _ in temporaries:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-        for path in placed:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-        raise
-    return paths
+        check_free([Path(path) for path in files], overwrite=False)
+    return storage.write_all(files)
 
 
 def remove_stale_parts(folder: Path, stem: str) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .backends import BACKENDS, backend_for
@@ -505,6 +506,56 @@ class LoraDeltaRecorder:
                 handle.remove()
 
 
+def _scene_regions(
+    n_subjects: int, grid: tuple[int, int], layout: str, area: float, touching: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """`[h, w]` subject index per token (-1: background): Voronoi regions, or one disc per subject."""
+    h, w = grid
+    n_tokens = h * w
+    yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
+    if layout == "regions":
+        centres = torch.rand(n_subjects, 2, generator=generator) * torch.tensor([h, w])
+        distance = (yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2
+        regions = distance.argmin(dim=0)
+    else:
+        radius = math.sqrt(area * n_tokens / math.pi)
+        regions = torch.full((h, w), -1, dtype=torch.int64)
+        placed: list[tuple[float, float]] = []
+        for subject in range(n_subjects):
+            for _ in range(1000):
+                if touching and placed:
+                    angle = float(torch.rand(1, generator=generator)) * 2 * math.pi
+                    cy = placed[-1][0] + 2 * radius * math.sin(angle)
+                    cx = placed[-1][1] + 2 * radius * math.cos(angle)
+                else:
+                    cy = radius + 1 + float(torch.rand(1, generator=generator)) * (h - 2 * radius - 2)
+                    cx = radius + 1 + float(torch.rand(1, generator=generator)) * (w - 2 * radius - 2)
+                inside = radius + 1 <= cy <= h - radius - 1 and radius + 1 <= cx <= w - radius - 1
+                apart = all(math.hypot(cy - py, cx - px) >= 2 * radius - 0.5 for py, px in placed)
+                far = touching or all(math.hypot(cy - py, cx - px) >= 2 * radius + 2 for py, px in placed)
+                if inside and apart and far:
+                    break
+            else:
+                raise ValueError(f"{n_subjects} discs of area {area} do not fit on a {h}x{w} grid.")
+            placed.append((cy, cx))
+            disc = ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2) & (regions == -1)
+            regions[disc] = subject
+    return regions
+
+
+def _scene_picture(
+    regions: torch.Tensor, n_subjects: int, pixels_per_token: int, generator: torch.Generator
+) -> np.ndarray:
+    """`H×W×3` in [0, 1]: each region in its own colour (the background light grey), a little noise."""
+    palette = torch.tensor([*PLANTED_COLOURS, (0.5, 0.5, 0.5)])[: n_subjects + 1]
+    colours = torch.where(
+        (regions >= 0)[..., None], palette[regions.clamp(min=0)], torch.tensor([0.85, 0.85, 0.8])
+    )
+    image = colours.repeat_interleave(pixels_per_token, 0).repeat_interleave(pixels_per_token, 1)
+    image = (image + 0.03 * torch.randn(image.shape, generator=generator)).clamp(0, 1).numpy()
+    return image
+
+
 def attention_scene(
     n_subjects: int,
     grid: tuple[int, int] = (32, 32),
@@ -553,34 +604,7 @@ def attention_scene(
     generator = torch.Generator().manual_seed(seed)
     h, w = grid
     n_tokens = h * w
-    yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
-    if layout == "regions":
-        centres = torch.rand(n_subjects, 2, generator=generator) * torch.tensor([h, w])
-        distance = (yy[None] - centres[:, 0, None, None]) ** 2 + (xx[None] - centres[:, 1, None, None]) ** 2
-        regions = distance.argmin(dim=0)
-    else:
-        radius = math.sqrt(area * n_tokens / math.pi)
-        regions = torch.full((h, w), -1, dtype=torch.int64)
-        placed: list[tuple[float, float]] = []
-        for subject in range(n_subjects):
-            for _ in range(1000):
-                if touching and placed:
-                    angle = float(torch.rand(1, generator=generator)) * 2 * math.pi
-                    cy = placed[-1][0] + 2 * radius * math.sin(angle)
-                    cx = placed[-1][1] + 2 * radius * math.cos(angle)
-                else:
-                    cy = radius + 1 + float(torch.rand(1, generator=generator)) * (h - 2 * radius - 2)
-                    cx = radius + 1 + float(torch.rand(1, generator=generator)) * (w - 2 * radius - 2)
-                inside = radius + 1 <= cy <= h - radius - 1 and radius + 1 <= cx <= w - radius - 1
-                apart = all(math.hypot(cy - py, cx - px) >= 2 * radius - 0.5 for py, px in placed)
-                far = touching or all(math.hypot(cy - py, cx - px) >= 2 * radius + 2 for py, px in placed)
-                if inside and apart and far:
-                    break
-            else:
-                raise ValueError(f"{n_subjects} discs of area {area} do not fit on a {h}x{w} grid.")
-            placed.append((cy, cx))
-            disc = ((yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2) & (regions == -1)
-            regions[disc] = subject
+    regions = _scene_regions(n_subjects, grid, layout, area, touching, generator)
     directions = torch.linalg.qr(torch.randn(dim, dim, generator=generator))[0][:, :n_directions].T
     e_subject, e_bg, e_sink, e_eos = (
         directions[:n_subjects],
@@ -620,25 +644,10 @@ def attention_scene(
     values = torch.cat([v_text, v_img], dim=1)
     attention = torch.softmax(q_img @ keys.transpose(1, 2) / math.sqrt(dim), dim=-1)
     o_img = (attention @ values).transpose(0, 1).reshape(n_tokens, heads * dim)
-    palette = torch.tensor([*PLANTED_COLOURS, (0.5, 0.5, 0.5)])[: n_subjects + 1]
-    colours = torch.where(
-        (regions >= 0)[..., None], palette[regions.clamp(min=0)], torch.tensor([0.85, 0.85, 0.8])
-    )
-    image = colours.repeat_interleave(pixels_per_token, 0).repeat_interleave(pixels_per_token, 1)
-    image = (image + 0.03 * torch.randn(image.shape, generator=generator)).clamp(0, 1).numpy()
-    return {
-        "q_text": q_text,
-        "k_text": k_text,
-        "q_img": q_img,
-        "k_img": k_img,
-        "o_img": o_img,
-        "token_sets": token_sets,
-        "background_tokens": background_tokens,
-        "grid": grid,
-        "image": image,
-        "regions": regions,
-        "sinks": sink_tokens,
-    }
+    image = _scene_picture(regions, n_subjects, pixels_per_token, generator)
+    tensors = {"q_text": q_text, "k_text": k_text, "q_img": q_img, "k_img": k_img, "o_img": o_img}
+    found = {"token_sets": token_sets, "background_tokens": background_tokens, "regions": regions}
+    return {**tensors, **found, "grid": grid, "image": image, "sinks": sink_tokens}
 
 
 def scene_masks(scene: dict, config=None, image: bool = True):

@@ -141,6 +141,13 @@ def _layout(model: str, local_paths: bool) -> SimpleNamespace:
     return SimpleNamespace(**names)
 
 
+def editor_value(state, name: str | None):
+    """What the mask editor shows for subject `name`: its mask, white inside, to paint on."""
+    if state is None or state.masks is None or name not in state.masks.names:
+        return None
+    return {"background": mask_picture(state.masks[name]), "layers": [], "composite": None}
+
+
 def _wire(page: SimpleNamespace, workspace: Workspace, local_paths: bool) -> None:
     """Each event of the page to its workspace action."""
     lora_inputs = [component for row in page.lora_rows for component in row]
@@ -185,11 +192,6 @@ def _wire(page: SimpleNamespace, workspace: Workspace, local_paths: bool) -> Non
             gr.update(choices=names, value=names[0]),
             editor_value(state, names[0]),
         )
-
-    def editor_value(state, name):
-        if state is None or state.masks is None or name not in state.masks.names:
-            return None
-        return {"background": mask_picture(state.masks[name]), "layers": [], "composite": None}
 
     @as_page_error
     def apply_edit(state, name, value):

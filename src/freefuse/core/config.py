@@ -10,9 +10,11 @@ from dataclasses import asdict, dataclass, fields
 
 #: Most attention logits held in memory at once (the row computations work in chunks of this).
 DEFAULT_CHUNK_ELEMENTS = 1 << 24
-#: The mask methods, the paper's first: their names as settings, the command line and the page
-#: offer them. `core.methods` registers one implementation under each (a test keeps the two equal).
-MAP_METHOD_NAMES = ("text-to-image", "image-to-text", "combined", "routing")
+#: The mask methods, the paper's first, each with whether it has a background channel unless told
+#: otherwise: what settings, the command line and the page offer. `core.methods` registers one
+#: implementation under each name (it refuses any other name).
+MAP_METHOD_BACKGROUND = {"text-to-image": False, "image-to-text": False, "combined": False, "routing": True}
+MAP_METHOD_NAMES = tuple(MAP_METHOD_BACKGROUND)
 
 _BOOL_FIELDS = frozenset({"self_attention", "background"})
 _INT_FIELDS = frozenset({"sink_border", "n_segments", "slic_max_side", "chunk_elements"})
@@ -116,11 +118,7 @@ class MaskConfig:
     @property
     def with_background(self) -> bool:
         """Whether there is a background channel (`background`, or the method's default)."""
-        if self.background is not None:
-            return self.background
-        from .methods import get_map_method  # the registry needs torch: loaded on first use
-
-        return get_map_method(self.method).background
+        return MAP_METHOD_BACKGROUND[self.method] if self.background is None else self.background
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -203,66 +203,26 @@ def masks_from_attention(
         if config.with_background and background_tokens is not None
         else None
     )
-    n_subjects = len(token_sets)
-    method = get_map_method(config.method)
-    stacked = {
-        name: _captures(name, tensor, 2 if name == "o_img" else 3)
-        for name, tensor in (
-            ("q_text", q_text),
-            ("q_img", q_img),
-            ("k_img", k_img),
-            ("k_text", k_text),
-            ("o_img", o_img),
-        )
-    }
-    per_capture = []
-    for index in range(stacked["q_img"].shape[0]):
-        capture = Capture(**{name: None if t is None else t[index] for name, t in stacked.items()})
-        per_capture.append(method.function(capture, sets, words, grid, config))
-    maps = torch.stack([found.maps for found in per_capture]).mean(dim=0).reshape(n_subjects, h, w)
-    cross = torch.stack([found.cross for found in per_capture]).mean(dim=0).reshape(n_subjects, h, w)
-    background = None
-    if per_capture[0].background is not None:
-        background = torch.stack([found.background for found in per_capture]).mean(dim=0).reshape(h, w)
-
-    labels = None
+    maps, cross, background = _averaged_maps(
+        {"q_text": q_text, "q_img": q_img, "k_img": k_img, "k_text": k_text, "o_img": o_img}, sets, words, grid, config
+    )
     notes: list[str] = []
-    if image is not None:
-        image_np = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-        height, width = image_np.shape[:2]
-        n_segments = config.n_segments or round(math.sqrt(height * width))
-        labels = torch.from_numpy(
-            superpixels(
-                np.clip(image_np, 0.0, 1.0),
-                n_segments,
-                config.compactness,
-                config.slic_sigma,
-                config.slic_max_side,
-            )
-        ).to(maps.device)
-        found = int(labels.max()) + 1
-        if found < max(2, n_segments // 10):
-            # SLIC collapses on noise-like pictures (e.g. a very early x0); its few regions would hand
-            # the whole image to one subject, so vote per token instead.
-            notes.append(
-                f"SLIC found only {found} superpixels (asked for {n_segments}); the x0 preview has no usable "
-                "structure, so stage 1 voted per token instead."
-            )
-            labels = None
-            image_size = (height, width)
+    labels = None if image is None else _superpixels(image, config, notes)
     if labels is None:
         token_hard = vote_tokens(maps, background)
         token_masks = token_hard.float()
+        if image is not None:  # SLIC collapsed: per token, at the picture's size
+            image_size = (int(image.shape[0]), int(image.shape[1]))
         height, width = image_size or grid
         if height % h or width % w:
             raise ValueError(f"`image_size` {height}×{width} is not a multiple of the token grid {h}×{w}.")
         image_masks = token_hard.repeat_interleave(height // h, dim=1).repeat_interleave(width // w, dim=2)
     else:
-        image_masks = vote_superpixels(maps, labels, background)
+        image_masks = vote_superpixels(maps, labels.to(maps.device), background)
         token_masks = to_token_grid(image_masks, grid, config.binarize_threshold)
 
     # Stage 2 uses the token masks: a subject whose region shrinks to no token (binarised) is empty too.
-    empty = [index for index in range(n_subjects) if not bool(token_masks[index].any())]
+    empty = [index for index in range(len(sets)) if not bool(token_masks[index].any())]
     return MaskResult(
         token_masks=token_masks,
         image_masks=image_masks,
@@ -272,3 +232,46 @@ def masks_from_attention(
         empty=empty,
         notes=notes,
     )
+
+
+def _averaged_maps(
+    tensors: dict[str, torch.Tensor | None],
+    sets: list[list[int]],
+    words: list[int] | None,
+    grid: tuple[int, int],
+    config: MaskConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The method's maps of each capture, averaged: `maps`, `cross` `[L, h, w]`, `background` `[h, w]` or None."""
+    h, w = grid
+    method = get_map_method(config.method)
+    stacked = {name: _captures(name, tensor, 2 if name == "o_img" else 3) for name, tensor in tensors.items()}
+    per_capture = []
+    for index in range(stacked["q_img"].shape[0]):
+        capture = Capture(**{name: None if t is None else t[index] for name, t in stacked.items()})
+        per_capture.append(method.function(capture, sets, words, grid, config))
+    maps = torch.stack([found.maps for found in per_capture]).mean(dim=0).reshape(len(sets), h, w)
+    cross = torch.stack([found.cross for found in per_capture]).mean(dim=0).reshape(len(sets), h, w)
+    background = None
+    if per_capture[0].background is not None:
+        background = torch.stack([found.background for found in per_capture]).mean(dim=0).reshape(h, w)
+    return maps, cross, background
+
+
+def _superpixels(image: np.ndarray | torch.Tensor, config: MaskConfig, notes: list[str]) -> torch.Tensor | None:
+    """SLIC labels `[H, W]` of the x0 picture, or None (with a note) when SLIC collapses."""
+    image_np = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    height, width = image_np.shape[:2]
+    n_segments = config.n_segments or round(math.sqrt(height * width))
+    labels = torch.from_numpy(
+        superpixels(np.clip(image_np, 0.0, 1.0), n_segments, config.compactness, config.slic_sigma, config.slic_max_side)
+    )
+    found = int(labels.max()) + 1
+    if found < max(2, n_segments // 10):
+        # SLIC collapses on noise-like pictures (e.g. a very early x0); its few regions would hand
+        # the whole image to one subject, so vote per token instead.
+        notes.append(
+            f"SLIC found only {found} superpixels (asked for {n_segments}); the x0 preview has no usable "
+            "structure, so stage 1 voted per token instead."
+        )
+        return None
+    return labels

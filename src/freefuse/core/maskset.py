@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from ..files import write_all
+from . import storage
 
 # Distinct, colour-blind-friendly subject colours (Okabe-Ito), then a fallback hue walk.
 PALETTE = [
@@ -121,7 +121,12 @@ class MaskSet:
     def save(self, path: str | Path, overwrite: bool = True) -> list[Path]:
         """Save as one `.safetensors` file, or as `<stem>.json` plus one 8-bit PNG per subject beside
         it, all or nothing. Returns every file written (the index or .safetensors file last)."""
-        return write_all(self.encode(path), overwrite=overwrite)
+        encoded = self.encode(path)
+        if not overwrite:
+            taken = [str(file) for file in encoded if file.exists()]
+            if taken:
+                raise FileExistsError(f"{taken[0]} already exists; pass overwrite=True to replace it.")
+        return storage.write_all(encoded)
 
     @classmethod
     def load(cls, path: str | Path) -> MaskSet:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from .attention import cross_attention_maps, refine_with_self_attention
-from .config import MaskConfig
+from .config import MAP_METHOD_BACKGROUND, MaskConfig
 
 
 @dataclass
@@ -70,8 +70,12 @@ class MapMethod:
 MAP_METHODS: dict[str, MapMethod] = {}
 
 
-def register_map_method(name: str, needs: tuple[str, ...], background: bool = False):
-    """Register a method; `background`: whether it has a background channel unless told otherwise."""
+def register_map_method(name: str, needs: tuple[str, ...]):
+    """Register the implementation of a method declared in `core.config.MAP_METHOD_BACKGROUND`
+    (which says whether it has a background channel unless told otherwise)."""
+    if name not in MAP_METHOD_BACKGROUND:
+        raise ValueError(f"Mask method {name!r} is not declared in core.config.MAP_METHOD_BACKGROUND.")
+    background = MAP_METHOD_BACKGROUND[name]
 
     def decorate(function):
         MAP_METHODS[name] = MapMethod(name, needs, background, function)
@@ -235,7 +239,7 @@ def contrastive_scores(scores: torch.Tensor) -> torch.Tensor:
     return scores - (total - scores) / (n_subjects - 1)
 
 
-@register_map_method("routing", needs=("k_text", "o_img"), background=True)
+@register_map_method("routing", needs=("k_text", "o_img"))
 def routing(capture, token_sets, background_tokens, grid, config) -> StageMaps:
     """Seeds where a subject's image→text attention most exceeds the others', then every token's
     cosine similarity to the seeds' attention outputs.
