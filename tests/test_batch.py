@@ -17,23 +17,10 @@ from typer.testing import CliRunner
 from freefuse.batch import JobFileError, expand_grid, load_jobs, read_index, run_batch
 from freefuse.cli import app
 from freefuse.runner import RunService
-from freefuse.testing import random_lora, tiny_flux_pipeline
+from freefuse.testing import free_port
 
 RUNNER = CliRunner()
 SETTINGS = {"steps": 3, "size": "64x64", "max_sequence_length": 32}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("batch")
-    pipe = tiny_flux_pipeline(seed=0)
-    pipe.save_pretrained(root / "model")
-    random_lora(
-        pipe, "alice", seed=1, path=root / "alice.safetensors", metadata={"modelspec.trigger_phrase": "Alice"}
-    )
-    random_lora(pipe, "bob", seed=2, path=root / "bob.safetensors")
-    random_lora(pipe, "carol", seed=3, path=root / "carol.safetensors")
-    return root
 
 
 def write_jobs(root: Path, count: int = 6, name: str = "jobs.jsonl") -> Path:
@@ -63,8 +50,8 @@ def images(out: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.png")) if ".masks" not in p.name}
 
 
-def test_job_files_in_jsonl_and_yaml_with_placeholders_and_relative_paths(world: Path) -> None:
-    jobs = load_jobs(write_jobs(world))
+def test_job_files_in_jsonl_and_yaml_with_placeholders_and_relative_paths(assets: Path) -> None:
+    jobs = load_jobs(write_jobs(assets))
     assert len(jobs) == 6
     assert jobs[0].settings.prompt == "Alice hugging Bob"  # {A} from alice's metadata, {B} from the job
     assert jobs[1].settings.prompt == "Bob and Alice dancing"
@@ -72,9 +59,9 @@ def test_job_files_in_jsonl_and_yaml_with_placeholders_and_relative_paths(world:
         jobs[0].settings.width,
         jobs[0].settings.height,
     ) == (64, 64)
-    assert Path(jobs[0].loras[0].path).is_absolute() and Path(jobs[0].model) == world / "model"
+    assert Path(jobs[0].loras[0].path).is_absolute() and Path(jobs[0].model) == assets / "model"
     assert len({job.id for job in jobs}) == 6
-    yaml_path = world / "jobs.yaml"
+    yaml_path = assets / "jobs.yaml"
     yaml_path.write_text(
         "jobs:\n"
         "  - model: model\n    prompt: '{A} with {B}'\n    seed: 4\n    steps: 2\n    size: 64x64\n"
@@ -97,16 +84,16 @@ def test_job_files_in_jsonl_and_yaml_with_placeholders_and_relative_paths(world:
         ("not json", "not a JSON object"),
     ],
 )
-def test_bad_job_lines_name_the_line(world: Path, line: str, message: str) -> None:
-    path = world / "bad.jsonl"
+def test_bad_job_lines_name_the_line(assets: Path, line: str, message: str) -> None:
+    path = assets / "bad.jsonl"
     path.write_text('{"model": "model", "prompt": "fine", "loras": []}\n' + line + "\n")
     with pytest.raises(JobFileError, match=message) as raised:
         load_jobs(path)
     assert "2" in str(raised.value)
 
 
-def test_grid_expands_groups_prompts_seeds_and_methods(world: Path) -> None:
-    grid = world / "grid.yaml"
+def test_grid_expands_groups_prompts_seeds_and_methods(assets: Path) -> None:
+    grid = assets / "grid.yaml"
     grid.write_text(
         "model: model\n"
         "loras:\n  - {path: alice.safetensors, words: [Alice], name: alice}\n"
@@ -124,8 +111,8 @@ def test_grid_expands_groups_prompts_seeds_and_methods(world: Path) -> None:
     assert any(job.settings.prompt == "Alice, Bob and Carol at the beach" for job in jobs)
 
 
-def test_model_and_loras_load_once_and_rerun_skips_everything(world: Path, tmp_path: Path) -> None:
-    jobs = load_jobs(write_jobs(world))
+def test_model_and_loras_load_once_and_rerun_skips_everything(assets: Path, tmp_path: Path) -> None:
+    jobs = load_jobs(write_jobs(assets))
     service = RunService()
     report = run_batch(jobs, tmp_path, service)
     assert report.done == 6 and not report.failed
@@ -138,8 +125,8 @@ def test_model_and_loras_load_once_and_rerun_skips_everything(world: Path, tmp_p
     assert [json.loads(line)["id"] for line in merged] == [job.id for job in jobs]
 
 
-def test_corrupt_result_and_half_written_index_line_are_redone(world: Path, tmp_path: Path) -> None:
-    jobs = load_jobs(write_jobs(world))
+def test_corrupt_result_and_half_written_index_line_are_redone(assets: Path, tmp_path: Path) -> None:
+    jobs = load_jobs(write_jobs(assets))
     run_batch(jobs, tmp_path, RunService())
     before = images(tmp_path)
     victim = tmp_path / f"{jobs[2].stem}.png"
@@ -152,8 +139,8 @@ def test_corrupt_result_and_half_written_index_line_are_redone(world: Path, tmp_
     assert all(line.startswith("{") for line in (tmp_path / "index.p0.jsonl").read_text().splitlines()[:-1])
 
 
-def test_a_job_with_a_mistake_is_refused_before_any_model_loads(world: Path, tmp_path: Path) -> None:
-    path = write_jobs(world, count=2, name="mixed.jsonl")
+def test_a_job_with_a_mistake_is_refused_before_any_model_loads(assets: Path, tmp_path: Path) -> None:
+    path = write_jobs(assets, count=2, name="mixed.jsonl")
     lines = path.read_text().splitlines()
     broken = json.loads(lines[0])
     broken["prompt"] = "a cat and {B}"
@@ -165,11 +152,11 @@ def test_a_job_with_a_mistake_is_refused_before_any_model_loads(world: Path, tmp
 
 
 def test_a_job_that_fails_while_running_is_recorded_and_the_others_finish(
-    world: Path, tmp_path: Path, monkeypatch
+    assets: Path, tmp_path: Path, monkeypatch
 ) -> None:
     import freefuse.batch as batch_module
 
-    jobs = load_jobs(write_jobs(world, count=2, name="runtime.jsonl"))
+    jobs = load_jobs(write_jobs(assets, count=2, name="runtime.jsonl"))
     original = batch_module.run_job
 
     def failing_first(session, job, out):
@@ -190,10 +177,11 @@ def batch_command(jobs: Path, out: Path) -> list[str]:
     return [sys.executable, "-m", "freefuse", "batch", str(jobs), "--out", str(out)]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_then_resume_gives_every_image_once_with_the_same_bytes(
-    world: Path, tmp_path: Path
+    assets: Path, tmp_path: Path
 ) -> None:
-    jobs_file = write_jobs(world, count=12, name="many.jsonl")
+    jobs_file = write_jobs(assets, count=12, name="many.jsonl")
     reference = tmp_path / "reference"
     subprocess.run(batch_command(jobs_file, reference), check=True, capture_output=True, timeout=600)
     killed = tmp_path / "killed"
@@ -219,10 +207,11 @@ def test_sigkill_mid_run_then_resume_gives_every_image_once_with_the_same_bytes(
     assert not list(killed.glob("*.part"))
 
 
-def test_accelerate_launch_two_processes_on_cpu_does_every_job_once(world: Path, tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_accelerate_launch_two_processes_on_cpu_does_every_job_once(assets: Path, tmp_path: Path) -> None:
     launcher = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or shutil.which("accelerate")
     assert launcher, "accelerate is a dependency and must be installed"
-    jobs_file = write_jobs(world, count=6, name="dist.jsonl")
+    jobs_file = write_jobs(assets, count=6, name="dist.jsonl")
     out = tmp_path / "dist"
     # No GPU for the workers even on a GPU machine: with one GPU, rank 1 would ask for cuda:1.
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -240,7 +229,7 @@ def test_accelerate_launch_two_processes_on_cpu_does_every_job_once(world: Path,
             "--dynamo_backend",
             "no",
             "--main_process_port",
-            "29517",
+            str(free_port()),
             "-m",
             "freefuse",
             "batch",
@@ -264,12 +253,12 @@ def test_accelerate_launch_two_processes_on_cpu_does_every_job_once(world: Path,
     assert len(images(out)) == 6
 
 
-def test_repeated_jobs_run_once_and_a_deleted_mask_png_is_redone(world: Path, tmp_path: Path) -> None:
+def test_repeated_jobs_run_once_and_a_deleted_mask_png_is_redone(assets: Path, tmp_path: Path) -> None:
     import warnings
 
     from freefuse.batch import BatchWarning
 
-    path = write_jobs(world, count=2, name="repeat.jsonl")
+    path = write_jobs(assets, count=2, name="repeat.jsonl")
     first = path.read_text().splitlines()[0]
     path.write_text(path.read_text() + first + "\n")
     with warnings.catch_warnings(record=True) as caught:
@@ -285,12 +274,12 @@ def test_repeated_jobs_run_once_and_a_deleted_mask_png_is_redone(world: Path, tm
     assert again.done == 1 and again.skipped == 1 and mask_png.is_file()
 
 
-def test_job_ids_follow_file_content_not_folder(world: Path, tmp_path: Path) -> None:
+def test_job_ids_follow_file_content_not_folder(assets: Path, tmp_path: Path) -> None:
     moved = tmp_path / "moved"
-    shutil.copytree(world, moved, ignore=shutil.ignore_patterns("out*"))
-    original = [job.id for job in load_jobs(write_jobs(world, count=2, name="ids.jsonl"))]
+    shutil.copytree(assets, moved, ignore=shutil.ignore_patterns("out*"))
+    original = [job.id for job in load_jobs(write_jobs(assets, count=2, name="ids.jsonl"))]
     assert [job.id for job in load_jobs(write_jobs(moved, count=2, name="ids.jsonl"))] == original
-    (moved / "bob.safetensors").write_bytes((world / "carol.safetensors").read_bytes())
+    (moved / "bob.safetensors").write_bytes((assets / "carol.safetensors").read_bytes())
     changed = [job.id for job in load_jobs(moved / "ids.jsonl")]
     assert set(changed).isdisjoint(original)
 
@@ -298,12 +287,12 @@ def test_job_ids_follow_file_content_not_folder(world: Path, tmp_path: Path) -> 
 # -- hostile job files -----------------------------------------------------------------------------------
 
 
-def test_a_fifo_as_lora_path_is_refused_not_waited_on(world: Path, tmp_path: Path) -> None:
+def test_a_fifo_as_lora_path_is_refused_not_waited_on(assets: Path, tmp_path: Path) -> None:
     fifo = tmp_path / "pipe.safetensors"
     os.mkfifo(fifo)
     jobs = tmp_path / "fifo.jsonl"
     jobs.write_text(
-        json.dumps({"model": str(world / "model"), "prompt": "{A} here", "loras": [{"path": str(fifo)}]})
+        json.dumps({"model": str(assets / "model"), "prompt": "{A} here", "loras": [{"path": str(fifo)}]})
     )
     started = time.perf_counter()
     result = RUNNER.invoke(app, ["batch", str(jobs), "--out", str(tmp_path / "o")])
@@ -311,10 +300,10 @@ def test_a_fifo_as_lora_path_is_refused_not_waited_on(world: Path, tmp_path: Pat
     assert time.perf_counter() - started < 30
 
 
-def test_huge_grids_and_alias_bombs_are_refused_quickly(world: Path, tmp_path: Path) -> None:
+def test_huge_grids_and_alias_bombs_are_refused_quickly(assets: Path, tmp_path: Path) -> None:
     grid = tmp_path / "grid.yaml"
     grid.write_text(
-        f"model: {world / 'model'}\nloras: [{{path: {world / 'alice.safetensors'}}}, {{path: {world / 'bob.safetensors'}}}]\n"
+        f"model: {assets / 'model'}\nloras: [{{path: {assets / 'alice.safetensors'}}}, {{path: {assets / 'bob.safetensors'}}}]\n"
         "prompts: ['{A} and {B}']\nseeds: {start: 0, count: 20000000}\n"
     )
     started = time.perf_counter()
@@ -343,18 +332,18 @@ def test_huge_grids_and_alias_bombs_are_refused_quickly(world: Path, tmp_path: P
         ({"path": "alice.safetensors", "colour": "red"}, "Unknown setting `colour`"),
     ],
 )
-def test_every_lora_field_is_type_and_size_checked(world: Path, lora: dict, message: str) -> None:
-    path = world / "fields.jsonl"
+def test_every_lora_field_is_type_and_size_checked(assets: Path, lora: dict, message: str) -> None:
+    path = assets / "fields.jsonl"
     path.write_text(json.dumps({"model": "model", "prompt": "Alice", "loras": [lora]}) + "\n")
     with pytest.raises(JobFileError, match=message):
         load_jobs(path)
 
 
-def test_repeated_jobs_are_said_as_notes_not_python_warnings(world: Path, tmp_path: Path) -> None:
+def test_repeated_jobs_are_said_as_notes_not_python_warnings(assets: Path, tmp_path: Path) -> None:
     line = json.dumps(
         {"model": "model", "prompt": "{A}", "loras": [{"path": "alice.safetensors"}], **SETTINGS}
     )
-    jobs = world / "repeats.jsonl"
+    jobs = assets / "repeats.jsonl"
     jobs.write_text(line + "\n" + line + "\n")
     result = RUNNER.invoke(app, ["batch", str(jobs), "--dry-run", "--out", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output

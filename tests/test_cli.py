@@ -13,23 +13,9 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from freefuse.cli import app, parse_lora_spec
-from freefuse.testing import random_lora, tiny_flux_pipeline
 
 RUNNER = CliRunner()
 FAST = ["--steps", "4", "--size", "128x128", "--max-sequence-length", "32"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny FLUX pipeline folder and two LoRA files, as a user would have them."""
-    root = tmp_path_factory.mktemp("assets")
-    pipe = tiny_flux_pipeline(seed=0)
-    pipe.save_pretrained(root / "model")
-    random_lora(
-        pipe, "alice", seed=1, path=root / "alice.safetensors", metadata={"modelspec.trigger_phrase": "Alice"}
-    )
-    random_lora(pipe, "bob", seed=2, path=root / "bob.safetensors")
-    return root
 
 
 def invoke(*args: str):
@@ -63,8 +49,8 @@ def test_help_lists_the_commands() -> None:
         assert name in result.output
 
 
-def test_generate_writes_image_overlay_masks_and_manifest(model_dir, tmp_path) -> None:
-    result = invoke(*generate_args(model_dir, tmp_path))
+def test_generate_writes_image_overlay_masks_and_manifest(assets, tmp_path) -> None:
+    result = invoke(*generate_args(assets, tmp_path))
     assert result.exit_code == 0, result.output
     for name in ("freefuse.png", "freefuse.masks.png", "freefuse.masks.json", "freefuse.json"):
         assert (tmp_path / name).is_file(), name
@@ -89,19 +75,19 @@ def test_generate_writes_image_overlay_masks_and_manifest(model_dir, tmp_path) -
     assert fields["Lora hashes"].startswith('"alice: ')
 
 
-def test_manifest_replay_gives_the_same_image(model_dir, tmp_path, monkeypatch) -> None:
+def test_manifest_replay_gives_the_same_image(assets, tmp_path, monkeypatch) -> None:
     first = tmp_path / "first"
-    assert invoke(*generate_args(model_dir, first)).exit_code == 0
-    monkeypatch.chdir(model_dir)  # manifest paths must lie inside the working directory
+    assert invoke(*generate_args(assets, first)).exit_code == 0
+    monkeypatch.chdir(assets)  # manifest paths must lie inside the working directory
     replay = tmp_path / "replay"
     result = invoke("generate", "--manifest", str(first / "freefuse.json"), "--out", str(replay))
     assert result.exit_code == 0, result.output
     assert (first / "freefuse.png").read_bytes() == (replay / "freefuse.png").read_bytes()
 
 
-def test_manifest_paths_outside_the_working_directory_are_refused(model_dir, tmp_path, monkeypatch) -> None:
+def test_manifest_paths_outside_the_working_directory_are_refused(assets, tmp_path, monkeypatch) -> None:
     first = tmp_path / "first"
-    assert invoke(*generate_args(model_dir, first)).exit_code == 0
+    assert invoke(*generate_args(assets, first)).exit_code == 0
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
@@ -118,35 +104,35 @@ def test_manifest_paths_outside_the_working_directory_are_refused(model_dir, tmp
             "--out",
             "o",
             "--model",
-            str(model_dir / "model"),
+            str(assets / "model"),
             "--lora",
-            f"{model_dir / 'alice.safetensors'}=Alice",
+            f"{assets / 'alice.safetensors'}=Alice",
             "--lora",
-            f"{model_dir / 'bob.safetensors'}=Bob@0.8",
+            f"{assets / 'bob.safetensors'}=Bob@0.8",
         ],
     )
     assert result.exit_code == 0, result.output
 
 
-def test_existing_outputs_need_overwrite(model_dir, tmp_path) -> None:
-    assert invoke(*generate_args(model_dir, tmp_path)).exit_code == 0
+def test_existing_outputs_need_overwrite(assets, tmp_path) -> None:
+    assert invoke(*generate_args(assets, tmp_path)).exit_code == 0
     before = (tmp_path / "freefuse.png").read_bytes()
-    result = RUNNER.invoke(app, generate_args(model_dir, tmp_path, "--seed", "4"))
+    result = RUNNER.invoke(app, generate_args(assets, tmp_path, "--seed", "4"))
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert (tmp_path / "freefuse.png").read_bytes() == before
-    assert invoke(*generate_args(model_dir, tmp_path, "--seed", "4", "--overwrite")).exit_code == 0
+    assert invoke(*generate_args(assets, tmp_path, "--seed", "4", "--overwrite")).exit_code == 0
     assert (tmp_path / "freefuse.png").read_bytes() != before
 
 
-def test_masks_command_then_generate_with_those_masks(model_dir, tmp_path) -> None:
+def test_masks_command_then_generate_with_those_masks(assets, tmp_path) -> None:
     result = invoke(
         "masks",
         "--model",
-        str(model_dir / "model"),
+        str(assets / "model"),
         "--lora",
-        f"{model_dir / 'alice.safetensors'}",
+        f"{assets / 'alice.safetensors'}",
         "--lora",
-        f"{model_dir / 'bob.safetensors'}=Bob",
+        f"{assets / 'bob.safetensors'}=Bob",
         "--prompt",
         "Alice hugging Bob",
         "--out",
@@ -158,15 +144,15 @@ def test_masks_command_then_generate_with_those_masks(model_dir, tmp_path) -> No
     assert not (tmp_path / "freefuse.png").exists()
     out = tmp_path / "gen"
     result = invoke(
-        *generate_args(model_dir, out, "--method", "masks", "--masks", str(tmp_path / "freefuse.masks.json"))
+        *generate_args(assets, out, "--method", "masks", "--masks", str(tmp_path / "freefuse.masks.json"))
     )
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "freefuse.json").read_text())
     assert manifest["masks"].endswith("freefuse.masks.json")
 
 
-def test_inspect_shows_layout_and_trigger_words(model_dir) -> None:
-    result = invoke("inspect", str(model_dir / "alice.safetensors"), "--json")
+def test_inspect_shows_layout_and_trigger_words(assets) -> None:
+    result = invoke("inspect", str(assets / "alice.safetensors"), "--json")
     assert result.exit_code == 0
     report = json.loads(result.output)[0]
     assert report["layout"] == "diffusers" and report["trigger_words"] == ["Alice"]
@@ -182,13 +168,13 @@ def test_parse_lora_spec() -> None:
     assert parse_lora_spec("a.safetensors") == ("a.safetensors", None, 1.0)
 
 
-def test_square_brackets_survive_in_errors_and_prompts(model_dir, tmp_path) -> None:
+def test_square_brackets_survive_in_errors_and_prompts(assets, tmp_path) -> None:
     """A1111/ComfyUI prompts have brackets; Rich must not read them as markup."""
     missing = tmp_path / "loras[v2]" / "a.safetensors"
-    result = RUNNER.invoke(app, generate_args(model_dir, tmp_path / "o") + ["--lora", f"{missing}=Carol"])
+    result = RUNNER.invoke(app, generate_args(assets, tmp_path / "o") + ["--lora", f"{missing}=Carol"])
     assert result.exit_code == 2 and "loras[v2]" in result.output
     for prompt in ("[photo style] Alice hugging a cat", "[/x] Alice hugging a cat"):
-        args = generate_args(model_dir, tmp_path / "o")
+        args = generate_args(assets, tmp_path / "o")
         args[args.index("--prompt") + 1] = prompt
         result = RUNNER.invoke(app, args)
         assert result.exit_code == 2, result.output
@@ -196,10 +182,10 @@ def test_square_brackets_survive_in_errors_and_prompts(model_dir, tmp_path) -> N
         assert "Traceback" not in result.output and "MarkupError" not in result.output
 
 
-def test_inspect_reports_every_file_and_kohya_folder_trigger_words(model_dir, tmp_path) -> None:
+def test_inspect_reports_every_file_and_kohya_folder_trigger_words(assets, tmp_path) -> None:
     from safetensors.torch import load_file, save_file
 
-    state = load_file(str(model_dir / "bob.safetensors"))
+    state = load_file(str(assets / "bob.safetensors"))
     kohya = tmp_path / "kohya.safetensors"
     tags = '{"10_ohwx woman": {"ohwx woman": 20, "1girl": 25}}'
     save_file(state, str(kohya), metadata={"ss_tag_frequency": tags})
@@ -224,6 +210,7 @@ def test_inspect_reports_every_file_and_kohya_folder_trigger_words(model_dir, tm
     assert table.exit_code == 0 and "ohwx woman" in table.output and "UNet (SD 1.x / SDXL)" in table.output
 
 
+@pytest.mark.slow
 def test_demo_shows_merge_beside_freefuse_and_replays_from_another_folder(tmp_path, monkeypatch) -> None:
     """The README's main command, as a real subprocess; then its manifest replayed from elsewhere."""
     out = tmp_path / "demo"
@@ -275,17 +262,17 @@ def test_demo_on_the_tiny_model_honours_dtype(tmp_path) -> None:
 
 
 def test_quiet_details_flags_without_types_no_bar_before_a_word_error_wide_tables(
-    model_dir, tmp_path
+    assets, tmp_path
 ) -> None:
     help_text = RUNNER.invoke(app, ["generate", "--help"], terminal_width=160).output
     flag_lines = [line for line in help_text.splitlines() if "--overwrite" in line or "--offload" in line]
     assert flag_lines and not any("<bool>" in line for line in flag_lines)
-    args = generate_args(model_dir, tmp_path / "o")
+    args = generate_args(assets, tmp_path / "o")
     args[args.index("--prompt") + 1] = "Alice hugging a cat"
     result = RUNNER.invoke(app, args)
     assert result.exit_code == 2 and "'Bob' is not in the prompt" in result.output
     assert "denoising" not in result.output  # the mistake is said before any progress bar starts
     deep = tmp_path / ("a-rather-long-folder-name-" * 4) / "out"
-    result = RUNNER.invoke(app, generate_args(model_dir, deep))
+    result = RUNNER.invoke(app, generate_args(assets, deep))
     assert result.exit_code == 0, result.output
     assert str(deep / "freefuse.png") in result.output  # one table row, not wrapped at 80 columns

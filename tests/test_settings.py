@@ -83,16 +83,6 @@ def test_generate_and_masks_share_one_option_set_built_from_the_settings_model()
     assert "[default: 28]" in help_text
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    root = tmp_path_factory.mktemp("settings")
-    pipe = tiny_flux_pipeline(seed=0)
-    pipe.save_pretrained(root / "model")
-    random_lora(pipe, "alice", seed=1, path=root / "alice.safetensors")
-    random_lora(pipe, "bob", seed=2, path=root / "bob.safetensors")
-    return root
-
-
 def generate_args(root, out, *extra: str) -> list[str]:
     return [
         "generate",

@@ -25,6 +25,7 @@ from freefuse.shapesworld.scenes import (
 )
 
 
+@pytest.mark.slow
 def test_every_single_object_is_read_back_exactly() -> None:
     for shape in SHAPES:
         for colour in COLOURS:
@@ -130,6 +131,7 @@ def test_committed_model_and_loras_load_and_freefuse_masks_cover_the_objects(sha
         torch.testing.assert_close(maps["cross"].sum(), torch.tensor(1.0))
 
 
+@pytest.mark.slow
 def test_quick_evaluation_writes_results_table_and_grid(tmp_path) -> None:
     from freefuse.cli import app
 
@@ -164,6 +166,7 @@ def test_shapesworld_pipeline_is_a_plain_flux_pipeline(shapesworld) -> None:
     assert image.shape == (64, 64, 3)
 
 
+@pytest.mark.slow
 def test_an_interrupted_evaluation_resumes_and_ends_as_an_uninterrupted_one(tmp_path, monkeypatch) -> None:
     from freefuse.shapesworld import evaluate as evaluation
 

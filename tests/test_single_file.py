@@ -28,6 +28,7 @@ FLUX_WIDTH = {
 }
 
 
+@pytest.mark.slow
 def test_a_flux_transformer_file_loads_with_the_rest_from_the_base_model(tmp_path) -> None:
     tiny = tiny_flux_pipeline(seed=0)
     base = tmp_path / "base"

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import warnings
 import zipfile
 from pathlib import Path
@@ -22,22 +21,19 @@ gradio = pytest.importorskip("gradio", reason="Gradio is not installed (pip inst
 playwright_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed (dev extras)")
 
 CHROMIUM = os.environ.get("FREEFUSE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-pytestmark = pytest.mark.skipif(
-    CHROMIUM is None,
-    reason="no Chromium on this machine (Debian: apt-get install chromium; or set FREEFUSE_CHROMIUM)",
-)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        CHROMIUM is None,
+        reason="no Chromium on this machine (Debian: apt-get install chromium; or set FREEFUSE_CHROMIUM)",
+    ),
+]
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The app on the tiny model, on a free localhost port, and two LoRA files with trigger words."""
-    from freefuse.testing import random_lora, tiny_flux_pipeline
+    from freefuse.testing import free_port, random_lora, tiny_flux_pipeline
     from freefuse.ui import build_app, launch
 
     folder = tmp_path_factory.mktemp("ui")

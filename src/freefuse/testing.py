@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import socket
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,14 @@ from .tiny import (  # noqa: F401  (the tiny models, re-exported for tests)
     tiny_sdxl_pipeline,
     tiny_t5_tokenizer,
 )
+
+
+def free_port() -> int:
+    """A local port no process listens on now (asked of the system, never a fixed number)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
 
 # Each backend's typical LoRA: module-name suffixes, inside modules whose names contain the second.
 TYPICAL_LORA_TARGETS = {name: backend.architecture.typical_lora_targets for name, backend in BACKENDS.items()}
