@@ -7,18 +7,27 @@ are written atomically, then one line is appended to this process's index shard
 line exists and its files still hash to it; anything else (a crash before the index line, a
 truncated or edited file, a half-written index line) is redone. Processes write disjoint files and
 their own shards, so `accelerate launch --num_processes N freefuse batch …` needs no locking.
+
+Two separate `batch` commands on one folder share it through claims (`.claims/<id>.claim`, made
+with O_EXCL, naming the process by pid and start time, so a pid the system reuses does not keep a
+job claimed) and read the index again after each claim, so each job is made once. The batch's own
+files in the folder (claims, shards, failure logs) are opened with O_NOFOLLOW: a symbolic link
+planted there is refused, never written through.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
 import re
+import secrets
 import socket
+import stat
 import time
 import warnings
 from collections.abc import Callable
@@ -27,7 +36,7 @@ from itertools import combinations, product
 from pathlib import Path
 from string import ascii_uppercase
 
-from .errors import JobFileError, LoraFileError
+from .errors import JobFileError, LoraFileError, OutputFolderError, describe_failure
 from .files import atomic_write, cached_sha256, sha256_file
 from .lora import header_metadata, read_header, trigger_words_from_metadata
 from .models import BUILT_IN, is_hub_id, pixels_per_token
@@ -384,18 +393,78 @@ def expand_grid(path: str | Path) -> list[Job]:
 # -- the index ------------------------------------------------------------------------------------------
 
 
-def read_index(out: Path) -> dict[str, dict]:
-    """Finished jobs from every process's index shard; malformed or half-written lines are skipped."""
-    done: dict[str, dict] = {}
-    for shard in sorted(out.glob(INDEX_GLOB)):
-        for line in shard.read_text(encoding="utf-8", errors="replace").splitlines():
+def _link_message(path: Path) -> str:
+    return (
+        f"{path} is a symbolic link; FreeFuse never writes through a link planted in the output folder. Remove it "
+        "(or pick another --out) and run again."
+    )
+
+
+def open_own(path: Path, flags: int, mode: int = 0o644) -> int:
+    """A descriptor of one of the batch's own files in the output folder (index shards, failure logs,
+    claims), never through a symbolic link planted there, and never a FIFO or device that would block."""
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as error:
+        if error.errno == errno.ELOOP or (error.errno == errno.EEXIST and path.is_symlink()):
+            raise OutputFolderError(_link_message(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputFolderError(f"{path} is not a regular file; remove it (or pick another --out) and run again.")
+    return fd
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def refuse_links(*paths: Path) -> None:
+    """Before a batch writes anything: none of its own paths is a link someone planted."""
+    for path in paths:
+        if path.is_symlink():
+            raise OutputFolderError(_link_message(path))
+
+
+class IndexReader:
+    """Finished jobs from every process's index shard, read incrementally: each call reads only what
+    was appended since the last one, so a batch can look again after every claim at no real cost.
+    Malformed or half-written lines are skipped; links and non-files among the shards are not read."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.done: dict[str, dict] = {}
+        self._read: dict[Path, int] = {}  # shard -> bytes consumed (whole lines only)
+
+    def refresh(self) -> dict[str, dict]:
+        for shard in sorted(self.out.glob(INDEX_GLOB)):
+            self._read_shard(shard)
+        return self.done
+
+    def _read_shard(self, shard: Path) -> None:
+        try:
+            fd = open_own(shard, os.O_RDONLY)
+        except (OSError, OutputFolderError):
+            return  # a shard that is not a plain file: not an index someone wrote
+        with os.fdopen(fd, "rb") as handle:
+            start = self._read.get(shard, 0)
+            if os.fstat(handle.fileno()).st_size < start:
+                start = 0  # replaced or truncated: read it again
+            handle.seek(start)
+            data = handle.read()
+        whole = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
+        self._read[shard] = start + len(whole)
+        for line in whole.decode("utf-8", errors="replace").splitlines():
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
             if _valid_entry(entry):
-                done[entry["id"]] = entry
-    return done
+                self.done[entry["id"]] = entry
+
+
+def read_index(out: Path) -> dict[str, dict]:
+    """Finished jobs from every process's index shard; malformed or half-written lines are skipped."""
+    return IndexReader(out).refresh()
 
 
 def _valid_entry(entry) -> bool:
@@ -422,17 +491,19 @@ def is_done(entry: dict | None, out: Path) -> bool:
 
 
 def append_index(shard: Path, entry: dict) -> None:
-    """Append one line and fsync. A line cut short by a crash is terminated before the next one."""
+    """Append one line and fsync, in one write (two batches on one folder may append to one shard).
+    A line cut short by a crash is terminated first. Never through a link planted in the folder."""
     shard.parent.mkdir(parents=True, exist_ok=True)
-    with open(shard, "a+b") as handle:
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() > 0:
-            handle.seek(-1, os.SEEK_END)
-            if handle.read(1) != b"\n":
-                handle.write(b"\n")
-        handle.write((json.dumps(entry, default=str) + "\n").encode())
-        handle.flush()
-        os.fsync(handle.fileno())
+    line = (json.dumps(entry, default=str) + "\n").encode()
+    fd = open_own(shard, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+    try:
+        size = os.fstat(fd).st_size
+        if size > 0 and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- running --------------------------------------------------------------------------------------------
@@ -468,34 +539,103 @@ def run_job(service: RunService, job: Job, out: Path) -> dict:
 
 
 CLAIMS = ".claims"
+_TOKEN = secrets.token_hex(8)  # this process's claims, told apart from an earlier process with our pid
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22), or None where
+    it cannot be read. A pid the system gave to a new process has another start time."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return text[text.rindex(")") + 2 :].split()[19]  # fields after the command name start at field 3
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _my_claim() -> dict:
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "start": _process_start(pid), "token": _TOKEN}
+
+
+def _claim_is_live(owner: dict) -> bool:
+    """The process that wrote a claim still runs: same host, its pid alive, and (where the system
+    says when processes started) that pid's process is the one that wrote it, not a later one."""
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's process: it cannot be checked from here
+    pid = owner.get("pid")
+    if owner.get("token") == _TOKEN and pid == os.getpid():
+        return True
+    if not _alive(pid):
+        return False
+    recorded, now = owner.get("start"), _process_start(pid)
+    return recorded is None or now is None or str(recorded) == now
+
+
+@contextlib.contextmanager
+def _claims_locked(folder: Path):
+    """One process at a time decides about claims in `folder` (taking over a stale one is two steps)."""
+    try:
+        import fcntl
+    except ImportError:  # not on this system: O_EXCL alone still keeps two fresh claims apart
+        yield
+        return
+    fd = open_own(folder / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_claim(path: Path) -> dict:
+    try:
+        fd = open_own(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return {}
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(4096)
+    try:
+        owner = json.loads(data)
+    except (ValueError, RecursionError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _claims_folder(out: Path) -> Path:
+    folder = out / CLAIMS
+    refuse_links(folder)
+    folder.mkdir(exist_ok=True)
+    refuse_links(folder)
+    return folder
 
 
 def claim(out: Path, job_id: str) -> bool:
     """Take job `job_id` for this process: a claim file made with O_EXCL, so that two batches on one
-    folder do not make the same image. A claim whose process is gone (on this machine) is taken over."""
-    folder = out / CLAIMS
-    folder.mkdir(exist_ok=True)
+    folder do not make the same image. A claim whose process is gone (on this machine), or whose pid
+    now belongs to another process, is taken over."""
+    folder = _claims_folder(out)
     path = folder / f"{job_id}.claim"
-    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
+    mine = json.dumps(_my_claim()).encode()
+    with _claims_locked(folder):
         try:
-            owner = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            owner = {}
-        if owner.get("host") == socket.gethostname() and _alive(owner.get("pid")):
-            return False
-        path.write_text(mine)  # its process is gone: a crash left it
-        return True
-    with os.fdopen(fd, "w") as handle:
-        handle.write(mine)
+            fd = open_own(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _claim_is_live(_read_claim(path)):
+                return False
+            atomic_write(path, mine)  # a crash left it: replaced by a new file, never written through
+            return True
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(mine)
     return True
 
 
 def release(out: Path, job_id: str) -> None:
-    with contextlib.suppress(OSError):
-        (out / CLAIMS / f"{job_id}.claim").unlink()
+    """Remove this process's claim on `job_id` (not one another process has taken since)."""
+    folder = out / CLAIMS
+    path = folder / f"{job_id}.claim"
+    with contextlib.suppress(OSError, OutputFolderError), _claims_locked(folder):
+        if _read_claim(path).get("token") == _TOKEN:
+            path.unlink()
 
 
 def _alive(pid) -> bool:
@@ -517,6 +657,29 @@ def process_state():
     from accelerate import PartialState
 
     return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _run_claimed(
+    service: RunService, job: Job, out: Path, index: IndexReader, report: BatchReport, shard: Path, failed_log: Path
+) -> None:
+    """Make one claimed job, unless another batch on this folder finished it since this one read the
+    index (its manifest is there: the index is read again to be sure)."""
+    if job_files(out, job)["manifest"].exists() and is_done(index.refresh().get(job.id), out):
+        report.skipped += 1
+        return
+    try:
+        entry = run_job(service, job, out)
+        append_index(shard, entry)
+        index.done[job.id] = entry
+        report.done += 1
+    except (KeyboardInterrupt, OutputFolderError):
+        raise
+    except Exception as error:  # recorded and reported; the other jobs go on
+        failure = describe_failure(error)
+        message = failure.message if failure.is_users else f"internal error: {failure.message}"
+        record = {"id": job.id, "source": job.source, "error": message}
+        append_index(failed_log, record)
+        report.failed.append(record)
 
 
 @dataclass
@@ -554,33 +717,22 @@ def run_batch(
         service.device = str(state.device)
     shard = out / f"index.p{state.process_index}.jsonl"
     failed_log = out / f"failed.p{state.process_index}.jsonl"
+    refuse_links(out / CLAIMS, shard, failed_log, out / "index.jsonl")
     report = BatchReport(total=len(jobs))
     started = time.perf_counter()
     with state.split_between_processes(list(range(len(jobs)))) as mine:
         report.share = len(mine)
-        done = read_index(out)
+        index = IndexReader(out)
+        index.refresh()
         for position in mine:
             job = jobs[position]
-            if is_done(done.get(job.id), out):
+            if is_done(index.done.get(job.id), out):
                 report.skipped += 1
             elif not claim(out, job.id):
                 report.claimed_elsewhere += 1  # another batch on the same folder is making it
             else:
                 try:
-                    entry = run_job(service, job, out)
-                    append_index(shard, entry)
-                    done[job.id] = entry
-                    report.done += 1
-                except KeyboardInterrupt:
-                    raise
-                except Exception as error:  # recorded and reported; the other jobs go on
-                    failure = {
-                        "id": job.id,
-                        "source": job.source,
-                        "error": f"{type(error).__name__}: {error}",
-                    }
-                    append_index(failed_log, failure)
-                    report.failed.append(failure)
+                    _run_claimed(service, job, out, index, report, shard, failed_log)
                 finally:
                     release(out, job.id)
             report.seconds = time.perf_counter() - started
