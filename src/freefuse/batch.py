@@ -36,8 +36,9 @@ from itertools import combinations, product
 from pathlib import Path
 from string import ascii_uppercase
 
+from .core import jsontext
 from .errors import JobFileError, LoraFileError, OutputFolderError, describe_failure
-from .files import atomic_write, cached_sha256, sha256_file
+from .files import atomic_write, cached_sha256, read_input, sha256_file
 from .lora import header_metadata, read_header, trigger_words_from_metadata
 from .models import BUILT_IN, is_hub_id, pixels_per_token
 from .outputs import write_outputs
@@ -256,7 +257,8 @@ def read_structured(path: Path):
         raise FileNotFoundError(f"Job file {path} does not exist.")
     if path.stat().st_size > MAX_JOB_FILE_BYTES:
         raise JobFileError(f"Job file {path} is larger than {MAX_JOB_FILE_BYTES >> 20} MiB.")
-    text = path.read_text(encoding="utf-8")
+    text = _utf8(read_input(path, "Job file"), path)
+    nested = f"{path}: nested more than {jsontext.MAX_DEPTH} levels deep; a job file is a list of flat jobs."
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
@@ -264,22 +266,42 @@ def read_structured(path: Path):
             data = yaml.safe_load(text)  # safe_load: no Python objects from YAML tags
         except yaml.YAMLError as error:
             raise JobFileError(f"{path} is not valid YAML: {error}") from None
+        except RecursionError:
+            raise JobFileError(nested) from None
         check_structure_size(data, path)
+        try:
+            jsontext.check_depth(data)
+        except jsontext.NestingError:
+            raise JobFileError(nested) from None
         return data
     if path.suffix == ".json":
         try:
-            return json.loads(text)
-        except json.JSONDecodeError as error:
+            return jsontext.loads(text)
+        except jsontext.NestingError:
+            raise JobFileError(nested) from None
+        except ValueError as error:
             raise JobFileError(f"{path} is not valid JSON: {error}") from None
     entries = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
-            entries.append((number, json.loads(line)))
-        except json.JSONDecodeError as error:
-            raise JobFileError(f"{path}:{number}: not a JSON object ({error.msg}).") from None
+            entries.append((number, jsontext.loads(line)))
+        except jsontext.NestingError:
+            raise JobFileError(f"{path}:{number}: nested more than {jsontext.MAX_DEPTH} levels deep.") from None
+        except ValueError as error:
+            raise JobFileError(f"{path}:{number}: not a JSON object ({getattr(error, 'msg', error)}).") from None
     return entries
+
+
+def _utf8(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise JobFileError(
+            f"{path} line {line} is not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8."
+        ) from None
 
 
 def load_jobs(path: str | Path) -> list[Job]:

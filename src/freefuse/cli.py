@@ -9,11 +9,13 @@ shows tracebacks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import json
 import logging
 import os
 import signal
+import socket
 import sys
 import warnings
 from collections.abc import Callable
@@ -349,9 +351,10 @@ class RunOptions:
         """The run: from the flags, or from `--manifest` with the flags given winning (and said)."""
         from .spec import LoraSpec, RunSpec, replay_spec  # torch: not for --help or a flag's mistake
 
-        loras = [
-            LoraSpec(**lora) for lora in _loras_from_flags(self.values["lora"], self.values["global_lora"])
-        ]
+        loras = []
+        for lora in _loras_from_flags(self.values["lora"], self.values["global_lora"]):
+            flag, given = "--lora" if lora["scope"] == "subject" else "--global-lora", lora.pop("given")
+            loras.append(LoraSpec.parse(lora, f"{flag} {given!r}"))
         if self.values["manifest"] is not None:
             return replay_spec(
                 self.values["manifest"],
@@ -421,12 +424,12 @@ def _loras_from_flags(loras: list[str] | None, global_loras: list[str] | None) -
     result = []
     for spec in loras or []:
         path, words, weight = parse_lora_spec(spec)
-        result.append({"path": path, "words": words, "weight": weight, "scope": "subject"})
+        result.append({"path": path, "words": words, "weight": weight, "scope": "subject", "given": spec})
     for spec in global_loras or []:
         path, words, weight = parse_lora_spec(spec)
         if words:
             raise SettingsError(f"--global-lora {spec!r}: global LoRAs take no words; write PATH[@WEIGHT].")
-        result.append({"path": path, "words": None, "weight": weight, "scope": "global"})
+        result.append({"path": path, "words": None, "weight": weight, "scope": "global", "given": spec})
     return result
 
 
@@ -711,6 +714,8 @@ def ui(
     dtype: DtypeOpt = None,
 ) -> None:
     """A web page: add LoRAs, find and paint masks, generate beside merge, download and replay runs."""
+    if port is not None:
+        _check_port(host, port)  # before Gradio's seconds of start-up
     try:
         from .ui import build_app, launch  # an optional extra: Gradio
     except ImportError as error:
@@ -719,7 +724,43 @@ def ui(
     local = host in ("127.0.0.1", "localhost", "::1")
     app_ = build_app(model=model, root=root, device=device, dtype=dtype, local_paths=local)
     console.print(escape(f"FreeFuse UI: sessions under {app_.freefuse_root}; Ctrl-C stops it."))
-    launch(app_, host=host, port=port)
+    try:
+        launch(app_, host=host, port=port)
+    except OSError as error:  # taken between the check and the launch; Gradio says "Cannot find empty port"
+        if port is not None and (error.errno == errno.EADDRINUSE or "empty port" in str(error)):
+            raise SettingsError(_port_in_use(host, port)) from None
+        raise
+
+
+def _port_in_use(host: str, port: int) -> str:
+    return (
+        f"--port {port} is in use on {host} (another program, or another FreeFuse page, listens there); pick another "
+        "port, or leave --port out to take the first free one from 7860."
+    )
+
+
+def _check_port(host: str, port: int) -> None:
+    """The page can listen on `host:port`: said before the page starts, not as a server's traceback."""
+    if not 1 <= port <= 65535:
+        raise SettingsError(f"--port {port}: a port is a number from 1 to 65535.")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as error:
+        raise SettingsError(f"--host {host} is not an address of this machine ({error.strerror}).") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
+        try:
+            probe.bind(address)
+        except OSError as error:
+            if error.errno == errno.EADDRINUSE:
+                raise SettingsError(_port_in_use(host, port)) from None
+            if error.errno in (errno.EACCES, errno.EPERM):
+                raise SettingsError(
+                    f"--port {port} cannot be opened on {host} ({error.strerror}): ports below 1024 need administrator "
+                    "rights; pick a port from 1024 up."
+                ) from None
+            raise SettingsError(f"--host {host} --port {port} cannot be used here ({error.strerror}).") from None
 
 
 eval_app = typer.Typer(help="Measure subject bleeding offline.", no_args_is_help=True)

@@ -23,6 +23,7 @@ import torch
 from .errors import EmbeddingError
 
 BUNDLE_PREFIX = "bundle_emb."
+MAX_PLACEHOLDER_CHARS = 100
 #: kohya's single-encoder form, read as the first CLIP encoder.
 _KOHYA_SUFFIX = ".string_to_param.*"
 #: OneTrainer's "output embeddings" (`t5_out`, `clip_l_out`) change what the encoder puts out, not its input.
@@ -42,7 +43,24 @@ def split_bundle_key(key: str) -> tuple[str, str]:
         placeholder, _, encoder = rest.rpartition(".")
     if not placeholder or not encoder:
         raise EmbeddingError(f"Bundled embedding key {key!r} is not `bundle_emb.<placeholder>.<encoder>`.")
+    if len(placeholder) > MAX_PLACEHOLDER_CHARS or any(char.isspace() or not char.isprintable() for char in placeholder):
+        raise EmbeddingError(
+            f"Bundled embedding key {key[:120]!r} has no usable trigger word: a placeholder is one word of at most "
+            f"{MAX_PLACEHOLDER_CHARS} printable characters, without spaces."
+        )
     return placeholder, encoder
+
+
+def check_bundle_shape(placeholder: str, encoder: str, shape) -> None:
+    """A bundled embedding is `[n_vectors, width]` (or `[width]`, one vector) with no empty axis;
+    `shape` from the tensor or from the file's header."""
+    shape = tuple(shape)
+    if not shape or any(not isinstance(size, int) or size < 1 for size in shape):
+        raise EmbeddingError(
+            f"bundles an embedding for {placeholder!r} ({encoder}) of shape {list(shape)}; an embedding is "
+            "[vectors, width] (or [width] for one vector). The file is damaged: export it again, or use a copy "
+            "without `bundle_emb.*` tensors."
+        )
 
 
 def bundled_embeddings(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -52,6 +70,7 @@ def bundled_embeddings(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict
         if not is_bundle_key(key):
             continue
         placeholder, encoder = split_bundle_key(key)
+        check_bundle_shape(placeholder, encoder, value.shape)
         vectors = value if value.ndim == 2 else value.reshape(-1, value.shape[-1])
         found.setdefault(placeholder, {})[encoder] = vectors
     return found

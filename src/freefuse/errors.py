@@ -49,6 +49,10 @@ class JobFileError(FreeFuseError):
     """A job or grid file is malformed; the message names the line or key."""
 
 
+class InputFileError(FreeFuseError):
+    """A file the run names cannot be read (an I/O error, a special file); the message names it."""
+
+
 class OutputFolderError(FreeFuseError):
     """The output folder cannot be made or written to."""
 
@@ -121,6 +125,13 @@ def describe_failure(error: BaseException) -> Failure:
     if isinstance(error, OSError) and error.errno in PATH_ERRNOS:
         where = f" {str(error.filename)[:200]!r}" if error.filename else ""
         return Failure("user", f"path{where} cannot be used: {error.strerror or error}; check the path.")
+    if isinstance(error, OSError) and error.errno == errno.EIO:
+        where = f" {str(error.filename)[:200]!r}" if error.filename else " a file"
+        return Failure(
+            "user",
+            f"the system could not read or write{where} (input/output error): a failing disk, a network share that "
+            "went away, or a special file such as /proc/…; check the paths given.",
+        )
     if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
         where = f" {error.filename}" if error.filename else ""
         reason = error.strerror or str(error)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import re
 import struct
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from .core import jsontext
 from .embeddings import EmbeddingError, bundled_embeddings, is_bundle_key, split_bundle_key
 from .errors import LoraFileError
 from .files import sha256_file
@@ -38,6 +38,23 @@ TRIGGER_KEYS = (
     "trigger_word",
     "ss_trigger_word",
 )
+
+
+#: The strongest LoRA weight accepted. Typical weights are 0 to 2; far past this the LoRA's delta
+#: swamps the layer and the image is NaN (1e300 does not even fit in a float32 scale).
+MAX_LORA_WEIGHT = 100.0
+
+
+def check_lora_weight(weight) -> float:
+    """`weight` as a float if it is a usable LoRA strength; else a `ValueError` saying what is."""
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+        raise ValueError(f"`weight` must be a finite number, got {weight!r}.")
+    if abs(weight) > MAX_LORA_WEIGHT:
+        raise ValueError(
+            f"`weight` {weight!r} is out of range: LoRA weights are usually 0 to 2, at most {MAX_LORA_WEIGHT:g} "
+            "either way (a weight this large only gives NaN images)."
+        )
+    return float(weight)
 
 
 #: What PEFT accepts as an adapter name (and what masks, manifests and file names show).
@@ -138,9 +155,14 @@ def check_lora_path(path: str | Path, architecture: type[Backend] | None = None)
 def read_header(path: Path) -> dict:
     """The JSON header of a safetensors file (its first bytes only), checked against the file size."""
     size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        raw = handle.read(_header_size(head, size, path))
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            raw = handle.read(_header_size(head, size, path))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise
+    except OSError as error:
+        raise LoraFileError(f"{path} cannot be read ({error.strerror or error}); check the file.") from None
     return _checked_header(raw, size, path)
 
 
@@ -165,10 +187,9 @@ def _header_size(head: bytes, size: int, path: Path) -> int:
 
 def _checked_header(raw: bytes, size: int, path: Path) -> dict:
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        reason = "nested too deeply" if isinstance(error, RecursionError) else error
-        raise LoraFileError(f"{path} has a corrupt safetensors header ({reason}).") from None
+        header = jsontext.loads(raw)
+    except ValueError as error:  # not UTF-8, not JSON, nested too deeply
+        raise LoraFileError(f"{path} has a corrupt safetensors header ({error}).") from None
     if not isinstance(header, dict):
         raise LoraFileError(f"{path} has a corrupt safetensors header (not a JSON object).")
     metadata = header.get("__metadata__", {})
@@ -223,7 +244,10 @@ def read_lora_file(path: str | Path) -> LoraFile:
     from safetensors.torch import load
 
     path = check_lora_path(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise LoraFileError(f"{path} cannot be read ({error.strerror or error}); check the file.") from None
     metadata = header_metadata(parse_header(data, path))
     try:
         state_dict = load(data)
@@ -391,15 +415,15 @@ def trigger_words_and_source(metadata: dict[str, str]) -> tuple[list[str], str |
     for key in TRIGGER_KEYS:
         value = metadata.get(key)
         if value and value.strip():
-            with contextlib.suppress(json.JSONDecodeError):
-                parsed = json.loads(value)
+            with contextlib.suppress(ValueError):  # not JSON, or nested too deeply: plain text
+                parsed = jsontext.loads(value)
                 if isinstance(parsed, list):
                     return [str(word).strip() for word in parsed if str(word).strip()][:16], key
             return [word.strip() for word in value.split(",") if word.strip()][:16], key
     for key in ("ss_dataset_dirs", "ss_tag_frequency"):
         try:
-            folders = json.loads(metadata.get(key) or "null")
-        except json.JSONDecodeError:
+            folders = jsontext.loads(metadata.get(key) or "null")
+        except ValueError:  # not JSON, or nested too deeply: untrusted metadata, ignored
             continue
         if isinstance(folders, dict):
             weighted = [
@@ -437,8 +461,8 @@ def tag_frequencies(metadata: dict[str, str], limit: int = 10) -> list[tuple[str
     if not raw:
         return []
     try:
-        datasets = json.loads(raw)
-    except json.JSONDecodeError:
+        datasets = jsontext.loads(raw)
+    except ValueError:
         return []
     counts: dict[str, int] = {}
     if isinstance(datasets, dict):

@@ -342,8 +342,10 @@ class LoraMasker:
                         found[adapter] = True
                 if self.op == "fused" and _fusable(layer, adapters):
                     # An instance `forward` may already be there (accelerate's offload hooks): kept and put back.
+                    # Planned first: a layer is put on the list only once its forward is really replaced.
+                    fused = self._fused_forward(layer, self._plan(name, layer, adapters))
                     replaced.append((layer, layer.__dict__.get("forward")))
-                    layer.forward = self._fused_forward(layer, self._plan(name, layer, adapters))
+                    layer.forward = fused
                     continue
                 layout = self.layout_of(name)
                 for adapter in adapters:

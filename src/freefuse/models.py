@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from .backends import BACKENDS, Architecture, architectures
-from .errors import ModelLoadError
+from .core import jsontext
+from .errors import ModelLoadError, SettingsError
+from .files import read_input
 from .lora import read_header
 from .manifest import ModelSource
 from .shapesworld.model import MODEL_DIR as SHAPESWORLD_DIR
@@ -30,22 +32,68 @@ BUILT_IN = (*TINY_MODELS, SHAPESWORLD)
 _HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 
 
+#: The device types FreeFuse runs on (each when this machine and this PyTorch have it).
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
 def pick_device(device: str | None = None) -> torch.device:
+    """The device a run uses: `device` when it is one this machine can run on (else a
+    `SettingsError` saying why, before anything loads), or the best available."""
     if device:
         try:
             chosen = torch.device(device)
-        except RuntimeError as error:
-            raise ValueError(f"Unknown device {device!r} ({error}); use cpu, cuda, cuda:1 or mps.") from None
-        if chosen.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(
-                f"Device {device!r} was asked for but CUDA is not available here; use --device cpu."
-            )
+        except (RuntimeError, ValueError) as error:
+            reason = str(error).split("(")[0].strip() or type(error).__name__
+            raise SettingsError(
+                f"--device {device}: not a device name ({reason}); use {_usable_devices()}."
+            ) from None
+        problem = _device_problem(chosen)
+        if problem:
+            raise SettingsError(f"--device {device}: {problem}; use {_usable_devices()}.")
         return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _device_count(kind: str) -> int:
+    """How many devices of `kind` (cuda, mps, xpu) this machine and this PyTorch can use."""
+    if kind == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return 1 if mps is not None and mps.is_available() else 0
+    module = getattr(torch, kind, None)
+    try:
+        return module.device_count() if module is not None and module.is_available() else 0
+    except (AttributeError, RuntimeError):
+        return 0
+
+
+def _device_problem(device: torch.device) -> str | None:
+    """Why a run cannot use `device` here, or None."""
+    if device.type == "cpu":
+        return None
+    if device.type not in DEVICE_TYPES:
+        return f"FreeFuse runs on {', '.join(DEVICE_TYPES)}, not on {device.type!r} devices"
+    count = _device_count(device.type)
+    names = {"cuda": "CUDA", "mps": "Apple's MPS", "xpu": "Intel's XPU"}
+    if count == 0:
+        return f"{names[device.type]} is not available here (no such device, or this PyTorch was built without it)"
+    if device.index is not None and device.index >= count:
+        return f"this machine has {count} {names[device.type]} device(s), {device.type}:0 to {device.type}:{count - 1}"
+    return None
+
+
+def _usable_devices() -> str:
+    usable = ["cpu"] + [
+        f"{kind}" + (f" or {kind}:0 to {kind}:{count - 1}" if count > 1 else "")
+        for kind in DEVICE_TYPES[1:]
+        if (count := _device_count(kind))
+    ]
+    return " or ".join(usable)
 
 
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
@@ -87,8 +135,6 @@ def cached_model(architecture: str | None = None) -> str | None:
 
 def _model_index(model: str) -> dict | None:
     """`model_index.json` of a local folder or of a cached hub model, without loading anything."""
-    import json
-
     path = Path(model).expanduser() / "model_index.json"
     if not path.is_file() and is_hub_id(model):
         try:
@@ -100,8 +146,8 @@ def _model_index(model: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        index = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        index = jsontext.loads(path.read_bytes())
+    except (OSError, ValueError):  # check_model_source says what is wrong with it
         return None
     return index if isinstance(index, dict) else None
 
@@ -205,12 +251,12 @@ def check_model_source(model: str) -> None:
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelLoadError(f"Model folder {path} is incomplete: model_index.json is missing.")
-    import json
-
     try:
-        components = json.loads(index.read_text())
-    except json.JSONDecodeError as error:
+        components = jsontext.loads(read_input(index, "Model index"))
+    except ValueError as error:  # not UTF-8, not JSON, nested too deeply
         raise ModelLoadError(f"{index} is not valid JSON ({error}).") from None
+    if not isinstance(components, dict):
+        raise ModelLoadError(f"{index} is not a JSON object; the model folder is damaged.")
     for name, value in components.items():
         if name.startswith("_") or not isinstance(value, list) or value[0] is None:
             continue
@@ -237,14 +283,12 @@ def check_model_source(model: str) -> None:
 def _refuse_quantized(folder: Path) -> None:
     """Quantized components (bitsandbytes, torchao, GGUF, ...) are refused before any weight loads:
     masked LoRAs on their layers are not tested yet."""
-    import json
-
     config = folder / "config.json"
     if not config.is_file():
         return
     try:
-        quantization = json.loads(config.read_text()).get("quantization_config")
-    except (OSError, json.JSONDecodeError, AttributeError):
+        quantization = jsontext.loads(config.read_bytes()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
         return
     if quantization:
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"

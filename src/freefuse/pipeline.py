@@ -16,7 +16,6 @@ lives in `freefuse.backends`.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -34,12 +33,19 @@ from .embeddings import InstalledEmbeddings, check_embeddings
 from .embeddings import install as install_embeddings
 from .embeddings import uninstall as uninstall_embeddings
 from .errors import EmbeddingError, NumericalError
-from .lora import LoraFileError, adapter_name, check_adapter_name, read_lora_file, text_encoder_parts
+from .lora import (
+    LoraFileError,
+    adapter_name,
+    check_adapter_name,
+    check_lora_weight,
+    read_lora_file,
+    text_encoder_parts,
+)
 from .manifest import ModelSource, build_manifest
 from .masking import AdapterMask, LoraMasker, adapters_for_run, pass_masks
 from .methods import MaskInput, RunContext, SubjectMasks, get_method
 from .preflight import MaskFacts, ModelFacts, SubjectFacts, preflight
-from .settings import GenerationSettings
+from .settings import GenerationSettings, check_text
 
 SCOPES = ("subject", "global")
 # What `callback_on_step_end` may ask for, as in diffusers' `_callback_tensor_inputs`.
@@ -119,9 +125,10 @@ class FreeFuseOutput:
 
 
 def _check_weight(weight) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
-        raise ValueError(f"LoRA weight must be a finite number, got {weight!r}.")
-    return float(weight)
+    try:
+        return check_lora_weight(weight)
+    except ValueError as error:
+        raise ValueError(f"LoRA {error}") from None
 
 
 def _check_words(words, name: str) -> list[str]:
@@ -129,7 +136,7 @@ def _check_words(words, name: str) -> list[str]:
         return []
     if isinstance(words, str):
         words = [words]
-    cleaned = [str(word).strip() for word in words]
+    cleaned = [check_text(str(word), f"words of LoRA {name!r}", limit=200).strip() for word in words]
     if any(not word for word in cleaned):
         raise ValueError(f"LoRA {name!r} has an empty activation word; pass words like ['ohwx'].")
     return cleaned

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .errors import RunCancelled, SettingsError
 from .manifest import ModelSource
-from .models import load_pipeline, model_source
+from .models import load_pipeline, model_source, pick_device
 from .pipeline import FreeFuse, FreeFuseOutput, FreeFuseWarning, Subject
 from .spec import LoraSpec, RunSpec, changed_lora_message
 
@@ -55,6 +55,8 @@ class RunService:
     def __init__(
         self, device: str | None = None, dtype: str | None = None, offload: bool = False, max_loras: int = 8
     ) -> None:
+        if device is not None:
+            pick_device(device)  # a device this machine cannot run on is said now, before anything loads
         self.device, self.dtype, self.offload = device, dtype, offload
         self.max_loras = max_loras
         self.lock = threading.RLock()

@@ -10,6 +10,7 @@ in `FreeFuse.check_inputs`, still before any denoising.
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -35,6 +36,37 @@ MAX_IMAGES = 256
 # (attention memory grows with the square of the pixels: 8192² is 262 144 FLUX tokens).
 MAX_SIDE = 8192
 MAX_STEPS = 1000
+
+
+#: The longest prompt accepted. Text encoders read at most 512 tokens (T5 on FLUX.1; CLIP reads
+#: 77), about 2,000 characters of English; a longer prompt is cut, and one far longer is a mistake.
+MAX_PROMPT_CHARS = 10_000
+# Lone surrogates: what Python makes of bytes that are not UTF-8 (a command-line argument, a file read
+# with surrogateescape) or of a JSON `\ud800` escape. No tokenizer or file format takes them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(value: Any, what: str, limit: int = MAX_PROMPT_CHARS) -> Any:
+    """A text a person wrote (a prompt, a word), if it is one: no undecodable bytes, at most `limit`
+    characters. Else a `ValueError` that names `what`. Other values are left to the type checks."""
+    if not isinstance(value, str):
+        return value
+    bad = _SURROGATE.search(value)
+    if bad is not None:
+        code = ord(bad.group())
+        found = (
+            f"the undecodable byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"half of a surrogate pair ({code:#x})"
+        )
+        raise ValueError(
+            f"`{what}` is not valid UTF-8 text: character {bad.start()} is {found}. Save the file as UTF-8 (or type "
+            "the text again)."
+        )
+    if len(value) > limit:
+        raise ValueError(
+            f"`{what}` is {len(value):,} characters long; at most {limit:,} are accepted (the text encoder reads at "
+            "most 512 tokens, about 2,000 characters)."
+        )
+    return value
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -150,6 +182,13 @@ class GenerationSettings(BaseModel):
                 raise ValueError("give `size` or `width`/`height`, not both")
             values["width"], values["height"] = parse_size(values.pop("size"))
         return values
+
+    @field_validator("prompt", "negative_prompt", "background_words", mode="before")
+    @classmethod
+    def _check_texts(cls, value: Any, info) -> Any:
+        for text in value if isinstance(value, list) else [value]:
+            check_text(text, info.field_name)
+        return value
 
     @field_validator("prompt")
     @classmethod

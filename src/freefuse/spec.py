@@ -9,15 +9,22 @@ mistake is reported before a multi-GB model loads. Loading and running are the r
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from .core import MaskSet
-from .embeddings import is_bundle_key, split_bundle_key
+from .embeddings import check_bundle_shape, is_bundle_key, split_bundle_key
 from .errors import EmbeddingError, LoraFileError, SettingsError
 from .files import cached_sha256
 from .lora import (
@@ -25,6 +32,7 @@ from .lora import (
     adapter_name,
     check_lora_contents,
     check_lora_path,
+    check_lora_weight,
     header_metadata,
     read_header,
     text_encoder_parts,
@@ -45,10 +53,14 @@ from .models import (
     pixels_per_token,
 )
 from .preflight import Checked, MaskFacts, ModelFacts, SubjectFacts, preflight
-from .settings import GenerationSettings, Number, describe_errors
+from .settings import GenerationSettings, Number, check_text, describe_errors
 
 # An activation word: one to a few words of text, not a paragraph.
-Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Word = Annotated[
+    str,
+    BeforeValidator(lambda value: check_text(value, "words", limit=200)),
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+]
 
 
 class LoraSpec(BaseModel):
@@ -77,9 +89,7 @@ class LoraSpec(BaseModel):
     @field_validator("weight")
     @classmethod
     def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError(f"`weight` must be a finite number, got {value!r}.")
-        return value
+        return check_lora_weight(value)
 
     @classmethod
     def parse(cls, values: dict, where: str) -> LoraSpec:
@@ -164,6 +174,8 @@ class RunSpec:
         keys = [key for key in header if key != "__metadata__"]
         try:
             bundled = tuple(split_bundle_key(key) for key in keys if is_bundle_key(key))
+            for key, (placeholder, encoder) in zip((k for k in keys if is_bundle_key(k)), bundled, strict=True):
+                check_bundle_shape(placeholder, encoder, header[key]["shape"])
         except EmbeddingError as error:
             raise LoraFileError(f"{Path(lora.path).name}: {error}") from None
         words = lora.words or trigger_words_from_metadata(header_metadata(header)) or [b[0] for b in bundled]

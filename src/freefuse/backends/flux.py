@@ -9,7 +9,6 @@ attention keeps whatever processor (SDPA, flash, ...) is set and nothing is comp
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +16,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..core import jsontext
 from ..errors import LoraFileError
 from ..lora import lora_family
 from ..tiny import tiny_t5_tokenizer
@@ -119,9 +119,9 @@ class FluxArchitecture(Architecture):
         config = None if model_folder is None else Path(model_folder) / "vae" / "config.json"
         if config is not None and config.is_file():
             try:
-                channels = json.loads(config.read_text()).get("block_out_channels", [0] * 4)
+                channels = jsontext.loads(config.read_bytes()).get("block_out_channels", [0] * 4)
                 return 2 ** (len(channels) - 1) * 2
-            except (OSError, json.JSONDecodeError, TypeError):
+            except (OSError, ValueError, TypeError, AttributeError):
                 pass
         return 16
 

@@ -15,7 +15,6 @@ not attend to the image in a UNet, so there are no text queries: methods `image-
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +22,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..core import MaskConfig
+from ..core import MaskConfig, jsontext
 from ..errors import LoraFileError
 from ..lora import lora_family
 from ..tiny import tiny_clip_tokenizer
@@ -148,12 +147,12 @@ class SdxlArchitecture(Architecture):
         if model_folder is None:
             return 32
         try:
-            vae = json.loads((Path(model_folder) / "vae" / "config.json").read_text())
-            unet = json.loads((Path(model_folder) / "unet" / "config.json").read_text())
+            vae = jsontext.loads((Path(model_folder) / "vae" / "config.json").read_bytes())
+            unet = jsontext.loads((Path(model_folder) / "unet" / "config.json").read_bytes())
             vae_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
             levels = [i for i, kind in enumerate(unet["down_block_types"]) if "CrossAttn" in kind]
             return vae_factor * 2 ** max(levels)
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (OSError, KeyError, TypeError, ValueError, AttributeError):
             return 32
 
     @classmethod

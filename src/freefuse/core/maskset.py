@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from . import storage
+from . import jsontext, storage
 
 # Distinct, colour-blind-friendly subject colours (Okabe-Ito), then a fallback hue walk.
 PALETTE = [
@@ -140,11 +140,11 @@ class MaskSet:
 
             try:
                 with safe_open(str(path), framework="pt") as handle:
-                    names = json.loads((handle.metadata() or {}).get("names", "null") or "null")
+                    names = jsontext.loads((handle.metadata() or {}).get("names", "null") or "null")
                     if "masks" not in handle.keys():  # noqa: SIM118 (not a mapping)
                         raise ValueError(f"{path} holds no `masks` tensor; it was not written by FreeFuse.")
                     masks = handle.get_tensor("masks")
-            except (SafetensorError, OSError, json.JSONDecodeError) as error:
+            except (SafetensorError, OSError, ValueError) as error:
                 raise ValueError(f"{path} is not a readable mask file: {error}") from None
             if not isinstance(names, list):
                 raise ValueError(
@@ -158,8 +158,14 @@ class MaskSet:
         if path.stat().st_size > 1 << 20:
             raise ValueError(f"{path} is larger than 1 MiB; a mask index is a short JSON file.")
         try:
-            index = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            text = path.read_bytes()
+        except OSError as error:
+            raise ValueError(f"Mask file {path} cannot be read ({error.strerror or error}).") from None
+        try:
+            index = jsontext.loads(text)
+        except jsontext.NestingError as error:
+            raise ValueError(f"{path} is {error}; a mask index is a short, flat JSON object.") from None
+        except ValueError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from None
         if not isinstance(index, dict):
             raise ValueError(f"{path} must be a JSON object with `names` and `files`.")

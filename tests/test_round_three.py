@@ -1,0 +1,207 @@
+"""Bad input and hostile visitors, round three: user mistakes that gave tracebacks or "internal error",
+unbounded work, and small leaks (docs/reliability.md, "Round three"). Each case: exit 2 and one
+message, and nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from freefuse.cli import app
+from freefuse.testing import free_port
+
+RUNNER = CliRunner()
+FAST = ["--steps", "3", "--size", "64x64", "--max-sequence-length", "32"]
+DEEP = 100_000  # levels of nesting: past Python's recursion limit
+
+
+def cli(*args: str):
+    return RUNNER.invoke(app, list(args))
+
+
+def generate(assets: Path, out: Path, *extra: str, loras: list[str] | None = None, prompt: str = "Alice hugging Bob"):
+    if loras is None:
+        loras = [f"{assets / 'alice.safetensors'}=Alice", f"{assets / 'bob.safetensors'}=Bob"]
+    lora_args = [arg for spec in loras for arg in ("--lora", spec)]
+    return cli(
+        "generate", "--model", str(assets / "model"), *lora_args, "--prompt", prompt, "--out", str(out), *FAST, *extra
+    )
+
+
+def assert_user_error(result, *fragments: str) -> None:
+    assert result.exit_code == 2, result.output
+    for fragment in fragments:
+        assert fragment in result.output, result.output
+    assert "internal error" not in result.output and "Traceback" not in result.output, result.output
+
+
+def assert_nothing_written(out: Path) -> None:
+    assert not out.exists() or not any(out.iterdir()), list(out.iterdir())
+
+
+def job_line(assets: Path, **fields) -> str:
+    job = {
+        "model": str(assets / "model"),
+        "prompt": "Alice hugging Bob",
+        "steps": 3,
+        "size": "64x64",
+        "loras": [{"path": str(assets / "alice.safetensors")}, {"path": str(assets / "bob.safetensors"), "words": ["Bob"]}],
+    }
+    job.update(fields)
+    return json.dumps(job)
+
+
+# -- 5. tracebacks and "internal error" for user mistakes -------------------------------------------------
+
+
+def test_files_the_system_cannot_read_are_said_not_internal_errors(assets, tmp_path) -> None:
+    unreadable = Path("/proc/self/mem")  # a regular file whose reading fails (EIO)
+    if not unreadable.exists():
+        pytest.skip("needs /proc")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.symlink_to(unreadable)
+    assert_user_error(cli("batch", str(jobs), "--out", str(tmp_path / "o")), "cannot be read")
+    assert_user_error(cli("generate", "--manifest", str(unreadable), "--out", str(tmp_path / "o")), "cannot be read")
+    masks = tmp_path / "m.masks.json"
+    masks.symlink_to(unreadable)
+    result = generate(assets, tmp_path / "o", "--method", "masks", "--masks", str(masks))
+    assert_user_error(result, "cannot be read")
+    assert_user_error(cli("generate", "--model", "x" * 300, "--prompt", "Alice", *FAST), "cannot be used")
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_a_busy_ui_port_is_a_clear_error(tmp_path) -> None:
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        result = cli("ui", "--port", str(port), "--root", str(tmp_path / "ui"))
+    assert_user_error(result, f"--port {port}", "in use")
+
+
+@pytest.mark.parametrize("device", ["mps", "xla", "meta", "xpu", "hpu", "privateuseone", "cuda:99"])
+def test_devices_torch_cannot_use_are_refused_before_loading(assets, tmp_path, device) -> None:
+    if device.split(":")[0] == "mps" and torch.backends.mps.is_available():
+        pytest.skip("this machine has an MPS device")
+    result = generate(assets, tmp_path / "o", "--device", device)
+    assert_user_error(result, f"--device {device}")
+    assert_nothing_written(tmp_path / "o")
+
+
+@pytest.mark.parametrize("weight", ["1e30", "1e300", "-1e300"])
+def test_a_lora_weight_so_large_the_images_would_be_nan_is_refused(assets, tmp_path, weight) -> None:
+    loras = [f"{assets / 'alice.safetensors'}=Alice", f"{assets / 'bob.safetensors'}=Bob@{weight}"]
+    assert_user_error(generate(assets, tmp_path / "o", loras=loras), "weight", "at most 100")
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_a_job_file_weight_out_of_range_names_the_line(assets, tmp_path) -> None:
+    jobs = tmp_path / "weights.jsonl"
+    line = job_line(assets, loras=[{"path": str(assets / "alice.safetensors"), "weight": 1e300}])
+    jobs.write_text(line + "\n")
+    assert_user_error(cli("batch", str(jobs), "--dry-run", "--out", str(tmp_path / "o")), "line 1", "at most 100")
+
+
+def test_an_error_while_masking_is_installed_is_not_hidden_by_the_clean_up(tiny_pipe, monkeypatch) -> None:
+    """The masked op is put on layer after layer; an error on one of them is the error raised (the
+    clean-up once hid it behind an AttributeError)."""
+    from freefuse import FreeFuse
+    from freefuse.masking import LoraMasker
+    from freefuse.testing import random_lora
+
+    random_lora(tiny_pipe, "alice", seed=1)
+    freefuse = FreeFuse(tiny_pipe)
+    freefuse.use_adapter("alice", words=["Alice"])
+
+    def broken_plan(self, name, layer, adapters):
+        raise RuntimeError("no plan for this layer")
+
+    monkeypatch.setattr(LoraMasker, "_plan", broken_plan)
+    with pytest.raises(RuntimeError, match="no plan for this layer"):
+        freefuse("Alice", num_inference_steps=2, height=64, width=64, max_sequence_length=32)
+    assert all("forward" not in module.__dict__ for module in tiny_pipe.transformer.modules())
+
+
+@pytest.mark.parametrize("shape", [(), (2, 3, 4), (0, 32), (1, 0)])
+def test_malformed_bundled_embeddings_are_refused_before_loading(assets, tmp_path, shape) -> None:
+    tensors = load_file(str(assets / "bob.safetensors"))
+    tensors["bundle_emb.ohwx.t5"] = torch.zeros(shape)
+    path = tmp_path / "bundled.safetensors"
+    save_file(tensors, str(path))
+    result = generate(assets, tmp_path / "o", loras=[f"{assets / 'alice.safetensors'}=Alice", f"{path}=ohwx"],
+                      prompt="Alice hugging ohwx")
+    assert_user_error(result, "bundled.safetensors", "'ohwx'")
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_undecodable_bytes_in_a_prompt_are_a_clear_error(assets, tmp_path) -> None:
+    # What Python makes of a command-line argument that is not UTF-8 (surrogateescape).
+    result = generate(assets, tmp_path / "o", prompt="Alice hugging Bob \udcff")
+    assert_user_error(result, "`prompt`", "not valid UTF-8", "0xff")
+    jobs = tmp_path / "surrogate.jsonl"
+    jobs.write_text(job_line(assets, prompt="Alice hugging Bob \ud800") + "\n")  # json.dumps writes "\\ud800"
+    assert_user_error(cli("batch", str(jobs), "--dry-run", "--out", str(tmp_path / "o")), "line 1", "not valid UTF-8")
+    latin1 = tmp_path / "latin1.jsonl"
+    latin1.write_bytes(job_line(assets, prompt="Alice hugging Bob @").encode().replace(b"@", b"\xe9") + b"\n")
+    assert_user_error(cli("batch", str(latin1), "--dry-run", "--out", str(tmp_path / "o")), "latin1.jsonl", "line 1",
+                      "not UTF-8")
+    result = generate(assets, tmp_path / "o", loras=[f"{assets / 'alice.safetensors'}=Al\udcffice"],
+                      prompt="Al\udcffice")
+    assert_user_error(result, "not valid UTF-8")
+    assert_nothing_written(tmp_path / "o")
+
+
+def nested(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+@pytest.mark.parametrize("suffix", [".json", ".jsonl", ".yaml"])
+def test_deeply_nested_job_files_are_refused(assets, tmp_path, suffix) -> None:
+    jobs = tmp_path / f"deep{suffix}"
+    if suffix == ".yaml":
+        jobs.write_text("jobs: " + nested(DEEP) + "\n")
+    elif suffix == ".json":
+        jobs.write_text(nested(DEEP))
+    else:
+        jobs.write_text(job_line(assets) + "\n" + '{"model": ' + nested(DEEP) + "}\n")
+    result = cli("batch", str(jobs), "--dry-run", "--out", str(tmp_path / "o"))
+    assert_user_error(result, jobs.name, "nested")
+
+
+def test_deeply_nested_manifests_mask_indexes_and_model_configs_are_refused(assets, tmp_path) -> None:
+    manifest = tmp_path / "deep.json"
+    manifest.write_text('{"format": "freefuse-manifest/1", "settings": ' + nested(DEEP) + "}")
+    assert_user_error(cli("generate", "--manifest", str(manifest), "--out", str(tmp_path / "o")), "deep.json",
+                      "nested")
+    masks = tmp_path / "deep.masks.json"
+    masks.write_text('{"names": ' + nested(DEEP) + "}")
+    result = generate(assets, tmp_path / "o", "--method", "masks", "--masks", str(masks))
+    assert_user_error(result, "deep.masks.json", "nested")
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(assets / "model", model)
+    (model / "model_index.json").write_text('{"_class_name": "FluxPipeline", "x": ' + nested(DEEP) + "}")
+    result = cli("generate", "--model", str(model), "--lora", f"{assets / 'alice.safetensors'}=Alice", "--prompt",
+                 "Alice", "--out", str(tmp_path / "o"), *FAST)
+    assert_user_error(result, "model_index.json", "nested")
+    assert_nothing_written(tmp_path / "o")
+
+
+@pytest.mark.parametrize("key", ["modelspec.trigger_phrase", "ss_tag_frequency", "ss_dataset_dirs"])
+def test_deeply_nested_lora_metadata_values_are_ignored_not_a_crash(assets, tmp_path, key) -> None:
+    tensors = load_file(str(assets / "bob.safetensors"))
+    path = tmp_path / "deep-meta.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt", key: nested(DEEP)})
+    result = cli("inspect", str(path))
+    assert result.exit_code == 0, result.output
+    assert "internal error" not in result.output
+    result = generate(assets, tmp_path / "o", loras=[f"{assets / 'alice.safetensors'}=Alice", str(path)])
+    assert_user_error(result, "deep-meta")  # no words of its own: it says so, it does not crash
