@@ -205,3 +205,121 @@ def test_deeply_nested_lora_metadata_values_are_ignored_not_a_crash(assets, tmp_
     assert "internal error" not in result.output
     result = generate(assets, tmp_path / "o", loras=[f"{assets / 'alice.safetensors'}=Alice", str(path)])
     assert_user_error(result, "deep-meta")  # no words of its own: it says so, it does not crash
+
+
+# -- 6. unbounded work -------------------------------------------------------------------------------------
+
+
+class CountingTokenizer:
+    """A tokenizer that counts how often it tokenizes a long text, and every offset read of its output."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.long_calls, self.reads = tokenizer, 0, 0
+
+    def __call__(self, text, **kwargs):
+        self.long_calls += len(text) > 100
+        encoding = self.tokenizer(text, **kwargs)
+        if "offset_mapping" in encoding:
+            owner = self
+
+            class Offsets(list):
+                def __iter__(self):
+                    for item in list.__iter__(self):
+                        owner.reads += 1
+                        yield item
+
+                def __getitem__(self, index):
+                    owner.reads += 1
+                    return list.__getitem__(self, index)
+
+            encoding["offset_mapping"] = Offsets(encoding["offset_mapping"])
+        return encoding
+
+    def __getattr__(self, name):
+        return getattr(self.tokenizer, name)
+
+
+def test_word_matching_work_grows_with_the_prompt_not_its_square() -> None:
+    from freefuse.preflight import SubjectFacts, word_positions
+    from freefuse.tiny import tiny_t5_tokenizer
+
+    subjects = [SubjectFacts("alice", ("Alice", "alice")), SubjectFacts("bob", ("Bob", "the Bob"))]
+    reads = {}
+    for repeats in (100, 200):
+        tokenizer = CountingTokenizer(tiny_t5_tokenizer())
+        prompt = "Alice hugging Bob in the snow. " * repeats
+        found = word_positions(tokenizer, [prompt, prompt], subjects, 4096, True, [])
+        assert len(found[0]["alice"]) == repeats and found[0] == found[1]
+        assert tokenizer.long_calls == 1  # each prompt tokenized once, not once per word and image
+        reads[repeats] = tokenizer.reads
+    assert reads[200] < 2.5 * reads[100], reads  # linear: twice the prompt, twice the work (quadratic: 4x)
+
+
+def test_an_absurdly_long_prompt_is_refused_with_the_limit(assets, tmp_path) -> None:
+    result = generate(assets, tmp_path / "o", prompt="Alice hugging Bob " * 2000)
+    assert_user_error(result, "`prompt` is 36,000 characters long", "at most 10,000")
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_a_dry_run_of_a_big_grid_reads_each_file_once(assets, tmp_path, monkeypatch) -> None:
+    """Per job, a dry run checks settings and words; each LoRA file, the model folder and its
+    tokenizer are read once for the whole grid, not once per job."""
+    import safetensors
+
+    import freefuse.lora
+    from freefuse.backends.flux import FluxBackend
+
+    counts = {"headers": 0, "tensor reads": 0, "tokenizers": 0}
+    real_open, real_safe_open = open, safetensors.safe_open
+    real_tokenizer = FluxBackend.architecture.load_tokenizer
+
+    def counting_open(file, *args, **kwargs):
+        counts["headers"] += str(file).endswith(".safetensors")
+        return real_open(file, *args, **kwargs)
+
+    def counting_safe_open(*args, **kwargs):
+        counts["tensor reads"] += 1
+        return real_safe_open(*args, **kwargs)
+
+    def counting_tokenizer(folder):
+        counts["tokenizers"] += 1
+        return real_tokenizer(folder)
+
+    monkeypatch.setattr(freefuse.lora, "open", counting_open, raising=False)
+    monkeypatch.setattr(safetensors, "safe_open", counting_safe_open)
+    monkeypatch.setattr(FluxBackend.architecture, "load_tokenizer", counting_tokenizer)
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"model: {assets / 'model'}\n"
+        f"loras: [{{path: {assets / 'alice.safetensors'}}}, {{path: {assets / 'bob.safetensors'}, words: [Bob]}}]\n"
+        "prompts: ['{A} and {B}']\nseeds: {start: 0, count: 200}\nsettings: {steps: 3, size: 64x64}\n"
+    )
+    result = cli("batch", str(grid), "--grid", "--dry-run", "--out", str(tmp_path / "o"))
+    assert result.exit_code == 0, result.output
+    assert "200 jobs, 0 done, 200 to do" in result.output
+    assert counts["tokenizers"] <= 1 and counts["tensor reads"] <= 2 and counts["headers"] <= 6, counts
+
+
+def test_grid_jobs_made_from_a_template_equal_jobs_made_one_by_one(assets, tmp_path) -> None:
+    from freefuse.batch import expand_grid, job_from_dict
+
+    grid = tmp_path / "grid.yaml"
+    grid.write_text(
+        f"model: {assets / 'model'}\n"
+        f"loras: [{{path: {assets / 'alice.safetensors'}}}, {{path: {assets / 'bob.safetensors'}, words: [Bob]}}]\n"
+        "prompts: ['{A} and {B}']\nseeds: [3, 5, 9]\nmethods: [freefuse, merge]\nsettings: {steps: 3, size: 64x64}\n"
+    )
+    jobs = expand_grid(grid)
+    assert [job.settings.seed for job in jobs] == [3, 3, 5, 5, 9, 9]
+    loras = [{"path": str(assets / "alice.safetensors")}, {"path": str(assets / "bob.safetensors"), "words": ["Bob"]}]
+    alone = job_from_dict(
+        {"model": str(assets / "model"), "prompt": "{A} and {B}", "seed": 9, "method": "merge", "steps": 3,
+         "size": "64x64", "loras": loras},
+        tmp_path,
+        "alone",
+    )
+    assert jobs[-1].id == alone.id and jobs[-1].stem == alone.stem and jobs[-1].settings == alone.settings
+    far = tmp_path / "far.yaml"
+    far.write_text(grid.read_text().replace("seeds: [3, 5, 9]", f"seeds: [3, {2**63 - 1}]"))
+    with pytest.raises(ValueError, match=r"seed 9223372036854775807.*`seed` must be"):
+        expand_grid(far)

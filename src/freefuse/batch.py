@@ -18,6 +18,7 @@ planted there is refused, never written through.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -32,6 +33,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import combinations, product
 from pathlib import Path
 from string import ascii_uppercase
@@ -44,7 +46,7 @@ from .models import BUILT_IN, is_hub_id, pixels_per_token
 from .outputs import write_outputs
 from .runner import RunService
 from .settings import GenerationSettings
-from .spec import LoraSpec, RunSpec
+from .spec import FileFacts, LoraSpec, RunSpec
 
 INDEX_GLOB = "index.p*.jsonl"
 MAX_JOB_FILE_BYTES = 64 << 20
@@ -61,18 +63,21 @@ class Job(RunSpec):
 
     source: str = ""  # where it was defined, for messages ("jobs.jsonl line 12")
     base: Path | None = None  # the job file's folder: paths in the id are relative to it
+    #: What the jobs of one file read from the files they name (each file read once for all of them).
+    facts: FileFacts = field(default_factory=FileFacts, repr=False, compare=False)
 
     def record(self) -> dict:
         """What the job's id is a hash of: paths relative to the job file, and each LoRA file's hash,
         so that moving the folder keeps finished work and replacing a LoRA file redoes it."""
+
         def relative(path: str) -> str:
-            return os.path.relpath(path, self.base) if self.base is not None and Path(path).exists() else path
+            return self.facts.get("relative path", None, partial(_relative, path, self.base), path, self.base)
 
         loras = []
         for lora in self.loras:
             entry = {"words": lora.words, "weight": lora.weight, "scope": lora.scope, "name": lora.name}
             entry["path"] = relative(lora.path)
-            entry["sha256"] = cached_sha256(Path(lora.path)) if Path(lora.path).is_file() else None
+            entry["sha256"] = self.facts.get("sha256", lora.path, partial(_file_sha256, lora.path))
             loras.append(entry)
         record = {
             "model": relative(self.model),
@@ -85,24 +90,44 @@ class Job(RunSpec):
         return record
 
     def check(self) -> None:
-        """Everything that needs no weights; errors name the job's line."""
+        """Everything that needs no weights; errors name the job's line. Jobs that differ only by
+        their seeds are checked once (nothing checked before loading depends on the seed)."""
         try:
-            super().check()
+            notes = self.facts.get("job check", None, self._check_once, self._check_key())
         except ValueError as error:
             raise JobFileError(f"{self.source}: {error}") from None
+        self.notes.extend(note for note in notes if note not in self.notes)
+
+    def _check_once(self) -> list[str]:
+        return list(super().check(self.facts).notes)
+
+    def _check_key(self) -> tuple:
+        loras = tuple(
+            (lora.path, tuple(lora.words or ()), lora.weight, lora.scope, lora.name, lora.sha256) for lora in self.loras
+        )
+        settings = self.settings.model_dump_json(exclude={"seed"})
+        return self.model, self.base_model, self.masks, loras, settings
 
     @functools.cached_property
     def id(self) -> str:
         canonical = json.dumps(self.record(), sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
-    @property
+    @functools.cached_property
     def stem(self) -> str:
         names = "+".join(lora.adapter_name for lora in self.loras if lora.scope == "subject")
         seed = self.settings.seed if isinstance(self.settings.seed, int) else self.settings.seed[0]
         return re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{names or 'nolora'}-{self.settings.method}-s{seed}")[
             :80
         ] + (f"-{self.id[:8]}")
+
+
+def _relative(path: str, base: Path | None) -> str:
+    return os.path.relpath(path, base) if base is not None and os.path.exists(path) else path
+
+
+def _file_sha256(path: str) -> str | None:
+    return cached_sha256(Path(path)) if os.path.isfile(path) else None
 
 
 def _name_of(lora: dict) -> str:
@@ -132,7 +157,7 @@ def _fill(template: str, words: list[str], where: str) -> str:
     return template
 
 
-def _first_word(lora: LoraSpec) -> str:
+def _first_word(lora: LoraSpec, facts: FileFacts) -> str:
     """The word a {A}-style placeholder stands for: the job's first word, else the file's trigger word."""
     if lora.words:
         return str(lora.words[0])
@@ -145,7 +170,7 @@ def _first_word(lora: LoraSpec) -> str:
     except OSError:
         return ""  # a name the system refuses (too long, ...): the file's own check says so
     try:
-        metadata = header_metadata(read_header(Path(lora.path)))
+        metadata = header_metadata(facts.get("header", path, partial(read_header, path)))
     except (OSError, LoraFileError):
         return ""  # the file's own check reports what is wrong with it
     words = trigger_words_from_metadata(metadata)
@@ -168,7 +193,7 @@ def _resolve(path: str, base: Path) -> str:
     return str(candidate if candidate.is_absolute() else base / candidate)
 
 
-def job_from_dict(entry: dict, base: Path, where: str) -> Job:
+def job_from_dict(entry: dict, base: Path, where: str, facts: FileFacts | None = None) -> Job:
     """A job from one JSON object (a job-file line). Relative paths are relative to the job file."""
     if not isinstance(entry, dict):
         raise JobFileError(f"{where}: a job must be a JSON object, got {type(entry).__name__}.")
@@ -186,7 +211,8 @@ def job_from_dict(entry: dict, base: Path, where: str) -> Job:
         ]
     except ValueError as error:
         raise JobFileError(str(error)) from None
-    words = [_first_word(lora) for lora in loras if lora.scope == "subject"]
+    facts = facts if facts is not None else FileFacts()
+    words = [_first_word(lora, facts) for lora in loras if lora.scope == "subject"]
     if not isinstance(entry["prompt"], str):
         raise JobFileError(
             f"{where}: `prompt` must be one text (a job makes one image); put each prompt on its own line."
@@ -205,7 +231,7 @@ def job_from_dict(entry: dict, base: Path, where: str) -> Job:
         base_model = _folder_or_hub_id(base_model, base)
     try:
         generation = GenerationSettings.from_dict(settings)
-        multiple = pixels_per_token(model, base_model)
+        multiple = facts.get("pixels per token", model, partial(pixels_per_token, model, base_model), base_model)
         if multiple is not None:
             generation.check_size(multiple)
     except ValueError as error:
@@ -221,6 +247,7 @@ def job_from_dict(entry: dict, base: Path, where: str) -> Job:
         source=where,
         base=base,
         base_model=base_model,
+        facts=facts,
     )
 
 
@@ -319,7 +346,8 @@ def load_jobs(path: str | Path) -> list[Job]:
     else:
         numbered = data
         where = "line"
-    jobs = [job_from_dict(entry, base, f"{path.name} {where} {number}") for number, entry in numbered]
+    facts = FileFacts()
+    jobs = [job_from_dict(entry, base, f"{path.name} {where} {number}", facts) for number, entry in numbered]
     if not jobs:
         raise JobFileError(f"{path} has no jobs.")
     return unique_jobs(jobs)
@@ -397,18 +425,34 @@ def expand_grid(path: str | Path) -> list[Job]:
     if isinstance(seeds, dict):
         seeds = list(range(seeds.get("start", 0), seeds.get("start", 0) + seeds["count"]))
     jobs = []
+    facts = FileFacts()
+    templates: dict[tuple, Job] = {}  # per group, prompt and method: the job of its first seed
+    lora_names = [_name_of(lora) for lora in loras]
     for size, usable in usable_by_size.items():
-        for group, prompt, seed, method in product(combinations(loras, size), usable, seeds, methods):
+        for group, prompt, seed, method in product(combinations(range(len(loras)), size), usable, seeds, methods):
+            names = "+".join(lora_names[index] for index in group)
+            label = f"{path.name} grid ({names}, {prompt!r}, seed {seed}, {method})"
+            template = templates.get((group, prompt, method))
+            if template is not None:  # the same job with another seed: only the seed is checked again
+                try:
+                    settings_ = template.settings.with_seed(seed)
+                    jobs.append(dataclasses.replace(template, settings=settings_, source=label, notes=[]))
+                except ValueError as error:
+                    raise JobFileError(f"{label}: {error}") from None
+                continue
             entry = {
                 **settings,
                 "model": spec["model"],
                 "prompt": prompt,
                 "seed": seed,
                 "method": method,
-                "loras": [*group, *[{**g, "scope": "global"} for g in spec.get("global_loras", [])]],
+                "loras": [
+                    *(loras[index] for index in group),
+                    *[{**g, "scope": "global"} for g in spec.get("global_loras", [])],
+                ],
             }
-            label = f"{path.name} grid ({'+'.join(_name_of(g) for g in group)}, {prompt!r}, seed {seed}, {method})"
-            jobs.append(job_from_dict(entry, path.parent, label))
+            templates[(group, prompt, method)] = job_from_dict(entry, path.parent, label, facts)
+            jobs.append(templates[(group, prompt, method)])
     return unique_jobs(jobs)
 
 

@@ -535,10 +535,12 @@ def batch(
     state = process_state()
     if dry_run:
         done = read_index(out) if out.is_dir() else {}
-        finished = sum(is_done(done.get(job.id), out) for job in job_list)
+        finished = 0
+        lines = []
         for job in job_list:
-            mark = "done" if is_done(done.get(job.id), out) else "todo"
-            typer.echo(f"{mark}  {job.stem}  {job.settings.prompt!r}")
+            finished += (mark := is_done(done.get(job.id), out))
+            lines.append(f"{'done' if mark else 'todo'}  {job.stem}  {job.settings.prompt!r}")
+        typer.echo("\n".join(lines))
         typer.echo(f"{len(job_list)} jobs, {finished} done, {len(job_list) - finished} to do")
         return
     progress = _progress() if state.is_local_main_process else None

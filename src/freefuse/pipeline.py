@@ -136,7 +136,7 @@ def _check_words(words, name: str) -> list[str]:
         return []
     if isinstance(words, str):
         words = [words]
-    cleaned = [check_text(str(word), f"words of LoRA {name!r}", limit=200).strip() for word in words]
+    cleaned = [check_text(str(word), f"words of LoRA {name!r}", limit=None).strip() for word in words]
     if any(not word for word in cleaned):
         raise ValueError(f"LoRA {name!r} has an empty activation word; pass words like ['ohwx'].")
     return cleaned

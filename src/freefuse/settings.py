@@ -46,9 +46,10 @@ MAX_PROMPT_CHARS = 10_000
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-def check_text(value: Any, what: str, limit: int = MAX_PROMPT_CHARS) -> Any:
+def check_text(value: Any, what: str, limit: int | None = MAX_PROMPT_CHARS) -> Any:
     """A text a person wrote (a prompt, a word), if it is one: no undecodable bytes, at most `limit`
-    characters. Else a `ValueError` that names `what`. Other values are left to the type checks."""
+    characters (None: the caller's own limit). Else a `ValueError` that names `what`. Other values
+    are left to the type checks."""
     if not isinstance(value, str):
         return value
     bad = _SURROGATE.search(value)
@@ -61,7 +62,7 @@ def check_text(value: Any, what: str, limit: int = MAX_PROMPT_CHARS) -> Any:
             f"`{what}` is not valid UTF-8 text: character {bad.start()} is {found}. Save the file as UTF-8 (or type "
             "the text again)."
         )
-    if len(value) > limit:
+    if limit is not None and len(value) > limit:
         raise ValueError(
             f"`{what}` is {len(value):,} characters long; at most {limit:,} are accepted (the text encoder reads at "
             "most 512 tokens, about 2,000 characters)."
@@ -356,6 +357,17 @@ class GenerationSettings(BaseModel):
         return notes
 
     # -- records -----------------------------------------------------------------------------------
+    def with_seed(self, seed: int) -> GenerationSettings:
+        """A copy with another seed (checked), without validating every other field again: a grid's
+        jobs differ from one another by their seeds, 100,000 of them."""
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise SettingsError(f"`seed` must be a whole number, got {seed!r}.")
+        try:
+            type(self)._check_seed(seed)
+        except ValueError as error:
+            raise SettingsError(str(error)) from None
+        return self.model_copy(update={"seed": seed})
+
     def to_dict(self) -> dict:
         """JSON-able, every field by its own name, `mask_step` resolved (what a manifest records)."""
         values = self.model_dump(mode="json")

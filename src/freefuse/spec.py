@@ -9,9 +9,12 @@ mistake is reported before a multi-GB model loads. Loading and running are the r
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -54,12 +57,15 @@ from .models import (
 )
 from .preflight import Checked, MaskFacts, ModelFacts, SubjectFacts, preflight
 from .settings import GenerationSettings, Number, check_text, describe_errors
+from .tokens import RememberingTokenizer
+
+_T = TypeVar("_T")
 
 # An activation word: one to a few words of text, not a paragraph.
 Word = Annotated[
     str,
-    BeforeValidator(lambda value: check_text(value, "words", limit=200)),
     StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    BeforeValidator(lambda value: check_text(value, "words", limit=None)),  # runs first: undecodable bytes
 ]
 
 
@@ -106,6 +112,33 @@ class LoraSpec(BaseModel):
         return self.name or adapter_name(Path(self.path))
 
 
+class FileFacts:
+    """What `RunSpec.check` reads from files (a model folder's configs and tokenizer, LoRA headers
+    and tensors, hashes, mask files), kept for the next spec that names the same files: a batch of
+    100,000 jobs over a few files reads each once, not once per job. Each fact is keyed by its
+    file's path, size and modification time, so a file changed meanwhile is read again."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple, object] = {}
+
+    def get(self, kind: str, path: str | Path | None, compute: Callable[[], _T], *extra: Hashable) -> _T:
+        """`compute()`, or what it gave for the same `kind`, file and `extra` before."""
+        key = (kind, str(path), _stamp(path), *extra)
+        if key not in self._known:
+            self._known[key] = compute()
+        return self._known[key]  # type: ignore[return-value]
+
+
+def _stamp(path: str | Path | None) -> tuple[int, int] | None:
+    if path is None:
+        return None
+    try:
+        stat = os.stat(os.path.expanduser(path))
+    except (OSError, ValueError, TypeError):
+        return None
+    return stat.st_size, stat.st_mtime_ns
+
+
 @dataclass
 class RunSpec:
     """A model, its LoRAs, the settings, and the caller's masks file (method 'masks')."""
@@ -118,21 +151,26 @@ class RunSpec:
     #: Configs (and missing parts) of a single-file checkpoint: a diffusers folder or hub id.
     base_model: str | None = None
 
-    def check(self) -> Checked:
+    def check(self, facts: FileFacts | None = None) -> Checked:
         """Everything that needs no weights: model folder and architecture, LoRA files, sizes, masks,
-        and then every rule of `freefuse.preflight`. Its notes are added to `notes`."""
-        check_model_source(self.model)
+        and then every rule of `freefuse.preflight`. Its notes are added to `notes`. `facts`: what
+        checks of other specs read from the same files (a batch's jobs share one)."""
+        facts = facts if facts is not None else FileFacts()
+        model, base = self.model, self.base_model
+        facts.get("model source", model, lambda: check_model_source(model))
         self._check_base_model()
-        architecture = architecture_of(self.model)
+        architecture = facts.get("architecture", model, lambda: architecture_of(model))
         for lora in self.loras:
-            check_lora_path(lora.path, architecture)
-        self._check_lora_files()
-        model = ModelFacts(
+            facts.get("lora path", lora.path, partial(check_lora_path, lora.path, architecture), architecture)
+        self._check_lora_files(facts)
+        model_facts = ModelFacts(
             architecture=architecture,
-            tokenizer=self._tokenizer(architecture),
-            size_multiple=pixels_per_token(self.model, self.base_model),
+            tokenizer=facts.get("tokenizer", model, lambda: self._tokenizer(architecture), base),
+            size_multiple=facts.get("pixels per token", model, lambda: pixels_per_token(model, base), base),
         )
-        checked = preflight(model, self.settings, [self._subject_facts(lora) for lora in self.loras], self._masks())
+        subjects = [self._subject_facts(lora, facts) for lora in self.loras]
+        masks = facts.get("masks", self.masks, self._masks, self.settings.method)
+        checked = preflight(model_facts, self.settings, subjects, masks)
         self.notes.extend(note for note in checked.notes if note not in self.notes)
         return checked
 
@@ -146,13 +184,13 @@ class RunSpec:
         if not Path(self.base_model).expanduser().is_dir() and not is_hub_id(self.base_model):
             raise SettingsError(f"Base model {self.base_model} is neither a diffusers folder nor a Hugging Face id.")
 
-    def _check_lora_files(self) -> None:
+    def _check_lora_files(self, facts: FileFacts) -> None:
         """Every tensor of every file read once (finite floats), each file and name given once."""
         names: dict[str, str] = {}
         files: dict[Path, str] = {}
         for lora in self.loras:
             resolved = Path(lora.path).expanduser().resolve()
-            check_lora_contents(resolved)
+            facts.get("lora contents", resolved, partial(check_lora_contents, resolved))
             if resolved in files:
                 raise LoraFileError(f"LoRA file {lora.path} is given twice; give each LoRA once.")
             files[resolved] = lora.path
@@ -163,29 +201,22 @@ class RunSpec:
                 )
             names[lora.adapter_name] = lora.path
             if lora.sha256 is not None:
-                found = cached_sha256(resolved)
+                found = facts.get("sha256", resolved, partial(cached_sha256, resolved))
                 if found != lora.sha256:
                     raise LoraFileError(changed_lora_message(lora.path, found, lora.sha256))
 
     @staticmethod
-    def _subject_facts(lora: LoraSpec) -> SubjectFacts:
+    def _subject_facts(lora: LoraSpec, facts: FileFacts) -> SubjectFacts:
         """What preflight checks of one LoRA, from its file's header alone."""
-        header = read_header(Path(lora.path).expanduser())
-        keys = [key for key in header if key != "__metadata__"]
-        try:
-            bundled = tuple(split_bundle_key(key) for key in keys if is_bundle_key(key))
-            for key, (placeholder, encoder) in zip((k for k in keys if is_bundle_key(k)), bundled, strict=True):
-                check_bundle_shape(placeholder, encoder, header[key]["shape"])
-        except EmbeddingError as error:
-            raise LoraFileError(f"{Path(lora.path).name}: {error}") from None
-        words = lora.words or trigger_words_from_metadata(header_metadata(header)) or [b[0] for b in bundled]
+        path = Path(lora.path).expanduser()
+        bundled, text_encoders, metadata_words = facts.get("header facts", path, partial(_header_facts, path, facts))
         return SubjectFacts(
             name=lora.adapter_name,
-            words=tuple(words),
+            words=tuple(lora.words or metadata_words or [b[0] for b in bundled]),
             scope=lora.scope,
             bundled=bundled,
-            text_encoders=tuple(text_encoder_parts(keys)),
-            source=Path(lora.path).name,
+            text_encoders=text_encoders,
+            source=path.name,
         )
 
     def _masks(self) -> MaskFacts | None:
@@ -205,8 +236,13 @@ class RunSpec:
         return MaskFacts(names=tuple(mask_set.names), size=mask_set.size)
 
     def _tokenizer(self, architecture):
-        """The activation-word tokenizer read from the model folder (no weights), or None where
-        it cannot be had before loading (a hub id, a single file without a local base)."""
+        """The activation-word tokenizer read from the model folder (no weights), remembering what it
+        tokenized for the next check; None where it cannot be had before loading (a hub id, a
+        single file without a local base)."""
+        tokenizer = self._read_tokenizer(architecture)
+        return None if tokenizer is None else RememberingTokenizer(tokenizer)
+
+    def _read_tokenizer(self, architecture):
         if architecture is None:
             return None
         if self.model in TINY_MODELS:
@@ -219,6 +255,20 @@ class RunSpec:
         if base and Path(base).expanduser().is_dir():
             return architecture.load_tokenizer(Path(base).expanduser())
         return None
+
+
+def _header_facts(path: Path, facts: FileFacts) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...], list[str]]:
+    """From a LoRA file's header: its bundled embeddings (placeholder, encoder), the text encoders
+    it adapts, and its metadata's trigger words."""
+    header = facts.get("header", path, partial(read_header, path))
+    keys = [key for key in header if key != "__metadata__"]
+    try:
+        bundled = tuple(split_bundle_key(key) for key in keys if is_bundle_key(key))
+        for key, (placeholder, encoder) in zip((k for k in keys if is_bundle_key(k)), bundled, strict=True):
+            check_bundle_shape(placeholder, encoder, header[key]["shape"])
+    except EmbeddingError as error:
+        raise LoraFileError(f"{path.name}: {error}") from None
+    return bundled, tuple(text_encoder_parts(keys)), trigger_words_from_metadata(header_metadata(header))
 
 
 def changed_lora_message(path: str, found: str, recorded: str) -> str:
