@@ -323,3 +323,150 @@ def test_grid_jobs_made_from_a_template_equal_jobs_made_one_by_one(assets, tmp_p
     far.write_text(grid.read_text().replace("seeds: [3, 5, 9]", f"seeds: [3, {2**63 - 1}]"))
     with pytest.raises(ValueError, match=r"seed 9223372036854775807.*`seed` must be"):
         expand_grid(far)
+
+
+# -- 7. small leaks and gaps -------------------------------------------------------------------------------
+
+
+def _manifest_for_parameters(model: str) -> dict:
+    from freefuse.settings import GenerationSettings
+
+    return {
+        "settings": GenerationSettings(prompt="Alice").to_dict(),
+        "images": [{"prompt": "Alice", "seed": 1}],
+        "model": {"id_or_path": model},
+        "loras": [],
+        "backend": "flux",
+        "versions": {"freefuse": "x"},
+    }
+
+
+def test_the_png_parameters_chunk_names_no_local_file(tmp_path) -> None:
+    from freefuse.outputs import a1111_parameters
+
+    checkpoint = tmp_path / "private" / "my-finetune.safetensors"
+    checkpoint.parent.mkdir()
+    checkpoint.write_bytes(b"0")
+    for model in (str(checkpoint), "/home/someone/models/flux1-dev.safetensors", "models/flux1-dev.safetensors"):
+        text = a1111_parameters(_manifest_for_parameters(model), 0)
+        assert "/" not in text.split("Model: ")[1].split(",")[0], text
+        assert Path(model).name in text
+    assert "Model: black-forest-labs/FLUX.1-dev," in a1111_parameters(
+        _manifest_for_parameters("black-forest-labs/FLUX.1-dev"), 0
+    )
+
+
+def test_a_manifests_base_model_obeys_the_same_containment_rule(tmp_path) -> None:
+    from freefuse.errors import SettingsError
+    from freefuse.manifest import FORMAT
+    from freefuse.settings import GenerationSettings
+    from freefuse.spec import replay_spec
+
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    work.mkdir()
+    elsewhere.mkdir()
+    (work / "inside").mkdir()
+    checkpoint = work / "finetune.safetensors"
+    save_file({"double_blocks.0.x": torch.zeros(1)}, str(checkpoint))
+    manifest = work / "run.json"
+
+    def write(base: str) -> None:
+        record = {"id_or_path": str(checkpoint), "base_model": base}
+        settings = GenerationSettings(prompt="Alice").to_dict()
+        manifest.write_text(json.dumps({"format": FORMAT, "settings": settings, "loras": [], "model": record}))
+
+    write(str(elsewhere))
+    with pytest.raises(SettingsError, match="outside both"):
+        replay_spec(manifest, here=work)
+    assert replay_spec(manifest, here=work, base_model=str(elsewhere)).base_model == str(elsewhere)
+    write(str(work / "inside"))
+    assert Path(replay_spec(manifest, here=work).base_model).resolve() == (work / "inside").resolve()
+    write("black-forest-labs/FLUX.1-dev")  # a Hugging Face id is not a path
+    assert replay_spec(manifest, here=work).base_model == "black-forest-labs/FLUX.1-dev"
+
+
+def test_untrusted_text_reaches_the_terminal_without_control_characters(assets, tmp_path) -> None:
+    tensors = load_file(str(assets / "bob.safetensors"))
+    path = tmp_path / "ansi.safetensors"
+    hostile = "\x1b[2J\x1b]0;pwned\x07[bold]loud[/bold]\u202eevil"
+    save_file(tensors, str(path), metadata={"format": "pt", "ss_output_name": hostile, "trigger_word": "ohwx\x1b[31m"})
+    result = cli("inspect", str(path))
+    assert result.exit_code == 0, result.output
+    assert "[bold]loud[/bold]" in result.output  # shown as written, not as markup
+    for control in ("\x1b", "\x07", "\u202e"):
+        assert control not in result.output, repr(result.output)
+    missing = tmp_path / "run\x1b[2J.json"
+    result = cli("generate", "--manifest", str(missing), "--out", str(tmp_path / "o"))
+    assert result.exit_code == 2 and "\x1b" not in result.output, repr(result.output)
+
+
+@pytest.mark.parametrize("name", ["../escaped", "a/b", ".hidden", "x" * 300, "tab\there"])
+def test_an_output_name_that_is_not_a_plain_file_name_is_refused(assets, tmp_path, name) -> None:
+    result = generate(assets, tmp_path / "o", "--name", name)
+    assert_user_error(result, "--name")
+    assert not (tmp_path / "escaped.png").exists() and not (tmp_path / "escaped.json").exists()
+    assert_nothing_written(tmp_path / "o")
+
+
+def test_job_ids_and_mask_subject_names_are_checked(assets, tmp_path) -> None:
+    jobs = tmp_path / "ids.jsonl"
+    jobs.write_text(job_line(assets, id="../../etc/x\x1b") + "\n")
+    assert_user_error(cli("batch", str(jobs), "--dry-run", "--out", str(tmp_path / "o")), "line 1", "`id`")
+    from PIL import Image
+
+    Image.new("L", (64, 64), 255).save(tmp_path / "m.0.png")
+    Image.new("L", (64, 64), 0).save(tmp_path / "m.1.png")
+    masks = tmp_path / "m.masks.json"
+    masks.write_text(json.dumps({"names": ["alice", "bo\x1bb/../x"], "files": ["m.0.png", "m.1.png"]}))
+    result = generate(assets, tmp_path / "o", "--method", "masks", "--masks", str(masks))
+    assert_user_error(result, "m.masks.json", "subject name")
+    assert "\x1b" not in result.output
+
+
+def _safetensors_with_header(path: Path, header: str, data_bytes: int) -> Path:
+    raw = header.encode()
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(data_bytes))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("header", "data_bytes", "message"),
+    [
+        (
+            '{"double_blocks.0.a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},'
+            ' "double_blocks.0.b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}',
+            12,
+            "overlaps",
+        ),
+        ('{"double_blocks.0.a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 8]}}', 8, "16 bytes"),
+        (
+            '{"double_blocks.0.a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},'
+            ' "double_blocks.0.a": {"dtype": "F32", "shape": [2], "data_offsets": [8, 16]}}',
+            16,
+            "twice",
+        ),
+    ],
+)
+def test_corrupt_single_file_headers_say_what_is_wrong(assets, tmp_path, header, data_bytes, message) -> None:
+    checkpoint = _safetensors_with_header(tmp_path / "finetune.safetensors", header, data_bytes)
+    result = cli("generate", "--model", str(checkpoint), "--lora", f"{assets / 'alice.safetensors'}=Alice",
+                 "--prompt", "Alice", "--out", str(tmp_path / "o"), *FAST)
+    assert_user_error(result, "finetune.safetensors", message)
+    assert "--base-model" not in result.output
+    lora = _safetensors_with_header(tmp_path / "lora.safetensors", header.replace("double_blocks", "x"), data_bytes)
+    assert_user_error(generate(assets, tmp_path / "o", loras=[f"{lora}=Alice"], prompt="Alice"), message)
+
+
+@pytest.mark.parametrize("model", ["models/flux1-dev.safetensors", "./owner/name", "here/flux"])
+def test_a_missing_local_path_shaped_like_a_hub_id_is_not_looked_up_on_the_hub(
+    assets, tmp_path, monkeypatch, model
+) -> None:
+    from freefuse.models import is_hub_id
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "here").mkdir()
+    result = cli("generate", "--model", model, "--lora", f"{assets / 'alice.safetensors'}=Alice", "--prompt",
+                 "Alice", "--out", str(tmp_path / "o"), *FAST)
+    assert_user_error(result, "does not exist")
+    assert "Hugging Face" not in result.output and "cache" not in result.output
+    assert is_hub_id("black-forest-labs/FLUX.1-dev")

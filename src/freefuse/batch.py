@@ -193,6 +193,24 @@ def _resolve(path: str, base: Path) -> str:
     return str(candidate if candidate.is_absolute() else base / candidate)
 
 
+def _check_job_label(value, where: str) -> None:
+    """A job's own `id`, when a job file gives one: a short label for the user (FreeFuse names jobs by
+    their content), checked like any other name it might show."""
+    if value is None:
+        return
+    if not (
+        isinstance(value, str | int)
+        and not isinstance(value, bool)
+        and 1 <= len(str(value)) <= 100
+        and str(value).isprintable()
+        and not set(str(value)) & {"/", "\\"}
+    ):
+        raise JobFileError(
+            f"{where}: `id` {str(value)[:60]!r} is not a usable label: give 1-100 printable characters without '/' "
+            "or '\\' (FreeFuse names jobs by their content; `id` is yours)."
+        )
+
+
 def job_from_dict(entry: dict, base: Path, where: str, facts: FileFacts | None = None) -> Job:
     """A job from one JSON object (a job-file line). Relative paths are relative to the job file."""
     if not isinstance(entry, dict):
@@ -213,6 +231,7 @@ def job_from_dict(entry: dict, base: Path, where: str, facts: FileFacts | None =
         raise JobFileError(str(error)) from None
     facts = facts if facts is not None else FileFacts()
     words = [_first_word(lora, facts) for lora in loras if lora.scope == "subject"]
+    _check_job_label(entry.get("id"), where)
     if not isinstance(entry["prompt"], str):
         raise JobFileError(
             f"{where}: `prompt` must be one text (a job makes one image); put each prompt on its own line."

@@ -14,6 +14,7 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, get_args, get_origin
 import typer
 from pydantic_core import PydanticUndefined
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as escape_markup
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -60,6 +61,17 @@ app = typer.Typer(
 console = Console(stderr=True, width=None if sys.stderr.isatty() or os.environ.get("COLUMNS") else 1000)
 STATE = {"debug": False}
 EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
+
+
+# Characters a terminal acts on rather than shows: C0 and C1 controls but tab and newline (escape
+# sequences, bell, carriage return) and the text-direction marks and overrides.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape(text: str) -> str:
+    """Text FreeFuse did not write (LoRA metadata, paths, prompts, manifests' strings), made safe to print:
+    control characters shown as escapes (`\\x1b`), rich markup shown as written."""
+    return escape_markup(_CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), str(text)))
 
 
 def _quiet_libraries() -> None:

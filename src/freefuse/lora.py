@@ -187,7 +187,11 @@ def _header_size(head: bytes, size: int, path: Path) -> int:
 
 def _checked_header(raw: bytes, size: int, path: Path) -> dict:
     try:
-        header = jsontext.loads(raw)
+        header = jsontext.loads(raw, unique_keys=True)
+    except jsontext.DuplicateKeyError as error:
+        raise LoraFileError(
+            f"{path} has a corrupt safetensors header: tensor {error.key[:80]!r} is listed twice."
+        ) from None
     except ValueError as error:  # not UTF-8, not JSON, nested too deeply
         raise LoraFileError(f"{path} has a corrupt safetensors header ({error}).") from None
     if not isinstance(header, dict):
@@ -203,6 +207,12 @@ def _checked_header(raw: bytes, size: int, path: Path) -> dict:
         if problem:
             raise LoraFileError(f"{path} has a corrupt safetensors header: tensor {key[:80]!r} {problem}.")
         end = max(end, info["data_offsets"][1])
+    overlap = _overlapping_tensors(header)
+    if overlap:
+        raise LoraFileError(
+            f"{path} has a corrupt safetensors header: tensor {overlap[1][:80]!r} overlaps tensor {overlap[0][:80]!r} "
+            "(their byte ranges share bytes). Download or export the file again."
+        )
     if 8 + len(raw) + end > size:
         raise LoraFileError(
             f"{path} is truncated: its tensors need {8 + len(raw) + end} bytes but the file has {size}. "
@@ -225,6 +235,34 @@ def _header_entry_problem(info, size: int) -> str | None:
         return "has a shape that is not a list of sizes"
     if not isinstance(dtype, str):
         return "has no dtype"
+    itemsize = DTYPE_BYTES.get(dtype)
+    if itemsize is not None and math.prod(shape) * itemsize != offsets[1] - offsets[0]:
+        return (
+            f"is {dtype} of shape {shape}, which is {math.prod(shape) * itemsize} bytes, but its byte range "
+            f"{offsets} holds {offsets[1] - offsets[0]}"
+        )
+    return None
+
+
+#: Bytes per element of the safetensors dtypes; a dtype not listed here is left to safetensors.
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+}  # fmt: skip
+
+
+def _overlapping_tensors(header: dict) -> tuple[str, str] | None:
+    """Two tensors whose byte ranges share bytes (names, in file order), or None."""
+    ranges = sorted(
+        (info["data_offsets"][0], info["data_offsets"][1], key)
+        for key, info in header.items()
+        if key != "__metadata__" and info["data_offsets"][1] > info["data_offsets"][0]
+    )
+    for (_, end, name), (begin, _, other) in zip(ranges, ranges[1:], strict=False):
+        if begin < end:
+            return name, other
     return None
 
 

@@ -218,12 +218,22 @@ def architecture_of(model: str) -> type[Architecture] | None:
     raise ModelLoadError(f"{model} is a {class_name}; FreeFuse runs {supported}.")
 
 
+#: Names that are files, not Hugging Face repositories (weights, configs, pickles).
+_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".json", ".yaml", ".yml")
+
+
 def is_hub_id(model: str) -> bool:
-    """`owner/name` that is not a local path."""
-    if not _HUB_ID.match(model):
+    """`owner/name` that is not a local path, nor clearly meant as one: not `./x` or `../x`, not a
+    file name (`models/flux.safetensors`), and not in a local folder that exists (`here/flux` when
+    `here/` is a folder). A local path that does not exist is then said to be missing, not looked
+    up on the Hub."""
+    if not _HUB_ID.match(model) or model.split("/")[0] in (".", ".."):
         return False
+    if model.lower().endswith(_FILE_SUFFIXES):
+        return False
+    path = Path(model).expanduser()
     try:
-        return not Path(model).expanduser().exists()
+        return not path.exists() and not path.parent.is_dir()
     except OSError:  # a name the file system refuses is no local path
         return True
 
@@ -234,7 +244,8 @@ def check_model_source(model: str) -> None:
         return
     path = Path(model).expanduser()
     if not path.exists():
-        raise ModelLoadError(f"Model folder {path} does not exist.")
+        kind = "file" if path.suffix.lower() in _FILE_SUFFIXES else "folder"
+        raise ModelLoadError(f"Model {kind} {path} does not exist.")
     if path.is_file():
         if path.suffix == ".sft":
             raise ModelLoadError(

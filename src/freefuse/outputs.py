@@ -10,13 +10,23 @@ from __future__ import annotations
 import copy
 import io
 import json
+import re
 from pathlib import Path
 
+from .errors import SettingsError
 from .files import OutputExistsError, check_output_folder, relative_to, remove_stale_parts, write_all
+
+#: An output name (`--name`): a plain file name in the output folder, never a path or a hidden file.
+OUTPUT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}$")
 
 
 def output_paths(out: Path, stem: str, count: int) -> list[dict[str, Path]]:
-    """The files one run writes, per image."""
+    """The files one run writes, per image, named `stem` (checked against `OUTPUT_NAME`)."""
+    if not isinstance(stem, str) or not OUTPUT_NAME.match(stem):
+        raise SettingsError(
+            f"--name {stem!r} cannot name the output files: use 1-100 letters, digits, '_', '-', '+' or '.', not "
+            "starting with '.', '-' or '+' (the files go inside --out; pick the folder with --out)."
+        )
     result = []
     for index in range(count):
         name = stem if count == 1 else f"{stem}-{index}"
@@ -126,13 +136,30 @@ def _quoted(text: str) -> str:
     return '"' + text.replace('"', "'") + '"'
 
 
+# What a Hugging Face id looks like: `owner/name`, and neither part a path's `.` or `..`.
+_HUB_ID = re.compile(r"^(?!\.\.?/)[A-Za-z0-9_.-]+/(?!\.\.?$)[A-Za-z0-9_.-]+$")
+_MODEL_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+
+
+def _shown_model(model: str) -> str:
+    """The model as a picture people share may name it: a built-in name or a Hugging Face id as
+    it is, a local folder or file (a single-file checkpoint) by its own name, never where it lives."""
+    path = Path(model).expanduser()
+    looks_like_a_file = model.lower().endswith(_MODEL_FILE_SUFFIXES)
+    try:
+        local = path.exists()
+    except OSError:
+        local = False
+    if local or looks_like_a_file or ("/" in model or "\\" in model) and not _HUB_ID.match(model):
+        return re.split(r"[\\/]", model.rstrip("\\/"))[-1] or model
+    return model
+
+
 def a1111_parameters(manifest: dict, index: int) -> str:
     """The `parameters` text chunk A1111-style PNG-info readers show: the prompt, a negative prompt
     line when there is one, then `Key: value` pairs (steps, seed, size, model, LoRAs, FreeFuse)."""
     settings, image = manifest["settings"], manifest["images"][index]
-    model = manifest.get("model", {}).get("id_or_path") or "unknown"
-    if Path(model).expanduser().is_dir():
-        model = Path(model).name  # a local folder: its name, not where it lives
+    model = _shown_model(manifest.get("model", {}).get("id_or_path") or "unknown")
     loras = manifest.get("loras", [])
     pairs = [
         ("Steps", settings["num_inference_steps"]),
@@ -181,5 +208,8 @@ def located(record: dict, folder: Path) -> None:
     path = model.get("id_or_path")
     if isinstance(path, str) and Path(path).expanduser().is_dir():
         model["path_from_manifest"] = relative_to(path, folder)
+    base = model.get("base_model")
+    if isinstance(base, str) and Path(base).expanduser().is_dir():
+        model["base_model_from_manifest"] = relative_to(base, folder)
     if isinstance(record.get("masks"), str) and Path(record["masks"]).exists():
         record["masks_from_manifest"] = relative_to(record["masks"], folder)

@@ -345,10 +345,24 @@ def _replay_loras(manifest: dict, manifest_path, manifest_dir: Path, here: Path)
     return loras
 
 
-def _replay_model(manifest: dict, manifest_path, manifest_dir: Path, here: Path) -> tuple[str, str | None]:
+def _replay_model(
+    manifest: dict, manifest_path, manifest_dir: Path, here: Path, base_given: bool
+) -> tuple[str, str | None]:
+    """The model a manifest names and, unless the caller gives one, the base model its checkpoint's
+    configs came from; local paths of either must lie inside the manifest's or the working folder."""
     record = manifest["model"]
     model = record.get("id_or_path")
-    base_model = record["base_model"] if isinstance(record.get("base_model"), str) else None
+    base_model = record["base_model"] if isinstance(record.get("base_model"), str) and not base_given else None
+    if base_model is not None and not is_hub_id(base_model):
+        base_model = _resolve_recorded(
+            {"path": base_model, "path_from_manifest": record.get("base_model_from_manifest")},
+            "path",
+            manifest_dir,
+            here,
+            "base model folder",
+            manifest_path,
+            "--base-model",
+        )
     if not isinstance(model, str) or not model:
         raise SettingsError(f"Manifest {manifest_path} records no model path; pass --model.")
     if model not in BUILT_IN and not is_hub_id(model):
@@ -391,7 +405,7 @@ def replay_spec(
     else:
         loras = _replay_loras(manifest, manifest_path, manifest_dir, here)
     if model is None:
-        model, recorded_base = _replay_model(manifest, manifest_path, manifest_dir, here)
+        model, recorded_base = _replay_model(manifest, manifest_path, manifest_dir, here, base_model is not None)
         base_model = base_model if base_model is not None else recorded_base
     if masks is None and isinstance(manifest.get("masks"), str) and manifest["masks"] != "in-memory":
         masks = _resolve_recorded(

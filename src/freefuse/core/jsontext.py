@@ -21,6 +21,23 @@ class NestingError(ValueError):
     """JSON (or YAML) nested deeper than `MAX_DEPTH` levels."""
 
 
+class DuplicateKeyError(ValueError):
+    """A JSON object that gives one key twice (`loads(..., unique_keys=True)`); `key` is the key."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"the key {key[:80]!r} is given twice")
+        self.key = key
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict:
+    result: dict = {}
+    for key, value in pairs:
+        if key in result:
+            raise DuplicateKeyError(key)
+        result[key] = value
+    return result
+
+
 def check_depth(value, max_depth: int = MAX_DEPTH) -> None:
     """Raise `NestingError` when lists and mappings in `value` nest deeper than `max_depth` (no recursion)."""
     stack = [(value, 1)]
@@ -37,11 +54,12 @@ def check_depth(value, max_depth: int = MAX_DEPTH) -> None:
         stack.extend((child, depth + 1) for child in children)
 
 
-def loads(text: str | bytes, max_depth: int = MAX_DEPTH):
+def loads(text: str | bytes, max_depth: int = MAX_DEPTH, unique_keys: bool = False):
     """`json.loads(text)` that raises `ValueError`s only: `JSONDecodeError`, `UnicodeDecodeError`,
-    or `NestingError` past `max_depth` levels."""
+    `NestingError` past `max_depth` levels, and with `unique_keys` a `DuplicateKeyError` for an
+    object that gives a key twice (plain JSON keeps the last one silently)."""
     try:
-        value = json.loads(text)
+        value = json.loads(text, object_pairs_hook=_unique if unique_keys else None)
     except RecursionError:
         raise NestingError(f"nested more than {max_depth} levels deep") from None
     check_depth(value, max_depth)

@@ -26,6 +26,7 @@ PALETTE = [
     (204, 121, 167),
 ]
 MAX_SUBJECTS_IN_FILE = 256
+MAX_NAME_CHARS = 100
 MAX_MASK_PIXELS = 8192 * 8192
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -150,6 +151,7 @@ class MaskSet:
                 raise ValueError(
                     f"{path} has no subject names in its metadata; it was not written by FreeFuse."
                 )
+            _check_names(names, path)
             if masks.ndim != 3 or masks.shape[1] * masks.shape[2] > MAX_MASK_PIXELS:
                 raise ValueError(f"{path}: masks of shape {tuple(masks.shape)}; expected [subjects, H, W].")
             return cls(names, masks)
@@ -174,6 +176,7 @@ class MaskSet:
             raise ValueError(f"{path} must list `names` and `files` of equal length.")
         if len(names) > MAX_SUBJECTS_IN_FILE:
             raise ValueError(f"{path} lists {len(names)} masks; at most {MAX_SUBJECTS_IN_FILE} are accepted.")
+        _check_names(names, path)
         folder = path.parent.resolve()
         masks = []
         for file in files:
@@ -228,6 +231,20 @@ def draw_legend(image: Image.Image, entries: list[tuple[str, tuple[int, int, int
         top = 4 + row * line
         draw.rectangle([6, top + 2, 16, top + 12], fill=colour)
         draw.text((20, top), name, fill=(255, 255, 255), font=font)
+
+
+def _check_names(names: list, path: Path) -> None:
+    """Subject names read from a file are shown in messages and legends and matched against the
+    run's LoRA names: short printable texts, no control characters and no path separators."""
+    for name in names:
+        if not (
+            isinstance(name, str) and 1 <= len(name) <= MAX_NAME_CHARS and name.isprintable() and not set(name) & {"/", "\\"}
+        ):
+            shown = repr(name)[:80] if isinstance(name, str) else type(name).__name__
+            raise ValueError(
+                f"{path} names a mask {shown}; subject names are 1-{MAX_NAME_CHARS} printable characters without "
+                "'/' or '\\' (a run's masks are named by its LoRAs' adapter names)."
+            )
 
 
 def load_mask_image(path: str | Path) -> torch.Tensor:
