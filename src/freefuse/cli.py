@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import warnings
 from collections.abc import Callable
@@ -687,15 +688,49 @@ def demo(
     console.print(escape(f"replay it: freefuse generate --manifest {files['manifest']} --out OTHER_FOLDER"))
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _port(host: str, port: int | None) -> int:
+    """`port` if it is free on `host` (a clear error if not), else the first free one from 7860."""
+    candidates = [port] if port is not None else range(7860, 7960)
+    for candidate in candidates:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            try:
+                probe.bind((host, candidate))
+            except OSError as error:
+                if port is not None:
+                    raise SettingsError(
+                        f"Port {port} on {host} cannot be used ({error.strerror}); pick another with --port, or leave "
+                        "--port out for the first free one."
+                    ) from None
+                continue
+            return candidate
+    raise SettingsError("No free port from 7860 to 7959; pick one with --port.")
+
+
+def _auth(auth: str | None) -> tuple[str, str] | None:
+    auth = auth or os.environ.get("FREEFUSE_UI_AUTH")
+    if not auth:
+        return None
+    user, sep, password = auth.partition(":")
+    if not sep or not user or not password:
+        raise SettingsError("--auth takes USER:PASSWORD (or set FREEFUSE_UI_AUTH=USER:PASSWORD).")
+    return user, password
+
+
 @app.command()
 @command
 def ui(
     model: Annotated[
-        str,
+        list[str] | None,
         typer.Option(
-            "--model", "-m", help="Model the page starts with: 'tiny', a folder or a Hugging Face id."
+            "--model",
+            "-m",
+            help="Model the page starts with ('tiny', 'shapesworld', a folder or a Hugging Face id); repeat to "
+            "offer several. Visitors of a page served beyond this machine pick only among these.",
         ),
-    ] = "tiny",
+    ] = None,
     host: Annotated[
         str,
         typer.Option("--host", help="Address to bind (127.0.0.1: this machine only; 0.0.0.0: the network)."),
@@ -707,19 +742,69 @@ def ui(
         Path | None,
         typer.Option("--root", help="Folder for the sessions' files (default: a temporary folder)."),
     ] = None,
+    auth: Annotated[
+        str | None,
+        typer.Option(
+            "--auth", help="USER:PASSWORD visitors must give (or set FREEFUSE_UI_AUTH); needed beyond this machine."
+        ),
+    ] = None,
+    no_auth: Annotated[
+        bool,
+        typer.Option("--no-auth", metavar="", help="Serve beyond this machine without a login (said on the page)."),
+    ] = False,
+    max_upload_mb: Annotated[
+        int, typer.Option("--max-upload-mb", help="Largest LoRA file a visitor may upload, MiB.")
+    ] = 2048,
+    max_session_mb: Annotated[
+        int, typer.Option("--max-session-mb", help="Storage one session may use, MiB.")
+    ] = 4096,
+    max_total_mb: Annotated[
+        int, typer.Option("--max-total-mb", help="Storage all sessions may use together, MiB.")
+    ] = 20480,
+    session_hours: Annotated[
+        float, typer.Option("--session-hours", help="An unused session's files are removed after this long.")
+    ] = 24.0,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
     """A web page: add LoRAs, find and paint masks, generate beside merge, download and replay runs."""
     try:
         from .ui import build_app, launch  # an optional extra: Gradio
+        from .workspace import PageLimits  # start-up time: torch
     except ImportError as error:
         raise SettingsError(f"freefuse ui needs Gradio: pip install 'freefuse[ui]' ({error}).") from None
+    local = host in LOOPBACK
+    credentials = _auth(auth)
+    if not local and credentials is None and not no_auth:
+        raise SettingsError(
+            f"--host {host} serves the page beyond this machine, and it has no login: give --auth USER:PASSWORD "
+            "(or FREEFUSE_UI_AUTH), or --no-auth to serve it to anyone who can reach it."
+        )
+    chosen = _port(host, port)
+    limits = PageLimits(
+        max_upload_bytes=max_upload_mb << 20,
+        max_session_bytes=max_session_mb << 20,
+        max_total_bytes=max_total_mb << 20,
+        session_ttl_s=session_hours * 3600,
+    )
+    models = list(model or ["tiny"])
     # Paths on this machine only for a page this machine alone can reach.
-    local = host in ("127.0.0.1", "localhost", "::1")
-    app_ = build_app(model=model, root=root, device=device, dtype=dtype, local_paths=local)
-    console.print(escape(f"FreeFuse UI: sessions under {app_.freefuse_root}; Ctrl-C stops it."))
-    launch(app_, host=host, port=port)
+    app_ = build_app(
+        model=models[0],
+        models=models if len(models) > 1 or not local else None,
+        root=root,
+        device=device,
+        dtype=dtype,
+        local_paths=local,
+        public_without_login=not local and credentials is None,
+        limits=limits,
+    )
+    shown_host = "localhost" if local else host
+    console.print(
+        escape(f"FreeFuse UI: http://{shown_host}:{chosen}/  (sessions under {app_.freefuse_root}; Ctrl-C stops it)"),
+        highlight=False,
+    )
+    launch(app_, host=host, port=chosen, auth=credentials, max_upload=f"{max_upload_mb}mb")
 
 
 eval_app = typer.Typer(help="Measure subject bleeding offline.", no_args_is_help=True)

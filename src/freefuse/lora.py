@@ -156,9 +156,10 @@ def _header_size(head: bytes, size: int, path: Path) -> int:
         raise LoraFileError(f"{path} is too short to be a safetensors file ({size} bytes); it is truncated.")
     (header_size,) = struct.unpack("<Q", head)
     if header_size > MAX_HEADER_BYTES or 8 + header_size > size:
+        # The claimed length is the file's first 8 bytes: not shown, they may be anyone's text.
         raise LoraFileError(
-            f"{path} is not a valid safetensors file (its header claims {header_size} bytes of a "
-            f"{size}-byte file): it is corrupt, truncated, or another format."
+            f"{path} is not a valid safetensors file (its header length does not fit the {size}-byte file): it is "
+            "corrupt, truncated, or another format."
         )
     return header_size
 
