@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import RunCancelled, SettingsError
-from .manifest import ModelSource
+from .manifest import ModelSource, model_differences, model_record
 from .models import load_pipeline, model_source
 from .pipeline import FreeFuse, FreeFuseOutput, FreeFuseWarning, Subject
-from .spec import LoraSpec, RunSpec, changed_lora_message
+from .spec import LoraSpec, RunSpec, changed_lora_message, model_changed_message
 
 #: `on_step(done, total)`: called after every denoising step of a run.
 StepCallback = Callable[[int, int], None]
@@ -131,6 +131,13 @@ class RunService:
                 self._owner.remove(name)
                 del self._loaded[name]
 
+    def _check_recorded_model(self, spec: RunSpec, freefuse: FreeFuse) -> None:
+        """A replay's model, loaded, is the one its manifest recorded (file hashes, weights hash)."""
+        current = model_record(freefuse.pipeline, freefuse.backend.denoiser, freefuse.source)
+        differences = model_differences(spec.recorded_model, current)
+        if differences:
+            raise SettingsError(model_changed_message(spec.model, differences))
+
     # -- running -----------------------------------------------------------------------------------
     def run(
         self,
@@ -160,6 +167,8 @@ class RunService:
 
         with self.lock:
             freefuse = self.freefuse(spec)
+            if spec.recorded_model:
+                self._check_recorded_model(spec, freefuse)
             freefuse.check_inputs(settings, spec.masks)  # a word error before any progress is shown
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", FreeFuseWarning)

@@ -107,12 +107,15 @@ class RunSpec:
     notes: list[str] = field(default_factory=list)
     #: Configs (and missing parts) of a single-file checkpoint: a diffusers folder or hub id.
     base_model: str | None = None
+    #: A replayed manifest's model record (file hashes, weights hash): the model must still be it.
+    recorded_model: dict | None = None
 
     def check(self) -> Checked:
         """Everything that needs no weights: model folder and architecture, LoRA files, sizes, masks,
         and then every rule of `freefuse.preflight`. Its notes are added to `notes`."""
         check_model_source(self.model)
         self._check_base_model()
+        self._check_recorded_files()
         architecture = architecture_of(self.model)
         for lora in self.loras:
             check_lora_path(lora.path, architecture)
@@ -135,6 +138,22 @@ class RunSpec:
             )
         if not Path(self.base_model).expanduser().is_dir() and not is_hub_id(self.base_model):
             raise SettingsError(f"Base model {self.base_model} is neither a diffusers folder nor a Hugging Face id.")
+
+    def _check_recorded_files(self) -> None:
+        """A replay's model files, where they are on disk (a folder, a single file), still hash as the
+        manifest recorded; what cannot be read before loading is compared once it has loaded."""
+        files = (self.recorded_model or {}).get("files")
+        if not isinstance(files, dict):
+            return
+        local = Path(self.model).expanduser()
+        for name, digest in files.items():
+            path = local if name == "checkpoint" else local / name
+            if name != "checkpoint" and not local.is_dir():
+                continue
+            if not path.is_file():
+                raise SettingsError(model_changed_message(self.model, [f"{name} (missing)"]))
+            if cached_sha256(path) != digest:
+                raise SettingsError(model_changed_message(self.model, [f"{name} (changed)"]))
 
     def _check_lora_files(self) -> None:
         """Every tensor of every file read once (finite floats), each file and name given once."""
@@ -207,6 +226,13 @@ class RunSpec:
         if base and Path(base).expanduser().is_dir():
             return architecture.load_tokenizer(Path(base).expanduser())
         return None
+
+
+def model_changed_message(model: str, differences: list[str]) -> str:
+    return (
+        f"Model {model} is not the one the manifest recorded: {', '.join(differences)}. The run would not be the "
+        "same; pass --model to replay with this model anyway."
+    )
 
 
 def changed_lora_message(path: str, found: str, recorded: str) -> str:
@@ -328,9 +354,15 @@ def replay_spec(
         notes.append(f"replaying {manifest_path} with the LoRAs given on the command line instead of its own.")
     else:
         loras = _replay_loras(manifest, manifest_path, manifest_dir, here)
+    recorded_model = None
     if model is None:
         model, recorded_base = _replay_model(manifest, manifest_path, manifest_dir, here)
         base_model = base_model if base_model is not None else recorded_base
+        recorded_model = {
+            key: manifest["model"][key]
+            for key in ("files", "base_weights_sha256")
+            if isinstance(manifest["model"].get(key), dict | str)
+        }
     if masks is None and isinstance(manifest.get("masks"), str) and manifest["masks"] != "in-memory":
         masks = _resolve_recorded(
             {"path": manifest["masks"], "path_from_manifest": manifest.get("masks_from_manifest")},
@@ -347,5 +379,11 @@ def replay_spec(
             "pass --model and --base-model."
         )
     return RunSpec(
-        model=model, loras=list(loras), settings=run_settings, masks=masks, notes=notes, base_model=base_model
+        model=model,
+        loras=list(loras),
+        settings=run_settings,
+        masks=masks,
+        notes=notes,
+        base_model=base_model,
+        recorded_model=recorded_model or None,
     )
