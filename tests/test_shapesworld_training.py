@@ -57,7 +57,7 @@ def test_grounded_batches_mark_each_objects_own_words_and_tokens() -> None:
 class FakeTaps:
     """One double block whose queries and keys are given directly (`[B, H, S, D]`)."""
 
-    blocks = 1
+    indices = (0,)
 
     def __init__(self, q_img, k_img, q_text, k_text) -> None:
         self.tensors = {"q_img": q_img, "k_img": k_img, "q_text": q_text, "k_text": k_text}
