@@ -19,6 +19,8 @@ from freefuse.shapesworld.scenes import (
     SHAPES,
     SUBJECTS,
     TEXTURES,
+    V1,
+    V3,
     Scene,
     SceneObject,
     random_scene,
@@ -80,6 +82,42 @@ def test_subjects_use_shapes_colours_and_textures_the_base_model_never_sees() ->
     for subject in SUBJECTS.values():
         assert subject.shape not in BASE_SHAPES and subject.colour not in BASE_COLOURS
     assert len({s.colour for s in SUBJECTS.values()}) == len({s.shape for s in SUBJECTS.values()}) == 4
+
+
+def test_v1_scenes_are_what_they_were() -> None:
+    """Seeded v1 scenes are unchanged by the v3 world (v1's weights and results were trained on them)."""
+    assert random_scene(np.random.default_rng(3)).caption == (
+        "a green square, a blue circle, a blue square and a yellow triangle"
+    )
+    assert random_scene(np.random.default_rng(11)).caption == "a green circle"
+    assert random_scene(np.random.default_rng(3), world=V1) == random_scene(np.random.default_rng(3))
+
+
+def test_v3_subjects_are_appearances_on_shapes_the_base_model_draws() -> None:
+    subjects = V3.subjects
+    assert list(subjects) == list(SUBJECTS)  # the same four words (one new T5 token each)
+    for subject in subjects.values():
+        assert subject.shape in V3.base_shapes and subject.noun == subject.shape
+        assert subject.colour not in V3.base_colours and subject.texture in TEXTURES
+        assert subject.trigger == f"{subject.word} {subject.noun}"
+    assert len({s.colour for s in subjects.values()}) == len({s.texture for s in subjects.values()}) == 4
+    assert subjects["zorblax"].noun == subjects["snerk"].noun  # the hard case: one class noun, two subjects
+
+
+def test_v3_scenes_name_subjects_with_their_class_noun_and_base_objects_once() -> None:
+    rng = np.random.default_rng(0)
+    repeated = 0
+    for _ in range(300):
+        scene = random_scene(rng, world=V3)
+        kinds = [(o.shape, o.colour) for o in scene.objects]
+        assert len(set(kinds)) == len(kinds)  # each object's words name it alone
+        assert all(o.shape in V3.base_shapes and o.texture == "plain" for o in scene.objects)
+        assert all(o.phrase() in scene.caption for o in scene.objects)
+        repeated += len({shape for shape, _ in kinds}) < len(kinds)
+    assert repeated >= 60  # "a red star and a blue star" is common
+    scene = random_scene(rng, subjects=(V3.subjects["snerk"],), base_objects=1, world=V3)
+    assert "a snerk star" in scene.caption
+    assert any((o.shape, o.colour, o.texture) == ("star", "pink", "plain") for o in scene.objects)
 
 
 @pytest.fixture(scope="module")
