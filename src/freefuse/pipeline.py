@@ -431,9 +431,12 @@ class FreeFuse:
                 generators, batch, settings.height, settings.width, conditioning.prompt_embeds.dtype, latents
             )
             per_pass = pass_masks_of(context, subject_masks, conditioning, negative)
+            unmasked: dict[PassName, None] = {"cond": None, "uncond": None}
 
-            def switch_masks(name: str) -> None:
-                masker.set_masks(per_pass[name])  # the masks of the pass about to run
+            def switch_masks(name: PassName) -> None:
+                # The masks of the pass about to run; none before the step they start at.
+                waiting = subject_masks is not None and i < subject_masks.from_step
+                masker.set_masks((unmasked if waiting else per_pass)[name])
 
             step_times = []
             captured = []
