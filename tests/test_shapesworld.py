@@ -179,6 +179,12 @@ def test_quick_evaluation_writes_results_table_and_grid(tmp_path) -> None:
     for method in ("merge", "freefuse", "masks"):
         for key in ("identity_accuracy", "both_present", "leakage"):
             assert 0.0 <= record[method][key] <= 1.0
+            assert record["summary"]["methods"][method][key] == record[method][key]
+    checks = record["summary"]["preconditions"]
+    assert set(checks) == {"P1_one_object", "P1_two_objects", "P2", "P3", "P4"}
+    for check in checks.values():
+        assert check["met"] == (check["value"] is not None and check["value"] >= check["bar"])
+    assert record["summary"]["preconditions_met"] == all(check["met"] for check in checks.values())
     table = (tmp_path / "results.md").read_text()
     assert all(f"| 2 | {method} |" in table for method in ("merge", "freefuse", "masks"))
     assert (tmp_path / "grid.png").stat().st_size > 0
@@ -217,16 +223,18 @@ def test_an_interrupted_evaluation_resumes_and_ends_as_an_uninterrupted_one(tmp_
         base_samples=2,
         steps=6,
         grid_rows=2,
+        locality_seeds=(0,),
     )
     whole, _, _ = evaluation.run_evaluation(config, tmp_path / "whole")
-    calls = {"count": 0}
+    calls = {"count": 0, "pairs": 0}
     original = evaluation.Evaluator.run
 
-    def counted(self, *args, **kwargs):
+    def counted(self, words, *args, **kwargs):
         calls["count"] += 1
+        calls["pairs"] += len(words) == 2
         if calls.get("stop_at") == calls["count"]:
             raise KeyboardInterrupt  # what Ctrl-C raises
-        return original(self, *args, **kwargs)
+        return original(self, words, *args, **kwargs)
 
     monkeypatch.setattr(evaluation.Evaluator, "run", counted)
     calls["stop_at"] = 7  # after two of the four samples (three runs each)
@@ -234,10 +242,10 @@ def test_an_interrupted_evaluation_resumes_and_ends_as_an_uninterrupted_one(tmp_
         evaluation.run_evaluation(config, tmp_path / "resumed")
     assert len(list((tmp_path / "resumed" / "samples").glob("*.json"))) == 2
     assert not (tmp_path / "resumed" / "results.json").exists()
-    calls.update(count=0, stop_at=None)
+    calls.update(count=0, pairs=0, stop_at=None)
     resumed, _, _ = evaluation.run_evaluation(config, tmp_path / "resumed")
-    assert calls["count"] == 2 * 3 + 4 * 2  # the two missing samples, then each single LoRA (2 prompts)
-    for key in ("summary", "samples", "single_lora", "base_model"):
+    assert calls["pairs"] == 2 * 3  # the two missing samples only (three runs each)
+    for key in ("summary", "samples", "single_lora", "locality", "base_model"):
         first, second = whole[key], resumed[key]
         if key == "summary":
             first, second = dict(first), dict(second)
@@ -295,3 +303,45 @@ def test_eval_mask_method_is_checked_and_reaches_freefuse(tmp_path, monkeypatch)
     assert seen[-1] == ("freefuse", {"mask_step": 3, "block": 0, "mask_config": {"method": "routing"}})
     other = evaluate.SampleStore(tmp_path, evaluate.EvalConfig.quick())
     assert evaluate.SampleStore(tmp_path, config).key("x") != other.key("x")  # kept samples are per method
+
+
+def test_v3_identity_is_appearance_and_shape_is_reported_apart() -> None:
+    from freefuse.shapesworld.evaluate import identity_attributes, score_image
+    from freefuse.shapesworld.scenes import V1, V3, Scene, SceneObject
+
+    zorblax = V3.subjects["zorblax"]  # a purple striped star
+    wrong_shape = Scene([SceneObject("cross", "purple", "stripes", 32, 32, 30)], "black").render()
+    scored = score_image([zorblax], wrong_shape, identity_attributes(V3))["subjects"]["zorblax"]
+    assert scored["identity"] and not scored["shape"]  # its look is right; the shape is counted apart
+    assert identity_attributes(V1) == ("shape", "colour", "texture")
+    strict = score_image([zorblax], wrong_shape, identity_attributes(V1))["subjects"]["zorblax"]
+    assert not strict["identity"]
+
+
+def test_preconditions_and_targets_are_measured_against_their_bars() -> None:
+    from freefuse.shapesworld.evaluate import preconditions, targets
+
+    summary = {
+        "freefuse_attention_share": {"2": {"own_share": 0.71, "chance": 0.5}},
+        "by_group_size": {
+            "2": {"merge": {"identity_accuracy": 0.4}, "freefuse": {"identity_accuracy": 0.8}},
+            "3": {"freefuse": {"identity_accuracy": 0.59}},
+        },
+        "methods": {
+            "merge": {"leakage": 0.3, "identity_accuracy": 0.35},
+            "freefuse": {"leakage": 0.15, "identity_accuracy": 0.7},
+            "masks": {"identity_accuracy": 0.69},
+        },
+    }
+    singles = {"a": {"identity_rate": 0.9}, "b": {"identity_rate": 0.84}}
+    base = {"1": {"object_found_rate": 0.95}, "2": {"object_found_rate": 0.85}}
+    locality = {"kept_from_mask_step": 0.9, "kept_from_first_step": 0.5}
+    found = preconditions(summary, singles, base, locality)
+    assert [found[key]["met"] for key in ("P1_one_object", "P1_two_objects", "P2", "P3", "P4")] == [
+        True, True, False, True, True
+    ]
+    assert found["P2"]["value"] == 0.84 and "(b)" in found["P2"]["what"]  # the weakest subject decides
+    goals = targets(summary)
+    assert goals["pairs_identity"]["met"] and goals["pairs_over_merge"]["value"] == 0.4
+    assert not goals["triples_identity"]["met"] and goals["leakage_halved"]["value"] == 2.0
+    assert goals["leakage_halved"]["met"] and not goals["masks_at_least_freefuse"]["met"]

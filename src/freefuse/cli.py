@@ -815,8 +815,15 @@ app.add_typer(eval_app, name="eval")
 @command
 def eval_shapesworld(
     method: Annotated[
-        list[str] | None, typer.Option("--method", help="merge | freefuse | masks (repeat).")
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="merge | freefuse | masks (ground truth) | freefuse/<mask method>, e.g. freefuse/routing (repeat).",
+        ),
     ] = None,
+    world: Annotated[
+        str, typer.Option("--world", help="The ShapesWorld version: v1 or v3 (its committed weights).")
+    ] = "v1",
     quick: Annotated[
         bool, typer.Option("--quick", metavar="", help="A fixed small subset (CI, smoke checks).")
     ] = False,
@@ -846,14 +853,18 @@ def eval_shapesworld(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Pairs, triples and the quad of the 4 ShapesWorld LoRAs x prompts x seeds: identity, presence, leakage."""
-    from .shapesworld.evaluate import METHODS, EvalConfig, run_evaluation  # start-up time
+    from .shapesworld.evaluate import METHODS, VARIANT, EvalConfig, run_evaluation  # start-up time
+    from .shapesworld.scenes import WORLDS  # start-up time
 
     methods = tuple(method or METHODS)
-    unknown = sorted(set(methods) - set(METHODS))
+    variants = {f"{VARIANT}{name}" for name in MAP_METHOD_NAMES}
+    unknown = sorted(set(methods) - set(METHODS) - variants)
     if unknown:
-        raise SettingsError(f"Unknown method(s) {unknown}; use {list(METHODS)}.")
+        raise SettingsError(f"Unknown method(s) {unknown}; use {list(METHODS)} or freefuse/<mask method>.")
+    if world not in WORLDS:
+        raise SettingsError(f"--world {world!r}: use one of {sorted(WORLDS)}.")
     config = EvalConfig.quick() if quick else EvalConfig()
-    config.methods = methods
+    config.methods, config.world = methods, world
     if mask_method is not None:
         if mask_method not in MAP_METHOD_NAMES:
             raise SettingsError(f"--mask-method {mask_method!r}: use one of {list(MAP_METHOD_NAMES)}.")
