@@ -16,6 +16,8 @@ which keeps a run of the whole list to minutes. Run the whole list before each s
 Before any mutation, the chosen tests run once on the unmutated source (the baseline): a test that
 already fails would "catch" every mutation. The source under test is this checkout's `src/`
 (put first on the subprocess's PYTHONPATH), whatever `freefuse` the interpreter has installed.
+Each mutation is written into the file itself and undone afterwards (also on Ctrl-C): do not run
+tests or edit `src/` in this checkout while the script runs.
 
 An entry is STALE when its `old` text occurs in its file zero times or more than once (the code
 moved on: find the line's current form and update the entry), when its mutated file no longer
@@ -95,7 +97,7 @@ MUTATIONS = (
         "masking.py",
         "key = (*plan.cache_key, low.shape[1] if plan.layout else 0)",
         "key = (*plan.cache_key[:3], low.shape[1] if plan.layout else 0)",
-        ("tests/test_lora_ops.py",),
+        ("tests/test_lora_ops.py::test_alpha_set_per_layer_is_kept_by_the_fused_op",),
     ),
     Mutation(
         "sink rule: top-k anywhere",
@@ -190,6 +192,131 @@ MUTATIONS = (
         "if False and self.pipeline.config.get(",
         ("tests/test_sdxl.py",),
     ),
+    # -- SDXL at a non-square size: every test above runs SDXL at 128x128 -----------------------------
+    Mutation(
+        "SDXL non-square: a UNet level's mask grid sized w x h",
+        "masking.py",
+        "size = (max(1, round(h * scale)), max(1, round(w * scale)))",
+        "size = (max(1, round(w * scale)), max(1, round(h * scale)))",
+        ("tests/test_pins_sdxl_nonsquare.py",),
+    ),
+    Mutation(
+        "SDXL non-square: the image mask read as a w x h grid before resizing",
+        "masking.py",
+        "mask = self.image.reshape(-1, 1, *self.grid)",
+        "mask = self.image.reshape(-1, 1, *self.grid[::-1])",
+        ("tests/test_pins_sdxl_nonsquare.py",),
+    ),
+    Mutation(
+        "SDXL non-square: size conditioning given as (width, height)",
+        "backends/sdxl.py",
+        "(height, width), (0, 0), (height, width), dtype=dtype",
+        "(width, height), (0, 0), (width, height), dtype=dtype",
+        ("tests/test_pins_sdxl_nonsquare.py",),
+    ),
+    # -- the mask methods' arithmetic, against hand-computed tensors ----------------------------------
+    Mutation(
+        "image-to-text threshold background in image-token units (1/N, not 1/T)",
+        "core/methods.py",
+        "return _split(shares, shares, len(token_sets), 1.0 / capture.k_text.shape[1], config)",
+        "return _split(shares, shares, len(token_sets), 1.0 / capture.q_img.shape[1], config)",
+        ("tests/test_pins_core_methods.py",),
+    ),
+    Mutation(
+        "peak-scaled maps keep the density background level",
+        "core/methods.py",
+        "maps, level = peak_scaled(maps, config.p_top), config.peak_background",
+        "maps, level = peak_scaled(maps, config.p_top), level",
+        ("tests/test_pins_core_methods.py",),
+    ),
+    Mutation(
+        "combined method: arithmetic mean of the two directions, not geometric",
+        "core/methods.py",
+        "cross = as_distribution((forward * backward).sqrt())",
+        "cross = as_distribution((forward + backward) / 2)",
+        ("tests/test_pins_core_methods.py",),
+    ),
+    Mutation(
+        "shared sinks looked for among the subjects' own words only",
+        "core/attention.py",
+        "candidates = shared_sinks(q_text, k_img, p_sink, chunk_elements)",
+        "candidates = shared_sinks(q_text[:, positions], k_img, p_sink, chunk_elements)",
+        ("tests/test_pins_core_methods.py",),
+    ),
+    # -- error paths that undo work -------------------------------------------------------------------
+    Mutation(
+        "an embedding install failing half-way keeps what it had changed",
+        "embeddings.py",
+        "        uninstall(installed, pipeline)\n        raise",
+        "        raise",
+        ("tests/test_pins_undo.py",),
+    ),
+    Mutation(
+        "add_lora keeps the adapter when its embeddings fail to install",
+        "pipeline.py",
+        "            self.pipeline.delete_adapters(name)\n            raise",
+        "            raise",
+        ("tests/test_pins_undo.py",),
+    ),
+    Mutation(
+        "write_all: a failed rename leaves the new files, removes replaced ones",
+        "files.py",
+        "            if not existed:",
+        "            if existed:",
+        ("tests/test_pins_undo.py",),
+    ),
+    Mutation(
+        "write_all: the clean-up after a failed rename unlinks a temporary name again",
+        "files.py",
+        "                os.unlink(path)",
+        "                os.unlink(tmp)",
+        ("tests/test_pins_undo.py",),
+    ),
+    # -- the caller's adapter state after a run -------------------------------------------------------
+    Mutation(
+        "adapter state saved and restored on the denoiser only (text encoders forgotten)",
+        "masking.py",
+        "    for component in pipeline.components.values():",
+        '    for component in [getattr(pipeline, "unet", None) or pipeline.transformer]:',
+        ("tests/test_pins_adapter_state.py",),
+    ),
+    Mutation(
+        "a run re-enables LoRAs the caller disabled",
+        "masking.py",
+        "        pipeline.set_adapters(list(names), adapter_weights=list(weights))",
+        "        pipeline.enable_lora()\n        pipeline.set_adapters(list(names), adapter_weights=list(weights))",
+        ("tests/test_pins_adapter_state.py",),
+    ),
+    # -- replay of a manifest whose LoRA changed ------------------------------------------------------
+    Mutation(
+        "replay forgets the manifest's LoRA hashes",
+        "manifest.py",
+        '("words", "weight", "scope", "name", "sha256")',
+        '("words", "weight", "scope", "name")',
+        ("tests/test_pins_replay.py",),
+    ),
+    Mutation(
+        "RunSpec.load compares the loaded LoRA's hash with itself",
+        "spec.py",
+        "if lora.sha256 and subject.sha256 != lora.sha256:",
+        "if lora.sha256 and subject.sha256 != subject.sha256:",
+        ("tests/test_pins_replay.py",),
+    ),
+    # -- the fused op's coefficients in float32 -------------------------------------------------------
+    Mutation(
+        "fused op coefficients in the activations' dtype (bf16 0.8 = 0.80078)",
+        "masking.py",
+        "coefficients = coefficients.to(device=low.device, dtype=torch.float32)",
+        "coefficients = coefficients.to(device=low.device, dtype=low.dtype)",
+        ("tests/test_pins_fused_dtype.py",),
+    ),
+    Mutation(
+        "fused op scalings made in the LoRA weights' dtype",
+        "masking.py",
+        "[torch.full((layer.lora_A[a].weight.shape[0],), float(layer.scaling[a])) for a in adapters]",
+        "[torch.full((layer.lora_A[a].weight.shape[0],), float(layer.scaling[a]), dtype=layer.lora_A[a].weight.dtype) for a in adapters]",
+        ("tests/test_pins_fused_dtype.py",),
+    ),
 )
 
 
@@ -240,7 +367,7 @@ def run_pytest(tests: list[str], timeout: int, stop_first: bool = True) -> Outco
     return Outcome(done.returncode != 0, first, seconds, done.returncode, tail)
 
 
-def problem_of(mutation: Mutation) -> str | None:
+def problem_of(mutation: Mutation, own_tests: bool = True) -> str | None:
     """Why the entry cannot be applied as written (it is stale), or None when it applies."""
     path = SRC / mutation.file
     if not path.is_file():
@@ -253,7 +380,7 @@ def problem_of(mutation: Mutation) -> str | None:
         compile(source.replace(mutation.old, mutation.new), str(path), "exec")
     except SyntaxError as error:
         return f"the mutated {mutation.file} does not compile ({error.msg}, line {error.lineno})"
-    missing = [test for test in mutation.tests if not (ROOT / test.split("::")[0]).exists()]
+    missing = [test for test in mutation.tests if own_tests and not (ROOT / test.split("::")[0]).exists()]
     if missing:
         return f"its test path {missing[0]} does not exist"
     return None
@@ -288,7 +415,7 @@ def main() -> int:
     chosen = [m for m in MUTATIONS if args.only.lower() in m.name.lower()]
     if not chosen:
         parser.error(f"no mutation name contains {args.only!r}")
-    problems = {m.name: problem_of(m) for m in chosen}
+    problems = {m.name: problem_of(m, own_tests=args.tests is None) for m in chosen}
     stale = [m for m in chosen if problems[m.name]]
 
     if args.list:
@@ -307,6 +434,11 @@ def main() -> int:
     if runnable and not args.no_baseline:
         paths = list(dict.fromkeys(path for m in runnable for path in tests_for(m, args)))
         baseline = run_pytest(paths, args.timeout, stop_first=False)
+        if baseline.returncode in (4, 5):  # pytest: usage error / no tests collected
+            print(
+                f"[STALE]    a test path names no test (pytest exit {baseline.returncode}):\n{baseline.tail}"
+            )
+            return EXIT_STALE
         if baseline.failed:
             print(f"[baseline] the tests fail without any mutation: {baseline.test}\n{baseline.tail}")
             return EXIT_BASELINE
@@ -322,9 +454,8 @@ def main() -> int:
         finally:
             path.write_text(original)
         if outcome.returncode in (4, 5):  # pytest: usage error / no tests collected
-            print(
-                f"[STALE]    {mutation.name}: pytest found no tests to run ({outcome.tail.splitlines()[-1:]})"
-            )
+            last = (outcome.tail.splitlines() or ["no output"])[-1]
+            print(f"[STALE]    {mutation.name}: pytest found no tests to run ({last})")
             stale.append(mutation)
         elif outcome.failed:
             print(f"[caught]   {mutation.name}: {outcome.test} ({outcome.seconds:.0f} s)")
