@@ -415,7 +415,12 @@ class FreeFuse:
         # no_grad, not inference_mode: model CPU offload moves weights during the run, and weights
         # re-made under inference_mode become inference tensors that PEFT can no longer switch
         # (`requires_grad_` on them fails in `set_adapter` afterwards).
-        with run_adapters, torch.no_grad(), masker.installed():
+        with run_adapters as enabled_for_run, torch.no_grad(), masker.installed():
+            if enabled_for_run:
+                notes.append(
+                    "the pipeline's LoRA layers were disabled (`disable_lora()`); this run enabled them for its own "
+                    "LoRAs and disabled them again after."
+                )
             # 3. Encode prompts
             tick = time.perf_counter()
             conditioning = backend.encode(settings.image_prompts, settings.max_sequence_length)
