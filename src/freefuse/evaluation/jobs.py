@@ -235,25 +235,46 @@ def call_arguments(pipeline, settings: GenerationSettings) -> dict:
     return arguments
 
 
-def plain_image(pipeline, spec: RunSpec):
-    """One image by the pipeline's own LoRA loading; the adapters it loads are deleted afterwards."""
-    names: list[str] = []
+def plain_image(pipeline, spec: RunSpec, names: list[str]):
+    """One image by the diffusers pipeline alone, with its adapters `names` (loaded by the pipeline's
+    own `load_lora_weights`, one per LoRA of `spec`) active at the LoRAs' weights."""
     arguments = call_arguments(pipeline, spec.settings)
     progress = dict(getattr(pipeline, "_progress_bar_config", {}))
     pipeline.set_progress_bar_config(disable=True)
     try:
-        for lora in spec.loras:
-            name = f"diffusers_{lora.adapter_name}"
-            pipeline.load_lora_weights(str(lora.path), adapter_name=name)
-            names.append(name)
         pipeline.set_adapters(names, adapter_weights=[lora.weight for lora in spec.loras])
         generator = torch.Generator("cpu").manual_seed(int(spec.settings.image_seeds[0]))
         image = pipeline(**arguments, generator=generator).images[0]
     finally:
-        if names:
-            pipeline.delete_adapters(names)
         pipeline._progress_bar_config = progress  # the caller's progress bar setting back
     return image, arguments
+
+
+class PlainAdapters:
+    """The baseline's LoRAs, loaded by the pipeline's own `load_lora_weights` under names of their
+    own (`diffusers_<name>`) and kept between baseline images of the same LoRAs, as the run service
+    keeps FreeFuse's; another set of LoRAs, or another pipeline, replaces them. FreeFuse's runs
+    activate only their own adapters, so these sit unused beside them."""
+
+    def __init__(self) -> None:
+        self.pipeline = None
+        self.loaded: dict[str, tuple] = {}  # adapter name -> (file, size, mtime)
+
+    def names(self, pipeline, spec: RunSpec) -> list[str]:
+        wanted = {}
+        for lora in spec.loras:
+            stat = Path(lora.path).stat()
+            wanted[f"diffusers_{lora.adapter_name}"] = (str(Path(lora.path).resolve()), stat.st_size, stat.st_mtime_ns)
+        if pipeline is not self.pipeline:
+            self.pipeline, self.loaded = pipeline, {}
+        if wanted != self.loaded:
+            if self.loaded:
+                pipeline.delete_adapters(list(self.loaded))
+                self.loaded = {}
+            for (name, identity), lora in zip(wanted.items(), spec.loras, strict=True):
+                pipeline.load_lora_weights(str(lora.path), adapter_name=name)
+                self.loaded[name] = identity
+        return list(wanted)
 
 
 def _baseline_manifest(job: RunSpec, arguments: dict, folder: Path, seconds: float, source: str, job_id: str) -> dict:
@@ -279,13 +300,13 @@ def _baseline_manifest(job: RunSpec, arguments: dict, folder: Path, seconds: flo
     return record
 
 
-def write_plain(service: RunService, spec: RunSpec, image_path: Path, manifest_path: Path, source: str,
-                job_id: str) -> list[Path]:  # fmt: skip
+def write_plain(service: RunService, adapters: PlainAdapters, spec: RunSpec, image_path: Path, manifest_path: Path,
+                source: str, job_id: str) -> list[Path]:  # fmt: skip
     """Make a plain diffusers image of `spec` and write it and its manifest (the manifest last), as one unit."""
     started = time.perf_counter()
     with service.lock:
         pipeline = service.pipeline(spec.model, spec.base_model)
-        image, arguments = plain_image(pipeline, spec)
+        image, arguments = plain_image(pipeline, spec, adapters.names(pipeline, spec))
     manifest = _baseline_manifest(spec, arguments, manifest_path.parent, time.perf_counter() - started, source, job_id)
     buffer = io.BytesIO()
     image.save(buffer, "PNG")
@@ -293,22 +314,27 @@ def write_plain(service: RunService, spec: RunSpec, image_path: Path, manifest_p
     return write_all({image_path: buffer.getvalue(), manifest_path: data}, overwrite=True)
 
 
-def run_image_job(service: RunService, job: Job, out: Path) -> dict:
-    """The batch runner's `run_one`: FreeFuse jobs as usual, `PlainJob`s by diffusers alone."""
-    if not isinstance(job, PlainJob):
-        return run_job(service, job, out)
-    image, manifest = out / f"{job.stem}.png", out / f"{job.stem}.json"
-    written = write_plain(service, job, image, manifest, job.source, job.id)
-    return {
-        "id": job.id,
-        "stem": job.stem,
-        "source": job.source,
-        "image": image.name,
-        "manifest": manifest.name,
-        "files": {path.name: sha256_file(path) for path in written},
-        "seconds": json.loads(manifest.read_text())["timings"]["total_s"],
-        "notes": [],
-    }
+class ImageRunner:
+    """The batch runner's `run_one` for an evaluation: FreeFuse jobs as usual, `PlainJob`s by diffusers alone."""
+
+    def __init__(self) -> None:
+        self.adapters = PlainAdapters()
+
+    def __call__(self, service: RunService, job: Job, out: Path) -> dict:
+        if not isinstance(job, PlainJob):
+            return run_job(service, job, out)
+        image, manifest = out / f"{job.stem}.png", out / f"{job.stem}.json"
+        written = write_plain(service, self.adapters, job, image, manifest, job.source, job.id)
+        return {
+            "id": job.id,
+            "stem": job.stem,
+            "source": job.source,
+            "image": image.name,
+            "manifest": manifest.name,
+            "files": {path.name: sha256_file(path) for path in written},
+            "seconds": json.loads(manifest.read_text())["timings"]["total_s"],
+            "notes": [],
+        }
 
 
 def read_baseline_manifest(path: Path) -> dict:
@@ -335,4 +361,4 @@ def replay_plain(manifest_path: Path, service: RunService, out: Path) -> list[Pa
     spec.check()
     digest = hashlib.sha256(manifest_path.read_bytes()).hexdigest()[:8]
     stem = f"{manifest_path.stem}-replay-{digest}"
-    return write_plain(service, spec, out / f"{stem}.png", out / f"{stem}.json", f"replay of {manifest_path}", "")
+    return write_plain(service, PlainAdapters(), spec, out / f"{stem}.png", out / f"{stem}.json", f"replay of {manifest_path}", "")

@@ -36,13 +36,13 @@ from ..tiny import TINY_PIPELINES, random_lora_weights
 from .crops import build_detector
 from .jobs import (
     DEFAULT_METHODS,
+    ImageRunner,
     PairsConfig,
     PlannedImage,
     Subject,
     check_methods,
     plan_images,
     replay_plain,
-    run_image_job,
 )
 from .metrics import PAPER_METRICS, TOY_METRICS, MetricOptions, MetricUnavailable, build_metrics
 from .prompts import PAPER_NOTE, PAPER_PROMPTS, load_prompts
@@ -197,7 +197,8 @@ FILES_TEXT = [
     "score, failures with their reasons, per-subject scores and boxes, the judge's answer.",
     "- `summary.json`: the tables above as numbers.",
     "- `images/`: every image with its manifest. A FreeFuse row replays with `freefuse generate --manifest "
-    "images/NAME.json --out DIR`; a `diffusers` row with `freefuse eval replay images/NAME.json --out DIR`.",
+    "images/NAME.json --out DIR`; a `diffusers` row with `freefuse eval replay images/NAME.json --out DIR`. "
+    "Manifests are untrusted: run these from a folder that holds the LoRA files (or name them again with --lora).",
     "- Run the same command again to resume after an interruption: finished images and scores are kept. "
     "`accelerate launch --multi_gpu --num_processes N -m freefuse eval pairs …` splits images and scores between GPUs.",
 ]
@@ -223,7 +224,7 @@ def run_pairs(config: PairsConfig, options: EvalOptions, out: Path, service: Run
         plan.job.check()
     state = process_state()
     started = time.perf_counter()
-    run_batch([plan.job for plan in planned], folder, service, lambda r, share: report("images", r.done + r.skipped + len(r.failed), share), run_one=run_image_job)
+    run_batch([plan.job for plan in planned], folder, service, lambda r, share: report("images", r.done + r.skipped + len(r.failed), share), run_one=ImageRunner())
     items = score_items(planned, folder, out)
     references, described = references_of(config, items, out)
     options.metric_options.device = options.metric_options.device or str(state.device)
@@ -273,7 +274,7 @@ def quick_setup(out: Path) -> tuple[PairsConfig, EvalOptions]:
         path = out / "quick-loras" / f"{word}.safetensors"
         if not path.is_file():
             state = random_lora_weights(backend.denoiser, targets, within, backend.denoiser_name, seed=seed)
-            data = save(state, metadata={"format": "pt", "modelspec.trigger_phrase": word})
+            data = save(state, metadata={"modelspec.trigger_phrase": word})  # one key: safetensors writes several in no fixed order
             atomic_save(path, lambda handle, data=data: handle.write(data))
         references = _drawn_references(out / "quick-references" / word) if word == "bob" else None
         subjects.append(Subject(LoraSpec(path=str(path), words=[word]), references))
