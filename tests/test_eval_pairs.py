@@ -219,6 +219,33 @@ def test_mask_boxes_take_the_largest_region_and_best_assignment_the_best_total()
     assert chosen == [1, 0] and scores == [0.8, 0.85]  # 1.65 beats the greedy 0.9 + 0.1
 
 
+def test_owlv2_detector_returns_separate_boxes_inside_the_image() -> None:
+    """OWLv2 at toy width in memory (random weights, the tiny CLIP tokenizer): the real detection path."""
+    from transformers import Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessorPil, Owlv2Processor
+
+    from freefuse.evaluation.crops import Owlv2, _iou
+    from freefuse.tiny import tiny_clip_tokenizer
+
+    tokenizer = tiny_clip_tokenizer()
+    config = Owlv2Config(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                     "num_attention_heads": 2, "max_position_embeddings": 77},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                       "image_size": 64, "patch_size": 16},
+        projection_dim=32,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    detector = Owlv2(threshold=0.0)
+    detector.model = Owlv2ForObjectDetection(config).eval()
+    detector.processor = Owlv2Processor(Owlv2ImageProcessorPil(size={"height": 64, "width": 64}), tokenizer)
+    image = _picture(5, (64, 48))
+    boxes = detector.detect(image, 2)
+    assert 1 <= len(boxes) <= 2 and boxes == sorted(boxes)  # random boxes overlap: fewer is allowed, not more
+    assert all(_iou(a, b) < 0.5 for a in boxes for b in boxes if a != b)
+    assert all(0 <= left < right <= 64 and 0 <= top < bottom <= 48 for left, top, right, bottom in boxes)
+    assert "owlv2" in detector.describe()
+
+
 # -- metric adapters -------------------------------------------------------------------------------------------
 
 

@@ -984,7 +984,7 @@ def eval_pairs(
         config = _pairs_config(evaluation, model, base_model, lora, refs, prompts, prompt_count, seeds, method, setting,
                                single_prompt)  # fmt: skip
         options = _pairs_options(evaluation, metric, metric_model, judge_references, crops, detector, detector_model,
-                                 skip_unavailable, device, dtype)  # fmt: skip
+                                 skip_unavailable, device)  # fmt: skip
     with _progress() as progress:
         task = progress.add_task("checking", total=None)
 
@@ -1020,14 +1020,15 @@ def _pairs_config(evaluation, model, base_model, lora, refs, prompts, prompt_cou
 
 
 def _pairs_options(evaluation, metric, metric_model, judge_references, crops, detector, detector_model,
-                   skip_unavailable, device, dtype):  # fmt: skip
-    """`eval pairs`' scoring options from its options."""
+                   skip_unavailable, device):  # fmt: skip
+    """`eval pairs`' scoring options from its options (metrics keep their own dtypes: float32 features, the
+    judge in bfloat16 on a GPU; --dtype is the image model's)."""
     if crops not in ("masks", "detector"):
         raise SettingsError(f"--crops {crops!r}: use masks or detector.")
     return evaluation.EvalOptions(
         metrics=tuple(metric or evaluation.PAPER_METRICS),
         metric_options=evaluation.MetricOptions(
-            device=device, dtype=dtype, models=dict(_pair(item, "--metric-model", "METRIC=ID") for item in metric_model or []),
+            device=device, models=dict(_pair(item, "--metric-model", "METRIC=ID") for item in metric_model or []),
             judge_references=judge_references,
         ),
         crops=crops, detector=detector, detector_model=detector_model, skip_unavailable=skip_unavailable,

@@ -124,7 +124,7 @@ class Owlv2(Detector):
         inputs = self.processor(text=[[self.query]], images=image, return_tensors="pt").to(self.device)
         outputs = self.model(**inputs)
         side = max(image.size)  # OWLv2 pads to a square: boxes come back in the padded square's pixels
-        [found] = self.processor.post_process_object_detection(
+        [found] = self.processor.post_process_grounded_object_detection(
             outputs, threshold=self.threshold, target_sizes=torch.tensor([[side, side]])
         )
         order = torch.argsort(found["scores"], descending=True)

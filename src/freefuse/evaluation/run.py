@@ -90,7 +90,7 @@ def check_before_loading(config: PairsConfig, options: EvalOptions) -> tuple[lis
         if subject.references is not None:
             reference_files(subject.references)
     if any(s.references is None for s in config.subjects) and "single" not in config.methods:
-        config.methods = (*config.methods, "single")
+        config.methods = check_methods((*config.methods, "single"))
         notes.append("a LoRA has no reference folder: its single-LoRA images serve as references, so `single` is added.")
     if options.crops == "masks" and not any(m.split(":")[0] == "freefuse" for m in config.methods):
         options.crops = "detector"
