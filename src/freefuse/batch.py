@@ -540,11 +540,14 @@ def run_batch(
     out: str | Path,
     service: RunService | None = None,
     on_progress: Callable[[BatchReport, int], None] | None = None,
+    run_one: Callable[[RunService, Job, Path], dict] | None = None,
 ) -> BatchReport:
     """Run this process's share of `jobs` (all of them without accelerate); skip finished ones.
 
     The share is a fixed split of the whole list (not of what is left), so every process agrees
-    on it without talking to the others, whatever each has finished.
+    on it without talking to the others, whatever each has finished. `run_one(service, job, out)`
+    makes one job and returns its index entry (default `run_job`); an evaluation's baseline jobs,
+    which are not FreeFuse runs, pass their own.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -567,7 +570,7 @@ def run_batch(
                 report.claimed_elsewhere += 1  # another batch on the same folder is making it
             else:
                 try:
-                    entry = run_job(service, job, out)
+                    entry = (run_one or run_job)(service, job, out)
                     append_index(shard, entry)
                     done[job.id] = entry
                     report.done += 1

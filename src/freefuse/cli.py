@@ -807,7 +807,7 @@ def ui(
     launch(app_, host=host, port=chosen, auth=credentials, max_upload=f"{max_upload_mb}mb")
 
 
-eval_app = typer.Typer(help="Measure subject bleeding offline.", no_args_is_help=True)
+eval_app = typer.Typer(help="Measure subject bleeding (ShapesWorld, offline) and the paper's evaluation on your LoRAs.", no_args_is_help=True)
 app.add_typer(eval_app, name="eval")
 
 
@@ -908,6 +908,166 @@ def eval_shapesworld(
             raise typer.Exit(EXIT_INTERRUPTED) from None
     console.print(table, highlight=False, markup=False)
     console.print(escape(f"wrote {files['json']}, {files['md']}, {files['grid']}"), highlight=False)
+
+
+
+@eval_app.command("pairs")
+@command
+def eval_pairs(
+    lora: Annotated[
+        list[str] | None,
+        typer.Option("--lora", "-l", help="A character LoRA: PATH=WORD\\[@WEIGHT]. Two or more; paired two by two."),
+    ] = None,
+    refs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--refs",
+            help="NAME=FOLDER: a LoRA's training images (NAME: its file name or word). Without one, its single-LoRA "
+            "images on the same seeds serve, and the report says so.",
+        ),
+    ] = None,
+    model: ModelOpt = None,
+    base_model: Annotated[
+        str | None, typer.Option("--base-model", help="For --model FILE.safetensors: its diffusers configs.")
+    ] = None,
+    prompts: Annotated[
+        str, typer.Option("--prompts", help="'paper' (Appendix B, built in) or a text file, one <A>/<B> prompt a line.")
+    ] = "paper",
+    prompt_count: Annotated[
+        int | None, typer.Option("--prompt-count", help="Only the first N prompts (a smaller run).")
+    ] = None,
+    seeds: Annotated[str, typer.Option("--seeds", help="A range (42-51, the paper's) or a list (42,43).")] = "42-51",
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="diffusers | merge | freefuse | freefuse:MASK_METHOD | masks | single (repeat; default: all but "
+            "the freefuse:* variants).",
+        ),
+    ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option("--metric", help="dinov3 | dreamsim | lvface | hpsv3 | vlm | clip (repeat; default: the paper's five)."),
+    ] = None,
+    metric_model: Annotated[
+        list[str] | None,
+        typer.Option("--metric-model", help="METRIC=MODEL_ID, e.g. vlm=Qwen/Qwen2.5-VL-7B-Instruct (the judge)."),
+    ] = None,
+    judge_references: Annotated[
+        int, typer.Option("--judge-references", help="Reference images per character shown to the judge.")
+    ] = 1,
+    crops: Annotated[
+        str, typer.Option("--crops", help="masks (FreeFuse's masks of each seed, for every method) | detector.")
+    ] = "masks",
+    detector: Annotated[str, typer.Option("--detector", help="owlv2 | halves (no model).")] = "owlv2",
+    detector_model: Annotated[str | None, typer.Option("--detector-model", help="The detector's model id.")] = None,
+    setting: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="A generate setting for every image, KEY=VALUE (steps=28, size=1024x1024, guidance=3.5)."),
+    ] = None,
+    single_prompt: Annotated[
+        str, typer.Option("--single-prompt", help="The single-LoRA images' prompt, with <A>.")
+    ] = "a portrait photo of <A>, face clearly visible",
+    skip_unavailable: Annotated[
+        bool, typer.Option("--skip-unavailable", metavar="", help="Leave out metrics whose library is missing.")
+    ] = False,
+    quick: Annotated[
+        bool,
+        typer.Option("--quick", metavar="", help="End to end offline in seconds: tiny model, tiny random metric backbones."),
+    ] = False,
+    out: OutOpt = Path("out/eval-pairs"),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """The paper's evaluation (Table 2) on your LoRAs: pairs x prompts x seeds x methods, scored, reported.
+
+    Re-run the same command to resume. With `accelerate launch --multi_gpu --num_processes N -m freefuse eval
+    pairs ...` the images and the scores are split between GPUs.
+    """
+    from .evaluation import run as evaluation  # start-up time: torch, diffusers, transformers
+    from .runner import RunService  # start-up time
+
+    if quick:
+        if lora or model or refs:
+            raise SettingsError("--quick runs its own tiny model and LoRAs; leave out --lora, --model and --refs.")
+        config, options = evaluation.quick_setup(out)
+    else:
+        config = _pairs_config(evaluation, model, base_model, lora, refs, prompts, prompt_count, seeds, method, setting,
+                               single_prompt)  # fmt: skip
+        options = _pairs_options(evaluation, metric, metric_model, judge_references, crops, detector, detector_model,
+                                 skip_unavailable, device)  # fmt: skip
+    with _progress() as progress:
+        task = progress.add_task("checking", total=None)
+
+        def report(stage: str, done: int | None, total: int | None) -> None:
+            progress.update(task, description=stage, completed=done or 0, total=total)
+
+        try:
+            files = evaluation.run_pairs(config, options, out, RunService(device=device, dtype=dtype), report)
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print(escape(f"Interrupted; finished images and scores are kept in {out}. Run the same command again to resume."), style="yellow")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    if files:
+        console.print(escape(f"wrote {files['md']}, {files['html']}, {files['scores']}"), highlight=False, soft_wrap=True)
+
+
+def _pairs_config(evaluation, model, base_model, lora, refs, prompts, prompt_count, seeds, method, setting, single_prompt):
+    """`eval pairs`' generation plan from its options (`evaluation`: the module, imported by the command)."""
+    if model is None or len(lora or []) < 2:
+        raise SettingsError("Give --model and at least two --lora PATH=WORD (or --quick to try it).")
+    chosen, note = evaluation.load_prompts(prompts)
+    if prompt_count is not None:
+        if prompt_count < 1:
+            raise SettingsError(f"--prompt-count {prompt_count}: give at least 1.")
+        chosen = chosen[:prompt_count]
+        note = f"the first {len(chosen)} of: {note}"
+    folders = dict(_pair(item, "--refs", "NAME=FOLDER") for item in refs or [])
+    return evaluation.build_config(
+        model, [parse_lora_spec(item) for item in lora], folders, chosen, note, evaluation.parse_seeds(seeds),
+        evaluation.check_methods(method or evaluation.DEFAULT_METHODS), evaluation.parse_settings(setting or []),
+        single_prompt, base_model,
+    )  # fmt: skip
+
+
+def _pairs_options(evaluation, metric, metric_model, judge_references, crops, detector, detector_model,
+                   skip_unavailable, device):  # fmt: skip
+    """`eval pairs`' scoring options from its options (metrics keep their own dtypes: float32 features, the
+    judge in bfloat16 on a GPU; --dtype is the image model's)."""
+    if crops not in ("masks", "detector"):
+        raise SettingsError(f"--crops {crops!r}: use masks or detector.")
+    return evaluation.EvalOptions(
+        metrics=tuple(metric or evaluation.PAPER_METRICS),
+        metric_options=evaluation.MetricOptions(
+            device=device, models=dict(_pair(item, "--metric-model", "METRIC=ID") for item in metric_model or []),
+            judge_references=judge_references,
+        ),
+        crops=crops, detector=detector, detector_model=detector_model, skip_unavailable=skip_unavailable,
+        command="freefuse " + " ".join(sys.argv[1:]) if sys.argv and "freefuse" in sys.argv[0] else "freefuse eval pairs",
+    )  # fmt: skip
+
+
+def _pair(item: str, flag: str, form: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise SettingsError(f"{flag} {item!r}: write {form}.")
+    return key.strip(), value.strip()
+
+
+@eval_app.command("replay")
+@command
+def eval_replay(
+    manifest: Annotated[Path, typer.Argument(help="A `diffusers` row's manifest from `freefuse eval pairs` (images/NAME.json).")],
+    out: OutOpt = Path("out/replay"),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Make a `diffusers` baseline row's image again (FreeFuse rows replay with `freefuse generate --manifest`)."""
+    from .evaluation import run as evaluation  # start-up time
+    from .runner import RunService  # start-up time
+
+    written = evaluation.replay_plain(manifest, RunService(device=device, dtype=dtype), out)
+    console.print(escape(f"wrote {', '.join(str(path) for path in written)}"), highlight=False, soft_wrap=True)
 
 
 def main() -> None:

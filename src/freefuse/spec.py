@@ -345,7 +345,21 @@ def replay_spec(
     working folder; manifests are untrusted, so those files must lie inside one of the two, or be
     given by the caller.
     """
-    manifest = read_manifest(manifest_path)
+    return replay_record(read_manifest(manifest_path), manifest_path, model, loras, settings, masks, here, base_model)
+
+
+def replay_record(
+    manifest: dict,
+    manifest_path: str | Path,
+    model: str | None = None,
+    loras: list | None = None,
+    settings: dict | None = None,
+    masks: str | None = None,
+    here: Path | None = None,
+    base_model: str | None = None,
+) -> RunSpec:
+    """`replay_spec` for a manifest already read (and checked by its reader) from `manifest_path`;
+    other records of a run in the manifest's shape (an evaluation's baseline rows) replay through it."""
     manifest_dir = Path(manifest_path).resolve().parent
     here = Path.cwd() if here is None else here
     notes: list[str] = []
