@@ -6,12 +6,14 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+import freefuse
 from freefuse.cli import app, parse_lora_spec
 
 RUNNER = CliRunner()
@@ -276,3 +278,34 @@ def test_quiet_details_flags_without_types_no_bar_before_a_word_error_wide_table
     result = RUNNER.invoke(app, generate_args(assets, deep))
     assert result.exit_code == 0, result.output
     assert str(deep / "freefuse.png") in result.output  # one table row, not wrapped at 80 columns
+
+
+def test_help_inspect_and_flag_mistakes_import_no_torch(tmp_path) -> None:
+    """Start-up: what needs no model must not wait seconds for torch and diffusers to import."""
+    lora = Path(freefuse.__file__).parent / "shapesworld" / "weights" / "loras" / "zorblax.safetensors"
+    calls = [
+        (["--help"], 0),
+        (["generate", "--help"], 0),
+        (["inspect", str(lora)], 0),
+        (["generate", "--model", "tiny"], 2),  # no --prompt
+        (["generate", "--model", "tiny", "--prompt", "a", "--lora", "x.safetensors="], 2),
+        (["demo", "--size", "abc"], 2),
+        (["batch", str(tmp_path / "missing.jsonl")], 2),
+    ]
+    script = (
+        "import sys, json\n"
+        "from typer.testing import CliRunner\n"
+        "from freefuse.cli import app\n"
+        "codes = [CliRunner().invoke(app, args).exit_code for args in json.loads(sys.argv[1])]\n"
+        "print(json.dumps({'codes': codes, 'torch': 'torch' in sys.modules, 'diffusers': 'diffusers' in sys.modules}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps([args for args, _ in calls])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["codes"] == [code for _, code in calls]
+    assert not found["torch"] and not found["diffusers"]

@@ -42,7 +42,7 @@ from .core.config import MAP_METHOD_NAMES
 from .errors import INTERRUPTED, USER_ERRORS, SettingsError, describe_failure, is_interrupt
 from .methods import METHODS
 from .outputs import check_outputs, output_paths, write_outputs
-from .settings import CLI_FLAGS, GenerationSettings
+from .settings import CLI_FLAGS, GenerationSettings, parse_size
 
 if TYPE_CHECKING:
     from .spec import RunSpec
@@ -62,9 +62,21 @@ EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def _quiet_libraries() -> None:
+    """Library logs at ERROR and their warnings off, without importing them: `--help`, `inspect` and a
+    flag's mistake must not wait seconds for diffusers (and torch) to import."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # read when diffusers first logs
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("diffusers", "transformers", "accelerate", "peft", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="diffusers")
+    warnings.filterwarnings("ignore", module="transformers")
+    warnings.filterwarnings("ignore", module="peft")
+
+
+def _quiet_model_libraries() -> None:
+    """diffusers' and transformers' own verbosity and progress bars off; for the commands that load
+    models, once those libraries are imported anyway."""
     with contextlib.suppress(ImportError):
         from diffusers.utils import logging as diffusers_logging
 
@@ -75,9 +87,6 @@ def _quiet_libraries() -> None:
 
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", module="diffusers")
-    warnings.filterwarnings("ignore", module="transformers")
-    warnings.filterwarnings("ignore", module="peft")
 
 
 def _terminate(signum, frame):
@@ -347,30 +356,32 @@ class RunOptions:
     settings: dict
 
     def spec(self) -> RunSpec:
-        """The run: from the flags, or from `--manifest` with the flags given winning (and said)."""
+        """The run: from the flags, or from `--manifest` with the flags given winning (and said).
+        Mistakes in the flags alone are said before torch is imported."""
+        loras = _loras_from_flags(self.values["lora"], self.values["global_lora"])
+        settings = None
+        if self.values["manifest"] is None:
+            if "prompt" not in self.settings:
+                raise SettingsError("--prompt is required (or --manifest to replay a run).")
+            if self.values["model"] is None:
+                raise SettingsError(
+                    "--model is required: a diffusers folder or a Hugging Face id (or 'tiny' to try it)."
+                )
+            settings = GenerationSettings(**self.settings)
         from .spec import LoraSpec, RunSpec, replay_spec  # torch: not for --help or a flag's mistake
 
-        loras = [
-            LoraSpec(**lora) for lora in _loras_from_flags(self.values["lora"], self.values["global_lora"])
-        ]
-        if self.values["manifest"] is not None:
+        lora_specs = [LoraSpec(**lora) for lora in loras]
+        if settings is None:
             return replay_spec(
                 self.values["manifest"],
                 self.values["model"],
-                loras,
+                lora_specs,
                 self.settings,
                 self.values["masks"],
                 base_model=self.values["base_model"],
             )
-        if "prompt" not in self.settings:
-            raise SettingsError("--prompt is required (or --manifest to replay a run).")
-        if self.values["model"] is None:
-            raise SettingsError(
-                "--model is required: a diffusers folder or a Hugging Face id (or 'tiny' to try it)."
-            )
-        settings = GenerationSettings(**self.settings)
         return RunSpec(
-            self.values["model"], loras, settings, self.values["masks"], base_model=self.values["base_model"]
+            self.values["model"], lora_specs, settings, self.values["masks"], base_model=self.values["base_model"]
         )
 
 
@@ -445,6 +456,7 @@ def _prepare(options: RunOptions, count_images: bool = True) -> tuple[RunSpec, l
 def _service(options: RunOptions):
     from .runner import RunService  # torch and diffusers: not for --help or a flag's mistake
 
+    _quiet_model_libraries()
     return RunService(options.values["device"], options.values["dtype"], options.values["offload"])
 
 
@@ -519,10 +531,13 @@ def batch(
     With `accelerate launch --multi_gpu --num_processes N -m freefuse batch ...` the jobs are split
     between processes (one GPU each; gloo on CPUs); results and index shards share one folder.
     """
+    if not jobs.is_file():  # said before torch and diffusers are imported (seconds)
+        raise SettingsError(f"Job file {jobs} does not exist.")
     # Here, not at the top: torch and diffusers take seconds that --help and a flag's mistake need not wait.
     from .batch import expand_grid, is_done, load_jobs, process_state, read_index, run_batch  # start-up
     from .runner import RunService  # start-up time
 
+    _quiet_model_libraries()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         job_list = expand_grid(jobs) if grid else load_jobs(jobs)
@@ -669,9 +684,14 @@ def demo(
     ] = None,
 ) -> None:
     """Run the whole job offline: merge beside FreeFuse on ShapesWorld, or a real model when its weights are here."""
+    if size is not None:  # a flag's mistake is said before torch and diffusers are imported
+        parse_size(size)
+    if steps is not None and steps < 1:
+        raise SettingsError(f"--steps {steps}: give at least 1 denoising step.")
     from .demo import plan_demo, run_demo  # start-up time: torch and diffusers
     from .runner import RunService  # start-up time
 
+    _quiet_model_libraries()
     plan = plan_demo(model, steps, size, seed, arch)
     console.print(escape(f"demo: {plan.description}"), highlight=False, soft_wrap=True)
     service = RunService(device=device, dtype=dtype, offload=offload)
@@ -773,6 +793,7 @@ def ui(
         from .workspace import PageLimits  # start-up time: torch
     except ImportError as error:
         raise SettingsError(f"freefuse ui needs Gradio: pip install 'freefuse[ui]' ({error}).") from None
+    _quiet_model_libraries()
     local = host in LOOPBACK
     credentials = _auth(auth)
     if not local and credentials is None and not no_auth:
@@ -856,6 +877,7 @@ def eval_shapesworld(
     from .shapesworld.evaluate import METHODS, VARIANT, EvalConfig, run_evaluation  # start-up time
     from .shapesworld.scenes import WORLDS  # start-up time
 
+    _quiet_model_libraries()
     methods = tuple(method or METHODS)
     variants = {f"{VARIANT}{name}" for name in MAP_METHOD_NAMES}
     unknown = sorted(set(methods) - set(METHODS) - variants)

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from .embeddings import EmbeddingError, bundled_embeddings, is_bundle_key, split_bundle_key
 from .errors import LoraFileError
 from .files import sha256_file
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported by the functions that read tensors: `inspect` reads headers only
+    import torch
+
     from .backends.base import Backend
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".th", ".tar", ".zip"}
@@ -253,6 +253,8 @@ def read_lora_file(path: str | Path) -> LoraFile:
 
 def check_lora_tensor(path: Path, key: str, tensor: torch.Tensor) -> None:
     """LoRA weights are finite floating-point numbers; name the file and tensor when not."""
+    import torch
+
     if not tensor.is_floating_point():
         raise LoraFileError(
             f"{path.name}: tensor {key!r} holds {str(tensor.dtype).removeprefix('torch.')} values; LoRA weights "
@@ -321,6 +323,8 @@ def check_lora_fits(
 
     `state_dict` is in diffusers layout; `prefix` is the denoiser's key prefix ("transformer").
     """
+    import torch
+
     denoiser_keys = [k for k in state_dict if k.startswith(prefix + ".")]
     if not denoiser_keys:
         raise LoraFileError(
