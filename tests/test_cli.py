@@ -14,7 +14,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 import freefuse
-from freefuse.cli import app, parse_lora_spec
+from freefuse.cli import app, parse_lora_spec, split_lora_name
+from freefuse.errors import FreeFuseError
 
 RUNNER = CliRunner()
 FAST = ["--steps", "4", "--size", "128x128", "--max-sequence-length", "32"]
@@ -280,12 +281,45 @@ def test_quiet_details_flags_without_types_no_bar_before_a_word_error_wide_table
     assert str(deep / "freefuse.png") in result.output  # one table row, not wrapped at 80 columns
 
 
+def test_h_is_help_for_every_command_and_help_shows_no_type() -> None:
+    for args in ([], ["generate"], ["inspect"], ["demo"], ["batch"], ["eval"], ["eval", "shapesworld"]):
+        result = RUNNER.invoke(app, [*args, "-h"], terminal_width=160)
+        assert result.exit_code == 0, (args, result.output)
+        assert "Usage" in result.output
+        [line] = [line for line in result.output.splitlines() if "--help" in line]
+        assert "-h" in line and "<bool>" not in line
+
+
+def test_split_lora_name_keeps_windows_and_unix_paths() -> None:
+    assert split_lora_name("carol::loras/kohya_flux_carol_double.safetensors=Carol@0.8") == (
+        "carol",
+        "loras/kohya_flux_carol_double.safetensors=Carol@0.8",
+    )
+    for path in (r"C:\loras\a.safetensors=Alice", "/home/me/a.safetensors@0.5", "a.safetensors"):
+        assert split_lora_name(path) == (None, path)
+    with pytest.raises(FreeFuseError, match="not usable as an adapter name"):
+        split_lora_name("-carol::a.safetensors")
+    with pytest.raises(FreeFuseError, match="NAME::PATH"):
+        split_lora_name("::a.safetensors")
+
+
+def test_lora_named_on_the_command_line(assets, tmp_path) -> None:
+    args = generate_args(assets, tmp_path)
+    args[args.index(f"{assets / 'bob.safetensors'}=Bob@0.8")] = f"robert::{assets / 'bob.safetensors'}=Bob@0.8"
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "freefuse.json").read_text())
+    assert [lora["name"] for lora in manifest["loras"]] == ["alice", "robert"]
+    assert set(manifest["images"][0]["subjects"]) == {"alice", "robert"}
+    assert json.loads((tmp_path / "freefuse.masks.json").read_text())["names"] == ["alice", "robert"]
+
+
 def test_help_inspect_and_flag_mistakes_import_no_torch(tmp_path) -> None:
     """Start-up: what needs no model must not wait seconds for torch and diffusers to import."""
     lora = Path(freefuse.__file__).parent / "shapesworld" / "weights" / "loras" / "zorblax.safetensors"
     calls = [
         (["--help"], 0),
-        (["generate", "--help"], 0),
+        (["generate", "-h"], 0),
         (["inspect", str(lora)], 0),
         (["generate", "--model", "tiny"], 2),  # no --prompt
         (["generate", "--model", "tiny", "--prompt", "a", "--lora", "x.safetensors="], 2),

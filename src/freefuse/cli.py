@@ -36,10 +36,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__, stages
 from .core.config import MAP_METHOD_NAMES
 from .errors import INTERRUPTED, USER_ERRORS, SettingsError, describe_failure, is_interrupt
+from .lora import check_adapter_name
 from .methods import METHODS
 from .outputs import check_outputs, output_paths, write_outputs
 from .settings import CLI_FLAGS, GenerationSettings, parse_size
@@ -47,8 +49,31 @@ from .settings import CLI_FLAGS, GenerationSettings, parse_size
 if TYPE_CHECKING:
     from .spec import RunSpec
 
+class _FlagHelp:
+    """`-h`/`--help` shown as the flag it is: no `<bool>` type beside it (Typer prints one)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""  # as the other flags: metavar="" hides the type column
+        return option
+
+
+class Command(_FlagHelp, TyperCommand):
+    pass
+
+
+class Group(_FlagHelp, TyperGroup):
+    pass
+
+
+#: `-h` as well as `--help`, for every command (Click passes it down to subcommands).
+HELP = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
     name="freefuse",
+    cls=Group,
+    context_settings=HELP,
     help="Several subject LoRAs in one image without the subjects bleeding into each other (FreeFuse).",
     no_args_is_help=True,
     add_completion=False,
@@ -159,6 +184,21 @@ def main_options(
 
 
 # -- parsing helpers -----------------------------------------------------------------------------------
+
+
+#: `NAME::PATH…` names a LoRA's adapter. Neither a Windows path (one `:`, after the drive letter) nor
+#: a usual Unix path has `::`; a file whose own name has it is read as a path when it exists.
+NAME_SEPARATOR = "::"
+
+
+def split_lora_name(spec: str) -> tuple[str | None, str]:
+    """`NAME::REST` → (NAME, REST), the name checked as an adapter name; else (None, spec)."""
+    if NAME_SEPARATOR not in spec or Path(spec).expanduser().exists():
+        return None, spec
+    name, rest = spec.split(NAME_SEPARATOR, 1)
+    if not name or not rest:
+        raise SettingsError(f"--lora {spec!r}: write NAME::PATH[=WORD][@WEIGHT], e.g. carol::carol_v2.safetensors.")
+    return check_adapter_name(name), rest
 
 
 def parse_lora_spec(spec: str) -> tuple[str, list[str] | None, float]:
@@ -300,7 +340,10 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
         Annotated[
             list[str] | None,
             typer.Option(
-                "--lora", "-l", help="Subject LoRA: PATH=WORD\\[,WORD]\\[@WEIGHT]. Repeat per subject."
+                "--lora",
+                "-l",
+                help="Subject LoRA: \\[NAME::]PATH=WORD\\[,WORD]\\[@WEIGHT]. Repeat per subject. NAME: its name in "
+                "masks and manifests (default: the file's stem).",
             ),
         ],
         None,
@@ -309,7 +352,9 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
         "global_lora",
         Annotated[
             list[str] | None,
-            typer.Option("--global-lora", help="Style/background LoRA, never masked: PATH\\[@WEIGHT]."),
+            typer.Option(
+                "--global-lora", help="Style/background LoRA, never masked: \\[NAME::]PATH\\[@WEIGHT]."
+            ),
         ],
         None,
     ),
@@ -432,13 +477,17 @@ def run_options(function: Callable[[RunOptions], None]) -> Callable[..., None]:
 def _loras_from_flags(loras: list[str] | None, global_loras: list[str] | None) -> list[dict]:
     result = []
     for spec in loras or []:
-        path, words, weight = parse_lora_spec(spec)
-        result.append({"path": path, "words": words, "weight": weight, "scope": "subject"})
+        name, rest = split_lora_name(spec)
+        path, words, weight = parse_lora_spec(rest)
+        result.append({"path": path, "words": words, "weight": weight, "scope": "subject", "name": name})
     for spec in global_loras or []:
-        path, words, weight = parse_lora_spec(spec)
+        name, rest = split_lora_name(spec)
+        path, words, weight = parse_lora_spec(rest)
         if words:
-            raise SettingsError(f"--global-lora {spec!r}: global LoRAs take no words; write PATH[@WEIGHT].")
-        result.append({"path": path, "words": None, "weight": weight, "scope": "global"})
+            raise SettingsError(
+                f"--global-lora {spec!r}: global LoRAs take no words; write [NAME::]PATH[@WEIGHT]."
+            )
+        result.append({"path": path, "words": None, "weight": weight, "scope": "global", "name": name})
     return result
 
 
@@ -463,7 +512,7 @@ def _service(options: RunOptions):
 # -- commands --------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 @run_options
 def generate(options: RunOptions) -> None:
@@ -481,7 +530,7 @@ def generate(options: RunOptions) -> None:
     _summary(output, paths)
 
 
-@app.command("masks")
+@app.command("masks", cls=Command)
 @command
 @run_options
 def masks_command(options: RunOptions) -> None:
@@ -507,7 +556,7 @@ def masks_command(options: RunOptions) -> None:
         console.print(escape(f"masks: {files['masks']}  overlay: {files['overlay']}"), highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def batch(
     jobs: Annotated[
@@ -598,7 +647,7 @@ def batch(
         raise typer.Exit(EXIT_USER)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def inspect(
     files: Annotated[list[Path], typer.Argument(help="LoRA .safetensors files.")],
@@ -652,7 +701,7 @@ def inspect(
         raise typer.Exit(EXIT_USER)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def demo(
     out: OutOpt = Path("out"),
@@ -739,7 +788,7 @@ def _auth(auth: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def ui(
     model: Annotated[
@@ -828,11 +877,13 @@ def ui(
     launch(app_, host=host, port=chosen, auth=credentials, max_upload=f"{max_upload_mb}mb")
 
 
-eval_app = typer.Typer(help="Measure subject bleeding offline.", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Measure subject bleeding offline.", no_args_is_help=True, cls=Group, context_settings=HELP
+)
 app.add_typer(eval_app, name="eval")
 
 
-@eval_app.command("shapesworld")
+@eval_app.command("shapesworld", cls=Command)
 @command
 def eval_shapesworld(
     method: Annotated[

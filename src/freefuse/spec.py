@@ -168,7 +168,7 @@ class RunSpec:
             if lora.adapter_name in names:
                 raise LoraFileError(
                     f"Two LoRAs get the name {lora.adapter_name!r} ({names[lora.adapter_name]} and {lora.path}); "
-                    "rename one file."
+                    "name one (CLI: --lora NAME::PATH; job files: `name`) or rename its file."
                 )
             names[lora.adapter_name] = lora.path
             if lora.sha256 is not None:
