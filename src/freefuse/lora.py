@@ -497,6 +497,12 @@ def text_encoder_parts(keys) -> list[str]:
     return sorted(found)
 
 
+#: The down (A) half of a LoRA layer, whose first axis is the rank: kohya's `.lora_down.weight`,
+#: PEFT's `.lora_A[.adapter].weight`, XLabs' `.processor.qkv_lora1.down.weight`.
+_DOWN_KEY = re.compile(r"\.lora_down\.|\.lora_A\.|_lora\d*\.down\.weight$")
+_LAYER_SUFFIX = re.compile(r"\.(lora_down|lora_A|lora_up|lora_B|alpha|down|up)(\.weight)?$")
+
+
 def describe_lora(path: str | Path) -> dict:
     """What `freefuse inspect` shows: layout, architecture, rank, adapted layers, trigger words and
     where they came from, selected metadata. Read from the safetensors header alone."""
@@ -509,10 +515,10 @@ def describe_lora(path: str | Path) -> dict:
         {
             int(shape[0])
             for key, shape in shapes.items()
-            if isinstance(shape, list) and len(shape) == 2 and (".lora_down." in key or ".lora_A." in key)
+            if isinstance(shape, list) and len(shape) == 2 and _DOWN_KEY.search(key)
         }
     )
-    layers = {re.sub(r"\.(lora_down|lora_A|lora_up|lora_B|alpha)(\.weight)?$", "", key) for key in shapes}
+    layers = {_LAYER_SUFFIX.sub("", key) for key in shapes}
     shown = (
         "ss_output_name",
         "ss_base_model_version",
