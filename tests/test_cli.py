@@ -241,7 +241,7 @@ def test_demo_shows_merge_beside_freefuse_and_replays_from_another_folder(tmp_pa
     monkeypatch.chdir(elsewhere)
     result = RUNNER.invoke(app, ["generate", "--manifest", str(out / "demo.json"), "--out", "replay"])
     assert result.exit_code == 0, result.output
-    assert (elsewhere / "replay" / "freefuse.png").read_bytes() == (out / "demo.png").read_bytes()
+    assert (elsewhere / "replay" / "demo.png").read_bytes() == (out / "demo.png").read_bytes()  # its own name
 
 
 def test_demo_on_the_tiny_model_honours_dtype(tmp_path) -> None:
@@ -343,3 +343,36 @@ def test_help_inspect_and_flag_mistakes_import_no_torch(tmp_path) -> None:
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["codes"] == [code for _, code in calls]
     assert not found["torch"] and not found["diffusers"]
+
+
+def test_replay_is_named_after_its_manifest_and_says_what_differs(assets, tmp_path, monkeypatch) -> None:
+    first = tmp_path / "first"
+    assert invoke(*generate_args(assets, first, "--name", "demo")).exit_code == 0
+    monkeypatch.chdir(assets)
+    # bob again without its @0.8, the same --steps, another --seed, alice renamed
+    result = RUNNER.invoke(
+        app,
+        [
+            "generate",
+            "--manifest",
+            str(first / "demo.json"),
+            "--out",
+            str(tmp_path / "replay"),
+            "--lora",
+            f"ally::{assets / 'alice.safetensors'}=Alice",
+            "--lora",
+            f"{assets / 'bob.safetensors'}=Bob",
+            "--steps",
+            "4",
+            "--seed",
+            "5",
+        ],
+        terminal_width=400,
+    )
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "replay" / "demo.png").is_file() and not (tmp_path / "replay" / "freefuse.png").exists()
+    said = " ".join(result.output.split())
+    assert "--seed 3 -> 5" in said and "--steps" not in said.split("differ from it:")[1].split(".")[0]
+    assert "LoRA 'bob' weight 1.0 (the manifest: 0.8)" in said
+    assert "LoRA 'ally' name 'ally' (the manifest: 'alice')" in said  # matched by its file
+    assert "LoRA 'alice'" not in said.replace("(the manifest: 'alice')", "")

@@ -385,7 +385,18 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
         None,
     ),
     ("out", OutOpt, Path("out")),
-    ("name", Annotated[str, typer.Option("--name", help="File name stem of the outputs.")], "freefuse"),
+    (
+        "name",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--name",
+                help="File name stem of the outputs (default: freefuse; with --manifest, the manifest's own: demo "
+                "for demo.json).",
+            ),
+        ],
+        None,
+    ),
     ("overwrite", OverwriteOpt, False),
     ("device", DeviceOpt, None),
     ("dtype", DtypeOpt, None),
@@ -498,8 +509,15 @@ def _prepare(options: RunOptions, count_images: bool = True) -> tuple[RunSpec, l
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     spec.check()
     count = len(spec.settings.image_prompts) if count_images else 1
-    paths = output_paths(options.values["out"], options.values["name"], count)
+    paths = output_paths(options.values["out"], _stem(options.values), count)
     return spec, paths
+
+
+def _stem(values: dict) -> str:
+    """The outputs' file name stem: --name, else a replayed manifest's own (`demo.json` → demo)."""
+    if values["name"] is not None:
+        return values["name"]
+    return Path(values["manifest"]).stem if values["manifest"] is not None else "freefuse"
 
 
 def _service(options: RunOptions):
