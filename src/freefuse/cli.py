@@ -645,7 +645,9 @@ def batch(
         if progress is not None:
             progress.stop()
     console.print(
-        f"[bold]process {state.process_index}[/]: {report.done} made, {report.skipped} already done, "
+        f"[bold]process {state.process_index}[/]: {report.done} made"
+        + (f" ({report.images} images)" if report.images != report.done else "")
+        + f", {report.skipped} already done, "
         f"{len(report.failed)} failed, {report.claimed_elsewhere} made by another batch of {report.share} "
         f"({report.images_per_minute:.1f} images/min, model loaded {report.model_loads}x)",
         highlight=False,
