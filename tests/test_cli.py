@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -262,6 +263,32 @@ def test_demo_on_the_tiny_model_honours_dtype(tmp_path) -> None:
     manifest = json.loads((tmp_path / "demo.json").read_text())
     assert manifest["dtype"] == "bfloat16"
     assert (tmp_path / "demo-loras" / "alice.safetensors").is_file()
+    # The line it prints runs as pasted: LoRAs that fit the tiny model, every setting it needs.
+    made = run_printed_generate_line(result.output)
+    assert made.exists()
+
+
+def run_printed_generate_line(output: str) -> Path:
+    """Run the `freefuse generate …` line a demo printed, parsed as a shell would; return its image."""
+    [line] = [line for line in output.splitlines() if line.startswith("freefuse generate --model")]
+    args = shlex.split(line)[1:]
+    result = RUNNER.invoke(app, args)
+    assert result.exit_code == 0, (line, result.output)
+    return Path(args[args.index("--out") + 1]) / "freefuse.png"
+
+
+def test_a_lora_for_another_model_on_a_built_in_one_says_where_fitting_ones_come_from(tmp_path) -> None:
+    shapes_lora = Path(freefuse.__file__).parent / "shapesworld" / "weights" / "loras" / "zorblax.safetensors"
+    result = RUNNER.invoke(
+        app,
+        ["generate", "--model", "tiny", "--lora", f"{shapes_lora}=zorblax", "--prompt", "a zorblax",
+         "--out", str(tmp_path), *FAST],
+        terminal_width=400,
+    )
+    assert result.exit_code == 2
+    said = " ".join(result.output.split())
+    assert "a LoRA for a model of another size" in said
+    assert "freefuse demo --model tiny --out DIR" in said
 
 
 def test_quiet_details_flags_without_types_no_bar_before_a_word_error_wide_tables(

@@ -180,3 +180,20 @@ def test_a_model_missing_from_the_cache_gets_our_own_words(monkeypatch) -> None:
     message = str(online.value)
     assert "stacktrace" not in message
     assert "could not be fetched from the Hub (ConnectionError: [Errno -2] Name or service not known)" in message
+
+
+def test_the_text_length_is_the_models_own_by_default() -> None:
+    """ShapesWorld reads 24 T5 tokens (its tokenizer says so); past them it draws near-black. A run
+    that sets no length gets the model's, on the CLI and the page alike (both go through preflight)."""
+    from freefuse.settings import GenerationSettings
+    from freefuse.shapesworld.model import MAX_TEXT_TOKENS
+    from freefuse.spec import LoraSpec, RunSpec
+
+    lora = Path(__file__).resolve().parent.parent / "src/freefuse/shapesworld/weights/loras/zorblax.safetensors"
+    settings = GenerationSettings(prompt="a zorblax", width=64, height=64, num_inference_steps=4)
+    spec = RunSpec("shapesworld", [LoraSpec(path=str(lora), words=["zorblax"])], settings)
+    assert spec.check().settings.max_sequence_length == MAX_TEXT_TOKENS == 24
+    tiny = RunSpec("tiny", [LoraSpec(path=str(lora), words=["zorblax"])], settings)
+    assert tiny.check().settings.max_sequence_length == 512  # FLUX.1's, where the model declares no shorter one
+    given = settings.model_copy(update={"max_sequence_length": 16})
+    assert RunSpec("shapesworld", spec.loras, given).check().settings.max_sequence_length == 16

@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -757,7 +758,7 @@ def demo(
         parse_size(size)
     if steps is not None and steps < 1:
         raise SettingsError(f"--steps {steps}: give at least 1 denoising step.")
-    from .demo import plan_demo, run_demo  # start-up time: torch and diffusers
+    from .demo import generate_command, plan_demo, run_demo  # start-up time: torch and diffusers
     from .runner import RunService  # start-up time
 
     _quiet_model_libraries()
@@ -775,6 +776,8 @@ def demo(
         soft_wrap=True,
     )
     console.print(escape(f"replay it: freefuse generate --manifest {files['manifest']} --out OTHER_FOLDER"))
+    console.print("make your own (change the prompt, --seed, --lora weights):", highlight=False)
+    console.print(escape(shlex.join(generate_command(plan, out))), highlight=False, soft_wrap=True)
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -24,7 +24,7 @@ from .outputs import check_outputs, output_paths, write_outputs
 from .pipeline import FreeFuseOutput
 from .runner import RunService, StepCallback
 from .settings import GenerationSettings, parse_size
-from .shapesworld.model import MAX_TEXT_TOKENS, lora_path
+from .shapesworld.model import lora_path
 from .shapesworld.scenes import SIZE
 from .spec import LoraSpec, RunSpec
 from .tiny import random_lora_weights
@@ -74,8 +74,7 @@ def plan_demo(
                 seed=seed,
                 width=width,
                 height=height,
-                num_inference_steps=steps or 20,
-                max_sequence_length=MAX_TEXT_TOKENS,
+                num_inference_steps=steps or 20,  # the text length is the model's own (its tokenizer's)
             ),
             subjects=[("zorblax", "zorblax"), ("quiffle", "quiffle")],
             description=(
@@ -107,6 +106,20 @@ def plan_demo(
             else f"{chosen} with two random LoRAs (weight 0.3): the pipeline at full size, not a result."
         ),
     )
+
+
+def generate_command(plan: DemoPlan, out: Path) -> list[str]:
+    """A `freefuse generate` command line (argv) that runs the demo's model with the LoRA files the demo
+    wrote to `out`, at the next seed, into `out/generate`: something to paste and then change."""
+    settings = plan.settings
+    command = ["freefuse", "generate", "--model", plan.model]
+    for name, word in plan.subjects:
+        command += ["--lora", f"{out / LORA_FOLDER / f'{name}.safetensors'}={word}"]
+    command += ["--prompt", str(settings.prompt), "--seed", str(int(settings.seed) + 1)]
+    command += ["--steps", str(settings.num_inference_steps), "--size", f"{settings.width}x{settings.height}"]
+    if settings.max_sequence_length is not None:
+        command += ["--max-sequence-length", str(settings.max_sequence_length)]
+    return [*command, "--out", str(out / "generate")]
 
 
 def _lora_files(plan: DemoPlan, pipeline, folder: Path) -> list[Path]:
@@ -184,4 +197,4 @@ def run_demo(
     return {**paths, **extra}, result.output, result.notes
 
 
-__all__ = ["DemoPlan", "compare_picture", "plan_demo", "run_demo"]
+__all__ = ["DemoPlan", "compare_picture", "generate_command", "plan_demo", "run_demo"]

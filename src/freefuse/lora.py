@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .embeddings import EmbeddingError, bundled_embeddings, is_bundle_key, split_bundle_key
-from .errors import LoraFileError
+from .errors import LoraFileError, LoraFitError
 from .files import sha256_file
 
 if TYPE_CHECKING:  # torch is imported by the functions that read tensors: `inspect` reads headers only
@@ -327,7 +327,7 @@ def check_lora_fits(
 
     denoiser_keys = [k for k in state_dict if k.startswith(prefix + ".")]
     if not denoiser_keys:
-        raise LoraFileError(
+        raise LoraFitError(
             f"{source} has no layers for this model's {prefix} (first key {next(iter(state_dict), None)!r}); "
             "it is a LoRA for another architecture."
         )
@@ -341,7 +341,7 @@ def check_lora_fits(
         module_name, which = match.groups()
         module = modules.get(module_name)
         if module is None:
-            raise LoraFileError(
+            raise LoraFitError(
                 f"{source} does not fit this model: key {key!r} names layer {module_name!r}, which the "
                 f"{prefix} does not have (a LoRA for another model or version)."
             )
@@ -357,12 +357,12 @@ def check_lora_fits(
                 f"are {kind}."
             )
         if which == "A" and tensor.shape[1] != in_features:
-            raise LoraFileError(
+            raise LoraFitError(
                 f"{source} does not fit this model: key {key!r} has shape {tuple(tensor.shape)} but layer "
                 f"{module_name!r} takes {in_features} inputs (a LoRA for a model of another size)."
             )
         if which == "B" and tensor.shape[0] != out_features:
-            raise LoraFileError(
+            raise LoraFitError(
                 f"{source} does not fit this model: key {key!r} has shape {tuple(tensor.shape)} but layer "
                 f"{module_name!r} gives {out_features} outputs (a LoRA for a model of another size)."
             )

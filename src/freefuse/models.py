@@ -16,6 +16,7 @@ from .backends import BACKENDS, Architecture, architectures
 from .errors import ModelLoadError
 from .lora import read_header
 from .manifest import ModelSource
+from .shapesworld.model import LORA_DIR as SHAPESWORLD_LORAS
 from .shapesworld.model import MODEL_DIR as SHAPESWORLD_DIR
 from .shapesworld.model import load_shapesworld
 from .tiny import TINY_PIPELINES
@@ -28,6 +29,22 @@ TINY_MODELS = {TINY: "flux", TINY_SDXL: "sdxl"}
 SHAPESWORLD = "shapesworld"
 BUILT_IN = (*TINY_MODELS, SHAPESWORLD)
 _HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+
+
+def fitting_loras(model: str) -> str:
+    """Where LoRAs that fit a built-in model come from ("" for other models): what to say when a
+    LoRA for another model is given to one."""
+    if model in TINY_MODELS:
+        return (
+            f" LoRAs that fit the built-in {model!r}: `freefuse demo --model {model} --out DIR` writes two random "
+            "ones to DIR/demo-loras/ and prints a `freefuse generate` line that uses them."
+        )
+    if model == SHAPESWORLD:
+        return (
+            f" ShapesWorld's own LoRAs (zorblax, quiffle, blorp, snerk) are in {SHAPESWORLD_LORAS}; "
+            "`freefuse demo --out DIR` copies two to DIR/demo-loras/ and prints a `freefuse generate` line that uses them."
+        )
+    return ""
 
 
 def pick_device(device: str | None = None) -> torch.device:

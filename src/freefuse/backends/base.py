@@ -31,7 +31,7 @@ import torch
 
 from ..core import MaskConfig
 from ..core.methods import MAP_METHODS, get_map_method, refines
-from ..errors import LoraFileError
+from ..errors import LoraFileError, LoraFitError
 from ..lora import LoraFile, check_lora_fits
 
 if TYPE_CHECKING:
@@ -184,6 +184,16 @@ class Architecture:
     def tiny_tokenizer(cls):
         """That tokenizer of the built-in tiny model, or None."""
         return None
+
+    @classmethod
+    def default_sequence_length(cls, tokenizer) -> int:
+        """The text token limit of a run that sets none: the model's own when its tokenizer declares a
+        shorter one (`model_max_length` in its config: ShapesWorld's T5 reads 24 tokens), else the
+        architecture's (`tokenizer`: the tapped text's, or None before the model can be read)."""
+        declared = getattr(tokenizer, "model_max_length", None)
+        if isinstance(declared, int) and 0 < declared < cls.max_sequence_length:
+            return declared
+        return cls.max_sequence_length
 
     @classmethod
     def load_tokenizer(cls, model_folder: Path | None):
@@ -467,7 +477,8 @@ def converter_failure(lora: LoraFile, model: str, converter: str, error: BaseExc
     where = _stopped_at(error)
     if not text:
         text = f"{type(error).__name__} with no message{where}"
-    return LoraFileError(
+    kind = LoraFitError if hint else LoraFileError  # a hint says why it does not fit this model
+    return kind(
         f"{lora.path.name} is not a LoRA layout {model} understands: diffusers' converter ({converter}) "
         f"stopped with: {text}.{hint}"
     )
