@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -216,16 +217,22 @@ def test_inspect_reports_every_file_and_kohya_folder_trigger_words(assets, tmp_p
 
 @pytest.mark.slow
 def test_demo_shows_merge_beside_freefuse_and_replays_from_another_folder(tmp_path, monkeypatch) -> None:
-    """The README's main command, as a real subprocess; then its manifest replayed from elsewhere."""
+    """The README's main command, as a real subprocess, twice into one folder (the demo replaces its own
+    files); the generate line it prints, as pasted; then its manifest replayed from elsewhere."""
     out = tmp_path / "demo"
-    done = subprocess.run(
-        [sys.executable, "-m", "freefuse", "demo", "--out", str(out), "--steps", "8"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-m", "freefuse", "demo", "--out", str(out), "--steps", "8"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            env={**os.environ, "COLUMNS": "400"},
+        )
+        assert done.returncode == 0, done.stderr
+    assert "replacing the previous demo's files" in done.stderr
+    made = run_printed_generate_line(done.stderr)  # ShapesWorld, no text-length flag: its own 24 tokens
+    assert json.loads(made.with_suffix(".json").read_text())["settings"]["max_sequence_length"] == 24
     assert "zorblax" in done.stderr and "demo-compare.png" in done.stderr  # says what to look at
     for name in ("demo.png", "demo.masks.png", "demo.json", "demo-merge.png", "demo-compare.png"):
         assert (out / name).is_file(), name
@@ -403,3 +410,24 @@ def test_replay_is_named_after_its_manifest_and_says_what_differs(assets, tmp_pa
     assert "LoRA 'bob' weight 1.0 (the manifest: 0.8)" in said
     assert "LoRA 'ally' name 'ally' (the manifest: 'alice')" in said  # matched by its file
     assert "LoRA 'alice'" not in said.replace("(the manifest: 'alice')", "")
+
+
+def test_the_demo_replaces_its_own_files_and_no_one_elses(tmp_path) -> None:
+    """The demo run twice into one folder replaces what it wrote; a folder with another run named demo
+    is left alone without --overwrite. (ShapesWorld, as the README runs it: the slow test above.)"""
+    out = tmp_path / "demo"
+    args = ["demo", "--model", "tiny", "--out", str(out), "--steps", "2", "--size", "64"]
+    first = RUNNER.invoke(app, args, terminal_width=400)
+    assert first.exit_code == 0, first.output
+    assert json.loads((out / "demo.json").read_text())["demo"] is True
+    again = RUNNER.invoke(app, [*args, "--seed", "1"], terminal_width=400)
+    assert again.exit_code == 0, again.output
+    assert "replacing the previous demo's files" in " ".join(again.output.split())
+    assert json.loads((out / "demo.json").read_text())["settings"]["seed"] == 1
+    other = tmp_path / "other"
+    other.mkdir()
+    foreign = {"outputs": {"image": "demo.png"}, "loras": [{"path_from_manifest": "../mine.safetensors"}]}
+    (other / "demo.json").write_text(json.dumps(foreign))
+    refused = RUNNER.invoke(app, [*args[:3], "--out", str(other), *args[5:]], terminal_width=400)
+    assert refused.exit_code == 2 and "--overwrite" in refused.output
+    assert json.loads((other / "demo.json").read_text()) == foreign

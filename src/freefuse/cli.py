@@ -741,7 +741,14 @@ def demo(
         str | None, typer.Option("--size", help="WIDTHxHEIGHT (default 64 ShapesWorld, 1024 real).")
     ] = None,
     seed: SeedOpt = 0,
-    overwrite: OverwriteOpt = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            metavar="",
+            help="Replace files that are not a previous demo's (the demo replaces its own without it).",
+        ),
+    ] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     offload: OffloadOpt = False,

@@ -12,6 +12,7 @@ replays from anywhere (`freefuse generate --manifest out/demo.json`).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -30,6 +31,8 @@ from .spec import LoraSpec, RunSpec
 from .tiny import random_lora_weights
 
 LORA_FOLDER = "demo-loras"
+#: What the ShapesWorld demo writes besides a run's own files.
+COMPARE_FILES = ("demo-merge.png", "demo-compare.png")
 
 
 @dataclass
@@ -173,8 +176,15 @@ def run_demo(
     """Load, write the demo LoRAs (under `out/demo-loras`), run FreeFuse (and merge beside it) on
     the run service, write everything; return the files, FreeFuse's output and the run's notes."""
     paths = output_paths(out, "demo", 1)[0]
-    extra = {"merge": out / "demo-merge.png", "compare": out / "demo-compare.png"} if plan.compare else {}
+    extra = {"merge": out / COMPARE_FILES[0], "compare": out / COMPARE_FILES[1]} if plan.compare else {}
     loras = [out / LORA_FOLDER / f"{name}.safetensors" for name, _ in plan.subjects]
+    notes = []
+    if not overwrite and is_previous_demo(out):
+        overwrite = True  # the demo's own files, from its last run: run it again, it replaces them
+        notes.append(f"replacing the previous demo's files in {out}.")
+        for stale in COMPARE_FILES:
+            if stale not in {path.name for path in extra.values()}:
+                (out / stale).unlink(missing_ok=True)
     check_outputs([paths], overwrite)
     check_free([*extra.values(), *loras], overwrite)
     pipeline = service.pipeline(plan.model)
@@ -188,13 +198,38 @@ def run_demo(
         settings=plan.settings,
     )
     result = service.run(spec, on_step=on_step)
+    result.output.manifest["demo"] = True  # what lets the next demo replace these files
     write_outputs(result.output, [paths], overwrite)
     if plan.compare:
         merge = service.run(replace(spec, settings=plan.settings.model_copy(update={"method": "merge"})), on_step=on_step)
         atomic_save(extra["merge"], lambda handle: merge.output.images[0].save(handle, "PNG"), overwrite)
         picture = compare_picture(merge.output.images[0], result.output.images[0], result.output.masks[0])
         atomic_save(extra["compare"], lambda handle: picture.save(handle, "PNG"), overwrite)
-    return {**paths, **extra}, result.output, result.notes
+    return {**paths, **extra}, result.output, notes + result.notes
+
+
+def is_previous_demo(out: Path) -> bool:
+    """`out` holds what an earlier `freefuse demo` wrote: its `demo.json` says it is a demo run (or,
+    from before demos said so, names the demo's files and LoRAs under `demo-loras/`)."""
+    try:
+        record = json.loads((out / "demo.json").read_text())
+    except (OSError, ValueError):
+        return False
+    if not isinstance(record, dict):
+        return False
+    if record.get("demo") is True:
+        return True
+    outputs, loras = record.get("outputs"), record.get("loras")
+    return (
+        isinstance(outputs, dict)
+        and outputs.get("image") == "demo.png"
+        and isinstance(loras, list)
+        and bool(loras)
+        and all(
+            isinstance(lora, dict) and str(lora.get("path_from_manifest", "")).startswith(f"{LORA_FOLDER}/")
+            for lora in loras
+        )
+    )
 
 
 __all__ = ["DemoPlan", "compare_picture", "generate_command", "plan_demo", "run_demo"]
