@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -233,7 +234,8 @@ def test_demo_shows_merge_beside_freefuse_and_replays_from_another_folder(tmp_pa
     assert "replacing the previous demo's files" in done.stderr
     made = run_printed_generate_line(done.stderr)  # ShapesWorld, no text-length flag: its own 24 tokens
     assert json.loads(made.with_suffix(".json").read_text())["settings"]["max_sequence_length"] == 24
-    assert "zorblax" in done.stderr and "demo-compare.png" in done.stderr  # says what to look at
+    said = " ".join(done.stderr.split())
+    assert "demo-compare.png: left, merge" in said and "purple: the zorblax's" in said  # what to look at
     for name in ("demo.png", "demo.masks.png", "demo.json", "demo-merge.png", "demo-compare.png"):
         assert (out / name).is_file(), name
     with Image.open(out / "demo-compare.png") as compare, Image.open(out / "demo.png") as single:
@@ -431,3 +433,25 @@ def test_the_demo_replaces_its_own_files_and_no_one_elses(tmp_path) -> None:
     refused = RUNNER.invoke(app, [*args[:3], "--out", str(other), *args[5:]], terminal_width=400)
     assert refused.exit_code == 2 and "--overwrite" in refused.output
     assert json.loads((other / "demo.json").read_text()) == foreign
+
+
+def test_the_demo_picture_draws_each_mask_in_its_subjects_colour_and_the_legend_below() -> None:
+    from freefuse.core import MaskSet
+    from freefuse.demo import compare_picture, plan_demo
+
+    plan = plan_demo()  # ShapesWorld: zorblax purple, quiffle orange
+    assert plan.colours == {"zorblax": (155, 60, 215), "quiffle": (250, 140, 20)}
+    assert "purple" in plan.look_at and "orange" in plan.look_at
+    masks = torch.zeros(2, 16, 16)
+    masks[0, :, :8] = 1
+    masks[1, :, 8:] = 1
+    black = Image.new("RGB", (16, 16), (0, 0, 0))
+    picture = compare_picture(black, black, MaskSet(["zorblax", "quiffle"], masks), scale=4, colours=plan.colours)
+    pixels = np.asarray(picture).astype(int)
+    cell, caption = 64, 14
+    assert picture.size[0] == 3 * cell and picture.size[1] > caption + cell  # the legend under the panels
+    zorblax, quiffle = pixels[caption + 32, 2 * cell + 16], pixels[caption + 32, 2 * cell + 48]
+    assert zorblax[2] > zorblax[1] and zorblax[0] > zorblax[1]  # purple-ish: the zorblax's own colour
+    assert quiffle[0] > quiffle[1] > quiffle[2]  # orange-ish: the quiffle's own
+    legend = pixels[caption + cell :]
+    assert (np.abs(legend - np.array([155, 60, 215])).max(axis=-1) == 0).any()  # its square in the legend

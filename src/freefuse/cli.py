@@ -777,10 +777,9 @@ def demo(
     _notes(notes)
     _summary(output, [files])
     shown = files.get("compare", files["image"])
+    console.print(escape(f"look at {shown}: {plan.look_at}"), highlight=False, soft_wrap=True)
     console.print(
-        escape(f"look at {shown}; all files: {', '.join(str(path) for path in files.values())}"),
-        highlight=False,
-        soft_wrap=True,
+        escape(f"all files: {', '.join(str(path) for path in files.values())}"), highlight=False, soft_wrap=True
     )
     console.print(escape(f"replay it: freefuse generate --manifest {files['manifest']} --out OTHER_FOLDER"))
     console.print("make your own (change the prompt, --seed, --lora weights):", highlight=False)

@@ -19,6 +19,7 @@ from pathlib import Path
 from safetensors.torch import save
 
 from .backends import backend_for
+from .core.maskset import below, legend_strip, subject_colour
 from .files import atomic_save, check_free
 from .models import SHAPESWORLD, TINY_MODELS, architecture_of, cached_model
 from .outputs import check_outputs, output_paths, write_outputs
@@ -26,7 +27,7 @@ from .pipeline import FreeFuseOutput
 from .runner import RunService, StepCallback
 from .settings import GenerationSettings, parse_size
 from .shapesworld.model import lora_path
-from .shapesworld.scenes import SIZE
+from .shapesworld.scenes import COLOURS, SIZE, SUBJECTS
 from .spec import LoraSpec, RunSpec
 from .tiny import random_lora_weights
 
@@ -46,6 +47,10 @@ class DemoPlan:
     description: str
     compare: bool = False
     notes: list[str] = field(default_factory=list)
+    #: One line: what to look at in the demo's picture.
+    look_at: str = ""
+    #: Each subject's mask colour in the compare picture (its own colour in ShapesWorld).
+    colours: dict[str, tuple[int, int, int]] | None = None
 
 
 def plan_demo(
@@ -80,6 +85,12 @@ def plan_demo(
                 num_inference_steps=steps or 20,  # the text length is the model's own (its tokenizer's)
             ),
             subjects=[("zorblax", "zorblax"), ("quiffle", "quiffle")],
+            colours={name: COLOURS[SUBJECTS[name].colour] for name in ("zorblax", "quiffle")},
+            look_at=(
+                "left, merge (both LoRAs everywhere): do the purple striped zorblax and the orange dotted quiffle "
+                "bleed into each other? middle, FreeFuse (each LoRA inside its mask): are they apart? right, where "
+                "each LoRA acted (purple: the zorblax's, orange: the quiffle's)."
+            ),
             description=(
                 "ShapesWorld, a small FLUX-architecture model trained offline on shapes, with two subject LoRAs: "
                 "the zorblax (a purple striped star) and the quiffle (an orange dotted cross). demo-compare.png: "
@@ -108,6 +119,7 @@ def plan_demo(
             if tiny
             else f"{chosen} with two random LoRAs (weight 0.3): the pipeline at full size, not a result."
         ),
+        look_at="the picture shows that every stage ran; random LoRAs make no subjects to keep apart.",
     )
 
 
@@ -150,20 +162,36 @@ def _lora_files(plan: DemoPlan, pipeline, folder: Path) -> list[Path]:
     return paths
 
 
-def compare_picture(merge, freefuse, masks, labels=("merge", "FreeFuse", "FreeFuse masks"), scale: int = 4):
-    """merge | FreeFuse | masks over FreeFuse, each `scale`× (nearest), with a caption above each."""
-    from PIL import Image, ImageDraw
+def compare_picture(
+    merge,
+    freefuse,
+    masks,
+    labels=("merge", "FreeFuse", "FreeFuse masks"),
+    scale: int = 4,
+    colours: dict[str, tuple[int, int, int]] | None = None,
+):
+    """merge | FreeFuse | masks over FreeFuse in grey, each `scale`× (nearest), a caption above each and
+    the masks' legend below all three (never over a picture). `colours`: each subject's mask colour
+    (the demo gives each subject's own, so that no mask reads as another subject)."""
+    from PIL import Image, ImageDraw, ImageOps
 
     width, height = freefuse.size
     cell_w, cell_h, caption = width * scale, height * scale, 14
     big = [image.convert("RGB").resize((cell_w, cell_h), Image.NEAREST) for image in (merge, freefuse)]
-    overlay = masks.resize((cell_h, cell_w), mode="nearest").overlay(big[1]) if masks is not None else big[1]
+    panels = [*big, big[1]]
+    if masks is not None:
+        grey = ImageOps.grayscale(big[1]).convert("RGB")  # colour in this panel is the masks' alone
+        panels[2] = masks.resize((cell_h, cell_w), mode="nearest").overlay(grey, legend=False, colours=colours)
     picture = Image.new("RGB", (3 * cell_w, cell_h + caption), (255, 255, 255))
     draw = ImageDraw.Draw(picture)
-    for column, (image, label) in enumerate(zip((*big, overlay), labels, strict=True)):
+    for column, (image, label) in enumerate(zip(panels, labels, strict=True)):
         picture.paste(image, (column * cell_w, caption))
         draw.text((column * cell_w + 4, 1), label, fill=(0, 0, 0))
-    return picture
+    if masks is None:
+        return picture
+    chosen = [(colours or {}).get(name, subject_colour(i)) for i, name in enumerate(masks.names)]
+    entries = [(f"{name}'s mask: where its LoRA acts", colour) for name, colour in zip(masks.names, chosen, strict=True)]
+    return below(picture, legend_strip(entries, picture.width))
 
 
 def run_demo(
@@ -199,11 +227,13 @@ def run_demo(
     )
     result = service.run(spec, on_step=on_step)
     result.output.manifest["demo"] = True  # what lets the next demo replace these files
-    write_outputs(result.output, [paths], overwrite)
+    write_outputs(result.output, [paths], overwrite, colours=plan.colours)
     if plan.compare:
         merge = service.run(replace(spec, settings=plan.settings.model_copy(update={"method": "merge"})), on_step=on_step)
         atomic_save(extra["merge"], lambda handle: merge.output.images[0].save(handle, "PNG"), overwrite)
-        picture = compare_picture(merge.output.images[0], result.output.images[0], result.output.masks[0])
+        picture = compare_picture(
+            merge.output.images[0], result.output.images[0], result.output.masks[0], colours=plan.colours
+        )
         atomic_save(extra["compare"], lambda handle: picture.save(handle, "PNG"), overwrite)
     return {**paths, **extra}, result.output, notes + result.notes
 
