@@ -13,6 +13,7 @@ import functools
 import json
 import logging
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -36,19 +37,44 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__, stages
 from .core.config import MAP_METHOD_NAMES
 from .errors import INTERRUPTED, USER_ERRORS, SettingsError, describe_failure, is_interrupt
+from .lora import check_adapter_name
 from .methods import METHODS
 from .outputs import check_outputs, output_paths, write_outputs
-from .settings import CLI_FLAGS, GenerationSettings
+from .settings import CLI_FLAGS, GenerationSettings, parse_size
 
 if TYPE_CHECKING:
     from .spec import RunSpec
 
+class _FlagHelp:
+    """`-h`/`--help` shown as the flag it is: no `<bool>` type beside it (Typer prints one)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""  # as the other flags: metavar="" hides the type column
+        return option
+
+
+class Command(_FlagHelp, TyperCommand):
+    pass
+
+
+class Group(_FlagHelp, TyperGroup):
+    pass
+
+
+#: `-h` as well as `--help`, for every command (Click passes it down to subcommands).
+HELP = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
     name="freefuse",
+    cls=Group,
+    context_settings=HELP,
     help="Several subject LoRAs in one image without the subjects bleeding into each other (FreeFuse).",
     no_args_is_help=True,
     add_completion=False,
@@ -62,9 +88,21 @@ EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 
 
 def _quiet_libraries() -> None:
+    """Library logs at ERROR and their warnings off, without importing them: `--help`, `inspect` and a
+    flag's mistake must not wait seconds for diffusers (and torch) to import."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # read when diffusers first logs
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("diffusers", "transformers", "accelerate", "peft", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="diffusers")
+    warnings.filterwarnings("ignore", module="transformers")
+    warnings.filterwarnings("ignore", module="peft")
+
+
+def _quiet_model_libraries() -> None:
+    """diffusers' and transformers' own verbosity and progress bars off; for the commands that load
+    models, once those libraries are imported anyway."""
     with contextlib.suppress(ImportError):
         from diffusers.utils import logging as diffusers_logging
 
@@ -75,9 +113,6 @@ def _quiet_libraries() -> None:
 
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", module="diffusers")
-    warnings.filterwarnings("ignore", module="transformers")
-    warnings.filterwarnings("ignore", module="peft")
 
 
 def _terminate(signum, frame):
@@ -150,6 +185,21 @@ def main_options(
 
 
 # -- parsing helpers -----------------------------------------------------------------------------------
+
+
+#: `NAME::PATH…` names a LoRA's adapter. Neither a Windows path (one `:`, after the drive letter) nor
+#: a usual Unix path has `::`; a file whose own name has it is read as a path when it exists.
+NAME_SEPARATOR = "::"
+
+
+def split_lora_name(spec: str) -> tuple[str | None, str]:
+    """`NAME::REST` → (NAME, REST), the name checked as an adapter name; else (None, spec)."""
+    if NAME_SEPARATOR not in spec or Path(spec).expanduser().exists():
+        return None, spec
+    name, rest = spec.split(NAME_SEPARATOR, 1)
+    if not name or not rest:
+        raise SettingsError(f"--lora {spec!r}: write NAME::PATH[=WORD][@WEIGHT], e.g. carol::carol_v2.safetensors.")
+    return check_adapter_name(name), rest
 
 
 def parse_lora_spec(spec: str) -> tuple[str, list[str] | None, float]:
@@ -291,7 +341,10 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
         Annotated[
             list[str] | None,
             typer.Option(
-                "--lora", "-l", help="Subject LoRA: PATH=WORD\\[,WORD]\\[@WEIGHT]. Repeat per subject."
+                "--lora",
+                "-l",
+                help="Subject LoRA: \\[NAME::]PATH=WORD\\[,WORD]\\[@WEIGHT]. Repeat per subject. NAME: its name in "
+                "masks and manifests (default: the file's stem).",
             ),
         ],
         None,
@@ -300,7 +353,9 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
         "global_lora",
         Annotated[
             list[str] | None,
-            typer.Option("--global-lora", help="Style/background LoRA, never masked: PATH\\[@WEIGHT]."),
+            typer.Option(
+                "--global-lora", help="Style/background LoRA, never masked: \\[NAME::]PATH\\[@WEIGHT]."
+            ),
         ],
         None,
     ),
@@ -331,7 +386,18 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
         None,
     ),
     ("out", OutOpt, Path("out")),
-    ("name", Annotated[str, typer.Option("--name", help="File name stem of the outputs.")], "freefuse"),
+    (
+        "name",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--name",
+                help="File name stem of the outputs (default: freefuse; with --manifest, the manifest's own: demo "
+                "for demo.json).",
+            ),
+        ],
+        None,
+    ),
     ("overwrite", OverwriteOpt, False),
     ("device", DeviceOpt, None),
     ("dtype", DtypeOpt, None),
@@ -347,30 +413,32 @@ class RunOptions:
     settings: dict
 
     def spec(self) -> RunSpec:
-        """The run: from the flags, or from `--manifest` with the flags given winning (and said)."""
+        """The run: from the flags, or from `--manifest` with the flags given winning (and said).
+        Mistakes in the flags alone are said before torch is imported."""
+        loras = _loras_from_flags(self.values["lora"], self.values["global_lora"])
+        settings = None
+        if self.values["manifest"] is None:
+            if "prompt" not in self.settings:
+                raise SettingsError("--prompt is required (or --manifest to replay a run).")
+            if self.values["model"] is None:
+                raise SettingsError(
+                    "--model is required: a diffusers folder or a Hugging Face id (or 'tiny' to try it)."
+                )
+            settings = GenerationSettings(**self.settings)
         from .spec import LoraSpec, RunSpec, replay_spec  # torch: not for --help or a flag's mistake
 
-        loras = [
-            LoraSpec(**lora) for lora in _loras_from_flags(self.values["lora"], self.values["global_lora"])
-        ]
-        if self.values["manifest"] is not None:
+        lora_specs = [LoraSpec(**lora) for lora in loras]
+        if settings is None:
             return replay_spec(
                 self.values["manifest"],
                 self.values["model"],
-                loras,
+                lora_specs,
                 self.settings,
                 self.values["masks"],
                 base_model=self.values["base_model"],
             )
-        if "prompt" not in self.settings:
-            raise SettingsError("--prompt is required (or --manifest to replay a run).")
-        if self.values["model"] is None:
-            raise SettingsError(
-                "--model is required: a diffusers folder or a Hugging Face id (or 'tiny' to try it)."
-            )
-        settings = GenerationSettings(**self.settings)
         return RunSpec(
-            self.values["model"], loras, settings, self.values["masks"], base_model=self.values["base_model"]
+            self.values["model"], lora_specs, settings, self.values["masks"], base_model=self.values["base_model"]
         )
 
 
@@ -421,13 +489,17 @@ def run_options(function: Callable[[RunOptions], None]) -> Callable[..., None]:
 def _loras_from_flags(loras: list[str] | None, global_loras: list[str] | None) -> list[dict]:
     result = []
     for spec in loras or []:
-        path, words, weight = parse_lora_spec(spec)
-        result.append({"path": path, "words": words, "weight": weight, "scope": "subject"})
+        name, rest = split_lora_name(spec)
+        path, words, weight = parse_lora_spec(rest)
+        result.append({"path": path, "words": words, "weight": weight, "scope": "subject", "name": name})
     for spec in global_loras or []:
-        path, words, weight = parse_lora_spec(spec)
+        name, rest = split_lora_name(spec)
+        path, words, weight = parse_lora_spec(rest)
         if words:
-            raise SettingsError(f"--global-lora {spec!r}: global LoRAs take no words; write PATH[@WEIGHT].")
-        result.append({"path": path, "words": None, "weight": weight, "scope": "global"})
+            raise SettingsError(
+                f"--global-lora {spec!r}: global LoRAs take no words; write [NAME::]PATH[@WEIGHT]."
+            )
+        result.append({"path": path, "words": None, "weight": weight, "scope": "global", "name": name})
     return result
 
 
@@ -438,20 +510,28 @@ def _prepare(options: RunOptions, count_images: bool = True) -> tuple[RunSpec, l
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     spec.check()
     count = len(spec.settings.image_prompts) if count_images else 1
-    paths = output_paths(options.values["out"], options.values["name"], count)
+    paths = output_paths(options.values["out"], _stem(options.values), count)
     return spec, paths
+
+
+def _stem(values: dict) -> str:
+    """The outputs' file name stem: --name, else a replayed manifest's own (`demo.json` → demo)."""
+    if values["name"] is not None:
+        return values["name"]
+    return Path(values["manifest"]).stem if values["manifest"] is not None else "freefuse"
 
 
 def _service(options: RunOptions):
     from .runner import RunService  # torch and diffusers: not for --help or a flag's mistake
 
+    _quiet_model_libraries()
     return RunService(options.values["device"], options.values["dtype"], options.values["offload"])
 
 
 # -- commands --------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 @run_options
 def generate(options: RunOptions) -> None:
@@ -469,7 +549,7 @@ def generate(options: RunOptions) -> None:
     _summary(output, paths)
 
 
-@app.command("masks")
+@app.command("masks", cls=Command)
 @command
 @run_options
 def masks_command(options: RunOptions) -> None:
@@ -495,7 +575,7 @@ def masks_command(options: RunOptions) -> None:
         console.print(escape(f"masks: {files['masks']}  overlay: {files['overlay']}"), highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def batch(
     jobs: Annotated[
@@ -519,10 +599,13 @@ def batch(
     With `accelerate launch --multi_gpu --num_processes N -m freefuse batch ...` the jobs are split
     between processes (one GPU each; gloo on CPUs); results and index shards share one folder.
     """
+    if not jobs.is_file():  # said before torch and diffusers are imported (seconds)
+        raise SettingsError(f"Job file {jobs} does not exist.")
     # Here, not at the top: torch and diffusers take seconds that --help and a flag's mistake need not wait.
     from .batch import expand_grid, is_done, load_jobs, process_state, read_index, run_batch  # start-up
     from .runner import RunService  # start-up time
 
+    _quiet_model_libraries()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         job_list = expand_grid(jobs) if grid else load_jobs(jobs)
@@ -563,7 +646,9 @@ def batch(
         if progress is not None:
             progress.stop()
     console.print(
-        f"[bold]process {state.process_index}[/]: {report.done} made, {report.skipped} already done, "
+        f"[bold]process {state.process_index}[/]: {report.done} made"
+        + (f" ({report.images} images)" if report.images != report.done else "")
+        + f", {report.skipped} already done, "
         f"{len(report.failed)} failed, {report.claimed_elsewhere} made by another batch of {report.share} "
         f"({report.images_per_minute:.1f} images/min, model loaded {report.model_loads}x)",
         highlight=False,
@@ -583,7 +668,7 @@ def batch(
         raise typer.Exit(EXIT_USER)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def inspect(
     files: Annotated[list[Path], typer.Argument(help="LoRA .safetensors files.")],
@@ -637,7 +722,7 @@ def inspect(
         raise typer.Exit(EXIT_USER)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def demo(
     out: OutOpt = Path("out"),
@@ -656,7 +741,14 @@ def demo(
         str | None, typer.Option("--size", help="WIDTHxHEIGHT (default 64 ShapesWorld, 1024 real).")
     ] = None,
     seed: SeedOpt = 0,
-    overwrite: OverwriteOpt = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            metavar="",
+            help="Replace files that are not a previous demo's (the demo replaces its own without it).",
+        ),
+    ] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     offload: OffloadOpt = False,
@@ -669,9 +761,14 @@ def demo(
     ] = None,
 ) -> None:
     """Run the whole job offline: merge beside FreeFuse on ShapesWorld, or a real model when its weights are here."""
-    from .demo import plan_demo, run_demo  # start-up time: torch and diffusers
+    if size is not None:  # a flag's mistake is said before torch and diffusers are imported
+        parse_size(size)
+    if steps is not None and steps < 1:
+        raise SettingsError(f"--steps {steps}: give at least 1 denoising step.")
+    from .demo import generate_command, plan_demo, run_demo  # start-up time: torch and diffusers
     from .runner import RunService  # start-up time
 
+    _quiet_model_libraries()
     plan = plan_demo(model, steps, size, seed, arch)
     console.print(escape(f"demo: {plan.description}"), highlight=False, soft_wrap=True)
     service = RunService(device=device, dtype=dtype, offload=offload)
@@ -680,12 +777,13 @@ def demo(
     _notes(notes)
     _summary(output, [files])
     shown = files.get("compare", files["image"])
+    console.print(escape(f"look at {shown}: {plan.look_at}"), highlight=False, soft_wrap=True)
     console.print(
-        escape(f"look at {shown}; all files: {', '.join(str(path) for path in files.values())}"),
-        highlight=False,
-        soft_wrap=True,
+        escape(f"all files: {', '.join(str(path) for path in files.values())}"), highlight=False, soft_wrap=True
     )
     console.print(escape(f"replay it: freefuse generate --manifest {files['manifest']} --out OTHER_FOLDER"))
+    console.print("make your own (change the prompt, --seed, --lora weights):", highlight=False)
+    console.print(escape(shlex.join(generate_command(plan, out))), highlight=False, soft_wrap=True)
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -719,7 +817,7 @@ def _auth(auth: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def ui(
     model: Annotated[
@@ -773,6 +871,7 @@ def ui(
         from .workspace import PageLimits  # start-up time: torch
     except ImportError as error:
         raise SettingsError(f"freefuse ui needs Gradio: pip install 'freefuse[ui]' ({error}).") from None
+    _quiet_model_libraries()
     local = host in LOOPBACK
     credentials = _auth(auth)
     if not local and credentials is None and not no_auth:
@@ -807,11 +906,16 @@ def ui(
     launch(app_, host=host, port=chosen, auth=credentials, max_upload=f"{max_upload_mb}mb")
 
 
-eval_app = typer.Typer(help="Measure subject bleeding (ShapesWorld, offline) and the paper's evaluation on your LoRAs.", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Measure subject bleeding (ShapesWorld, offline) and the paper's evaluation on your LoRAs.",
+    no_args_is_help=True,
+    cls=Group,
+    context_settings=HELP,
+)
 app.add_typer(eval_app, name="eval")
 
 
-@eval_app.command("shapesworld")
+@eval_app.command("shapesworld", cls=Command)
 @command
 def eval_shapesworld(
     method: Annotated[
@@ -856,6 +960,7 @@ def eval_shapesworld(
     from .shapesworld.evaluate import METHODS, VARIANT, EvalConfig, run_evaluation  # start-up time
     from .shapesworld.scenes import WORLDS  # start-up time
 
+    _quiet_model_libraries()
     methods = tuple(method or METHODS)
     variants = {f"{VARIANT}{name}" for name in MAP_METHOD_NAMES}
     unknown = sorted(set(methods) - set(METHODS) - variants)
@@ -911,7 +1016,7 @@ def eval_shapesworld(
 
 
 
-@eval_app.command("pairs")
+@eval_app.command("pairs", cls=Command)
 @command
 def eval_pairs(
     lora: Annotated[
@@ -1054,7 +1159,7 @@ def _pair(item: str, flag: str, form: str) -> tuple[str, str]:
     return key.strip(), value.strip()
 
 
-@eval_app.command("replay")
+@eval_app.command("replay", cls=Command)
 @command
 def eval_replay(
     manifest: Annotated[Path, typer.Argument(help="A `diffusers` row's manifest from `freefuse eval pairs` (images/NAME.json).")],

@@ -57,7 +57,11 @@ def check_outputs(paths: list[dict[str, Path]], overwrite: bool) -> list[str]:
 
 
 def encode_outputs(
-    output, paths: list[dict[str, Path]], masks_only: bool = False, portable: bool = False
+    output,
+    paths: list[dict[str, Path]],
+    masks_only: bool = False,
+    portable: bool = False,
+    colours: dict[str, tuple[int, int, int]] | None = None,
 ) -> list[dict[Path, bytes]]:
     """Per image, every file it writes and its bytes: image (settings in PNG text chunks), mask
     overlay, masks, and the manifest last. `portable`: the manifest records no path outside its
@@ -93,7 +97,7 @@ def encode_outputs(
             info.add_text("parameters", a1111_parameters(manifest, index))
             data[files["image"]] = _png(image, info)
         if masks is not None:
-            data[files["overlay"]] = _png(masks.overlay(image))
+            data[files["overlay"]] = _png(masks.overlay(image, colours=colours))
             data.update(masks.encode(files["masks"]))
         else:
             record["outputs"].pop("overlay")
@@ -110,14 +114,19 @@ def _png(image, info=None) -> bytes:
 
 
 def write_outputs(
-    output, paths: list[dict[str, Path]], overwrite: bool, masks_only: bool = False, portable: bool = False
+    output,
+    paths: list[dict[str, Path]],
+    overwrite: bool,
+    masks_only: bool = False,
+    portable: bool = False,
+    colours: dict[str, tuple[int, int, int]] | None = None,
 ) -> list[list[Path]]:
     """Write a run's files as one unit (all images; each image's manifest after its other files):
     on any failure (a full disk, a kill) nothing of the run is left. Returns, per image, its files.
     `portable`: the manifests record no path outside their folder (runs handed to other people).
     """
     check_outputs(paths, overwrite)
-    encoded = encode_outputs(output, paths, masks_only, portable)
+    encoded = encode_outputs(output, paths, masks_only, portable, colours)
     ordered = {path: data for files in encoded for path, data in files.items() if path.suffix != ".json"}
     ordered.update(
         {path: data for files in encoded for path, data in files.items() if path.suffix == ".json"}

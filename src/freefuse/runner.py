@@ -16,9 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RunCancelled, SettingsError
+from .errors import LoraFitError, RunCancelled, SettingsError
 from .manifest import ModelSource, model_differences, model_record
-from .models import load_pipeline, model_source
+from .models import fitting_loras, load_pipeline, model_source
 from .pipeline import FreeFuse, FreeFuseOutput, FreeFuseWarning, Subject
 from .spec import LoraSpec, RunSpec, changed_lora_message, model_changed_message
 
@@ -117,7 +117,13 @@ class RunService:
             self._unload(lambda other, _: other == name)  # another file (or a changed one) under this name
             kept = None
         if kept is None:
-            subject = self._owner.add_lora(path, name=name)
+            try:
+                subject = self._owner.add_lora(path, name=name)
+            except LoraFitError as error:  # for another model: say where LoRAs for a built-in one come from
+                hint = fitting_loras(self._model[0]) if self._model else ""
+                if not hint:
+                    raise
+                raise LoraFitError(f"{error}{hint}") from None
             kept = self._loaded[name] = _Loaded(identity=identity, subject=subject)
             self.lora_loads += 1
         if lora.sha256 is not None and lora.sha256 != kept.subject.sha256:

@@ -45,7 +45,7 @@ from .models import (
     pixels_per_token,
 )
 from .preflight import Checked, MaskFacts, ModelFacts, SubjectFacts, preflight
-from .settings import GenerationSettings, Number, describe_errors
+from .settings import CLI_FLAGS, GenerationSettings, Number, describe_errors, parse_size
 
 # An activation word: one to a few words of text, not a paragraph.
 Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
@@ -168,7 +168,7 @@ class RunSpec:
             if lora.adapter_name in names:
                 raise LoraFileError(
                     f"Two LoRAs get the name {lora.adapter_name!r} ({names[lora.adapter_name]} and {lora.path}); "
-                    "rename one file."
+                    "name one (CLI: --lora NAME::PATH; job files: `name`) or rename its file."
                 )
             names[lora.adapter_name] = lora.path
             if lora.sha256 is not None:
@@ -280,11 +280,9 @@ def _replay_settings(recorded: dict, overrides: dict, manifest_path, notes: list
     """The manifest's settings with the caller's winning; the notes say what changed."""
     recorded = dict(recorded)
     overrides = dict(overrides)
-    if overrides:
-        changed = ", ".join(
-            f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in sorted(overrides.items())
-        )
-        notes.append(f"replaying {manifest_path} with settings given on the command line: {changed}.")
+    changed = _setting_differences(recorded, overrides)
+    if changed:
+        notes.append(f"replaying {manifest_path} with settings that differ from it: {'; '.join(changed)}.")
     if "size" in overrides:
         recorded.pop("width", None)
         recorded.pop("height", None)
@@ -296,6 +294,82 @@ def _replay_settings(recorded: dict, overrides: dict, manifest_path, notes: list
     if isinstance(overrides.get("mask_config"), dict) and isinstance(recorded.get("mask_config"), dict):
         overrides["mask_config"] = {**recorded["mask_config"], **overrides["mask_config"]}
     return GenerationSettings.from_dict({**recorded, **overrides})
+
+
+def _setting_differences(recorded: dict, overrides: dict) -> list[str]:
+    """`--flag recorded -> given` for each setting given that differs from what the manifest recorded."""
+    changed = []
+    for key, value in sorted(overrides.items()):
+        if key == "size":
+            before = f"{recorded.get('width')}x{recorded.get('height')}"
+            width, height = parse_size(value)
+            value = f"{width}x{height}"
+        elif key == "mask_config" and isinstance(value, dict):
+            before = {name: (recorded.get(key) or {}).get(name) for name in value}
+        else:
+            before = recorded.get(key)
+        if before != value:
+            flag = CLI_FLAGS[key][0][0] if key in CLI_FLAGS else key
+            changed.append(f"{flag} {before!r} -> {value!r}")
+    return changed
+
+
+def _lora_differences(given: list[LoraSpec], manifest: dict, manifest_dir: Path) -> list[str]:
+    """For LoRAs given instead of a manifest's: every field of each that differs from what the manifest
+    recorded for the same LoRA (by name, else by file), and the LoRAs only one side has."""
+    recorded = [entry for entry in manifest.get("loras") or [] if isinstance(entry, dict)]
+    unmatched = list(recorded)
+    changes = []
+    for lora in given:
+        entry = _recorded_entry(lora, unmatched, manifest_dir)
+        if entry is None:
+            changes.append(f"LoRA {lora.adapter_name!r} is not in the manifest")
+            continue
+        unmatched.remove(entry)
+        fields = {
+            "name": (lora.adapter_name, entry.get("name")),
+            "weight": (lora.weight, entry.get("weight")),
+            "words": (_words_of(lora), entry.get("words")),
+            "scope": (lora.scope, entry.get("scope", "subject")),
+            "file sha256": (_sha256_of(lora.path), entry.get("sha256")),
+        }
+        for what, (now, then) in fields.items():
+            if then is not None and now is not None and now != then:
+                shown = (now[:12] + "…", then[:12] + "…") if what == "file sha256" else (now, then)
+                changes.append(f"LoRA {lora.adapter_name!r} {what} {shown[0]!r} (the manifest: {shown[1]!r})")
+    changes.extend(f"LoRA {entry.get('name')!r} of the manifest is left out" for entry in unmatched)
+    return changes
+
+
+def _recorded_entry(lora: LoraSpec, entries: list[dict], manifest_dir: Path) -> dict | None:
+    """The manifest's entry for `lora`: the same name, else the same file (hash or path)."""
+    for entry in entries:
+        if entry.get("name") == lora.adapter_name:
+            return entry
+    digest = _sha256_of(lora.path)
+    for entry in entries:
+        if digest is not None and entry.get("sha256") == digest:
+            return entry
+        recorded = [entry.get("path"), str(manifest_dir / str(entry.get("path_from_manifest")))]
+        here = Path(lora.path).expanduser().resolve()
+        if any(isinstance(path, str) and Path(path).expanduser().resolve() == here for path in recorded):
+            return entry
+    return None
+
+
+def _sha256_of(path: str) -> str | None:
+    resolved = Path(path).expanduser()
+    return cached_sha256(resolved) if resolved.is_file() else None
+
+
+def _words_of(lora: LoraSpec) -> list[str] | None:
+    """The words a LoRA runs with: given, else its file's trigger words (None when unreadable)."""
+    if lora.words:
+        return list(lora.words)
+    try:
+        return trigger_words_from_metadata(header_metadata(read_header(Path(lora.path).expanduser()))) or None
+    except (OSError, LoraFileError):
+        return None
 
 
 def _replay_loras(manifest: dict, manifest_path, manifest_dir: Path, here: Path) -> list[LoraSpec]:
@@ -365,10 +439,18 @@ def replay_record(
     notes: list[str] = []
     run_settings = _replay_settings(manifest["settings"], settings or {}, manifest_path, notes)
     if loras:
-        notes.append(f"replaying {manifest_path} with the LoRAs given on the command line instead of its own.")
+        differences = _lora_differences(list(loras), manifest, manifest_dir)
+        notes.append(
+            f"replaying {manifest_path} with the LoRAs given instead of its own: {'; '.join(differences)}."
+            if differences
+            else f"replaying {manifest_path} with the LoRAs given instead of its own (the same as recorded)."
+        )
     else:
         loras = _replay_loras(manifest, manifest_path, manifest_dir, here)
     recorded_model = None
+    recorded_id = manifest["model"].get("id_or_path") if isinstance(manifest.get("model"), dict) else None
+    if model is not None and recorded_id is not None and model != recorded_id:
+        notes.append(f"replaying {manifest_path} with model {model} (the manifest: {recorded_id}).")
     if model is None:
         model, recorded_base = _replay_model(manifest, manifest_path, manifest_dir, here)
         base_model = base_model if base_model is not None else recorded_base
