@@ -363,6 +363,33 @@ def test_two_batches_on_one_folder_claim_jobs(tmp_path: Path) -> None:
     assert claim(tmp_path, "job2")  # its process is gone: taken over
 
 
+def test_a_job_with_images_makes_that_many_numbered_images(assets: Path, tmp_path: Path) -> None:
+    """`images` is a job setting (README): a job makes N images, numbered, each with its manifest."""
+    path = assets / "images.jsonl"
+    job = {
+        "model": "model",
+        "prompt": "{A} hugging {B}",
+        "seed": 7,
+        "images": 2,
+        **SETTINGS,
+        "loras": [{"path": "alice.safetensors"}, {"path": "bob.safetensors", "words": ["Bob"]}],
+    }
+    path.write_text(json.dumps(job) + "\n")
+    [loaded] = load_jobs(path)
+    assert loaded.settings.num_images_per_prompt == 2
+    report = run_batch([loaded], tmp_path, RunService())
+    assert report.done == 1 and report.images == 2 and not report.failed
+    made = images(tmp_path)
+    assert sorted(made) == [f"{loaded.stem}-0.png", f"{loaded.stem}-1.png"] and len(set(made.values())) == 2
+    seeds = [json.loads((tmp_path / f"{loaded.stem}-{i}.json").read_text())["images"][0]["seed"] for i in (0, 1)]
+    assert seeds == [7, 8]
+    [entry] = read_index(tmp_path).values()
+    assert entry["images"] == sorted(made)
+    (tmp_path / f"{loaded.stem}-1.png").unlink()  # the job is not done while one of its images is missing
+    again = run_batch([loaded], tmp_path, RunService())
+    assert again.done == 1 and (tmp_path / f"{loaded.stem}-1.png").is_file()
+
+
 # -- round three: batches on one folder ---------------------------------------------------------------
 
 
@@ -381,6 +408,7 @@ def _fake_run_job(made: list[str]):
             "source": job.source,
             "image": image.name,
             "manifest": manifest.name,
+            "images": [image.name],
             "files": {image.name: sha256_file(image), manifest.name: sha256_file(manifest)},
         }
 

@@ -251,4 +251,4 @@ def test_weights_offloaded_to_meta_take_the_peft_path_and_are_not_hashed(tiny_pi
     tiny_pipe.transformer.to("meta")
     assert not _fusable(layer, ["alice"])
     record = model_record(tiny_pipe, tiny_pipe.transformer)
-    assert record["denoiser_weights_sha256"] is None and "offloaded" in record["denoiser_weights_note"]
+    assert record["base_weights_sha256"] is None and "offloaded" in record["base_weights_note"]

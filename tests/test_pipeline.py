@@ -442,3 +442,20 @@ def test_an_empty_user_mask_is_said(two: FreeFuse) -> None:
     masks = MaskSet(["alice", "bob"], torch.stack([torch.ones(128, 128), torch.zeros(128, 128)]))
     out = run(two, method="masks", masks=masks)
     assert any("'bob' covers no image token" in note for note in out.manifest["images"][0]["fallbacks"])
+
+
+def test_user_masks_from_the_mask_step_act_only_after_it(two: FreeFuse) -> None:
+    """`user_masks_from="mask-step"`: the caller's masks act as FreeFuse's do, after the mask step;
+    every LoRA acts everywhere before (ground-truth masks compared with FreeFuse on equal terms)."""
+    halves = torch.zeros(2, 128, 128)
+    halves[0, :, :64], halves[1, :, 64:] = 1.0, 1.0
+    masks = MaskSet(["alice", "bob"], halves)
+    merge = run(two, method="merge")
+    never = run(two, method="masks", masks=masks, user_masks_from="mask-step", mask_step=SMALL["num_inference_steps"])
+    assert torch.allclose(never.images[0], merge.images[0], atol=1e-5)  # masks from after the last step: merge
+    late = run(two, method="masks", masks=masks, user_masks_from="mask-step", mask_step=3)
+    early = run(two, method="masks", masks=masks)
+    assert (late.images[0] - early.images[0]).abs().max() > 1e-3 and (late.images[0] - merge.images[0]).abs().max() > 1e-3
+    assert late.manifest["settings"]["user_masks_from"] == "mask-step"
+    with pytest.raises(ValueError, match="only applies to method 'masks'"):
+        run(two, method="freefuse", user_masks_from="mask-step")

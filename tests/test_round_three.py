@@ -83,7 +83,7 @@ def test_a_busy_ui_port_is_a_clear_error(tmp_path) -> None:
         taken.bind(("127.0.0.1", port))
         taken.listen()
         result = cli("ui", "--port", str(port), "--root", str(tmp_path / "ui"))
-    assert_user_error(result, f"--port {port}", "in use")
+    assert_user_error(result, f"Port {port}", "in use")
 
 
 @pytest.mark.parametrize("device", ["mps", "xla", "meta", "xpu", "hpu", "privateuseone", "cuda:99"])

@@ -239,7 +239,7 @@ def test_demo_arch_sdxl_runs_the_tiny_sdxl_model_and_replays(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     replay = runner.invoke(app, ["generate", "--manifest", str(out / "demo.json"), "--out", "replay"])
     assert replay.exit_code == 0, replay.output
-    assert (tmp_path / "replay" / "freefuse.png").read_bytes() == (out / "demo.png").read_bytes()
+    assert (tmp_path / "replay" / "demo.png").read_bytes() == (out / "demo.png").read_bytes()  # named after it
     wrong = runner.invoke(app, ["demo", "--arch", "sdxl", "--model", "tiny", "--out", str(tmp_path / "x")])
     assert wrong.exit_code == 2 and "flux model" in wrong.output
 

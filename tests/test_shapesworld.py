@@ -19,6 +19,8 @@ from freefuse.shapesworld.scenes import (
     SHAPES,
     SUBJECTS,
     TEXTURES,
+    V1,
+    V3,
     Scene,
     SceneObject,
     random_scene,
@@ -82,6 +84,42 @@ def test_subjects_use_shapes_colours_and_textures_the_base_model_never_sees() ->
     assert len({s.colour for s in SUBJECTS.values()}) == len({s.shape for s in SUBJECTS.values()}) == 4
 
 
+def test_v1_scenes_are_what_they_were() -> None:
+    """Seeded v1 scenes are unchanged by the v3 world (v1's weights and results were trained on them)."""
+    assert random_scene(np.random.default_rng(3)).caption == (
+        "a green square, a blue circle, a blue square and a yellow triangle"
+    )
+    assert random_scene(np.random.default_rng(11)).caption == "a green circle"
+    assert random_scene(np.random.default_rng(3), world=V1) == random_scene(np.random.default_rng(3))
+
+
+def test_v3_subjects_are_appearances_on_shapes_the_base_model_draws() -> None:
+    subjects = V3.subjects
+    assert list(subjects) == list(SUBJECTS)  # the same four words (one new T5 token each)
+    for subject in subjects.values():
+        assert subject.shape in V3.base_shapes and subject.noun == subject.shape
+        assert subject.colour not in V3.base_colours and subject.texture in TEXTURES
+        assert subject.trigger == f"{subject.word} {subject.noun}"
+    assert len({s.colour for s in subjects.values()}) == len({s.texture for s in subjects.values()}) == 4
+    assert subjects["zorblax"].noun == subjects["snerk"].noun  # the hard case: one class noun, two subjects
+
+
+def test_v3_scenes_name_subjects_with_their_class_noun_and_base_objects_once() -> None:
+    rng = np.random.default_rng(0)
+    repeated = 0
+    for _ in range(300):
+        scene = random_scene(rng, world=V3)
+        kinds = [(o.shape, o.colour) for o in scene.objects]
+        assert len(set(kinds)) == len(kinds)  # each object's words name it alone
+        assert all(o.shape in V3.base_shapes and o.texture == "plain" for o in scene.objects)
+        assert all(o.phrase() in scene.caption for o in scene.objects)
+        repeated += len({shape for shape, _ in kinds}) < len(kinds)
+    assert repeated >= 60  # "a red star and a blue star" is common
+    scene = random_scene(rng, subjects=(V3.subjects["snerk"],), base_objects=1, world=V3)
+    assert "a snerk star" in scene.caption
+    assert any((o.shape, o.colour, o.texture) == ("star", "pink", "plain") for o in scene.objects)
+
+
 @pytest.fixture(scope="module")
 def shapesworld():
     from freefuse.shapesworld.model import load_shapesworld, lora_path
@@ -141,6 +179,12 @@ def test_quick_evaluation_writes_results_table_and_grid(tmp_path) -> None:
     for method in ("merge", "freefuse", "masks"):
         for key in ("identity_accuracy", "both_present", "leakage"):
             assert 0.0 <= record[method][key] <= 1.0
+            assert record["summary"]["methods"][method][key] == record[method][key]
+    checks = record["summary"]["preconditions"]
+    assert set(checks) == {"P1_one_object", "P1_two_objects", "P2", "P3", "P4"}
+    for check in checks.values():
+        assert check["met"] == (check["value"] is not None and check["value"] >= check["bar"])
+    assert record["summary"]["preconditions_met"] == all(check["met"] for check in checks.values())
     table = (tmp_path / "results.md").read_text()
     assert all(f"| 2 | {method} |" in table for method in ("merge", "freefuse", "masks"))
     assert (tmp_path / "grid.png").stat().st_size > 0
@@ -179,16 +223,18 @@ def test_an_interrupted_evaluation_resumes_and_ends_as_an_uninterrupted_one(tmp_
         base_samples=2,
         steps=6,
         grid_rows=2,
+        locality_seeds=(0,),
     )
     whole, _, _ = evaluation.run_evaluation(config, tmp_path / "whole")
-    calls = {"count": 0}
+    calls = {"count": 0, "pairs": 0}
     original = evaluation.Evaluator.run
 
-    def counted(self, *args, **kwargs):
+    def counted(self, words, *args, **kwargs):
         calls["count"] += 1
+        calls["pairs"] += len(words) == 2
         if calls.get("stop_at") == calls["count"]:
             raise KeyboardInterrupt  # what Ctrl-C raises
-        return original(self, *args, **kwargs)
+        return original(self, words, *args, **kwargs)
 
     monkeypatch.setattr(evaluation.Evaluator, "run", counted)
     calls["stop_at"] = 7  # after two of the four samples (three runs each)
@@ -196,10 +242,10 @@ def test_an_interrupted_evaluation_resumes_and_ends_as_an_uninterrupted_one(tmp_
         evaluation.run_evaluation(config, tmp_path / "resumed")
     assert len(list((tmp_path / "resumed" / "samples").glob("*.json"))) == 2
     assert not (tmp_path / "resumed" / "results.json").exists()
-    calls.update(count=0, stop_at=None)
+    calls.update(count=0, pairs=0, stop_at=None)
     resumed, _, _ = evaluation.run_evaluation(config, tmp_path / "resumed")
-    assert calls["count"] == 2 * 3 + 4 * 2  # the two missing samples, then each single LoRA (2 prompts)
-    for key in ("summary", "samples", "single_lora", "base_model"):
+    assert calls["pairs"] == 2 * 3  # the two missing samples only (three runs each)
+    for key in ("summary", "samples", "single_lora", "locality", "base_model"):
         first, second = whole[key], resumed[key]
         if key == "summary":
             first, second = dict(first), dict(second)
@@ -257,3 +303,45 @@ def test_eval_mask_method_is_checked_and_reaches_freefuse(tmp_path, monkeypatch)
     assert seen[-1] == ("freefuse", {"mask_step": 3, "block": 0, "mask_config": {"method": "routing"}})
     other = evaluate.SampleStore(tmp_path, evaluate.EvalConfig.quick())
     assert evaluate.SampleStore(tmp_path, config).key("x") != other.key("x")  # kept samples are per method
+
+
+def test_v3_identity_is_appearance_and_shape_is_reported_apart() -> None:
+    from freefuse.shapesworld.evaluate import identity_attributes, score_image
+    from freefuse.shapesworld.scenes import V1, V3, Scene, SceneObject
+
+    zorblax = V3.subjects["zorblax"]  # a purple striped star
+    wrong_shape = Scene([SceneObject("cross", "purple", "stripes", 32, 32, 30)], "black").render()
+    scored = score_image([zorblax], wrong_shape, identity_attributes(V3))["subjects"]["zorblax"]
+    assert scored["identity"] and not scored["shape"]  # its look is right; the shape is counted apart
+    assert identity_attributes(V1) == ("shape", "colour", "texture")
+    strict = score_image([zorblax], wrong_shape, identity_attributes(V1))["subjects"]["zorblax"]
+    assert not strict["identity"]
+
+
+def test_preconditions_and_targets_are_measured_against_their_bars() -> None:
+    from freefuse.shapesworld.evaluate import preconditions, targets
+
+    summary = {
+        "freefuse_attention_share": {"2": {"own_share": 0.71, "chance": 0.5}},
+        "by_group_size": {
+            "2": {"merge": {"identity_accuracy": 0.4}, "freefuse": {"identity_accuracy": 0.8}},
+            "3": {"freefuse": {"identity_accuracy": 0.59}},
+        },
+        "methods": {
+            "merge": {"leakage": 0.3, "identity_accuracy": 0.35},
+            "freefuse": {"leakage": 0.15, "identity_accuracy": 0.7},
+            "masks": {"identity_accuracy": 0.69},
+        },
+    }
+    singles = {"a": {"identity_rate": 0.9}, "b": {"identity_rate": 0.84}}
+    base = {"1": {"object_found_rate": 0.95}, "2": {"object_found_rate": 0.85}}
+    locality = {"kept_from_mask_step": 0.9, "kept_from_first_step": 0.5}
+    found = preconditions(summary, singles, base, locality)
+    assert [found[key]["met"] for key in ("P1_one_object", "P1_two_objects", "P2", "P3", "P4")] == [
+        True, True, False, True, True
+    ]
+    assert found["P2"]["value"] == 0.84 and "(b)" in found["P2"]["what"]  # the weakest subject decides
+    goals = targets(summary)
+    assert goals["pairs_identity"]["met"] and goals["pairs_over_merge"]["value"] == 0.4
+    assert not goals["triples_identity"]["met"] and goals["leakage_halved"]["value"] == 2.0
+    assert goals["leakage_halved"]["met"] and not goals["masks_at_least_freefuse"]["met"]

@@ -1,18 +1,31 @@
-"""ShapesWorld training pieces: pivotal-tuned LoRAs and the grounding loss (seconds, on the committed model)."""
+"""ShapesWorld training pieces: pivotal-tuned LoRAs, the grounding loss, the v3 chain in miniature (seconds)."""
 
 from __future__ import annotations
 
+import json
+
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from freefuse import FreeFuse
-from freefuse.shapesworld.model import MAX_TEXT_TOKENS, MODEL_DIR, load_shapesworld, tokenizers
+from freefuse.shapesworld import train
+from freefuse.shapesworld.model import (
+    MAX_TEXT_TOKENS,
+    MODEL_DIR,
+    add_subject_words,
+    load_shapesworld,
+    tokenizers,
+)
+from freefuse.shapesworld.scenes import V1, V3
 from freefuse.shapesworld.train import (
     GRID,
     TrainConfig,
     grounded_batch,
     grounding_loss,
+    train_base,
     train_lora,
+    train_vae,
     word_token,
 )
 
@@ -37,10 +50,11 @@ def test_a_pivotal_lora_carries_its_trained_word_embedding_and_add_lora_puts_it_
     assert torch.equal(table[token], original)
 
 
-def test_grounded_batches_mark_each_objects_own_words_and_tokens() -> None:
+@pytest.mark.parametrize(("world", "grid"), [(V1, GRID), (V3, 16)], ids=["v1", "v3"])
+def test_grounded_batches_mark_each_objects_own_words_and_tokens(world, grid) -> None:
     _, t5 = tokenizers()
-    _, captions, words, regions = grounded_batch(0, 3, 6, t5)
-    assert words.shape == (6, 4, MAX_TEXT_TOKENS) and regions.shape == (6, 4, GRID * GRID)
+    _, captions, words, regions = grounded_batch(0, 3, 6, t5, world=world, grid=grid)
+    assert words.shape == (6, 4, MAX_TEXT_TOKENS) and regions.shape == (6, 4, grid * grid)
     for b, caption in enumerate(captions):
         ids = t5(caption)["input_ids"]
         phrases = caption.replace(" and ", ", ").split(", ")
@@ -57,7 +71,7 @@ def test_grounded_batches_mark_each_objects_own_words_and_tokens() -> None:
 class FakeTaps:
     """One double block whose queries and keys are given directly (`[B, H, S, D]`)."""
 
-    blocks = 1
+    indices = (0,)
 
     def __init__(self, q_img, k_img, q_text, k_text) -> None:
         self.tensors = {"q_img": q_img, "k_img": k_img, "q_text": q_text, "k_text": k_text}
@@ -114,3 +128,63 @@ def test_a_pivotal_embedding_can_start_from_an_initializer_word(tmp_path) -> Non
     table = pipe.text_encoder_2.get_input_embeddings().weight.float()
     red, own = table[word_token(pipe.tokenizer_2, "red")], table[word_token(pipe.tokenizer_2, "snerk")]
     assert (vector - red).norm() < 0.1 * (vector - own).norm()  # one small step away from "red"
+
+
+@pytest.fixture(scope="module")
+def v3_vae(tmp_path_factory):
+    """A v3 VAE after two steps (its folder): enough to run the later stages."""
+    out = tmp_path_factory.mktemp("v3") / "vae"
+    train_vae(TrainConfig(out=out, steps=2, batch_size=2, warmup=1, world="v3"), progress=False)
+    return out / "vae"
+
+
+def tiny_v3(out, steps: int = 2, every: int = 100) -> TrainConfig:
+    return TrainConfig(out=out, steps=steps, batch_size=2, warmup=1, checkpoint_every=every, world="v3")
+
+
+def test_the_v3_chain_in_miniature_gives_a_16x16_token_model_and_a_class_noun_lora(tmp_path, v3_vae) -> None:
+    pipe = train_base(tiny_v3(tmp_path / "base"), v3_vae, ground_weight=0.1, progress=False)
+    assert pipe.vae_scale_factor == 2 and len(pipe.transformer.transformer_blocks) == 3
+    assert json.loads((tmp_path / "base" / "config.json").read_text())["extra"]["ground_blocks"] == [1, 2]
+    add_subject_words(pipe, world="v3")
+    pipe.save_pretrained(tmp_path / "words")
+    path = train_lora(
+        tiny_v3(tmp_path / "lora"), tmp_path / "words", "snerk", rank=2, init_word="red", progress=False
+    )
+    model = load_shapesworld(tmp_path / "words")
+    subject = FreeFuse(model).add_lora(path)
+    assert subject.words == ["snerk star"] and subject.embeddings == ["snerk/t5"]
+    with torch.no_grad():
+        latents = model(
+            "a snerk star and a red circle",
+            height=64,
+            width=64,
+            num_inference_steps=1,
+            max_sequence_length=MAX_TEXT_TOKENS,
+            output_type="latent",
+        ).images
+    assert latents.shape[1] == 16 * 16  # image tokens
+
+
+def test_a_killed_v3_base_run_resumes_to_the_same_weights(tmp_path, v3_vae, monkeypatch) -> None:
+    whole = train_base(
+        tiny_v3(tmp_path / "whole", steps=4, every=2), v3_vae, ground_weight=0.1, progress=False
+    )
+    original, calls = train.grounding_loss, []
+
+    def killed_at_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # after the checkpoint at step 2
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train, "grounding_loss", killed_at_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_base(tiny_v3(tmp_path / "resumed", steps=4, every=2), v3_vae, ground_weight=0.1, progress=False)
+    assert json.loads((tmp_path / "resumed" / "checkpoint" / "step.json").read_text()) == {"step": 2}
+    monkeypatch.setattr(train, "grounding_loss", original)
+    resumed = train_base(
+        tiny_v3(tmp_path / "resumed", steps=4, every=2), v3_vae, ground_weight=0.1, progress=False
+    )
+    for a, b in zip(whole.transformer.parameters(), resumed.transformer.parameters(), strict=True):
+        assert torch.equal(a, b)

@@ -43,7 +43,7 @@ from .errors import JobFileError, LoraFileError, OutputFolderError, describe_fai
 from .files import atomic_write, cached_sha256, read_input, sha256_file
 from .lora import header_metadata, read_header, trigger_words_from_metadata
 from .models import BUILT_IN, is_hub_id, pixels_per_token
-from .outputs import write_outputs
+from .outputs import output_paths, write_outputs
 from .runner import RunService
 from .settings import GenerationSettings
 from .spec import FileFacts, LoraSpec, RunSpec
@@ -234,7 +234,8 @@ def job_from_dict(entry: dict, base: Path, where: str, facts: FileFacts | None =
     _check_job_label(entry.get("id"), where)
     if not isinstance(entry["prompt"], str):
         raise JobFileError(
-            f"{where}: `prompt` must be one text (a job makes one image); put each prompt on its own line."
+            f"{where}: `prompt` must be one text (a job is one prompt; `images: N` makes N of it); put each prompt "
+            "on its own line."
         )
     settings = {k: v for k, v in entry.items() if k not in JOB_KEYS}
     settings["prompt"] = _fill(str(settings["prompt"]), words, where)
@@ -255,8 +256,6 @@ def job_from_dict(entry: dict, base: Path, where: str, facts: FileFacts | None =
             generation.check_size(multiple)
     except ValueError as error:
         raise JobFileError(f"{where}: {error}") from None
-    if len(generation.image_prompts) != 1:
-        raise JobFileError(f"{where}: a job makes one image; put each prompt or image on its own line.")
     masks = _resolve(str(entry["masks"]), base) if entry.get("masks") else None
     return Job(
         model=model,
@@ -594,30 +593,27 @@ def append_index(shard: Path, entry: dict) -> None:
 # -- running --------------------------------------------------------------------------------------------
 
 
-def job_files(out: Path, job: Job) -> dict[str, Path]:
-    stem = job.stem
-    return {
-        "image": out / f"{stem}.png",
-        "overlay": out / f"{stem}.masks.png",
-        "masks": out / f"{stem}.masks.json",
-        "manifest": out / f"{stem}.json",
-    }
+def job_files(out: Path, job: Job) -> list[dict[str, Path]]:
+    """The files of each image a job makes: `STEM.png`…, or `STEM-0.png`, `STEM-1.png`… with `images: N`."""
+    return output_paths(out, job.stem, job.settings.num_images_per_prompt)
 
 
 def run_job(service: RunService, job: Job, out: Path) -> dict:
-    """Generate one job and write its files; return its index entry (file names and hashes)."""
+    """Generate one job (its `images` images) and write their files; return its index entry (file names
+    and hashes; `image` and `manifest` are the first image's, `images` all of them)."""
     result = service.run(job, check=False)  # every job was checked before the first model loaded
     output, notes = result.output, result.notes
     files = job_files(out, job)
     output.manifest["job"] = {"id": job.id, "source": job.source}
-    [written] = write_outputs(output, [files], overwrite=True)  # this job's own names: overwriting is redoing
+    written = write_outputs(output, files, overwrite=True)  # this job's own names: overwriting is redoing
     return {
         "id": job.id,
         "stem": job.stem,
         "source": job.source,
-        "image": files["image"].name,
-        "manifest": files["manifest"].name,
-        "files": {path.name: sha256_file(path) for path in written},
+        "image": files[0]["image"].name,
+        "manifest": files[0]["manifest"].name,
+        "images": [image["image"].name for image in files],
+        "files": {path.name: sha256_file(path) for paths in written for path in paths},
         "seconds": round(output.manifest["timings"]["total_s"], 3),
         "notes": notes,
     }
@@ -745,18 +741,27 @@ def process_state():
 
 
 def _run_claimed(
-    service: RunService, job: Job, out: Path, index: IndexReader, report: BatchReport, shard: Path, failed_log: Path
+    service: RunService,
+    job: Job,
+    out: Path,
+    index: IndexReader,
+    report: BatchReport,
+    shard: Path,
+    failed_log: Path,
+    run_one: Callable[[RunService, Job, Path], dict],
 ) -> None:
     """Make one claimed job, unless another batch on this folder finished it since this one read the
-    index (its manifest is there: the index is read again to be sure)."""
-    if job_files(out, job)["manifest"].exists() and is_done(index.refresh().get(job.id), out):
+    index (a manifest of it is there: the index is read again to be sure)."""
+    made = any(files["manifest"].exists() for files in job_files(out, job))
+    if made and is_done(index.refresh().get(job.id), out):
         report.skipped += 1
         return
     try:
-        entry = run_job(service, job, out)
+        entry = run_one(service, job, out)
         append_index(shard, entry)
         index.done[job.id] = entry
         report.done += 1
+        report.images += len(entry.get("images") or [entry["image"]])
     except (KeyboardInterrupt, OutputFolderError):
         raise
     except Exception as error:  # recorded and reported; the other jobs go on
@@ -772,7 +777,8 @@ class BatchReport:
     total: int
     share: int = 0  # jobs given to this process
     skipped: int = 0
-    done: int = 0
+    done: int = 0  # jobs made here
+    images: int = 0  # images made here (a job with `images: N` makes N)
     failed: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     model_loads: int = 0
@@ -780,7 +786,7 @@ class BatchReport:
 
     @property
     def images_per_minute(self) -> float:
-        return 60.0 * self.done / self.seconds if self.seconds > 0 else 0.0
+        return 60.0 * self.images / self.seconds if self.seconds > 0 else 0.0
 
 
 def run_batch(
@@ -788,11 +794,14 @@ def run_batch(
     out: str | Path,
     service: RunService | None = None,
     on_progress: Callable[[BatchReport, int], None] | None = None,
+    run_one: Callable[[RunService, Job, Path], dict] | None = None,
 ) -> BatchReport:
     """Run this process's share of `jobs` (all of them without accelerate); skip finished ones.
 
     The share is a fixed split of the whole list (not of what is left), so every process agrees
-    on it without talking to the others, whatever each has finished.
+    on it without talking to the others, whatever each has finished. `run_one(service, job, out)`
+    makes one job and returns its index entry (default `run_job`); an evaluation's baseline jobs,
+    which are not FreeFuse runs, pass their own.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -817,7 +826,7 @@ def run_batch(
                 report.claimed_elsewhere += 1  # another batch on the same folder is making it
             else:
                 try:
-                    _run_claimed(service, job, out, index, report, shard, failed_log)
+                    _run_claimed(service, job, out, index, report, shard, failed_log, run_one or run_job)
                 finally:
                     release(out, job.id)
             report.seconds = time.perf_counter() - started

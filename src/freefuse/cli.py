@@ -9,12 +9,12 @@ shows tracebacks.
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import json
 import logging
 import os
 import re
+import shlex
 import signal
 import socket
 import sys
@@ -38,19 +38,44 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__, stages
 from .core.config import MAP_METHOD_NAMES
 from .errors import INTERRUPTED, USER_ERRORS, SettingsError, describe_failure, is_interrupt
+from .lora import check_adapter_name
 from .methods import METHODS
 from .outputs import check_outputs, output_paths, write_outputs
-from .settings import CLI_FLAGS, GenerationSettings
+from .settings import CLI_FLAGS, GenerationSettings, parse_size
 
 if TYPE_CHECKING:
     from .spec import RunSpec
 
+class _FlagHelp:
+    """`-h`/`--help` shown as the flag it is: no `<bool>` type beside it (Typer prints one)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""  # as the other flags: metavar="" hides the type column
+        return option
+
+
+class Command(_FlagHelp, TyperCommand):
+    pass
+
+
+class Group(_FlagHelp, TyperGroup):
+    pass
+
+
+#: `-h` as well as `--help`, for every command (Click passes it down to subcommands).
+HELP = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
     name="freefuse",
+    cls=Group,
+    context_settings=HELP,
     help="Several subject LoRAs in one image without the subjects bleeding into each other (FreeFuse).",
     no_args_is_help=True,
     add_completion=False,
@@ -75,9 +100,21 @@ def escape(text: str) -> str:
 
 
 def _quiet_libraries() -> None:
+    """Library logs at ERROR and their warnings off, without importing them: `--help`, `inspect` and a
+    flag's mistake must not wait seconds for diffusers (and torch) to import."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # read when diffusers first logs
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("diffusers", "transformers", "accelerate", "peft", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="diffusers")
+    warnings.filterwarnings("ignore", module="transformers")
+    warnings.filterwarnings("ignore", module="peft")
+
+
+def _quiet_model_libraries() -> None:
+    """diffusers' and transformers' own verbosity and progress bars off; for the commands that load
+    models, once those libraries are imported anyway."""
     with contextlib.suppress(ImportError):
         from diffusers.utils import logging as diffusers_logging
 
@@ -88,9 +125,6 @@ def _quiet_libraries() -> None:
 
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", module="diffusers")
-    warnings.filterwarnings("ignore", module="transformers")
-    warnings.filterwarnings("ignore", module="peft")
 
 
 def _terminate(signum, frame):
@@ -163,6 +197,21 @@ def main_options(
 
 
 # -- parsing helpers -----------------------------------------------------------------------------------
+
+
+#: `NAME::PATH…` names a LoRA's adapter. Neither a Windows path (one `:`, after the drive letter) nor
+#: a usual Unix path has `::`; a file whose own name has it is read as a path when it exists.
+NAME_SEPARATOR = "::"
+
+
+def split_lora_name(spec: str) -> tuple[str | None, str]:
+    """`NAME::REST` → (NAME, REST), the name checked as an adapter name; else (None, spec)."""
+    if NAME_SEPARATOR not in spec or Path(spec).expanduser().exists():
+        return None, spec
+    name, rest = spec.split(NAME_SEPARATOR, 1)
+    if not name or not rest:
+        raise SettingsError(f"--lora {spec!r}: write NAME::PATH[=WORD][@WEIGHT], e.g. carol::carol_v2.safetensors.")
+    return check_adapter_name(name), rest
 
 
 def parse_lora_spec(spec: str) -> tuple[str, list[str] | None, float]:
@@ -304,7 +353,10 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
         Annotated[
             list[str] | None,
             typer.Option(
-                "--lora", "-l", help="Subject LoRA: PATH=WORD\\[,WORD]\\[@WEIGHT]. Repeat per subject."
+                "--lora",
+                "-l",
+                help="Subject LoRA: \\[NAME::]PATH=WORD\\[,WORD]\\[@WEIGHT]. Repeat per subject. NAME: its name in "
+                "masks and manifests (default: the file's stem).",
             ),
         ],
         None,
@@ -313,7 +365,9 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
         "global_lora",
         Annotated[
             list[str] | None,
-            typer.Option("--global-lora", help="Style/background LoRA, never masked: PATH\\[@WEIGHT]."),
+            typer.Option(
+                "--global-lora", help="Style/background LoRA, never masked: \\[NAME::]PATH\\[@WEIGHT]."
+            ),
         ],
         None,
     ),
@@ -344,7 +398,18 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
         None,
     ),
     ("out", OutOpt, Path("out")),
-    ("name", Annotated[str, typer.Option("--name", help="File name stem of the outputs.")], "freefuse"),
+    (
+        "name",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--name",
+                help="File name stem of the outputs (default: freefuse; with --manifest, the manifest's own: demo "
+                "for demo.json).",
+            ),
+        ],
+        None,
+    ),
     ("overwrite", OverwriteOpt, False),
     ("device", DeviceOpt, None),
     ("dtype", DtypeOpt, None),
@@ -360,31 +425,35 @@ class RunOptions:
     settings: dict
 
     def spec(self) -> RunSpec:
-        """The run: from the flags, or from `--manifest` with the flags given winning (and said)."""
+        """The run: from the flags, or from `--manifest` with the flags given winning (and said).
+        Mistakes in the flags alone are said before torch is imported."""
+        loras = _loras_from_flags(self.values["lora"], self.values["global_lora"])
+        settings = None
+        if self.values["manifest"] is None:
+            if "prompt" not in self.settings:
+                raise SettingsError("--prompt is required (or --manifest to replay a run).")
+            if self.values["model"] is None:
+                raise SettingsError(
+                    "--model is required: a diffusers folder or a Hugging Face id (or 'tiny' to try it)."
+                )
+            settings = GenerationSettings(**self.settings)
         from .spec import LoraSpec, RunSpec, replay_spec  # torch: not for --help or a flag's mistake
 
-        loras = []
-        for lora in _loras_from_flags(self.values["lora"], self.values["global_lora"]):
+        lora_specs = []
+        for lora in loras:
             flag, given = "--lora" if lora["scope"] == "subject" else "--global-lora", lora.pop("given")
-            loras.append(LoraSpec.parse(lora, f"{flag} {given!r}"))
-        if self.values["manifest"] is not None:
+            lora_specs.append(LoraSpec.parse(lora, f"{flag} {given!r}"))
+        if settings is None:
             return replay_spec(
                 self.values["manifest"],
                 self.values["model"],
-                loras,
+                lora_specs,
                 self.settings,
                 self.values["masks"],
                 base_model=self.values["base_model"],
             )
-        if "prompt" not in self.settings:
-            raise SettingsError("--prompt is required (or --manifest to replay a run).")
-        if self.values["model"] is None:
-            raise SettingsError(
-                "--model is required: a diffusers folder or a Hugging Face id (or 'tiny' to try it)."
-            )
-        settings = GenerationSettings(**self.settings)
         return RunSpec(
-            self.values["model"], loras, settings, self.values["masks"], base_model=self.values["base_model"]
+            self.values["model"], lora_specs, settings, self.values["masks"], base_model=self.values["base_model"]
         )
 
 
@@ -435,13 +504,19 @@ def run_options(function: Callable[[RunOptions], None]) -> Callable[..., None]:
 def _loras_from_flags(loras: list[str] | None, global_loras: list[str] | None) -> list[dict]:
     result = []
     for spec in loras or []:
-        path, words, weight = parse_lora_spec(spec)
-        result.append({"path": path, "words": words, "weight": weight, "scope": "subject", "given": spec})
+        name, rest = split_lora_name(spec)
+        path, words, weight = parse_lora_spec(rest)
+        result.append(
+            {"path": path, "words": words, "weight": weight, "scope": "subject", "name": name, "given": spec}
+        )
     for spec in global_loras or []:
-        path, words, weight = parse_lora_spec(spec)
+        name, rest = split_lora_name(spec)
+        path, words, weight = parse_lora_spec(rest)
         if words:
-            raise SettingsError(f"--global-lora {spec!r}: global LoRAs take no words; write PATH[@WEIGHT].")
-        result.append({"path": path, "words": None, "weight": weight, "scope": "global", "given": spec})
+            raise SettingsError(
+                f"--global-lora {spec!r}: global LoRAs take no words; write [NAME::]PATH[@WEIGHT]."
+            )
+        result.append({"path": path, "words": None, "weight": weight, "scope": "global", "name": name, "given": spec})
     return result
 
 
@@ -452,20 +527,28 @@ def _prepare(options: RunOptions, count_images: bool = True) -> tuple[RunSpec, l
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     spec.check()
     count = len(spec.settings.image_prompts) if count_images else 1
-    paths = output_paths(options.values["out"], options.values["name"], count)
+    paths = output_paths(options.values["out"], _stem(options.values), count)
     return spec, paths
+
+
+def _stem(values: dict) -> str:
+    """The outputs' file name stem: --name, else a replayed manifest's own (`demo.json` → demo)."""
+    if values["name"] is not None:
+        return values["name"]
+    return Path(values["manifest"]).stem if values["manifest"] is not None else "freefuse"
 
 
 def _service(options: RunOptions):
     from .runner import RunService  # torch and diffusers: not for --help or a flag's mistake
 
+    _quiet_model_libraries()
     return RunService(options.values["device"], options.values["dtype"], options.values["offload"])
 
 
 # -- commands --------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 @run_options
 def generate(options: RunOptions) -> None:
@@ -483,7 +566,7 @@ def generate(options: RunOptions) -> None:
     _summary(output, paths)
 
 
-@app.command("masks")
+@app.command("masks", cls=Command)
 @command
 @run_options
 def masks_command(options: RunOptions) -> None:
@@ -509,7 +592,7 @@ def masks_command(options: RunOptions) -> None:
         console.print(escape(f"masks: {files['masks']}  overlay: {files['overlay']}"), highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def batch(
     jobs: Annotated[
@@ -533,10 +616,13 @@ def batch(
     With `accelerate launch --multi_gpu --num_processes N -m freefuse batch ...` the jobs are split
     between processes (one GPU each; gloo on CPUs); results and index shards share one folder.
     """
+    if not jobs.is_file():  # said before torch and diffusers are imported (seconds)
+        raise SettingsError(f"Job file {jobs} does not exist.")
     # Here, not at the top: torch and diffusers take seconds that --help and a flag's mistake need not wait.
     from .batch import expand_grid, is_done, load_jobs, process_state, read_index, run_batch  # start-up
     from .runner import RunService  # start-up time
 
+    _quiet_model_libraries()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         job_list = expand_grid(jobs) if grid else load_jobs(jobs)
@@ -579,7 +665,9 @@ def batch(
         if progress is not None:
             progress.stop()
     console.print(
-        f"[bold]process {state.process_index}[/]: {report.done} made, {report.skipped} already done, "
+        f"[bold]process {state.process_index}[/]: {report.done} made"
+        + (f" ({report.images} images)" if report.images != report.done else "")
+        + f", {report.skipped} already done, "
         f"{len(report.failed)} failed, {report.claimed_elsewhere} made by another batch of {report.share} "
         f"({report.images_per_minute:.1f} images/min, model loaded {report.model_loads}x)",
         highlight=False,
@@ -599,7 +687,7 @@ def batch(
         raise typer.Exit(EXIT_USER)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def inspect(
     files: Annotated[list[Path], typer.Argument(help="LoRA .safetensors files.")],
@@ -653,7 +741,7 @@ def inspect(
         raise typer.Exit(EXIT_USER)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def demo(
     out: OutOpt = Path("out"),
@@ -672,7 +760,14 @@ def demo(
         str | None, typer.Option("--size", help="WIDTHxHEIGHT (default 64 ShapesWorld, 1024 real).")
     ] = None,
     seed: SeedOpt = 0,
-    overwrite: OverwriteOpt = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            metavar="",
+            help="Replace files that are not a previous demo's (the demo replaces its own without it).",
+        ),
+    ] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     offload: OffloadOpt = False,
@@ -685,9 +780,14 @@ def demo(
     ] = None,
 ) -> None:
     """Run the whole job offline: merge beside FreeFuse on ShapesWorld, or a real model when its weights are here."""
-    from .demo import plan_demo, run_demo  # start-up time: torch and diffusers
+    if size is not None:  # a flag's mistake is said before torch and diffusers are imported
+        parse_size(size)
+    if steps is not None and steps < 1:
+        raise SettingsError(f"--steps {steps}: give at least 1 denoising step.")
+    from .demo import generate_command, plan_demo, run_demo  # start-up time: torch and diffusers
     from .runner import RunService  # start-up time
 
+    _quiet_model_libraries()
     plan = plan_demo(model, steps, size, seed, arch)
     console.print(escape(f"demo: {plan.description}"), highlight=False, soft_wrap=True)
     service = RunService(device=device, dtype=dtype, offload=offload)
@@ -696,23 +796,58 @@ def demo(
     _notes(notes)
     _summary(output, [files])
     shown = files.get("compare", files["image"])
+    console.print(escape(f"look at {shown}: {plan.look_at}"), highlight=False, soft_wrap=True)
     console.print(
-        escape(f"look at {shown}; all files: {', '.join(str(path) for path in files.values())}"),
-        highlight=False,
-        soft_wrap=True,
+        escape(f"all files: {', '.join(str(path) for path in files.values())}"), highlight=False, soft_wrap=True
     )
     console.print(escape(f"replay it: freefuse generate --manifest {files['manifest']} --out OTHER_FOLDER"))
+    console.print("make your own (change the prompt, --seed, --lora weights):", highlight=False)
+    console.print(escape(shlex.join(generate_command(plan, out))), highlight=False, soft_wrap=True)
 
 
-@app.command()
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _port(host: str, port: int | None) -> int:
+    """`port` if it is free on `host` (a clear error if not), else the first free one from 7860."""
+    candidates = [port] if port is not None else range(7860, 7960)
+    for candidate in candidates:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            try:
+                probe.bind((host, candidate))
+            except OSError as error:
+                if port is not None:
+                    raise SettingsError(
+                        f"Port {port} on {host} cannot be used ({error.strerror}); pick another with --port, or leave "
+                        "--port out for the first free one."
+                    ) from None
+                continue
+            return candidate
+    raise SettingsError("No free port from 7860 to 7959; pick one with --port.")
+
+
+def _auth(auth: str | None) -> tuple[str, str] | None:
+    auth = auth or os.environ.get("FREEFUSE_UI_AUTH")
+    if not auth:
+        return None
+    user, sep, password = auth.partition(":")
+    if not sep or not user or not password:
+        raise SettingsError("--auth takes USER:PASSWORD (or set FREEFUSE_UI_AUTH=USER:PASSWORD).")
+    return user, password
+
+
+@app.command(cls=Command)
 @command
 def ui(
     model: Annotated[
-        str,
+        list[str] | None,
         typer.Option(
-            "--model", "-m", help="Model the page starts with: 'tiny', a folder or a Hugging Face id."
+            "--model",
+            "-m",
+            help="Model the page starts with ('tiny', 'shapesworld', a folder or a Hugging Face id); repeat to "
+            "offer several. Visitors of a page served beyond this machine pick only among these.",
         ),
-    ] = "tiny",
+    ] = None,
     host: Annotated[
         str,
         typer.Option("--host", help="Address to bind (127.0.0.1: this machine only; 0.0.0.0: the network)."),
@@ -724,69 +859,94 @@ def ui(
         Path | None,
         typer.Option("--root", help="Folder for the sessions' files (default: a temporary folder)."),
     ] = None,
+    auth: Annotated[
+        str | None,
+        typer.Option(
+            "--auth", help="USER:PASSWORD visitors must give (or set FREEFUSE_UI_AUTH); needed beyond this machine."
+        ),
+    ] = None,
+    no_auth: Annotated[
+        bool,
+        typer.Option("--no-auth", metavar="", help="Serve beyond this machine without a login (said on the page)."),
+    ] = False,
+    max_upload_mb: Annotated[
+        int, typer.Option("--max-upload-mb", help="Largest LoRA file a visitor may upload, MiB.")
+    ] = 2048,
+    max_session_mb: Annotated[
+        int, typer.Option("--max-session-mb", help="Storage one session may use, MiB.")
+    ] = 4096,
+    max_total_mb: Annotated[
+        int, typer.Option("--max-total-mb", help="Storage all sessions may use together, MiB.")
+    ] = 20480,
+    session_hours: Annotated[
+        float, typer.Option("--session-hours", help="An unused session's files are removed after this long.")
+    ] = 24.0,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
     """A web page: add LoRAs, find and paint masks, generate beside merge, download and replay runs."""
-    if port is not None:
-        _check_port(host, port)  # before Gradio's seconds of start-up
     try:
         from .ui import build_app, launch  # an optional extra: Gradio
+        from .workspace import PageLimits  # start-up time: torch
     except ImportError as error:
         raise SettingsError(f"freefuse ui needs Gradio: pip install 'freefuse[ui]' ({error}).") from None
-    # Paths on this machine only for a page this machine alone can reach.
-    local = host in ("127.0.0.1", "localhost", "::1")
-    app_ = build_app(model=model, root=root, device=device, dtype=dtype, local_paths=local)
-    console.print(escape(f"FreeFuse UI: sessions under {app_.freefuse_root}; Ctrl-C stops it."))
-    try:
-        launch(app_, host=host, port=port)
-    except OSError as error:  # taken between the check and the launch; Gradio says "Cannot find empty port"
-        if port is not None and (error.errno == errno.EADDRINUSE or "empty port" in str(error)):
-            raise SettingsError(_port_in_use(host, port)) from None
-        raise
-
-
-def _port_in_use(host: str, port: int) -> str:
-    return (
-        f"--port {port} is in use on {host} (another program, or another FreeFuse page, listens there); pick another "
-        "port, or leave --port out to take the first free one from 7860."
+    _quiet_model_libraries()
+    local = host in LOOPBACK
+    credentials = _auth(auth)
+    if not local and credentials is None and not no_auth:
+        raise SettingsError(
+            f"--host {host} serves the page beyond this machine, and it has no login: give --auth USER:PASSWORD "
+            "(or FREEFUSE_UI_AUTH), or --no-auth to serve it to anyone who can reach it."
+        )
+    chosen = _port(host, port)
+    limits = PageLimits(
+        max_upload_bytes=max_upload_mb << 20,
+        max_session_bytes=max_session_mb << 20,
+        max_total_bytes=max_total_mb << 20,
+        session_ttl_s=session_hours * 3600,
     )
+    models = list(model or ["tiny"])
+    # Paths on this machine only for a page this machine alone can reach.
+    app_ = build_app(
+        model=models[0],
+        models=models if len(models) > 1 or not local else None,
+        root=root,
+        device=device,
+        dtype=dtype,
+        local_paths=local,
+        public_without_login=not local and credentials is None,
+        limits=limits,
+    )
+    shown_host = "localhost" if local else host
+    console.print(
+        escape(f"FreeFuse UI: http://{shown_host}:{chosen}/  (sessions under {app_.freefuse_root}; Ctrl-C stops it)"),
+        highlight=False,
+    )
+    launch(app_, host=host, port=chosen, auth=credentials, max_upload=f"{max_upload_mb}mb")
 
 
-def _check_port(host: str, port: int) -> None:
-    """The page can listen on `host:port`: said before the page starts, not as a server's traceback."""
-    if not 1 <= port <= 65535:
-        raise SettingsError(f"--port {port}: a port is a number from 1 to 65535.")
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as error:
-        raise SettingsError(f"--host {host} is not an address of this machine ({error.strerror}).") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does
-        try:
-            probe.bind(address)
-        except OSError as error:
-            if error.errno == errno.EADDRINUSE:
-                raise SettingsError(_port_in_use(host, port)) from None
-            if error.errno in (errno.EACCES, errno.EPERM):
-                raise SettingsError(
-                    f"--port {port} cannot be opened on {host} ({error.strerror}): ports below 1024 need administrator "
-                    "rights; pick a port from 1024 up."
-                ) from None
-            raise SettingsError(f"--host {host} --port {port} cannot be used here ({error.strerror}).") from None
-
-
-eval_app = typer.Typer(help="Measure subject bleeding offline.", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Measure subject bleeding (ShapesWorld, offline) and the paper's evaluation on your LoRAs.",
+    no_args_is_help=True,
+    cls=Group,
+    context_settings=HELP,
+)
 app.add_typer(eval_app, name="eval")
 
 
-@eval_app.command("shapesworld")
+@eval_app.command("shapesworld", cls=Command)
 @command
 def eval_shapesworld(
     method: Annotated[
-        list[str] | None, typer.Option("--method", help="merge | freefuse | masks (repeat).")
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="merge | freefuse | masks (ground truth) | freefuse/<mask method>, e.g. freefuse/routing (repeat).",
+        ),
     ] = None,
+    world: Annotated[
+        str, typer.Option("--world", help="The ShapesWorld version: v1 or v3 (its committed weights).")
+    ] = "v1",
     quick: Annotated[
         bool, typer.Option("--quick", metavar="", help="A fixed small subset (CI, smoke checks).")
     ] = False,
@@ -816,14 +976,19 @@ def eval_shapesworld(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Pairs, triples and the quad of the 4 ShapesWorld LoRAs x prompts x seeds: identity, presence, leakage."""
-    from .shapesworld.evaluate import METHODS, EvalConfig, run_evaluation  # start-up time
+    from .shapesworld.evaluate import METHODS, VARIANT, EvalConfig, run_evaluation  # start-up time
+    from .shapesworld.scenes import WORLDS  # start-up time
 
+    _quiet_model_libraries()
     methods = tuple(method or METHODS)
-    unknown = sorted(set(methods) - set(METHODS))
+    variants = {f"{VARIANT}{name}" for name in MAP_METHOD_NAMES}
+    unknown = sorted(set(methods) - set(METHODS) - variants)
     if unknown:
-        raise SettingsError(f"Unknown method(s) {unknown}; use {list(METHODS)}.")
+        raise SettingsError(f"Unknown method(s) {unknown}; use {list(METHODS)} or freefuse/<mask method>.")
+    if world not in WORLDS:
+        raise SettingsError(f"--world {world!r}: use one of {sorted(WORLDS)}.")
     config = EvalConfig.quick() if quick else EvalConfig()
-    config.methods = methods
+    config.methods, config.world = methods, world
     if mask_method is not None:
         if mask_method not in MAP_METHOD_NAMES:
             raise SettingsError(f"--mask-method {mask_method!r}: use one of {list(MAP_METHOD_NAMES)}.")
@@ -867,6 +1032,166 @@ def eval_shapesworld(
             raise typer.Exit(EXIT_INTERRUPTED) from None
     console.print(table, highlight=False, markup=False)
     console.print(escape(f"wrote {files['json']}, {files['md']}, {files['grid']}"), highlight=False)
+
+
+
+@eval_app.command("pairs", cls=Command)
+@command
+def eval_pairs(
+    lora: Annotated[
+        list[str] | None,
+        typer.Option("--lora", "-l", help="A character LoRA: PATH=WORD\\[@WEIGHT]. Two or more; paired two by two."),
+    ] = None,
+    refs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--refs",
+            help="NAME=FOLDER: a LoRA's training images (NAME: its file name or word). Without one, its single-LoRA "
+            "images on the same seeds serve, and the report says so.",
+        ),
+    ] = None,
+    model: ModelOpt = None,
+    base_model: Annotated[
+        str | None, typer.Option("--base-model", help="For --model FILE.safetensors: its diffusers configs.")
+    ] = None,
+    prompts: Annotated[
+        str, typer.Option("--prompts", help="'paper' (Appendix B, built in) or a text file, one <A>/<B> prompt a line.")
+    ] = "paper",
+    prompt_count: Annotated[
+        int | None, typer.Option("--prompt-count", help="Only the first N prompts (a smaller run).")
+    ] = None,
+    seeds: Annotated[str, typer.Option("--seeds", help="A range (42-51, the paper's) or a list (42,43).")] = "42-51",
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="diffusers | merge | freefuse | freefuse:MASK_METHOD | masks | single (repeat; default: all but "
+            "the freefuse:* variants).",
+        ),
+    ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option("--metric", help="dinov3 | dreamsim | lvface | hpsv3 | vlm | clip (repeat; default: the paper's five)."),
+    ] = None,
+    metric_model: Annotated[
+        list[str] | None,
+        typer.Option("--metric-model", help="METRIC=MODEL_ID, e.g. vlm=Qwen/Qwen2.5-VL-7B-Instruct (the judge)."),
+    ] = None,
+    judge_references: Annotated[
+        int, typer.Option("--judge-references", help="Reference images per character shown to the judge.")
+    ] = 1,
+    crops: Annotated[
+        str, typer.Option("--crops", help="masks (FreeFuse's masks of each seed, for every method) | detector.")
+    ] = "masks",
+    detector: Annotated[str, typer.Option("--detector", help="owlv2 | halves (no model).")] = "owlv2",
+    detector_model: Annotated[str | None, typer.Option("--detector-model", help="The detector's model id.")] = None,
+    setting: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="A generate setting for every image, KEY=VALUE (steps=28, size=1024x1024, guidance=3.5)."),
+    ] = None,
+    single_prompt: Annotated[
+        str, typer.Option("--single-prompt", help="The single-LoRA images' prompt, with <A>.")
+    ] = "a portrait photo of <A>, face clearly visible",
+    skip_unavailable: Annotated[
+        bool, typer.Option("--skip-unavailable", metavar="", help="Leave out metrics whose library is missing.")
+    ] = False,
+    quick: Annotated[
+        bool,
+        typer.Option("--quick", metavar="", help="End to end offline in seconds: tiny model, tiny random metric backbones."),
+    ] = False,
+    out: OutOpt = Path("out/eval-pairs"),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """The paper's evaluation (Table 2) on your LoRAs: pairs x prompts x seeds x methods, scored, reported.
+
+    Re-run the same command to resume. With `accelerate launch --multi_gpu --num_processes N -m freefuse eval
+    pairs ...` the images and the scores are split between GPUs.
+    """
+    from .evaluation import run as evaluation  # start-up time: torch, diffusers, transformers
+    from .runner import RunService  # start-up time
+
+    if quick:
+        if lora or model or refs:
+            raise SettingsError("--quick runs its own tiny model and LoRAs; leave out --lora, --model and --refs.")
+        config, options = evaluation.quick_setup(out)
+    else:
+        config = _pairs_config(evaluation, model, base_model, lora, refs, prompts, prompt_count, seeds, method, setting,
+                               single_prompt)  # fmt: skip
+        options = _pairs_options(evaluation, metric, metric_model, judge_references, crops, detector, detector_model,
+                                 skip_unavailable, device)  # fmt: skip
+    with _progress() as progress:
+        task = progress.add_task("checking", total=None)
+
+        def report(stage: str, done: int | None, total: int | None) -> None:
+            progress.update(task, description=stage, completed=done or 0, total=total)
+
+        try:
+            files = evaluation.run_pairs(config, options, out, RunService(device=device, dtype=dtype), report)
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print(escape(f"Interrupted; finished images and scores are kept in {out}. Run the same command again to resume."), style="yellow")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    if files:
+        console.print(escape(f"wrote {files['md']}, {files['html']}, {files['scores']}"), highlight=False, soft_wrap=True)
+
+
+def _pairs_config(evaluation, model, base_model, lora, refs, prompts, prompt_count, seeds, method, setting, single_prompt):
+    """`eval pairs`' generation plan from its options (`evaluation`: the module, imported by the command)."""
+    if model is None or len(lora or []) < 2:
+        raise SettingsError("Give --model and at least two --lora PATH=WORD (or --quick to try it).")
+    chosen, note = evaluation.load_prompts(prompts)
+    if prompt_count is not None:
+        if prompt_count < 1:
+            raise SettingsError(f"--prompt-count {prompt_count}: give at least 1.")
+        chosen = chosen[:prompt_count]
+        note = f"the first {len(chosen)} of: {note}"
+    folders = dict(_pair(item, "--refs", "NAME=FOLDER") for item in refs or [])
+    return evaluation.build_config(
+        model, [parse_lora_spec(item) for item in lora], folders, chosen, note, evaluation.parse_seeds(seeds),
+        evaluation.check_methods(method or evaluation.DEFAULT_METHODS), evaluation.parse_settings(setting or []),
+        single_prompt, base_model,
+    )  # fmt: skip
+
+
+def _pairs_options(evaluation, metric, metric_model, judge_references, crops, detector, detector_model,
+                   skip_unavailable, device):  # fmt: skip
+    """`eval pairs`' scoring options from its options (metrics keep their own dtypes: float32 features, the
+    judge in bfloat16 on a GPU; --dtype is the image model's)."""
+    if crops not in ("masks", "detector"):
+        raise SettingsError(f"--crops {crops!r}: use masks or detector.")
+    return evaluation.EvalOptions(
+        metrics=tuple(metric or evaluation.PAPER_METRICS),
+        metric_options=evaluation.MetricOptions(
+            device=device, models=dict(_pair(item, "--metric-model", "METRIC=ID") for item in metric_model or []),
+            judge_references=judge_references,
+        ),
+        crops=crops, detector=detector, detector_model=detector_model, skip_unavailable=skip_unavailable,
+        command="freefuse " + " ".join(sys.argv[1:]) if sys.argv and "freefuse" in sys.argv[0] else "freefuse eval pairs",
+    )  # fmt: skip
+
+
+def _pair(item: str, flag: str, form: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise SettingsError(f"{flag} {item!r}: write {form}.")
+    return key.strip(), value.strip()
+
+
+@eval_app.command("replay", cls=Command)
+@command
+def eval_replay(
+    manifest: Annotated[Path, typer.Argument(help="A `diffusers` row's manifest from `freefuse eval pairs` (images/NAME.json).")],
+    out: OutOpt = Path("out/replay"),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Make a `diffusers` baseline row's image again (FreeFuse rows replay with `freefuse generate --manifest`)."""
+    from .evaluation import run as evaluation  # start-up time
+    from .runner import RunService  # start-up time
+
+    written = evaluation.replay_plain(manifest, RunService(device=device, dtype=dtype), out)
+    console.print(escape(f"wrote {', '.join(str(path) for path in written)}"), highlight=False, soft_wrap=True)
 
 
 def main() -> None:

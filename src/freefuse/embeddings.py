@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import EmbeddingError
+
+if TYPE_CHECKING:  # torch is imported where tensors are changed: `inspect` reads headers only
+    import torch
 
 BUNDLE_PREFIX = "bundle_emb."
 MAX_PLACEHOLDER_CHARS = 100
@@ -142,6 +144,8 @@ def install(
     embeddings: dict[str, dict[str, torch.Tensor]], slots: Mapping[str, tuple[str, str]], pipeline
 ) -> InstalledEmbeddings:
     """Put each embedding into its text encoder (call `check_embeddings` first). On error, nothing stays changed."""
+    import torch
+
     installed = InstalledEmbeddings()
     try:
         for placeholder, per_encoder in embeddings.items():
@@ -172,6 +176,8 @@ def install(
 
 def uninstall(installed: InstalledEmbeddings, pipeline) -> None:
     """Every replaced row and added token back as before `install`."""
+    import torch
+
     for text_encoder, token_id, row in reversed(installed.replaced):
         with torch.no_grad():
             text_encoder.get_input_embeddings().weight[token_id] = row

@@ -29,6 +29,10 @@ class LoraFileError(FreeFuseError):
     """A LoRA file cannot be used: missing, not safetensors, corrupt, or for another model."""
 
 
+class LoraFitError(LoraFileError):
+    """A LoRA file made for another model: layers this model lacks, or of other sizes."""
+
+
 class ModelLoadError(FreeFuseError):
     """The base model cannot be found or loaded (the message says what is missing)."""
 

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from .core import jsontext
 from .embeddings import EmbeddingError, bundled_embeddings, is_bundle_key, split_bundle_key
-from .errors import LoraFileError
+from .errors import LoraFileError, LoraFitError
 from .files import sha256_file
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported by the functions that read tensors: `inspect` reads headers only
+    import torch
+
     from .backends.base import Backend
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".th", ".tar", ".zip"}
@@ -178,9 +178,10 @@ def _header_size(head: bytes, size: int, path: Path) -> int:
         raise LoraFileError(f"{path} is too short to be a safetensors file ({size} bytes); it is truncated.")
     (header_size,) = struct.unpack("<Q", head)
     if header_size > MAX_HEADER_BYTES or 8 + header_size > size:
+        # The claimed length is the file's first 8 bytes: not shown, they may be anyone's text.
         raise LoraFileError(
-            f"{path} is not a valid safetensors file (its header claims {header_size} bytes of a "
-            f"{size}-byte file): it is corrupt, truncated, or another format."
+            f"{path} is not a valid safetensors file (its header length does not fit the {size}-byte file): it is "
+            "corrupt, truncated, or another format."
         )
     return header_size
 
@@ -314,6 +315,8 @@ def read_lora_file(path: str | Path) -> LoraFile:
 
 def check_lora_tensor(path: Path, key: str, tensor: torch.Tensor) -> None:
     """LoRA weights are finite floating-point numbers; name the file and tensor when not."""
+    import torch
+
     if not tensor.is_floating_point():
         raise LoraFileError(
             f"{path.name}: tensor {key!r} holds {str(tensor.dtype).removeprefix('torch.')} values; LoRA weights "
@@ -382,9 +385,11 @@ def check_lora_fits(
 
     `state_dict` is in diffusers layout; `prefix` is the denoiser's key prefix ("transformer").
     """
+    import torch
+
     denoiser_keys = [k for k in state_dict if k.startswith(prefix + ".")]
     if not denoiser_keys:
-        raise LoraFileError(
+        raise LoraFitError(
             f"{source} has no layers for this model's {prefix} (first key {next(iter(state_dict), None)!r}); "
             "it is a LoRA for another architecture."
         )
@@ -398,7 +403,7 @@ def check_lora_fits(
         module_name, which = match.groups()
         module = modules.get(module_name)
         if module is None:
-            raise LoraFileError(
+            raise LoraFitError(
                 f"{source} does not fit this model: key {key!r} names layer {module_name!r}, which the "
                 f"{prefix} does not have (a LoRA for another model or version)."
             )
@@ -414,12 +419,12 @@ def check_lora_fits(
                 f"are {kind}."
             )
         if which == "A" and tensor.shape[1] != in_features:
-            raise LoraFileError(
+            raise LoraFitError(
                 f"{source} does not fit this model: key {key!r} has shape {tuple(tensor.shape)} but layer "
                 f"{module_name!r} takes {in_features} inputs (a LoRA for a model of another size)."
             )
         if which == "B" and tensor.shape[0] != out_features:
-            raise LoraFileError(
+            raise LoraFitError(
                 f"{source} does not fit this model: key {key!r} has shape {tuple(tensor.shape)} but layer "
                 f"{module_name!r} gives {out_features} outputs (a LoRA for a model of another size)."
             )
@@ -554,6 +559,12 @@ def text_encoder_parts(keys) -> list[str]:
     return sorted(found)
 
 
+#: The down (A) half of a LoRA layer, whose first axis is the rank: kohya's `.lora_down.weight`,
+#: PEFT's `.lora_A[.adapter].weight`, XLabs' `.processor.qkv_lora1.down.weight`.
+_DOWN_KEY = re.compile(r"\.lora_down\.|\.lora_A\.|_lora\d*\.down\.weight$")
+_LAYER_SUFFIX = re.compile(r"\.(lora_down|lora_A|lora_up|lora_B|alpha|down|up)(\.weight)?$")
+
+
 def describe_lora(path: str | Path) -> dict:
     """What `freefuse inspect` shows: layout, architecture, rank, adapted layers, trigger words and
     where they came from, selected metadata. Read from the safetensors header alone."""
@@ -566,10 +577,10 @@ def describe_lora(path: str | Path) -> dict:
         {
             int(shape[0])
             for key, shape in shapes.items()
-            if isinstance(shape, list) and len(shape) == 2 and (".lora_down." in key or ".lora_A." in key)
+            if isinstance(shape, list) and len(shape) == 2 and _DOWN_KEY.search(key)
         }
     )
-    layers = {re.sub(r"\.(lora_down|lora_A|lora_up|lora_B|alpha)(\.weight)?$", "", key) for key in shapes}
+    layers = {_LAYER_SUFFIX.sub("", key) for key in shapes}
     shown = (
         "ss_output_name",
         "ss_base_model_version",

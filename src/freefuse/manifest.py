@@ -8,6 +8,7 @@ paths in them are checked by the caller (see `cli.py`).
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import platform
 import sys
 from dataclasses import dataclass
@@ -82,18 +83,41 @@ def model_record(pipeline, denoiser: torch.nn.Module, source: ModelSource | None
     n_params = sum(p.numel() for p in denoiser.parameters())
     if any(p.device.type == "meta" for p in denoiser.parameters()):
         # Sequential CPU offload keeps the weights in accelerate's hooks, not in the model.
-        record["denoiser_weights_sha256"] = None
-        record["denoiser_weights_note"] = "not hashed: the weights are offloaded (sequential CPU offload)"
+        record["base_weights_sha256"] = None
+        record["base_weights_note"] = "not hashed: the weights are offloaded (sequential CPU offload)"
         return record
     if n_params <= IN_MEMORY_HASH_LIMIT:
-        import hashlib
-
-        digest = hashlib.sha256()
-        for key, tensor in sorted(denoiser.state_dict().items()):
-            digest.update(key.encode())
-            digest.update(tensor.detach().float().cpu().numpy().tobytes())
-        record["denoiser_weights_sha256"] = digest.hexdigest()
+        record["base_weights_sha256"] = base_weights_sha256(denoiser)
     return record
+
+
+def base_weights_sha256(denoiser: torch.nn.Module) -> str:
+    """A hash of the denoiser's own weights, whatever LoRA adapters are loaded into it (PEFT moves a
+    layer's weight to `<layer>.base_layer.weight` and adds `lora_A`/`lora_B`: both left out)."""
+    digest = hashlib.sha256()
+    own = {
+        key.replace(".base_layer.", "."): tensor
+        for key, tensor in denoiser.state_dict().items()
+        if ".lora_" not in key and ".lora_magnitude_vector" not in key
+    }
+    for key, tensor in sorted(own.items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_differences(recorded: dict, current: dict) -> list[str]:
+    """What differs between a manifest's model record and the model loaded now: each file whose
+    hash changed or is missing, and the in-memory weights' hash; empty when they agree."""
+    found = []
+    for name, digest in (recorded.get("files") or {}).items():
+        now = (current.get("files") or {}).get(name)
+        if now != digest:
+            found.append(f"{name} ({'missing' if now is None else 'changed'})")
+    expected = recorded.get("base_weights_sha256")
+    if isinstance(expected, str) and current.get("base_weights_sha256") not in (None, expected):
+        found.append("the denoiser's weights (changed)")
+    return found
 
 
 def build_manifest(

@@ -397,10 +397,12 @@ def _check_shape(
 
 
 @contextlib.contextmanager
-def adapters_for_run(pipeline, names: Sequence[str], weights: Sequence[float]) -> Iterator[None]:
-    """The run's adapters active with the run's weights while inside; afterwards every adapted layer
-    of every component has the caller's active adapters and scalings back (`set_adapters` state),
-    even after an error."""
+def adapters_for_run(pipeline, names: Sequence[str], weights: Sequence[float]) -> Iterator[bool]:
+    """The run's adapters active with the run's weights while inside, and enabled even where the
+    caller disabled the LoRA layers (`disable_lora()`: a run of FreeFuse's LoRAs that applied none
+    would be a silent wrong result); yields whether it had to enable them. Afterwards every adapted
+    layer of every component has the caller's state back (active adapters, scalings, enabled or
+    not, `requires_grad`), even after an error."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     saved = []
@@ -409,17 +411,20 @@ def adapters_for_run(pipeline, names: Sequence[str], weights: Sequence[float]) -
             for module in component.modules():
                 if isinstance(module, BaseTunerLayer):
                     grads = {name: p.requires_grad for name, p in module.named_parameters()}
-                    saved.append(
-                        (module, list(module.active_adapters), dict(getattr(module, "scaling", {})), grads)
-                    )
+                    state = (list(module.active_adapters), dict(getattr(module, "scaling", {})), grads)
+                    saved.append((module, *state, bool(module.disable_adapters)))
     try:
         pipeline.set_adapters(list(names), adapter_weights=list(weights))
-        yield
+        disabled = [module for module, *_, off in saved if off]
+        for module in disabled:
+            module.enable_adapters(True)
+        yield bool(disabled)
     finally:
-        for module, active, scaling, grads in saved:
+        for module, active, scaling, grads, off in saved:
             module.set_adapter(active)  # PEFT also switches requires_grad here: put it back below
             if scaling:
                 module.scaling.update(scaling)
+            module.enable_adapters(not off)
             for name, parameter in module.named_parameters():
                 if name in grads:
                     parameter.requires_grad_(grads[name])

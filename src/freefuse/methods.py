@@ -83,6 +83,7 @@ class SubjectMasks:
         sets: per image, the masks at image size for people (`MaskSet`), or None.
         previews: per image, the x0 picture stage 1 voted on, or None.
         attention: per image, {name: {"cross": [h, w], "refined": [h, w]}}, or None.
+        from_step: the 0-based step from which the masks act (every LoRA acts everywhere before).
     """
 
     tokens: dict[str, torch.Tensor]
@@ -90,6 +91,7 @@ class SubjectMasks:
     sets: list[MaskSet | None] = field(default_factory=list)
     previews: list[np.ndarray | None] = field(default_factory=list)
     attention: list[dict | None] = field(default_factory=list)
+    from_step: int = 0
 
 
 class Method(abc.ABC):
@@ -178,7 +180,10 @@ class UserMasks(Method):
                     context.fallbacks[b].append(
                         f"image {b}: the mask given for LoRA {name!r} covers no image token; it is off in this image."
                     )
-        return SubjectMasks(tokens=tokens, sets=list(sets))
+        # "mask-step": as FreeFuse's masks do, from the step after the mask step (ground-truth masks
+        # compared with FreeFuse on equal terms).
+        late = context.settings.user_masks_from == "mask-step"
+        return SubjectMasks(tokens=tokens, sets=list(sets), from_step=context.settings.resolved_mask_step if late else 0)
 
 
 @register_method

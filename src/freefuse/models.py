@@ -18,6 +18,7 @@ from .errors import ModelLoadError, SettingsError
 from .files import read_input
 from .lora import read_header
 from .manifest import ModelSource
+from .shapesworld.model import LORA_DIR as SHAPESWORLD_LORAS
 from .shapesworld.model import MODEL_DIR as SHAPESWORLD_DIR
 from .shapesworld.model import load_shapesworld
 from .tiny import TINY_PIPELINES
@@ -30,6 +31,22 @@ TINY_MODELS = {TINY: "flux", TINY_SDXL: "sdxl"}
 SHAPESWORLD = "shapesworld"
 BUILT_IN = (*TINY_MODELS, SHAPESWORLD)
 _HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+
+
+def fitting_loras(model: str) -> str:
+    """Where LoRAs that fit a built-in model come from ("" for other models): what to say when a
+    LoRA for another model is given to one."""
+    if model in TINY_MODELS:
+        return (
+            f" LoRAs that fit the built-in {model!r}: `freefuse demo --model {model} --out DIR` writes two random "
+            "ones to DIR/demo-loras/ and prints a `freefuse generate` line that uses them."
+        )
+    if model == SHAPESWORLD:
+        return (
+            f" ShapesWorld's own LoRAs (zorblax, quiffle, blorp, snerk) are in {SHAPESWORLD_LORAS}; "
+            "`freefuse demo --out DIR` copies two to DIR/demo-loras/ and prints a `freefuse generate` line that uses them."
+        )
+    return ""
 
 
 #: The device types FreeFuse runs on (each when this machine and this PyTorch have it).
@@ -369,17 +386,43 @@ def load_pipeline(
             use_safetensors=True,  # never fall back to unpickling .bin files
         )
     except (OSError, ValueError) as error:
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        hint = ""
-        if is_hub_id(model):
-            hint = (
-                " It is not in the local Hugging Face cache and downloading is off (HF_HUB_OFFLINE=1)."
-                if offline()
-                else " Check the id, your network, and `huggingface-cli login` for gated models."
-            )
-            hint += f" (No local folder named {model!r} exists either.)"
-        raise ModelLoadError(f"Could not load model {model!r}: {text}.{hint}") from None
+        raise ModelLoadError(load_failure(model, error)) from None
     return _place(pipeline, chosen, None, offload)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception `error` was raised from (a network error under diffusers' own)."""
+    seen = {id(error)}
+    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        error = inner
+    return error
+
+
+def load_failure(model: str, error: BaseException) -> str:
+    """Our own words for a model that did not load: what is missing, the real cause (not diffusers'
+    "root cause in the stacktrace above", which no one is shown), and what to do."""
+    root = _root_cause(error)
+    cause = f"{type(root).__name__}: {str(root).strip().splitlines()[0] if str(root).strip() else 'no message'}"
+    if not is_hub_id(model):
+        return f"Could not load model {model!r}: {cause}."
+    cached = _model_index(model) is not None
+    where = "partly in" if cached else "not in"
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE as cache
+    except ImportError:
+        cache = "the Hugging Face cache"
+    missing = f"Model {model!r} is {where} the local Hugging Face cache ({cache})"
+    if offline():
+        fix = f"downloading is off (HF_HUB_OFFLINE=1): download it where there is a network (`hf download {model}`)"
+    elif root is error:
+        fix = f"it could not be fetched: {cause}. Check the id, your network, and `hf auth login` for gated models"
+    else:
+        fix = (
+            f"it could not be fetched from the Hub ({cause}). Check the id and your network; gated models (FLUX.1-dev) "
+            "also need `hf auth login` and the licence accepted on the model's page"
+        )
+    return f"{missing}, and {fix}. Or pass a local diffusers folder (no folder named {model!r} exists here)."
 
 
 def model_source(model: str, base: str | None = None) -> ModelSource | None:

@@ -66,9 +66,16 @@ def check_outputs(paths: list[dict[str, Path]], overwrite: bool) -> list[str]:
     return notes
 
 
-def encode_outputs(output, paths: list[dict[str, Path]], masks_only: bool = False) -> list[dict[Path, bytes]]:
+def encode_outputs(
+    output,
+    paths: list[dict[str, Path]],
+    masks_only: bool = False,
+    portable: bool = False,
+    colours: dict[str, tuple[int, int, int]] | None = None,
+) -> list[dict[Path, bytes]]:
     """Per image, every file it writes and its bytes: image (settings in PNG text chunks), mask
-    overlay, masks, and the manifest last."""
+    overlay, masks, and the manifest last. `portable`: the manifest records no path outside its
+    own folder (see `located`)."""
     from PIL.PngImagePlugin import PngInfo
 
     manifest = output.manifest
@@ -78,7 +85,7 @@ def encode_outputs(output, paths: list[dict[str, Path]], masks_only: bool = Fals
         masks = output.masks[index]
         record = copy.deepcopy({**manifest, "images": [manifest["images"][index]]})
         record["outputs"] = {key: path.name for key, path in files.items()}
-        located(record, files["manifest"].parent)
+        located(record, files["manifest"].parent, portable)
         data: dict[Path, bytes] = {}
         if not masks_only:
             info = PngInfo()
@@ -100,7 +107,7 @@ def encode_outputs(output, paths: list[dict[str, Path]], masks_only: bool = Fals
             info.add_text("parameters", a1111_parameters(manifest, index))
             data[files["image"]] = _png(image, info)
         if masks is not None:
-            data[files["overlay"]] = _png(masks.overlay(image))
+            data[files["overlay"]] = _png(masks.overlay(image, colours=colours))
             data.update(masks.encode(files["masks"]))
         else:
             record["outputs"].pop("overlay")
@@ -117,13 +124,19 @@ def _png(image, info=None) -> bytes:
 
 
 def write_outputs(
-    output, paths: list[dict[str, Path]], overwrite: bool, masks_only: bool = False
+    output,
+    paths: list[dict[str, Path]],
+    overwrite: bool,
+    masks_only: bool = False,
+    portable: bool = False,
+    colours: dict[str, tuple[int, int, int]] | None = None,
 ) -> list[list[Path]]:
     """Write a run's files as one unit (all images; each image's manifest after its other files):
     on any failure (a full disk, a kill) nothing of the run is left. Returns, per image, its files.
+    `portable`: the manifests record no path outside their folder (runs handed to other people).
     """
     check_outputs(paths, overwrite)
-    encoded = encode_outputs(output, paths, masks_only)
+    encoded = encode_outputs(output, paths, masks_only, portable, colours)
     ordered = {path: data for files in encoded for path, data in files.items() if path.suffix != ".json"}
     ordered.update(
         {path: data for files in encoded for path, data in files.items() if path.suffix == ".json"}
@@ -198,18 +211,35 @@ def a1111_parameters(manifest: dict, index: int) -> str:
     return "\n".join(lines)
 
 
-def located(record: dict, folder: Path) -> None:
+def located(record: dict, folder: Path, portable: bool = False) -> None:
     """Add, beside each file path a manifest records, the path as seen from the manifest's folder,
-    so that a replay finds the files from anywhere (and a folder moved whole still replays)."""
+    so that a replay finds the files from anywhere (and a folder moved whole still replays).
+
+    `portable`: record no path outside the manifest's folder at all (a run given to someone else,
+    e.g. downloaded from the web page): paths inside it become relative, others keep their name
+    only, and the command line is left out. Such a manifest replays from its folder alone.
+    """
     for lora in record.get("loras", []):
-        if isinstance(lora.get("path"), str) and Path(lora["path"]).exists():
-            lora["path_from_manifest"] = relative_to(lora["path"], folder)
+        _locate(lora, "path", "path_from_manifest", folder, portable)
     model = record.get("model", {})
-    path = model.get("id_or_path")
-    if isinstance(path, str) and Path(path).expanduser().is_dir():
-        model["path_from_manifest"] = relative_to(path, folder)
-    base = model.get("base_model")
-    if isinstance(base, str) and Path(base).expanduser().is_dir():
-        model["base_model_from_manifest"] = relative_to(base, folder)
-    if isinstance(record.get("masks"), str) and Path(record["masks"]).exists():
-        record["masks_from_manifest"] = relative_to(record["masks"], folder)
+    if isinstance(model.get("id_or_path"), str) and Path(model["id_or_path"]).expanduser().is_dir():
+        _locate(model, "id_or_path", "path_from_manifest", folder, portable)
+    if isinstance(model.get("base_model"), str) and Path(model["base_model"]).expanduser().is_dir():
+        _locate(model, "base_model", "base_model_from_manifest", folder, portable)
+    _locate(record, "masks", "masks_from_manifest", folder, portable)
+    if portable:
+        record["command"] = []
+
+
+def _locate(entry: dict, key: str, relative_key: str, folder: Path, portable: bool) -> None:
+    """`entry[relative_key]`: `entry[key]` (an existing file or folder) as seen from `folder`."""
+    path = entry.get(key)
+    if not isinstance(path, str) or not Path(path).expanduser().exists():
+        return
+    resolved, folder = Path(path).expanduser().resolve(), folder.resolve()
+    entry[relative_key] = relative_to(resolved, folder)
+    if portable:
+        inside = resolved.is_relative_to(folder)
+        entry[key] = entry[relative_key] if inside else resolved.name
+        if not inside:
+            del entry[relative_key]  # "../../…" would tell where the server keeps it

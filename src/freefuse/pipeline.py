@@ -422,7 +422,12 @@ class FreeFuse:
         # no_grad, not inference_mode: model CPU offload moves weights during the run, and weights
         # re-made under inference_mode become inference tensors that PEFT can no longer switch
         # (`requires_grad_` on them fails in `set_adapter` afterwards).
-        with run_adapters, torch.no_grad(), masker.installed():
+        with run_adapters as enabled_for_run, torch.no_grad(), masker.installed():
+            if enabled_for_run:
+                notes.append(
+                    "the pipeline's LoRA layers were disabled (`disable_lora()`); this run enabled them for its own "
+                    "LoRAs and disabled them again after."
+                )
             # 3. Encode prompts
             tick = time.perf_counter()
             conditioning = backend.encode(settings.image_prompts, settings.max_sequence_length)
@@ -438,9 +443,12 @@ class FreeFuse:
                 generators, batch, settings.height, settings.width, conditioning.prompt_embeds.dtype, latents
             )
             per_pass = pass_masks_of(context, subject_masks, conditioning, negative)
+            unmasked: dict[PassName, None] = {"cond": None, "uncond": None}
 
-            def switch_masks(name: str) -> None:
-                masker.set_masks(per_pass[name])  # the masks of the pass about to run
+            def switch_masks(name: PassName) -> None:
+                # The masks of the pass about to run; none before the step they start at.
+                waiting = subject_masks is not None and i < subject_masks.from_step
+                masker.set_masks((unmasked if waiting else per_pass)[name])
 
             step_times = []
             captured = []

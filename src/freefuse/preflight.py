@@ -160,7 +160,7 @@ def _resolved(model: ModelFacts, settings: GenerationSettings) -> GenerationSett
     return settings.model_copy(
         update={
             "block": block,
-            "max_sequence_length": settings.max_sequence_length or architecture.max_sequence_length,
+            "max_sequence_length": settings.max_sequence_length or architecture.default_sequence_length(model.tokenizer),
             "mask_config": architecture.mask_config(settings),
             "guidance_scale": architecture.default_guidance if guidance is None else guidance,
         }

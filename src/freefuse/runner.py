@@ -16,11 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RunCancelled, SettingsError
-from .manifest import ModelSource
-from .models import load_pipeline, model_source, pick_device
+from .errors import LoraFitError, RunCancelled, SettingsError
+from .manifest import ModelSource, model_differences, model_record
+from .models import fitting_loras, load_pipeline, model_source, pick_device
 from .pipeline import FreeFuse, FreeFuseOutput, FreeFuseWarning, Subject
-from .spec import LoraSpec, RunSpec, changed_lora_message
+from .spec import LoraSpec, RunSpec, changed_lora_message, model_changed_message
 
 #: `on_step(done, total)`: called after every denoising step of a run.
 StepCallback = Callable[[int, int], None]
@@ -119,7 +119,13 @@ class RunService:
             self._unload(lambda other, _: other == name)  # another file (or a changed one) under this name
             kept = None
         if kept is None:
-            subject = self._owner.add_lora(path, name=name)
+            try:
+                subject = self._owner.add_lora(path, name=name)
+            except LoraFitError as error:  # for another model: say where LoRAs for a built-in one come from
+                hint = fitting_loras(self._model[0]) if self._model else ""
+                if not hint:
+                    raise
+                raise LoraFitError(f"{error}{hint}") from None
             kept = self._loaded[name] = _Loaded(identity=identity, subject=subject)
             self.lora_loads += 1
         if lora.sha256 is not None and lora.sha256 != kept.subject.sha256:
@@ -132,6 +138,13 @@ class RunService:
             if which(name, kept):
                 self._owner.remove(name)
                 del self._loaded[name]
+
+    def _check_recorded_model(self, spec: RunSpec, freefuse: FreeFuse) -> None:
+        """A replay's model, loaded, is the one its manifest recorded (file hashes, weights hash)."""
+        current = model_record(freefuse.pipeline, freefuse.backend.denoiser, freefuse.source)
+        differences = model_differences(spec.recorded_model, current)
+        if differences:
+            raise SettingsError(model_changed_message(spec.model, differences))
 
     # -- running -----------------------------------------------------------------------------------
     def run(
@@ -162,6 +175,8 @@ class RunService:
 
         with self.lock:
             freefuse = self.freefuse(spec)
+            if spec.recorded_model:
+                self._check_recorded_model(spec, freefuse)
             freefuse.check_inputs(settings, spec.masks)  # a word error before any progress is shown
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", FreeFuseWarning)

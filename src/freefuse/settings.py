@@ -151,6 +151,11 @@ class GenerationSettings(BaseModel):
     preview: Literal["vae", "latent"] = Field(
         "vae", description="x0 picture for superpixels: a VAE decode, or a cheap latent preview."
     )
+    user_masks_from: Literal["first-step", "mask-step"] = Field(
+        "first-step",
+        description="When the masks you give (method 'masks') start to act: from the first step, or after the "
+        "mask step as FreeFuse's own do.",
+    )
     empty_mask: Literal["global", "off"] = Field(
         "global", description="A subject that wins no region: its LoRA acts everywhere, or not at all."
     )
@@ -302,7 +307,12 @@ class GenerationSettings(BaseModel):
             raise ValueError(
                 f"`seed` lists {len(self.seed)} seeds for {n_images} images; give one per image or one int."
             )
-        if get_method(self.method).reads_attention and self.resolved_mask_step > self.num_inference_steps:
+        if self.user_masks_from == "mask-step" and not get_method(self.method).takes_masks:
+            raise ValueError(
+                f"`user_masks_from` only applies to method 'masks' (method is {self.method!r}); leave it out."
+            )
+        late_masks = get_method(self.method).takes_masks and self.user_masks_from == "mask-step"
+        if (get_method(self.method).reads_attention or late_masks) and self.resolved_mask_step > self.num_inference_steps:
             raise ValueError(
                 f"`mask_step` {self.resolved_mask_step} is past the last of {self.num_inference_steps} steps; use a "
                 f"value from 1 to {self.num_inference_steps} (the paper uses 6 of 28)."
@@ -419,6 +429,7 @@ CLI_FLAGS: dict[str, tuple[tuple[str, ...], type]] = {
     "text_scope": (("--text-scope",), str),
     "preview": (("--preview",), str),
     "empty_mask": (("--empty-mask",), str),
+    "user_masks_from": (("--masks-from",), str),
     "background_words": (("--background-word",), list[str]),
     "max_sequence_length": (("--max-sequence-length",), int),
     "lora_op": (("--lora-op",), str),

@@ -56,7 +56,7 @@ from .models import (
     pixels_per_token,
 )
 from .preflight import Checked, MaskFacts, ModelFacts, SubjectFacts, preflight
-from .settings import GenerationSettings, Number, check_text, describe_errors
+from .settings import CLI_FLAGS, GenerationSettings, Number, check_text, describe_errors, parse_size
 from .tokens import RememberingTokenizer
 
 _T = TypeVar("_T")
@@ -150,6 +150,8 @@ class RunSpec:
     notes: list[str] = field(default_factory=list)
     #: Configs (and missing parts) of a single-file checkpoint: a diffusers folder or hub id.
     base_model: str | None = None
+    #: A replayed manifest's model record (file hashes, weights hash): the model must still be it.
+    recorded_model: dict | None = None
 
     def check(self, facts: FileFacts | None = None) -> Checked:
         """Everything that needs no weights: model folder and architecture, LoRA files, sizes, masks,
@@ -159,6 +161,7 @@ class RunSpec:
         model, base = self.model, self.base_model
         facts.get("model source", model, lambda: check_model_source(model))
         self._check_base_model()
+        self._check_recorded_files()
         architecture = facts.get("architecture", model, lambda: architecture_of(model))
         for lora in self.loras:
             facts.get("lora path", lora.path, partial(check_lora_path, lora.path, architecture), architecture)
@@ -184,6 +187,22 @@ class RunSpec:
         if not Path(self.base_model).expanduser().is_dir() and not is_hub_id(self.base_model):
             raise SettingsError(f"Base model {self.base_model} is neither a diffusers folder nor a Hugging Face id.")
 
+    def _check_recorded_files(self) -> None:
+        """A replay's model files, where they are on disk (a folder, a single file), still hash as the
+        manifest recorded; what cannot be read before loading is compared once it has loaded."""
+        files = (self.recorded_model or {}).get("files")
+        if not isinstance(files, dict):
+            return
+        local = Path(self.model).expanduser()
+        for name, digest in files.items():
+            path = local if name == "checkpoint" else local / name
+            if name != "checkpoint" and not local.is_dir():
+                continue
+            if not path.is_file():
+                raise SettingsError(model_changed_message(self.model, [f"{name} (missing)"]))
+            if cached_sha256(path) != digest:
+                raise SettingsError(model_changed_message(self.model, [f"{name} (changed)"]))
+
     def _check_lora_files(self, facts: FileFacts) -> None:
         """Every tensor of every file read once (finite floats), each file and name given once."""
         names: dict[str, str] = {}
@@ -197,7 +216,7 @@ class RunSpec:
             if lora.adapter_name in names:
                 raise LoraFileError(
                     f"Two LoRAs get the name {lora.adapter_name!r} ({names[lora.adapter_name]} and {lora.path}); "
-                    "rename one file."
+                    "name one (CLI: --lora NAME::PATH; job files: `name`) or rename its file."
                 )
             names[lora.adapter_name] = lora.path
             if lora.sha256 is not None:
@@ -271,6 +290,13 @@ def _header_facts(path: Path, facts: FileFacts) -> tuple[tuple[tuple[str, str], 
     return bundled, tuple(text_encoder_parts(keys)), trigger_words_from_metadata(header_metadata(header))
 
 
+def model_changed_message(model: str, differences: list[str]) -> str:
+    return (
+        f"Model {model} is not the one the manifest recorded: {', '.join(differences)}. The run would not be the "
+        "same; pass --model to replay with this model anyway."
+    )
+
+
 def changed_lora_message(path: str, found: str, recorded: str) -> str:
     return (
         f"LoRA {path} has changed since the manifest was written (sha256 {found[:12]}… != {recorded[:12]}…); pass "
@@ -316,11 +342,9 @@ def _replay_settings(recorded: dict, overrides: dict, manifest_path, notes: list
     """The manifest's settings with the caller's winning; the notes say what changed."""
     recorded = dict(recorded)
     overrides = dict(overrides)
-    if overrides:
-        changed = ", ".join(
-            f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in sorted(overrides.items())
-        )
-        notes.append(f"replaying {manifest_path} with settings given on the command line: {changed}.")
+    changed = _setting_differences(recorded, overrides)
+    if changed:
+        notes.append(f"replaying {manifest_path} with settings that differ from it: {'; '.join(changed)}.")
     if "size" in overrides:
         recorded.pop("width", None)
         recorded.pop("height", None)
@@ -332,6 +356,82 @@ def _replay_settings(recorded: dict, overrides: dict, manifest_path, notes: list
     if isinstance(overrides.get("mask_config"), dict) and isinstance(recorded.get("mask_config"), dict):
         overrides["mask_config"] = {**recorded["mask_config"], **overrides["mask_config"]}
     return GenerationSettings.from_dict({**recorded, **overrides})
+
+
+def _setting_differences(recorded: dict, overrides: dict) -> list[str]:
+    """`--flag recorded -> given` for each setting given that differs from what the manifest recorded."""
+    changed = []
+    for key, value in sorted(overrides.items()):
+        if key == "size":
+            before = f"{recorded.get('width')}x{recorded.get('height')}"
+            width, height = parse_size(value)
+            value = f"{width}x{height}"
+        elif key == "mask_config" and isinstance(value, dict):
+            before = {name: (recorded.get(key) or {}).get(name) for name in value}
+        else:
+            before = recorded.get(key)
+        if before != value:
+            flag = CLI_FLAGS[key][0][0] if key in CLI_FLAGS else key
+            changed.append(f"{flag} {before!r} -> {value!r}")
+    return changed
+
+
+def _lora_differences(given: list[LoraSpec], manifest: dict, manifest_dir: Path) -> list[str]:
+    """For LoRAs given instead of a manifest's: every field of each that differs from what the manifest
+    recorded for the same LoRA (by name, else by file), and the LoRAs only one side has."""
+    recorded = [entry for entry in manifest.get("loras") or [] if isinstance(entry, dict)]
+    unmatched = list(recorded)
+    changes = []
+    for lora in given:
+        entry = _recorded_entry(lora, unmatched, manifest_dir)
+        if entry is None:
+            changes.append(f"LoRA {lora.adapter_name!r} is not in the manifest")
+            continue
+        unmatched.remove(entry)
+        fields = {
+            "name": (lora.adapter_name, entry.get("name")),
+            "weight": (lora.weight, entry.get("weight")),
+            "words": (_words_of(lora), entry.get("words")),
+            "scope": (lora.scope, entry.get("scope", "subject")),
+            "file sha256": (_sha256_of(lora.path), entry.get("sha256")),
+        }
+        for what, (now, then) in fields.items():
+            if then is not None and now is not None and now != then:
+                shown = (now[:12] + "…", then[:12] + "…") if what == "file sha256" else (now, then)
+                changes.append(f"LoRA {lora.adapter_name!r} {what} {shown[0]!r} (the manifest: {shown[1]!r})")
+    changes.extend(f"LoRA {entry.get('name')!r} of the manifest is left out" for entry in unmatched)
+    return changes
+
+
+def _recorded_entry(lora: LoraSpec, entries: list[dict], manifest_dir: Path) -> dict | None:
+    """The manifest's entry for `lora`: the same name, else the same file (hash or path)."""
+    for entry in entries:
+        if entry.get("name") == lora.adapter_name:
+            return entry
+    digest = _sha256_of(lora.path)
+    for entry in entries:
+        if digest is not None and entry.get("sha256") == digest:
+            return entry
+        recorded = [entry.get("path"), str(manifest_dir / str(entry.get("path_from_manifest")))]
+        here = Path(lora.path).expanduser().resolve()
+        if any(isinstance(path, str) and Path(path).expanduser().resolve() == here for path in recorded):
+            return entry
+    return None
+
+
+def _sha256_of(path: str) -> str | None:
+    resolved = Path(path).expanduser()
+    return cached_sha256(resolved) if resolved.is_file() else None
+
+
+def _words_of(lora: LoraSpec) -> list[str] | None:
+    """The words a LoRA runs with: given, else its file's trigger words (None when unreadable)."""
+    if lora.words:
+        return list(lora.words)
+    try:
+        return trigger_words_from_metadata(header_metadata(read_header(Path(lora.path).expanduser()))) or None
+    except (OSError, LoraFileError):
+        return None
 
 
 def _replay_loras(manifest: dict, manifest_path, manifest_dir: Path, here: Path) -> list[LoraSpec]:
@@ -395,18 +495,46 @@ def replay_spec(
     working folder; manifests are untrusted, so those files must lie inside one of the two, or be
     given by the caller.
     """
-    manifest = read_manifest(manifest_path)
+    return replay_record(read_manifest(manifest_path), manifest_path, model, loras, settings, masks, here, base_model)
+
+
+def replay_record(
+    manifest: dict,
+    manifest_path: str | Path,
+    model: str | None = None,
+    loras: list | None = None,
+    settings: dict | None = None,
+    masks: str | None = None,
+    here: Path | None = None,
+    base_model: str | None = None,
+) -> RunSpec:
+    """`replay_spec` for a manifest already read (and checked by its reader) from `manifest_path`;
+    other records of a run in the manifest's shape (an evaluation's baseline rows) replay through it."""
     manifest_dir = Path(manifest_path).resolve().parent
     here = Path.cwd() if here is None else here
     notes: list[str] = []
     run_settings = _replay_settings(manifest["settings"], settings or {}, manifest_path, notes)
     if loras:
-        notes.append(f"replaying {manifest_path} with the LoRAs given on the command line instead of its own.")
+        differences = _lora_differences(list(loras), manifest, manifest_dir)
+        notes.append(
+            f"replaying {manifest_path} with the LoRAs given instead of its own: {'; '.join(differences)}."
+            if differences
+            else f"replaying {manifest_path} with the LoRAs given instead of its own (the same as recorded)."
+        )
     else:
         loras = _replay_loras(manifest, manifest_path, manifest_dir, here)
+    recorded_model = None
+    recorded_id = manifest["model"].get("id_or_path") if isinstance(manifest.get("model"), dict) else None
+    if model is not None and recorded_id is not None and model != recorded_id:
+        notes.append(f"replaying {manifest_path} with model {model} (the manifest: {recorded_id}).")
     if model is None:
         model, recorded_base = _replay_model(manifest, manifest_path, manifest_dir, here, base_model is not None)
         base_model = base_model if base_model is not None else recorded_base
+        recorded_model = {
+            key: manifest["model"][key]
+            for key in ("files", "base_weights_sha256")
+            if isinstance(manifest["model"].get(key), dict | str)
+        }
     if masks is None and isinstance(manifest.get("masks"), str) and manifest["masks"] != "in-memory":
         masks = _resolve_recorded(
             {"path": manifest["masks"], "path_from_manifest": manifest.get("masks_from_manifest")},
@@ -423,5 +551,11 @@ def replay_spec(
             "pass --model and --base-model."
         )
     return RunSpec(
-        model=model, loras=list(loras), settings=run_settings, masks=masks, notes=notes, base_model=base_model
+        model=model,
+        loras=list(loras),
+        settings=run_settings,
+        masks=masks,
+        notes=notes,
+        base_model=base_model,
+        recorded_model=recorded_model or None,
     )

@@ -2,9 +2,16 @@
 
 `freefuse.ui` lays out the page and wires its events to a `Workspace`; everything a button does
 happens here, on the run service, and is tested without a browser. Each browser session gets
-its own random folder below the workspace's root, so one visitor's runs cannot be seen or
-replaced by another's. A run's folder holds everything its manifest names (the LoRA files are
-hard-linked in), so a downloaded run replays anywhere.
+its own random folder below the workspace's root (made at its first action), so one visitor's
+runs cannot be seen or replaced by another's. A run's folder holds everything its manifest names
+(the LoRA files are hard-linked in), so a downloaded run replays anywhere; its manifest records
+no server path.
+
+What a visitor can reach is bounded here, whatever the page sends: a LoRA is a file Gradio itself
+received as an upload (a file value naming any other path is refused), a path on the server only
+when the page is served to this machine alone (`local_paths`), an example file the workspace
+offers, or nothing; the model is one of the workspace's `models` unless paths are local; storage
+per session and in all is bounded and idle sessions are removed (`PageLimits`).
 """
 
 from __future__ import annotations
@@ -12,7 +19,10 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import tempfile
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +43,24 @@ MAX_LORAS = 4
 
 @dataclass
 class LoraSlot:
-    """One LoRA row of the page: a file (an upload, or a path on this machine), its words, weight, scope."""
+    """One LoRA row of the page: an uploaded file (the path Gradio gives), or a path typed on this
+    machine, or an example's file; its words, weight and scope."""
 
     path: str | None = None
     words: str = ""
     weight: float | None = 1.0
     scope: str = "subject"
+    typed: str | None = None
+
+
+@dataclass(frozen=True)
+class PageLimits:
+    """What one visitor, and all of them, may keep on the server."""
+
+    max_upload_bytes: int = 2 << 30  # one uploaded LoRA file (Gradio refuses larger uploads first)
+    max_session_bytes: int = 4 << 30  # one session's folder: its runs, linked LoRAs, zips
+    max_total_bytes: int = 20 << 30  # every session's folder together
+    session_ttl_s: float = 24 * 3600  # a session folder unused for this long is removed
 
 
 @dataclass
@@ -57,7 +79,8 @@ class Form:
 
 @dataclass
 class Session:
-    """One browser session: its own folder, the masks it found or painted, its runs."""
+    """One browser session: its own folder (made at its first action), the masks it found or
+    painted, its runs."""
 
     folder: Path
     masks: MaskSet | None = None  # on the image grid, from "Find masks" and edits
@@ -83,16 +106,6 @@ class GeneratedRun:
     downloads: list[str]
     notes: list[str]
     run_id: str
-
-
-def trigger_words(path: str | None) -> str:
-    """The words a LoRA file's metadata names (comma-separated), or "" when it names none."""
-    if not path:
-        return ""
-    try:
-        return ", ".join(describe_lora(path)["trigger_words"])
-    except (OSError, ValueError):
-        return ""
 
 
 def mask_picture(mask: torch.Tensor) -> np.ndarray:
@@ -141,17 +154,113 @@ class Workspace:
     Args:
         root: the folder holding one folder per session.
         service: the run service (one loaded model at a time; runs take turns).
+        received: whether Gradio itself received a file as an upload (its upload route's record); a
+            file value naming anything else is refused, wherever Gradio put a copy of it.
+        local_paths: the page is served to this machine alone: paths on it may be typed (LoRAs,
+            models). Otherwise only uploads, the examples, and `models`.
+        models: the models a visitor may pick (the first is the default); any with `local_paths`.
+        examples: files the page itself offers (the ShapesWorld example's LoRAs).
+        limits: storage bounds.
     """
 
-    def __init__(self, root: Path, service: RunService) -> None:
+    def __init__(
+        self,
+        root: Path,
+        service: RunService,
+        received: Callable[[Path], bool] | None = None,
+        local_paths: bool = True,
+        models: list[str] | None = None,
+        examples: list[Path] | None = None,
+        limits: PageLimits | None = None,
+    ) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.service = service
+        self.received = received or (lambda path: False)
+        self.local_paths = local_paths
+        self.models = list(models or ["tiny"])
+        self.examples = {Path(path).resolve() for path in examples or []}
+        self.limits = limits or PageLimits()
 
     def new_session(self) -> Session:
-        folder = self.root / secrets.token_hex(16)  # unguessable, one per session
-        folder.mkdir(parents=True, exist_ok=False)
-        return Session(folder=folder)
+        """A session whose folder is made at its first action (a page load alone writes nothing)."""
+        return Session(folder=self.root / secrets.token_hex(16))  # unguessable, one per session
+
+    # -- what a visitor may name ---------------------------------------------------------------------
+    def lora_file(self, slot: LoraSlot) -> Path | None:
+        """The file a LoRA row names, if the visitor may use it: an upload Gradio received, an
+        example, or (local pages only) a typed path. Anything else is refused by name."""
+        if slot.path:
+            path = Path(slot.path).resolve()
+            if not self.received(path) and path not in self.examples:
+                raise SettingsError(
+                    "A LoRA must be a file uploaded through this page; this one was not received as an upload."
+                )
+            if not path.is_file():
+                raise SettingsError("The uploaded LoRA file is gone (uploads expire); upload it again.")
+            if path.stat().st_size > self.limits.max_upload_bytes:
+                raise SettingsError(f"The uploaded LoRA is larger than {_mib(self.limits.max_upload_bytes)}, this page's limit.")
+            return path
+        typed = (slot.typed or "").strip()
+        if typed and not self.local_paths:
+            raise SettingsError("This page takes uploaded LoRA files only (paths on the server are off).")
+        return Path(typed).expanduser() if typed else None
+
+    def trigger_words(self, slot: LoraSlot) -> str:
+        """The words the row's LoRA file names in its metadata (comma-separated); "" when it names
+        none or may not be read."""
+        try:
+            path = self.lora_file(slot)
+            return ", ".join(describe_lora(path)["trigger_words"]) if path is not None else ""
+        except (OSError, ValueError):
+            return ""
+
+    def model(self, name: str) -> str:
+        """`name` if the visitor may run it: one of `models`, or anything on a local page."""
+        name = (name or "").strip()
+        if name in self.models or (self.local_paths and name):
+            return name
+        raise SettingsError(f"This page runs {', '.join(self.models)}; pick one of them.")
+
+    # -- storage -------------------------------------------------------------------------------------
+    def _open(self, session: Session) -> None:
+        """The session's folder, made now; old sessions removed and storage checked first."""
+        self._prune(keep=session.folder)
+        used = _size(session.folder)
+        if used > self.limits.max_session_bytes:
+            raise SettingsError(
+                f"This session keeps {_mib(used)} of runs, its limit is {_mib(self.limits.max_session_bytes)}; "
+                "reload the page for a new session (this one's runs stay downloadable until it expires)."
+            )
+        if _size(self.root) > self.limits.max_total_bytes:
+            raise SettingsError("The server's storage for this page is full; try again later.")
+        session.folder.mkdir(parents=True, exist_ok=True)
+
+    def _prune(self, keep: Path) -> None:
+        """Remove session folders unused for `session_ttl_s`, then the oldest while over the total limit."""
+        folders = sorted(
+            (folder for folder in self.root.iterdir() if folder.is_dir() and folder != keep),
+            key=lambda folder: folder.stat().st_mtime,
+        )
+        now = time.time()
+        total = _size(self.root)
+        for folder in folders:
+            expired = now - folder.stat().st_mtime > self.limits.session_ttl_s
+            if expired or total > self.limits.max_total_bytes:
+                total -= _size(folder)
+                shutil.rmtree(folder, ignore_errors=True)
+
+    def servable(self, path: Path) -> str:
+        """`path` where Gradio picks up what an event returns (the system's temp folder or the working
+        folder); a copy there when the root lies elsewhere. No server folder is shared with visitors."""
+        resolved = Path(path).resolve()
+        for base in (Path(tempfile.gettempdir()).resolve(), Path.cwd().resolve()):
+            if resolved.is_relative_to(base):
+                return str(resolved)
+        staged = Path(tempfile.gettempdir()) / "freefuse-downloads" / resolved.relative_to(self.root.resolve())
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(resolved, staged)
+        return str(staged)
 
     # -- a form as a run -----------------------------------------------------------------------------
     def spec(
@@ -168,16 +277,17 @@ class Workspace:
         for key, label in (("seed", "Seed"), ("steps", "Steps"), ("width", "Width"), ("height", "Height")):
             if getattr(form, key) in (None, ""):
                 raise SettingsError(f"{label} is empty; enter a number.")
+        model = self.model(model)
         specs: list[LoraSpec] = []
         taken: set[str] = set()
         for slot in loras:
-            if not slot.path:
+            source = self.lora_file(slot)
+            if source is None:
                 continue
-            source = Path(slot.path)
             name = adapter_name(source, taken)
             taken.add(name)
-            # A path may name any file: it must be a LoRA (a regular safetensors file with a sane
-            # header) before anything is linked where the page serves files from.
+            # Any file named must be a LoRA (a regular safetensors file with a sane header) before
+            # anything is linked into the session's folder.
             check_lora_path(source)
             kept = folder / "loras" / f"{name}.safetensors"
             kept.parent.mkdir(parents=True, exist_ok=True)
@@ -204,6 +314,7 @@ class Workspace:
 
     def check(self, session: Session, model: str, loras: list[LoraSlot], form: Form) -> None:
         """Everything the form's run needs that is known before loading (raises what is wrong)."""
+        self._open(session)
         self.spec(session.folder / "check", model, loras, form, "freefuse").check()
 
     # -- the buttons ---------------------------------------------------------------------------------
@@ -212,6 +323,7 @@ class Workspace:
     ) -> list[str]:
         """Stage 1 alone: the session's masks and the picture they were found on; returns the subjects."""
         cancel = session.fresh_cancel()
+        self._open(session)
         spec = self.spec(session.folder / "masks", model, loras, form, "freefuse")
         result = self.service.run(spec, on_step=on_step, cancel=cancel, stop_after_masks=True)
         if result.output.masks[0] is None:
@@ -237,6 +349,7 @@ class Workspace:
         """FreeFuse (with the session's edited masks, if any) beside merge, same seed; the run's
         files written to its own folder and zipped."""
         cancel = session.fresh_cancel()
+        self._open(session)
         number = len(session.runs) + 1
         while (session.folder / f"run-{number}").exists():  # a failed or cancelled attempt keeps its number
             number += 1
@@ -251,7 +364,7 @@ class Workspace:
         result = self.service.run(spec, on_step=on_step, cancel=cancel)
         merge = self.service.run(self.spec(folder, model, loras, form, "merge"), on_step=on_step, cancel=cancel)
         paths = output_paths(folder, "freefuse", 1)
-        write_outputs(result.output, paths, overwrite=False)
+        write_outputs(result.output, paths, overwrite=False, portable=True)
         merge.output.images[0].save(folder / "merge.png")
         # The run as one download: image, masks, manifest and the LoRA files it names.
         archive = Path(shutil.make_archive(str(session.folder / f"freefuse-run-{number}"), "zip", folder))
@@ -274,9 +387,22 @@ class Workspace:
             raise SettingsError("No run to replay yet: generate first.")
         cancel = session.fresh_cancel()
         run = next((r for r in session.runs if r["id"] == run_id), session.runs[-1])
-        result = self.service.run(replay_spec(run["manifest"]), cancel=cancel)
+        if not Path(run["manifest"]).is_file():
+            raise SettingsError(f"{run['id']} was removed from the server (sessions expire); generate it again.")
+        result = self.service.run(replay_spec(run["manifest"], here=Path(run["manifest"]).parent), cancel=cancel)
         replayed = encode_outputs(result.output, output_paths(session.folder / "replay", "freefuse", 1))[0]
         data = next(value for path, value in replayed.items() if path.suffix == ".png" and ".masks" not in path.name)
         same = data == Path(run["image"]).read_bytes()
         verdict = "the same image, byte for byte ✓" if same else "a different image ✗"
         return f"Replayed {run['id']} from its manifest: {verdict}"
+
+
+def _size(folder: Path) -> int:
+    """Bytes of the regular files under `folder` (0 when it does not exist); links are not followed."""
+    if not folder.exists():
+        return 0
+    return sum(path.lstat().st_size for path in folder.rglob("*") if path.is_file() and not path.is_symlink())
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.1f} MiB"

@@ -31,6 +31,7 @@ import torch
 
 from ..core import MaskConfig
 from ..core.methods import MAP_METHODS, get_map_method, refines
+from ..errors import LoraFileError, LoraFitError
 from ..lora import LoraFile, check_lora_fits
 
 if TYPE_CHECKING:
@@ -183,6 +184,16 @@ class Architecture:
     def tiny_tokenizer(cls):
         """That tokenizer of the built-in tiny model, or None."""
         return None
+
+    @classmethod
+    def default_sequence_length(cls, tokenizer) -> int:
+        """The text token limit of a run that sets none: the model's own when its tokenizer declares a
+        shorter one (`model_max_length` in its config: ShapesWorld's T5 reads 24 tokens), else the
+        architecture's (`tokenizer`: the tapped text's, or None before the model can be read)."""
+        declared = getattr(tokenizer, "model_max_length", None)
+        if isinstance(declared, int) and 0 < declared < cls.max_sequence_length:
+            return declared
+        return cls.max_sequence_length
 
     @classmethod
     def load_tokenizer(cls, model_folder: Path | None):
@@ -457,6 +468,41 @@ class Backend(abc.ABC):
             if adapter_name in (getattr(self.denoiser, "peft_config", None) or {}):
                 self.pipeline.delete_adapters(adapter_name)
             raise
+
+
+def converter_failure(lora: LoraFile, model: str, converter: str, error: BaseException, hint: str = "") -> LoraFileError:
+    """A diffusers LoRA converter's failure, said in full: its own message, or, when it has none (a
+    bare `assert` in the converter), where it stopped and on which key; then `hint`."""
+    text = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    where = _stopped_at(error)
+    if not text:
+        text = f"{type(error).__name__} with no message{where}"
+    kind = LoraFitError if hint else LoraFileError  # a hint says why it does not fit this model
+    return kind(
+        f"{lora.path.name} is not a LoRA layout {model} understands: diffusers' converter ({converter}) "
+        f"stopped with: {text}.{hint}"
+    )
+
+
+def _stopped_at(error: BaseException) -> str:
+    """`, at FILE:LINE in FUNCTION (`source`), on key 'KEY'` from the innermost frame of `error`."""
+    import linecache
+
+    trace = error.__traceback__
+    if trace is None:
+        return ""
+    while trace.tb_next is not None:
+        trace = trace.tb_next
+    code = trace.tb_frame.f_code
+    source = linecache.getline(code.co_filename, trace.tb_lineno).strip()
+    text = f", at {Path(code.co_filename).name}:{trace.tb_lineno} in {code.co_name}"
+    text += f" (`{source[:120]}`)" if source else ""
+    keys = [
+        value
+        for name, value in trace.tb_frame.f_locals.items()
+        if name.endswith("key") and isinstance(value, str) and value
+    ]
+    return text + (f", on key {keys[0]!r}" if keys else "")
 
 
 def latent_preview(latents: torch.Tensor) -> np.ndarray:

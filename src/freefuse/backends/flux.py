@@ -30,6 +30,7 @@ from .base import (
     Conditioning,
     Latents,
     TokenLayout,
+    converter_failure,
     keep_first_input,
     keep_output,
     latent_preview,
@@ -57,6 +58,8 @@ FLUX_LORA_TARGETS = (
     "proj_mlp",
     "proj_out",
 )
+#: FLUX.1's transformer width (24 heads of 128), which diffusers' kohya converter takes for granted.
+FLUX1_WIDTH = 3072
 _TEXT_STREAM = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context.")
 
 
@@ -404,9 +407,21 @@ class FluxBackend(Backend):
         state = dict(source)
         try:
             converted = FluxPipeline.lora_state_dict(state, return_alphas=True)
-        except (ValueError, KeyError, RuntimeError, AssertionError, TypeError) as error:
-            raise LoraFileError(
-                f"{lora.path.name} is not a LoRA layout FLUX.1 understands (first key {next(iter(state))!r}): "
-                f"{str(error).strip()[:300]}"
+        except (ValueError, KeyError, RuntimeError, AssertionError, TypeError, IndexError) as error:
+            raise converter_failure(
+                lora, "FLUX.1", "FluxPipeline.lora_state_dict", error, self._narrow_model_hint(lora)
             ) from None
         return converted[0] if isinstance(converted, tuple) else converted
+
+    def _narrow_model_hint(self, lora: LoraFile) -> str:
+        """Why a kohya-layout file fails on a transformer narrower than FLUX.1's (the tiny models)."""
+        config = self.denoiser.config
+        width = config.num_attention_heads * config.attention_head_dim
+        if lora.layout not in ("kohya", "bfl") or width == FLUX1_WIDTH:
+            return ""
+        return (
+            f" diffusers' kohya converter assumes FLUX.1's widths ({FLUX1_WIDTH}, MLP {4 * FLUX1_WIDTH}) where it "
+            f"splits fused layers (qkv, single blocks' linear1); this model's transformer is {width} wide, so a "
+            "kohya-layout file cannot be converted for it. Save the LoRA in diffusers' layout "
+            "(`transformer.<layer>.lora_A.weight`) instead."
+        )

@@ -37,6 +37,7 @@ from .base import (
     Conditioning,
     Latents,
     TokenLayout,
+    converter_failure,
     keep_first_input,
     keep_output,
     latent_preview,
@@ -455,11 +456,8 @@ class SdxlBackend(Backend):
         state = dict(source)
         try:
             converted, _ = StableDiffusionXLPipeline.lora_state_dict(state, unet_config=self.denoiser.config)
-        except (ValueError, KeyError, RuntimeError, AssertionError, TypeError) as error:
-            raise LoraFileError(
-                f"{lora.path.name} is not a LoRA layout SDXL understands (first key {next(iter(state))!r}): "
-                f"{str(error).strip()[:300]}"
-            ) from None
+        except (ValueError, KeyError, RuntimeError, AssertionError, TypeError, IndexError) as error:
+            raise converter_failure(lora, "SDXL", "StableDiffusionXLPipeline.lora_state_dict", error) from None
         unet = {
             key.removeprefix("unet."): value for key, value in converted.items() if key.startswith("unet.")
         }

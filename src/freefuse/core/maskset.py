@@ -194,20 +194,29 @@ class MaskSet:
     # -- pictures ----------------------------------------------------------------------------
 
     def overlay(
-        self, image: Image.Image | None = None, alpha: float = 0.55, legend: bool = True
+        self,
+        image: Image.Image | None = None,
+        alpha: float = 0.55,
+        legend: bool = True,
+        colours: dict[str, tuple[int, int, int]] | None = None,
     ) -> Image.Image:
-        """Subject colours blended over `image` (or over grey), with a legend of names."""
+        """Subject colours blended over `image` (or over grey); with `legend`, a strip of names below
+        the picture (never over it: on a 64-px picture a legend on top hides a third of it).
+
+        `colours`: a colour per subject name (e.g. each subject's own, so that a mask is not read as
+        another subject's); the others take the palette's, by position."""
         height, width = self.size
         base = (
             image.convert("RGB").resize((width, height))
             if image is not None
             else Image.new("RGB", (width, height), (96, 96, 96))
         )
+        chosen = [(colours or {}).get(name, subject_colour(i)) for i, name in enumerate(self.names)]
         pixels = np.asarray(base).astype(np.float32)
         colour = np.zeros_like(pixels)
         weight = np.zeros(pixels.shape[:2], dtype=np.float32)
-        for index, mask in enumerate(self.masks.numpy()):
-            colour += mask[..., None] * np.array(subject_colour(index), dtype=np.float32)
+        for mask, rgb in zip(self.masks.numpy(), chosen, strict=True):
+            colour += mask[..., None] * np.array(rgb, dtype=np.float32)
             weight += mask
         covered = np.clip(weight, 0, 1)[..., None] * alpha
         blended = (
@@ -216,21 +225,42 @@ class MaskSet:
         )
         result = Image.fromarray(blended.clip(0, 255).astype(np.uint8))
         if legend and self.names:
-            draw_legend(result, [(name, subject_colour(i)) for i, name in enumerate(self.names)])
+            return below(result, legend_strip(list(zip(self.names, chosen, strict=True)), width))
         return result
 
 
-def draw_legend(image: Image.Image, entries: list[tuple[str, tuple[int, int, int]]]) -> None:
-    """Draw coloured squares with names in the top-left corner of `image`, in place."""
-    draw = ImageDraw.Draw(image)
+LEGEND_LINE = 14
+
+
+def legend_strip(entries: list[tuple[str, tuple[int, int, int]]], width: int) -> Image.Image:
+    """A `width`-wide strip of coloured squares with names, as many to a line as fit."""
     font = ImageFont.load_default()
-    line = 14
-    box_width = 20 + max(int(draw.textlength(name, font=font)) for name, _ in entries) + 8
-    draw.rectangle([2, 2, 2 + box_width, 4 + line * len(entries)], fill=(0, 0, 0))
-    for row, (name, colour) in enumerate(entries):
-        top = 4 + row * line
-        draw.rectangle([6, top + 2, 16, top + 12], fill=colour)
-        draw.text((20, top), name, fill=(255, 255, 255), font=font)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[list[tuple[str, tuple[int, int, int], int]]] = [[]]
+    used = 2
+    for name, colour in entries:
+        size = 14 + int(measure.textlength(name, font=font)) + 8  # square, gap, name, space
+        if lines[-1] and used + size > width:
+            lines.append([])
+            used = 2
+        lines[-1].append((name, colour, used))
+        used += size
+    strip = Image.new("RGB", (width, 2 + LEGEND_LINE * len(lines)), (24, 24, 24))
+    draw = ImageDraw.Draw(strip)
+    for row, line in enumerate(lines):
+        top = 1 + row * LEGEND_LINE
+        for name, colour, left in line:
+            draw.rectangle([left, top + 2, left + 9, top + 11], fill=colour)
+            draw.text((left + 13, top), name, fill=(255, 255, 255), font=font)
+    return strip
+
+
+def below(picture: Image.Image, strip: Image.Image) -> Image.Image:
+    """`picture` with `strip` under it (as wide as the wider of the two)."""
+    joined = Image.new("RGB", (max(picture.width, strip.width), picture.height + strip.height), (24, 24, 24))
+    joined.paste(picture, (0, 0))
+    joined.paste(strip, (0, picture.height))
+    return joined
 
 
 def _check_names(names: list, path: Path) -> None:

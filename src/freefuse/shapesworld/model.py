@@ -4,6 +4,10 @@ A `FluxPipeline` like any other: `FluxTransformer2DModel` (2 double + 2 single b
 32), an `AutoencoderKL` with a 4x factor (so a 64×64 picture is an 8×8 grid of 64 image tokens),
 tiny T5 and CLIP text encoders, and a flow-matching Euler scheduler. Trained weights are committed
 under `weights/` (safetensors) and load with `load_shapesworld()`.
+
+ShapesWorld v3 (`MODEL_CONFIGS["v3"]`): 3 double + 3 single blocks and a 2x VAE, so a 64×64
+picture is a 16×16 grid of 256 image tokens (FluxPipeline packs 2×2 latent pixels into a token).
+Its weights go to `weights/v3/` once trained.
 """
 
 from __future__ import annotations
@@ -13,11 +17,13 @@ from pathlib import Path
 import torch
 
 from ..tiny import text_encoders, tiny_clip_tokenizer, tiny_t5_tokenizer
-from .scenes import SIZE, SUBJECTS, training_vocabulary
+from .scenes import SIZE, WORLDS, training_vocabulary
 
 WEIGHTS = Path(__file__).parent / "weights"
 MODEL_DIR = WEIGHTS / "model"
 LORA_DIR = WEIGHTS / "loras"
+#: The text tokens the model was trained on. Its T5 tokenizer declares it (`model_max_length`), so
+#: that a run that sets no `max_sequence_length` uses it: read past it, the model draws near-black.
 MAX_TEXT_TOKENS = 24
 
 TRANSFORMER_CONFIG = {
@@ -48,12 +54,44 @@ VAE_CONFIG = {
 }
 
 
+TRANSFORMER_CONFIG_V3 = {**TRANSFORMER_CONFIG, "num_layers": 3, "num_single_layers": 3}
+VAE_CONFIG_V3 = {
+    **VAE_CONFIG,
+    "down_block_types": ("DownEncoderBlock2D",) * 2,
+    "up_block_types": ("UpDecoderBlock2D",) * 2,
+    "block_out_channels": (32, 32),
+}
+#: per world: the transformer, the VAE, and the scheduler's dynamic-shift range (its base at the
+#: world's own image sequence length, so both worlds sample with the same time schedule).
+MODEL_CONFIGS: dict[str, dict] = {
+    "v1": {
+        "transformer": TRANSFORMER_CONFIG,
+        "vae": VAE_CONFIG,
+        "scheduler": {"base_image_seq_len": 64, "max_image_seq_len": 1024},
+    },
+    "v3": {
+        "transformer": TRANSFORMER_CONFIG_V3,
+        "vae": VAE_CONFIG_V3,
+        "scheduler": {"base_image_seq_len": 256, "max_image_seq_len": 4096},
+    },
+}
+V3_MODEL_DIR = WEIGHTS / "v3" / "model"
+V3_LORA_DIR = WEIGHTS / "v3" / "loras"
+
+
+def token_grid(vae) -> int:
+    """Image tokens per side of a 64×64 picture: the VAE's factor, then FLUX's 2×2 patches."""
+    return SIZE // 2 ** (len(vae.config.block_out_channels) - 1) // 2
+
+
 def tokenizers():
     words = training_vocabulary()
-    return tiny_clip_tokenizer(words), tiny_t5_tokenizer(words)
+    t5 = tiny_t5_tokenizer(words)
+    t5.model_max_length = MAX_TEXT_TOKENS
+    return tiny_clip_tokenizer(words), t5
 
 
-def add_subject_words(pipeline, seed: int = 0) -> None:
+def add_subject_words(pipeline, seed: int = 0, world: str = "v1") -> None:
     """Make each subject's made-up word one new T5 token, with a random embedding the model never trained.
 
     The base model is trained without them; its existing token ids do not change. Spelled out in
@@ -62,7 +100,8 @@ def add_subject_words(pipeline, seed: int = 0) -> None:
     word is to a real T5.
     """
     old = pipeline.tokenizer_2
-    new = tiny_t5_tokenizer(training_vocabulary(), rare_words=list(SUBJECTS))
+    new = tiny_t5_tokenizer(training_vocabulary(), rare_words=list(WORLDS[world].subjects))
+    new.model_max_length = MAX_TEXT_TOKENS
     old_vocab, new_vocab = old.get_vocab(), new.get_vocab()
     if any(new_vocab.get(piece) != index for piece, index in old_vocab.items()):
         raise ValueError(
@@ -80,34 +119,33 @@ def add_subject_words(pipeline, seed: int = 0) -> None:
     pipeline.register_modules(tokenizer_2=new)
 
 
-def build_vae(seed: int = 0):
+def build_vae(seed: int = 0, world: str = "v1"):
     from diffusers import AutoencoderKL
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return AutoencoderKL(**VAE_CONFIG, scaling_factor=1.0, shift_factor=0.0)
+        return AutoencoderKL(**MODEL_CONFIGS[world]["vae"], scaling_factor=1.0, shift_factor=0.0)
 
 
-def build_pipeline(vae=None, seed: int = 0):
-    """An untrained ShapesWorld `FluxPipeline` (with `vae` if given)."""
+def build_pipeline(vae=None, seed: int = 0, world: str = "v1"):
+    """An untrained ShapesWorld `FluxPipeline` (with `vae` if given) of `world` ("v1" or "v3")."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
     clip_tokenizer, t5_tokenizer = tokenizers()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer = FluxTransformer2DModel(**TRANSFORMER_CONFIG)
+        transformer = FluxTransformer2DModel(**MODEL_CONFIGS[world]["transformer"])
         text_encoder, text_encoder_2 = text_encoders(clip_tokenizer, t5_tokenizer, 64, 64, heads=4, ff=128)
     scheduler = FlowMatchEulerDiscreteScheduler(
         shift=1.0,
         use_dynamic_shifting=True,
         base_shift=0.5,
         max_shift=1.15,
-        base_image_seq_len=64,
-        max_image_seq_len=1024,
+        **MODEL_CONFIGS[world]["scheduler"],
     )
     return FluxPipeline(
         scheduler=scheduler,
-        vae=vae if vae is not None else build_vae(seed),
+        vae=vae if vae is not None else build_vae(seed, world),
         text_encoder=text_encoder,
         tokenizer=clip_tokenizer,
         text_encoder_2=text_encoder_2,

@@ -3,8 +3,15 @@
 A world small enough to train a FLUX-architecture model on a CPU, where identity is exact: every
 object is a (shape, colour, texture) triple that a program can read back (`detect.py`).
 
-The base model sees only BASE_SHAPES × BASE_COLOURS, plain. Each subject LoRA binds a made-up word
-to one object the base model never saw: its own shape, colour and texture.
+Two versions (`WORLDS`), the same pictures and palette:
+
+- v1 (`V1`, the module constants): the base model sees only BASE_SHAPES × BASE_COLOURS, plain.
+  Each subject LoRA binds a made-up word to one object the base model never saw: its own shape,
+  colour and texture ("a zorblax").
+- v3 (`V3`): the base model sees six shapes, plain, in the four base colours, and draws every
+  subject's shape; a subject is an appearance (colour and texture) the base never saw, its shape
+  named in the caption by a class noun the base knows ("a zorblax star", as "ohwx woman"). Two
+  subjects share a class noun (zorblax and snerk are both stars): the hard case.
 """
 
 from __future__ import annotations
@@ -46,10 +53,17 @@ class Subject:
     shape: str
     colour: str
     texture: str
+    #: the class noun that follows the word in captions (v3: "a zorblax star"); None: the word alone
+    noun: str | None = None
+
+    @property
+    def trigger(self) -> str:
+        """The subject's activation words: the made-up word, and its class noun when it has one."""
+        return f"{self.word} {self.noun}" if self.noun else self.word
 
     @property
     def phrase(self) -> str:
-        return f"a {self.word}"
+        return f"a {self.trigger}"
 
 
 SUBJECTS: dict[str, Subject] = {
@@ -71,10 +85,11 @@ class SceneObject:
     y: float
     size: float
     word: str | None = None  # a subject's trigger word, when the object is a subject
+    noun: str | None = None  # the subject's class noun (v3), said after its word
 
     def phrase(self) -> str:
         if self.word:
-            return f"a {self.word}"
+            return f"a {self.word} {self.noun}" if self.noun else f"a {self.word}"
         texture = "" if self.texture == "plain" else f"{self.texture_word()} "
         return f"a {self.colour} {texture}{self.shape}"
 
@@ -214,11 +229,81 @@ def _place(rng: np.random.Generator, n: int, sizes: list[float]) -> list[tuple[f
     return None
 
 
+@dataclass(frozen=True)
+class World:
+    """One version of ShapesWorld: what the base model is shown, its subjects, how big objects are.
+
+    `sizes[n]`: the range of object sizes (pixels) in a scene of n objects. `distinct`: no two base
+    objects of a scene share both shape and colour (each object's words name it alone, which the
+    grounding loss needs). `repeat_shape`: the chance that a scene of several base objects has two
+    of one shape in different colours ("a red star and a blue star": the colour word decides).
+    """
+
+    name: str
+    base_shapes: tuple[str, ...]
+    base_colours: tuple[str, ...]
+    subject_list: tuple[Subject, ...]
+    sizes: tuple[tuple[int, float, float], ...]
+    distinct: bool = False
+    repeat_shape: float = 0.0
+
+    @property
+    def subjects(self) -> dict[str, Subject]:
+        return {subject.word: subject for subject in self.subject_list}
+
+    def size_range(self, n_objects: int) -> tuple[float, float]:
+        ranges = {n: (low, high) for n, low, high in self.sizes}
+        return ranges.get(n_objects, ranges[max(ranges)])
+
+
+V1 = World(
+    name="v1",
+    base_shapes=BASE_SHAPES,
+    base_colours=BASE_COLOURS,
+    subject_list=tuple(SUBJECTS.values()),
+    sizes=((1, 14, 30), (2, 14, 26), (3, 14, 22), (4, 14, 20), (5, 14, 18)),
+)
+V3 = World(
+    name="v3",
+    base_shapes=("circle", "square", "triangle", "star", "cross", "diamond"),
+    base_colours=BASE_COLOURS,
+    subject_list=(
+        Subject("zorblax", "star", "purple", "stripes", noun="star"),
+        Subject("quiffle", "cross", "orange", "dots", noun="cross"),
+        Subject("blorp", "diamond", "cyan", "checker", noun="diamond"),
+        Subject("snerk", "star", "pink", "plain", noun="star"),
+    ),
+    sizes=((1, 18, 34), (2, 16, 30), (3, 16, 26), (4, 16, 22), (5, 14, 20)),
+    distinct=True,
+    repeat_shape=0.3,
+)
+WORLDS: dict[str, World] = {"v1": V1, "v3": V3}
+
+
+def _base_kinds(rng: np.random.Generator, world: World, count: int) -> list[tuple[str, str]]:
+    """(shape, colour) of `count` base objects, as `world` draws them."""
+    if not world.distinct:  # v1: independent draws (kept as they were: same seeds, same scenes)
+        return [
+            (str(rng.choice(world.base_shapes)), str(rng.choice(world.base_colours))) for _ in range(count)
+        ]
+    kinds: list[tuple[str, str]] = []
+    if count >= 2 and rng.random() < world.repeat_shape:
+        shape = str(rng.choice(world.base_shapes))
+        first, second = rng.choice(len(world.base_colours), size=2, replace=False)
+        kinds = [(shape, world.base_colours[first]), (shape, world.base_colours[second])]
+    while len(kinds) < count:
+        kind = (str(rng.choice(world.base_shapes)), str(rng.choice(world.base_colours)))
+        if kind not in kinds:
+            kinds.append(kind)
+    return kinds
+
+
 def random_scene(
     rng: np.random.Generator,
     n_objects: int | None = None,
     subjects: tuple[Subject, ...] = (),
     base_objects: int | None = None,
+    world: World = V1,
 ) -> Scene:
     """A random scene. Without `subjects`: 1-4 base objects (plain, base shapes and colours).
 
@@ -230,27 +315,27 @@ def random_scene(
     else:
         n_objects = int(rng.integers(1, 5)) if n_objects is None else n_objects
         n_base = n_objects
-    max_size = {1: 30, 2: 26, 3: 22, 4: 20}.get(n_objects, 18)
+    min_size, max_size = world.size_range(n_objects)
     while True:
-        sizes = [float(rng.uniform(14, max_size)) for _ in range(n_objects)]
+        sizes = [float(rng.uniform(min_size, max_size)) for _ in range(n_objects)]
         centres = _place(rng, n_objects, sizes)
         if centres is not None:
             break
     objects = []
     kinds = [*subjects, *([None] * n_base)]
     order = rng.permutation(n_objects)
+    base_kinds = None if not world.distinct else iter(_base_kinds(rng, world, n_base))
     for slot, index in enumerate(order):
         kind = kinds[index]
         x, y = centres[slot]
         if kind is None:
-            objects.append(
-                SceneObject(
-                    str(rng.choice(BASE_SHAPES)), str(rng.choice(BASE_COLOURS)), "plain", x, y, sizes[slot]
-                )
-            )
+            shape, colour = next(base_kinds) if base_kinds is not None else _base_kinds(rng, world, 1)[0]
+            objects.append(SceneObject(shape, colour, "plain", x, y, sizes[slot]))
         else:
             objects.append(
-                SceneObject(kind.shape, kind.colour, kind.texture, x, y, sizes[slot], word=kind.word)
+                SceneObject(
+                    kind.shape, kind.colour, kind.texture, x, y, sizes[slot], word=kind.word, noun=kind.noun
+                )
             )
     return Scene(objects=objects, background=str(rng.choice(list(BACKGROUNDS))))
 

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from ..backends.flux import FLUX_LORA_TARGETS
 from ..files import atomic_save, atomic_write
-from .model import MAX_TEXT_TOKENS, build_pipeline, build_vae
-from .scenes import SUBJECTS, random_scene
+from .model import MAX_TEXT_TOKENS, build_pipeline, build_vae, token_grid
+from .scenes import V1, WORLDS, World, random_scene
 
 
 @dataclass
@@ -39,12 +39,21 @@ class TrainConfig:
     log_every: int = 25
     ema_decay: float | None = None
     extra: dict = field(default_factory=dict)
+    #: which ShapesWorld ("v1" or "v3", `scenes.WORLDS`): scenes, subjects and model sizes
+    world: str = "v1"
 
 
 # -- data -----------------------------------------------------------------------------------------
 
 
-def scene_batch(seed: int, step: int, batch_size: int, subject: str | None = None, mixed: bool = False):
+def scene_batch(
+    seed: int,
+    step: int,
+    batch_size: int,
+    subject: str | None = None,
+    mixed: bool = False,
+    world: World = V1,
+):
     """Pictures `[B, 3, 64, 64]` in [-1, 1] and captions for training step `step` (deterministic).
 
     Base scenes; with `subject`, scenes with that subject and 0-2 base objects; with `mixed`, base
@@ -52,15 +61,16 @@ def scene_batch(seed: int, step: int, batch_size: int, subject: str | None = Non
     """
     rng = np.random.default_rng([seed, step])
     images, captions = [], []
+    subjects = world.subjects
     for _ in range(batch_size):
         if subject is not None:
-            chosen = (SUBJECTS[subject],)
+            chosen = (subjects[subject],)
         elif mixed:
             count = int(rng.integers(0, 3))
-            chosen = tuple(SUBJECTS[w] for w in rng.choice(list(SUBJECTS), size=count, replace=False))
+            chosen = tuple(subjects[w] for w in rng.choice(list(subjects), size=count, replace=False))
         else:
             chosen = ()
-        scene = random_scene(rng, subjects=chosen) if chosen else random_scene(rng)
+        scene = random_scene(rng, subjects=chosen, world=world) if chosen else random_scene(rng, world=world)
         images.append(scene.render())
         captions.append(scene.caption)
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
@@ -233,14 +243,15 @@ def encode_latents(pipe, pixels: torch.Tensor) -> torch.Tensor:
 
 
 def train_vae(config: TrainConfig, progress: bool = True):
-    """A 4x AutoencoderKL for ShapesWorld pictures; saved (with latent scale/shift) to `out/vae`."""
-    vae = build_vae(config.seed)
+    """The world's AutoencoderKL (v1 4x, v3 2x); saved (with latent scale/shift) to `out/vae`."""
+    world = WORLDS[config.world]
+    vae = build_vae(config.seed, config.world)
     vae.train()
     params = dict(vae.named_parameters())
     kl_weight = float(config.extra.get("kl_weight", 1e-6))
 
     def loss_at(step: int) -> torch.Tensor:
-        pixels, _ = scene_batch(config.seed, step, config.batch_size, mixed=True)
+        pixels, _ = scene_batch(config.seed, step, config.batch_size, mixed=True, world=world)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         posterior = vae.encode(pixels).latent_dist
         z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
@@ -252,7 +263,7 @@ def train_vae(config: TrainConfig, progress: bool = True):
     with torch.no_grad():
         latents = torch.cat(
             [
-                vae.encode(scene_batch(config.seed + 1, k, 64, mixed=True)[0]).latent_dist.mode()
+                vae.encode(scene_batch(config.seed + 1, k, 64, mixed=True, world=world)[0]).latent_dist.mode()
                 for k in range(8)
             ]
         )
@@ -286,20 +297,50 @@ def _save_trained(pipe, modules: dict, params: dict, ema: dict | None, folder: P
     pipe.save_pretrained(folder)
 
 
-def train_base(config: TrainConfig, vae_dir: Path, progress: bool = True):
-    """The text-to-image model on base scenes (plain circles, squares, triangles in 4 colours)."""
+def train_base(
+    config: TrainConfig,
+    vae_dir: Path,
+    progress: bool = True,
+    ground_weight: float = 0.0,
+    ground_blocks: list[int] | None = None,
+):
+    """The text-to-image model on base scenes (plain shapes in the 4 base colours).
+
+    `ground_weight` > 0 adds the grounding loss (`grounding_loss`: each object's words attend to
+    its own image tokens and back, from the rendered object masks) to flow matching from the first
+    step, in the double-stream blocks `ground_blocks` (default: all but the first). This builds
+    FreeFuse's premise — attention knows where each object is — into the base model for the words
+    it is trained on; subject words are never in these captions.
+    """
     from diffusers import AutoencoderKL
 
+    world = WORLDS[config.world]
     vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval().requires_grad_(False)
-    pipe = build_pipeline(vae=vae, seed=config.seed)
+    pipe = build_pipeline(vae=vae, seed=config.seed, world=config.world)
     modules, params = _trainable_text_to_image(pipe)
+    taps = None
+    if ground_weight > 0:
+        blocks = len(pipe.transformer.transformer_blocks)
+        taps = DoubleBlockTaps(pipe.transformer, ground_blocks or list(range(1, blocks)) or [0])
+        config.extra = {**config.extra, "ground_weight": ground_weight, "ground_blocks": taps.indices}
+    grid = token_grid(vae)
 
     def loss_at(step: int) -> torch.Tensor:
-        pixels, captions = scene_batch(config.seed, step, config.batch_size)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        return _flow_loss(pipe.transformer, pipe, encode_latents(pipe, pixels), captions, generator, True)
+        if taps is None:
+            pixels, captions = scene_batch(config.seed, step, config.batch_size, world=world)
+            return _flow_loss(pipe.transformer, pipe, encode_latents(pipe, pixels), captions, generator, True)
+        pixels, captions, words, regions = grounded_batch(
+            config.seed, step, config.batch_size, pipe.tokenizer_2, world=world, grid=grid
+        )
+        flow = _flow_loss(pipe.transformer, pipe, encode_latents(pipe, pixels), captions, generator, True)
+        return flow + ground_weight * grounding_loss(taps, words, regions)
 
-    ema = run_loop(config, params, loss_at, progress)
+    try:
+        ema = run_loop(config, params, loss_at, progress)
+    finally:
+        if taps is not None:
+            taps.remove()
     _save_trained(pipe, modules, params, ema, config.out / "model")
     return pipe
 
@@ -342,6 +383,9 @@ def train_lora(
 ) -> Path:
     """A LoRA that binds `word` to its subject object; written as a diffusers-layout .safetensors.
 
+    The subject and its scenes come from `config.world`; the file's trigger phrase is the subject's
+    activation words (v3: the word and its class noun, "zorblax star").
+
     `pivotal`: train the word's T5 embedding with the LoRA (pivotal tuning, as character LoRAs are
     trained) and bundle it in the file as `bundle_emb.<word>.t5` (OneTrainer's key, read by
     ComfyUI and by `FreeFuse.add_lora`). `init_word`: the embedding starts from this word's row
@@ -352,7 +396,8 @@ def train_lora(
     from peft.utils import get_peft_model_state_dict
     from safetensors.torch import save
 
-    subject = SUBJECTS[word]
+    world = WORLDS[config.world]
+    subject = world.subjects[word]
     pipe = FluxPipeline.from_pretrained(str(model_dir), torch_dtype=torch.float32)
     for module in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae):
         module.eval().requires_grad_(False)
@@ -374,7 +419,7 @@ def train_lora(
         hooks = substitute_embedding(pipe.text_encoder_2, token, params["word_embedding"])
 
     def loss_at(step: int) -> torch.Tensor:
-        pixels, captions = scene_batch(config.seed, step, config.batch_size, subject=word)
+        pixels, captions = scene_batch(config.seed, step, config.batch_size, subject=word, world=world)
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         return _flow_loss(pipe.transformer, pipe, encode_latents(pipe, pixels), captions, generator, pivotal)
 
@@ -389,7 +434,7 @@ def train_lora(
         state[f"bundle_emb.{word}.t5"] = params["word_embedding"].detach()[None].contiguous()
     metadata = {
         "format": "pt",
-        "modelspec.trigger_phrase": word,
+        "modelspec.trigger_phrase": subject.trigger,
         "modelspec.title": f"ShapesWorld {word}",
         "shapesworld.subject": json.dumps(asdict(subject)),
         "ss_network_dim": str(rank),
@@ -399,28 +444,29 @@ def train_lora(
     return path
 
 
-GRID = 8  # image tokens per side: 64 px, a 4x VAE, 2x2 patches
+GRID = 8  # v1's image tokens per side: 64 px, a 4x VAE, 2x2 patches (v3: 16, `model.token_grid`)
 
 
-def grounded_batch(seed: int, step: int, batch_size: int, tokenizer):
+def grounded_batch(seed: int, step: int, batch_size: int, tokenizer, world: World = V1, grid: int = GRID):
     """Base scenes with where each object is, for the grounding loss (deterministic per step).
 
     Returns pixels `[B, 3, 64, 64]`, captions, `words` `[B, K, T]` (1 where text token t is one of
     object k's content words: colour, texture, shape; not the article) and `regions` `[B, K, N]`
-    (1 where image token n is mostly object k), K = 4 objects at most, T = MAX_TEXT_TOKENS.
+    (1 where image token n is mostly object k, N = grid²), K = 4 objects at most,
+    T = MAX_TEXT_TOKENS.
     """
     rng = np.random.default_rng([seed, step, 7])
     images, captions = [], []
     words = torch.zeros(batch_size, 4, MAX_TEXT_TOKENS)
-    regions = torch.zeros(batch_size, 4, GRID * GRID)
+    regions = torch.zeros(batch_size, 4, grid * grid)
     for b in range(batch_size):
-        scene = random_scene(rng)
+        scene = random_scene(rng, world=world)
         images.append(scene.render())
         caption = scene.caption
         captions.append(caption)
         offsets = tokenizer(caption, return_offsets_mapping=True, add_special_tokens=True)["offset_mapping"]
         visible = torch.from_numpy(scene.masks().astype(np.float32))
-        share = F.adaptive_avg_pool2d(visible[None], GRID)[0].reshape(len(scene.objects), -1)
+        share = F.adaptive_avg_pool2d(visible[None], grid)[0].reshape(len(scene.objects), -1)
         start = 0
         for k, obj in enumerate(scene.objects):
             phrase = obj.phrase()
@@ -436,13 +482,17 @@ def grounded_batch(seed: int, step: int, batch_size: int, tokenizer):
 
 
 class DoubleBlockTaps:
-    """Forward hooks keeping the double-stream blocks' post-norm queries/keys and RoPE, with grad."""
+    """Forward hooks keeping the double-stream blocks' post-norm queries/keys and RoPE, with grad.
 
-    def __init__(self, transformer) -> None:
+    `blocks`: the indices of the double-stream blocks to keep (default: all); `indices` lists them.
+    """
+
+    def __init__(self, transformer, blocks: list[int] | None = None) -> None:
         self.store: dict = {}
         self.handles = []
-        for index, block in enumerate(transformer.transformer_blocks):
-            attn = block.attn
+        self.indices = list(range(len(transformer.transformer_blocks))) if blocks is None else list(blocks)
+        for index in self.indices:
+            attn = transformer.transformer_blocks[index].attn
             for name, module in (
                 ("q_img", attn.norm_q),
                 ("k_img", attn.norm_k),
@@ -451,7 +501,6 @@ class DoubleBlockTaps:
             ):
                 self.handles.append(module.register_forward_hook(self._keep(index, name)))
             self.handles.append(attn.register_forward_pre_hook(self._keep_rope(index), with_kwargs=True))
-        self.blocks = len(transformer.transformer_blocks)
 
     def _keep(self, index: int, name: str):
         def hook(module, inputs, output):
@@ -483,7 +532,7 @@ class DoubleBlockTaps:
 
 
 def grounding_loss(taps: DoubleBlockTaps, words: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
-    """-log of the share of attention that lands on the right object, both directions, every double block.
+    """-log of the share of attention that lands on the right object, both directions, every tapped block.
 
     image→text: an object's image tokens, softmax over all keys, share of the objects' words' mass
     that goes to its own words. text→image: an object's words, softmax over all keys, share of the
@@ -492,7 +541,7 @@ def grounding_loss(taps: DoubleBlockTaps, words: torch.Tensor, regions: torch.Te
     eps = 1e-6
     losses = []
     any_word = words.amax(dim=1)  # [B, T]
-    for index in range(taps.blocks):
+    for index in taps.indices:
         qk = taps.qk(index)
         keys = torch.cat([qk["k_text"], qk["k_img"]], dim=2)
         n_text = qk["k_text"].shape[2]
@@ -530,10 +579,11 @@ def train_grounding(config: TrainConfig, model_dir: Path, weight: float = 0.05, 
     modules, params = _trainable_text_to_image(pipe)
     pipe.vae.eval().requires_grad_(False)
     taps = DoubleBlockTaps(pipe.transformer)
+    world, grid = WORLDS[config.world], token_grid(pipe.vae)
 
     def loss_at(step: int) -> torch.Tensor:
         pixels, captions, words, regions = grounded_batch(
-            config.seed, step, config.batch_size, pipe.tokenizer_2
+            config.seed, step, config.batch_size, pipe.tokenizer_2, world=world, grid=grid
         )
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
         flow = _flow_loss(pipe.transformer, pipe, encode_latents(pipe, pixels), captions, generator, True)
@@ -547,13 +597,13 @@ def train_grounding(config: TrainConfig, model_dir: Path, weight: float = 0.05, 
     return pipe
 
 
-def base_from_checkpoint(run: Path, vae_dir: Path, use_ema: bool = True):
+def base_from_checkpoint(run: Path, vae_dir: Path, use_ema: bool = True, world: str = "v1"):
     """The base pipeline as it stands in a (possibly unfinished) run's checkpoint, for looking at samples."""
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file
 
     vae = AutoencoderKL.from_pretrained(str(vae_dir)).eval()
-    pipe = build_pipeline(vae=vae)
+    pipe = build_pipeline(vae=vae, world=world)
     tensors = load_file(str(_state_path(run) / "state.safetensors"))
     prefix = "ema." if use_ema and any(k.startswith("ema.") for k in tensors) else "param."
     modules = {
