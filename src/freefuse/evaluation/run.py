@@ -131,7 +131,7 @@ def score_items(planned: list[PlannedImage], folder: Path, out: Path) -> list[Sc
         if is_done(entry, folder):
             item.image, item.manifest = f"{prefix}/{entry['image']}", f"{prefix}/{entry['manifest']}"
             item.image_sha256 = entry["files"][entry["image"]]
-            masks = job_files(folder, plan.job)["masks"].name
+            masks = job_files(folder, plan.job)[0]["masks"].name  # eval jobs make one image each
             item.masks = f"{prefix}/{masks}" if masks in entry["files"] else None
         else:
             item.error = f"generation failed: {reasons.get(plan.job.id, 'no finished image')}"
