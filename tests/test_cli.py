@@ -211,7 +211,7 @@ def test_inspect_reports_every_file_and_kohya_folder_trigger_words(assets, tmp_p
     assert [("error" in report) for report in reports] == [True, False, False]
     assert reports[1]["trigger_words"] == ["ohwx woman"]
     assert reports[1]["trigger_words_from"] == "ss_tag_frequency (folder name)"
-    assert reports[2]["for"] == "UNet (SD 1.x / SDXL)" and reports[1]["for"] == "FLUX transformer"
+    assert reports[2]["for"] == "UNet (SD 1.x / SDXL)" and reports[1]["for"] == "FLUX.1 transformer"
     table = RUNNER.invoke(app, ["inspect", str(kohya), str(sdxl)], terminal_width=200)
     assert table.exit_code == 0 and "ohwx woman" in table.output and "UNet (SD 1.x / SDXL)" in table.output
 

@@ -182,7 +182,7 @@ def test_sdxl_lora_is_refused_as_another_architecture(tmp_path) -> None:
         },
         str(path),
     )
-    with pytest.raises(LoraFileError, match="UNet model"):
+    with pytest.raises(LoraFileError, match=r"LoRA for a UNet \(SD 1.x / SDXL\).*not for a FLUX.1 transformer"):
         FreeFuse(tiny_flux_pipeline(seed=0)).add_lora(path, words=["x"])
 
 

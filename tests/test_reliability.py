@@ -299,7 +299,7 @@ def test_flux_loras_on_an_sdxl_folder_are_refused_before_loading(assets, tmp_pat
     index["_class_name"] = "StableDiffusionXLPipeline"
     (other / "model_index.json").write_text(json.dumps(index))
     result = generate(assets, tmp_path / "o", model=str(other))
-    assert_user_error(result, "is a LoRA for a FLUX transformer", "not for an SDXL UNet")
+    assert_user_error(result, "is a LoRA for a FLUX.1 transformer", "not for an SDXL UNet")
     assert_nothing_written(tmp_path / "o")
 
 

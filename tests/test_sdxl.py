@@ -185,7 +185,7 @@ def test_kohya_file_loads_like_the_diffusers_file_and_its_text_encoder_part_is_g
 def test_loras_of_the_other_architecture_are_refused_before_loading(pipe, tmp_path) -> None:
     flux_file = random_lora(tiny_flux_pipeline(seed=0), "x", path=tmp_path / "flux.safetensors")
     freefuse = FreeFuse(pipe)
-    with pytest.raises(LoraFileError, match="FLUX transformer"):
+    with pytest.raises(LoraFileError, match="FLUX.1 transformer"):
         freefuse.add_lora(flux_file, name="x", words=["Alice"])
     assert not getattr(pipe.unet, "peft_config", None)
     sdxl_file = tmp_path / "sdxl.safetensors"

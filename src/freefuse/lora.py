@@ -13,7 +13,7 @@ import hashlib
 import math
 import re
 import struct
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -147,7 +147,12 @@ def check_lora_path(path: str | Path, architecture: type[Backend] | None = None)
     header = read_header(path)
     if architecture is not None:
         architecture.check_lora_keys(
-            [key for key in header if key != "__metadata__" and not is_bundle_key(key)], path.name
+            {
+                key: info.get("shape", []) if isinstance(info, dict) else []
+                for key, info in header.items()
+                if key != "__metadata__" and not is_bundle_key(key)
+            },
+            path.name,
         )
     return path
 
@@ -360,7 +365,8 @@ def detect_layout(state_dict: dict[str, torch.Tensor]) -> str:
         if any(part in k for k in unet for part in _UNET_BLOCKS) or (
             unet
             and not any(
-                "double_blocks" in k or "single_blocks" in k or "transformer_blocks" in k for k in keys
+                "double_blocks" in k or "single_blocks" in k or "transformer_blocks" in k or _ZIMAGE.search(k)
+                for k in keys
             )
         ):
             return "kohya-unet"
@@ -517,26 +523,100 @@ def tag_frequencies(metadata: dict[str, str], limit: int = 10) -> list[tuple[str
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
 
 
+UNET_FAMILY = "UNet (SD 1.x / SDXL)"
+FLUX_FAMILY = "FLUX transformer"  # FLUX.1 or FLUX.2: the names shared by both, no width that tells
+FLUX1_FAMILY = "FLUX.1 transformer"
+FLUX2_FAMILY = "FLUX.2 transformer"
+ZIMAGE_FAMILY = "Z-Image transformer"
+#: Families a file can be refused as (a "text encoder only" or "unknown" file is left to the loader).
+MODEL_FAMILIES = (UNET_FAMILY, FLUX_FAMILY, FLUX1_FAMILY, FLUX2_FAMILY, ZIMAGE_FAMILY)
+
+# Z-Image's blocks in every layout: diffusers' (`layers.0.attention.to_q`), ai-toolkit's
+# (`diffusion_model.` + those), kohya/musubi's (`lora_unet_layers_0_attention_qkv`).
+_ZIMAGE = re.compile(
+    r"(^|[._])(layers|noise_refiner|context_refiner)[._]\d+[._](attention|feed_forward|adaLN_modulation)"
+    r"|(^|[._])(cap_embedder|all_x_embedder|all_final_layer)[._]"
+)
+# Layer names only one FLUX generation has. FLUX.2: fused single-block projections, SwiGLU
+# feed-forwards, modulation shared by all blocks. FLUX.1: GELU feed-forwards, per-block modulation.
+_FLUX2_ONLY = re.compile(r"to_qkv_mlp_proj|[._]linear_(in|out)[._]|stream_modulation|time_guidance_embed")
+_FLUX1_ONLY = re.compile(
+    r"proj_mlp|[._]ff(_context)?[._]net[._]|norm1(_context)?[._]linear|time_text_embed|vector_in"
+    r"|(img|txt)_mod[._]lin|single_blocks[._]\d+[._]modulation[._]lin"
+)
+# Where the two share names (BFL, kohya, musubi layouts), the feed-forward widths differ: output
+# (input) width over the block's width of each layer, for FLUX.1 and FLUX.2.
+_FLUX_WIDTHS = (
+    (re.compile(r"(img|txt)_mlp[._]0$"), "out", 4, 6),
+    (re.compile(r"(img|txt)_mlp[._]2$"), "in", 4, 3),
+    (re.compile(r"linear1$"), "out", 7, 9),
+    (re.compile(r"linear2$"), "in", 5, 4),
+)
+_HALVES = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"))
+
+
+def _flux_generation(keys: list[str], shapes: Mapping[str, Sequence[int]] | None) -> str:
+    """FLUX.1 or FLUX.2 from the names one of them alone has, else from a feed-forward's widths."""
+    if any(_FLUX2_ONLY.search(key) for key in keys):
+        return FLUX2_FAMILY
+    if any(_FLUX1_ONLY.search(key) for key in keys):
+        return FLUX1_FAMILY
+    for key in keys if shapes is not None else ():
+        for down_suffix, up_suffix in _HALVES:
+            if not key.endswith(down_suffix):
+                continue
+            module = key[: -len(down_suffix)]
+            down, up = shapes.get(key), shapes.get(module + up_suffix)
+            if not down or not up or len(down) != 2 or len(up) != 2:
+                continue
+            for pattern, side, flux1, flux2 in _FLUX_WIDTHS:
+                if pattern.search(module):
+                    # The block's width is the other side of the layer; the ratio is an integer.
+                    ratio = up[0] / down[1] if side == "out" else down[1] / up[0]
+                    if ratio in (flux1, flux2):
+                        return FLUX1_FAMILY if ratio == flux1 else FLUX2_FAMILY
+    return FLUX_FAMILY
+
+
 def lora_family(keys) -> str:
-    """What a LoRA file is for, from its tensor names: "FLUX transformer", "UNet (SD 1.x / SDXL)",
-    "text encoder only", or "unknown"."""
+    """What a LoRA file is for, from its tensor names (and shapes, given a mapping name → shape):
+    "Z-Image transformer", "FLUX.1 transformer", "FLUX.2 transformer", "FLUX transformer" (FLUX.1
+    or FLUX.2: nothing in the file tells which), "UNet (SD 1.x / SDXL)", "text encoder only", or
+    "unknown"."""
+    shapes = keys if isinstance(keys, Mapping) else None
     keys = list(keys)
-    # FLUX's own block names first (kohya FLUX files start with lora_unet_ too), then UNet names
-    # (SD and SDXL attention layers are also called transformer_blocks), then diffusers' FLUX.
+    # Z-Image first (its kohya files start with lora_unet_ too), then FLUX's own block names (kohya
+    # FLUX files also start with lora_unet_), then UNet names (SD and SDXL attention layers are also
+    # called transformer_blocks), then diffusers' FLUX.
+    if any(_ZIMAGE.search(key) for key in keys):
+        return ZIMAGE_FAMILY
     if any(
         part in key
         for key in keys
         for part in ("double_blocks", "single_blocks", "single_transformer_blocks")
-    ):
-        return "FLUX transformer"
+    ) or any(_FLUX2_ONLY.search(key) for key in keys):
+        return _flux_generation(keys, shapes)
     unet_parts = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks")
     if any(key.startswith(("lora_unet_", "unet.")) or any(p in key for p in unet_parts) for key in keys):
-        return "UNet (SD 1.x / SDXL)"
+        return UNET_FAMILY
     if any(key.startswith(("transformer.", "diffusion_model.")) for key in keys):
-        return "FLUX transformer"
+        return _flux_generation(keys, shapes)
     if keys and all(key.startswith(("lora_te", "text_encoder")) for key in keys):
         return "text encoder only"
     return "unknown"
+
+
+def check_lora_family(keys, source: str, accepted: Sequence[str], model: str) -> None:
+    """Refuse a LoRA file whose tensor names (and shapes) say it is for another model family than
+    `accepted` (a file that says nothing is left to the loader), naming both: the file's family and
+    `model`, what it was given to."""
+    family = lora_family(keys)
+    if family in MODEL_FAMILIES and family not in accepted:
+        first = next(iter(keys), None)
+        raise LoraFileError(
+            f"{source} is a LoRA for a {family} (keys such as {first!r}), not for {model}; use a LoRA "
+            "trained for this model."
+        )
 
 
 _TEXT_ENCODER_PREFIXES = {

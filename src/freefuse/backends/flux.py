@@ -18,7 +18,7 @@ import torch
 
 from ..core import jsontext
 from ..errors import LoraFileError
-from ..lora import lora_family
+from ..lora import FLUX1_FAMILY, FLUX_FAMILY, check_lora_family
 from ..tiny import tiny_t5_tokenizer
 from .base import (
     IMAGE,
@@ -134,8 +134,11 @@ class FluxArchitecture(Architecture):
 
     @classmethod
     def single_file_matches(cls, keys) -> bool:
-        """FLUX.1's original layout (BFL's): `double_blocks.*`, with or without a `model.diffusion_model.` prefix."""
-        return any(key.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for key in keys)
+        """FLUX.1's original layout (BFL's): `double_blocks.*`, with or without a `model.diffusion_model.`
+        prefix, and per-block modulation (FLUX.2's files share the block names but not that)."""
+        return any(key.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for key in keys) and not any(
+            "stream_modulation" in key for key in keys
+        )
 
     @classmethod
     def default_single_file_base(cls, keys) -> str | None:
@@ -146,12 +149,8 @@ class FluxArchitecture(Architecture):
 
     @classmethod
     def check_lora_keys(cls, keys, source: str) -> None:
-        if lora_family(keys).startswith("UNet"):
-            first = next(iter(keys))
-            raise LoraFileError(
-                f"{source} is a LoRA for a UNet model (SD 1.x / SDXL keys such as {first!r}), not for a FLUX "
-                "transformer; use a LoRA trained for this model."
-            )
+        """FLUX.1's files, and FLUX files whose names and widths do not tell FLUX.1 from FLUX.2."""
+        check_lora_family(keys, source, (FLUX1_FAMILY, FLUX_FAMILY), "a FLUX.1 transformer")
 
     @classmethod
     def check_settings(cls, settings: GenerationSettings) -> list[str]:

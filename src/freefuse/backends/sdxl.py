@@ -24,7 +24,7 @@ import torch
 
 from ..core import MaskConfig, jsontext
 from ..errors import LoraFileError
-from ..lora import lora_family
+from ..lora import UNET_FAMILY, check_lora_family
 from ..tiny import tiny_clip_tokenizer
 from .base import (
     IMAGE,
@@ -171,11 +171,7 @@ class SdxlArchitecture(Architecture):
 
     @classmethod
     def check_lora_keys(cls, keys, source: str) -> None:
-        if lora_family(keys) == "FLUX transformer":
-            raise LoraFileError(
-                f"{source} is a LoRA for a FLUX transformer (keys such as {next(iter(keys))!r}), not for an SDXL "
-                "UNet; use a LoRA trained for this model."
-            )
+        check_lora_family(keys, source, (UNET_FAMILY,), "an SDXL UNet")
 
     @classmethod
     def check_settings(cls, settings: GenerationSettings) -> list[str]:
