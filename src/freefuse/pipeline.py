@@ -582,21 +582,23 @@ def pass_masks_of(
     device = context.backend.device
     tokens = {name: mask.to(device) for name, mask in found.tokens.items()}
     scope = context.settings.text_scope
-    result: dict[PassName, dict[str, AdapterMask] | None] = {
-        "cond": pass_masks(
-            tokens, context.positions, conditioning.num_text_tokens, scope, found.everywhere, context.grid
-        ),
-        "uncond": None,
-    }
-    if negative is not None:
-        result["uncond"] = pass_masks(
-            tokens,
-            context.negative_positions,
-            negative.num_text_tokens,
-            scope,
-            found.everywhere,
-            context.grid,
-        )
+    padding = context.backend.sequence_multiple  # how the denoiser pads each image's tokens
+    result: dict[PassName, dict[str, AdapterMask] | None] = {"cond": None, "uncond": None}
+    for name, encoded, positions in (
+        ("cond", conditioning, context.positions),
+        ("uncond", negative, context.negative_positions),
+    ):
+        if encoded is not None:
+            result[name] = pass_masks(
+                tokens,
+                positions,
+                encoded.num_text_tokens,
+                scope,
+                found.everywhere,
+                context.grid,
+                text_lengths=encoded.text_lengths,
+                image_multiple=padding,
+            )
     return result
 
 

@@ -136,7 +136,8 @@ class GenerationSettings(BaseModel):
     )
     method: str = Field("freefuse", description="How each subject LoRA's region is decided.")
     mask_step: StrictInt | None = Field(
-        None, description="Step whose attention gives the masks (default: 6 of 28, scaled to the steps)."
+        None,
+        description="Step whose attention gives the masks (default: the model's share of the steps; FLUX.1: 6 of 28).",
     )
     block: StrictInt | list[StrictInt] | None = Field(
         None,
@@ -341,6 +342,8 @@ class GenerationSettings(BaseModel):
 
     @property
     def resolved_mask_step(self) -> int:
+        """`mask_step`, or the paper's 6 of 28 scaled to the steps while no model is known (preflight
+        sets the model's own share: `Architecture.default_mask_step`)."""
         if self.mask_step is not None:
             return self.mask_step
         return max(1, round(PAPER_MASK_STEP / PAPER_STEPS * self.num_inference_steps))

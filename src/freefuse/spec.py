@@ -351,7 +351,7 @@ def _replay_settings(recorded: dict, overrides: dict, manifest_path, notes: list
     if "num_inference_steps" in overrides and "mask_step" not in overrides:
         recorded.pop("mask_step", None)  # the default scales with the new step count
         notes.append(
-            "the mask step follows the new step count (the paper's 6 of 28, scaled); pass --mask-step to fix it."
+            "the mask step follows the new step count (the model's share of the steps); pass --mask-step to fix it."
         )
     if isinstance(overrides.get("mask_config"), dict) and isinstance(recorded.get("mask_config"), dict):
         overrides["mask_config"] = {**recorded["mask_config"], **overrides["mask_config"]}

@@ -430,7 +430,8 @@ class LayerCall:
         layer: module name inside the transformer.
         label: what the recorder's `label` said when the call happened (e.g. "cond", "uncond").
         tokens: length of the token axis of the layer's input, or None for `[B, C]` inputs.
-        masks: adapter name → recovered coefficients, `[B, S]` (or `[B]` without a token axis).
+        masks: adapter name → recovered coefficients, `[B, S]` (or `[B]` without a token axis, `[R]`
+            for a 2-d input); NaN where every adapter's delta is exactly zero (nothing to read).
         fit_error: largest relative residual of the fit; ~0 when the output is exactly base plus
             per-token multiples of each adapter's delta.
     """
@@ -485,7 +486,10 @@ class LoraDeltaRecorder:
             deltas.append((x64 @ down.T @ up.T) * float(module.scaling[adapter]))
         system = torch.stack(deltas, dim=-1)  # [..., out, k]
         solution = torch.linalg.lstsq(system, residual[..., None]).solution[..., 0]  # [..., k]
-        fitted = (system @ solution[..., None])[..., 0]
+        # A token whose input makes every delta exactly zero (a zero padding row) says nothing.
+        silent = (system == 0).all(dim=-1).all(dim=-1)
+        solution = solution.masked_fill(silent[..., None], float("nan"))
+        fitted = (system @ solution.nan_to_num()[..., None])[..., 0]
         scale = residual.abs().amax().clamp_min(1e-12)
         fit_error = float((fitted - residual).abs().amax() / scale)
         self.calls.append(
