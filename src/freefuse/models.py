@@ -26,7 +26,9 @@ from .tiny import TINY_PIPELINES
 TINY = "tiny"
 TINY_SDXL = "tiny-sdxl"
 # The built-in random models, by name: the backend whose tiny pipeline each one is.
-TINY_MODELS = {TINY: "flux", TINY_SDXL: "sdxl"}
+TINY_ZIMAGE = "tiny-zimage"
+TINY_FLUX2 = "tiny-flux2"
+TINY_MODELS = {TINY: "flux", TINY_SDXL: "sdxl", TINY_ZIMAGE: "zimage", TINY_FLUX2: "flux2"}
 # The ShapesWorld model committed with FreeFuse (a FLUX.1-architecture pipeline).
 SHAPESWORLD = "shapesworld"
 BUILT_IN = (*TINY_MODELS, SHAPESWORLD)
