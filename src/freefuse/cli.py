@@ -316,7 +316,8 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Diffusers folder, Hugging Face id, single .safetensors checkpoint, or 'tiny', 'tiny-sdxl'.",
+        help="Diffusers folder, Hugging Face id, single .safetensors checkpoint, or 'tiny', 'tiny-sdxl', "
+        "'tiny-zimage', 'tiny-flux2'.",
     ),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
@@ -750,7 +751,8 @@ def demo(
         typer.Option(
             "--model",
             "-m",
-            help="A diffusers folder or Hugging Face id; 'tiny' or 'tiny-sdxl' (random); default: ShapesWorld.",
+            help="A diffusers folder or Hugging Face id; 'tiny', 'tiny-sdxl', 'tiny-zimage' or 'tiny-flux2' "
+            "(random); default: ShapesWorld.",
         ),
     ] = None,
     steps: Annotated[
@@ -775,7 +777,8 @@ def demo(
         str | None,
         typer.Option(
             "--arch",
-            help="flux or sdxl: a cached model of it, else its built-in tiny random model (sdxl: tiny-sdxl).",
+            help="flux, sdxl, zimage or flux2: a cached model of it, else its built-in tiny random model "
+            "(tiny-sdxl, tiny-zimage, tiny-flux2; flux: ShapesWorld).",
         ),
     ] = None,
 ) -> None:

@@ -4,9 +4,10 @@ Without real weights the demo runs on ShapesWorld, the small FLUX-architecture m
 with FreeFuse (trained offline on pictures of shapes), with two of its subject LoRAs: the
 zorblax (a purple striped star) and the quiffle (an orange dotted cross). It makes the same seed
 twice, with plain joint LoRAs (merge) and with FreeFuse, and writes them side by side with
-FreeFuse's masks. With real FLUX.1 weights (`--model`, or in the Hugging Face cache) it runs
-FreeFuse with two random LoRAs, which shows the pipeline, not a result; `--model tiny` runs the
-random tiny model. The LoRA files the demo used are written beside its outputs, so its manifest
+FreeFuse's masks. With real weights (`--model`, or a known model of `--arch` in the Hugging Face
+cache: FLUX.1, SDXL, Z-Image, FLUX.2 [klein]) it runs FreeFuse with two random LoRAs, which shows
+the pipeline, not a result; `--model tiny` (or `--arch sdxl|zimage|flux2` without cached weights)
+runs a random tiny model. The LoRA files the demo used are written beside its outputs, so its manifest
 replays from anywhere (`freefuse generate --manifest out/demo.json`).
 """
 
@@ -61,7 +62,8 @@ def plan_demo(
     architecture: str | None = None,
 ) -> DemoPlan:
     """ShapesWorld unless a model is given or real weights are in the cache; with `architecture`,
-    a cached model of it, else its built-in tiny random model ("sdxl": `tiny-sdxl`)."""
+    a cached model of it, else its built-in tiny random model ("sdxl": `tiny-sdxl`, "zimage":
+    `tiny-zimage`, "flux2": `tiny-flux2`)."""
     if model is not None and architecture is not None:
         found = architecture_of(model)
         if found is not None and found.name != architecture:

@@ -199,8 +199,9 @@ def single_file_architecture(path: str | Path, keys: list[str] | None = None) ->
             return facts
     raise ModelLoadError(
         f"{path} is a single-file checkpoint of no architecture FreeFuse runs (first tensor {keys[0] if keys else None!r}); "
-        f"it reads SDXL checkpoints (conditioner.embedders…, model.diffusion_model.input_blocks…) and FLUX.1 ones "
-        "(double_blocks…)."
+        f"it reads SDXL checkpoints (conditioner.embedders…, model.diffusion_model.input_blocks…), FLUX.1 and "
+        "FLUX.2 [klein] transformers (double_blocks…; FLUX.2 with single_stream_modulation…) and Z-Image "
+        "transformers (layers…, noise_refiner…)."
     )
 
 

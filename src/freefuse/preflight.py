@@ -157,14 +157,18 @@ def _resolved(model: ModelFacts, settings: GenerationSettings) -> GenerationSett
                     f"(0..{model.num_blocks - 1})."
                 )
     guidance = settings.guidance_scale
-    mask_step = settings.mask_step
+    # The architecture's share of the steps (few-step models read earlier), not the paper's 6/28.
+    mask_step = settings.mask_step or architecture.default_mask_step(settings.num_inference_steps)
+    if get_method(settings.method).reads_attention and settings.capture_steps > mask_step:
+        raise SettingsError(
+            f"`capture_steps` {settings.capture_steps} reaches before the first step: the last of them is the mask "
+            f"step {mask_step} ({architecture.name}'s default for {settings.num_inference_steps} steps); use at most "
+            f"{mask_step}, or set `mask_step`."
+        )
     return settings.model_copy(
         update={
             "block": block,
-            # The architecture's share of the steps (few-step models read earlier), not the paper's 6/28.
-            "mask_step": architecture.default_mask_step(settings.num_inference_steps)
-            if mask_step is None
-            else mask_step,
+            "mask_step": mask_step,
             "max_sequence_length": settings.max_sequence_length or architecture.default_sequence_length(model.tokenizer),
             "mask_config": architecture.mask_config(settings),
             "guidance_scale": architecture.default_guidance if guidance is None else guidance,

@@ -164,7 +164,7 @@ class RunService:
         if check:
             spec.check()
         settings = spec.settings
-        total = settings.resolved_mask_step if stop_after_masks else settings.num_inference_steps
+        total = settings.num_inference_steps
 
         def step_end(freefuse, step: int, timestep, tensors) -> dict:
             if cancel is not None and cancel.is_set():
@@ -177,7 +177,10 @@ class RunService:
             freefuse = self.freefuse(spec)
             if spec.recorded_model:
                 self._check_recorded_model(spec, freefuse)
-            freefuse.check_inputs(settings, spec.masks)  # a word error before any progress is shown
+            # A word error before any progress is shown; the mask step as the model resolves it.
+            checked, _, _ = freefuse.check_inputs(settings, spec.masks)
+            if stop_after_masks:
+                total = checked.resolved_mask_step
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", FreeFuseWarning)
                 output = freefuse.generate(

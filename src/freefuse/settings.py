@@ -318,7 +318,11 @@ class GenerationSettings(BaseModel):
                 f"`mask_step` {self.resolved_mask_step} is past the last of {self.num_inference_steps} steps; use a "
                 f"value from 1 to {self.num_inference_steps} (the paper uses 6 of 28)."
             )
-        if get_method(self.method).reads_attention and self.capture_steps > self.resolved_mask_step:
+        if (
+            get_method(self.method).reads_attention
+            and self.mask_step is not None  # else the model's share decides, and preflight checks it
+            and self.capture_steps > self.mask_step
+        ):
             raise ValueError(
                 f"`capture_steps` {self.capture_steps} reaches before the first step: the last of them is the mask "
                 f"step {self.resolved_mask_step}; use at most {self.resolved_mask_step}."
