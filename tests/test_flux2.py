@@ -355,6 +355,9 @@ def test_single_files_of_flux1_and_flux2_are_told_apart() -> None:
     ]
     assert Flux2Architecture.default_single_file_base(nine_b).endswith("9B")
     assert Flux2Architecture.default_single_file_base(flux2).endswith("4B")
+    # FLUX.2 [dev] (48 single-stream blocks, Flux2Pipeline with another text encoder) is no [klein].
+    dev = nine_b + [f"model.diffusion_model.single_blocks.{i}.linear1.weight" for i in range(48)]
+    assert not Flux2Architecture.single_file_matches(dev) and not FluxArchitecture.single_file_matches(dev)
 
 
 @pytest.mark.slow

@@ -165,23 +165,26 @@ class Flux2Architecture(Architecture):
         tokenizer = super().load_tokenizer(model_folder)
         return None if tokenizer is None else ChatPromptTokenizer(tokenizer, enable_thinking=False)
 
+    @staticmethod
+    def _blocks(keys, kind: str) -> int:
+        """How many `kind` blocks (`double_blocks`, `single_blocks`) a BFL-layout file holds."""
+        names = (key.removeprefix("model.diffusion_model.") for key in keys)
+        return len({name.split(".")[1] for name in names if name.startswith(kind + ".")})
+
     @classmethod
     def single_file_matches(cls, keys) -> bool:
-        """BFL's layout of FLUX.2 (ComfyUI's `flux-2-klein-*.safetensors`): the block names of FLUX.1
-        and the modulation shared by all blocks (`single_stream_modulation`), which FLUX.1 lacks."""
-        return any(
+        """BFL's layout of FLUX.2 [klein] (ComfyUI's `flux-2-klein-*.safetensors`): the block names of
+        FLUX.1 and the modulation shared by all blocks (`single_stream_modulation`), which FLUX.1
+        lacks; not FLUX.2 [dev]'s 48 single-stream blocks (another pipeline and text encoder)."""
+        shared = any(
             key.removeprefix("model.diffusion_model.").startswith("single_stream_modulation.") for key in keys
         )
+        return shared and cls._blocks(keys, "single_blocks") < 48
 
     @classmethod
     def default_single_file_base(cls, keys) -> str | None:
         """[klein] 9B for a file with 8 double-stream blocks, else 4B (5): their text encoders and VAE."""
-        doubles = {
-            key.removeprefix("model.diffusion_model.").split(".")[1]
-            for key in keys
-            if key.removeprefix("model.diffusion_model.").startswith("double_blocks.")
-        }
-        return cls.known_model_ids[1] if len(doubles) >= 8 else cls.known_model_ids[0]
+        return cls.known_model_ids[1] if cls._blocks(keys, "double_blocks") >= 8 else cls.known_model_ids[0]
 
     @classmethod
     def check_lora_keys(cls, keys, source: str) -> None:
