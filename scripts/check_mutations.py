@@ -95,8 +95,8 @@ MUTATIONS = (
     Mutation(
         "fused LoRA op reuses one layer's scaling for another",
         "masking.py",
-        "key = (*plan.cache_key, low.shape[1] if plan.layout else 0)",
-        "key = (*plan.cache_key[:3], low.shape[1] if plan.layout else 0)",
+        "key = (*plan.cache_key, tuple(low.shape[:-1]) if plan.layout else 0)",
+        "key = (*plan.cache_key[:3], tuple(low.shape[:-1]) if plan.layout else 0)",
         ("tests/test_lora_ops.py::test_alpha_set_per_layer_is_kept_by_the_fused_op",),
     ),
     Mutation(
@@ -133,8 +133,8 @@ MUTATIONS = (
     Mutation(
         "negative pass uses the prompt's word positions",
         "pipeline.py",
-        "            context.negative_positions,\n            negative.num_text_tokens,",
-        "            context.positions,\n            negative.num_text_tokens,",
+        '("uncond", negative, context.negative_positions),',
+        '("uncond", negative, context.positions),',
         ("tests/test_stage2_layers.py::test_the_negative_pass_masks_the_negative_prompts_own_words",),
     ),
     Mutation(
@@ -394,6 +394,63 @@ MUTATIONS = (
         "[torch.full((layer.lora_A[a].weight.shape[0],), float(layer.scaling[a])) for a in adapters]",
         "[torch.full((layer.lora_A[a].weight.shape[0],), float(layer.scaling[a]), dtype=layer.lora_A[a].weight.dtype) for a in adapters]",
         ("tests/test_pins_fused_dtype.py",),
+    ),
+    # -- Z-Image and FLUX.2 [klein] -----------------------------------------------------------------------
+    Mutation(
+        "Z-Image's joint sequence declared text first",
+        "backends/zimage.py",
+        'JOINT: TokenLayout = ("image", "text")',
+        'JOINT: TokenLayout = ("text", "image")',
+        ("tests/test_zimage.py::test_token_layout_of_zimage_layers_follows_the_model",),
+    ),
+    Mutation(
+        "FLUX.2's single-stream sequence declared image first",
+        "backends/flux2.py",
+        'JOINT: TokenLayout = ("text", "image")',
+        'JOINT: TokenLayout = ("image", "text")',
+        ("tests/test_flux2.py::test_token_layout_of_flux2_layers_follows_the_model",),
+    ),
+    Mutation(
+        "image padding tokens take the LoRA at full strength",
+        "masking.py",
+        "return torch.cat([self.image, share.expand(-1, padding)], dim=1)",
+        "return torch.cat([self.image, torch.ones_like(share).expand(-1, padding)], dim=1)",
+        ("tests/test_backend_contract.py::test_each_lora_acts_only_inside_its_own_mask_in_every_layer",),
+    ),
+    Mutation(
+        "a batch's text padding read as a short prompt's own text in stage 1",
+        "backends/base.py",
+        'if name.endswith("_text") and length is not None:',
+        'if name.endswith("_text") and length is None:',
+        ("tests/test_zimage.py::test_in_a_batch_a_short_prompt_reads_only_its_own_text",),
+    ),
+    Mutation(
+        "activation words at their offsets in the bare prompt, not the templated one",
+        "backends/qwen.py",
+        "start, end = len(before), len(before) + len(text)",
+        "start, end = 0, len(text)",
+        ("tests/test_zimage.py::test_word_positions_are_those_of_the_templated_prompt",),
+    ),
+    Mutation(
+        "FLUX.2's attention output read with the MLP columns",
+        "backends/flux2.py",
+        'result["o_img"] = store["o"][:, n_text:, : self.inner_dim]',
+        'result["o_img"] = store["o"][:, n_text:, -self.inner_dim :]',
+        ("tests/test_flux2.py::test_tap_matches_the_processor_queries_and_keys",),
+    ),
+    Mutation(
+        "FLUX.1 and FLUX.2 feed-forward widths swapped",
+        "lora.py",
+        "return FLUX1_FAMILY if ratio == flux1 else FLUX2_FAMILY",
+        "return FLUX2_FAMILY if ratio == flux1 else FLUX1_FAMILY",
+        ("tests/test_flux2.py::test_flux_generations_are_told_apart_at_real_widths",),
+    ),
+    Mutation(
+        "Z-Image's mask step the paper's 6 of 28",
+        "backends/zimage.py",
+        "paper_mask_step = (3, 12)",
+        "paper_mask_step = (6, 28)",
+        ("tests/test_zimage.py::test_default_tap_block_and_step_follow_the_authors_share",),
     ),
 )
 

@@ -256,6 +256,7 @@ def test_default_tap_block_and_step_follow_the_authors_share() -> None:
     assert ZImageArchitecture.default_block(2) == 1
     assert ZImageArchitecture.default_mask_step(12) == 3
     assert ZImageArchitecture.default_mask_step(8) == 2
+    assert ZImageArchitecture.default_mask_step(28) == 7  # a quarter, not the paper's 6 of 28
     assert ZImageArchitecture.default_mask_step(1) == 1
 
 
@@ -415,3 +416,25 @@ def test_a_comfyui_transformer_file_runs_like_its_folder_and_replays(pipe, tmp_p
     )
     assert replay.exit_code == 0, replay.output
     assert (tmp_path / "c" / "freefuse.png").read_bytes() == (tmp_path / "a" / "freefuse.png").read_bytes()
+
+
+def test_in_a_batch_a_short_prompt_reads_only_its_own_text(pipe) -> None:
+    """Stage 1 of a short prompt batched with a long one (padding between them in the sequence)
+    reads the same attention as the short prompt alone: image-to-text shares over its own text
+    keys, not over the long prompt's padding."""
+    for index, name in enumerate(NAMES):
+        random_lora(pipe, name, seed=index + 1, scale=0.5)
+    freefuse = FreeFuse(pipe)
+    for name in NAMES:
+        freefuse.use_adapter(name, words=[name.capitalize()])
+    config = {"method": "image-to-text", "background": False}
+    long_prompt = "Bob and Alice " + "with a cat in the snow " * 6
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FreeFuseWarning)
+        options = {"height": SIZE, "width": SIZE, "num_inference_steps": 3, "max_sequence_length": TOKENS}
+        alone = freefuse.masks(PROMPT, progress=False, seed=[0], mask_config=config, **options)
+        batch = freefuse.masks([PROMPT, long_prompt], progress=False, seed=[0, 1], mask_config=config, **options)
+    for name in NAMES:
+        torch.testing.assert_close(
+            batch.attention[0][name]["cross"], alone.attention[0][name]["cross"], atol=1e-5, rtol=1e-3
+        )

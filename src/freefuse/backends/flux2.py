@@ -66,10 +66,8 @@ FLUX2_LORA_TARGETS = (
     "attn.to_out",
 )
 _TEXT_STREAM = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context.")
-JOINT: TokenLayout = (
-    "text",
-    "image",
-)  # `torch.cat([encoder_hidden_states, hidden_states])` in the transformer
+# The order of `torch.cat([encoder_hidden_states, hidden_states])` in the transformer.
+JOINT: TokenLayout = ("text", "image")
 
 
 class Flux2AttentionTap:
