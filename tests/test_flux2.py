@@ -379,7 +379,7 @@ def test_demo_arch_flux2_runs_the_tiny_model_and_replays(tmp_path, monkeypatch) 
     monkeypatch.chdir(tmp_path)
     replay = runner.invoke(app, ["generate", "--manifest", str(out / "demo.json"), "--out", "replay"])
     assert replay.exit_code == 0, replay.output
-    assert (tmp_path / "replay" / "freefuse.png").read_bytes() == (out / "demo.png").read_bytes()
+    assert (tmp_path / "replay" / "demo.png").read_bytes() == (out / "demo.png").read_bytes()  # named after it
 
 
 @pytest.mark.slow

@@ -570,7 +570,8 @@ ALL_LAYERS = "all-layers"
 
 
 # One tiny pipeline builder per registered backend (`freefuse.backends.BACKENDS`), by its name: the
-# built-in models (`--model tiny`, `tiny-sdxl`), the offline demo and the contract tests.
+# built-in models (`--model tiny`, `tiny-sdxl`, `tiny-zimage`, `tiny-flux2`), the offline demo and the
+# contract tests.
 TINY_PIPELINES = {
     "flux": tiny_flux_pipeline,
     "sdxl": tiny_sdxl_pipeline,

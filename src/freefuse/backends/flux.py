@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 from ..core import jsontext
-from ..errors import LoraFileError
 from ..lora import FLUX1_FAMILY, FLUX_FAMILY, check_lora_family
 from ..tiny import tiny_t5_tokenizer
 from .base import (

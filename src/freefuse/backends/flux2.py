@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..errors import LoraFileError
 from ..lora import FLUX2_FAMILY, FLUX_FAMILY, check_lora_family
 from ..tiny import tiny_qwen_tokenizer
 from .base import (
@@ -37,6 +36,7 @@ from .base import (
     Conditioning,
     Latents,
     TokenLayout,
+    converter_failure,
     keep_first_input,
     keep_output,
     latent_preview,
@@ -445,10 +445,7 @@ class Flux2Backend(Backend):
         try:
             converted = Flux2KleinPipeline.lora_state_dict(state)
         except (ValueError, KeyError, RuntimeError, AssertionError, TypeError, IndexError) as error:
-            raise LoraFileError(
-                f"{lora.path.name} is not a LoRA layout FLUX.2 understands (first key {next(iter(state))!r}): "
-                f"{str(error).strip()[:300]}"
-            ) from None
+            raise converter_failure(lora, "FLUX.2", "Flux2KleinPipeline.lora_state_dict", error) from None
         converted = converted[0] if isinstance(converted, tuple) else converted
         if not any(key.startswith("transformer.") for key in converted):
             # diffusers' own layout without the prefix (what `Flux2LoraLoaderMixin` also accepts).

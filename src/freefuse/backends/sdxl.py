@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from ..core import MaskConfig, jsontext
-from ..errors import LoraFileError
 from ..lora import UNET_FAMILY, check_lora_family
 from ..tiny import tiny_clip_tokenizer
 from .base import (

@@ -28,7 +28,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..errors import LoraFileError
 from ..lora import ZIMAGE_FAMILY, check_lora_family
 from ..tiny import tiny_qwen_tokenizer
 from .base import (
@@ -41,6 +40,7 @@ from .base import (
     Conditioning,
     Latents,
     TokenLayout,
+    converter_failure,
     keep_first_input,
     keep_output,
     latent_preview,
@@ -443,8 +443,5 @@ class ZImageBackend(Backend):
         try:
             converted = ZImagePipeline.lora_state_dict(state)
         except (ValueError, KeyError, RuntimeError, AssertionError, TypeError, IndexError) as error:
-            raise LoraFileError(
-                f"{lora.path.name} is not a LoRA layout Z-Image understands (first key {next(iter(state))!r}): "
-                f"{str(error).strip()[:300]}"
-            ) from None
+            raise converter_failure(lora, "Z-Image", "ZImagePipeline.lora_state_dict", error) from None
         return converted[0] if isinstance(converted, tuple) else converted
