@@ -114,6 +114,7 @@ def preflight(
         notes = architecture.check_settings(settings) + notes
         if method.reads_attention:
             architecture.check_mask_config(settings)
+        architecture.check_attention_bias(settings)
     if not subjects:
         raise SettingsError("No LoRA given; a run needs at least one LoRA with its activation words.")
     settings = _resolved(model, settings) if architecture is not None else settings
@@ -156,8 +157,13 @@ def _resolved(model: ModelFacts, settings: GenerationSettings) -> GenerationSett
                     f"(0..{model.num_blocks - 1})."
                 )
     guidance = settings.guidance_scale
+    bias = architecture.attention_bias(settings)
     return settings.model_copy(
         update={
+            "attention_bias": bias.scale,
+            "attention_bias_positive": bias.positive,
+            "attention_bias_bidirectional": bias.bidirectional,
+            "attention_bias_blocks": bias.blocks,
             "block": block,
             "max_sequence_length": settings.max_sequence_length or architecture.max_sequence_length,
             "mask_config": architecture.mask_config(settings),
