@@ -818,7 +818,8 @@ def eval_shapesworld(
         list[str] | None,
         typer.Option(
             "--method",
-            help="merge | freefuse | masks (ground truth) | freefuse/<mask method>, e.g. freefuse/routing (repeat).",
+            help="merge | freefuse | masks (ground truth) | freefuse/<mask method>, e.g. freefuse/routing; "
+            "+bias<scale> adds the attention bias, e.g. freefuse+bias5 (repeat).",
         ),
     ] = None,
     world: Annotated[
@@ -853,14 +854,27 @@ def eval_shapesworld(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Pairs, triples and the quad of the 4 ShapesWorld LoRAs x prompts x seeds: identity, presence, leakage."""
-    from .shapesworld.evaluate import METHODS, VARIANT, EvalConfig, run_evaluation  # start-up time
+    from .shapesworld.evaluate import (  # start-up time
+        METHODS,
+        VARIANT,
+        EvalConfig,
+        run_evaluation,
+        split_bias,
+    )
     from .shapesworld.scenes import WORLDS  # start-up time
 
     methods = tuple(method or METHODS)
     variants = {f"{VARIANT}{name}" for name in MAP_METHOD_NAMES}
-    unknown = sorted(set(methods) - set(METHODS) - variants)
+    try:
+        bases = {name: split_bias(name)[0] for name in methods}
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+    unknown = sorted(name for name, base in bases.items() if base not in set(METHODS) | variants)
     if unknown:
-        raise SettingsError(f"Unknown method(s) {unknown}; use {list(METHODS)} or freefuse/<mask method>.")
+        raise SettingsError(
+            f"Unknown method(s) {unknown}; use {list(METHODS)} or freefuse/<mask method>, each with +bias<scale> "
+            "for the attention bias (not merge)."
+        )
     if world not in WORLDS:
         raise SettingsError(f"--world {world!r}: use one of {sorted(WORLDS)}.")
     config = EvalConfig.quick() if quick else EvalConfig()

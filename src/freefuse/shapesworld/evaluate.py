@@ -65,6 +65,24 @@ PROMPTS = {
 METHODS = ("merge", "freefuse", "masks")
 #: `freefuse/<mask method>`: FreeFuse with that stage-1 method (`core.config.MAP_METHOD_NAMES`).
 VARIANT = "freefuse/"
+#: `<method>+bias<scale>`: FreeFuse (or a `freefuse/` variant, or the ground-truth masks) with stage
+#: 2's attention bias at that scale (`attention_bias`; its other settings the model's), e.g. freefuse+bias5.
+BIAS_VARIANT = "+bias"
+
+
+def split_bias(method: str) -> tuple[str, dict]:
+    """`"freefuse+bias5"` → `("freefuse", {"attention_bias": 5.0})`; a method without it → `(method, {})`.
+    Raises ValueError for a scale that is no number >= 0, or a bias on `merge` (it masks nothing)."""
+    base, marker, scale = method.partition(BIAS_VARIANT)
+    if not marker:
+        return method, {}
+    try:
+        value = float(scale)
+    except ValueError:
+        raise ValueError(f"{method!r}: the attention bias scale after '{BIAS_VARIANT}' must be a number.") from None
+    if not 0 <= value < float("inf") or base == "merge":
+        raise ValueError(f"{method!r}: use a scale >= 0 on freefuse, freefuse/<mask method> or masks.")
+    return base, {"attention_bias": value}
 
 
 @dataclass
@@ -358,20 +376,21 @@ def _runs(config: EvalConfig, evaluator: Evaluator, group: list[str], prompt: st
     subjects = [config.world_spec.subjects[word] for word in group]
     outputs = {}
 
-    def freefuse(method: str = "freefuse"):
+    def freefuse(method: str = "freefuse", bias: dict | None = None):
         stage1 = stage1_settings(config)
         if method.startswith(VARIANT):
             stage1 = {**stage1, "mask_config": {"method": method.removeprefix(VARIANT)}}
-        return evaluator.run(group, prompt, seed, "freefuse", config.steps, stage1=stage1)
+        return evaluator.run(group, prompt, seed, "freefuse", config.steps, stage1=stage1, settings=bias)
 
     for method in config.methods:
-        if method == "masks":
+        base, bias = split_bias(method)
+        if base == "masks":
             outputs["freefuse"] = outputs.get("freefuse") or freefuse()
             gt = oracle_masks(subjects, _to_uint8(outputs["freefuse"].images[0]), outputs["freefuse"].masks[0])
-            late = {"user_masks_from": config.masks_from, "mask_step": config.resolved_mask_step}
+            late = {"user_masks_from": config.masks_from, "mask_step": config.resolved_mask_step, **bias}
             outputs[method] = evaluator.run(group, prompt, seed, "masks", config.steps, masks=gt, settings=late)
         elif method not in outputs:
-            outputs[method] = freefuse(method) if method.startswith("freefuse") else evaluator.run(
+            outputs[method] = freefuse(base, bias) if base.startswith("freefuse") else evaluator.run(
                 group, prompt, seed, method, config.steps
             )
     return outputs
