@@ -259,10 +259,13 @@ def test_every_mask_method_gets_its_own_masks_bias_from_the_step_after_the_mask_
             assert not mask[0, 0, 32:][background].any()  # background tokens are pulled by no subject's words
 
 
-def test_one_subject_gets_no_bias() -> None:
-    freefuse = make_freefuse(("alice",), global_lora=True)
-    prompt = "Alice in the snow"
-    half = MaskSet(["alice"], torch.cat([torch.ones(8, 4), torch.zeros(8, 4)], dim=1)[None])
+@pytest.mark.parametrize("case", ["one subject", "the other subject's mask is the whole image"])
+def test_one_subject_gets_no_bias(case: str) -> None:
+    names = ("alice",) if case == "one subject" else ("alice", "bob")
+    freefuse = make_freefuse(names, global_lora=True)
+    prompt = prompt_for(names)
+    half = torch.cat([torch.ones(8, 4), torch.zeros(8, 4)], dim=1)
+    half = MaskSet(list(names), torch.stack([half, torch.ones(8, 8)][: len(names)]))
     out, passes = recorded_run(freefuse, prompt, method="masks", masks=half, seed=2, attention_bias=5)
     assert all(mask is None for step in passes for mask in step.values())
     without = run(freefuse, prompt, method="masks", masks=half, seed=2, attention_bias=0)
