@@ -7,15 +7,17 @@ definition, token by token (`expected_bias`), never with `freefuse.core.bias`.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
 import torch
 
 from freefuse import FreeFuse, FreeFuseWarning, MaskSet
+from freefuse.backends.sdxl import transformer_block_levels
 from freefuse.core import BiasConfig
 from freefuse.core.bias import bias_tables
-from freefuse.testing import random_lora, tiny_flux_pipeline
+from freefuse.testing import random_lora, tiny_flux_pipeline, tiny_sdxl_pipeline
 from freefuse.tokens import find_word
 
 SMALL = {"height": 128, "width": 128, "num_inference_steps": 4, "max_sequence_length": 32}
@@ -64,10 +66,10 @@ class Recorder:
     def __init__(self, inner, log: list, name: str) -> None:
         self.inner, self.log, self.name = inner, log, name
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
         kept = None if attention_mask is None else attention_mask.detach().clone()
         self.log.append((self.name, kept))
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
 
 
 def attention_modules(freefuse: FreeFuse) -> list[tuple[str, torch.nn.Module]]:
@@ -77,10 +79,10 @@ def attention_modules(freefuse: FreeFuse) -> list[tuple[str, torch.nn.Module]]:
     ]
 
 
-def recorded_run(freefuse: FreeFuse, prompt: str, **settings):
+def recorded_run(freefuse: FreeFuse, prompt: str, modules=None, **settings):
     """The run, and per forward pass the masks every attention got: [{module name: mask or None}]."""
     log: list = []
-    modules = attention_modules(freefuse)
+    modules = modules or attention_modules(freefuse)
     originals = [module.processor for _, module in modules]
     for (name, module), inner in zip(modules, originals, strict=True):
         module.processor = Recorder(inner, log, name)
@@ -93,13 +95,12 @@ def recorded_run(freefuse: FreeFuse, prompt: str, **settings):
     return out, per_pass
 
 
-def positions(freefuse: FreeFuse, text: str, names) -> dict[str, list[int]]:
+def positions(freefuse: FreeFuse, text: str, names, max_length: int = 32) -> dict[str, list[int]]:
     found = {}
     for name in names:
-        try:
-            found[name] = list(find_word(freefuse.backend.tokenizer, text, name.capitalize(), 32).positions)
-        except ValueError:
-            pass
+        with contextlib.suppress(ValueError):  # a word the negative prompt lacks
+            words = find_word(freefuse.backend.tokenizer, text, name.capitalize(), max_length)
+            found[name] = list(words.positions)
     return found
 
 
@@ -168,8 +169,6 @@ def test_scale_zero_gives_todays_images_bit_for_bit(monkeypatch) -> None:
             assert not sites
 
         def installed(self):
-            import contextlib
-
             return contextlib.nullcontext(self)
 
         def set_pass(self, bias) -> None:
@@ -303,3 +302,80 @@ def test_bias_config_refuses_what_it_cannot_be() -> None:
         BiasConfig(scale=1.0, blocks="middle")
     assert not BiasConfig(scale=0.0, positive=3.0).active
     assert not BiasConfig(scale=2.0, blocks="none").active
+
+
+@pytest.mark.slow
+def test_sdxl_gets_the_image_to_text_half_in_every_cross_attention_at_every_unet_level() -> None:
+    """A UNet with cross-attention at the mask grid (8x8 at 128²) and at twice it (16x16): each
+    `attn2` call gets `[B, N, 77]` at its own level, the regions repeated up; both CFG passes."""
+    pipe = tiny_sdxl_pipeline(
+        seed=0,
+        unet_config={
+            "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        },
+    )
+    pipe.set_progress_bar_config(disable=True)
+    freefuse = FreeFuse(pipe)
+    names = ("alice", "bob")
+    for index, name in enumerate(names):
+        random_lora(pipe, name, seed=index + 1)
+        freefuse.use_adapter(name, words=[name.capitalize()])
+    grid = freefuse.backend.grid(128, 128)
+    masks = stripes(names)
+    assert masks.size == grid == GRID
+    modules = [(f"{name}.attn2", pipe.unet.get_submodule(name).attn2) for name, _ in transformer_block_levels(pipe.unet)]
+    prompt, negative = prompt_for(names), "Bob, blurry"
+    out, passes = recorded_run(
+        freefuse, prompt, modules=modules, method="masks", masks=masks, seed=0, negative_prompt=negative,
+        attention_bias=SCALE, attention_bias_positive=POSITIVE, attention_bias_bidirectional=False,
+        num_inference_steps=2,
+    )
+    assert len(passes) == 4
+    sides = set()
+    for index, per_block in enumerate(passes):
+        text = prompt if index % 2 == 0 else negative
+        found = positions(freefuse, text, names, max_length=77)
+        for block, mask in per_block.items():
+            side = int(round((mask.shape[1] / 64) ** 0.5))
+            sides.add(side)
+            level = {n: masks[n].repeat_interleave(side, 0).repeat_interleave(side, 1) for n in names}
+            want = expected_bias(level, found, 77, SCALE, POSITIVE, False)
+            assert mask.shape == (1, 64 * side * side, 77)
+            torch.testing.assert_close(mask[0], want[77:, :77], msg=f"pass {index}, {block}")
+    assert sides == {1, 2}
+
+
+def test_refused_before_loading_where_attention_cannot_take_it() -> None:
+    from freefuse.backends import FluxArchitecture, SdxlArchitecture
+    from freefuse.errors import FreeFuseError
+    from freefuse.preflight import ModelFacts, SubjectFacts, preflight
+    from freefuse.settings import GenerationSettings
+
+    subjects = [SubjectFacts("alice", ("Alice",)), SubjectFacts("bob", ("Bob",))]
+
+    def check(architecture, **values):
+        settings = GenerationSettings(prompt="Alice and Bob", **values)
+        return preflight(ModelFacts(architecture=architecture), settings, subjects)
+
+    with pytest.raises(ValueError, match="text never attends to the image"):
+        check(SdxlArchitecture, attention_bias=2.0, attention_bias_bidirectional=True)
+    with pytest.raises(ValueError, match=r"sdxl models have \['all', 'last-half', 'none'\]"):
+        check(SdxlArchitecture, attention_bias=2.0, attention_bias_blocks="double-stream")
+    resolved = check(SdxlArchitecture, attention_bias=2.0).settings
+    assert (resolved.attention_bias, resolved.attention_bias_bidirectional) == (2.0, False)
+
+    class NoBias(FluxArchitecture):  # an architecture that offers no bias (the contract's default)
+        name = "nobias"
+        attention_bias_blocks = ()
+
+    with pytest.raises(ValueError, match="does not add an attention bias"):
+        check(NoBias, attention_bias=1.0)
+    assert check(NoBias, attention_bias=0.0).settings.attention_bias == 0.0
+    resolved = check(FluxArchitecture).settings  # the model's defaults, recorded in the manifest
+    assert (resolved.attention_bias, resolved.attention_bias_positive) == (0.0, 1.0)
+    assert (resolved.attention_bias_bidirectional, resolved.attention_bias_blocks) == (True, "all")
+    with pytest.raises(FreeFuseError, match="attention_bias"):
+        GenerationSettings(prompt="Alice", attention_bias=-1.0)
+    with pytest.raises(FreeFuseError, match="attention_bias_blocks"):
+        GenerationSettings(prompt="Alice", attention_bias_blocks="middle")
