@@ -199,6 +199,8 @@ class Architecture:
     default_attention_bias: ClassVar[BiasConfig] = BiasConfig()
     attention_bias_blocks: ClassVar[tuple[str, ...]] = ()
     attention_bias_refusal: ClassVar[str] = "FreeFuse does not add an attention bias to this architecture's attention"
+    #: Whether its text tokens attend to the image (joint attention), so that the bias's bidirectional half exists.
+    attention_bias_text_queries: ClassVar[bool] = True
 
     @classmethod
     def default_block(cls, num_blocks: int) -> int:
@@ -295,6 +297,12 @@ class Architecture:
             raise ValueError(
                 f"`attention_bias` {config.scale:g}: {cls.attention_bias_refusal}. Leave it out or set it to 0 "
                 "(CLI: --attn-bias 0)."
+            )
+        if config.bidirectional and not cls.attention_bias_text_queries:
+            raise ValueError(
+                f"`attention_bias_bidirectional`: {cls.name}'s text never attends to the image (its cross-attention "
+                "has image queries over text keys), so only the image-to-text half of the bias exists; turn it off "
+                "(CLI: --attn-bias-one-way)."
             )
         if config.blocks not in cls.attention_bias_blocks:
             offered = [name for name in BIAS_BLOCKS if name in cls.attention_bias_blocks]
