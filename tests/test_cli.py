@@ -276,3 +276,19 @@ def test_quiet_details_flags_without_types_no_bar_before_a_word_error_wide_table
     result = RUNNER.invoke(app, generate_args(assets, deep))
     assert result.exit_code == 0, result.output
     assert str(deep / "freefuse.png") in result.output  # one table row, not wrapped at 80 columns
+
+
+@pytest.mark.slow
+def test_attention_bias_flags_reach_the_manifest_and_mistakes_are_said_first(assets, tmp_path) -> None:
+    flags = ["--attn-bias", "2", "--attn-bias-positive", "0.5", "--attn-bias-one-way", "--attn-bias-blocks", "last-half"]
+    result = invoke(*generate_args(assets, tmp_path, *flags))
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / "freefuse.json").read_text())["settings"]
+    assert (settings["attention_bias"], settings["attention_bias_positive"]) == (2.0, 0.5)
+    assert (settings["attention_bias_bidirectional"], settings["attention_bias_blocks"]) == (False, "last-half")
+    default = invoke(*generate_args(assets, tmp_path / "default"))
+    assert default.exit_code == 0, default.output
+    settings = json.loads((tmp_path / "default" / "freefuse.json").read_text())["settings"]
+    assert settings["attention_bias"] == 0.0 and settings["attention_bias_bidirectional"] is True  # FLUX's, resolved
+    bad = RUNNER.invoke(app, generate_args(assets, tmp_path / "bad", "--attn-bias-blocks", "middle"))
+    assert bad.exit_code == 2 and "attention_bias_blocks" in bad.output and "denoising" not in bad.output

@@ -378,7 +378,9 @@ def settings_help(field_name: str) -> str:
     """A setting's help line: its description, its choices, and the settings model's default."""
     field = GenerationSettings.model_fields[field_name]
     text = field.description or ""
-    choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+    # The choices of a Literal field, also of one that may be left unset (`Literal[...] | None`).
+    kinds = [field.annotation, *get_args(field.annotation)]
+    choices = next((get_args(kind) for kind in kinds if get_origin(kind) is Literal), ())
     if field_name == "method":
         choices = tuple(sorted(METHODS))
     if choices:
@@ -400,7 +402,8 @@ def run_options(function: Callable[[RunOptions], None]) -> Callable[..., None]:
     ]
     for field_name, (flags, kind) in CLI_FLAGS.items():
         help_text = escape(settings_help(field_name))
-        annotation = Annotated[kind | None, typer.Option(*flags, help=help_text)]
+        quiet = {"metavar": ""} if kind is bool else {}  # an on/off pair of flags takes no value
+        annotation = Annotated[kind | None, typer.Option(*flags, help=help_text, **quiet)]
         parameters.append(Parameter(field_name, Parameter.KEYWORD_ONLY, annotation=annotation, default=None))
 
     @functools.wraps(function)
