@@ -775,7 +775,11 @@ def picture_grid(samples: list[dict], methods, rows: int) -> Image.Image:
     """Rows of samples; columns: each method's picture, then FreeFuse's mask overlay (4x upscaled)."""
 
     chosen = samples[:rows]
-    columns = list(methods) + (["freefuse masks"] if any(r["masks"] is not None for r in chosen) else [])
+    # The masks go over FreeFuse's picture, or the first FreeFuse variant's (the bias acts after the
+    # mask step: its variants' stage 1 is FreeFuse's own).
+    under = next((m for m in methods if m == "freefuse"), next((m for m in methods if m.startswith("freefuse" + BIAS_VARIANT)), None))
+    overlay = under is not None and any(r["masks"] is not None for r in chosen)
+    columns = list(methods) + (["freefuse masks"] if overlay else [])
     cell, label = SIZE * 4, 14
     grid = Image.new("RGB", (cell * len(columns), label + cell * len(chosen)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
@@ -784,9 +788,7 @@ def picture_grid(samples: list[dict], methods, rows: int) -> Image.Image:
     for row, record in enumerate(chosen):
         for column, name in enumerate(columns):
             if name == "freefuse masks":
-                picture = record["masks"].overlay(
-                    record["images"]["freefuse"].resize((SIZE, SIZE)), legend=False
-                )
+                picture = record["masks"].overlay(record["images"][under].resize((SIZE, SIZE)), legend=False)
             else:
                 picture = record["images"][name]
             grid.paste(picture.resize((cell, cell), Image.NEAREST), (column * cell, label + row * cell))
