@@ -379,3 +379,15 @@ def test_refused_before_loading_where_attention_cannot_take_it() -> None:
         GenerationSettings(prompt="Alice", attention_bias=-1.0)
     with pytest.raises(FreeFuseError, match="attention_bias_blocks"):
         GenerationSettings(prompt="Alice", attention_bias_blocks="middle")
+
+
+def test_shapesworld_bias_variants_name_a_method_and_a_scale() -> None:
+    from freefuse.shapesworld.evaluate import split_bias
+
+    assert split_bias("freefuse+bias5") == ("freefuse", {"attention_bias": 5.0})
+    assert split_bias("freefuse/routing+bias2.5") == ("freefuse/routing", {"attention_bias": 2.5})
+    assert split_bias("masks+bias0") == ("masks", {"attention_bias": 0.0})
+    assert split_bias("freefuse") == ("freefuse", {})
+    for wrong in ("merge+bias2", "freefuse+biasx", "freefuse+bias-1"):
+        with pytest.raises(ValueError, match="bias"):
+            split_bias(wrong)

@@ -489,6 +489,7 @@ class FreeFuse:
                     if stop:
                         break
             finally:
+                biaser.set_pass(None)  # the last pass's bias mask is not kept through the decode
                 if bar is not None:
                     bar.close()
             timings["denoise_s"] = sum(step_times)
