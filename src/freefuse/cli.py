@@ -857,27 +857,10 @@ def eval_shapesworld(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Pairs, triples and the quad of the 4 ShapesWorld LoRAs x prompts x seeds: identity, presence, leakage."""
-    from .shapesworld.evaluate import (  # start-up time
-        METHODS,
-        VARIANT,
-        EvalConfig,
-        run_evaluation,
-        split_bias,
-    )
+    from .shapesworld.evaluate import EvalConfig, run_evaluation  # start-up time
     from .shapesworld.scenes import WORLDS  # start-up time
 
-    methods = tuple(method or METHODS)
-    variants = {f"{VARIANT}{name}" for name in MAP_METHOD_NAMES}
-    try:
-        bases = {name: split_bias(name)[0] for name in methods}
-    except ValueError as error:
-        raise SettingsError(str(error)) from None
-    unknown = sorted(name for name, base in bases.items() if base not in set(METHODS) | variants)
-    if unknown:
-        raise SettingsError(
-            f"Unknown method(s) {unknown}; use {list(METHODS)} or freefuse/<mask method>, each with +bias<scale> "
-            "for the attention bias (not merge)."
-        )
+    methods = _eval_methods(method)
     if world not in WORLDS:
         raise SettingsError(f"--world {world!r}: use one of {sorted(WORLDS)}.")
     config = EvalConfig.quick() if quick else EvalConfig()
@@ -925,6 +908,26 @@ def eval_shapesworld(
             raise typer.Exit(EXIT_INTERRUPTED) from None
     console.print(table, highlight=False, markup=False)
     console.print(escape(f"wrote {files['json']}, {files['md']}, {files['grid']}"), highlight=False)
+
+
+def _eval_methods(given: list[str] | None) -> tuple[str, ...]:
+    """The evaluation's methods: merge, freefuse, masks, freefuse/<mask method>, each but merge with
+    an optional +bias<scale>; the defaults when none is given."""
+    from .shapesworld.evaluate import METHODS, VARIANT, split_bias  # start-up time
+
+    methods = tuple(given or METHODS)
+    variants = {f"{VARIANT}{name}" for name in MAP_METHOD_NAMES}
+    try:
+        bases = {name: split_bias(name)[0] for name in methods}
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+    unknown = sorted(name for name, base in bases.items() if base not in set(METHODS) | variants)
+    if unknown:
+        raise SettingsError(
+            f"Unknown method(s) {unknown}; use {list(METHODS)} or freefuse/<mask method>, each with +bias<scale> "
+            "for the attention bias (not merge)."
+        )
+    return methods
 
 
 def main() -> None:
