@@ -369,7 +369,7 @@ def test_refused_before_loading_where_attention_cannot_take_it() -> None:
         name = "nobias"
         attention_bias_blocks = ()
 
-    with pytest.raises(ValueError, match="does not add an attention bias"):
+    with pytest.raises(ValueError, match="on nobias: FreeFuse does not add an attention bias"):
         check(NoBias, attention_bias=1.0)
     assert check(NoBias, attention_bias=0.0).settings.attention_bias == 0.0
     resolved = check(FluxArchitecture).settings  # the model's defaults, recorded in the manifest

@@ -295,8 +295,8 @@ class Architecture:
             return
         if not cls.attention_bias_blocks:
             raise ValueError(
-                f"`attention_bias` {config.scale:g}: {cls.attention_bias_refusal}. Leave it out or set it to 0 "
-                "(CLI: --attn-bias 0)."
+                f"`attention_bias` {config.scale:g} on {cls.name}: {cls.attention_bias_refusal}. Leave it out or set "
+                "it to 0 (CLI: --attn-bias 0)."
             )
         if config.bidirectional and not cls.attention_bias_text_queries:
             raise ValueError(
