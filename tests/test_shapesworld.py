@@ -284,9 +284,9 @@ def test_eval_mask_method_is_checked_and_reaches_freefuse(tmp_path, monkeypatch)
     seen = []
     original = evaluate.Evaluator.run
 
-    def spy(self, words, prompt, seed, method, steps, masks=None, stage1=None):
+    def spy(self, words, prompt, seed, method, steps, masks=None, stage1=None, settings=None):
         seen.append((method, stage1))
-        return original(self, words, prompt, seed, method, steps, masks, stage1)
+        return original(self, words, prompt, seed, method, steps, masks, stage1, settings)
 
     monkeypatch.setattr(evaluate.Evaluator, "run", spy)
     config = evaluate.EvalConfig.quick()
