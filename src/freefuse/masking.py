@@ -30,11 +30,18 @@ class AdapterMask:
         text: `[B, T]` text-token mask in [0, 1].
         grid: `(h, w)` with h * w = N; layers that see the image at another resolution (a UNet's
             levels, its convolutions) get the mask resized to theirs. None: N tokens only.
+        text_lengths: per image, how many of the T text positions are its own
+            (`Conditioning.text_lengths`); None: all T. Layers that see the batch's text tokens
+            one image after the other (no batch axis) see those of each image.
+        image_multiple: the denoiser pads each image's N image tokens to a multiple of this many
+            (`Backend.sequence_multiple`); a padding token takes the subject's share of the image.
     """
 
     image: torch.Tensor
     text: torch.Tensor
     grid: tuple[int, int] | None = None
+    text_lengths: Sequence[int] | None = None
+    image_multiple: int = 1
 
     def image_map(self, size: tuple[int, int]) -> torch.Tensor:
         """`[B, 1, H', W']`: the image mask at `size`, area-averaged down (a coarse token gets the
@@ -51,9 +58,15 @@ class AdapterMask:
         return torch.nn.functional.interpolate(mask, size=tuple(size), mode="nearest")
 
     def image_tokens(self, count: int) -> torch.Tensor:
-        """`[B, count]`: the image mask on a grid of `count` tokens of the same aspect (a UNet level)."""
-        if count == self.image.shape[1]:
+        """`[B, count]`: the image mask on a grid of `count` tokens of the same aspect (a UNet level),
+        or the N tokens followed by the denoiser's padding tokens (`image_multiple`)."""
+        n_image = self.image.shape[1]
+        if count == n_image:
             return self.image
+        padding = -n_image % self.image_multiple
+        if padding and count == n_image + padding:
+            share = self.image.mean(dim=1, keepdim=True)
+            return torch.cat([self.image, share.expand(-1, padding)], dim=1)
         if self.grid is None:
             raise RuntimeError(
                 f"An image mask of {self.image.shape[1]} tokens has no grid to resize to {count}."
@@ -72,12 +85,16 @@ class AdapterMask:
         """The mask shaped to multiply a layer's output of `shape` (default: the grid's own sizes).
 
         `[B, S, 1]` with the segments of `layout` in order; `[B, 1]` for a layer without a token
-        axis (the share of the image the subject owns); `[B, 1, H, W]` for a convolution.
+        axis (the share of the image the subject owns); `[B, 1, H, W]` for a convolution; `[ΣS, 1]`
+        for a layer with tokens but no batch axis (2-d input: the images' tokens one after the
+        other, as Z-Image's embedders see them).
         """
         if not layout:
             return self.image.mean(dim=1, keepdim=True)
         if layout == ("spatial",):
             return self.image_map(tuple(shape[-2:]) if shape is not None else self.grid)
+        if shape is not None and len(shape) == 2:
+            return self._flat(layout, int(shape[0]))
         n_text = self.text.shape[1] * layout.count("text")
         n_image = (
             self.image.shape[1]
@@ -87,6 +104,20 @@ class AdapterMask:
         parts = [self.text if segment == "text" else self.image_tokens(n_image) for segment in layout]
         return torch.cat(parts, dim=1)[..., None]
 
+    def _flat(self, layout: TokenLayout, rows: int) -> torch.Tensor:
+        """`[rows, 1]`: each image's tokens of `layout`, image after image, without a batch axis."""
+        batch = self.image.shape[0]
+        lengths = list(self.text_lengths) if self.text_lengths is not None else [self.text.shape[1]] * batch
+        n_text = [length * layout.count("text") for length in lengths]
+        per_image = (rows - sum(n_text)) // batch // max(1, layout.count("image"))
+        image = self.image_tokens(per_image) if "image" in layout else None
+        pieces = [
+            part
+            for b in range(batch)
+            for part in (self.text[b, : lengths[b]] if segment == "text" else image[b] for segment in layout)
+        ]
+        return torch.cat(pieces)[:, None]
+
 
 def pass_masks(
     image_masks: dict[str, torch.Tensor],
@@ -95,6 +126,8 @@ def pass_masks(
     text_scope: str,
     everywhere: Set[tuple[str, int]] = frozenset(),
     grid: tuple[int, int] | None = None,
+    text_lengths: Sequence[int] | None = None,
+    image_multiple: int = 1,
 ) -> dict[str, AdapterMask]:
     """Every masked adapter's token masks for one forward pass (the prompt's, or the negative one's).
 
@@ -107,6 +140,8 @@ def pass_masks(
             elsewhere in the text; "all": on every text token.
         everywhere: (adapter, image) pairs acting on the whole text of that image, as in `merge`.
         grid: `(h, w)` of the N image tokens, for layers at other resolutions.
+        text_lengths, image_multiple: how the denoiser pads each image's text and image tokens
+            (`AdapterMask`).
 
     A subject whose image mask is all zero in an image is off on that image's text too: a LoRA
     masked out of the picture must leave it exactly as it would be without that LoRA.
@@ -124,7 +159,9 @@ def pass_masks(
                 for other, tokens in text_positions[b].items():
                     if other != name:
                         text[b, [t for t in tokens if t < n_text]] = 0.0
-        result[name] = AdapterMask(image=image, text=text, grid=grid)
+        result[name] = AdapterMask(
+            image=image, text=text, grid=grid, text_lengths=text_lengths, image_multiple=image_multiple
+        )
     return result
 
 
@@ -237,7 +274,7 @@ class LoraMasker:
         if self._masks is None or adapter not in self._masks:
             return None
         # What the mask's shape depends on: the token count, or a convolution's H x W.
-        key = (adapter, layout, tuple(output.shape[2:] if layout == ("spatial",) else output.shape[1:-1]))
+        key = (adapter, layout, tuple(output.shape[2:] if layout == ("spatial",) else output.shape[:-1]))
         mask = self._cache.get(key)
         if mask is None or mask.device != output.device or mask.dtype != output.dtype:
             mask = (
@@ -261,7 +298,7 @@ class LoraMasker:
     # -- the "fused" op -----------------------------------------------------------------------------
     def _coefficients(self, plan: _FusedLayer, low: torch.Tensor) -> torch.Tensor:
         """Per rank slot: scaling × the adapter's mask for this pass (`[B, S, Σr]`, `[B, Σr]` or `[Σr]`)."""
-        key = (*plan.cache_key, low.shape[1] if plan.layout else 0)
+        key = (*plan.cache_key, tuple(low.shape[:-1]) if plan.layout else 0)
         coefficients = self._cache.get(key)
         if coefficients is not None and coefficients.device == low.device:
             return coefficients
@@ -342,8 +379,10 @@ class LoraMasker:
                         found[adapter] = True
                 if self.op == "fused" and _fusable(layer, adapters):
                     # An instance `forward` may already be there (accelerate's offload hooks): kept and put back.
+                    # Planned first: a layer is put on the list only once its forward is really replaced.
+                    fused = self._fused_forward(layer, self._plan(name, layer, adapters))
                     replaced.append((layer, layer.__dict__.get("forward")))
-                    layer.forward = self._fused_forward(layer, self._plan(name, layer, adapters))
+                    layer.forward = fused
                     continue
                 layout = self.layout_of(name)
                 for adapter in adapters:
@@ -395,10 +434,12 @@ def _check_shape(
 
 
 @contextlib.contextmanager
-def adapters_for_run(pipeline, names: Sequence[str], weights: Sequence[float]) -> Iterator[None]:
-    """The run's adapters active with the run's weights while inside; afterwards every adapted layer
-    of every component has the caller's active adapters and scalings back (`set_adapters` state),
-    even after an error."""
+def adapters_for_run(pipeline, names: Sequence[str], weights: Sequence[float]) -> Iterator[bool]:
+    """The run's adapters active with the run's weights while inside, and enabled even where the
+    caller disabled the LoRA layers (`disable_lora()`: a run of FreeFuse's LoRAs that applied none
+    would be a silent wrong result); yields whether it had to enable them. Afterwards every adapted
+    layer of every component has the caller's state back (active adapters, scalings, enabled or
+    not, `requires_grad`), even after an error."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     saved = []
@@ -407,17 +448,20 @@ def adapters_for_run(pipeline, names: Sequence[str], weights: Sequence[float]) -
             for module in component.modules():
                 if isinstance(module, BaseTunerLayer):
                     grads = {name: p.requires_grad for name, p in module.named_parameters()}
-                    saved.append(
-                        (module, list(module.active_adapters), dict(getattr(module, "scaling", {})), grads)
-                    )
+                    state = (list(module.active_adapters), dict(getattr(module, "scaling", {})), grads)
+                    saved.append((module, *state, bool(module.disable_adapters)))
     try:
         pipeline.set_adapters(list(names), adapter_weights=list(weights))
-        yield
+        disabled = [module for module, *_, off in saved if off]
+        for module in disabled:
+            module.enable_adapters(True)
+        yield bool(disabled)
     finally:
-        for module, active, scaling, grads in saved:
+        for module, active, scaling, grads, off in saved:
             module.set_adapter(active)  # PEFT also switches requires_grad here: put it back below
             if scaling:
                 module.scaling.update(scaling)
+            module.enable_adapters(not off)
             for name, parameter in module.named_parameters():
                 if name in grads:
                     parameter.requires_grad_(grads[name])

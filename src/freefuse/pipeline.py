@@ -16,7 +16,6 @@ lives in `freefuse.backends`.
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -35,12 +34,19 @@ from .embeddings import InstalledEmbeddings, check_embeddings
 from .embeddings import install as install_embeddings
 from .embeddings import uninstall as uninstall_embeddings
 from .errors import EmbeddingError, NumericalError
-from .lora import LoraFileError, adapter_name, check_adapter_name, read_lora_file, text_encoder_parts
+from .lora import (
+    LoraFileError,
+    adapter_name,
+    check_adapter_name,
+    check_lora_weight,
+    read_lora_file,
+    text_encoder_parts,
+)
 from .manifest import ModelSource, build_manifest
 from .masking import AdapterMask, LoraMasker, adapters_for_run, pass_masks
 from .methods import MaskInput, RunContext, SubjectMasks, get_method
 from .preflight import MaskFacts, ModelFacts, SubjectFacts, preflight
-from .settings import GenerationSettings
+from .settings import GenerationSettings, check_text
 
 SCOPES = ("subject", "global")
 # What `callback_on_step_end` may ask for, as in diffusers' `_callback_tensor_inputs`.
@@ -120,9 +126,10 @@ class FreeFuseOutput:
 
 
 def _check_weight(weight) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
-        raise ValueError(f"LoRA weight must be a finite number, got {weight!r}.")
-    return float(weight)
+    try:
+        return check_lora_weight(weight)
+    except ValueError as error:
+        raise ValueError(f"LoRA {error}") from None
 
 
 def _check_words(words, name: str) -> list[str]:
@@ -130,7 +137,7 @@ def _check_words(words, name: str) -> list[str]:
         return []
     if isinstance(words, str):
         words = [words]
-    cleaned = [str(word).strip() for word in words]
+    cleaned = [check_text(str(word), f"words of LoRA {name!r}", limit=None).strip() for word in words]
     if any(not word for word in cleaned):
         raise ValueError(f"LoRA {name!r} has an empty activation word; pass words like ['ohwx'].")
     return cleaned
@@ -420,7 +427,12 @@ class FreeFuse:
         # no_grad, not inference_mode: model CPU offload moves weights during the run, and weights
         # re-made under inference_mode become inference tensors that PEFT can no longer switch
         # (`requires_grad_` on them fails in `set_adapter` afterwards).
-        with run_adapters, torch.no_grad(), masker.installed(), biaser.installed():
+        with run_adapters as enabled_for_run, torch.no_grad(), masker.installed(), biaser.installed():
+            if enabled_for_run:
+                notes.append(
+                    "the pipeline's LoRA layers were disabled (`disable_lora()`); this run enabled them for its own "
+                    "LoRAs and disabled them again after."
+                )
             # 3. Encode prompts
             tick = time.perf_counter()
             conditioning = backend.encode(settings.image_prompts, settings.max_sequence_length)
@@ -579,21 +591,23 @@ def pass_masks_of(
     device = context.backend.device
     tokens = {name: mask.to(device) for name, mask in found.tokens.items()}
     scope = context.settings.text_scope
-    result: dict[PassName, dict[str, AdapterMask] | None] = {
-        "cond": pass_masks(
-            tokens, context.positions, conditioning.num_text_tokens, scope, found.everywhere, context.grid
-        ),
-        "uncond": None,
-    }
-    if negative is not None:
-        result["uncond"] = pass_masks(
-            tokens,
-            context.negative_positions,
-            negative.num_text_tokens,
-            scope,
-            found.everywhere,
-            context.grid,
-        )
+    padding = context.backend.sequence_multiple  # how the denoiser pads each image's tokens
+    result: dict[PassName, dict[str, AdapterMask] | None] = {"cond": None, "uncond": None}
+    for name, encoded, positions in (
+        ("cond", conditioning, context.positions),
+        ("uncond", negative, context.negative_positions),
+    ):
+        if encoded is not None:
+            result[name] = pass_masks(
+                tokens,
+                positions,
+                encoded.num_text_tokens,
+                scope,
+                found.everywhere,
+                context.grid,
+                text_lengths=encoded.text_lengths,
+                image_multiple=padding,
+            )
     return result
 
 

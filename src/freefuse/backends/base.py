@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import dataclasses
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
@@ -32,6 +31,7 @@ import torch
 from ..core import BiasConfig, MaskConfig
 from ..core.config import BIAS_BLOCKS
 from ..core.methods import MAP_METHODS, get_map_method, refines
+from ..errors import LoraFileError, LoraFitError
 from ..lora import LoraFile, check_lora_fits
 
 if TYPE_CHECKING:
@@ -55,12 +55,17 @@ class Conditioning:
         prompt_embeds: `[B, T, C]` token embeddings the denoiser attends to.
         pooled: `[B, P]` pooled embedding, or None.
         text_ids: backend-specific position ids of the text tokens, or None.
+        text_lengths: per prompt, how many of the T text positions are its own as the denoiser's
+            layers see them (its tokens, and the padding the denoiser adds to them); the rest is
+            padding up to the longest prompt of the batch, which no token attends to. None: all T
+            (every prompt padded to one length by the text encoder, as FLUX.1 and SDXL do).
     """
 
     prompts: list[str]
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor | None
     text_ids: torch.Tensor | None
+    text_lengths: list[int] | None = None
 
     @property
     def num_text_tokens(self) -> int:
@@ -79,6 +84,9 @@ class CapturedAttention:
             `q_img` (methods refining with self-attention need them).
         k_text: `[B, C, heads, T, D]` text keys.
         o_img: `[B, C, N, heads*D]` the image tokens' attention outputs, before the output projection.
+        text_lengths: per image, how many of the T text rows are its own (`Conditioning.text_lengths`);
+            the rest is padding of a batch of prompts of different lengths, which its attention
+            never saw. None: all T.
     """
 
     q_text: torch.Tensor | None
@@ -86,27 +94,42 @@ class CapturedAttention:
     k_img: torch.Tensor | None
     k_text: torch.Tensor
     o_img: torch.Tensor
+    text_lengths: list[int] | None = None
 
     @staticmethod
     def concat(captures: list[CapturedAttention]) -> CapturedAttention:
         """Several steps' captures as one, their blocks side by side on the C axis."""
-        names = [item.name for item in dataclasses.fields(CapturedAttention)]
         return CapturedAttention(
             **{
                 n: None
                 if getattr(captures[0], n) is None
                 else torch.cat([getattr(c, n) for c in captures], dim=1)
-                for n in names
-            }
+                for n in _TENSOR_FIELDS
+            },
+            text_lengths=captures[0].text_lengths,
         )
 
     def cpu(self) -> CapturedAttention:
         return CapturedAttention(
-            **{
-                item.name: None if getattr(self, item.name) is None else getattr(self, item.name).cpu()
-                for item in dataclasses.fields(self)
-            }
+            **{n: None if getattr(self, n) is None else getattr(self, n).cpu() for n in _TENSOR_FIELDS},
+            text_lengths=self.text_lengths,
         )
+
+    def image(self, b: int) -> dict[str, torch.Tensor | None]:
+        """Image `b`'s tensors (`[C, heads, S, D]`), its text rows cut to its own (`text_lengths`)."""
+        length = None if self.text_lengths is None else self.text_lengths[b]
+        found = {}
+        for name in _TENSOR_FIELDS:
+            tensor = getattr(self, name)
+            if tensor is not None:
+                tensor = tensor[b]
+                if name.endswith("_text") and length is not None:
+                    tensor = tensor[..., :length, :]
+            found[name] = tensor
+        return found
+
+
+_TENSOR_FIELDS = ("q_text", "q_img", "k_img", "k_text", "o_img")
 
 
 class AttentionTap(Protocol):
@@ -174,6 +197,10 @@ class Architecture:
     block_kind: ClassVar[str] = "block"
     #: The block the paper (or the authors' code) taps, of how many: other sizes get the same depth.
     paper_block: ClassVar[tuple[int, int]] = (0, 1)
+    #: The step the paper (or the authors' code for this architecture) reads masks at, of how many
+    #: steps: other step counts get the same share (`default_mask_step`). The paper's 6 of 28 by default;
+    #: few-step models read earlier in their short schedule.
+    paper_mask_step: ClassVar[tuple[int, int]] = (6, 28)
     #: Most text tokens the text encoder takes.
     max_sequence_length: ClassVar[int]
     #: Defaults a user expects on this architecture, for settings left unset.
@@ -209,6 +236,13 @@ class Architecture:
         return round(block / max(1, of - 1) * (num_blocks - 1))
 
     @classmethod
+    def default_mask_step(cls, num_inference_steps: int) -> int:
+        """The step whose attention gives the masks when the caller sets none: the paper's share of
+        the steps (`paper_mask_step`), at least the first."""
+        step, of = cls.paper_mask_step
+        return min(num_inference_steps, max(1, round(step / of * num_inference_steps)))
+
+    @classmethod
     def pixels_per_token(cls, model_folder: Path | None) -> int:
         """Image pixels per token along a side, read from a model folder's configs without weights
         (None: the architecture's usual value)."""
@@ -218,6 +252,16 @@ class Architecture:
     def tiny_tokenizer(cls):
         """That tokenizer of the built-in tiny model, or None."""
         return None
+
+    @classmethod
+    def default_sequence_length(cls, tokenizer) -> int:
+        """The text token limit of a run that sets none: the model's own when its tokenizer declares a
+        shorter one (`model_max_length` in its config: ShapesWorld's T5 reads 24 tokens), else the
+        architecture's (`tokenizer`: the tapped text's, or None before the model can be read)."""
+        declared = getattr(tokenizer, "model_max_length", None)
+        if isinstance(declared, int) and 0 < declared < cls.max_sequence_length:
+            return declared
+        return cls.max_sequence_length
 
     @classmethod
     def load_tokenizer(cls, model_folder: Path | None):
@@ -249,8 +293,11 @@ class Architecture:
         return None
 
     @classmethod
-    def check_lora_keys(cls, keys: Sequence[str], source: str) -> None:
-        """Raise `LoraFileError` when a LoRA file's tensor names say it is for another architecture."""
+    def check_lora_keys(cls, keys: Sequence[str] | Mapping[str, Sequence[int]], source: str) -> None:
+        """Raise `LoraFileError` when a LoRA file's tensor names say it is for another architecture.
+
+        `keys`: the tensor names, or names → shapes where the header gives them (FLUX.1 and FLUX.2
+        files share their block names; their widths tell them apart)."""
         raise NotImplementedError
 
     @classmethod
@@ -337,6 +384,10 @@ class Backend(abc.ABC):
     #: The architecture's name and denoiser attribute (copied from `architecture`).
     name: ClassVar[str]
     denoiser_name: ClassVar[str]
+    #: The denoiser pads each image's image tokens (and text tokens) to a multiple of this many
+    #: (Z-Image: 32). Padding image tokens take the subject's share of the image (as a layer without
+    #: tokens does); padding text tokens follow `text_scope` like any text token that is no word.
+    sequence_multiple: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -464,8 +515,15 @@ class Backend(abc.ABC):
         if negative is not None:
             before_pass("uncond")
             unconditional = self.predict(latents, timestep, negative, settings)
-            prediction = unconditional + self.architecture.cfg_scale(settings) * (prediction - unconditional)
+            prediction = self.combine(prediction, unconditional, settings)
         return prediction, tap
+
+    def combine(
+        self, prediction: torch.Tensor, unconditional: torch.Tensor, settings: GenerationSettings
+    ) -> torch.Tensor:
+        """The guided output of the two passes: `uncond + scale · (cond − uncond)` (a backend whose
+        pipeline writes it another way, rounding differently, says so here)."""
+        return unconditional + self.architecture.cfg_scale(settings) * (prediction - unconditional)
 
     @abc.abstractmethod
     def step(self, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
@@ -515,7 +573,8 @@ class Backend(abc.ABC):
         patterns), which diffusers applies only when it reads that header itself. On any failure
         nothing of the adapter stays behind.
         """
-        self.architecture.check_lora_keys(list(lora.state_dict), lora.path.name)
+        shapes = {key: tuple(tensor.shape) for key, tensor in lora.state_dict.items()}
+        self.architecture.check_lora_keys(shapes, lora.path.name)
         source = self.lora_source(lora)
         converted = self.lora_state_dict(lora, source)
         check_lora_fits(converted, self.denoiser, self.denoiser_name, source=lora.path.name)
@@ -533,6 +592,41 @@ class Backend(abc.ABC):
             if adapter_name in (getattr(self.denoiser, "peft_config", None) or {}):
                 self.pipeline.delete_adapters(adapter_name)
             raise
+
+
+def converter_failure(lora: LoraFile, model: str, converter: str, error: BaseException, hint: str = "") -> LoraFileError:
+    """A diffusers LoRA converter's failure, said in full: its own message, or, when it has none (a
+    bare `assert` in the converter), where it stopped and on which key; then `hint`."""
+    text = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    where = _stopped_at(error)
+    if not text:
+        text = f"{type(error).__name__} with no message{where}"
+    kind = LoraFitError if hint else LoraFileError  # a hint says why it does not fit this model
+    return kind(
+        f"{lora.path.name} is not a LoRA layout {model} understands: diffusers' converter ({converter}) "
+        f"stopped with: {text}.{hint}"
+    )
+
+
+def _stopped_at(error: BaseException) -> str:
+    """`, at FILE:LINE in FUNCTION (`source`), on key 'KEY'` from the innermost frame of `error`."""
+    import linecache
+
+    trace = error.__traceback__
+    if trace is None:
+        return ""
+    while trace.tb_next is not None:
+        trace = trace.tb_next
+    code = trace.tb_frame.f_code
+    source = linecache.getline(code.co_filename, trace.tb_lineno).strip()
+    text = f", at {Path(code.co_filename).name}:{trace.tb_lineno} in {code.co_name}"
+    text += f" (`{source[:120]}`)" if source else ""
+    keys = [
+        value
+        for name, value in trace.tb_frame.f_locals.items()
+        if name.endswith("key") and isinstance(value, str) and value
+    ]
+    return text + (f", on key {keys[0]!r}" if keys else "")
 
 
 def latent_preview(latents: torch.Tensor) -> np.ndarray:

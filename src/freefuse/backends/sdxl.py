@@ -15,7 +15,6 @@ not attend to the image in a UNet, so there are no text queries: methods `image-
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,9 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..core import BiasConfig, MaskConfig
-from ..errors import LoraFileError
-from ..lora import lora_family
+from ..core import BiasConfig, MaskConfig, jsontext
+from ..lora import UNET_FAMILY, check_lora_family
 from ..tiny import tiny_clip_tokenizer
 from .base import (
     IMAGE,
@@ -39,6 +37,7 @@ from .base import (
     Conditioning,
     Latents,
     TokenLayout,
+    converter_failure,
     keep_first_input,
     keep_output,
     latent_preview,
@@ -154,12 +153,12 @@ class SdxlArchitecture(Architecture):
         if model_folder is None:
             return 32
         try:
-            vae = json.loads((Path(model_folder) / "vae" / "config.json").read_text())
-            unet = json.loads((Path(model_folder) / "unet" / "config.json").read_text())
+            vae = jsontext.loads((Path(model_folder) / "vae" / "config.json").read_bytes())
+            unet = jsontext.loads((Path(model_folder) / "unet" / "config.json").read_bytes())
             vae_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
             levels = [i for i, kind in enumerate(unet["down_block_types"]) if "CrossAttn" in kind]
             return vae_factor * 2 ** max(levels)
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (OSError, KeyError, TypeError, ValueError, AttributeError):
             return 32
 
     @classmethod
@@ -177,11 +176,7 @@ class SdxlArchitecture(Architecture):
 
     @classmethod
     def check_lora_keys(cls, keys, source: str) -> None:
-        if lora_family(keys) == "FLUX transformer":
-            raise LoraFileError(
-                f"{source} is a LoRA for a FLUX transformer (keys such as {next(iter(keys))!r}), not for an SDXL "
-                "UNet; use a LoRA trained for this model."
-            )
+        check_lora_family(keys, source, (UNET_FAMILY,), "an SDXL UNet")
 
     @classmethod
     def check_settings(cls, settings: GenerationSettings) -> list[str]:
@@ -472,11 +467,8 @@ class SdxlBackend(Backend):
         state = dict(source)
         try:
             converted, _ = StableDiffusionXLPipeline.lora_state_dict(state, unet_config=self.denoiser.config)
-        except (ValueError, KeyError, RuntimeError, AssertionError, TypeError) as error:
-            raise LoraFileError(
-                f"{lora.path.name} is not a LoRA layout SDXL understands (first key {next(iter(state))!r}): "
-                f"{str(error).strip()[:300]}"
-            ) from None
+        except (ValueError, KeyError, RuntimeError, AssertionError, TypeError, IndexError) as error:
+            raise converter_failure(lora, "SDXL", "StableDiffusionXLPipeline.lora_state_dict", error) from None
         unet = {
             key.removeprefix("unet."): value for key, value in converted.items() if key.startswith("unet.")
         }
