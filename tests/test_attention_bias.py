@@ -8,6 +8,7 @@ definition, token by token (`expected_bias`), never with `freefuse.core.bias`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 
 import pytest
@@ -66,10 +67,13 @@ class Recorder:
     def __init__(self, inner, log: list, name: str) -> None:
         self.inner, self.log, self.name = inner, log, name
 
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, *args, **kwargs):
-        kept = None if attention_mask is None else attention_mask.detach().clone()
-        self.log.append((self.name, kept))
-        return self.inner(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+    def __call__(self, attn, *args, **kwargs):
+        # The arguments by the inner processor's own names (FLUX.2's parallel attention has no
+        # `encoder_hidden_states` before `attention_mask`).
+        names = list(inspect.signature(self.inner.__call__).parameters)[1:]
+        mask = {**dict(zip(names, args, strict=False)), **kwargs}.get("attention_mask")
+        self.log.append((self.name, None if mask is None else mask.detach().clone()))
+        return self.inner(attn, *args, **kwargs)
 
 
 def attention_modules(freefuse: FreeFuse) -> list[tuple[str, torch.nn.Module]]:
@@ -391,3 +395,37 @@ def test_shapesworld_bias_variants_name_a_method_and_a_scale() -> None:
     for wrong in ("merge+bias2", "freefuse+biasx", "freefuse+bias-1"):
         with pytest.raises(ValueError, match="bias"):
             split_bias(wrong)
+
+
+@pytest.mark.slow
+def test_flux2_klein_gets_the_bias_on_the_right_pairs_in_every_block() -> None:
+    """FLUX.2 [klein]: the same joint attention over [text ‖ image] in both kinds of block."""
+    from freefuse.testing import TINY_PIPELINES
+
+    pipe = TINY_PIPELINES["flux2"](seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    freefuse = FreeFuse(pipe)
+    names = ("alice", "bob")
+    for index, name in enumerate(names):
+        random_lora(pipe, name, seed=index + 1)
+        freefuse.use_adapter(name, words=[name.capitalize()])
+    grid = freefuse.backend.grid(128, 128)
+    h, w = grid
+    masks = torch.zeros(2, h, w)
+    masks[0, :, : 3 * w // 8] = 1
+    masks[1, : h // 2, 3 * w // 8 :] = 1  # the rest is no subject's
+    masks = MaskSet(list(names), masks)
+    prompt = prompt_for(names)
+    out, passes = recorded_run(
+        freefuse, prompt, method="masks", masks=masks, seed=0, attention_bias=SCALE,
+        attention_bias_positive=POSITIVE, num_inference_steps=2,
+    )
+    n_text = SMALL["max_sequence_length"]
+    found = positions(freefuse, prompt, names)
+    assert set(found) == set(names)
+    want = expected_bias({n: masks[n] for n in names}, found, n_text, SCALE, POSITIVE, True)
+    assert len(passes) == 2 and want.any()
+    for per_block in passes:
+        assert len(per_block) == len(attention_modules(freefuse))
+        for block, mask in per_block.items():
+            torch.testing.assert_close(mask[0, 0], want, msg=block)

@@ -387,26 +387,7 @@ class FluxBackend(Backend):
                 handle.remove()
 
     def bias_sites(self, blocks: str) -> list[BiasSite]:
-        """Every block's joint attention over [text ‖ image]: the double-stream blocks (image tokens
-        in `hidden_states`, text in `encoder_hidden_states`), then the single-stream ones (both in
-        `hidden_states`); "last-half" is the second half of that order."""
-        double = [
-            BiasSite(f"transformer_blocks.{i}.attn", block.attn, JOINT, JOINT, _image_tokens_double)
-            for i, block in enumerate(self.denoiser.transformer_blocks)
-        ]
-        single = [
-            BiasSite(f"single_transformer_blocks.{i}.attn", block.attn, JOINT, JOINT, _image_tokens_single)
-            for i, block in enumerate(self.denoiser.single_transformer_blocks)
-        ]
-        ordered = double + single
-        chosen = {
-            "all": ordered,
-            "double-stream": double,
-            "single-stream": single,
-            "last-half": ordered[len(ordered) // 2 :],
-            "none": [],
-        }
-        return chosen[blocks]
+        return joint_bias_sites(self.denoiser, blocks)
 
     # -- LoRA files --------------------------------------------------------------------------------
     def lora_source(self, lora: LoraFile) -> dict[str, torch.Tensor]:
@@ -464,3 +445,27 @@ def _image_tokens_double(args: tuple, kwargs: dict, n_text: int) -> int:
 
 def _image_tokens_single(args: tuple, kwargs: dict, n_text: int) -> int:
     return int(_hidden_states(args, kwargs).shape[1]) - n_text
+
+
+def joint_bias_sites(denoiser: torch.nn.Module, blocks: str) -> list[BiasSite]:
+    """Every block's joint attention over [text ‖ image] in a FLUX-style transformer (FLUX.1's and
+    FLUX.2's): the double-stream blocks (image tokens in `hidden_states`, text in
+    `encoder_hidden_states`), then the single-stream ones (both in `hidden_states`); "last-half" is
+    the second half of that order."""
+    double = [
+        BiasSite(f"transformer_blocks.{i}.attn", block.attn, JOINT, JOINT, _image_tokens_double)
+        for i, block in enumerate(denoiser.transformer_blocks)
+    ]
+    single = [
+        BiasSite(f"single_transformer_blocks.{i}.attn", block.attn, JOINT, JOINT, _image_tokens_single)
+        for i, block in enumerate(denoiser.single_transformer_blocks)
+    ]
+    ordered = double + single
+    chosen = {
+        "all": ordered,
+        "double-stream": double,
+        "single-stream": single,
+        "last-half": ordered[len(ordered) // 2 :],
+        "none": [],
+    }
+    return chosen[blocks]
