@@ -132,7 +132,9 @@ class AttentionBiaser:
         mask = self._masks.get(key)
         if mask is None:
             image_to_text, text_to_image = bias.tables(count)
-            mask = attention_bias(image_to_text, text_to_image, site.query, site.key).to(like.device, like.dtype)
+            # Made in the attention's dtype: no float32 copy of the full mask on the way.
+            mask = attention_bias(image_to_text, text_to_image, site.query, site.key, dtype=like.dtype)
+            mask = mask.to(like.device)
             mask = mask if site.heads_axis else mask[:, 0]
             self._masks[key] = mask
         return mask
