@@ -15,6 +15,7 @@ and dropped when the next pass's bias is set: one `[B, 1, S, S]` mask at a time,
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Iterator, Sequence, Set
 from dataclasses import dataclass, field
 
@@ -140,10 +141,15 @@ class AttentionBiaser:
         return mask
 
     def _hook(self, site: BiasSite):
+        # Where `attention_mask` sits among the module's positional parameters (a call that passes it
+        # there could not take the bias as a keyword).
+        parameters = list(inspect.signature(site.module.forward).parameters)
+        position = parameters.index("attention_mask") if "attention_mask" in parameters else None
+
         def add_bias(module, args, kwargs):
             if self._pass is None:
                 return None
-            if len(args) > 2:
+            if position is not None and len(args) > position:
                 raise RuntimeError(
                     f"{site.name} was called with its attention mask among the positional arguments; the attention "
                     "bias cannot be added there."
