@@ -429,3 +429,30 @@ def test_flux2_klein_gets_the_bias_on_the_right_pairs_in_every_block() -> None:
         assert len(per_block) == len(attention_modules(freefuse))
         for block, mask in per_block.items():
             torch.testing.assert_close(mask[0, 0], want, msg=block)
+
+
+def test_a_caller_mask_is_kept_and_a_positional_one_is_refused() -> None:
+    from freefuse.attention_bias import AttentionBiaser, PassBias
+
+    freefuse = make_freefuse()
+    site = freefuse.backend.bias_sites("double-stream")[0]
+    attn = site.module
+    image, text = torch.randn(1, 4, 32), torch.randn(1, 3, 32)
+    regions = torch.tensor([[[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]]])
+    words = torch.zeros(1, 3, 2)
+    words[0, 0, 0] = words[0, 2, 1] = 1
+    biaser = AttentionBiaser([site])
+    seen = []
+    own = torch.ones(1, 1, 7, 7, dtype=torch.bool)
+    own[..., 1] = False  # the caller hides text token 1 from everyone
+    with torch.no_grad(), biaser.installed():
+        # after the bias's hook: sees what the processor gets
+        spy = attn.register_forward_pre_hook(lambda m, a, k: seen.append(k.get("attention_mask")), with_kwargs=True)
+        biaser.set_pass(PassBias(regions, words, (2, 2), BiasConfig(scale=SCALE, positive=POSITIVE)))
+        attn(hidden_states=image, encoder_hidden_states=text, attention_mask=own)
+        with pytest.raises(RuntimeError, match="positional"):
+            attn(image, text, own)
+        spy.remove()
+    got = seen[0][0, 0]
+    assert torch.isinf(got[:, 1]).all() and got[:, 1].lt(0).all()
+    assert got[3, 0] == POSITIVE and got[3, 2] == -SCALE  # image token 0 (row 3): subject 0's region
