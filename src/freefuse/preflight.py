@@ -115,6 +115,7 @@ def preflight(
         notes = architecture.check_settings(settings) + notes
         if method.reads_attention:
             architecture.check_mask_config(settings)
+        architecture.check_attention_bias(settings)
     if not subjects:
         raise SettingsError("No LoRA given; a run needs at least one LoRA with its activation words.")
     settings = _resolved(model, settings) if architecture is not None else settings
@@ -157,6 +158,7 @@ def _resolved(model: ModelFacts, settings: GenerationSettings) -> GenerationSett
                     f"(0..{model.num_blocks - 1})."
                 )
     guidance = settings.guidance_scale
+    bias = architecture.attention_bias(settings)
     # The architecture's share of the steps (few-step models read earlier), not the paper's 6/28.
     mask_step = settings.mask_step or architecture.default_mask_step(settings.num_inference_steps)
     if get_method(settings.method).reads_attention and settings.capture_steps > mask_step:
@@ -167,6 +169,10 @@ def _resolved(model: ModelFacts, settings: GenerationSettings) -> GenerationSett
         )
     return settings.model_copy(
         update={
+            "attention_bias": bias.scale,
+            "attention_bias_positive": bias.positive,
+            "attention_bias_bidirectional": bias.bidirectional,
+            "attention_bias_blocks": bias.blocks,
             "block": block,
             "mask_step": mask_step,
             "max_sequence_length": settings.max_sequence_length or architecture.default_sequence_length(model.tokenizer),

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..core import jsontext
+from ..core import BiasConfig, jsontext
+from ..core.config import BIAS_BLOCKS
 from ..lora import FLUX1_FAMILY, FLUX_FAMILY, check_lora_family
 from ..tiny import tiny_t5_tokenizer
 from .base import (
@@ -25,6 +26,7 @@ from .base import (
     TEXT,
     Architecture,
     Backend,
+    BiasSite,
     CapturedAttention,
     Conditioning,
     Latents,
@@ -57,6 +59,8 @@ FLUX_LORA_TARGETS = (
     "proj_mlp",
     "proj_out",
 )
+#: What FLUX's joint attention's queries and keys hold: `torch.cat([text, image])` in both kinds of block.
+JOINT = ("text", "image")
 #: FLUX.1's transformer width (24 heads of 128), which diffusers' kohya converter takes for granted.
 FLUX1_WIDTH = 3072
 _TEXT_STREAM = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context.")
@@ -114,6 +118,9 @@ class FluxArchitecture(Architecture):
     default_guidance = 3.5  # FLUX.1-dev's distilled guidance
     typical_lora_targets = (FLUX_LORA_TARGETS, "transformer_blocks")
     tokenizer_folder = "tokenizer_2"
+    # Joint attention: every block reads [text ‖ image], so both directions of the bias exist.
+    attention_bias_blocks = BIAS_BLOCKS
+    default_attention_bias = BiasConfig(scale=0.0, positive=1.0, bidirectional=True, blocks="all")
 
     @classmethod
     def pixels_per_token(cls, model_folder: Path | None) -> int:
@@ -379,6 +386,9 @@ class FluxBackend(Backend):
             for handle in handles:
                 handle.remove()
 
+    def bias_sites(self, blocks: str) -> list[BiasSite]:
+        return joint_bias_sites(self.denoiser, blocks)
+
     # -- LoRA files --------------------------------------------------------------------------------
     def lora_source(self, lora: LoraFile) -> dict[str, torch.Tensor]:
         """BFL-named files (`diffusion_model.double_blocks…lora_A`) and bare PEFT files, which diffusers'
@@ -423,3 +433,39 @@ class FluxBackend(Backend):
             "kohya-layout file cannot be converted for it. Save the LoRA in diffusers' layout "
             "(`transformer.<layer>.lora_A.weight`) instead."
         )
+
+
+def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _image_tokens_double(args: tuple, kwargs: dict, n_text: int) -> int:
+    return int(_hidden_states(args, kwargs).shape[1])
+
+
+def _image_tokens_single(args: tuple, kwargs: dict, n_text: int) -> int:
+    return int(_hidden_states(args, kwargs).shape[1]) - n_text
+
+
+def joint_bias_sites(denoiser: torch.nn.Module, blocks: str) -> list[BiasSite]:
+    """Every block's joint attention over [text ‖ image] in a FLUX-style transformer (FLUX.1's and
+    FLUX.2's): the double-stream blocks (image tokens in `hidden_states`, text in
+    `encoder_hidden_states`), then the single-stream ones (both in `hidden_states`); "last-half" is
+    the second half of that order."""
+    double = [
+        BiasSite(f"transformer_blocks.{i}.attn", block.attn, JOINT, JOINT, _image_tokens_double)
+        for i, block in enumerate(denoiser.transformer_blocks)
+    ]
+    single = [
+        BiasSite(f"single_transformer_blocks.{i}.attn", block.attn, JOINT, JOINT, _image_tokens_single)
+        for i, block in enumerate(denoiser.single_transformer_blocks)
+    ]
+    ordered = double + single
+    chosen = {
+        "all": ordered,
+        "double-stream": double,
+        "single-stream": single,
+        "last-half": ordered[len(ordered) // 2 :],
+        "none": [],
+    }
+    return chosen[blocks]
