@@ -105,3 +105,17 @@ def test_the_model_choice_cannot_probe_the_servers_folders(public, tmp_path) -> 
     assert len(answers) == 1, answers  # the same answer whether the path exists or not
     [answer] = answers
     assert "exist" not in answer and "incomplete" not in answer
+
+
+def test_every_actions_error_path_fills_exactly_its_outputs(tmp_path) -> None:
+    """A failing action answers [session, message] and leaves the rest as they were: as many values
+    as the event has outputs (one too many made Gradio warn and drop a value on every mistake)."""
+    from freefuse.ui import build_app
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        app = build_app(model="tiny", root=tmp_path / "sessions", local_paths=False)
+    functions = app.fns.values() if isinstance(app.fns, dict) else app.fns
+    checked = {f.name: (f.fn.rest_outputs + 2, len(f.outputs)) for f in functions if hasattr(f.fn, "rest_outputs")}
+    assert {"find_masks", "apply_edit", "run_generate", "replay"} <= set(checked)
+    assert all(wanted == wired for wanted, wired in checked.values()), checked

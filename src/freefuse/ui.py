@@ -79,6 +79,8 @@ def action(workspace: Workspace, rest: int):
                 return (state, page_message(error), *[gr.skip()] * rest)
             return (state, message, *outputs)
 
+        # Read by tests: each wired action's outputs must be [session, message] and `rest` more.
+        wrapper.rest_outputs = rest
         return wrapper
 
     return decorate
@@ -213,7 +215,7 @@ def _wire_runs(page: SimpleNamespace, workspace: Workspace, everything: list) ->
         workspace.apply_edit(state, name, value)
         return "", shown(state.masks.overlay(state.preview)), summary(state.masks) + " (edited)"
 
-    @action(workspace, rest=8)
+    @action(workspace, rest=7)
     def run_generate(state, model, *values, progress=gr.Progress(track_tqdm=True)):
         run = workspace.generate(state, model, *_unpack(values), on_step=stepper(progress, "denoising"))
         items = [(workspace.servable(Path(r["image"])), r["id"]) for r in state.runs]
