@@ -53,6 +53,8 @@ class RunContext:
             prompt (its own words, not the prompt's), or None.
         conditions: the run's conditions (init image, inpainting mask, control images) with their
             strength resolved, or None.
+        denoised: how many steps the loop runs, when fewer than `num_inference_steps` (from an init
+            image: the last `strength` share), else None.
     """
 
     settings: GenerationSettings
@@ -65,10 +67,16 @@ class RunContext:
     negative_prompt: str | None = None
     negative_positions: list[dict[str, list[int]]] | None = None
     conditions: Conditions | None = None
+    denoised: int | None = None
 
     @property
     def batch(self) -> int:
         return len(self.positions)
+
+    @property
+    def steps(self) -> int:
+        """How many steps the denoising loop runs."""
+        return self.settings.num_inference_steps if self.denoised is None else self.denoised
 
     @property
     def size(self) -> tuple[int, int]:

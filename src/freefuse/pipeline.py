@@ -398,6 +398,7 @@ class FreeFuse:
             negative_prompt=checked.negative_prompt,
             negative_positions=checked.negative_positions,
             conditions=checked.conditions,
+            denoised=checked.steps if checked.steps != checked.settings.num_inference_steps else None,
         )
         return checked.settings, context, checked.notes
 
