@@ -5,6 +5,7 @@ hash, replayed byte for byte, and refused before any model loads."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +170,55 @@ def test_a_job_file_takes_conditions_relative_to_itself(assets, files, tmp_path)
     (files / "bad.jsonl").write_text(json.dumps(bad) + "\n")
     with pytest.raises(JobFileError, match="bad.jsonl line 1: conditions: .*scale is a number from 0 to 10"):
         load_jobs(files / "bad.jsonl")
+
+
+def test_the_page_takes_pictures_and_its_downloaded_run_replays_from_itself(assets, files, tmp_path, monkeypatch) -> None:
+    import shutil
+    import zipfile
+
+    from freefuse.runner import RunService
+    from freefuse.workspace import Form, LoraSlot, Workspace
+
+    uploads = tmp_path / "uploads"
+    slots = []
+    for name, word in (("alice", "Alice"), ("bob", "Bob")):
+        target = uploads / name / f"{name}.safetensors"
+        target.parent.mkdir(parents=True)
+        shutil.copyfile(assets / f"{name}.safetensors", target)
+        slots.append(LoraSlot(path=str(target), words=word))
+    workspace = Workspace(
+        tmp_path / "sessions",
+        RunService(),
+        received=lambda path: path.is_relative_to(uploads.resolve()),
+        local_paths=False,
+        models=["tiny"],
+        controlnets=[str(files / "controlnet")],
+    )
+    session = workspace.new_session()
+    picture = uploads / "picture" / "init.png"  # as Gradio's upload route keeps it: RGBA is converted
+    picture.parent.mkdir()
+    Image.open(files / "init.png").resize((64, 64)).convert("RGBA").save(picture)
+    # A picture naming any server file Gradio did not receive is refused, as a LoRA file is.
+    elsewhere_picture = Form(prompt="Alice hugging Bob", seed=1, steps=3, width=64, height=64,
+                             init_image=str(files / "init.png"))
+    with pytest.raises(SettingsError, match="init picture must be a picture uploaded through this page"):
+        workspace.check(session, "tiny", slots, elsewhere_picture)
+    form = Form(prompt="Alice hugging Bob", seed=1, steps=3, width=64, height=64, init_image=str(picture), strength=0.7)
+    run = workspace.generate(session, "tiny", slots, form)
+    manifest_path, image_path, archive = (Path(path) for path in run.downloads)
+    conditions = json.loads(manifest_path.read_text())["conditions"]
+    assert conditions["init_image"]["path"] == "conditions/init.png" and conditions["strength"] == 0.7
+    with zipfile.ZipFile(archive) as zipped:
+        assert "conditions/init.png" in zipped.namelist()
+    elsewhere = tmp_path / "downloaded"
+    shutil.unpack_archive(archive, elsewhere)
+    monkeypatch.chdir(tmp_path)
+    result = RUNNER.invoke(app, ["generate", "--manifest", str(elsewhere / "freefuse.json"), "--out", "again"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "again" / "freefuse.png").read_bytes() == image_path.read_bytes()
+    control = Form(prompt="Alice hugging Bob", seed=1, steps=3, width=64, height=64, control_image=str(picture),
+                   control_type="depth", controlnet=str(files / "sdxl-controlnet"))
+    with pytest.raises(SettingsError, match="This page's ControlNets are"):
+        workspace.check(session, "tiny", slots, control)
+    offered = Form(**{**control.__dict__, "controlnet": str(files / "controlnet")})
+    workspace.check(session, "tiny", slots, offered)

@@ -989,6 +989,14 @@ def ui(
     session_hours: Annotated[
         float, typer.Option("--session-hours", help="An unused session's files are removed after this long.")
     ] = 24.0,
+    controlnet: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--controlnet",
+            help="ControlNet the page offers (a folder or Hugging Face id); repeat to offer several. A page served "
+            "to this machine alone also takes any typed one.",
+        ),
+    ] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
@@ -1024,6 +1032,7 @@ def ui(
         local_paths=local,
         public_without_login=not local and credentials is None,
         limits=limits,
+        controlnets=list(controlnet or []),
     )
     shown_host = "localhost" if local else host
     console.print(
