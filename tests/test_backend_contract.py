@@ -14,7 +14,9 @@ import pytest
 import torch
 
 from freefuse import FreeFuse, FreeFuseWarning, GenerationSettings, MaskSet
+from freefuse.attention_bias import AttentionBiaser, PassBias
 from freefuse.backends import BACKENDS, SPATIAL, Backend, backend_for
+from freefuse.core import BiasConfig
 from freefuse.core.methods import MAP_METHODS
 from freefuse.masking import AdapterMask
 from freefuse.testing import ALL_LINEAR, TINY_PIPELINES, random_lora
@@ -136,6 +138,43 @@ def test_the_default_mask_method_reads_only_what_the_backend_captures(backend: B
     for name in unreadable:
         with pytest.raises(ValueError, match="does not give|do not give"):
             backend.architecture.check_mask_config(settings(mask_config={"method": name}))
+
+
+def test_attention_bias_goes_into_attentions_that_take_it_and_leaves_no_hook(backend: Backend) -> None:
+    """A backend offers the bias's block choices its model has, each a list of attentions that take
+    the `[B, 1, Sq, Sk]` (or `[B, Sq, Sk]`) mask and change their output; or none, and then it is
+    refused before loading."""
+    architecture = backend.architecture
+    architecture.check_attention_bias(settings())  # the default is always allowed
+    if not architecture.attention_bias_blocks:
+        with pytest.raises(NotImplementedError):
+            backend.bias_sites("all")
+        with pytest.raises(ValueError, match="attention_bias"):
+            architecture.check_attention_bias(settings(attention_bias=1.0))
+        return
+    modules = set(backend.denoiser.modules())
+    for choice in architecture.attention_bias_blocks:
+        sites = backend.bias_sites(choice)
+        assert all(site.module in modules for site in sites)
+        assert bool(sites) == (choice != "none")
+    h, w = backend.grid(SIZE, SIZE)
+    regions = torch.zeros(1, h * w, 2)
+    regions[0, : h * w // 2, 0] = regions[0, h * w // 2 :, 1] = 1
+    config = BiasConfig(scale=5.0, positive=1.0, bidirectional=architecture.attention_bias_text_queries)
+    biaser = AttentionBiaser(backend.bias_sites("all"))
+    before = hooks(backend.denoiser)
+    with torch.no_grad():
+        conditioning = backend.encode([PROMPT], TOKENS)
+        words = torch.zeros(1, conditioning.num_text_tokens, 2)
+        words[0, 1, 0] = words[0, 3, 1] = 1
+        state = noise(backend, [0], conditioning.prompt_embeds.dtype)
+        timestep = backend.timesteps(4, SIZE, SIZE)[0][0]
+        plain = backend.predict(state, timestep, conditioning, settings())
+        with biaser.installed():
+            biaser.set_pass(PassBias(regions, words, (h, w), config))
+            biased = backend.predict(state, timestep, conditioning, settings())
+    assert hooks(backend.denoiser) == before
+    assert biased.shape == plain.shape and (biased - plain).abs().max() > 1e-4
 
 
 def test_token_layout_of_every_adapted_layer_matches_what_it_sees(backend: Backend) -> None:

@@ -455,3 +455,19 @@ def test_the_demo_picture_draws_each_mask_in_its_subjects_colour_and_the_legend_
     assert quiffle[0] > quiffle[1] > quiffle[2]  # orange-ish: the quiffle's own
     legend = pixels[caption + cell :]
     assert (np.abs(legend - np.array([155, 60, 215])).max(axis=-1) == 0).any()  # its square in the legend
+
+
+@pytest.mark.slow
+def test_attention_bias_flags_reach_the_manifest_and_mistakes_are_said_first(assets, tmp_path) -> None:
+    flags = ["--attn-bias", "2", "--attn-bias-positive", "0.5", "--attn-bias-one-way", "--attn-bias-blocks", "last-half"]
+    result = invoke(*generate_args(assets, tmp_path, *flags))
+    assert result.exit_code == 0, result.output
+    settings = json.loads((tmp_path / "freefuse.json").read_text())["settings"]
+    assert (settings["attention_bias"], settings["attention_bias_positive"]) == (2.0, 0.5)
+    assert (settings["attention_bias_bidirectional"], settings["attention_bias_blocks"]) == (False, "last-half")
+    default = invoke(*generate_args(assets, tmp_path / "default"))
+    assert default.exit_code == 0, default.output
+    settings = json.loads((tmp_path / "default" / "freefuse.json").read_text())["settings"]
+    assert settings["attention_bias"] == 0.0 and settings["attention_bias_bidirectional"] is True  # FLUX's, resolved
+    bad = RUNNER.invoke(app, generate_args(assets, tmp_path / "bad", "--attn-bias-blocks", "middle"))
+    assert bad.exit_code == 2 and "attention_bias_blocks" in bad.output and "denoising" not in bad.output

@@ -50,7 +50,7 @@ def generate_inputs(lora, model: str = "tiny", init=None) -> list:
     """The generate endpoint's inputs: the model, four LoRA rows (file, path, words, weight, scope), the form
     (settings, then the conditions' pictures and fields)."""
     rows = [lora, "", "Alice", 1.0, "subject"] + [None, "", "", 1.0, "subject"] * 3
-    form = ["Alice in the snow", 1, 3, 64, 64, "", "text-to-image", 0]
+    form = ["Alice in the snow", 1, 3, 64, 64, "", "text-to-image", 0, ""]
     form += [init, 0, None, None, "", 1.0, ""]  # an init picture or none; no inpainting mask or ControlNet
     return [model, *rows, *form]
 

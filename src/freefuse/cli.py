@@ -567,7 +567,9 @@ def settings_help(field_name: str) -> str:
     """A setting's help line: its description, its choices, and the settings model's default."""
     field = GenerationSettings.model_fields[field_name]
     text = field.description or ""
-    choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+    # The choices of a Literal field, also of one that may be left unset (`Literal[...] | None`).
+    kinds = [field.annotation, *get_args(field.annotation)]
+    choices = next((get_args(kind) for kind in kinds if get_origin(kind) is Literal), ())
     if field_name == "method":
         choices = tuple(sorted(METHODS))
     if choices:
@@ -589,7 +591,8 @@ def run_options(function: Callable[[RunOptions], None]) -> Callable[..., None]:
     ]
     for field_name, (flags, kind) in CLI_FLAGS.items():
         help_text = escape(settings_help(field_name))
-        annotation = Annotated[kind | None, typer.Option(*flags, help=help_text)]
+        quiet = {"metavar": ""} if kind is bool else {}  # an on/off pair of flags takes no value
+        annotation = Annotated[kind | None, typer.Option(*flags, help=help_text, **quiet)]
         parameters.append(Parameter(field_name, Parameter.KEYWORD_ONLY, annotation=annotation, default=None))
 
     @functools.wraps(function)
@@ -1058,7 +1061,8 @@ def eval_shapesworld(
         list[str] | None,
         typer.Option(
             "--method",
-            help="merge | freefuse | masks (ground truth) | freefuse/<mask method>, e.g. freefuse/routing (repeat).",
+            help="merge | freefuse | masks (ground truth) | freefuse/<mask method>, e.g. freefuse/routing; "
+            "+bias<scale> adds the attention bias, e.g. freefuse+bias5 (repeat).",
         ),
     ] = None,
     world: Annotated[
@@ -1093,15 +1097,11 @@ def eval_shapesworld(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Pairs, triples and the quad of the 4 ShapesWorld LoRAs x prompts x seeds: identity, presence, leakage."""
-    from .shapesworld.evaluate import METHODS, VARIANT, EvalConfig, run_evaluation  # start-up time
+    from .shapesworld.evaluate import EvalConfig, run_evaluation  # start-up time
     from .shapesworld.scenes import WORLDS  # start-up time
 
     _quiet_model_libraries()
-    methods = tuple(method or METHODS)
-    variants = {f"{VARIANT}{name}" for name in MAP_METHOD_NAMES}
-    unknown = sorted(set(methods) - set(METHODS) - variants)
-    if unknown:
-        raise SettingsError(f"Unknown method(s) {unknown}; use {list(METHODS)} or freefuse/<mask method>.")
+    methods = _eval_methods(method)
     if world not in WORLDS:
         raise SettingsError(f"--world {world!r}: use one of {sorted(WORLDS)}.")
     config = EvalConfig.quick() if quick else EvalConfig()
@@ -1151,6 +1151,24 @@ def eval_shapesworld(
     console.print(escape(f"wrote {files['json']}, {files['md']}, {files['grid']}"), highlight=False)
 
 
+def _eval_methods(given: list[str] | None) -> tuple[str, ...]:
+    """The evaluation's methods: merge, freefuse, masks, freefuse/<mask method>, each but merge with
+    an optional +bias<scale>; the defaults when none is given."""
+    from .shapesworld.evaluate import METHODS, VARIANT, split_bias  # start-up time
+
+    methods = tuple(given or METHODS)
+    variants = {f"{VARIANT}{name}" for name in MAP_METHOD_NAMES}
+    try:
+        bases = {name: split_bias(name)[0] for name in methods}
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+    unknown = sorted(name for name, base in bases.items() if base not in set(METHODS) | variants)
+    if unknown:
+        raise SettingsError(
+            f"Unknown method(s) {unknown}; use {list(METHODS)} or freefuse/<mask method>, each with +bias<scale> "
+            "for the attention bias (not merge)."
+        )
+    return methods
 
 @eval_app.command("pairs", cls=Command)
 @command

@@ -26,10 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from .attention_bias import AttentionBiaser, PassBias, pass_bias
 from .backends import Conditioning, backend_for
 from .backends.base import CapturedAttention, PassName, flat_controlnets
 from .conditions import ConditionFacts, Conditions, inpaint_region, loaded_controlnet_facts
-from .core import MaskSet
+from .core import BiasConfig, MaskSet
 from .embeddings import InstalledEmbeddings, check_embeddings
 from .embeddings import install as install_embeddings
 from .embeddings import uninstall as uninstall_embeddings
@@ -454,6 +455,10 @@ class FreeFuse:
             else [],
             op=settings.lora_op,
         )
+        bias_config = backend.architecture.attention_bias(settings)
+        biaser = AttentionBiaser(
+            backend.bias_sites(bias_config.blocks) if bias_config.active and method.masks_loras else []
+        )
         capture_steps = method.capture_steps(settings)
         steps = settings.num_inference_steps
 
@@ -463,7 +468,7 @@ class FreeFuse:
         # no_grad, not inference_mode: model CPU offload moves weights during the run, and weights
         # re-made under inference_mode become inference tensors that PEFT can no longer switch
         # (`requires_grad_` on them fails in `set_adapter` afterwards).
-        with run_adapters as enabled_for_run, torch.no_grad(), masker.installed():
+        with run_adapters as enabled_for_run, torch.no_grad(), masker.installed(), biaser.installed():
             if enabled_for_run:
                 notes.append(
                     "the pipeline's LoRA layers were disabled (`disable_lora()`); this run enabled them for its own "
@@ -495,12 +500,14 @@ class FreeFuse:
             )
             region = inpaint_region(conditions, context.size)
             per_pass = pass_masks_of(context, subject_masks, conditioning, negative)
+            per_pass_bias = pass_biases_of(context, subject_masks, conditioning, negative, bias_config)
             unmasked: dict[PassName, None] = {"cond": None, "uncond": None}
 
             def switch_masks(name: PassName) -> None:
-                # The masks of the pass about to run; none before the step they start at.
+                # The masks and the attention bias of the pass about to run; none before the step they start at.
                 waiting = subject_masks is not None and i < subject_masks.from_step
                 masker.set_masks((unmasked if waiting else per_pass)[name])
+                biaser.set_pass(None if waiting else per_pass_bias[name])
 
             step_times = []
             captured = []
@@ -532,6 +539,7 @@ class FreeFuse:
                             subject_masks = cut_to_region(subject_masks, region, context.grid)
                         captured = []
                         per_pass = pass_masks_of(context, subject_masks, conditioning, negative)
+                        per_pass_bias = pass_biases_of(context, subject_masks, conditioning, negative, bias_config)
                         timings["stage1_s"] = time.perf_counter() - tick_stage1
                     stop = mask_step_here and stop_after_masks
                     state.latents = x0 if stop else backend.step(prediction, t, state.latents)
@@ -550,6 +558,7 @@ class FreeFuse:
                     if stop:
                         break
             finally:
+                biaser.set_pass(None)  # the last pass's bias mask is not kept through the decode
                 if bar is not None:
                     bar.close()
             timings["denoise_s"] = sum(step_times)
@@ -658,6 +667,36 @@ def pass_masks_of(
                 text_lengths=encoded.text_lengths,
                 image_multiple=padding,
             )
+    return result
+
+
+def pass_biases_of(
+    context: RunContext,
+    found: SubjectMasks | None,
+    conditioning: Conditioning,
+    negative: Conditioning | None,
+    config: BiasConfig,
+) -> dict[PassName, PassBias | None]:
+    """Each forward pass's attention bias (the negative prompt's with its own words); a note for
+    each image of a run with several subjects where fewer than two have a region to bias."""
+    result: dict[PassName, PassBias | None] = {"cond": None, "uncond": None}
+    if found is None or not config.active:
+        return result
+    device = context.backend.device
+    tokens = {name: mask.to(device) for name, mask in found.tokens.items()}
+    result["cond"], unbiased = pass_bias(
+        tokens, context.positions, conditioning.num_text_tokens, config, context.grid, found.everywhere
+    )
+    if len(context.names) > 1:
+        for b in unbiased:
+            context.fallbacks[b].append(
+                f"image {b}: no attention bias in this image: it needs two subjects that each have a region of "
+                "their own (some of the image, not all of it)."
+            )
+    if negative is not None:
+        result["uncond"], _ = pass_bias(
+            tokens, context.negative_positions, negative.num_text_tokens, config, context.grid, found.everywhere
+        )
     return result
 
 

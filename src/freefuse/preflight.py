@@ -122,6 +122,7 @@ def preflight(
         notes = architecture.check_settings(settings) + notes
         if method.reads_attention:
             architecture.check_mask_config(settings)
+        architecture.check_attention_bias(settings)
     if not subjects:
         raise SettingsError("No LoRA given; a run needs at least one LoRA with its activation words.")
     resolved, steps = None, settings.num_inference_steps
@@ -173,6 +174,7 @@ def _resolved(model: ModelFacts, settings: GenerationSettings, steps: int) -> Ge
                     f"(0..{model.num_blocks - 1})."
                 )
     guidance = settings.guidance_scale
+    bias = architecture.attention_bias(settings)
     # The architecture's share of the steps (few-step models read earlier), not the paper's 6/28.
     mask_step = settings.mask_step or architecture.default_mask_step(steps)
     late = get_method(settings.method).takes_masks and settings.user_masks_from == "mask-step"
@@ -189,6 +191,10 @@ def _resolved(model: ModelFacts, settings: GenerationSettings, steps: int) -> Ge
         )
     return settings.model_copy(
         update={
+            "attention_bias": bias.scale,
+            "attention_bias_positive": bias.positive,
+            "attention_bias_bidirectional": bias.bidirectional,
+            "attention_bias_blocks": bias.blocks,
             "block": block,
             "mask_step": mask_step,
             "max_sequence_length": settings.max_sequence_length or architecture.default_sequence_length(model.tokenizer),

@@ -19,13 +19,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from .core.config import MaskConfig
+from .core.config import BIAS_BLOCKS, MaskConfig
 from .errors import SettingsError
 from .methods import get_method
 
@@ -172,6 +173,21 @@ class GenerationSettings(BaseModel):
         description="How masked LoRAs run: one fused op per layer (fast), or PEFT's per-adapter path (reference).",
     )
     mask_config: MaskConfig = Field(default_factory=MaskConfig, description="Stage 1's constants.")
+    attention_bias: Number | None = Field(
+        None,
+        description="Attention bias once the masks exist: added to the attention logits, it pushes a subject's "
+        "region away from the other subjects' words (and its words away from outside its region); 0: off "
+        "(default: the model's).",
+    )
+    attention_bias_positive: Number | None = Field(
+        None, description="The attention bias's pull of a subject's region toward its own words (default: the model's)."
+    )
+    attention_bias_bidirectional: StrictBool | None = Field(
+        None, description="The attention bias also acts on the words' attention to the image (default: the model's)."
+    )
+    attention_bias_blocks: Literal[BIAS_BLOCKS] | None = Field(  # type: ignore[valid-type]
+        None, description="Blocks the attention bias goes into (default: the model's)."
+    )
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -233,7 +249,7 @@ class GenerationSettings(BaseModel):
             )
         return value
 
-    @field_validator("guidance_scale", "true_cfg_scale")
+    @field_validator("guidance_scale", "true_cfg_scale", "attention_bias", "attention_bias_positive")
     @classmethod
     def _check_scale(cls, value: float | None, info) -> float | None:
         if value is not None and (not math.isfinite(value) or value < 0):
@@ -371,6 +387,13 @@ class GenerationSettings(BaseModel):
                 f"`mask_step` equals the number of steps ({self.num_inference_steps}): masks are read at the last "
                 "step and never applied, so the image is the same as method='merge'."
             )
+        if self.attention_bias and not get_method(self.method).masks_loras:
+            notes.append(
+                f"`attention_bias` acts between masked subjects' regions and words; method {self.method!r} masks none, "
+                "so it does nothing."
+            )
+        if self.attention_bias == 0 and self.attention_bias_positive:
+            notes.append("`attention_bias` is 0, so the attention bias is off: `attention_bias_positive` does nothing.")
         return notes
 
     # -- records -----------------------------------------------------------------------------------
@@ -440,4 +463,8 @@ CLI_FLAGS: dict[str, tuple[tuple[str, ...], type]] = {
     "background_words": (("--background-word",), list[str]),
     "max_sequence_length": (("--max-sequence-length",), int),
     "lora_op": (("--lora-op",), str),
+    "attention_bias": (("--attn-bias",), float),
+    "attention_bias_positive": (("--attn-bias-positive",), float),
+    "attention_bias_bidirectional": (("--attn-bias-bidirectional/--attn-bias-one-way",), bool),
+    "attention_bias_blocks": (("--attn-bias-blocks",), str),
 }

@@ -37,6 +37,7 @@ FORM_FIELDS = (
     "guidance",
     "mask_method",
     "mask_step",
+    "attn_bias",
     "init_image",
     "strength",
     "inpaint_mask",
@@ -144,6 +145,7 @@ def _layout(workspace: Workspace, public_without_login: bool) -> SimpleNamespace
             guidance = gr.Textbox("", label="Guidance (empty: the model's)", elem_id="guidance")
             mask_method = gr.Dropdown(list(MAP_METHOD_NAMES), value="text-to-image", label="Mask method", elem_id="mask-method")
             mask_step = gr.Number(0, label="Mask step (0: default)", precision=0, elem_id="mask-step")
+            attn_bias = gr.Textbox("", label="Attention bias (empty: the model's; 0: off)", elem_id="attn-bias")
         with gr.Accordion("Start from a picture, repaint a region, ControlNet", open=False):
             with gr.Row():
                 # type="filepath" with no image_mode: the upload's own path reaches the workspace,
@@ -225,7 +227,7 @@ def _example(workspace: Workspace) -> list:
         else:
             rows += [None, "", "", 1.0, "subject"]
     size, steps = EXAMPLE["size"], EXAMPLE["steps"]
-    form = [EXAMPLE["prompt"], 0, steps, size, size, "", "text-to-image", 0, None, 0, None, None, "", 1.0, ""]
+    form = [EXAMPLE["prompt"], 0, steps, size, size, "", "text-to-image", 0, "", None, 0, None, None, "", 1.0, ""]
     return [EXAMPLE["model"], *rows, *form]
 
 
@@ -289,7 +291,7 @@ def _wire(page: SimpleNamespace, workspace: Workspace) -> None:
     """Each event of the page to its workspace action."""
     lora_inputs = [component for row in page.lora_rows for component in row]
     form_inputs = [page.prompt, page.seed, page.steps, page.width, page.height, page.guidance]
-    form_inputs += [page.mask_method, page.mask_step, page.init_image, page.strength, page.inpaint_mask]
+    form_inputs += [page.mask_method, page.mask_step, page.attn_bias, page.init_image, page.strength, page.inpaint_mask]
     form_inputs += [page.control_image, page.control_type, page.control_scale, page.controlnet]
     everything = [page.session, page.model_box, *lora_inputs, *form_inputs]
     for index, (file, path, words, _, _) in enumerate(page.lora_rows):

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 import numpy as np
 import torch
 
-from ..core import MaskConfig
+from ..core import BiasConfig, MaskConfig
+from ..core.config import BIAS_BLOCKS
 from ..core.methods import MAP_METHODS, get_map_method, refines
 from ..errors import LoraFileError, LoraFitError
 from ..lora import LoraFile, check_lora_fits
@@ -185,6 +186,32 @@ class Latents:
         return Latents(torch.cat([p.latents for p in parts]), parts[0].positions, inpainting, control)
 
 
+@dataclass(frozen=True)
+class BiasSite:
+    """One attention that takes stage 2's attention bias (`Backend.bias_sites`).
+
+    The bias goes in as the attention module's `attention_mask` keyword (diffusers' processors hand
+    it to SDPA as an additive `attn_mask`), from a forward pre-hook; the processor stays the
+    caller's.
+
+    Attributes:
+        name: the module's name in the denoiser, for messages.
+        module: the attention module (`FluxAttention`, `Attention`).
+        query, key: what its query and key sequences hold, in order (("text", "image") for a joint
+            attention; ("image",) over ("text",) for a cross-attention).
+        image_tokens: `(args, kwargs, n_text) -> N`, the image tokens of this call (a UNet level's).
+        heads_axis: the mask is `[B, 1, Sq, Sk]` (True) or `[B, Sq, Sk]` (processors that add the
+            heads axis themselves, as diffusers' `AttnProcessor2_0`).
+    """
+
+    name: str
+    module: torch.nn.Module
+    query: TokenLayout
+    key: TokenLayout
+    image_tokens: Callable[[tuple, dict, int], int]
+    heads_axis: bool = True
+
+
 class Architecture:
     """What FreeFuse knows of one architecture without a pipeline: ids, defaults, token limits,
     LoRA key families, single-file detection, and the rules its settings follow.
@@ -243,6 +270,14 @@ class Architecture:
         """How many of `num_inference_steps` a run from an init image denoises: the last `strength`
         share, rounded as this architecture's img2img pipeline rounds it (its `get_timesteps`)."""
         raise NotImplementedError
+
+    #: Stage 2's attention bias: this architecture's defaults, the block choices its model has
+    #: (`core.config.BIAS_BLOCKS`; empty: FreeFuse cannot reach its attention), and why not then.
+    default_attention_bias: ClassVar[BiasConfig] = BiasConfig()
+    attention_bias_blocks: ClassVar[tuple[str, ...]] = ()
+    attention_bias_refusal: ClassVar[str] = "FreeFuse does not add an attention bias to this architecture's attention"
+    #: Whether its text tokens attend to the image (joint attention), so that the bias's bidirectional half exists.
+    attention_bias_text_queries: ClassVar[bool] = True
 
     @classmethod
     def default_block(cls, num_blocks: int) -> int:
@@ -336,6 +371,41 @@ class Architecture:
         if "mask_config" in settings.model_fields_set:
             return settings.mask_config
         return cls.default_mask_config
+
+    @classmethod
+    def attention_bias(cls, settings: GenerationSettings) -> BiasConfig:
+        """The run's attention bias: the caller's values where given, this architecture's elsewhere."""
+        default = cls.default_attention_bias
+        given = {
+            "scale": settings.attention_bias,
+            "positive": settings.attention_bias_positive,
+            "bidirectional": settings.attention_bias_bidirectional,
+            "blocks": settings.attention_bias_blocks,
+        }
+        return BiasConfig(**{k: getattr(default, k) if v is None else v for k, v in given.items()})
+
+    @classmethod
+    def check_attention_bias(cls, settings: GenerationSettings) -> None:
+        """Raise ValueError for an attention bias this architecture cannot add."""
+        config = cls.attention_bias(settings)
+        if not config.active:
+            return
+        if not cls.attention_bias_blocks:
+            raise ValueError(
+                f"`attention_bias` {config.scale:g} on {cls.name}: {cls.attention_bias_refusal}. Leave it out or set "
+                "it to 0 (CLI: --attn-bias 0)."
+            )
+        if config.bidirectional and not cls.attention_bias_text_queries:
+            raise ValueError(
+                f"`attention_bias_bidirectional`: {cls.name}'s text never attends to the image (its cross-attention "
+                "has image queries over text keys), so only the image-to-text half of the bias exists; turn it off "
+                "(CLI: --attn-bias-one-way)."
+            )
+        if config.blocks not in cls.attention_bias_blocks:
+            offered = [name for name in BIAS_BLOCKS if name in cls.attention_bias_blocks]
+            raise ValueError(
+                f"`attention_bias_blocks` {config.blocks!r}: {cls.name} models have {offered} (CLI: --attn-bias-blocks)."
+            )
 
     @classmethod
     def check_mask_config(cls, settings: GenerationSettings) -> None:
@@ -578,6 +648,12 @@ class Backend(abc.ABC):
     def capture(self, block: int | Sequence[int]) -> contextlib.AbstractContextManager[AttentionTap]:
         """Hooks recording the tapped blocks' queries, keys and attention outputs during the forward
         passes inside (`CapturedAttention`, one entry per block on its C axis)."""
+
+    def bias_sites(self, blocks: str) -> list[BiasSite]:
+        """The attentions stage 2's attention bias goes into, for a `blocks` choice among
+        `architecture.attention_bias_blocks` (`core.config.BIAS_BLOCKS`). An architecture that
+        offers none keeps this default: preflight refuses a bias on it before anything loads."""
+        raise NotImplementedError(f"{self.architecture.attention_bias_refusal} ({self.name}).")
 
     # -- LoRA files --------------------------------------------------------------------------------
     def lora_source(self, lora: LoraFile) -> dict[str, torch.Tensor]:

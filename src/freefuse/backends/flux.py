@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from ..conditions import CONTROLNET, IMG2IMG, INPAINT
-from ..core import jsontext
+from ..core import BiasConfig, jsontext
+from ..core.config import BIAS_BLOCKS
 from ..lora import FLUX1_FAMILY, FLUX_FAMILY, check_lora_family
 from ..tiny import tiny_t5_tokenizer
 from .base import (
@@ -27,6 +28,7 @@ from .base import (
     TEXT,
     Architecture,
     Backend,
+    BiasSite,
     CapturedAttention,
     Conditioning,
     Inpainting,
@@ -62,6 +64,8 @@ FLUX_LORA_TARGETS = (
     "proj_mlp",
     "proj_out",
 )
+#: What FLUX's joint attention's queries and keys hold: `torch.cat([text, image])` in both kinds of block.
+JOINT = ("text", "image")
 #: FLUX.1's transformer width (24 heads of 128), which diffusers' kohya converter takes for granted.
 FLUX1_WIDTH = 3072
 _TEXT_STREAM = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context.")
@@ -130,6 +134,9 @@ class FluxArchitecture(Architecture):
         """`FluxImg2ImgPipeline.get_timesteps`: the first `int(N - min(N·strength, N))` steps are skipped."""
         skipped = int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
         return num_inference_steps - skipped
+    # Joint attention: every block reads [text ‖ image], so both directions of the bias exist.
+    attention_bias_blocks = BIAS_BLOCKS
+    default_attention_bias = BiasConfig(scale=0.0, positive=1.0, bidirectional=True, blocks="all")
 
     @classmethod
     def pixels_per_token(cls, model_folder: Path | None) -> int:
@@ -615,6 +622,9 @@ class FluxBackend(Backend):
             for handle in handles:
                 handle.remove()
 
+    def bias_sites(self, blocks: str) -> list[BiasSite]:
+        return joint_bias_sites(self.denoiser, blocks)
+
     # -- LoRA files --------------------------------------------------------------------------------
     def lora_source(self, lora: LoraFile) -> dict[str, torch.Tensor]:
         """BFL-named files (`diffusion_model.double_blocks…lora_A`) and bare PEFT files, which diffusers'
@@ -660,3 +670,38 @@ class FluxBackend(Backend):
             "(`transformer.<layer>.lora_A.weight`) instead."
         )
 
+
+def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _image_tokens_double(args: tuple, kwargs: dict, n_text: int) -> int:
+    return int(_hidden_states(args, kwargs).shape[1])
+
+
+def _image_tokens_single(args: tuple, kwargs: dict, n_text: int) -> int:
+    return int(_hidden_states(args, kwargs).shape[1]) - n_text
+
+
+def joint_bias_sites(denoiser: torch.nn.Module, blocks: str) -> list[BiasSite]:
+    """Every block's joint attention over [text ‖ image] in a FLUX-style transformer (FLUX.1's and
+    FLUX.2's): the double-stream blocks (image tokens in `hidden_states`, text in
+    `encoder_hidden_states`), then the single-stream ones (both in `hidden_states`); "last-half" is
+    the second half of that order."""
+    double = [
+        BiasSite(f"transformer_blocks.{i}.attn", block.attn, JOINT, JOINT, _image_tokens_double)
+        for i, block in enumerate(denoiser.transformer_blocks)
+    ]
+    single = [
+        BiasSite(f"single_transformer_blocks.{i}.attn", block.attn, JOINT, JOINT, _image_tokens_single)
+        for i, block in enumerate(denoiser.single_transformer_blocks)
+    ]
+    ordered = double + single
+    chosen = {
+        "all": ordered,
+        "double-stream": double,
+        "single-stream": single,
+        "last-half": ordered[len(ordered) // 2 :],
+        "none": [],
+    }
+    return chosen[blocks]

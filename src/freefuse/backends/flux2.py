@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..core import BiasConfig
+from ..core.config import BIAS_BLOCKS
 from ..lora import FLUX2_FAMILY, FLUX_FAMILY, check_lora_family
 from ..tiny import tiny_qwen_tokenizer
 from .base import (
@@ -32,6 +34,7 @@ from .base import (
     TEXT,
     Architecture,
     Backend,
+    BiasSite,
     CapturedAttention,
     Conditioning,
     Latents,
@@ -41,6 +44,7 @@ from .base import (
     keep_output,
     latent_preview,
 )
+from .flux import joint_bias_sites
 from .qwen import ChatPromptTokenizer
 from .registry import register
 
@@ -133,6 +137,9 @@ class Flux2Architecture(Architecture):
     embedding_slots = {}
     typical_lora_targets = (FLUX2_LORA_TARGETS, "transformer_blocks")
     tokenizer_folder = "tokenizer"
+    # Joint attention over [text ‖ image] in both kinds of block, as FLUX.1's (`flux.joint_bias_sites`).
+    attention_bias_blocks = BIAS_BLOCKS
+    default_attention_bias = BiasConfig(scale=0.0, positive=1.0, bidirectional=True, blocks="all")
 
     @classmethod
     def default_block(cls, num_blocks: int) -> int:
@@ -424,6 +431,9 @@ class Flux2Backend(Backend):
         finally:
             for handle in handles:
                 handle.remove()
+
+    def bias_sites(self, blocks: str) -> list[BiasSite]:
+        return joint_bias_sites(self.denoiser, blocks)
 
     # -- LoRA files --------------------------------------------------------------------------------
     def lora_source(self, lora: LoraFile) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..conditions import CONTROLNET, IMG2IMG, INPAINT
-from ..core import MaskConfig, jsontext
+from ..core import BiasConfig, MaskConfig, jsontext
 from ..lora import UNET_FAMILY, check_lora_family
 from ..tiny import tiny_clip_tokenizer
 from .base import (
@@ -34,6 +34,7 @@ from .base import (
     TEXT,
     Architecture,
     Backend,
+    BiasSite,
     CapturedAttention,
     Conditioning,
     Inpainting,
@@ -154,6 +155,11 @@ class SdxlArchitecture(Architecture):
     def denoised_steps(cls, num_inference_steps: int, strength: float) -> int:
         """`StableDiffusionXLImg2ImgPipeline.get_timesteps`: `int(N·strength)` steps are denoised."""
         return min(int(num_inference_steps * strength), num_inference_steps)
+    # The bias goes into every cross-attention (image queries over the CLIP tokens) at every level;
+    # text never attends to the image in a UNet, so there is no text-to-image half.
+    attention_bias_blocks = ("all", "last-half", "none")
+    attention_bias_text_queries = False
+    default_attention_bias = BiasConfig(scale=0.0, positive=1.0, bidirectional=False, blocks="all")
 
     @classmethod
     def pixels_per_token(cls, model_folder: Path | None) -> int:
@@ -295,6 +301,16 @@ class SdxlBackend(Backend):
         if ".attentions." in module_name:
             return TEXT if any(module_name.endswith(part) for part in _CROSS_ATTENTION_TEXT_SIDE) else IMAGE
         return NO_TOKENS  # time_embedding, add_embedding, the resnets' time_emb_proj
+
+    def bias_sites(self, blocks: str) -> list[BiasSite]:
+        """Every transformer block's cross-attention (`attn2`: the level's image tokens over the text),
+        at every level, in forward order; "last-half" is the second half of that order. The mask
+        is `[B, N, T]`: diffusers' `AttnProcessor2_0` adds the heads axis itself."""
+        sites = [
+            BiasSite(f"{name}.attn2", self.denoiser.get_submodule(name).attn2, IMAGE, TEXT, _image_tokens, False)
+            for name, _ in self._levels
+        ]
+        return {"all": sites, "last-half": sites[len(sites) // 2 :], "none": []}[blocks]
 
     # -- the denoising loop's parts ----------------------------------------------------------------
     def encode(self, prompts: list[str], max_sequence_length: int) -> Conditioning:
@@ -630,3 +646,8 @@ class SdxlBackend(Backend):
             **{"unet." + key: value for key, value in convert_unet_state_dict_to_peft(unet).items()},
             **others,
         }
+
+
+def _image_tokens(args: tuple, kwargs: dict, n_text: int) -> int:
+    """The level's image tokens: the cross-attention's queries (`hidden_states`, its first argument)."""
+    return int((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[1])

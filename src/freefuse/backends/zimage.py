@@ -139,6 +139,10 @@ class ZImageArchitecture(Architecture):
     embedding_slots = {}
     typical_lora_targets = (ZIMAGE_LORA_TARGETS, "layers.")
     tokenizer_folder = "tokenizer"
+    attention_bias_refusal = (
+        "FreeFuse does not add the attention bias to Z-Image yet: its layers attend over [image ‖ text] with each "
+        "part padded per image, a layout the bias's mask does not follow"
+    )
 
     @classmethod
     def pixels_per_token(cls, model_folder: Path | None) -> int:
