@@ -222,3 +222,15 @@ def test_the_page_takes_pictures_and_its_downloaded_run_replays_from_itself(asse
         workspace.check(session, "tiny", slots, control)
     offered = Form(**{**control.__dict__, "controlnet": str(files / "controlnet")})
     workspace.check(session, "tiny", slots, offered)
+    # An inpainting mask uploaded as a colour picture is kept grey; an all-white one is refused.
+    mask = uploads / "picture" / "mask.png"
+    drawn = Image.new("RGB", (64, 64))
+    drawn.paste((255, 255, 255), (16, 16, 48, 40))
+    drawn.save(mask)
+    masked = Form(prompt="Alice hugging Bob", seed=1, steps=3, width=64, height=64, init_image=str(picture),
+                  inpaint_mask=str(mask), strength=0.9)
+    workspace.check(session, "tiny", slots, masked)
+    assert Image.open(session.folder / "check" / "conditions" / "mask.png").mode == "L"
+    Image.new("RGB", (64, 64), (255, 255, 255)).save(mask)
+    with pytest.raises(SettingsError, match="repaints the whole image"):
+        workspace.check(session, "tiny", slots, masked)
