@@ -220,7 +220,11 @@ def test_the_page_takes_pictures_and_its_downloaded_run_replays_from_itself(asse
                    control_type="depth", controlnet=str(files / "sdxl-controlnet"))
     with pytest.raises(SettingsError, match="This page's ControlNets are"):
         workspace.check(session, "tiny", slots, control)
-    offered = Form(**{**control.__dict__, "controlnet": str(files / "controlnet")})
+    # Offered ControlNets are shown and picked by name: the server's path is not on the page, nor taken.
+    assert list(workspace.controlnets) == ["controlnet"]
+    with pytest.raises(SettingsError, match="This page's ControlNets are: controlnet;"):
+        workspace.check(session, "tiny", slots, Form(**{**control.__dict__, "controlnet": str(files / "controlnet")}))
+    offered = Form(**{**control.__dict__, "controlnet": "controlnet"})
     workspace.check(session, "tiny", slots, offered)
     # An inpainting mask uploaded as a colour picture is kept grey; an all-white one is refused.
     mask = uploads / "picture" / "mask.png"

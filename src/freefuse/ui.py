@@ -161,8 +161,8 @@ def _layout(workspace: Workspace, public_without_login: bool) -> SimpleNamespace
                 if workspace.local_paths:
                     controlnet = gr.Textbox("", label="ControlNet (folder or id)", elem_id="controlnet")
                 else:
-                    offered = [("none", ""), *workspace.controlnets]  # "" (none) also when the page offers none
-                    value = workspace.controlnets[0] if workspace.controlnets else ""
+                    offered = [("none", ""), *workspace.controlnets]  # shown names; "" (none) also when none is offered
+                    value = next(iter(workspace.controlnets), "")
                     controlnet = gr.Dropdown(offered, value=value, label="ControlNet", elem_id="controlnet")
         warnings_box = gr.Markdown("", elem_id="warnings")
         with gr.Row():

@@ -175,7 +175,8 @@ class Workspace:
         models: the models a visitor may pick (the first is the default); any with `local_paths`.
         examples: files the page itself offers (the ShapesWorld example's LoRAs).
         limits: storage bounds.
-        controlnets: the ControlNets a visitor may pick (folders or hub ids); any with `local_paths`.
+        controlnets: the ControlNets a visitor may pick (folders or hub ids, shown by name); any with
+            `local_paths`.
     """
 
     def __init__(
@@ -189,7 +190,13 @@ class Workspace:
         limits: PageLimits | None = None,
         controlnets: list[str] | None = None,
     ) -> None:
-        self.controlnets = list(controlnets or [])
+        # Shown by name (a folder's last part, or the hub id), so that no server path reaches the page.
+        self.controlnets: dict[str, str] = {}
+        for source in controlnets or []:
+            shown = (Path(source).name or source) if Path(source).expanduser().is_dir() else source
+            while shown in self.controlnets:
+                shown += "'"
+            self.controlnets[shown] = source
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.service = service
@@ -240,12 +247,15 @@ class Workspace:
         raise SettingsError(f"This page runs {', '.join(self.models)}; pick one of them.")
 
     def controlnet(self, name: str) -> str:
-        """`name` if the visitor may run it: one of `controlnets`, or anything on a local page."""
+        """The ControlNet a visitor names: one the page offers (by its shown name), or on a local
+        page any typed folder or id."""
         name = (name or "").strip()
-        if name in self.controlnets or (self.local_paths and name):
+        if name in self.controlnets:
+            return self.controlnets[name]
+        if self.local_paths and name:
             return name
         offered = ", ".join(self.controlnets) or "none"
-        raise SettingsError(f"This page's ControlNets are: {offered}; pick one of them (or leave the control image out).")
+        raise SettingsError(f"This page's ControlNets are: {offered}; pick one of them (or leave the control picture out).")
 
     def condition_image(self, value, what: str) -> Path:
         """The file a picture widget names, if the visitor may use it: an upload Gradio received
