@@ -175,14 +175,23 @@ MUTATIONS = (
     Mutation(
         "SDXL: noise drawn before the schedule sets its first sigma",
         "pipeline.py",
-        "timesteps, sigmas = backend.timesteps(steps, settings.height, settings.width)\n"
-        "            state = backend.prepare_latents(\n"
-        "                generators, batch, settings.height, settings.width, conditioning.prompt_embeds.dtype, latents\n"
+        "timesteps, sigmas = backend.schedule(steps, settings.height, settings.width, strength)\n"
+        "            state = backend.prepare(\n"
+        "                generators,\n"
+        "                batch,\n"
+        "                settings.height,\n"
+        "                settings.width,\n"
+        "                conditioning.prompt_embeds.dtype,\n"
+        "                latents,\n"
+        "                conditions,\n"
+        "                timesteps[:1],\n"
+        "                flat_controlnets(controlnet),\n"
         "            )",
-        "state = backend.prepare_latents(\n"
-        "                generators, batch, settings.height, settings.width, conditioning.prompt_embeds.dtype, latents\n"
+        "state = backend.prepare(\n"
+        "                generators, batch, settings.height, settings.width, conditioning.prompt_embeds.dtype, latents,\n"
+        "                conditions, None, flat_controlnets(controlnet),\n"
         "            )\n"
-        "            timesteps, sigmas = backend.timesteps(steps, settings.height, settings.width)",
+        "            timesteps, sigmas = backend.schedule(steps, settings.height, settings.width, strength)",
         ("tests/test_sdxl.py",),
     ),
     Mutation(
@@ -451,6 +460,27 @@ MUTATIONS = (
         "paper_mask_step = (3, 12)",
         "paper_mask_step = (6, 28)",
         ("tests/test_zimage.py::test_default_tap_block_and_step_follow_the_authors_share",),
+    ),
+    Mutation(
+        "inpainting keeps the step's latents outside the mask (init latents not put back)",
+        "backends/base.py",
+        "return (1 - keep.mask) * kept + keep.mask * state.latents",
+        "return state.latents",
+        ("tests/test_conditions.py::test_inpainting_keeps_the_init_image_outside_the_mask_and_cuts_the_subjects_to_it",),
+    ),
+    Mutation(
+        "stage 1's subject masks not cut to the inpainting mask",
+        "pipeline.py",
+        "subject_masks = cut_to_region(subject_masks, region, context.grid)",
+        "subject_masks = subject_masks",
+        ("tests/test_conditions.py::test_inpainting_keeps_the_init_image_outside_the_mask_and_cuts_the_subjects_to_it",),
+    ),
+    Mutation(
+        "a page's condition picture taken without Gradio's record of the upload",
+        "workspace.py",
+        "if not self.received(path):",
+        "if False:",
+        ("tests/test_conditions_cli.py::test_the_page_takes_pictures_and_its_downloaded_run_replays_from_itself",),
     ),
 )
 

@@ -224,3 +224,36 @@ def test_cancel_stops_a_run_and_leaves_no_half_written_run(server, page) -> None
     page.wait_for_function("document.querySelector('#mask-summary').innerText.includes('Masks:')")
     runs = set((server["folder"] / "sessions").glob("*/run-*")) - earlier
     assert runs and not any((run / "freefuse.png").exists() for run in runs), runs
+
+
+def test_an_init_picture_uploaded_in_the_page_conditions_the_run(server, page, tmp_path) -> None:
+    from PIL import Image
+
+    start = tmp_path / "start.png"
+    Image.new("RGBA", (64, 64), (10, 200, 30, 255)).save(start)  # RGBA, as many browsers' pictures are
+    page.locator("#lora-file-0 input[type=file]").set_input_files(str(server["folder"] / "alice.safetensors"))
+    page.wait_for_function(
+        "document.querySelector('#lora-words-0 textarea, #lora-words-0 input').value === 'Alice'"
+    )
+    page.locator("#prompt textarea").fill("Alice in the snow")
+    page.locator("#steps input").fill("3")
+    page.locator("#width input").fill("128")
+    page.locator("#height input").fill("64")
+    page.get_by_text("Start from a picture, repaint a region, ControlNet").click()
+    page.locator("#init-image input[type=file]").set_input_files(str(start))
+    # A picture of another size than the run's is said before anything loads.
+    page.wait_for_function("document.querySelector('#warnings').innerText.includes('64x64 pixels')")
+    page.locator("#width input").fill("64")
+    page.locator("#strength input").fill("0.7")
+    page.wait_for_function("document.querySelector('#warnings').innerText.includes('Ready')")
+    earlier = set((server["folder"] / "sessions").glob("*/run-*"))  # other tests' sessions share the server
+    page.click("#generate")
+    page.wait_for_function(
+        "document.querySelector('#run-choice input') && document.querySelector('#run-choice input').value === 'run 1'",
+    )
+    assert not toasts(page) and not message(page).strip()
+    [run] = set((server["folder"] / "sessions").glob("*/run-*")) - earlier
+    manifest = json.loads((run / "freefuse.json").read_text())
+    assert manifest["conditions"]["init_image"]["path"] == "conditions/init.png"
+    assert manifest["conditions"]["strength"] == 0.7
+    assert Image.open(run / "conditions" / "init.png").mode == "RGB"

@@ -46,10 +46,12 @@ def client(public):
     return client_module.Client(public["url"], verbose=False)
 
 
-def generate_inputs(lora, model: str = "tiny") -> list:
-    """The generate endpoint's inputs: the model, four LoRA rows (file, path, words, weight, scope), the form."""
+def generate_inputs(lora, model: str = "tiny", init=None) -> list:
+    """The generate endpoint's inputs: the model, four LoRA rows (file, path, words, weight, scope), the form
+    (settings, then the conditions' pictures and fields)."""
     rows = [lora, "", "Alice", 1.0, "subject"] + [None, "", "", 1.0, "subject"] * 3
     form = ["Alice in the snow", 1, 3, 64, 64, "", "text-to-image", 0, ""]
+    form += [init, 0, None, None, "", 1.0, ""]  # an init picture or none; no inpainting mask or ControlNet
     return [model, *rows, *form]
 
 
@@ -79,6 +81,26 @@ def test_a_forged_file_value_reads_and_hands_out_no_server_file(public) -> None:
     # (whatever Gradio let through) is refused by the workspace.
     workspace = public["app"].freefuse_workspace
     assert not workspace.received(public["secret"])
+
+
+def test_a_forged_picture_value_reads_no_server_image_and_an_uploaded_one_runs(public, tmp_path) -> None:
+    from PIL import Image
+
+    secret = tmp_path / "server-only.png"
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(secret)
+    lora = tmp_path / "alice.safetensors"
+    shutil.copyfile(public["secret"], lora)
+    uploaded = client_module.handle_file(str(lora))
+    result = call(public, "generate", generate_inputs(None, init=forged(secret)))
+    assert "event: complete" not in result or "not received as an upload" in result, result
+    assert not public["app"].freefuse_workspace.received(secret)
+    assert secret.read_bytes() not in kept_bytes(public["root"])
+    answer = client(public).predict(
+        *generate_inputs(uploaded, init=client_module.handle_file(str(secret))), api_name="/generate"
+    )
+    assert answer[0] == "", answer[0]
+    recorded = [path.read_text() for path in public["root"].glob("*/run-*/freefuse.json")]
+    assert any('"conditions/init.png"' in text for text in recorded)
 
 
 def test_another_sessions_files_cannot_be_fetched_and_downloads_name_no_server_path(public, tmp_path) -> None:

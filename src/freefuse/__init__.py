@@ -22,6 +22,8 @@ _LAZY = {
     "FreeFuseWarning": ".pipeline",
     "Subject": ".pipeline",
     "GenerationSettings": ".settings",
+    "Conditions": ".conditions",
+    "Control": ".conditions",
     "SettingsError": ".settings",
     "MaskConfig": ".core",
     "MaskSet": ".core",
@@ -29,6 +31,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from .conditions import Conditions, Control
     from .core import MaskConfig, MaskSet, masks_from_attention
     from .pipeline import FreeFuse, FreeFuseOutput, FreeFuseWarning, Subject
     from .settings import GenerationSettings, SettingsError
@@ -43,6 +46,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "Conditions",
+    "Control",
     "FreeFuse",
     "FreeFuseOutput",
     "FreeFuseWarning",

@@ -38,6 +38,7 @@ from itertools import combinations, product
 from pathlib import Path
 from string import ascii_uppercase
 
+from .conditions import ConditionsSpec
 from .core import jsontext
 from .errors import JobFileError, LoraFileError, OutputFolderError, describe_failure
 from .files import atomic_write, cached_sha256, read_input, sha256_file
@@ -50,7 +51,7 @@ from .spec import FileFacts, LoraSpec, RunSpec
 
 INDEX_GLOB = "index.p*.jsonl"
 MAX_JOB_FILE_BYTES = 64 << 20
-JOB_KEYS = {"model", "base_model", "loras", "masks", "id"}
+JOB_KEYS = {"model", "base_model", "loras", "masks", "id", "conditions"}
 
 
 class BatchWarning(UserWarning):
@@ -87,6 +88,13 @@ class Job(RunSpec):
         }
         if self.base_model is not None:  # only when set: the ids of other jobs stay as they were
             record["base_model"] = relative(self.base_model)
+        if self.conditions is not None and not self.conditions.empty:  # likewise
+            conditions = self.conditions.model_dump(mode="json")
+            for ref in _image_refs(conditions):
+                ref["sha256"] = self.facts.get("sha256", ref["path"], partial(_file_sha256, ref["path"]))
+                ref["path"] = relative(ref["path"])
+            conditions["controlnets"] = [relative(net) for net in conditions["controlnets"]]
+            record["conditions"] = conditions
         return record
 
     def check(self) -> None:
@@ -106,7 +114,8 @@ class Job(RunSpec):
             (lora.path, tuple(lora.words or ()), lora.weight, lora.scope, lora.name, lora.sha256) for lora in self.loras
         )
         settings = self.settings.model_dump_json(exclude={"seed"})
-        return self.model, self.base_model, self.masks, loras, settings
+        conditions = None if self.conditions is None else self.conditions.model_dump_json()
+        return self.model, self.base_model, self.masks, loras, settings, conditions
 
     @functools.cached_property
     def id(self) -> str:
@@ -124,6 +133,25 @@ class Job(RunSpec):
 
 def _relative(path: str, base: Path | None) -> str:
     return os.path.relpath(path, base) if base is not None and os.path.exists(path) else path
+
+
+def _image_refs(conditions: dict) -> list[dict]:
+    """The image entries (`{path, sha256}`) of a dumped `ConditionsSpec`."""
+    refs = [conditions.get(key) for key in ("init_image", "inpaint_mask", "ip_adapter")]
+    refs += [control["image"] for control in conditions.get("controls", [])]
+    return [ref for ref in refs if isinstance(ref, dict)]
+
+
+def _conditions(entry, base: Path, where: str) -> ConditionsSpec | None:
+    """A job's `conditions`, image paths relative to the job file, ControlNets folders or hub ids."""
+    if entry is None:
+        return None
+    conditions = ConditionsSpec.parse(entry, where)
+    values = conditions.model_dump()
+    for ref in _image_refs(values):
+        ref["path"] = _resolve(ref["path"], base)
+    values["controlnets"] = [_folder_or_hub_id(net, base) for net in values["controlnets"]]
+    return ConditionsSpec.parse(values, where)
 
 
 def _file_sha256(path: str) -> str | None:
@@ -257,6 +285,10 @@ def job_from_dict(entry: dict, base: Path, where: str, facts: FileFacts | None =
     except ValueError as error:
         raise JobFileError(f"{where}: {error}") from None
     masks = _resolve(str(entry["masks"]), base) if entry.get("masks") else None
+    try:
+        conditions = _conditions(entry.get("conditions"), base, where)
+    except ValueError as error:
+        raise JobFileError(str(error)) from None
     return Job(
         model=model,
         loras=loras,
@@ -266,6 +298,7 @@ def job_from_dict(entry: dict, base: Path, where: str, facts: FileFacts | None =
         base=base,
         base_model=base_model,
         facts=facts,
+        conditions=conditions,
     )
 
 
@@ -390,7 +423,8 @@ def expand_grid(path: str | Path) -> list[Job]:
     Keys: `model`, `loras` (list of {path, words, name?, weight?}), `group_size` (2 for pairs; a
     list such as [2, 3] for pairs and triples), `prompts` (templates with {A}, {B}, ...; a
     template is used for the groups whose size matches its placeholders), `seeds` (list, or
-    {start, count}), `methods` (list), `global_loras` (list), and `settings` (any generate setting).
+    {start, count}), `methods` (list), `global_loras` (list), `settings` (any generate setting) and
+    `conditions` (an init image, an inpainting mask, controls: as a job's, for every job).
     """
     path = Path(path)
     spec = read_structured(path)
@@ -460,6 +494,7 @@ def expand_grid(path: str | Path) -> list[Job]:
                 continue
             entry = {
                 **settings,
+                **({"conditions": spec["conditions"]} if spec.get("conditions") is not None else {}),
                 "model": spec["model"],
                 "prompt": prompt,
                 "seed": seed,

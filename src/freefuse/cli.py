@@ -41,6 +41,7 @@ from rich.table import Table
 from typer.core import TyperCommand, TyperGroup
 
 from . import __version__, stages
+from .conditions import ConditionsSpec
 from .core.config import MAP_METHOD_NAMES
 from .errors import INTERRUPTED, USER_ERRORS, SettingsError, describe_failure, is_interrupt
 from .lora import check_adapter_name
@@ -391,6 +392,63 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
         None,
     ),
     (
+        "init_image",
+        Annotated[
+            str | None,
+            typer.Option("--init-image", help="Start from this picture (img2img; RGB PNG/JPEG/WebP of the run's size)."),
+        ],
+        None,
+    ),
+    (
+        "strength",
+        Annotated[
+            float | None,
+            typer.Option(
+                "--strength",
+                help="How much of --init-image is redrawn, in (0, 1] (default: the model's img2img/inpainting default).",
+            ),
+        ],
+        None,
+    ),
+    (
+        "inpaint_mask",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--inpaint-mask", help="Repaint --init-image only where this grey (L) mask is white; keep the rest."
+            ),
+        ],
+        None,
+    ),
+    (
+        "control",
+        Annotated[
+            list[str] | None,
+            typer.Option(
+                "--control",
+                help=r"ControlNet input TYPE=IMAGE\[@SCALE] (repeatable; TYPE: a union ControlNet's mode, e.g. canny, "
+                "depth, pose). Each is read by the one --controlnet, or by the --controlnet in the same place.",
+            ),
+        ],
+        None,
+    ),
+    (
+        "controlnet",
+        Annotated[
+            list[str] | None,
+            typer.Option("--controlnet", help="ControlNet model for --control: a diffusers folder or Hugging Face id."),
+        ],
+        None,
+    ),
+    (
+        "ip_adapter",
+        Annotated[
+            str | None,
+            typer.Option("--ip-adapter", help=r"IP-Adapter reference IMAGE\[@SCALE] (not supported yet: refused)."),
+        ],
+        None,
+    ),
+    (
         "manifest",
         Annotated[
             Path | None,
@@ -444,6 +502,7 @@ class RunOptions:
         for lora in loras:
             flag, given = "--lora" if lora["scope"] == "subject" else "--global-lora", lora.pop("given")
             lora_specs.append(LoraSpec.parse(lora, f"{flag} {given!r}"))
+        conditions = conditions_from_flags(self.values)
         if settings is None:
             return replay_spec(
                 self.values["manifest"],
@@ -452,10 +511,56 @@ class RunOptions:
                 self.settings,
                 self.values["masks"],
                 base_model=self.values["base_model"],
+                conditions=conditions,
             )
         return RunSpec(
-            self.values["model"], lora_specs, settings, self.values["masks"], base_model=self.values["base_model"]
+            self.values["model"],
+            lora_specs,
+            settings,
+            self.values["masks"],
+            base_model=self.values["base_model"],
+            conditions=conditions,
         )
+
+
+def parse_control(text: str) -> dict:
+    """`TYPE=IMAGE[@SCALE]` → `{"type", "image", "scale"}` (a `ControlSpec`'s fields)."""
+    kind, sep, rest = text.partition("=")
+    if not sep or not kind or not rest:
+        raise SettingsError(f"--control {text!r} is not TYPE=IMAGE[@SCALE], e.g. --control depth=depth.png@0.7.")
+    image, scale = rest, 1.0
+    head, at, tail = rest.rpartition("@")
+    if at:
+        try:
+            scale = float(tail)
+            image = head
+        except ValueError:
+            pass  # an @ in the file name
+    return {"type": kind, "image": image, "scale": scale}
+
+
+def conditions_from_flags(values: dict):
+    """The condition flags as a `ConditionsSpec` (only the ones given, so that a replay knows), or None."""
+    given = {}
+    for key in ("init_image", "strength", "inpaint_mask"):
+        if values.get(key) is not None:
+            given[key] = values[key]
+    if values.get("ip_adapter") is not None:
+        given["ip_adapter"] = values["ip_adapter"].rpartition("@")[0] or values["ip_adapter"]
+    controls = [parse_control(text) for text in values.get("control") or []]
+    nets = list(values.get("controlnet") or [])
+    if controls or nets:
+        if len(nets) > 1 and len(nets) != len(controls):
+            raise SettingsError(
+                f"{len(nets)} --controlnet for {len(controls)} --control: give one ControlNet for all the controls, or one "
+                "per control (the first --controlnet reads the first --control, ...)."
+            )
+        for index, control in enumerate(controls):
+            control["controlnet"] = index if len(nets) > 1 else 0
+        given["controls"], given["controlnets"] = controls, nets
+    if not given:
+        return None
+    return ConditionsSpec.parse(given, "the condition flags")
 
 
 def settings_help(field_name: str) -> str:
@@ -887,6 +992,14 @@ def ui(
     session_hours: Annotated[
         float, typer.Option("--session-hours", help="An unused session's files are removed after this long.")
     ] = 24.0,
+    controlnet: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--controlnet",
+            help="ControlNet the page offers (a folder or Hugging Face id); repeat to offer several. A page served "
+            "to this machine alone also takes any typed one.",
+        ),
+    ] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
@@ -922,6 +1035,7 @@ def ui(
         local_paths=local,
         public_without_login=not local and credentials is None,
         limits=limits,
+        controlnets=list(controlnet or []),
     )
     shown_host = "localhost" if local else host
     console.print(

@@ -106,6 +106,22 @@ def base_weights_sha256(denoiser: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
+def controlnet_record(net: torch.nn.Module, source: str | None = None) -> dict:
+    """A ControlNet's record: where it came from, its class, and a hash per file of its folder (or
+    of its weights when it was built in memory)."""
+    record: dict = {"id_or_path": source, "class": type(net).__name__}
+    folder = getattr(getattr(net, "config", None), "_name_or_path", None)
+    if isinstance(folder, str) and folder and Path(folder).is_dir():
+        record["files"] = {
+            file.name: cached_sha256(file)
+            for file in sorted(Path(folder).iterdir())
+            if file.is_file() and file.suffix in WEIGHT_SUFFIXES
+        }
+    elif sum(p.numel() for p in net.parameters()) <= IN_MEMORY_HASH_LIMIT:
+        record["weights_sha256"] = base_weights_sha256(net)
+    return record
+
+
 def model_differences(recorded: dict, current: dict) -> list[str]:
     """What differs between a manifest's model record and the model loaded now: each file whose
     hash changed or is missing, and the in-memory weights' hash; empty when they agree."""
@@ -121,9 +137,22 @@ def model_differences(recorded: dict, current: dict) -> list[str]:
 
 
 def build_manifest(
-    freefuse, settings, *, positions, mask_sets, fallbacks, notes, timings, masks_source, seeds
+    freefuse,
+    settings,
+    *,
+    positions,
+    mask_sets,
+    fallbacks,
+    notes,
+    timings,
+    masks_source,
+    seeds,
+    conditions=None,
+    controlnets=(),
 ) -> dict:
-    """The record of one run. `seeds`: per image, or None when the noise came from the caller."""
+    """The record of one run. `seeds`: per image, or None when the noise came from the caller.
+    `conditions`: the run's (`freefuse.conditions.Conditions`, strength resolved), recorded with the
+    path and hash of every image and each ControlNet's files, or None."""
     pipeline, backend = freefuse.pipeline, freefuse.backend
     images = []
     for index, prompt in enumerate(settings.image_prompts):
@@ -147,7 +176,7 @@ def build_manifest(
         masks_record = None if masks_source is None else str(masks_source)
     else:
         masks_record = "in-memory"
-    return {
+    record = {
         "format": FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": versions(),
@@ -165,6 +194,14 @@ def build_manifest(
             k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v]) for k, v in timings.items()
         },
     }
+    if conditions is not None and not conditions.empty:
+        record["conditions"] = conditions.record()
+        if controlnets:
+            sources = list(conditions.controlnets)
+            record["conditions"]["controlnets"] = [
+                controlnet_record(net, sources[i] if i < len(sources) else None) for i, net in enumerate(controlnets)
+            ]
+    return record
 
 
 def read_manifest(path: str | Path) -> dict:

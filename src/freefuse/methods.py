@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import torch
 
     from .backends.base import Backend, CapturedAttention
+    from .conditions import Conditions
     from .core import MaskSet
     from .settings import GenerationSettings
 
@@ -50,6 +51,10 @@ class RunContext:
         negative_prompt: the text of the unconditional pass, or None.
         negative_positions: per image, {adapter name: positions of its words} in the negative
             prompt (its own words, not the prompt's), or None.
+        conditions: the run's conditions (init image, inpainting mask, control images) with their
+            strength resolved, or None.
+        denoised: how many steps the loop runs, when fewer than `num_inference_steps` (from an init
+            image: the last `strength` share), else None.
     """
 
     settings: GenerationSettings
@@ -61,10 +66,17 @@ class RunContext:
     fallbacks: list[list[str]]
     negative_prompt: str | None = None
     negative_positions: list[dict[str, list[int]]] | None = None
+    conditions: Conditions | None = None
+    denoised: int | None = None
 
     @property
     def batch(self) -> int:
         return len(self.positions)
+
+    @property
+    def steps(self) -> int:
+        """How many steps the denoising loop runs."""
+        return self.settings.num_inference_steps if self.denoised is None else self.denoised
 
     @property
     def size(self) -> tuple[int, int]:

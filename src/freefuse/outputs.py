@@ -227,6 +227,15 @@ def located(record: dict, folder: Path, portable: bool = False) -> None:
     if isinstance(model.get("base_model"), str) and Path(model["base_model"]).expanduser().is_dir():
         _locate(model, "base_model", "base_model_from_manifest", folder, portable)
     _locate(record, "masks", "masks_from_manifest", folder, portable)
+    conditions = record.get("conditions") or {}
+    images = [conditions.get("init_image"), conditions.get("inpaint_mask")]
+    images += [control.get("image") for control in conditions.get("controls", []) if isinstance(control, dict)]
+    for image in images:
+        if isinstance(image, dict):
+            _locate(image, "path", "path_from_manifest", folder, portable)
+    for net in conditions.get("controlnets", []):
+        if isinstance(net, dict) and isinstance(net.get("id_or_path"), str) and Path(net["id_or_path"]).expanduser().is_dir():
+            _locate(net, "id_or_path", "path_from_manifest", folder, portable)
     if portable:
         record["command"] = []
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,8 @@ import torch
 
 from .attention_bias import AttentionBiaser, PassBias, pass_bias
 from .backends import Conditioning, backend_for
-from .backends.base import CapturedAttention, PassName
+from .backends.base import CapturedAttention, PassName, flat_controlnets
+from .conditions import ConditionFacts, Conditions, inpaint_region, loaded_controlnet_facts
 from .core import BiasConfig, MaskSet
 from .embeddings import InstalledEmbeddings, check_embeddings
 from .embeddings import install as install_embeddings
@@ -306,6 +307,8 @@ class FreeFuse:
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
         progress: bool = True,
         output_type: str = "pil",
+        conditions: Conditions | None = None,
+        controlnet: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
         **settings: Any,
     ) -> FreeFuseOutput:
         """Generate. Keyword settings are `GenerationSettings` fields (seed, height, method, ...).
@@ -313,7 +316,9 @@ class FreeFuse:
         `generator`, `latents` and `callback_on_step_end` work as in diffusers pipelines: a
         generator (or one per image) for the noise instead of `seed`, initial latents instead of
         noise, and `callback_on_step_end(freefuse, step_index, timestep, callback_kwargs)` after each
-        step, whose returned dict may replace `latents`.
+        step, whose returned dict may replace `latents`. `conditions`: an init image and
+        `strength`, an inpainting mask, control images (`freefuse.Conditions.of(...)`); `controlnet`:
+        the ControlNet model(s) the control images are for.
         """
         return self.generate(
             GenerationSettings(prompt=prompt, **settings),
@@ -324,22 +329,40 @@ class FreeFuse:
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             progress=progress,
             output_type=output_type,
+            conditions=conditions,
+            controlnet=controlnet,
         )
 
-    def masks(self, prompt: str | list[str], progress: bool = True, **settings: Any) -> FreeFuseOutput:
+    def masks(
+        self,
+        prompt: str | list[str],
+        progress: bool = True,
+        conditions: Conditions | None = None,
+        controlnet: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
+        **settings: Any,
+    ) -> FreeFuseOutput:
         """Stage 1 only: run up to `mask_step`, return the masks and the x0 images they were read from."""
         settings.setdefault("method", "freefuse")
         return self.generate(
-            GenerationSettings(prompt=prompt, **settings), progress=progress, stop_after_masks=True
+            GenerationSettings(prompt=prompt, **settings),
+            progress=progress,
+            stop_after_masks=True,
+            conditions=conditions,
+            controlnet=controlnet,
         )
 
     def check_inputs(
-        self, settings: GenerationSettings, masks: MaskInput = None
+        self,
+        settings: GenerationSettings,
+        masks: MaskInput = None,
+        conditions: Conditions | None = None,
+        controlnet: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
     ) -> tuple[GenerationSettings, RunContext, list[str]]:
         """Every check that needs the model but no denoising (`freefuse.preflight` with this model's facts).
 
         Returns the settings with the model's defaults filled in (block, token limit, guidance),
-        the run's context (activation-word positions per image) and the notes to show.
+        the run's context (activation-word positions per image, the conditions with their
+        strength resolved) and the notes to show.
         """
         backend = self.backend
         model = ModelFacts(
@@ -350,7 +373,20 @@ class FreeFuse:
         )
         if not self.subjects:
             raise ValueError("No LoRA added; call `add_lora(path, words=[...])` (or `use_adapter`) first.")
-        checked = preflight(model, settings, [s.facts() for s in self.subjects.values()], mask_facts(masks))
+        nets = flat_controlnets(controlnet)
+        backend.check_controlnets(nets)
+        sources = list(conditions.controlnets) if conditions is not None else []
+        facts = None
+        if conditions is not None:
+            facts = ConditionFacts(
+                conditions,
+                [loaded_controlnet_facts(net, sources[i] if i < len(sources) else f"{i + 1}") for i, net in enumerate(nets)],
+            )
+        elif nets:
+            raise ValueError("`controlnet` was given without control images; pass `conditions=Conditions.of(controls=[...])`.")
+        checked = preflight(
+            model, settings, [s.facts() for s in self.subjects.values()], mask_facts(masks), facts
+        )
         prompts = checked.settings.image_prompts
         context = RunContext(
             settings=checked.settings,
@@ -362,6 +398,8 @@ class FreeFuse:
             fallbacks=[[] for _ in prompts],
             negative_prompt=checked.negative_prompt,
             negative_positions=checked.negative_positions,
+            conditions=checked.conditions,
+            denoised=checked.steps if checked.steps != checked.settings.num_inference_steps else None,
         )
         return checked.settings, context, checked.notes
 
@@ -376,6 +414,8 @@ class FreeFuse:
         progress: bool = True,
         output_type: str = "pil",
         stop_after_masks: bool = False,
+        conditions: Conditions | None = None,
+        controlnet: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
     ) -> FreeFuseOutput:
         """Run one generation (a batch of images); see `__call__` for the arguments.
 
@@ -391,7 +431,8 @@ class FreeFuse:
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` {unknown} are not available; use {list(CALLBACK_TENSOR_INPUTS)}."
             )
-        settings, context, notes = self.check_inputs(settings, masks)
+        settings, context, notes = self.check_inputs(settings, masks, conditions, controlnet)
+        conditions = context.conditions
         method = get_method(settings.method)
         if stop_after_masks and not method.reads_attention:
             raise ValueError(
@@ -441,12 +482,23 @@ class FreeFuse:
                 negative = backend.encode_negative([context.negative_prompt] * batch, settings)
             timings["encode_s"] = time.perf_counter() - tick
 
-            # 4. Timesteps (first: some schedulers scale the initial noise by their first sigma);
-            # 5. noise, one generator per image
-            timesteps, sigmas = backend.timesteps(steps, settings.height, settings.width)
-            state = backend.prepare_latents(
-                generators, batch, settings.height, settings.width, conditioning.prompt_embeds.dtype, latents
+            # 4. Timesteps (first: some schedulers scale the initial noise by their first sigma; from
+            # an init image, the last `strength` share of them);
+            # 5. noise, one generator per image (an init image noised, control images encoded)
+            strength = None if conditions is None or conditions.init_image is None else conditions.strength
+            timesteps, sigmas = backend.schedule(steps, settings.height, settings.width, strength)
+            state = backend.prepare(
+                generators,
+                batch,
+                settings.height,
+                settings.width,
+                conditioning.prompt_embeds.dtype,
+                latents,
+                conditions,
+                timesteps[:1],
+                flat_controlnets(controlnet),
             )
+            region = inpaint_region(conditions, context.size)
             per_pass = pass_masks_of(context, subject_masks, conditioning, negative)
             per_pass_bias = pass_biases_of(context, subject_masks, conditioning, negative, bias_config)
             unmasked: dict[PassName, None] = {"cond": None, "uncond": None}
@@ -460,7 +512,7 @@ class FreeFuse:
             step_times = []
             captured = []
             # 6. Denoising loop: plain joint steps, the capture step(s), then masked steps
-            bar = self.pipeline.progress_bar(total=steps) if progress else None
+            bar = self.pipeline.progress_bar(total=len(timesteps)) if progress else None
             try:
                 for i, t in enumerate(timesteps):
                     tick = time.perf_counter()
@@ -483,12 +535,17 @@ class FreeFuse:
                         subject_masks = method.masks_from_capture(
                             context, CapturedAttention.concat(captured), x0
                         )
+                        if region is not None:  # subjects only where the image is repainted
+                            subject_masks = cut_to_region(subject_masks, region, context.grid)
                         captured = []
                         per_pass = pass_masks_of(context, subject_masks, conditioning, negative)
                         per_pass_bias = pass_biases_of(context, subject_masks, conditioning, negative, bias_config)
                         timings["stage1_s"] = time.perf_counter() - tick_stage1
                     stop = mask_step_here and stop_after_masks
                     state.latents = x0 if stop else backend.step(prediction, t, state.latents)
+                    if state.inpainting is not None and not stop:
+                        following = timesteps[i + 1] if i + 1 < len(timesteps) else None
+                        state.latents = backend.keep_outside_mask(state, following)
                     step_times.append(time.perf_counter() - tick)
                     if bar is not None:
                         bar.update()
@@ -527,6 +584,8 @@ class FreeFuse:
             timings=timings,
             masks_source=masks,
             seeds=None if generators_from_caller(generator, latents) else settings.image_seeds,
+            conditions=conditions,
+            controlnets=flat_controlnets(controlnet),
         )
         return FreeFuseOutput(
             images=images,
@@ -654,6 +713,18 @@ def mask_facts(masks: MaskInput) -> MaskFacts | None:
 
 def generators_from_caller(generator, latents) -> bool:
     return generator is not None or latents is not None
+
+
+def cut_to_region(found: SubjectMasks, region: torch.Tensor, grid: tuple[int, int]) -> SubjectMasks:
+    """Stage 1's masks cut to an inpainting mask (`region`, `[H, W]`, 1 where repainted): each subject
+    acts only where the image is repainted (token masks times the region's share of each token)."""
+    share = torch.nn.functional.interpolate(region[None, None], size=grid, mode="area")[0, 0].reshape(-1)
+    tokens = {name: mask * share.to(mask) for name, mask in found.tokens.items()}
+    sets = [
+        None if mask_set is None else MaskSet(list(mask_set.names), mask_set.masks * region)
+        for mask_set in found.sets
+    ]
+    return replace(found, tokens=tokens, sets=sets)
 
 
 __all__ = ["FreeFuse", "FreeFuseOutput", "FreeFuseWarning", "NumericalError", "Subject"]

@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
+from .conditions import CONTROLNET, IMG2IMG, INPAINT, IP_ADAPTER, ConditionFacts, Conditions
 from .errors import EmbeddingError, SettingsError, WordNotFoundError
 from .methods import Method, get_method
 from .settings import GenerationSettings
@@ -85,6 +86,9 @@ class Checked:
         background: per image, positions of the background words; None without a tokenizer.
         negative_prompt: the text of the second pass, or None.
         negative_positions: per image, {adapter name: positions in the negative prompt}, or None.
+        conditions: the run's conditions with `strength` resolved (the architecture's default), or None.
+        steps: how many steps the denoising loop runs (fewer than `num_inference_steps` from an
+            init image: the last `strength` share).
     """
 
     settings: GenerationSettings
@@ -95,6 +99,8 @@ class Checked:
     background: list[list[int]] | None = None
     negative_prompt: str | None = None
     negative_positions: list[dict[str, list[int]]] | None = None
+    conditions: Conditions | None = None
+    steps: int | None = None
 
 
 def preflight(
@@ -102,10 +108,11 @@ def preflight(
     settings: GenerationSettings,
     subjects: Sequence[SubjectFacts],
     masks: MaskFacts | None = None,
+    conditions: ConditionFacts | None = None,
 ) -> Checked:
     """Check a run against what is known of its model; raise a `FreeFuseError` (a `ValueError`)
     that names the setting and the fix, or return the resolved run. `masks`: None when the caller
-    gives none."""
+    gives none; `conditions`: the run's conditions (images read) and its ControlNets' facts."""
     architecture = model.architecture
     method = get_method(settings.method)
     if model.size_multiple is not None:
@@ -118,7 +125,12 @@ def preflight(
         architecture.check_attention_bias(settings)
     if not subjects:
         raise SettingsError("No LoRA given; a run needs at least one LoRA with its activation words.")
-    settings = _resolved(model, settings) if architecture is not None else settings
+    resolved, steps = None, settings.num_inference_steps
+    if conditions is not None and not conditions.conditions.empty:
+        resolved = check_conditions(architecture, settings, conditions)
+        if resolved.strength is not None and architecture is not None:
+            steps = _denoised_steps(architecture, settings, resolved.strength)
+    settings = _resolved(model, settings, steps) if architecture is not None else settings
     _check_masks(method, settings, masks, [s.name for s in subjects if s.scope == "subject"], model)
     masked = [s for s in subjects if s.scope == "subject"] if method.masks_loras else []
     grid = _grid(settings, model.size_multiple)
@@ -139,14 +151,18 @@ def preflight(
         masked=[s.name for s in masked],
         notes=notes,
         negative_prompt=None if architecture is None else architecture.negative_prompt(settings),
+        conditions=resolved,
+        steps=steps,
     )
     if model.tokenizer is not None and architecture is not None:
         _find_words(model.tokenizer, checked, masked)
     return checked
 
 
-def _resolved(model: ModelFacts, settings: GenerationSettings) -> GenerationSettings:
-    """The model's defaults for what the caller left unset, and the block range once it is known."""
+def _resolved(model: ModelFacts, settings: GenerationSettings, steps: int) -> GenerationSettings:
+    """The model's defaults for what the caller left unset, and the block range once it is known.
+    `steps`: how many steps the loop runs (from an init image, fewer than `num_inference_steps`);
+    the mask step is counted among them."""
     architecture = model.architecture
     block = settings.block
     if model.num_blocks is not None:
@@ -160,7 +176,13 @@ def _resolved(model: ModelFacts, settings: GenerationSettings) -> GenerationSett
     guidance = settings.guidance_scale
     bias = architecture.attention_bias(settings)
     # The architecture's share of the steps (few-step models read earlier), not the paper's 6/28.
-    mask_step = settings.mask_step or architecture.default_mask_step(settings.num_inference_steps)
+    mask_step = settings.mask_step or architecture.default_mask_step(steps)
+    late = get_method(settings.method).takes_masks and settings.user_masks_from == "mask-step"
+    if (get_method(settings.method).reads_attention or late) and mask_step > steps:
+        raise SettingsError(
+            f"`mask_step` {mask_step} is past the last of the {steps} steps this run denoises (`strength` "
+            f"leaves {steps} of {settings.num_inference_steps}); use a value from 1 to {steps}, or a higher `strength`."
+        )
     if get_method(settings.method).reads_attention and settings.capture_steps > mask_step:
         raise SettingsError(
             f"`capture_steps` {settings.capture_steps} reaches before the first step: the last of them is the mask "
@@ -397,3 +419,113 @@ def shared_word_message(name: str, other: str, word: str, other_word: str) -> st
         f"LoRAs {name!r} and {other!r} share {same} {shown}; FreeFuse finds each subject by its own words, so "
         "give each LoRA a word of its own, e.g. trained default words such as 'ohwx' replaced by the subject's name."
     )
+
+
+# -- conditions: init image, inpainting mask, ControlNets --------------------------------------------------
+
+
+def check_conditions(architecture, settings: GenerationSettings, facts: ConditionFacts) -> Conditions:
+    """A run's conditions against its settings and architecture (None: not known yet); returns them
+    with `strength` resolved. Refused: what the architecture does not take, IP-Adapter and Redux
+    (not supported yet), `strength` without an init image or outside (0, 1], images of another
+    size than the run's, an inpainting mask that repaints nothing or everything, ControlNets for
+    another architecture or without their images."""
+    conditions = facts.conditions
+    kinds = conditions.kinds
+    if IP_ADAPTER in kinds:
+        raise SettingsError(
+            "IP-Adapter and Redux reference images are not supported by FreeFuse yet; leave --ip-adapter out (a "
+            "ControlNet, an init image or an inpainting mask can be used)."
+        )
+    if architecture is not None:
+        refused = [kind for kind in kinds if kind not in architecture.conditions]
+        if refused:
+            takes = ", ".join(architecture.conditions) or "none of them"
+            raise SettingsError(
+                f"{architecture.name} runs take no {' or '.join(refused)} in FreeFuse (they take: {takes}); FLUX.1 and "
+                "SDXL models do."
+            )
+    if conditions.strength is not None and conditions.init_image is None:
+        raise SettingsError("`strength` applies to an init image; give one (CLI: --init-image), or leave it out.")
+    if conditions.inpaint_mask is not None and conditions.init_image is None:
+        raise SettingsError("An inpainting mask needs the image it repaints: give it (CLI: --init-image).")
+    if conditions.init_image is not None and conditions.controls:
+        raise SettingsError(
+            "A ControlNet with an init image (ControlNet img2img or inpainting) is not supported yet; use one of them."
+        )
+    for what, image in _images(conditions):
+        if image.size != (settings.width, settings.height):
+            width, height = image.size
+            raise SettingsError(
+                f"{what} is {width}x{height} pixels but the run makes {settings.width}x{settings.height}; resize it, or "
+                f"pass --size {width}x{height}."
+            )
+    share = conditions.mask_share()
+    if share is not None and share in (0.0, 1.0):
+        what = "nothing (it is all black)" if share == 0.0 else "the whole image (it is all white)"
+        fix = "leave the mask out for img2img" if share == 1.0 else "paint white where the image is redrawn"
+        raise SettingsError(f"The inpainting mask repaints {what}; {fix}.")
+    _check_controls(architecture, conditions, facts)
+    strength = conditions.strength
+    if conditions.init_image is not None:
+        if strength is None:
+            kind = INPAINT if conditions.inpaint_mask is not None else IMG2IMG
+            strength = (architecture.default_strength.get(kind) if architecture is not None else None) or 1.0
+        if not 0 < strength <= 1:
+            raise SettingsError(f"`strength` must be above 0 and at most 1 (CLI: --strength), got {strength!r}.")
+    return replace(conditions, strength=strength)
+
+
+def _images(conditions: Conditions):
+    if conditions.init_image is not None:
+        yield "The init image", conditions.init_image
+    if conditions.inpaint_mask is not None:
+        yield "The inpainting mask", conditions.inpaint_mask
+    for index, control in enumerate(conditions.controls):
+        yield f"Control image {index + 1} ({control.type or 'no type'})", control.image
+
+
+def _check_controls(architecture, conditions: Conditions, facts: ConditionFacts) -> None:
+    controls, nets = conditions.controls, facts.controlnets
+    if not controls:
+        if nets:
+            raise SettingsError("A ControlNet was given without a control image; add --control TYPE=IMAGE.")
+        return
+    if CONTROLNET in conditions.kinds and not nets:
+        raise SettingsError("Control images need a ControlNet to read them (CLI: --controlnet MODEL; library: `controlnet=`).")
+    for index, control in enumerate(controls):
+        if control.controlnet >= len(nets):
+            raise SettingsError(
+                f"Control image {index + 1} is for ControlNet {control.controlnet + 1} but {len(nets)} were given; give "
+                "one ControlNet for all the controls, or one per control (in the same order)."
+            )
+    for net in nets:
+        allowed = () if architecture is None else architecture.controlnet_classes
+        if architecture is not None and net.class_name is not None and net.class_name not in allowed:
+            raise SettingsError(
+                f"ControlNet {net.source} is a {net.class_name}, for another architecture: {architecture.name} models run "
+                f"{' or '.join(allowed) or 'no ControlNet'}."
+            )
+        if net.global_pool:
+            raise SettingsError(
+                f"ControlNet {net.source} pools its conditions (global_pool_conditions: diffusers runs it in guess mode), "
+                "which FreeFuse does not support yet."
+            )
+    modes = () if architecture is None else architecture.union_modes
+    for index, control in enumerate(controls):
+        net = nets[control.controlnet]
+        if net.modes is not None and control.type not in modes[: net.modes]:
+            raise SettingsError(
+                f"ControlNet {net.source} is a union ControlNet: control image {index + 1} needs its type, one of "
+                f"{list(modes[: net.modes])} (CLI: --control TYPE=IMAGE), got {control.type!r}."
+            )
+
+
+def _denoised_steps(architecture, settings: GenerationSettings, strength: float) -> int:
+    steps = architecture.denoised_steps(settings.num_inference_steps, strength)
+    if steps < 1:
+        raise SettingsError(
+            f"`strength` {strength} leaves none of the {settings.num_inference_steps} steps to denoise; raise --strength "
+            "or --steps."
+        )
+    return steps

@@ -16,9 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import LoraFitError, RunCancelled, SettingsError
+import torch
+
+from .conditions import controlnet_facts
+from .errors import LoraFitError, ModelLoadError, RunCancelled, SettingsError
 from .manifest import ModelSource, model_differences, model_record
-from .models import fitting_loras, load_pipeline, model_source, pick_device
+from .models import fitting_loras, load_failure, load_pipeline, model_source, offline, pick_device
 from .pipeline import FreeFuse, FreeFuseOutput, FreeFuseWarning, Subject
 from .spec import LoraSpec, RunSpec, changed_lora_message, model_changed_message
 
@@ -67,6 +70,7 @@ class RunService:
         self._source: ModelSource | None = None
         self._owner: FreeFuse | None = None  # owns the kept adapters (and their bundled embeddings)
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
+        self._controlnets: dict[str, torch.nn.Module] = {}  # kept for the next run of the same model
 
     # -- models and LoRAs --------------------------------------------------------------------------
     def pipeline(self, model: str, base_model: str | None = None):
@@ -88,6 +92,7 @@ class RunService:
         with self.lock:
             self._model, self._pipeline, self._source, self._owner = None, None, None, None
             self._loaded.clear()
+            self._controlnets.clear()
 
     def freefuse(self, spec: RunSpec) -> FreeFuse:
         """A `FreeFuse` over `spec`'s model with exactly `spec`'s LoRAs (each loaded once, then kept)."""
@@ -133,6 +138,42 @@ class RunService:
         self._loaded.move_to_end(name)
         return kept.subject
 
+    def controlnets(self, spec: RunSpec) -> list[torch.nn.Module]:
+        """`spec`'s ControlNets on the loaded model's device and dtype (each loaded once and kept
+        while runs use it; the others are let go)."""
+        with self.lock:
+            wanted = list(spec.conditions.controlnets) if spec.conditions is not None else []
+            for source in [source for source in self._controlnets if source not in wanted]:
+                del self._controlnets[source]
+            for source in wanted:
+                if source not in self._controlnets:
+                    self._controlnets[source] = self._load_controlnet(source)
+            return [self._controlnets[source] for source in wanted]
+
+    def _load_controlnet(self, source: str) -> torch.nn.Module:
+        """A ControlNet folder or hub id, of the class its config names (the architecture's own:
+        checked before loading), with safetensors weights only."""
+        import diffusers
+
+        freefuse = self._owner
+        architecture = freefuse.backend.architecture
+        facts = controlnet_facts(source)
+        name = facts.class_name or architecture.controlnet_classes[0]
+        if name not in architecture.controlnet_classes:
+            raise SettingsError(f"ControlNet {source} is a {name}; {architecture.name} models run {architecture.controlnet_classes}.")
+        local = Path(source).expanduser()
+        denoiser = freefuse.backend.denoiser
+        try:
+            net = getattr(diffusers, name).from_pretrained(
+                str(local) if local.is_dir() else source,
+                torch_dtype=denoiser.dtype,
+                use_safetensors=True,
+                local_files_only=offline(),
+            )
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(load_failure(source, error)) from None
+        return net.to(freefuse.backend.device).eval().requires_grad_(False)
+
     def _unload(self, which: Callable[[str, _Loaded], bool]) -> None:
         for name, kept in list(self._loaded.items()):
             if which(name, kept):
@@ -177,8 +218,11 @@ class RunService:
             freefuse = self.freefuse(spec)
             if spec.recorded_model:
                 self._check_recorded_model(spec, freefuse)
+            conditions = spec.conditions.load() if spec.conditions is not None and not spec.conditions.empty else None
+            nets = self.controlnets(spec)
             # A word error before any progress is shown; the mask step as the model resolves it.
-            checked, _, _ = freefuse.check_inputs(settings, spec.masks)
+            checked, context, _ = freefuse.check_inputs(settings, spec.masks, conditions, nets)
+            total = context.steps
             if stop_after_masks:
                 total = checked.resolved_mask_step
             with warnings.catch_warnings(record=True) as caught:
@@ -190,6 +234,8 @@ class RunService:
                     callback_on_step_end_tensor_inputs=(),
                     progress=False,
                     stop_after_masks=stop_after_masks,
+                    conditions=conditions,
+                    controlnet=nets,
                 )
         notes = [str(w.message) for w in caught if issubclass(w.category, FreeFuseWarning)]
         return RunResult(output=output, notes=notes)

@@ -26,6 +26,7 @@ from pydantic import (
     field_validator,
 )
 
+from .conditions import ConditionFacts, ConditionsSpec, controlnet_facts
 from .core import MaskSet
 from .embeddings import check_bundle_shape, is_bundle_key, split_bundle_key
 from .errors import EmbeddingError, LoraFileError, SettingsError
@@ -152,6 +153,8 @@ class RunSpec:
     base_model: str | None = None
     #: A replayed manifest's model record (file hashes, weights hash): the model must still be it.
     recorded_model: dict | None = None
+    #: What the run is conditioned on besides its prompt (init image, inpainting mask, ControlNets).
+    conditions: ConditionsSpec | None = None
 
     def check(self, facts: FileFacts | None = None) -> Checked:
         """Everything that needs no weights: model folder and architecture, LoRA files, sizes, masks,
@@ -173,9 +176,20 @@ class RunSpec:
         )
         subjects = [self._subject_facts(lora, facts) for lora in self.loras]
         masks = facts.get("masks", self.masks, self._masks, self.settings.method)
-        checked = preflight(model_facts, self.settings, subjects, masks)
+        checked = preflight(model_facts, self.settings, subjects, masks, self._condition_facts(facts))
         self.notes.extend(note for note in checked.notes if note not in self.notes)
         return checked
+
+    def _condition_facts(self, facts: FileFacts) -> ConditionFacts | None:
+        """The condition images read and checked (each file once per batch), and each ControlNet's
+        config (its class, its union modes) read from its folder without its weights."""
+        conditions = self.conditions
+        if conditions is None or conditions.empty:
+            return None
+        stamps = tuple(_stamp(path) for path in conditions.paths())
+        loaded = facts.get("conditions", None, conditions.load, conditions.model_dump_json(), stamps)
+        nets = [facts.get("controlnet", source, partial(controlnet_facts, source)) for source in conditions.controlnets]
+        return ConditionFacts(loaded, nets)
 
     def _check_base_model(self) -> None:
         if self.base_model is None:
@@ -486,16 +500,21 @@ def replay_spec(
     masks: str | None = None,
     here: Path | None = None,
     base_model: str | None = None,
+    conditions: ConditionsSpec | None = None,
 ) -> RunSpec:
     """The run a manifest describes, with what the caller gives instead.
 
-    What is given wins over the manifest: `model`, `base_model`, `loras` (all of them), `masks`, and each
-    setting in `settings` (field names); the returned spec's `notes` say which ones changed.
+    What is given wins over the manifest: `model`, `base_model`, `loras` (all of them), `masks`, each
+    setting in `settings` (field names) and each condition `conditions` sets (an init image, the
+    controls...); the returned spec's `notes` say which ones changed. Condition images must still
+    have the hashes the manifest recorded.
     Files a manifest names are looked up from the manifest's own folder first, then from the
     working folder; manifests are untrusted, so those files must lie inside one of the two, or be
     given by the caller.
     """
-    return replay_record(read_manifest(manifest_path), manifest_path, model, loras, settings, masks, here, base_model)
+    return replay_record(
+        read_manifest(manifest_path), manifest_path, model, loras, settings, masks, here, base_model, conditions
+    )
 
 
 def replay_record(
@@ -507,6 +526,7 @@ def replay_record(
     masks: str | None = None,
     here: Path | None = None,
     base_model: str | None = None,
+    conditions: ConditionsSpec | None = None,
 ) -> RunSpec:
     """`replay_spec` for a manifest already read (and checked by its reader) from `manifest_path`;
     other records of a run in the manifest's shape (an evaluation's baseline rows) replay through it."""
@@ -550,6 +570,7 @@ def replay_record(
             f"Manifest {manifest_path} loaded its checkpoint with configs from {base_model}, which is not here; "
             "pass --model and --base-model."
         )
+    recorded_conditions = _replay_conditions(manifest, manifest_path, manifest_dir, here, conditions)
     return RunSpec(
         model=model,
         loras=list(loras),
@@ -558,4 +579,72 @@ def replay_record(
         notes=notes,
         base_model=base_model,
         recorded_model=recorded_model or None,
+        conditions=_given_conditions(recorded_conditions, conditions, manifest_path, notes),
     )
+
+
+def _replay_conditions(
+    manifest: dict, manifest_path, manifest_dir: Path, here: Path, given: ConditionsSpec | None
+) -> ConditionsSpec | None:
+    """The conditions a manifest recorded, each image found again (from the manifest's folder first)
+    with the hash it had; the fields `given` sets are not looked for (the caller's win)."""
+    record = manifest.get("conditions")
+    if not isinstance(record, dict) or not record:
+        return None
+    taken = given.model_fields_set if given is not None else set()
+
+    def image(entry, what: str, flag: str):
+        if not isinstance(entry, dict):
+            raise SettingsError(f"Manifest {manifest_path} has a malformed {what} record; pass it with {flag}.")
+        if entry.get("path") is None:
+            raise SettingsError(
+                f"Manifest {manifest_path} records a {what} given in memory (no file); pass it with {flag}."
+            )
+        path = _resolve_recorded(entry, "path", manifest_dir, here, what, manifest_path, flag)
+        return {"path": path, "sha256": entry.get("sha256")}
+
+    values: dict = {}
+    if "init_image" in record and "init_image" not in taken:
+        values["init_image"] = image(record["init_image"], "init image", "--init-image")
+        values["strength"] = record.get("strength")
+    if "inpaint_mask" in record and "inpaint_mask" not in taken:
+        values["inpaint_mask"] = image(record["inpaint_mask"], "inpainting mask", "--inpaint-mask")
+    if record.get("controls") and "controls" not in taken:
+        controls = record["controls"] if isinstance(record["controls"], list) else []
+        values["controls"] = [
+            {
+                "type": entry.get("type"),
+                "image": image(entry.get("image"), "control image", "--control TYPE=IMAGE"),
+                "scale": entry.get("scale", 1.0),
+                "controlnet": entry.get("controlnet", 0),
+            }
+            for entry in controls
+            if isinstance(entry, dict)
+        ]
+    if record.get("controlnets") and "controlnets" not in taken:
+        values["controlnets"] = [
+            _recorded_controlnet(entry, manifest_path, manifest_dir, here) for entry in record["controlnets"]
+        ]
+    return ConditionsSpec.parse(values, f"Manifest {manifest_path}")
+
+
+def _recorded_controlnet(entry, manifest_path, manifest_dir: Path, here: Path) -> str:
+    source = entry.get("id_or_path") if isinstance(entry, dict) else None
+    if not isinstance(source, str) or not source:
+        raise SettingsError(f"Manifest {manifest_path} records a ControlNet without its source; pass --controlnet.")
+    if is_hub_id(source) and not Path(source).expanduser().is_dir():
+        return source
+    return _resolve_recorded(entry, "id_or_path", manifest_dir, here, "ControlNet folder", manifest_path, "--controlnet")
+
+
+def _given_conditions(
+    recorded: ConditionsSpec | None, given: ConditionsSpec | None, manifest_path, notes: list[str]
+) -> ConditionsSpec | None:
+    """The manifest's conditions with each one the caller gives instead (and said)."""
+    if given is None or not given.model_fields_set:
+        return recorded
+    changed = sorted(given.model_fields_set)
+    notes.append(f"replaying {manifest_path} with conditions given instead of its own: {', '.join(changed)}.")
+    merged = (recorded or ConditionsSpec()).model_dump()
+    merged.update(given.model_dump(include=given.model_fields_set))
+    return ConditionsSpec.parse(merged, "the conditions given")

@@ -113,6 +113,60 @@ def random_lora(
     return state
 
 
+def _wake(module: torch.nn.Module, generator: torch.Generator, spread: float) -> None:
+    """Random weights for a ControlNet's zero-initialised output layers (a trained ControlNet's are
+    not zero; zeros would make every ControlNet test pass without the ControlNet doing anything)."""
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * spread)
+
+
+def tiny_flux_controlnet(pipeline, seed: int = 0, union: bool = False, hint: bool = False):
+    """A random `FluxControlNetModel` for the tiny FLUX pipeline's transformer (its widths, one
+    double- and one single-stream block), in eval mode. `union`: with the union modes' embedding
+    (`num_mode`); `hint`: XLabs-style, reading pixels through an `input_hint_block` instead of VAE
+    latents."""
+    from diffusers import FluxControlNetModel
+
+    config = dict(pipeline.transformer.config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = FluxControlNetModel(
+            patch_size=2 if hint else config["patch_size"],  # XLabs': pixels /8, then 2x2 patches
+            in_channels=config["in_channels"],
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=config["attention_head_dim"],
+            num_attention_heads=config["num_attention_heads"],
+            joint_attention_dim=config["joint_attention_dim"],
+            pooled_projection_dim=config["pooled_projection_dim"],
+            guidance_embeds=config["guidance_embeds"],
+            axes_dims_rope=tuple(config["axes_dims_rope"]),
+            num_mode=7 if union else None,
+            conditioning_embedding_channels=config["in_channels"] // 4 if hint else None,
+        )
+    generator = torch.Generator().manual_seed(seed + 1000)
+    for module in (net.controlnet_blocks, net.controlnet_single_blocks, net.controlnet_x_embedder):
+        _wake(module, generator, 0.05)
+    return net.eval().requires_grad_(False)
+
+
+def tiny_sdxl_controlnet(pipeline, seed: int = 0):
+    """A random `ControlNetModel` for the tiny SDXL pipeline's UNet (`ControlNetModel.from_unet`,
+    its own conditioning embedding), in eval mode, its zero convolutions made random."""
+    from diffusers import ControlNetModel
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ControlNetModel.from_unet(
+            pipeline.unet, conditioning_embedding_out_channels=(8, 16, 16, 16), load_weights_from_unet=False
+        )
+    generator = torch.Generator().manual_seed(seed + 1000)
+    for module in (net.controlnet_down_blocks, net.controlnet_mid_block, net.controlnet_cond_embedding.conv_out):
+        _wake(module, generator, 0.05)
+    return net.eval().requires_grad_(False)
+
+
 # The text-encoder layers kohya's SDXL LoRA training adapts by default.
 KOHYA_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 

@@ -28,7 +28,24 @@ from .shapesworld.model import lora_path
 from .workspace import MAX_LORAS, Form, LoraSlot, PageLimits, Workspace, mask_picture, summary
 
 log = logging.getLogger("freefuse.ui")
-FORM_FIELDS = ("prompt", "seed", "steps", "width", "height", "guidance", "mask_method", "mask_step", "attn_bias")
+FORM_FIELDS = (
+    "prompt",
+    "seed",
+    "steps",
+    "width",
+    "height",
+    "guidance",
+    "mask_method",
+    "mask_step",
+    "attn_bias",
+    "init_image",
+    "strength",
+    "inpaint_mask",
+    "control_image",
+    "control_type",
+    "control_scale",
+    "controlnet",
+)
 #: Pictures smaller than this (a side, pixels) are shown enlarged, pixels kept sharp; downloads keep their size.
 SHOWN_SIDE = 320
 #: The ShapesWorld example: the committed model and two of its subject LoRAs (files the page offers).
@@ -131,6 +148,24 @@ def _layout(workspace: Workspace, public_without_login: bool) -> SimpleNamespace
             mask_method = gr.Dropdown(list(MAP_METHOD_NAMES), value="text-to-image", label="Mask method", elem_id="mask-method")
             mask_step = gr.Number(0, label="Mask step (0: default)", precision=0, elem_id="mask-step")
             attn_bias = gr.Textbox("", label="Attention bias (empty: the model's; 0: off)", elem_id="attn-bias")
+        with gr.Accordion("Start from a picture, repaint a region, ControlNet", open=False):
+            with gr.Row():
+                # type="filepath" with no image_mode: the upload's own path reaches the workspace,
+                # which takes only files Gradio received (as for LoRA files) and reads them bounded.
+                picture = {"type": "filepath", "image_mode": None, "format": "png"}
+                init_image = gr.Image(label="Init picture (img2img)", elem_id="init-image", **picture)
+                inpaint_mask = gr.Image(label="Inpainting mask (white: repaint)", elem_id="inpaint-mask", **picture)
+                control_image = gr.Image(label="Control picture", elem_id="control-image", **picture)
+            with gr.Row():
+                strength = gr.Number(0, label="Strength (0: the model's default)", elem_id="strength")
+                control_type = gr.Textbox("", label="Control type (union: canny, depth, pose…)", elem_id="control-type")
+                control_scale = gr.Number(1.0, label="Control scale", elem_id="control-scale")
+                if workspace.local_paths:
+                    controlnet = gr.Textbox("", label="ControlNet (folder or id)", elem_id="controlnet")
+                else:
+                    offered = [("none", ""), *workspace.controlnets]  # shown names; "" (none) also when none is offered
+                    value = next(iter(workspace.controlnets), "")
+                    controlnet = gr.Dropdown(offered, value=value, label="ControlNet", elem_id="controlnet")
         warnings_box = gr.Markdown("", elem_id="warnings")
         with gr.Row():
             find = gr.Button("Find masks", elem_id="find-masks")
@@ -194,7 +229,7 @@ def _example(workspace: Workspace) -> list:
         else:
             rows += [None, "", "", 1.0, "subject"]
     size, steps = EXAMPLE["size"], EXAMPLE["steps"]
-    form = [EXAMPLE["prompt"], 0, steps, size, size, "", "text-to-image", 0, ""]
+    form = [EXAMPLE["prompt"], 0, steps, size, size, "", "text-to-image", 0, "", None, 0, None, None, "", 1.0, ""]
     return [EXAMPLE["model"], *rows, *form]
 
 
@@ -258,7 +293,8 @@ def _wire(page: SimpleNamespace, workspace: Workspace) -> None:
     """Each event of the page to its workspace action."""
     lora_inputs = [component for row in page.lora_rows for component in row]
     form_inputs = [page.prompt, page.seed, page.steps, page.width, page.height, page.guidance]
-    form_inputs += [page.mask_method, page.mask_step, page.attn_bias]
+    form_inputs += [page.mask_method, page.mask_step, page.attn_bias, page.init_image, page.strength, page.inpaint_mask]
+    form_inputs += [page.control_image, page.control_type, page.control_scale, page.controlnet]
     everything = [page.session, page.model_box, *lora_inputs, *form_inputs]
     for index, (file, path, words, _, _) in enumerate(page.lora_rows):
         file.change(
@@ -324,13 +360,15 @@ def build_app(
     models: list[str] | None = None,
     public_without_login: bool = False,
     limits: PageLimits | None = None,
+    controlnets: list[str] | None = None,
 ):
     """The Gradio app; `root` holds one folder per browser session (default: a temporary folder).
 
     `local_paths`: offer boxes for paths on the server's machine (LoRAs, any model); the CLI turns
     it off when the page is served beyond this machine. Then visitors pick among `models` (default:
     `model` and ShapesWorld) and upload their LoRA files. `public_without_login`: say on the page
-    that it has no login. `limits`: storage bounds (`PageLimits`).
+    that it has no login. `limits`: storage bounds (`PageLimits`). `controlnets`: the ControlNets the
+    page offers (a local page also takes typed ones).
     """
     root = Path(root or tempfile.mkdtemp(prefix="freefuse-ui-"))
     offered = list(dict.fromkeys([*(models or [model]), EXAMPLE["model"]]))
@@ -341,6 +379,7 @@ def build_app(
         models=offered,
         examples=[lora_path(name) for name, _ in EXAMPLE["loras"]],
         limits=limits,
+        controlnets=controlnets,
     )
     page = _layout(workspace, public_without_login)
     # An upload is a file Gradio's upload route took (its own record), not any path a value names.

@@ -10,7 +10,9 @@ no server path.
 What a visitor can reach is bounded here, whatever the page sends: a LoRA is a file Gradio itself
 received as an upload (a file value naming any other path is refused), a path on the server only
 when the page is served to this machine alone (`local_paths`), an example file the workspace
-offers, or nothing; the model is one of the workspace's `models` unless paths are local; storage
+offers, or nothing; a condition picture (init picture, inpainting mask, control picture) is an
+upload Gradio received on every page, read bounded and kept as PNG in the run's folder; the model
+and a ControlNet are among the workspace's `models` and `controlnets` unless paths are local; storage
 per session and in all is bounded and idle sessions are removed (`PageLimits`).
 """
 
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .conditions import ConditionsSpec, read_image
 from .core import MaskSet
 from .errors import SettingsError
 from .lora import adapter_name, check_lora_path, describe_lora
@@ -39,6 +42,8 @@ from .spec import LoraSpec, RunSpec, replay_spec
 
 #: LoRA slots on the page.
 MAX_LORAS = 4
+#: Modes an uploaded picture may have; it is converted (RGB, or grey for a mask) before the run reads it.
+UPLOAD_MODES = ("RGB", "RGBA", "L", "LA", "1", "P")
 
 
 @dataclass
@@ -76,6 +81,14 @@ class Form:
     mask_method: str = "text-to-image"
     mask_step: float | None = 0
     attn_bias: str | float | None = ""  # empty: the model's attention bias; 0: off
+    # Conditions (all optional): pictures as the page's image widgets give them (upload paths).
+    init_image: str | None = None
+    strength: float | None = 0  # 0 or empty: the model's default
+    inpaint_mask: str | None = None
+    control_image: str | None = None
+    control_type: str = ""
+    control_scale: float | None = 1.0
+    controlnet: str = ""
 
 
 @dataclass
@@ -162,6 +175,8 @@ class Workspace:
         models: the models a visitor may pick (the first is the default); any with `local_paths`.
         examples: files the page itself offers (the ShapesWorld example's LoRAs).
         limits: storage bounds.
+        controlnets: the ControlNets a visitor may pick (folders or hub ids, shown by name); any with
+            `local_paths`.
     """
 
     def __init__(
@@ -173,7 +188,15 @@ class Workspace:
         models: list[str] | None = None,
         examples: list[Path] | None = None,
         limits: PageLimits | None = None,
+        controlnets: list[str] | None = None,
     ) -> None:
+        # Shown by name (a folder's last part, or the hub id), so that no server path reaches the page.
+        self.controlnets: dict[str, str] = {}
+        for source in controlnets or []:
+            shown = (Path(source).name or source) if Path(source).expanduser().is_dir() else source
+            while shown in self.controlnets:
+                shown += "'"
+            self.controlnets[shown] = source
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.service = service
@@ -222,6 +245,62 @@ class Workspace:
         if name in self.models or (self.local_paths and name):
             return name
         raise SettingsError(f"This page runs {', '.join(self.models)}; pick one of them.")
+
+    def controlnet(self, name: str) -> str:
+        """The ControlNet a visitor names: one the page offers (by its shown name), or on a local
+        page any typed folder or id."""
+        name = (name or "").strip()
+        if name in self.controlnets:
+            return self.controlnets[name]
+        if self.local_paths and name:
+            return name
+        offered = ", ".join(self.controlnets) or "none"
+        raise SettingsError(f"This page's ControlNets are: {offered}; pick one of them (or leave the control picture out).")
+
+    def condition_image(self, value, what: str) -> Path:
+        """The file a picture widget names, if the visitor may use it: an upload Gradio received
+        (on every page, local or not: the widget only ever sends uploads), not over the upload
+        limit. Anything else is refused by name, as a LoRA row's file is."""
+        path = Path(str(value)).resolve()
+        if not self.received(path):
+            raise SettingsError(f"The {what} must be a picture uploaded through this page; this one was not received as an upload.")
+        if not path.is_file():
+            raise SettingsError(f"The uploaded {what} is gone (uploads expire); upload it again.")
+        if path.stat().st_size > self.limits.max_upload_bytes:
+            raise SettingsError(f"The uploaded {what} is larger than {_mib(self.limits.max_upload_bytes)}, this page's limit.")
+        return path
+
+    def conditions(self, folder: Path, form: Form) -> ConditionsSpec | None:
+        """The form's pictures (uploads, checked as LoRA uploads are, then read bounded as any
+        condition image is) written as PNG into `folder/conditions`, so that the run's folder holds
+        every file its manifest names, as the conditions of a run; None without any. The init and
+        control pictures are kept as RGB, the mask as grey (white: repainted)."""
+        pictures = {"init": form.init_image, "mask": form.inpaint_mask, "control": form.control_image}
+        if all(picture in (None, "") for picture in pictures.values()):
+            return None
+        labels = {"init": "init picture", "mask": "inpainting mask", "control": "control picture"}
+        saved = {}
+        for name, picture in pictures.items():
+            if picture in (None, ""):
+                continue
+            source = self.condition_image(picture, labels[name])
+            image = read_image(source, f"The {labels[name]}", UPLOAD_MODES).image
+            path = folder / "conditions" / f"{name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            image.convert("L" if name == "mask" else "RGB").save(path)
+            saved[name] = str(path)
+        values: dict = {}
+        if "init" in saved:
+            values["init_image"] = saved["init"]
+            if form.strength not in (None, "", 0):
+                values["strength"] = float(form.strength)
+        if "mask" in saved:
+            values["inpaint_mask"] = saved["mask"]
+        if "control" in saved:
+            scale = 1.0 if form.control_scale in (None, "") else float(form.control_scale)
+            values["controls"] = [{"type": (form.control_type or "").strip() or None, "image": saved["control"], "scale": scale}]
+            values["controlnets"] = [self.controlnet(form.controlnet)]
+        return ConditionsSpec.parse(values, "the page's pictures")
 
     # -- storage -------------------------------------------------------------------------------------
     def _open(self, session: Session) -> None:
@@ -312,7 +391,7 @@ class Workspace:
             mask_config={"method": form.mask_method},
             attention_bias=None if form.attn_bias in (None, "") else float(form.attn_bias),
         )
-        return RunSpec(model=model, loras=specs, settings=settings, masks=masks)
+        return RunSpec(model=model, loras=specs, settings=settings, masks=masks, conditions=self.conditions(folder, form))
 
     def check(self, session: Session, model: str, loras: list[LoraSlot], form: Form) -> None:
         """Everything the form's run needs that is known before loading (raises what is wrong)."""

@@ -21,7 +21,7 @@ import abc
 import contextlib
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 
@@ -35,6 +35,7 @@ from ..errors import LoraFileError, LoraFitError
 from ..lora import LoraFile, check_lora_fits
 
 if TYPE_CHECKING:
+    from ..conditions import Conditions
     from ..settings import GenerationSettings
 
 TokenSegment = Literal["text", "image", "spatial"]
@@ -139,16 +140,50 @@ class AttentionTap(Protocol):
 
 
 @dataclass
-class Latents:
-    """Initial latents of a batch and what the denoiser needs to place them.
+class Inpainting:
+    """What an inpainting run keeps of its init image, in the latents' own layout.
 
     Attributes:
-        latents: the noise (or the caller's latents) in the denoiser's own layout.
+        image_latents: the init image's latents.
+        noise: the noise its starting latents were made with (the kept part is re-noised with it).
+        mask: 1 where the image is repainted, 0 where the init image is kept.
+    """
+
+    image_latents: torch.Tensor
+    noise: torch.Tensor
+    mask: torch.Tensor
+
+
+@dataclass
+class Latents:
+    """Initial latents of a batch and what the denoiser needs to place them: the run's state
+    besides its prompt, for the denoising loop.
+
+    Attributes:
+        latents: the noise (or the caller's latents, or the noised init image) in the denoiser's
+            own layout.
         positions: backend-specific position ids of the image tokens, or None.
+        inpainting: what an inpainting run keeps of its init image, or None.
+        control: the backend's prepared ControlNet inputs (and this step's residuals), or None.
     """
 
     latents: torch.Tensor
     positions: torch.Tensor | None = None
+    inpainting: Inpainting | None = None
+    control: object | None = None
+
+    @staticmethod
+    def concat(parts: list[Latents], control: object | None = None) -> Latents:
+        """Images prepared one by one (each from its own generator) as one batch; `positions` are
+        the first part's (the caller makes them for the batch where they have a batch axis)."""
+        if len(parts) == 1:
+            return replace(parts[0], control=control)
+        inpainting = None
+        if parts[0].inpainting is not None:
+            inpainting = Inpainting(
+                *(torch.cat([getattr(p.inpainting, n) for p in parts]) for n in ("image_latents", "noise", "mask"))
+            )
+        return Latents(torch.cat([p.latents for p in parts]), parts[0].positions, inpainting, control)
 
 
 @dataclass(frozen=True)
@@ -220,6 +255,21 @@ class Architecture:
     typical_lora_targets: ClassVar[tuple[tuple[str, ...], str]] = ((), "")
     #: The model folder's subfolder with the tokenizer of the tapped attention's text tokens.
     tokenizer_folder: ClassVar[str | None] = None
+    #: What a run may be conditioned on besides its prompt (`freefuse.conditions` kinds: img2img,
+    #: inpaint, controlnet); the others are refused before loading.
+    conditions: ClassVar[tuple[str, ...]] = ()
+    #: diffusers' default `strength` of this architecture's img2img and inpainting pipelines.
+    default_strength: ClassVar[dict[str, float]] = {}
+    #: `_class_name`s (config.json) of the ControlNets this architecture runs.
+    controlnet_classes: ClassVar[tuple[str, ...]] = ()
+    #: A union ControlNet's modes by name, in the order of its mode embedding (`--control TYPE=…`).
+    union_modes: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def denoised_steps(cls, num_inference_steps: int, strength: float) -> int:
+        """How many of `num_inference_steps` a run from an init image denoises: the last `strength`
+        share, rounded as this architecture's img2img pipeline rounds it (its `get_timesteps`)."""
+        raise NotImplementedError
 
     #: Stage 2's attention bias: this architecture's defaults, the block choices its model has
     #: (`core.config.BIAS_BLOCKS`; empty: FreeFuse cannot reach its attention), and why not then.
@@ -482,6 +532,59 @@ class Backend(abc.ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(timesteps [S], sigmas [S + 1])`: sigmas[i] is the noise level at step i, ending at 0."""
 
+    def schedule(
+        self, num_inference_steps: int, height: int, width: int, strength: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(timesteps [S], sigmas [S + 1])` of the steps this run denoises: all of them (`timesteps`),
+        or from an init image the last `strength` share of them (the img2img pipeline's
+        `get_timesteps`, which also sets the scheduler's first step)."""
+        if strength is None:
+            return self.timesteps(num_inference_steps, height, width)
+        raise NotImplementedError(f"{self.name} runs no img2img (preflight refuses it before loading)")
+
+    def prepare(
+        self,
+        generators: list[torch.Generator] | torch.Generator,
+        batch: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        latents: torch.Tensor | None,
+        conditions: Conditions | None,
+        first_timestep: torch.Tensor,
+        controlnets: Sequence[torch.nn.Module] = (),
+    ) -> Latents:
+        """The run's starting state: `prepare_latents`, or with `conditions` (an init image, an
+        inpainting mask, ControlNet images read by `controlnets`) what the matching diffusers
+        pipeline prepares, drawn from the generators in the order that pipeline draws them.
+        `first_timestep`: the schedule's first (`schedule`), where an init image is noised to."""
+        if conditions is None or conditions.empty:
+            return self.prepare_latents(generators, batch, height, width, dtype, latents)
+        raise NotImplementedError(f"{self.name} takes no {conditions.kinds} (preflight refuses it before loading)")
+
+    def renoise(self, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """`clean` latents noised to `timestep` with `noise` (what inpainting keeps of its init image)."""
+        raise NotImplementedError(f"{self.name} runs no inpainting (preflight refuses it before loading)")
+
+    def keep_outside_mask(self, state: Latents, next_timestep: torch.Tensor | None) -> torch.Tensor:
+        """After a step of an inpainting run: outside the mask, the init image's latents noised to the
+        next step's level (clean after the last step); inside, the step's latents (as the inpainting
+        pipelines blend them)."""
+        keep = state.inpainting
+        kept = keep.image_latents
+        if next_timestep is not None:
+            kept = self.renoise(kept, keep.noise, torch.tensor([next_timestep]))
+        return (1 - keep.mask) * kept + keep.mask * state.latents
+
+    def check_controlnets(self, controlnets: Sequence[torch.nn.Module]) -> None:
+        """Raise ValueError when a loaded ControlNet is not one this backend runs."""
+        allowed = self.architecture.controlnet_classes
+        for index, net in enumerate(controlnets):
+            if type(net).__name__ not in allowed:
+                raise ValueError(
+                    f"ControlNet {index + 1} is a {type(net).__name__}; {self.name} runs {list(allowed) or 'none'}."
+                )
+
     @abc.abstractmethod
     def predict(
         self,
@@ -663,3 +766,14 @@ def keep_first_input(store: dict, key: str):
         store[key] = args[0].detach()
 
     return hook
+
+
+def flat_controlnets(controlnets) -> list[torch.nn.Module]:
+    """ControlNets as a list: one model, several, or a multi-ControlNet (diffusers'
+    `FluxMultiControlNetModel`, `MultiControlNetModel`), whose `nets` they are."""
+    if controlnets is None:
+        return []
+    found = []
+    for net in [controlnets] if isinstance(controlnets, torch.nn.Module) else list(controlnets):
+        found.extend(net.nets if hasattr(net, "nets") else [net])
+    return found

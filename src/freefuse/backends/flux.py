@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ..conditions import CONTROLNET, IMG2IMG, INPAINT
 from ..core import BiasConfig, jsontext
 from ..core.config import BIAS_BLOCKS
 from ..lora import FLUX1_FAMILY, FLUX_FAMILY, check_lora_family
@@ -29,9 +31,11 @@ from .base import (
     BiasSite,
     CapturedAttention,
     Conditioning,
+    Inpainting,
     Latents,
     TokenLayout,
     converter_failure,
+    flat_controlnets,
     keep_first_input,
     keep_output,
     latent_preview,
@@ -39,6 +43,7 @@ from .base import (
 from .registry import register
 
 if TYPE_CHECKING:
+    from ..conditions import Conditions, Control
     from ..lora import LoraFile
     from ..settings import GenerationSettings
 
@@ -118,6 +123,17 @@ class FluxArchitecture(Architecture):
     default_guidance = 3.5  # FLUX.1-dev's distilled guidance
     typical_lora_targets = (FLUX_LORA_TARGETS, "transformer_blocks")
     tokenizer_folder = "tokenizer_2"
+    conditions = (IMG2IMG, INPAINT, CONTROLNET)
+    default_strength = {IMG2IMG: 0.6, INPAINT: 0.6}  # FluxImg2ImgPipeline's and FluxInpaintPipeline's
+    controlnet_classes = ("FluxControlNetModel",)
+    # The FLUX.1 union ControlNets' modes (InstantX, Shakker-Labs "Union-Pro"), in embedding order.
+    union_modes = ("canny", "tile", "depth", "blur", "pose", "gray", "lq")
+
+    @classmethod
+    def denoised_steps(cls, num_inference_steps: int, strength: float) -> int:
+        """`FluxImg2ImgPipeline.get_timesteps`: the first `int(N - min(N·strength, N))` steps are skipped."""
+        skipped = int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
+        return num_inference_steps - skipped
     # Joint attention: every block reads [text ‖ image], so both directions of the bias exist.
     attention_bias_blocks = BIAS_BLOCKS
     default_attention_bias = BiasConfig(scale=0.0, positive=1.0, bidirectional=True, blocks="all")
@@ -184,6 +200,31 @@ class FluxArchitecture(Architecture):
     @classmethod
     def cfg_scale(cls, settings: GenerationSettings) -> float:
         return float(settings.true_cfg_scale)
+
+
+@dataclass
+class FluxControl:
+    """A FLUX.1 run's ControlNet inputs, prepared once (`FluxControlNetPipeline`'s step 3), and the
+    residuals of the step being run.
+
+    Attributes:
+        net: the `FluxControlNetModel`, or a `FluxMultiControlNetModel` for several controls.
+        images: the packed control latents `[B, N, C]` (pixels for XLabs-style ControlNets), one
+            per control when `net` is a multi-ControlNet.
+        modes: a union ControlNet's modes (`[B, 1]`, or one `[B]` per control), or None.
+        scales: `controlnet_conditioning_scale`, one per control for a multi-ControlNet.
+        repeat: XLabs-style ControlNets (with an `input_hint_block`) repeat their block samples.
+        guidance: the ControlNet reads the guidance scale (its `guidance_embeds`).
+        residuals: the step's `(block samples, single block samples)`, from the prompt's pass.
+    """
+
+    net: torch.nn.Module
+    images: torch.Tensor | list[torch.Tensor]
+    modes: torch.Tensor | list[torch.Tensor] | None
+    scales: float | list[float]
+    repeat: bool
+    guidance: bool
+    residuals: tuple | None = None
 
 
 @register
@@ -301,6 +342,192 @@ class FluxBackend(Backend):
         scheduler.set_begin_index(0)
         return timesteps, scheduler.sigmas
 
+    # -- conditioned runs: img2img, inpainting, ControlNets ------------------------------------------
+    def _helper(self, name: str, **extra):
+        """diffusers' pipeline `name` over this pipeline's components, whose methods a conditioned
+        run calls (its `get_timesteps`, `prepare_latents`, image processors): theirs, not copies."""
+        import diffusers
+
+        return getattr(diffusers, name)(**self.pipeline.components, **extra)
+
+    def schedule(
+        self, num_inference_steps: int, height: int, width: int, strength: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        timesteps, sigmas = self.timesteps(num_inference_steps, height, width)
+        if strength is None:
+            return timesteps, sigmas
+        timesteps, _ = self._helper("FluxImg2ImgPipeline").get_timesteps(num_inference_steps, strength, self.device)
+        return timesteps, sigmas[len(sigmas) - 1 - len(timesteps) :]
+
+    def prepare(
+        self,
+        generators: list[torch.Generator] | torch.Generator,
+        batch: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        latents: torch.Tensor | None,
+        conditions: Conditions | None,
+        first_timestep: torch.Tensor,
+        controlnets: Sequence[torch.nn.Module] = (),
+    ) -> Latents:
+        """As `FluxImg2ImgPipeline`, `FluxInpaintPipeline` or `FluxControlNetPipeline` prepare: the
+        control images VAE-encoded first, then the noise (an init image noised to `first_timestep`),
+        then the inpainting mask. With one generator per image, each image is prepared alone from
+        its own (its noise never depends on the rest of the batch); one generator draws for the
+        whole batch, as diffusers does."""
+        if conditions is None or conditions.empty:
+            return self.prepare_latents(generators, batch, height, width, dtype, latents)
+        nets = flat_controlnets(controlnets)
+        helper = self._helper("FluxControlNetPipeline", controlnet=nets[0]) if conditions.controls else None
+        per_image = isinstance(generators, list)
+        parts, images = [], []
+        for index, generator in enumerate(generators if per_image else [generators]):
+            count = 1 if per_image else batch
+            given = None if latents is None else latents[index : index + 1] if per_image else latents
+            images.append(
+                [self._control_image(helper, nets, c, generator, count, height, width) for c in conditions.controls]
+            )
+            parts.append(self._start(conditions, generator, count, height, width, dtype, given, first_timestep))
+        control = None
+        if conditions.controls:
+            per_control = [torch.cat([one[k] for one in images]) for k in range(len(conditions.controls))]
+            control = self._control(nets, conditions.controls, per_control, batch)
+        return Latents.concat(parts, control)
+
+    def _start(self, conditions: Conditions, generator, count: int, height: int, width: int, dtype, given, first):
+        """One generator's images: noise, or the init image noised to `first` (and the inpainting
+        mask), by the diffusers pipeline's own `prepare_latents` and `prepare_mask_latents`."""
+        channels = self.denoiser.config.in_channels // 4
+        if conditions.init_image is None:
+            noise, positions = self.pipeline.prepare_latents(
+                count, channels, height, width, dtype, self.device, generator, given
+            )
+            return Latents(noise, positions)
+        inpaint = conditions.inpaint_mask is not None
+        helper = self._helper("FluxInpaintPipeline" if inpaint else "FluxImg2ImgPipeline")
+        picture = conditions.init_image.image.convert("RGB")  # grey pictures as diffusers' load_image gives them
+        init = helper.image_processor.preprocess(picture, height=height, width=width).to(dtype=torch.float32)
+        start = first.repeat(count)
+        if not inpaint:
+            noised, positions = helper.prepare_latents(
+                init, start, count, channels, height, width, dtype, self.device, generator, given
+            )
+            return Latents(noised, positions)
+        noised, noise, image_latents, positions = helper.prepare_latents(
+            init, start, count, channels, height, width, dtype, self.device, generator, given
+        )
+        region = helper.mask_processor.preprocess(conditions.inpaint_mask.image, height=height, width=width)
+        mask, _ = helper.prepare_mask_latents(
+            region, init * (region < 0.5), count, channels, 1, height, width, dtype, self.device, generator
+        )
+        return Latents(noised, positions, Inpainting(image_latents, noise, mask))
+
+    def _control_image(self, helper, nets, control: Control, generator, count: int, height: int, width: int):
+        """`FluxControlNetPipeline`'s control image: preprocessed, then (InstantX-style ControlNets,
+        without an `input_hint_block`) VAE-encoded with the run's generator and packed."""
+        vae = self.pipeline.vae
+        image = helper.prepare_image(
+            image=control.image.image.convert("RGB"),
+            width=width,
+            height=height,
+            batch_size=count,
+            num_images_per_prompt=1,
+            device=self.device,
+            dtype=vae.dtype,
+        )
+        if nets[0].input_hint_block is not None:
+            return image
+        from diffusers.pipelines.flux.pipeline_flux_controlnet import retrieve_latents
+
+        latents = retrieve_latents(vae.encode(image), generator=generator)
+        latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
+        channels = self.denoiser.config.in_channels // 4
+        return helper._pack_latents(latents, count, channels, *latents.shape[2:])
+
+    def _control(self, nets, controls: Sequence[Control], images: list[torch.Tensor], batch: int) -> FluxControl:
+        """The ControlNet(s), modes and scales as `FluxControlNetPipeline` passes them: one control to
+        its `FluxControlNetModel`; several to a `FluxMultiControlNetModel` (one union ControlNet
+        reading them all, or one ControlNet per control)."""
+        from diffusers import FluxMultiControlNetModel
+
+        modes = [self._mode(nets[c.controlnet], c) for c in controls]
+        first = nets[controls[0].controlnet]
+        if len(controls) == 1:
+            mode = None if modes[0] is None else torch.tensor(modes[0]).to(self.device, dtype=torch.long)
+            return FluxControl(
+                net=first,
+                images=images[0],
+                modes=None if mode is None else mode.view(-1, 1).expand(images[0].shape[0], 1),
+                scales=controls[0].scale,
+                repeat=first.input_hint_block is not None,
+                guidance=bool(first.config.guidance_embeds),
+            )
+        readers = [nets[c.controlnet] for c in controls]
+        net = FluxMultiControlNetModel([first] if all(r is first for r in readers) else readers)
+        return FluxControl(
+            net=net,
+            images=images,
+            modes=[
+                torch.tensor(-1 if m is None else m).expand(batch).to(self.device, dtype=torch.long) for m in modes
+            ],
+            scales=[c.scale for c in controls],
+            repeat=net.nets[0].input_hint_block is not None,
+            guidance=bool(net.nets[0].config.guidance_embeds),
+        )
+
+    def _mode(self, net, control: Control) -> int | None:
+        """A union ControlNet's mode index for the control's type (None for other ControlNets)."""
+        if getattr(net.config, "num_mode", None) is None:
+            return None
+        return self.architecture.union_modes.index(control.type)
+
+    def renoise(self, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """`FluxInpaintPipeline`'s re-noising of the kept image: the scheduler's `scale_noise`."""
+        return self.pipeline.scheduler.scale_noise(clean, timestep, noise)
+
+    def guided_prediction(
+        self,
+        latents: Latents,
+        timestep: torch.Tensor,
+        conditioning: Conditioning,
+        negative: Conditioning | None,
+        settings: GenerationSettings,
+        before_pass,
+        tap_block=None,
+    ):
+        """As the base's; with ControlNets, their residuals are computed once per step with the
+        prompt's pass and reused by the negative one, as `FluxControlNetPipeline` does."""
+        control = latents.control
+        if isinstance(control, FluxControl):
+            control.residuals = self._control_residuals(control, latents, timestep, conditioning, settings)
+        return super().guided_prediction(
+            latents, timestep, conditioning, negative, settings, before_pass, tap_block
+        )
+
+    def _control_residuals(self, control: FluxControl, latents: Latents, timestep, conditioning, settings) -> tuple:
+        hidden = latents.latents
+        batch = hidden.shape[0]
+        guidance = None
+        if control.guidance:
+            guidance = torch.tensor([self._guidance_scale(settings)], device=self.device).expand(batch)
+        return control.net(
+            hidden_states=hidden,
+            controlnet_cond=control.images,
+            controlnet_mode=control.modes,
+            conditioning_scale=control.scales,
+            timestep=timestep.expand(batch).to(hidden.dtype) / 1000,
+            guidance=guidance,
+            pooled_projections=conditioning.pooled,
+            encoder_hidden_states=conditioning.prompt_embeds,
+            txt_ids=conditioning.text_ids,
+            img_ids=latents.positions,
+            return_dict=False,
+        )
+
+    def _guidance_scale(self, settings: GenerationSettings) -> float:
+        return self.architecture.default_guidance if settings.guidance_scale is None else settings.guidance_scale
+
     def predict(
         self,
         latents: Latents,
@@ -308,13 +535,21 @@ class FluxBackend(Backend):
         conditioning: Conditioning,
         settings: GenerationSettings,
     ) -> torch.Tensor:
-        """The velocity; FLUX.1-dev's distilled guidance goes in as an embedding."""
+        """The velocity; FLUX.1-dev's distilled guidance goes in as an embedding, a ControlNet's
+        residuals (`FluxControl.residuals`) as the transformer's block samples."""
         hidden = latents.latents
         batch = hidden.shape[0]
         guidance = None
         if self.denoiser.config.guidance_embeds:
-            scale = self.architecture.default_guidance if settings.guidance_scale is None else settings.guidance_scale
-            guidance = torch.full([batch], scale, device=hidden.device, dtype=torch.float32)
+            guidance = torch.full([batch], self._guidance_scale(settings), device=hidden.device, dtype=torch.float32)
+        control = {}
+        if isinstance(latents.control, FluxControl):
+            blocks, singles = latents.control.residuals
+            control = {
+                "controlnet_block_samples": blocks,
+                "controlnet_single_block_samples": singles,
+                "controlnet_blocks_repeat": latents.control.repeat,
+            }
         return self.denoiser(
             hidden_states=hidden,
             timestep=timestep.expand(batch).to(hidden.dtype) / 1000,
@@ -324,6 +559,7 @@ class FluxBackend(Backend):
             txt_ids=conditioning.text_ids,
             img_ids=latents.positions,
             return_dict=False,
+            **control,
         )[0]
 
     def step(self, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:

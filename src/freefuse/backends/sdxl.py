@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from ..conditions import CONTROLNET, IMG2IMG, INPAINT
 from ..core import BiasConfig, MaskConfig, jsontext
 from ..lora import UNET_FAMILY, check_lora_family
 from ..tiny import tiny_clip_tokenizer
@@ -35,9 +37,11 @@ from .base import (
     BiasSite,
     CapturedAttention,
     Conditioning,
+    Inpainting,
     Latents,
     TokenLayout,
     converter_failure,
+    flat_controlnets,
     keep_first_input,
     keep_output,
     latent_preview,
@@ -45,6 +49,7 @@ from .base import (
 from .registry import register
 
 if TYPE_CHECKING:
+    from ..conditions import Conditions
     from ..lora import LoraFile
     from ..settings import GenerationSettings
 
@@ -141,6 +146,15 @@ class SdxlArchitecture(Architecture):
     embedding_slots = {"clip_l": ("tokenizer", "text_encoder"), "clip_g": ("tokenizer_2", "text_encoder_2")}
     typical_lora_targets = (SDXL_LORA_TARGETS, ".attentions.")
     tokenizer_folder = "tokenizer"
+    conditions = (IMG2IMG, INPAINT, CONTROLNET)
+    # StableDiffusionXLImg2ImgPipeline's and StableDiffusionXLInpaintPipeline's defaults.
+    default_strength = {IMG2IMG: 0.3, INPAINT: 0.9999}
+    controlnet_classes = ("ControlNetModel",)
+
+    @classmethod
+    def denoised_steps(cls, num_inference_steps: int, strength: float) -> int:
+        """`StableDiffusionXLImg2ImgPipeline.get_timesteps`: `int(N·strength)` steps are denoised."""
+        return min(int(num_inference_steps * strength), num_inference_steps)
     # The bias goes into every cross-attention (image queries over the CLIP tokens) at every level;
     # text never attends to the image in a UNet, so there is no text-to-image half.
     attention_bias_blocks = ("all", "last-half", "none")
@@ -204,6 +218,21 @@ class SdxlArchitecture(Architecture):
     @classmethod
     def cfg_scale(cls, settings: GenerationSettings) -> float:
         return float(cls.default_guidance if settings.guidance_scale is None else settings.guidance_scale)
+
+
+@dataclass
+class SdxlControl:
+    """An SDXL run's ControlNet inputs, prepared once (`StableDiffusionXLControlNetPipeline`'s step 4).
+
+    Attributes:
+        net: the `ControlNetModel`, or a `MultiControlNetModel` for several controls.
+        images: `[B, 3, H, W]` control pictures in [0, 1], one per control for a multi-ControlNet.
+        scales: `controlnet_conditioning_scale`, one per control for a multi-ControlNet.
+    """
+
+    net: torch.nn.Module
+    images: torch.Tensor | list[torch.Tensor]
+    scales: float | list[float]
 
 
 @register
@@ -324,11 +353,7 @@ class SdxlBackend(Backend):
         # Stochastic samplers (Euler ancestral, SDE DPM++) draw noise at every step: from these same
         # generators, as diffusers does, so that a seed replays.
         self._step_options = self.pipeline.prepare_extra_step_kwargs(generators, 0.0)
-        projection = self.pipeline.text_encoder_2.config.projection_dim
-        time_ids = self.pipeline._get_add_time_ids(
-            (height, width), (0, 0), (height, width), dtype=dtype, text_encoder_projection_dim=projection
-        )
-        return Latents(noise, time_ids.to(self.device).repeat(batch, 1))
+        return Latents(noise, self._size_ids(height, width, dtype, batch))
 
     def timesteps(
         self, num_inference_steps: int, height: int, width: int
@@ -355,6 +380,132 @@ class SdxlBackend(Backend):
             raise ValueError(f"{name} has no per-step sigmas; {supported}.")
         return timesteps, sigmas
 
+    # -- conditioned runs: img2img, inpainting, ControlNets ------------------------------------------
+    def _helper(self, name: str, **extra):
+        """diffusers' pipeline `name` over this pipeline's components, whose methods a conditioned
+        run calls (its `get_timesteps`, `prepare_latents`, image processors): theirs, not copies."""
+        import diffusers
+
+        return getattr(diffusers, name)(**self.pipeline.components, **extra)
+
+    def schedule(
+        self, num_inference_steps: int, height: int, width: int, strength: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        timesteps, sigmas = self.timesteps(num_inference_steps, height, width)
+        if strength is None:
+            return timesteps, sigmas
+        helper = self._helper("StableDiffusionXLImg2ImgPipeline")
+        timesteps, _ = helper.get_timesteps(num_inference_steps, strength, self.device)
+        return timesteps, sigmas[len(sigmas) - 1 - len(timesteps) :]
+
+    def prepare(
+        self,
+        generators: list[torch.Generator] | torch.Generator,
+        batch: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        latents: torch.Tensor | None,
+        conditions: Conditions | None,
+        first_timestep: torch.Tensor,
+        controlnets: Sequence[torch.nn.Module] = (),
+    ) -> Latents:
+        """As `StableDiffusionXLImg2ImgPipeline`, `StableDiffusionXLInpaintPipeline` or
+        `StableDiffusionXLControlNetPipeline` prepare: control pictures, then the latents (an init
+        image noised to `first_timestep`), then the inpainting mask. With one generator per image,
+        each image is prepared alone from its own; one generator draws for the whole batch."""
+        if conditions is None or conditions.empty:
+            return self.prepare_latents(generators, batch, height, width, dtype, latents)
+        control = self._control(conditions, flat_controlnets(controlnets), batch, height, width) if conditions.controls else None
+        if conditions.init_image is None:
+            state = self.prepare_latents(generators, batch, height, width, dtype, latents)
+            state.control = control
+            return state
+        if latents is not None:
+            raise ValueError("`latents` cannot be given with an init image on SDXL: they are made from the image.")
+        per_image = isinstance(generators, list)
+        parts = [
+            self._start(conditions, generator, 1 if per_image else batch, height, width, dtype, first_timestep)
+            for generator in (generators if per_image else [generators])
+        ]
+        state = Latents.concat(parts, control)
+        # Stochastic samplers draw their step noise from the same generators, as diffusers does.
+        self._step_options = self.pipeline.prepare_extra_step_kwargs(generators, 0.0)
+        state.positions = self._size_ids(height, width, dtype, batch)
+        return state
+
+    def _start(self, conditions: Conditions, generator, count: int, height: int, width: int, dtype, first) -> Latents:
+        """One generator's images from the init image, by the diffusers pipeline's own
+        `prepare_latents` (and `prepare_mask_latents` for inpainting)."""
+        inpaint = conditions.inpaint_mask is not None
+        name = "StableDiffusionXLInpaintPipeline" if inpaint else "StableDiffusionXLImg2ImgPipeline"
+        helper = self._helper(name)
+        picture = conditions.init_image.image.convert("RGB")  # grey pictures as diffusers' load_image gives them
+        init = helper.image_processor.preprocess(picture, height=height, width=width).to(dtype=torch.float32)
+        start = first.repeat(count)
+        if not inpaint:
+            noised = helper.prepare_latents(init, start, count, 1, dtype, self.device, generator, add_noise=True)
+            return Latents(noised)
+        channels = self.pipeline.vae.config.latent_channels
+        noised, noise, image_latents = helper.prepare_latents(
+            count,
+            channels,
+            height,
+            width,
+            dtype,
+            self.device,
+            generator,
+            None,
+            image=init,
+            timestep=start,
+            is_strength_max=conditions.strength == 1.0,
+            add_noise=True,
+            return_noise=True,
+            return_image_latents=True,
+        )
+        region = helper.mask_processor.preprocess(conditions.inpaint_mask.image, height=height, width=width)
+        mask, _ = helper.prepare_mask_latents(
+            region, init * (region < 0.5), count, height, width, dtype, self.device, generator, False
+        )
+        return Latents(noised, None, Inpainting(image_latents, noise, mask))
+
+    def _size_ids(self, height: int, width: int, dtype: torch.dtype, batch: int) -> torch.Tensor:
+        projection = self.pipeline.text_encoder_2.config.projection_dim
+        time_ids = self.pipeline._get_add_time_ids(
+            (height, width), (0, 0), (height, width), dtype=dtype, text_encoder_projection_dim=projection
+        )
+        return time_ids.to(self.device).repeat(batch, 1)
+
+    def _control(self, conditions: Conditions, nets: list, batch: int, height: int, width: int) -> SdxlControl:
+        """The control pictures as `StableDiffusionXLControlNetPipeline.prepare_image` makes them (no
+        CFG doubling: FreeFuse runs the two passes one after the other), and the ControlNet(s): one
+        control to its `ControlNetModel`, several to a `MultiControlNetModel` in their order."""
+        from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
+
+        readers = [nets[control.controlnet] for control in conditions.controls]
+        helper = self._helper("StableDiffusionXLControlNetPipeline", controlnet=readers[0])
+        images = [
+            helper.prepare_image(
+                image=control.image.image.convert("RGB"),
+                width=width,
+                height=height,
+                batch_size=batch,
+                num_images_per_prompt=1,
+                device=self.device,
+                dtype=readers[0].dtype,
+            )
+            for control in conditions.controls
+        ]
+        if len(readers) == 1:
+            return SdxlControl(net=readers[0], images=images[0], scales=conditions.controls[0].scale)
+        return SdxlControl(
+            net=MultiControlNetModel(readers), images=images, scales=[c.scale for c in conditions.controls]
+        )
+
+    def renoise(self, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """`StableDiffusionXLInpaintPipeline`'s re-noising of the kept image: the scheduler's `add_noise`."""
+        return self.pipeline.scheduler.add_noise(clean, noise, timestep)
+
     def predict(
         self,
         latents: Latents,
@@ -362,14 +513,32 @@ class SdxlBackend(Backend):
         conditioning: Conditioning,
         settings: GenerationSettings,
     ) -> torch.Tensor:
-        """The UNet's noise prediction for one pass (the scheduler scales the input first)."""
+        """The UNet's noise prediction for one pass (the scheduler scales the input first); with
+        ControlNets, their residuals for this pass (its own prompt), as diffusers' batched passes
+        compute them."""
         hidden = self.pipeline.scheduler.scale_model_input(latents.latents, timestep)
+        added = {"text_embeds": conditioning.pooled, "time_ids": latents.positions}
+        residuals = {}
+        control = latents.control
+        if isinstance(control, SdxlControl):
+            down, mid = control.net(
+                hidden,
+                timestep,
+                encoder_hidden_states=conditioning.prompt_embeds,
+                controlnet_cond=control.images,
+                conditioning_scale=control.scales,
+                guess_mode=False,
+                added_cond_kwargs=added,
+                return_dict=False,
+            )
+            residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         return self.denoiser(
             hidden,
             timestep,
             encoder_hidden_states=conditioning.prompt_embeds,
-            added_cond_kwargs={"text_embeds": conditioning.pooled, "time_ids": latents.positions},
+            added_cond_kwargs=added,
             return_dict=False,
+            **residuals,
         )[0]
 
     def step(self, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
