@@ -31,6 +31,7 @@ from .lora import (
     trigger_words_from_metadata,
 )
 from .manifest import read_manifest
+from .memory import MemoryOptions, check_memory_options
 from .methods import METHODS
 from .models import (
     BUILT_IN,
@@ -43,6 +44,7 @@ from .models import (
     is_hub_id,
     is_single_file,
     pixels_per_token,
+    source_facts,
 )
 from .preflight import Checked, MaskFacts, ModelFacts, SubjectFacts, preflight
 from .settings import GenerationSettings, Number, describe_errors
@@ -109,6 +111,8 @@ class RunSpec:
     base_model: str | None = None
     #: A replayed manifest's model record (file hashes, weights hash): the model must still be it.
     recorded_model: dict | None = None
+    #: Quantization, offload and compile (`freefuse.memory`); None: the run service's.
+    memory: MemoryOptions | None = None
 
     def check(self) -> Checked:
         """Everything that needs no weights: model folder and architecture, LoRA files, sizes, masks,
@@ -117,6 +121,8 @@ class RunSpec:
         self._check_base_model()
         self._check_recorded_files()
         architecture = architecture_of(self.model)
+        if self.memory is not None:  # the device's rules wait for the run service, still before loading
+            check_memory_options(self.memory, architecture, source_facts(self.model), lora_op=self.settings.lora_op)
         for lora in self.loras:
             check_lora_path(lora.path, architecture)
         self._check_lora_files()
@@ -134,7 +140,8 @@ class RunSpec:
             return
         if not is_single_file(self.model):
             raise SettingsError(
-                "A base model only applies to a single-file checkpoint (a model FILE.safetensors); leave it out."
+                "A base model only applies to a single-file checkpoint (a model FILE.safetensors or FILE.gguf); leave "
+                "it out."
             )
         if not Path(self.base_model).expanduser().is_dir() and not is_hub_id(self.base_model):
             raise SettingsError(f"Base model {self.base_model} is neither a diffusers folder nor a Hugging Face id.")
@@ -309,6 +316,21 @@ def _replay_loras(manifest: dict, manifest_path, manifest_dir: Path, here: Path)
     return loras
 
 
+def _replay_memory(manifest: dict, given: dict, manifest_path, notes: list[str]) -> tuple[MemoryOptions, bool]:
+    """How the manifest's model was loaded, with each option the caller gives winning (and said),
+    and whether that changed anything."""
+    try:
+        recorded = MemoryOptions.from_record(manifest["model"].get("load"))
+    except SettingsError as error:
+        raise SettingsError(f"Manifest {manifest_path}: {error}") from None
+    chosen = recorded.updated(**given)
+    if chosen != recorded:
+        before, after = recorded.to_record(), chosen.to_record()
+        changed = ", ".join(f"{key} {before[key]!r} -> {after[key]!r}" for key in before if before[key] != after[key])
+        notes.append(f"replaying {manifest_path} with the model loaded otherwise: {changed}.")
+    return chosen, chosen != recorded
+
+
 def _replay_model(manifest: dict, manifest_path, manifest_dir: Path, here: Path) -> tuple[str, str | None]:
     record = manifest["model"]
     model = record.get("id_or_path")
@@ -336,11 +358,13 @@ def replay_spec(
     masks: str | None = None,
     here: Path | None = None,
     base_model: str | None = None,
+    memory: dict | None = None,
 ) -> RunSpec:
     """The run a manifest describes, with what the caller gives instead.
 
-    What is given wins over the manifest: `model`, `base_model`, `loras` (all of them), `masks`, and each
-    setting in `settings` (field names); the returned spec's `notes` say which ones changed.
+    What is given wins over the manifest: `model`, `base_model`, `loras` (all of them), `masks`, each
+    setting in `settings` (field names) and each of `memory` (`MemoryOptions` fields, None: not
+    given) over how the manifest's model was loaded; the returned spec's `notes` say which ones changed.
     Files a manifest names are looked up from the manifest's own folder first, then from the
     working folder; manifests are untrusted, so those files must lie inside one of the two, or be
     given by the caller.
@@ -350,6 +374,7 @@ def replay_spec(
     here = Path.cwd() if here is None else here
     notes: list[str] = []
     run_settings = _replay_settings(manifest["settings"], settings or {}, manifest_path, notes)
+    run_memory, loaded_otherwise = _replay_memory(manifest, memory or {}, manifest_path, notes)
     if loras:
         notes.append(f"replaying {manifest_path} with the LoRAs given on the command line instead of its own.")
     else:
@@ -358,9 +383,10 @@ def replay_spec(
     if model is None:
         model, recorded_base = _replay_model(manifest, manifest_path, manifest_dir, here)
         base_model = base_model if base_model is not None else recorded_base
+        # Weights loaded otherwise (another quantization) hash otherwise: only the files are compared.
         recorded_model = {
             key: manifest["model"][key]
-            for key in ("files", "base_weights_sha256")
+            for key in ("files",) + (() if loaded_otherwise else ("base_weights_sha256",))
             if isinstance(manifest["model"].get(key), dict | str)
         }
     if masks is None and isinstance(manifest.get("masks"), str) and manifest["masks"] != "in-memory":
@@ -386,4 +412,5 @@ def replay_spec(
         notes=notes,
         base_model=base_model,
         recorded_model=recorded_model or None,
+        memory=run_memory,
     )
