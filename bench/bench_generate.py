@@ -9,6 +9,8 @@ Runs, same prompt, seed, steps and two random rank-16 LoRAs:
 - merge, PEFT: diffusers' unfused joint adapters (`method="merge"`);
 - FreeFuse: `method="freefuse"` with the fused LoRA op (one op per layer, masks in rank space);
 - FreeFuse, PEFT op: the same with PEFT's per-adapter path and a mask hook per adapter;
+- FreeFuse + attention bias: the same with stage 2's attention bias (`attention_bias=5`, every
+  block; an additive mask per forward pass, which SDPA may answer with another kernel);
 - stage 1 alone: `FreeFuse.masks` (steps up to the mask step, the capture and the masks).
 Time: the runs alternate (`--repeats` rounds after one warm-up round) and medians are compared.
 Memory: on CUDA the allocator's peak, reset before each run; on CPU the peak RSS, each run in a fresh process.
@@ -102,8 +104,9 @@ RUNS = {
     "base": ("lora off", {"method": "merge"}),
     "merge, fused": ("fuse", {"method": "merge"}),
     "merge, PEFT": ("", {"method": "merge"}),
-    "FreeFuse": ("", {"method": "freefuse", "lora_op": "fused"}),
-    "FreeFuse, PEFT op": ("", {"method": "freefuse", "lora_op": "peft"}),
+    "FreeFuse": ("", {"method": "freefuse", "lora_op": "fused", "attention_bias": 0}),
+    "FreeFuse + attention bias": ("", {"method": "freefuse", "lora_op": "fused", "attention_bias": 5}),
+    "FreeFuse, PEFT op": ("", {"method": "freefuse", "lora_op": "peft", "attention_bias": 0}),
     "stage 1 alone": ("masks", {"method": "freefuse", "lora_op": "fused"}),
     "stage 1, latent preview": ("masks", {"method": "freefuse", "lora_op": "fused", "preview": "latent"}),
 }
@@ -186,6 +189,45 @@ def profile(freefuse, preset: dict, run: str, preview: str, rows: int = 15) -> N
     print(profiler.key_averages().table(sort_by=key, row_limit=rows))
 
 
+def attention_cost(preset: dict, device: str, repeats: int = 20) -> str:
+    """One joint attention at the preset's shapes (text + image tokens, one image), SDPA without and
+    with a float `[1, 1, S, S]` mask (what the attention bias hands it): time, and on CUDA the
+    allocator's peak above the inputs. Isolates the kernel's share of the bias's cost."""
+    config = preset["transformer"]
+    heads, dim = config["num_attention_heads"], config["attention_head_dim"]
+    tokens = preset["text_tokens"] + (preset["size"] // 16) ** 2
+    dtype = getattr(torch, preset["dtype"])
+    q, k, v = (torch.randn(1, heads, tokens, dim, device=device, dtype=dtype) for _ in range(3))
+    mask = torch.randn(1, 1, tokens, tokens, device=device, dtype=dtype)
+    cuda = device.startswith("cuda")
+
+    def timed(attn_mask) -> tuple[float, int]:
+        attention = torch.nn.functional.scaled_dot_product_attention
+        for _ in range(3):
+            attention(q, k, v, attn_mask=attn_mask)
+        if cuda:
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            attention(q, k, v, attn_mask=attn_mask)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - start) / repeats
+        return seconds, (torch.cuda.max_memory_allocated() - base) if cuda else 0
+
+    (plain, plain_peak), (masked, masked_peak) = timed(None), timed(mask)
+    text = (
+        f"one joint attention ({tokens} tokens, {heads} heads x {dim}, {preset['dtype']}): {plain * 1e3:.2f} ms, "
+        f"with a float mask {masked * 1e3:.2f} ms (x{masked / plain:.2f}); the mask itself "
+        f"{mask.numel() * mask.element_size() / (1 << 20):.1f} MiB"
+    )
+    if cuda:
+        text += f"; working memory {plain_peak / (1 << 20):.1f} -> {masked_peak / (1 << 20):.1f} MiB"
+    return text
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", choices=sorted(PRESETS), default="mid")
@@ -194,6 +236,7 @@ def main() -> None:
     parser.add_argument("--preview", choices=["vae", "latent"], default="vae")
     parser.add_argument("--runs", nargs="*", choices=sorted(RUNS), default=list(RUNS))
     parser.add_argument("--no-memory", action="store_true", help="time only")
+    parser.add_argument("--attention-only", action="store_true", help="only the attention kernel with and without a mask")
     parser.add_argument("--memory-worker", choices=sorted(RUNS))
     parser.add_argument(
         "--profile",
@@ -209,6 +252,9 @@ def main() -> None:
 
     preset = PRESETS[args.preset]
     torch.set_grad_enabled(False)
+    if args.attention_only:
+        print(attention_cost(preset, args.device))
+        return
     freefuse = build(preset, args.device)
     params = sum(p.numel() for p in freefuse.backend.denoiser.parameters())
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
@@ -251,6 +297,13 @@ def main() -> None:
         peak_text = f"{peak / (1 << 20):.0f} MiB" if peak else "-"
         peak_ratio = f"{peak / memory['merge, PEFT']:.3f}" if peak and memory.get("merge, PEFT") else "-"
         print(f"| {run} | {seconds:.2f} s | {over_base} | {over_merge} | {peak_text} | {peak_ratio} |")
+    bias, plain = "FreeFuse + attention bias", "FreeFuse"
+    if bias in medians and plain in medians:
+        ratios = [f"time x{medians[bias] / medians[plain]:.3f}"]
+        if memory.get(bias) and memory.get(plain):
+            ratios.append(f"peak memory x{memory[bias] / memory[plain]:.3f} ({(memory[bias] - memory[plain]) / (1 << 20):+.0f} MiB)")
+        print(f"attention bias (scale 5, every block) over FreeFuse without it: {', '.join(ratios)}")
+        print(attention_cost(preset, args.device))
     for run, values in STAGE1_SECONDS.items():
         print(f"{run}: stage 1 after the capture step (x0 preview + masks) {statistics.median(values):.3f} s")
 

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from freefuse.batch import JobFileError, expand_grid, load_jobs, read_index, run_batch
 from freefuse.cli import app
+from freefuse.files import sha256_file
 from freefuse.runner import RunService
 from freefuse.testing import free_port
 
@@ -360,3 +361,162 @@ def test_two_batches_on_one_folder_claim_jobs(tmp_path: Path) -> None:
     stale = tmp_path / ".claims" / "job2.claim"
     stale.write_text(json.dumps({"pid": 2**22 + 12345, "host": __import__("socket").gethostname()}))
     assert claim(tmp_path, "job2")  # its process is gone: taken over
+
+
+def test_a_job_with_images_makes_that_many_numbered_images(assets: Path, tmp_path: Path) -> None:
+    """`images` is a job setting (README): a job makes N images, numbered, each with its manifest."""
+    path = assets / "images.jsonl"
+    job = {
+        "model": "model",
+        "prompt": "{A} hugging {B}",
+        "seed": 7,
+        "images": 2,
+        **SETTINGS,
+        "loras": [{"path": "alice.safetensors"}, {"path": "bob.safetensors", "words": ["Bob"]}],
+    }
+    path.write_text(json.dumps(job) + "\n")
+    [loaded] = load_jobs(path)
+    assert loaded.settings.num_images_per_prompt == 2
+    report = run_batch([loaded], tmp_path, RunService())
+    assert report.done == 1 and report.images == 2 and not report.failed
+    made = images(tmp_path)
+    assert sorted(made) == [f"{loaded.stem}-0.png", f"{loaded.stem}-1.png"] and len(set(made.values())) == 2
+    seeds = [json.loads((tmp_path / f"{loaded.stem}-{i}.json").read_text())["images"][0]["seed"] for i in (0, 1)]
+    assert seeds == [7, 8]
+    [entry] = read_index(tmp_path).values()
+    assert entry["images"] == sorted(made)
+    (tmp_path / f"{loaded.stem}-1.png").unlink()  # the job is not done while one of its images is missing
+    again = run_batch([loaded], tmp_path, RunService())
+    assert again.done == 1 and (tmp_path / f"{loaded.stem}-1.png").is_file()
+
+
+# -- round three: batches on one folder ---------------------------------------------------------------
+
+
+def _fake_run_job(made: list[str]):
+    """A stand-in for `run_job` that writes one small file per job and records which jobs it made."""
+
+    def run_job(service, job, out):
+        made.append(job.id)
+        image = out / f"{job.stem}.png"
+        image.write_bytes(job.id.encode())
+        manifest = out / f"{job.stem}.json"
+        manifest.write_text("{}")
+        return {
+            "id": job.id,
+            "stem": job.stem,
+            "source": job.source,
+            "image": image.name,
+            "manifest": manifest.name,
+            "images": [image.name],
+            "files": {image.name: sha256_file(image), manifest.name: sha256_file(manifest)},
+        }
+
+    return run_job
+
+
+def test_a_job_another_batch_finished_meanwhile_is_not_made_again(assets: Path, tmp_path: Path, monkeypatch) -> None:
+    """The index is read again after each claim: a job another batch on the same folder finished
+    after this one started is skipped, not made a second time."""
+    import freefuse.batch as batch_module
+
+    jobs = load_jobs(write_jobs(assets, count=4, name="meanwhile.jsonl"))
+    made: list[str] = []
+    fake = _fake_run_job(made)
+
+    def run_job(service, job, out):
+        entry = fake(service, job, out)
+        if job is jobs[0]:  # meanwhile, another batch on this folder finishes job 1 and job 3
+            for other in (jobs[1], jobs[3]):
+                batch_module.append_index(out / "index.p7.jsonl", fake(service, other, out))
+        return entry
+
+    monkeypatch.setattr(batch_module, "run_job", run_job)
+    report = run_batch(jobs, tmp_path, RunService())
+    assert sorted(made) == sorted(job.id for job in jobs)  # each job once, here or "there"
+    assert len(made) == len(set(made))
+    assert report.done == 2 and report.skipped == 2
+
+
+@pytest.mark.slow
+def test_two_batch_processes_on_one_folder_make_each_job_exactly_once(assets: Path, tmp_path: Path) -> None:
+    jobs_file = write_jobs(assets, count=8, name="shared.jsonl")
+    out = tmp_path / "shared"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    processes = [
+        subprocess.Popen(batch_command(jobs_file, out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        for _ in range(2)
+    ]
+    for process in processes:
+        _, stderr = process.communicate(timeout=600)
+        assert process.returncode == 0, stderr.decode()[-3000:]
+    lines = [json.loads(line) for line in (out / "index.p0.jsonl").read_text().splitlines() if line.strip()]
+    made = [entry["id"] for entry in lines]
+    assert sorted(made) == sorted(job.id for job in load_jobs(jobs_file)), "every job made exactly once"
+    assert len(images(out)) == 8
+
+
+def test_a_claim_whose_pid_now_belongs_to_another_process_is_taken_over(tmp_path: Path) -> None:
+    import socket
+
+    from freefuse.batch import claim
+
+    folder = tmp_path / ".claims"
+    folder.mkdir()
+    # pid 1 (init) and our parent are alive, but neither is the batch that wrote these claims.
+    for number, pid in enumerate((1, os.getppid())):
+        (folder / f"reused{number}.claim").write_text(
+            json.dumps({"pid": pid, "host": socket.gethostname(), "start": "12345", "token": "an old batch"})
+        )
+        assert claim(tmp_path, f"reused{number}")
+    assert not claim(tmp_path, "reused0")  # now it is ours, and we are alive
+
+
+@pytest.mark.parametrize("planted", [".claims", "claim", "index.p0.jsonl", "failed.p0.jsonl"])
+def test_links_planted_in_the_output_folder_are_never_written_through(
+    assets: Path, tmp_path: Path, monkeypatch, planted: str
+) -> None:
+    import freefuse.batch as batch_module
+    from freefuse.errors import OutputFolderError
+
+    [job] = load_jobs(write_jobs(assets, count=2, name="planted.jsonl"))[:1]
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if planted == ".claims":
+        (out / ".claims").symlink_to(elsewhere)
+    elif planted == "claim":
+        (out / ".claims").mkdir()
+        (out / ".claims" / f"{job.id}.claim").symlink_to(victim)
+    else:
+        (out / planted).symlink_to(victim)
+    made: list[str] = []
+    fake = _fake_run_job(made)
+
+    def run_job(service, job, out):
+        if planted.startswith("failed"):
+            raise RuntimeError("the device fell over")
+        return fake(service, job, out)
+
+    monkeypatch.setattr(batch_module, "run_job", run_job)
+    with pytest.raises(OutputFolderError, match="symbolic link"):
+        run_batch([job], out, RunService())
+    assert victim.read_text() == "precious\n"
+    assert not list(elsewhere.iterdir())
+    assert not made  # refused before any job ran
+
+
+def test_an_output_file_planted_as_a_link_is_replaced_not_written_through(assets: Path, tmp_path: Path) -> None:
+    [job] = load_jobs(write_jobs(assets, count=2, name="planted-out.jsonl"))[:1]
+    out = tmp_path / "out"
+    out.mkdir()
+    victim = tmp_path / "victim.png"
+    victim.write_bytes(b"precious")
+    (out / f"{job.stem}.png").symlink_to(victim)
+    report = run_batch([job], out, RunService())
+    assert report.done == 1
+    assert victim.read_bytes() == b"precious"
+    assert not (out / f"{job.stem}.png").is_symlink()

@@ -79,4 +79,12 @@ def test_overlay_colours_each_subject_and_draws_a_legend() -> None:
         expected = np.array(subject_colour(index)) * 0.55
         assert np.abs(pixel - expected).max() <= 2
     with_legend = np.asarray(masks.overlay(base, legend=True)).astype(int)
-    assert (with_legend != picture).any()
+    # The legend is a strip below the picture: it covers none of it, even at 48x32 px.
+    assert with_legend.shape[0] > picture.shape[0] and with_legend.shape[1] == picture.shape[1]
+    np.testing.assert_array_equal(with_legend[: picture.shape[0]], picture)
+    assert (with_legend[picture.shape[0] :] != with_legend[-1, -1]).any()  # something is drawn there
+    # A colour per subject name (the demo gives each subject its own): that area takes it.
+    purple = (155, 60, 215)
+    recoloured = np.asarray(masks.overlay(base, legend=False, colours={"bob the builder": purple})).astype(int)
+    assert np.abs(recoloured[20, 24] - np.array(purple) * 0.55).max() <= 2
+    np.testing.assert_array_equal(recoloured[20, 8], picture[20, 8])  # the others keep the palette's

@@ -182,7 +182,7 @@ def test_sdxl_lora_is_refused_as_another_architecture(tmp_path) -> None:
         },
         str(path),
     )
-    with pytest.raises(LoraFileError, match="UNet model"):
+    with pytest.raises(LoraFileError, match=r"LoRA for a UNet \(SD 1.x / SDXL\).*not for a FLUX.1 transformer"):
         FreeFuse(tiny_flux_pipeline(seed=0)).add_lora(path, words=["x"])
 
 
@@ -329,3 +329,32 @@ def test_what_a_lora_is_for_and_untrusted_kohya_metadata() -> None:
     folders = {"10_ohwx": {"n_repeats": [1], "img_count": "many"}, "3_other": {"img_count": 5}, "2_x": [1, 2]}
     words, source = trigger_words_and_source({"ss_dataset_dirs": json.dumps(folders)})
     assert words == ["other"] and source == "ss_dataset_dirs (folder name)"
+
+
+def test_kohya_file_on_a_narrow_model_says_why_and_where_the_converter_stopped(tmp_path) -> None:
+    """diffusers' kohya converter asserts FLUX.1's widths without a message; ours names it all."""
+    pipe = tiny_flux_pipeline(seed=0)
+    path = tmp_path / "kohya_flux_carol_double.safetensors"
+    save_file(to_kohya(random_lora_state_dict(pipe.transformer, rank=2, seed=5)), str(path))
+    with pytest.raises(LoraFileError) as caught:
+        FreeFuse(pipe).add_lora(path, words=["Carol"])
+    message = str(caught.value)
+    assert not message.rstrip().endswith(":")
+    assert "FluxPipeline.lora_state_dict" in message and "AssertionError with no message" in message
+    assert "on key 'lora_unet_single_blocks_" in message  # where it stopped, not the file's first key
+    assert "assumes FLUX.1's widths (3072" in message and "32 wide" in message
+
+
+def test_inspect_shows_the_rank_of_an_xlabs_lora(tmp_path) -> None:
+    path = tmp_path / "xlabs.safetensors"
+    state = {}
+    for block in range(2):
+        for part, width in (("qkv", 3 * 3072), ("proj", 3072)):
+            prefix = f"double_blocks.{block}.processor.{part}_lora1"
+            state[f"{prefix}.down.weight"] = torch.zeros(16, 3072)
+            state[f"{prefix}.up.weight"] = torch.zeros(width, 16)
+    save_file(state, str(path))
+    report = describe_lora(path)
+    assert report["layout"] == "xlabs" and report["for"] == "FLUX transformer"
+    assert report["rank"] == [16]
+    assert report["layers"] == 4  # qkv_lora1 and proj_lora1 of two blocks

@@ -31,6 +31,8 @@ from freefuse.testing import ALL_LINEAR, quantize_denoiser, tiny_flux_pipeline, 
 RUNNER = CliRunner()
 FLUX, SDXL = FluxBackend.architecture, SdxlBackend.architecture
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
+# An architecture whose denoiser (here: FLUX's VAE) declares no repeated blocks.
+NO_BLOCKS = type("NoBlocks", (), {"name": "noblocks", "pipeline_classes": ("FluxPipeline",), "denoiser_name": "vae"})
 HAS = {name: importlib.util.find_spec(name) is not None for name in ("torchao", "bitsandbytes", "gguf")}
 needs_torchao = pytest.mark.skipif(not HAS["torchao"], reason="needs `torchao` (pip install 'freefuse[quant]')")
 needs_gguf = pytest.mark.skipif(not HAS["gguf"], reason="needs `gguf` (pip install 'freefuse[quant]')")
@@ -40,7 +42,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 # -- refusals, before any weights load ----------------------------------------------------------------
 
 REFUSED = [
-    # options, architecture, source, device, lora_op, what the message says
+    # options, architecture, source, device, the run's settings, what the message says
     ({"quantize": "nf4"}, FLUX, SourceFacts(), CPU, None, "on cpu use --quantize int8 or fp8"),
     ({"quantize_text_encoder": "nf4"}, FLUX, SourceFacts(), CPU, None, "loads only onto a GPU"),
     ({}, FLUX, SourceFacts(prequantized="bitsandbytes"), CPU, None, "loads only onto a GPU"),
@@ -53,21 +55,25 @@ REFUSED = [
     ({"offload": "sequential", "quantize": "nf4"}, FLUX, SourceFacts(), CUDA, None, "use --offload model"),
     ({"offload": "sequential", "quantize": "fp8"}, FLUX, SourceFacts(), CUDA, None, "use --offload model"),
     ({"offload": "group", "quantize": "nf4"}, FLUX, SourceFacts(), CUDA, None, "use --offload model with NF4"),
-    ({"compile": True}, SDXL, SourceFacts(), CUDA, None, "several resolutions, one buffer of masks each; leave"),
+    ({"compile": True}, NO_BLOCKS, SourceFacts(), CUDA, None, "declares no repeated blocks to compile"),
     ({"compile": True, "offload": "sequential"}, FLUX, SourceFacts(), CUDA, None, "use --offload model"),
     ({"compile": True, "offload": "group"}, FLUX, SourceFacts(), CUDA, None, "use --offload model"),
     ({"compile": True, "quantize": "fp8"}, FLUX, SourceFacts(), CUDA, None, "use --quantize int8 or a GGUF"),
-    ({"compile": True}, FLUX, SourceFacts(), CUDA, "peft", "leave --lora-op peft out"),
+    ({"compile": True}, FLUX, SourceFacts(), CUDA, {"lora_op": "peft"}, "leave --lora-op peft out"),
+    ({"compile": True}, FLUX, SourceFacts(), CUDA, {"attention_bias": 2.0}, "leave one of them out"),
     ({"quantize_text_encoder": "int8"}, SDXL, SourceFacts(), CUDA, None, "only small CLIP text encoders"),
 ]
 
 
-@pytest.mark.parametrize(("options", "architecture", "source", "device", "lora_op", "says"), REFUSED)
+@pytest.mark.parametrize(("options", "architecture", "source", "device", "settings", "says"), REFUSED)
 def test_combinations_that_cannot_work_are_refused_before_loading(
-    options, architecture, source, device, lora_op, says
+    options, architecture, source, device, settings, says
 ) -> None:
-    with pytest.raises(SettingsError, match=None) as caught:
-        check_memory_options(MemoryOptions(**options), architecture, source, device, lora_op)
+    from freefuse.settings import GenerationSettings
+
+    run = GenerationSettings(prompt="Alice", **settings) if settings is not None else None
+    with pytest.raises(SettingsError) as caught:
+        check_memory_options(MemoryOptions(**options), architecture, source, device, run)
     assert says in str(caught.value), str(caught.value)
 
 
@@ -279,6 +285,42 @@ def test_a_compiled_freefuse_run_never_recompiles(kind) -> None:
     with torch._dynamo.config.patch(error_on_recompile=True):
         batch_images(freefuse, ["Bob beside Alice"], seed=2)
     assert counters["stats"]["unique_graphs"] == 4  # each block class once more, for one image
+    torch._dynamo.reset()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("architecture", ["flux2", "zimage", "sdxl"])
+def test_compiled_runs_on_the_other_backends_never_recompile(architecture: str) -> None:
+    """FLUX.2 [klein] compiles its two block classes once, as FLUX.1 does. Z-Image's block class
+    runs as its noise refiner, context refiner and main layers, each on its own token count, and
+    SDXL's at each UNet level: diffusers' regional compilation compiles each of those once in the
+    first run; FreeFuse adds none, so a second whole run recompiles nothing."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from freefuse.tiny import TINY_PIPELINES
+
+    pipe = TINY_PIPELINES[architecture](seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    freefuse = FreeFuse(pipe)
+    for seed, name in enumerate(("alice", "bob"), start=1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pipe.load_lora_weights(typical_lora_state_dict(pipe, rank=4, seed=seed, scale=0.5), adapter_name=name)
+        freefuse.use_adapter(name, words=[name.capitalize()])
+    run = {"height": 128, "width": 128, "num_inference_steps": 4, "mask_step": 2}
+    prompts = ["Alice hugging Bob", "Bob beside Alice in the snow"]
+    eager = batch_images(freefuse, prompts, seed=3, **run)
+    torch._dynamo.reset()
+    counters.clear()
+    compile_blocks(freefuse.backend.denoiser, backend="eager")
+    strict = torch._dynamo.config.patch(error_on_recompile=architecture == "flux2")
+    with strict:
+        assert torch.equal(batch_images(freefuse, prompts, seed=3, **run), eager)
+    compiled = counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        batch_images(freefuse, ["Bob and Alice", "Alice, then Bob"], seed=5, **run)
+    assert counters["stats"]["unique_graphs"] == compiled
     torch._dynamo.reset()
 
 

@@ -118,3 +118,16 @@ def test_loras_the_caller_disabled_stay_disabled_after_a_run(pipe_with_text_enco
     run(freefuse, seed=0, method="merge")
     assert adapter_state(pipe) == before
     assert torch.equal(plain(pipe), image_before)
+
+
+def test_a_run_after_disable_lora_applies_its_loras_and_says_so(pipe_with_text_encoder_loras) -> None:
+    """Found while pinning: a run after `disable_lora()` applied no LoRA at all, silently."""
+    pipe, freefuse = pipe_with_text_encoder_loras
+    enabled = run(freefuse, seed=0, method="merge")
+    pipe.disable_lora()
+    with pytest.warns(FreeFuseWarning, match="disable_lora"):
+        disabled = freefuse(
+            PROMPT, seed=0, method="merge", output_type="pt", progress=False, height=SIZE, width=SIZE, num_inference_steps=2
+        )
+    assert torch.equal(enabled.images[0], disabled.images[0])  # the run's LoRAs acted all the same
+    assert all(off for _, _, off, _ in adapter_state(pipe).values())  # and are disabled again after

@@ -1,5 +1,6 @@
 """Replaying a manifest whose LoRA file changed since it was written is refused, through the
-library (`replay_spec` + `RunSpec.load`) and through `freefuse generate --manifest`."""
+library (`replay_spec`, `RunSpec.check` before loading and the run service's own guard after) and
+through `freefuse generate --manifest`."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from freefuse.cli import app
-from freefuse.manifest import replay_spec
-from freefuse.settings import SettingsError
+from freefuse.errors import LoraFileError, SettingsError
+from freefuse.runner import RunService
+from freefuse.spec import replay_spec
 from freefuse.testing import random_lora, tiny_flux_pipeline
 
 RUNNER = CliRunner()
@@ -55,11 +57,13 @@ def test_the_library_refuses_a_lora_whose_hash_changed(recorded) -> None:
     recorded_hash = json.loads(recorded["manifest"].read_text())["loras"][0]["sha256"]
     spec = replay_spec(recorded["manifest"])
     assert spec.loras[0].sha256 == recorded_hash
+    with pytest.raises(LoraFileError, match=CHANGED):
+        spec.check()  # before any weights load
     with pytest.raises(SettingsError, match=CHANGED):
-        spec.load()
+        RunService().run(spec, check=False)  # the run service's own guard, after loading the file
     recorded["lora"].write_bytes(recorded["original"])
-    freefuse = replay_spec(recorded["manifest"]).load()  # the recorded file again: loads
-    assert freefuse.subjects["alice"].sha256 == recorded_hash
+    result = RunService().run(replay_spec(recorded["manifest"]))  # the recorded file again: it runs
+    assert result.output.manifest["loras"][0]["sha256"] == recorded_hash
 
 
 def test_the_command_line_refuses_a_lora_whose_hash_changed(recorded, tmp_path) -> None:

@@ -149,3 +149,51 @@ def test_every_special_token_is_guarded(assets, tmp_path, placeholder) -> None:
     hostile = lora_with(tmp_path, "special", 9, {f"bundle_emb.{placeholder}.t5": torch.randn(1, 32)})
     result = generate(never_loaded(assets, tmp_path), tmp_path / "o", [f"{hostile}=Alice", f"{assets / 'bob.safetensors'}=Bob"])
     refused(result, "special tokens")
+
+
+def test_a_model_missing_from_the_cache_gets_our_own_words(monkeypatch) -> None:
+    """Not diffusers' "root cause in the stacktrace above", which nobody is shown: the cause itself."""
+    from diffusers import DiffusionPipeline
+
+    from freefuse.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError) as offline:
+        load_pipeline("nobody-here/not-a-cached-model", device="cpu")  # HF_HUB_OFFLINE=1 (conftest)
+    assert "not in the local Hugging Face cache" in str(offline.value)
+    assert "HF_HUB_OFFLINE=1" in str(offline.value) and "hf download nobody-here/not-a-cached-model" in str(
+        offline.value
+    )
+
+    def unreachable(cls, *args, **kwargs):
+        try:
+            raise ConnectionError("[Errno -2] Name or service not known")
+        except ConnectionError as error:
+            raise OSError(
+                "Cannot load model x: the model is not fully cached locally and an error occurred while trying to "
+                "fetch metadata from the Hub. Please check out the root cause in the stacktrace above."
+            ) from error
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(DiffusionPipeline, "from_pretrained", classmethod(unreachable))
+    with pytest.raises(ModelLoadError) as online:
+        load_pipeline("nobody-here/not-a-cached-model", device="cpu")
+    message = str(online.value)
+    assert "stacktrace" not in message
+    assert "could not be fetched from the Hub (ConnectionError: [Errno -2] Name or service not known)" in message
+
+
+def test_the_text_length_is_the_models_own_by_default() -> None:
+    """ShapesWorld reads 24 T5 tokens (its tokenizer says so); past them it draws near-black. A run
+    that sets no length gets the model's, on the CLI and the page alike (both go through preflight)."""
+    from freefuse.settings import GenerationSettings
+    from freefuse.shapesworld.model import MAX_TEXT_TOKENS
+    from freefuse.spec import LoraSpec, RunSpec
+
+    lora = Path(__file__).resolve().parent.parent / "src/freefuse/shapesworld/weights/loras/zorblax.safetensors"
+    settings = GenerationSettings(prompt="a zorblax", width=64, height=64, num_inference_steps=4)
+    spec = RunSpec("shapesworld", [LoraSpec(path=str(lora), words=["zorblax"])], settings)
+    assert spec.check().settings.max_sequence_length == MAX_TEXT_TOKENS == 24
+    tiny = RunSpec("tiny", [LoraSpec(path=str(lora), words=["zorblax"])], settings)
+    assert tiny.check().settings.max_sequence_length == 512  # FLUX.1's, where the model declares no shorter one
+    given = settings.model_copy(update={"max_sequence_length": 16})
+    assert RunSpec("shapesworld", spec.loras, given).check().settings.max_sequence_length == 16

@@ -92,7 +92,7 @@ def test_lora_for_another_architecture(assets, tmp_path) -> None:
         },
         str(sdxl),
     )
-    assert_user_error(generate(assets, tmp_path / "o", loras=[f"{sdxl}=Alice"]), "UNet model")
+    assert_user_error(generate(assets, tmp_path / "o", loras=[f"{sdxl}=Alice"]), "LoRA for a UNet")
     wide = tmp_path / "wide.safetensors"
     save_file(
         {
@@ -285,7 +285,9 @@ def test_a_pipeline_class_no_backend_runs_is_refused_before_loading(assets, tmp_
     (other / "model_index.json").write_text(json.dumps(index))
     result = generate(assets, tmp_path / "o", model=str(other))
     assert_user_error(
-        result, "is a StableDiffusion3Pipeline", "FreeFuse runs ['FluxPipeline', 'StableDiffusionXLPipeline']"
+        result,
+        "is a StableDiffusion3Pipeline",
+        "FreeFuse runs ['Flux2KleinPipeline', 'FluxPipeline', 'StableDiffusionXLPipeline', 'ZImagePipeline']",
     )
     assert_nothing_written(tmp_path / "o")
 
@@ -299,7 +301,7 @@ def test_flux_loras_on_an_sdxl_folder_are_refused_before_loading(assets, tmp_pat
     index["_class_name"] = "StableDiffusionXLPipeline"
     (other / "model_index.json").write_text(json.dumps(index))
     result = generate(assets, tmp_path / "o", model=str(other))
-    assert_user_error(result, "is a LoRA for a FLUX transformer", "not for an SDXL UNet")
+    assert_user_error(result, "is a LoRA for a FLUX.1 transformer", "not for an SDXL UNet")
     assert_nothing_written(tmp_path / "o")
 
 

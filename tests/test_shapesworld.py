@@ -284,9 +284,9 @@ def test_eval_mask_method_is_checked_and_reaches_freefuse(tmp_path, monkeypatch)
     seen = []
     original = evaluate.Evaluator.run
 
-    def spy(self, words, prompt, seed, method, steps, masks=None, stage1=None):
+    def spy(self, words, prompt, seed, method, steps, masks=None, stage1=None, settings=None):
         seen.append((method, stage1))
-        return original(self, words, prompt, seed, method, steps, masks, stage1)
+        return original(self, words, prompt, seed, method, steps, masks, stage1, settings)
 
     monkeypatch.setattr(evaluate.Evaluator, "run", spy)
     config = evaluate.EvalConfig.quick()
@@ -345,3 +345,31 @@ def test_preconditions_and_targets_are_measured_against_their_bars() -> None:
     assert goals["pairs_identity"]["met"] and goals["pairs_over_merge"]["value"] == 0.4
     assert not goals["triples_identity"]["met"] and goals["leakage_halved"]["value"] == 2.0
     assert goals["leakage_halved"]["met"] and not goals["masks_at_least_freefuse"]["met"]
+
+
+def test_eval_bias_variants_are_checked_and_reach_freefuse(tmp_path) -> None:
+    from freefuse.cli import app
+    from freefuse.shapesworld import evaluate
+
+    result = CliRunner().invoke(app, ["eval", "shapesworld", "--method", "merge+bias2", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 2 and "merge+bias2" in result.output
+    assert not (tmp_path / "e").exists()
+
+    class Recording:
+        def __init__(self) -> None:
+            self.calls = []
+
+        def run(self, words, prompt, seed, method, steps, masks=None, stage1=None, settings=None):
+            self.calls.append((method, stage1, settings))
+            return object()
+
+    config = evaluate.EvalConfig.quick()
+    config.methods = ("freefuse+bias5", "freefuse/routing+bias2", "merge")
+    evaluator = Recording()
+    outputs = evaluate._runs(config, evaluator, ["zorblax", "quiffle"], "a zorblax and a quiffle", 0)
+    assert set(outputs) == set(config.methods)
+    assert evaluator.calls == [
+        ("freefuse", {}, {"attention_bias": 5.0}),
+        ("freefuse", {"mask_config": {"method": "routing"}}, {"attention_bias": 2.0}),
+        ("merge", None, None),
+    ]

@@ -49,7 +49,7 @@ def client(public):
 def generate_inputs(lora, model: str = "tiny") -> list:
     """The generate endpoint's inputs: the model, four LoRA rows (file, path, words, weight, scope), the form."""
     rows = [lora, "", "Alice", 1.0, "subject"] + [None, "", "", 1.0, "subject"] * 3
-    form = ["Alice in the snow", 1, 3, 64, 64, "", "text-to-image", 0]
+    form = ["Alice in the snow", 1, 3, 64, 64, "", "text-to-image", 0, ""]
     return [model, *rows, *form]
 
 

@@ -7,6 +7,7 @@ old sessions are removed, and a downloaded run's manifest names no server path.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -166,3 +167,14 @@ def test_serving_beyond_this_machine_needs_a_login_or_saying_there_is_none(monke
     assert "--auth USER:PASSWORD" in result.output and "--no-auth" in result.output
     bad = CliRunner().invoke(app, ["ui", "--host", "0.0.0.0", "--auth", "nopassword"])
     assert bad.exit_code == 2 and "USER:PASSWORD" in bad.output
+
+
+def test_the_pages_attention_bias_field_reaches_the_run_settings(assets, tmp_path) -> None:
+    workspace = Workspace(tmp_path / "s", RunService(), local_paths=True)
+    session = workspace.new_session()
+    slots = [LoraSlot(typed=str(assets / f"{name}.safetensors"), words=word) for name, word in (("alice", "Alice"), ("bob", "Bob"))]
+    made = workspace.spec(tmp_path / "run", "tiny", slots, dataclasses.replace(FORM, attn_bias="2.5"), "freefuse")
+    assert made.settings.attention_bias == 2.5
+    assert workspace.spec(tmp_path / "run2", "tiny", slots, FORM, "freefuse").settings.attention_bias is None
+    with pytest.raises(SettingsError, match="attention_bias"):  # refused before anything loads
+        workspace.check(session, "tiny", slots, dataclasses.replace(FORM, attn_bias="-1"))

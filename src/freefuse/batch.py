@@ -7,34 +7,46 @@ are written atomically, then one line is appended to this process's index shard
 line exists and its files still hash to it; anything else (a crash before the index line, a
 truncated or edited file, a half-written index line) is redone. Processes write disjoint files and
 their own shards, so `accelerate launch --num_processes N freefuse batch …` needs no locking.
+
+Two separate `batch` commands on one folder share it through claims (`.claims/<id>.claim`, made
+with O_EXCL, naming the process by pid and start time, so a pid the system reuses does not keep a
+job claimed) and read the index again after each claim, so each job is made once. The batch's own
+files in the folder (claims, shards, failure logs) are opened with O_NOFOLLOW: a symbolic link
+planted there is refused, never written through.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import functools
 import hashlib
 import json
 import math
 import os
 import re
+import secrets
 import socket
+import stat
 import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import combinations, product
 from pathlib import Path
 from string import ascii_uppercase
 
-from .errors import JobFileError, LoraFileError
-from .files import atomic_write, cached_sha256, sha256_file
+from .core import jsontext
+from .errors import JobFileError, LoraFileError, OutputFolderError, describe_failure
+from .files import atomic_write, cached_sha256, read_input, sha256_file
 from .lora import header_metadata, read_header, trigger_words_from_metadata
 from .models import BUILT_IN, is_hub_id, pixels_per_token
-from .outputs import write_outputs
+from .outputs import output_paths, write_outputs
 from .runner import RunService
 from .settings import GenerationSettings
-from .spec import LoraSpec, RunSpec
+from .spec import FileFacts, LoraSpec, RunSpec
 
 INDEX_GLOB = "index.p*.jsonl"
 MAX_JOB_FILE_BYTES = 64 << 20
@@ -51,18 +63,21 @@ class Job(RunSpec):
 
     source: str = ""  # where it was defined, for messages ("jobs.jsonl line 12")
     base: Path | None = None  # the job file's folder: paths in the id are relative to it
+    #: What the jobs of one file read from the files they name (each file read once for all of them).
+    facts: FileFacts = field(default_factory=FileFacts, repr=False, compare=False)
 
     def record(self) -> dict:
         """What the job's id is a hash of: paths relative to the job file, and each LoRA file's hash,
         so that moving the folder keeps finished work and replacing a LoRA file redoes it."""
+
         def relative(path: str) -> str:
-            return os.path.relpath(path, self.base) if self.base is not None and Path(path).exists() else path
+            return self.facts.get("relative path", None, partial(_relative, path, self.base), path, self.base)
 
         loras = []
         for lora in self.loras:
             entry = {"words": lora.words, "weight": lora.weight, "scope": lora.scope, "name": lora.name}
             entry["path"] = relative(lora.path)
-            entry["sha256"] = cached_sha256(Path(lora.path)) if Path(lora.path).is_file() else None
+            entry["sha256"] = self.facts.get("sha256", lora.path, partial(_file_sha256, lora.path))
             loras.append(entry)
         record = {
             "model": relative(self.model),
@@ -75,24 +90,44 @@ class Job(RunSpec):
         return record
 
     def check(self) -> None:
-        """Everything that needs no weights; errors name the job's line."""
+        """Everything that needs no weights; errors name the job's line. Jobs that differ only by
+        their seeds are checked once (nothing checked before loading depends on the seed)."""
         try:
-            super().check()
+            notes = self.facts.get("job check", None, self._check_once, self._check_key())
         except ValueError as error:
             raise JobFileError(f"{self.source}: {error}") from None
+        self.notes.extend(note for note in notes if note not in self.notes)
+
+    def _check_once(self) -> list[str]:
+        return list(super().check(self.facts).notes)
+
+    def _check_key(self) -> tuple:
+        loras = tuple(
+            (lora.path, tuple(lora.words or ()), lora.weight, lora.scope, lora.name, lora.sha256) for lora in self.loras
+        )
+        settings = self.settings.model_dump_json(exclude={"seed"})
+        return self.model, self.base_model, self.masks, loras, settings
 
     @functools.cached_property
     def id(self) -> str:
         canonical = json.dumps(self.record(), sort_keys=True, default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
-    @property
+    @functools.cached_property
     def stem(self) -> str:
         names = "+".join(lora.adapter_name for lora in self.loras if lora.scope == "subject")
         seed = self.settings.seed if isinstance(self.settings.seed, int) else self.settings.seed[0]
         return re.sub(r"[^A-Za-z0-9_.+-]+", "_", f"{names or 'nolora'}-{self.settings.method}-s{seed}")[
             :80
         ] + (f"-{self.id[:8]}")
+
+
+def _relative(path: str, base: Path | None) -> str:
+    return os.path.relpath(path, base) if base is not None and os.path.exists(path) else path
+
+
+def _file_sha256(path: str) -> str | None:
+    return cached_sha256(Path(path)) if os.path.isfile(path) else None
 
 
 def _name_of(lora: dict) -> str:
@@ -122,7 +157,7 @@ def _fill(template: str, words: list[str], where: str) -> str:
     return template
 
 
-def _first_word(lora: LoraSpec) -> str:
+def _first_word(lora: LoraSpec, facts: FileFacts) -> str:
     """The word a {A}-style placeholder stands for: the job's first word, else the file's trigger word."""
     if lora.words:
         return str(lora.words[0])
@@ -135,7 +170,7 @@ def _first_word(lora: LoraSpec) -> str:
     except OSError:
         return ""  # a name the system refuses (too long, ...): the file's own check says so
     try:
-        metadata = header_metadata(read_header(Path(lora.path)))
+        metadata = header_metadata(facts.get("header", path, partial(read_header, path)))
     except (OSError, LoraFileError):
         return ""  # the file's own check reports what is wrong with it
     words = trigger_words_from_metadata(metadata)
@@ -158,7 +193,25 @@ def _resolve(path: str, base: Path) -> str:
     return str(candidate if candidate.is_absolute() else base / candidate)
 
 
-def job_from_dict(entry: dict, base: Path, where: str) -> Job:
+def _check_job_label(value, where: str) -> None:
+    """A job's own `id`, when a job file gives one: a short label for the user (FreeFuse names jobs by
+    their content), checked like any other name it might show."""
+    if value is None:
+        return
+    if not (
+        isinstance(value, str | int)
+        and not isinstance(value, bool)
+        and 1 <= len(str(value)) <= 100
+        and str(value).isprintable()
+        and not set(str(value)) & {"/", "\\"}
+    ):
+        raise JobFileError(
+            f"{where}: `id` {str(value)[:60]!r} is not a usable label: give 1-100 printable characters without '/' "
+            "or '\\' (FreeFuse names jobs by their content; `id` is yours)."
+        )
+
+
+def job_from_dict(entry: dict, base: Path, where: str, facts: FileFacts | None = None) -> Job:
     """A job from one JSON object (a job-file line). Relative paths are relative to the job file."""
     if not isinstance(entry, dict):
         raise JobFileError(f"{where}: a job must be a JSON object, got {type(entry).__name__}.")
@@ -176,10 +229,13 @@ def job_from_dict(entry: dict, base: Path, where: str) -> Job:
         ]
     except ValueError as error:
         raise JobFileError(str(error)) from None
-    words = [_first_word(lora) for lora in loras if lora.scope == "subject"]
+    facts = facts if facts is not None else FileFacts()
+    words = [_first_word(lora, facts) for lora in loras if lora.scope == "subject"]
+    _check_job_label(entry.get("id"), where)
     if not isinstance(entry["prompt"], str):
         raise JobFileError(
-            f"{where}: `prompt` must be one text (a job makes one image); put each prompt on its own line."
+            f"{where}: `prompt` must be one text (a job is one prompt; `images: N` makes N of it); put each prompt "
+            "on its own line."
         )
     settings = {k: v for k, v in entry.items() if k not in JOB_KEYS}
     settings["prompt"] = _fill(str(settings["prompt"]), words, where)
@@ -195,13 +251,11 @@ def job_from_dict(entry: dict, base: Path, where: str) -> Job:
         base_model = _folder_or_hub_id(base_model, base)
     try:
         generation = GenerationSettings.from_dict(settings)
-        multiple = pixels_per_token(model, base_model)
+        multiple = facts.get("pixels per token", model, partial(pixels_per_token, model, base_model), base_model)
         if multiple is not None:
             generation.check_size(multiple)
     except ValueError as error:
         raise JobFileError(f"{where}: {error}") from None
-    if len(generation.image_prompts) != 1:
-        raise JobFileError(f"{where}: a job makes one image; put each prompt or image on its own line.")
     masks = _resolve(str(entry["masks"]), base) if entry.get("masks") else None
     return Job(
         model=model,
@@ -211,6 +265,7 @@ def job_from_dict(entry: dict, base: Path, where: str) -> Job:
         source=where,
         base=base,
         base_model=base_model,
+        facts=facts,
     )
 
 
@@ -247,7 +302,8 @@ def read_structured(path: Path):
         raise FileNotFoundError(f"Job file {path} does not exist.")
     if path.stat().st_size > MAX_JOB_FILE_BYTES:
         raise JobFileError(f"Job file {path} is larger than {MAX_JOB_FILE_BYTES >> 20} MiB.")
-    text = path.read_text(encoding="utf-8")
+    text = _utf8(read_input(path, "Job file"), path)
+    nested = f"{path}: nested more than {jsontext.MAX_DEPTH} levels deep; a job file is a list of flat jobs."
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
@@ -255,22 +311,42 @@ def read_structured(path: Path):
             data = yaml.safe_load(text)  # safe_load: no Python objects from YAML tags
         except yaml.YAMLError as error:
             raise JobFileError(f"{path} is not valid YAML: {error}") from None
+        except RecursionError:
+            raise JobFileError(nested) from None
         check_structure_size(data, path)
+        try:
+            jsontext.check_depth(data)
+        except jsontext.NestingError:
+            raise JobFileError(nested) from None
         return data
     if path.suffix == ".json":
         try:
-            return json.loads(text)
-        except json.JSONDecodeError as error:
+            return jsontext.loads(text)
+        except jsontext.NestingError:
+            raise JobFileError(nested) from None
+        except ValueError as error:
             raise JobFileError(f"{path} is not valid JSON: {error}") from None
     entries = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         try:
-            entries.append((number, json.loads(line)))
-        except json.JSONDecodeError as error:
-            raise JobFileError(f"{path}:{number}: not a JSON object ({error.msg}).") from None
+            entries.append((number, jsontext.loads(line)))
+        except jsontext.NestingError:
+            raise JobFileError(f"{path}:{number}: nested more than {jsontext.MAX_DEPTH} levels deep.") from None
+        except ValueError as error:
+            raise JobFileError(f"{path}:{number}: not a JSON object ({getattr(error, 'msg', error)}).") from None
     return entries
+
+
+def _utf8(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise JobFileError(
+            f"{path} line {line} is not UTF-8 text (byte 0x{data[error.start]:02x}); save the file as UTF-8."
+        ) from None
 
 
 def load_jobs(path: str | Path) -> list[Job]:
@@ -288,7 +364,8 @@ def load_jobs(path: str | Path) -> list[Job]:
     else:
         numbered = data
         where = "line"
-    jobs = [job_from_dict(entry, base, f"{path.name} {where} {number}") for number, entry in numbered]
+    facts = FileFacts()
+    jobs = [job_from_dict(entry, base, f"{path.name} {where} {number}", facts) for number, entry in numbered]
     if not jobs:
         raise JobFileError(f"{path} has no jobs.")
     return unique_jobs(jobs)
@@ -366,36 +443,112 @@ def expand_grid(path: str | Path) -> list[Job]:
     if isinstance(seeds, dict):
         seeds = list(range(seeds.get("start", 0), seeds.get("start", 0) + seeds["count"]))
     jobs = []
+    facts = FileFacts()
+    templates: dict[tuple, Job] = {}  # per group, prompt and method: the job of its first seed
+    lora_names = [_name_of(lora) for lora in loras]
     for size, usable in usable_by_size.items():
-        for group, prompt, seed, method in product(combinations(loras, size), usable, seeds, methods):
+        for group, prompt, seed, method in product(combinations(range(len(loras)), size), usable, seeds, methods):
+            names = "+".join(lora_names[index] for index in group)
+            label = f"{path.name} grid ({names}, {prompt!r}, seed {seed}, {method})"
+            template = templates.get((group, prompt, method))
+            if template is not None:  # the same job with another seed: only the seed is checked again
+                try:
+                    settings_ = template.settings.with_seed(seed)
+                    jobs.append(dataclasses.replace(template, settings=settings_, source=label, notes=[]))
+                except ValueError as error:
+                    raise JobFileError(f"{label}: {error}") from None
+                continue
             entry = {
                 **settings,
                 "model": spec["model"],
                 "prompt": prompt,
                 "seed": seed,
                 "method": method,
-                "loras": [*group, *[{**g, "scope": "global"} for g in spec.get("global_loras", [])]],
+                "loras": [
+                    *(loras[index] for index in group),
+                    *[{**g, "scope": "global"} for g in spec.get("global_loras", [])],
+                ],
             }
-            label = f"{path.name} grid ({'+'.join(_name_of(g) for g in group)}, {prompt!r}, seed {seed}, {method})"
-            jobs.append(job_from_dict(entry, path.parent, label))
+            templates[(group, prompt, method)] = job_from_dict(entry, path.parent, label, facts)
+            jobs.append(templates[(group, prompt, method)])
     return unique_jobs(jobs)
 
 
 # -- the index ------------------------------------------------------------------------------------------
 
 
-def read_index(out: Path) -> dict[str, dict]:
-    """Finished jobs from every process's index shard; malformed or half-written lines are skipped."""
-    done: dict[str, dict] = {}
-    for shard in sorted(out.glob(INDEX_GLOB)):
-        for line in shard.read_text(encoding="utf-8", errors="replace").splitlines():
+def _link_message(path: Path) -> str:
+    return (
+        f"{path} is a symbolic link; FreeFuse never writes through a link planted in the output folder. Remove it "
+        "(or pick another --out) and run again."
+    )
+
+
+def open_own(path: Path, flags: int, mode: int = 0o644) -> int:
+    """A descriptor of one of the batch's own files in the output folder (index shards, failure logs,
+    claims), never through a symbolic link planted there, and never a FIFO or device that would block."""
+    try:
+        fd = os.open(path, flags | _NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), mode)
+    except OSError as error:
+        if error.errno == errno.ELOOP or (error.errno == errno.EEXIST and path.is_symlink()):
+            raise OutputFolderError(_link_message(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputFolderError(f"{path} is not a regular file; remove it (or pick another --out) and run again.")
+    return fd
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def refuse_links(*paths: Path) -> None:
+    """Before a batch writes anything: none of its own paths is a link someone planted."""
+    for path in paths:
+        if path.is_symlink():
+            raise OutputFolderError(_link_message(path))
+
+
+class IndexReader:
+    """Finished jobs from every process's index shard, read incrementally: each call reads only what
+    was appended since the last one, so a batch can look again after every claim at no real cost.
+    Malformed or half-written lines are skipped; links and non-files among the shards are not read."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.done: dict[str, dict] = {}
+        self._read: dict[Path, int] = {}  # shard -> bytes consumed (whole lines only)
+
+    def refresh(self) -> dict[str, dict]:
+        for shard in sorted(self.out.glob(INDEX_GLOB)):
+            self._read_shard(shard)
+        return self.done
+
+    def _read_shard(self, shard: Path) -> None:
+        try:
+            fd = open_own(shard, os.O_RDONLY)
+        except (OSError, OutputFolderError):
+            return  # a shard that is not a plain file: not an index someone wrote
+        with os.fdopen(fd, "rb") as handle:
+            start = self._read.get(shard, 0)
+            if os.fstat(handle.fileno()).st_size < start:
+                start = 0  # replaced or truncated: read it again
+            handle.seek(start)
+            data = handle.read()
+        whole = data[: data.rfind(b"\n") + 1]  # a line still being written is read next time
+        self._read[shard] = start + len(whole)
+        for line in whole.decode("utf-8", errors="replace").splitlines():
             try:
                 entry = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):
                 continue
             if _valid_entry(entry):
-                done[entry["id"]] = entry
-    return done
+                self.done[entry["id"]] = entry
+
+
+def read_index(out: Path) -> dict[str, dict]:
+    """Finished jobs from every process's index shard; malformed or half-written lines are skipped."""
+    return IndexReader(out).refresh()
 
 
 def _valid_entry(entry) -> bool:
@@ -422,80 +575,148 @@ def is_done(entry: dict | None, out: Path) -> bool:
 
 
 def append_index(shard: Path, entry: dict) -> None:
-    """Append one line and fsync. A line cut short by a crash is terminated before the next one."""
+    """Append one line and fsync, in one write (two batches on one folder may append to one shard).
+    A line cut short by a crash is terminated first. Never through a link planted in the folder."""
     shard.parent.mkdir(parents=True, exist_ok=True)
-    with open(shard, "a+b") as handle:
-        handle.seek(0, os.SEEK_END)
-        if handle.tell() > 0:
-            handle.seek(-1, os.SEEK_END)
-            if handle.read(1) != b"\n":
-                handle.write(b"\n")
-        handle.write((json.dumps(entry, default=str) + "\n").encode())
-        handle.flush()
-        os.fsync(handle.fileno())
+    line = (json.dumps(entry, default=str) + "\n").encode()
+    fd = open_own(shard, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+    try:
+        size = os.fstat(fd).st_size
+        if size > 0 and os.pread(fd, 1, size - 1) != b"\n":
+            line = b"\n" + line
+        os.write(fd, line)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # -- running --------------------------------------------------------------------------------------------
 
 
-def job_files(out: Path, job: Job) -> dict[str, Path]:
-    stem = job.stem
-    return {
-        "image": out / f"{stem}.png",
-        "overlay": out / f"{stem}.masks.png",
-        "masks": out / f"{stem}.masks.json",
-        "manifest": out / f"{stem}.json",
-    }
+def job_files(out: Path, job: Job) -> list[dict[str, Path]]:
+    """The files of each image a job makes: `STEM.png`…, or `STEM-0.png`, `STEM-1.png`… with `images: N`."""
+    return output_paths(out, job.stem, job.settings.num_images_per_prompt)
 
 
 def run_job(service: RunService, job: Job, out: Path) -> dict:
-    """Generate one job and write its files; return its index entry (file names and hashes)."""
+    """Generate one job (its `images` images) and write their files; return its index entry (file names
+    and hashes; `image` and `manifest` are the first image's, `images` all of them)."""
     result = service.run(job, check=False)  # every job was checked before the first model loaded
     output, notes = result.output, result.notes
     files = job_files(out, job)
     output.manifest["job"] = {"id": job.id, "source": job.source}
-    [written] = write_outputs(output, [files], overwrite=True)  # this job's own names: overwriting is redoing
+    written = write_outputs(output, files, overwrite=True)  # this job's own names: overwriting is redoing
     return {
         "id": job.id,
         "stem": job.stem,
         "source": job.source,
-        "image": files["image"].name,
-        "manifest": files["manifest"].name,
-        "files": {path.name: sha256_file(path) for path in written},
+        "image": files[0]["image"].name,
+        "manifest": files[0]["manifest"].name,
+        "images": [image["image"].name for image in files],
+        "files": {path.name: sha256_file(path) for paths in written for path in paths},
         "seconds": round(output.manifest["timings"]["total_s"], 3),
         "notes": notes,
     }
 
 
 CLAIMS = ".claims"
+_TOKEN = secrets.token_hex(8)  # this process's claims, told apart from an earlier process with our pid
+
+
+def _process_start(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat field 22), or None where
+    it cannot be read. A pid the system gave to a new process has another start time."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+        return text[text.rindex(")") + 2 :].split()[19]  # fields after the command name start at field 3
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _my_claim() -> dict:
+    pid = os.getpid()
+    return {"pid": pid, "host": socket.gethostname(), "start": _process_start(pid), "token": _TOKEN}
+
+
+def _claim_is_live(owner: dict) -> bool:
+    """The process that wrote a claim still runs: same host, its pid alive, and (where the system
+    says when processes started) that pid's process is the one that wrote it, not a later one."""
+    if owner.get("host") != socket.gethostname():
+        return True  # another machine's process: it cannot be checked from here
+    pid = owner.get("pid")
+    if owner.get("token") == _TOKEN and pid == os.getpid():
+        return True
+    if not _alive(pid):
+        return False
+    recorded, now = owner.get("start"), _process_start(pid)
+    return recorded is None or now is None or str(recorded) == now
+
+
+@contextlib.contextmanager
+def _claims_locked(folder: Path):
+    """One process at a time decides about claims in `folder` (taking over a stale one is two steps)."""
+    try:
+        import fcntl
+    except ImportError:  # not on this system: O_EXCL alone still keeps two fresh claims apart
+        yield
+        return
+    fd = open_own(folder / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_claim(path: Path) -> dict:
+    try:
+        fd = open_own(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return {}
+    with os.fdopen(fd, "rb") as handle:
+        data = handle.read(4096)
+    try:
+        owner = json.loads(data)
+    except (ValueError, RecursionError):
+        return {}
+    return owner if isinstance(owner, dict) else {}
+
+
+def _claims_folder(out: Path) -> Path:
+    folder = out / CLAIMS
+    refuse_links(folder)
+    folder.mkdir(exist_ok=True)
+    refuse_links(folder)
+    return folder
 
 
 def claim(out: Path, job_id: str) -> bool:
     """Take job `job_id` for this process: a claim file made with O_EXCL, so that two batches on one
-    folder do not make the same image. A claim whose process is gone (on this machine) is taken over."""
-    folder = out / CLAIMS
-    folder.mkdir(exist_ok=True)
+    folder do not make the same image. A claim whose process is gone (on this machine), or whose pid
+    now belongs to another process, is taken over."""
+    folder = _claims_folder(out)
     path = folder / f"{job_id}.claim"
-    mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname()})
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
+    mine = json.dumps(_my_claim()).encode()
+    with _claims_locked(folder):
         try:
-            owner = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            owner = {}
-        if owner.get("host") == socket.gethostname() and _alive(owner.get("pid")):
-            return False
-        path.write_text(mine)  # its process is gone: a crash left it
-        return True
-    with os.fdopen(fd, "w") as handle:
-        handle.write(mine)
+            fd = open_own(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if _claim_is_live(_read_claim(path)):
+                return False
+            atomic_write(path, mine)  # a crash left it: replaced by a new file, never written through
+            return True
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(mine)
     return True
 
 
 def release(out: Path, job_id: str) -> None:
-    with contextlib.suppress(OSError):
-        (out / CLAIMS / f"{job_id}.claim").unlink()
+    """Remove this process's claim on `job_id` (not one another process has taken since)."""
+    folder = out / CLAIMS
+    path = folder / f"{job_id}.claim"
+    with contextlib.suppress(OSError, OutputFolderError), _claims_locked(folder):
+        if _read_claim(path).get("token") == _TOKEN:
+            path.unlink()
 
 
 def _alive(pid) -> bool:
@@ -519,12 +740,45 @@ def process_state():
     return PartialState(cpu=not torch.cuda.is_available())
 
 
+def _run_claimed(
+    service: RunService,
+    job: Job,
+    out: Path,
+    index: IndexReader,
+    report: BatchReport,
+    shard: Path,
+    failed_log: Path,
+    run_one: Callable[[RunService, Job, Path], dict],
+) -> None:
+    """Make one claimed job, unless another batch on this folder finished it since this one read the
+    index (a manifest of it is there: the index is read again to be sure)."""
+    made = any(files["manifest"].exists() for files in job_files(out, job))
+    if made and is_done(index.refresh().get(job.id), out):
+        report.skipped += 1
+        return
+    try:
+        entry = run_one(service, job, out)
+        append_index(shard, entry)
+        index.done[job.id] = entry
+        report.done += 1
+        report.images += len(entry.get("images") or [entry["image"]])
+    except (KeyboardInterrupt, OutputFolderError):
+        raise
+    except Exception as error:  # recorded and reported; the other jobs go on
+        failure = describe_failure(error)
+        message = failure.message if failure.is_users else f"internal error: {failure.message}"
+        record = {"id": job.id, "source": job.source, "error": message}
+        append_index(failed_log, record)
+        report.failed.append(record)
+
+
 @dataclass
 class BatchReport:
     total: int
     share: int = 0  # jobs given to this process
     skipped: int = 0
-    done: int = 0
+    done: int = 0  # jobs made here
+    images: int = 0  # images made here (a job with `images: N` makes N)
     failed: list[dict] = field(default_factory=list)
     seconds: float = 0.0
     model_loads: int = 0
@@ -532,7 +786,7 @@ class BatchReport:
 
     @property
     def images_per_minute(self) -> float:
-        return 60.0 * self.done / self.seconds if self.seconds > 0 else 0.0
+        return 60.0 * self.images / self.seconds if self.seconds > 0 else 0.0
 
 
 def run_batch(
@@ -540,11 +794,14 @@ def run_batch(
     out: str | Path,
     service: RunService | None = None,
     on_progress: Callable[[BatchReport, int], None] | None = None,
+    run_one: Callable[[RunService, Job, Path], dict] | None = None,
 ) -> BatchReport:
     """Run this process's share of `jobs` (all of them without accelerate); skip finished ones.
 
     The share is a fixed split of the whole list (not of what is left), so every process agrees
-    on it without talking to the others, whatever each has finished.
+    on it without talking to the others, whatever each has finished. `run_one(service, job, out)`
+    makes one job and returns its index entry (default `run_job`); an evaluation's baseline jobs,
+    which are not FreeFuse runs, pass their own.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -554,33 +811,22 @@ def run_batch(
         service.device = str(state.device)
     shard = out / f"index.p{state.process_index}.jsonl"
     failed_log = out / f"failed.p{state.process_index}.jsonl"
+    refuse_links(out / CLAIMS, shard, failed_log, out / "index.jsonl")
     report = BatchReport(total=len(jobs))
     started = time.perf_counter()
     with state.split_between_processes(list(range(len(jobs)))) as mine:
         report.share = len(mine)
-        done = read_index(out)
+        index = IndexReader(out)
+        index.refresh()
         for position in mine:
             job = jobs[position]
-            if is_done(done.get(job.id), out):
+            if is_done(index.done.get(job.id), out):
                 report.skipped += 1
             elif not claim(out, job.id):
                 report.claimed_elsewhere += 1  # another batch on the same folder is making it
             else:
                 try:
-                    entry = run_job(service, job, out)
-                    append_index(shard, entry)
-                    done[job.id] = entry
-                    report.done += 1
-                except KeyboardInterrupt:
-                    raise
-                except Exception as error:  # recorded and reported; the other jobs go on
-                    failure = {
-                        "id": job.id,
-                        "source": job.source,
-                        "error": f"{type(error).__name__}: {error}",
-                    }
-                    append_index(failed_log, failure)
-                    report.failed.append(failure)
+                    _run_claimed(service, job, out, index, report, shard, failed_log, run_one or run_job)
                 finally:
                     release(out, job.id)
             report.seconds = time.perf_counter() - started

@@ -13,6 +13,8 @@ import functools
 import json
 import logging
 import os
+import re
+import shlex
 import signal
 import socket
 import sys
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Annotated, Literal, get_args, get_origin
 import typer
 from pydantic_core import PydanticUndefined
 from rich.console import Console
-from rich.markup import escape
+from rich.markup import escape as escape_markup
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -36,20 +38,45 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer.core import TyperCommand, TyperGroup
 
 from . import __version__, stages
 from .core.config import MAP_METHOD_NAMES
 from .errors import INTERRUPTED, USER_ERRORS, SettingsError, describe_failure, is_interrupt
+from .lora import check_adapter_name
 from .memory import MemoryOptions, describe_gguf
 from .methods import METHODS
 from .outputs import check_outputs, output_paths, write_outputs
-from .settings import CLI_FLAGS, GenerationSettings
+from .settings import CLI_FLAGS, GenerationSettings, parse_size
 
 if TYPE_CHECKING:
     from .spec import RunSpec
 
+class _FlagHelp:
+    """`-h`/`--help` shown as the flag it is: no `<bool>` type beside it (Typer prints one)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""  # as the other flags: metavar="" hides the type column
+        return option
+
+
+class Command(_FlagHelp, TyperCommand):
+    pass
+
+
+class Group(_FlagHelp, TyperGroup):
+    pass
+
+
+#: `-h` as well as `--help`, for every command (Click passes it down to subcommands).
+HELP = {"help_option_names": ["-h", "--help"]}
+
 app = typer.Typer(
     name="freefuse",
+    cls=Group,
+    context_settings=HELP,
     help="Several subject LoRAs in one image without the subjects bleeding into each other (FreeFuse).",
     no_args_is_help=True,
     add_completion=False,
@@ -62,10 +89,33 @@ STATE = {"debug": False}
 EXIT_USER, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 
 
+# Characters a terminal acts on rather than shows: C0 and C1 controls but tab and newline (escape
+# sequences, bell, carriage return) and the text-direction marks and overrides.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def escape(text: str) -> str:
+    """Text FreeFuse did not write (LoRA metadata, paths, prompts, manifests' strings), made safe to print:
+    control characters shown as escapes (`\\x1b`), rich markup shown as written."""
+    return escape_markup(_CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), str(text)))
+
+
 def _quiet_libraries() -> None:
+    """Library logs at ERROR and their warnings off, without importing them: `--help`, `inspect` and a
+    flag's mistake must not wait seconds for diffusers (and torch) to import."""
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")  # read when diffusers first logs
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     for name in ("diffusers", "transformers", "accelerate", "peft", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="diffusers")
+    warnings.filterwarnings("ignore", module="transformers")
+    warnings.filterwarnings("ignore", module="peft")
+
+
+def _quiet_model_libraries() -> None:
+    """diffusers' and transformers' own verbosity and progress bars off; for the commands that load
+    models, once those libraries are imported anyway."""
     with contextlib.suppress(ImportError):
         from diffusers.utils import logging as diffusers_logging
 
@@ -76,9 +126,6 @@ def _quiet_libraries() -> None:
 
         transformers_logging.set_verbosity_error()
         transformers_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", module="diffusers")
-    warnings.filterwarnings("ignore", module="transformers")
-    warnings.filterwarnings("ignore", module="peft")
 
 
 def _terminate(signum, frame):
@@ -151,6 +198,21 @@ def main_options(
 
 
 # -- parsing helpers -----------------------------------------------------------------------------------
+
+
+#: `NAME::PATH…` names a LoRA's adapter. Neither a Windows path (one `:`, after the drive letter) nor
+#: a usual Unix path has `::`; a file whose own name has it is read as a path when it exists.
+NAME_SEPARATOR = "::"
+
+
+def split_lora_name(spec: str) -> tuple[str | None, str]:
+    """`NAME::REST` → (NAME, REST), the name checked as an adapter name; else (None, spec)."""
+    if NAME_SEPARATOR not in spec or Path(spec).expanduser().exists():
+        return None, spec
+    name, rest = spec.split(NAME_SEPARATOR, 1)
+    if not name or not rest:
+        raise SettingsError(f"--lora {spec!r}: write NAME::PATH[=WORD][@WEIGHT], e.g. carol::carol_v2.safetensors.")
+    return check_adapter_name(name), rest
 
 
 def parse_lora_spec(spec: str) -> tuple[str, list[str] | None, float]:
@@ -255,7 +317,8 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Diffusers folder, Hugging Face id, single .safetensors or .gguf checkpoint, or 'tiny', 'tiny-sdxl'.",
+        help="Diffusers folder, Hugging Face id, single .safetensors or .gguf checkpoint, or 'tiny', 'tiny-sdxl', "
+        "'tiny-zimage', 'tiny-flux2'.",
     ),
 ]
 OutOpt = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
@@ -317,7 +380,10 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
         Annotated[
             list[str] | None,
             typer.Option(
-                "--lora", "-l", help="Subject LoRA: PATH=WORD\\[,WORD]\\[@WEIGHT]. Repeat per subject."
+                "--lora",
+                "-l",
+                help="Subject LoRA: \\[NAME::]PATH=WORD\\[,WORD]\\[@WEIGHT]. Repeat per subject. NAME: its name in "
+                "masks and manifests (default: the file's stem).",
             ),
         ],
         None,
@@ -326,7 +392,9 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
         "global_lora",
         Annotated[
             list[str] | None,
-            typer.Option("--global-lora", help="Style/background LoRA, never masked: PATH\\[@WEIGHT]."),
+            typer.Option(
+                "--global-lora", help="Style/background LoRA, never masked: \\[NAME::]PATH\\[@WEIGHT]."
+            ),
         ],
         None,
     ),
@@ -357,7 +425,18 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
         None,
     ),
     ("out", OutOpt, Path("out")),
-    ("name", Annotated[str, typer.Option("--name", help="File name stem of the outputs.")], "freefuse"),
+    (
+        "name",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--name",
+                help="File name stem of the outputs (default: freefuse; with --manifest, the manifest's own: demo "
+                "for demo.json).",
+            ),
+        ],
+        None,
+    ),
     ("overwrite", OverwriteOpt, False),
     ("device", DeviceOpt, None),
     ("dtype", DtypeOpt, None),
@@ -380,36 +459,42 @@ class RunOptions:
         return {name: self.values[name] for name in ("quantize", "quantize_text_encoder", "offload", "compile")}
 
     def spec(self) -> RunSpec:
-        """The run: from the flags, or from `--manifest` with the flags given winning (and said)."""
+        """The run: from the flags, or from `--manifest` with the flags given winning (and said).
+        Mistakes in the flags alone are said before torch is imported."""
+        loras = _loras_from_flags(self.values["lora"], self.values["global_lora"])
+        memory = MemoryOptions().updated(**self.memory())  # a mistake in these flags, said before torch loads
+        settings = None
+        if self.values["manifest"] is None:
+            if "prompt" not in self.settings:
+                raise SettingsError("--prompt is required (or --manifest to replay a run).")
+            if self.values["model"] is None:
+                raise SettingsError(
+                    "--model is required: a diffusers folder or a Hugging Face id (or 'tiny' to try it)."
+                )
+            settings = GenerationSettings(**self.settings)
         from .spec import LoraSpec, RunSpec, replay_spec  # torch: not for --help or a flag's mistake
 
-        loras = [
-            LoraSpec(**lora) for lora in _loras_from_flags(self.values["lora"], self.values["global_lora"])
-        ]
-        if self.values["manifest"] is not None:
+        lora_specs = []
+        for lora in loras:
+            flag, given = "--lora" if lora["scope"] == "subject" else "--global-lora", lora.pop("given")
+            lora_specs.append(LoraSpec.parse(lora, f"{flag} {given!r}"))
+        if settings is None:
             return replay_spec(
                 self.values["manifest"],
                 self.values["model"],
-                loras,
+                lora_specs,
                 self.settings,
                 self.values["masks"],
                 base_model=self.values["base_model"],
                 memory=self.memory(),
             )
-        if "prompt" not in self.settings:
-            raise SettingsError("--prompt is required (or --manifest to replay a run).")
-        if self.values["model"] is None:
-            raise SettingsError(
-                "--model is required: a diffusers folder or a Hugging Face id (or 'tiny' to try it)."
-            )
-        settings = GenerationSettings(**self.settings)
         return RunSpec(
             self.values["model"],
-            loras,
+            lora_specs,
             settings,
             self.values["masks"],
             base_model=self.values["base_model"],
-            memory=MemoryOptions().updated(**self.memory()),
+            memory=memory,
         )
 
 
@@ -417,7 +502,9 @@ def settings_help(field_name: str) -> str:
     """A setting's help line: its description, its choices, and the settings model's default."""
     field = GenerationSettings.model_fields[field_name]
     text = field.description or ""
-    choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else ()
+    # The choices of a Literal field, also of one that may be left unset (`Literal[...] | None`).
+    kinds = [field.annotation, *get_args(field.annotation)]
+    choices = next((get_args(kind) for kind in kinds if get_origin(kind) is Literal), ())
     if field_name == "method":
         choices = tuple(sorted(METHODS))
     if choices:
@@ -439,7 +526,8 @@ def run_options(function: Callable[[RunOptions], None]) -> Callable[..., None]:
     ]
     for field_name, (flags, kind) in CLI_FLAGS.items():
         help_text = escape(settings_help(field_name))
-        annotation = Annotated[kind | None, typer.Option(*flags, help=help_text)]
+        quiet = {"metavar": ""} if kind is bool else {}  # an on/off pair of flags takes no value
+        annotation = Annotated[kind | None, typer.Option(*flags, help=help_text, **quiet)]
         parameters.append(Parameter(field_name, Parameter.KEYWORD_ONLY, annotation=annotation, default=None))
 
     @functools.wraps(function)
@@ -460,13 +548,19 @@ def run_options(function: Callable[[RunOptions], None]) -> Callable[..., None]:
 def _loras_from_flags(loras: list[str] | None, global_loras: list[str] | None) -> list[dict]:
     result = []
     for spec in loras or []:
-        path, words, weight = parse_lora_spec(spec)
-        result.append({"path": path, "words": words, "weight": weight, "scope": "subject"})
+        name, rest = split_lora_name(spec)
+        path, words, weight = parse_lora_spec(rest)
+        result.append(
+            {"path": path, "words": words, "weight": weight, "scope": "subject", "name": name, "given": spec}
+        )
     for spec in global_loras or []:
-        path, words, weight = parse_lora_spec(spec)
+        name, rest = split_lora_name(spec)
+        path, words, weight = parse_lora_spec(rest)
         if words:
-            raise SettingsError(f"--global-lora {spec!r}: global LoRAs take no words; write PATH[@WEIGHT].")
-        result.append({"path": path, "words": None, "weight": weight, "scope": "global"})
+            raise SettingsError(
+                f"--global-lora {spec!r}: global LoRAs take no words; write [NAME::]PATH[@WEIGHT]."
+            )
+        result.append({"path": path, "words": None, "weight": weight, "scope": "global", "name": name, "given": spec})
     return result
 
 
@@ -477,20 +571,28 @@ def _prepare(options: RunOptions, count_images: bool = True) -> tuple[RunSpec, l
         console.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     spec.check()
     count = len(spec.settings.image_prompts) if count_images else 1
-    paths = output_paths(options.values["out"], options.values["name"], count)
+    paths = output_paths(options.values["out"], _stem(options.values), count)
     return spec, paths
+
+
+def _stem(values: dict) -> str:
+    """The outputs' file name stem: --name, else a replayed manifest's own (`demo.json` → demo)."""
+    if values["name"] is not None:
+        return values["name"]
+    return Path(values["manifest"]).stem if values["manifest"] is not None else "freefuse"
 
 
 def _service(options: RunOptions):
     from .runner import RunService  # torch and diffusers: not for --help or a flag's mistake
 
+    _quiet_model_libraries()
     return RunService(options.values["device"], options.values["dtype"])
 
 
 # -- commands --------------------------------------------------------------------------------------------
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 @run_options
 def generate(options: RunOptions) -> None:
@@ -508,7 +610,7 @@ def generate(options: RunOptions) -> None:
     _summary(output, paths)
 
 
-@app.command("masks")
+@app.command("masks", cls=Command)
 @command
 @run_options
 def masks_command(options: RunOptions) -> None:
@@ -534,7 +636,7 @@ def masks_command(options: RunOptions) -> None:
         console.print(escape(f"masks: {files['masks']}  overlay: {files['overlay']}"), highlight=False)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def batch(
     jobs: Annotated[
@@ -558,10 +660,13 @@ def batch(
     With `accelerate launch --multi_gpu --num_processes N -m freefuse batch ...` the jobs are split
     between processes (one GPU each; gloo on CPUs); results and index shards share one folder.
     """
+    if not jobs.is_file():  # said before torch and diffusers are imported (seconds)
+        raise SettingsError(f"Job file {jobs} does not exist.")
     # Here, not at the top: torch and diffusers take seconds that --help and a flag's mistake need not wait.
     from .batch import expand_grid, is_done, load_jobs, process_state, read_index, run_batch  # start-up
     from .runner import RunService  # start-up time
 
+    _quiet_model_libraries()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         job_list = expand_grid(jobs) if grid else load_jobs(jobs)
@@ -572,10 +677,12 @@ def batch(
     state = process_state()
     if dry_run:
         done = read_index(out) if out.is_dir() else {}
-        finished = sum(is_done(done.get(job.id), out) for job in job_list)
+        finished = 0
+        lines = []
         for job in job_list:
-            mark = "done" if is_done(done.get(job.id), out) else "todo"
-            typer.echo(f"{mark}  {job.stem}  {job.settings.prompt!r}")
+            finished += (mark := is_done(done.get(job.id), out))
+            lines.append(f"{'done' if mark else 'todo'}  {job.stem}  {job.settings.prompt!r}")
+        typer.echo("\n".join(lines))
         typer.echo(f"{len(job_list)} jobs, {finished} done, {len(job_list) - finished} to do")
         return
     progress = _progress() if state.is_local_main_process else None
@@ -602,7 +709,9 @@ def batch(
         if progress is not None:
             progress.stop()
     console.print(
-        f"[bold]process {state.process_index}[/]: {report.done} made, {report.skipped} already done, "
+        f"[bold]process {state.process_index}[/]: {report.done} made"
+        + (f" ({report.images} images)" if report.images != report.done else "")
+        + f", {report.skipped} already done, "
         f"{len(report.failed)} failed, {report.claimed_elsewhere} made by another batch of {report.share} "
         f"({report.images_per_minute:.1f} images/min, model loaded {report.model_loads}x)",
         highlight=False,
@@ -622,7 +731,7 @@ def batch(
         raise typer.Exit(EXIT_USER)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def inspect(
     files: Annotated[list[Path], typer.Argument(help="LoRA .safetensors files (or .gguf model files).")],
@@ -682,7 +791,7 @@ def inspect(
         raise typer.Exit(EXIT_USER)
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def demo(
     out: OutOpt = Path("out"),
@@ -691,7 +800,8 @@ def demo(
         typer.Option(
             "--model",
             "-m",
-            help="A diffusers folder or Hugging Face id; 'tiny' or 'tiny-sdxl' (random); default: ShapesWorld.",
+            help="A diffusers folder or Hugging Face id; 'tiny', 'tiny-sdxl', 'tiny-zimage' or 'tiny-flux2' "
+            "(random); default: ShapesWorld.",
         ),
     ] = None,
     steps: Annotated[
@@ -701,7 +811,14 @@ def demo(
         str | None, typer.Option("--size", help="WIDTHxHEIGHT (default 64 ShapesWorld, 1024 real).")
     ] = None,
     seed: SeedOpt = 0,
-    overwrite: OverwriteOpt = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            metavar="",
+            help="Replace files that are not a previous demo's (the demo replaces its own without it).",
+        ),
+    ] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     offload: OffloadOpt = None,
@@ -709,14 +826,20 @@ def demo(
         str | None,
         typer.Option(
             "--arch",
-            help="flux or sdxl: a cached model of it, else its built-in tiny random model (sdxl: tiny-sdxl).",
+            help="flux, sdxl, zimage or flux2: a cached model of it, else its built-in tiny random model "
+            "(tiny-sdxl, tiny-zimage, tiny-flux2; flux: ShapesWorld).",
         ),
     ] = None,
 ) -> None:
     """Run the whole job offline: merge beside FreeFuse on ShapesWorld, or a real model when its weights are here."""
-    from .demo import plan_demo, run_demo  # start-up time: torch and diffusers
+    if size is not None:  # a flag's mistake is said before torch and diffusers are imported
+        parse_size(size)
+    if steps is not None and steps < 1:
+        raise SettingsError(f"--steps {steps}: give at least 1 denoising step.")
+    from .demo import generate_command, plan_demo, run_demo  # start-up time: torch and diffusers
     from .runner import RunService  # start-up time
 
+    _quiet_model_libraries()
     plan = plan_demo(model, steps, size, seed, arch)
     console.print(escape(f"demo: {plan.description}"), highlight=False, soft_wrap=True)
     service = RunService(device=device, dtype=dtype, offload=offload)
@@ -725,12 +848,13 @@ def demo(
     _notes(notes)
     _summary(output, [files])
     shown = files.get("compare", files["image"])
+    console.print(escape(f"look at {shown}: {plan.look_at}"), highlight=False, soft_wrap=True)
     console.print(
-        escape(f"look at {shown}; all files: {', '.join(str(path) for path in files.values())}"),
-        highlight=False,
-        soft_wrap=True,
+        escape(f"all files: {', '.join(str(path) for path in files.values())}"), highlight=False, soft_wrap=True
     )
     console.print(escape(f"replay it: freefuse generate --manifest {files['manifest']} --out OTHER_FOLDER"))
+    console.print("make your own (change the prompt, --seed, --lora weights):", highlight=False)
+    console.print(escape(shlex.join(generate_command(plan, out))), highlight=False, soft_wrap=True)
 
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
@@ -764,7 +888,7 @@ def _auth(auth: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-@app.command()
+@app.command(cls=Command)
 @command
 def ui(
     model: Annotated[
@@ -818,6 +942,7 @@ def ui(
         from .workspace import PageLimits  # start-up time: torch
     except ImportError as error:
         raise SettingsError(f"freefuse ui needs Gradio: pip install 'freefuse[ui]' ({error}).") from None
+    _quiet_model_libraries()
     local = host in LOOPBACK
     credentials = _auth(auth)
     if not local and credentials is None and not no_auth:
@@ -852,18 +977,24 @@ def ui(
     launch(app_, host=host, port=chosen, auth=credentials, max_upload=f"{max_upload_mb}mb")
 
 
-eval_app = typer.Typer(help="Measure subject bleeding offline.", no_args_is_help=True)
+eval_app = typer.Typer(
+    help="Measure subject bleeding (ShapesWorld, offline) and the paper's evaluation on your LoRAs.",
+    no_args_is_help=True,
+    cls=Group,
+    context_settings=HELP,
+)
 app.add_typer(eval_app, name="eval")
 
 
-@eval_app.command("shapesworld")
+@eval_app.command("shapesworld", cls=Command)
 @command
 def eval_shapesworld(
     method: Annotated[
         list[str] | None,
         typer.Option(
             "--method",
-            help="merge | freefuse | masks (ground truth) | freefuse/<mask method>, e.g. freefuse/routing (repeat).",
+            help="merge | freefuse | masks (ground truth) | freefuse/<mask method>, e.g. freefuse/routing; "
+            "+bias<scale> adds the attention bias, e.g. freefuse+bias5 (repeat).",
         ),
     ] = None,
     world: Annotated[
@@ -898,14 +1029,11 @@ def eval_shapesworld(
     overwrite: OverwriteOpt = False,
 ) -> None:
     """Pairs, triples and the quad of the 4 ShapesWorld LoRAs x prompts x seeds: identity, presence, leakage."""
-    from .shapesworld.evaluate import METHODS, VARIANT, EvalConfig, run_evaluation  # start-up time
+    from .shapesworld.evaluate import EvalConfig, run_evaluation  # start-up time
     from .shapesworld.scenes import WORLDS  # start-up time
 
-    methods = tuple(method or METHODS)
-    variants = {f"{VARIANT}{name}" for name in MAP_METHOD_NAMES}
-    unknown = sorted(set(methods) - set(METHODS) - variants)
-    if unknown:
-        raise SettingsError(f"Unknown method(s) {unknown}; use {list(METHODS)} or freefuse/<mask method>.")
+    _quiet_model_libraries()
+    methods = _eval_methods(method)
     if world not in WORLDS:
         raise SettingsError(f"--world {world!r}: use one of {sorted(WORLDS)}.")
     config = EvalConfig.quick() if quick else EvalConfig()
@@ -953,6 +1081,184 @@ def eval_shapesworld(
             raise typer.Exit(EXIT_INTERRUPTED) from None
     console.print(table, highlight=False, markup=False)
     console.print(escape(f"wrote {files['json']}, {files['md']}, {files['grid']}"), highlight=False)
+
+
+def _eval_methods(given: list[str] | None) -> tuple[str, ...]:
+    """The evaluation's methods: merge, freefuse, masks, freefuse/<mask method>, each but merge with
+    an optional +bias<scale>; the defaults when none is given."""
+    from .shapesworld.evaluate import METHODS, VARIANT, split_bias  # start-up time
+
+    methods = tuple(given or METHODS)
+    variants = {f"{VARIANT}{name}" for name in MAP_METHOD_NAMES}
+    try:
+        bases = {name: split_bias(name)[0] for name in methods}
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
+    unknown = sorted(name for name, base in bases.items() if base not in set(METHODS) | variants)
+    if unknown:
+        raise SettingsError(
+            f"Unknown method(s) {unknown}; use {list(METHODS)} or freefuse/<mask method>, each with +bias<scale> "
+            "for the attention bias (not merge)."
+        )
+    return methods
+
+@eval_app.command("pairs", cls=Command)
+@command
+def eval_pairs(
+    lora: Annotated[
+        list[str] | None,
+        typer.Option("--lora", "-l", help="A character LoRA: PATH=WORD\\[@WEIGHT]. Two or more; paired two by two."),
+    ] = None,
+    refs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--refs",
+            help="NAME=FOLDER: a LoRA's training images (NAME: its file name or word). Without one, its single-LoRA "
+            "images on the same seeds serve, and the report says so.",
+        ),
+    ] = None,
+    model: ModelOpt = None,
+    base_model: Annotated[
+        str | None, typer.Option("--base-model", help="For --model FILE.safetensors: its diffusers configs.")
+    ] = None,
+    prompts: Annotated[
+        str, typer.Option("--prompts", help="'paper' (Appendix B, built in) or a text file, one <A>/<B> prompt a line.")
+    ] = "paper",
+    prompt_count: Annotated[
+        int | None, typer.Option("--prompt-count", help="Only the first N prompts (a smaller run).")
+    ] = None,
+    seeds: Annotated[str, typer.Option("--seeds", help="A range (42-51, the paper's) or a list (42,43).")] = "42-51",
+    method: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--method",
+            help="diffusers | merge | freefuse | freefuse:MASK_METHOD | masks | single (repeat; default: all but "
+            "the freefuse:* variants).",
+        ),
+    ] = None,
+    metric: Annotated[
+        list[str] | None,
+        typer.Option("--metric", help="dinov3 | dreamsim | lvface | hpsv3 | vlm | clip (repeat; default: the paper's five)."),
+    ] = None,
+    metric_model: Annotated[
+        list[str] | None,
+        typer.Option("--metric-model", help="METRIC=MODEL_ID, e.g. vlm=Qwen/Qwen2.5-VL-7B-Instruct (the judge)."),
+    ] = None,
+    judge_references: Annotated[
+        int, typer.Option("--judge-references", help="Reference images per character shown to the judge.")
+    ] = 1,
+    crops: Annotated[
+        str, typer.Option("--crops", help="masks (FreeFuse's masks of each seed, for every method) | detector.")
+    ] = "masks",
+    detector: Annotated[str, typer.Option("--detector", help="owlv2 | halves (no model).")] = "owlv2",
+    detector_model: Annotated[str | None, typer.Option("--detector-model", help="The detector's model id.")] = None,
+    setting: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="A generate setting for every image, KEY=VALUE (steps=28, size=1024x1024, guidance=3.5)."),
+    ] = None,
+    single_prompt: Annotated[
+        str, typer.Option("--single-prompt", help="The single-LoRA images' prompt, with <A>.")
+    ] = "a portrait photo of <A>, face clearly visible",
+    skip_unavailable: Annotated[
+        bool, typer.Option("--skip-unavailable", metavar="", help="Leave out metrics whose library is missing.")
+    ] = False,
+    quick: Annotated[
+        bool,
+        typer.Option("--quick", metavar="", help="End to end offline in seconds: tiny model, tiny random metric backbones."),
+    ] = False,
+    out: OutOpt = Path("out/eval-pairs"),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """The paper's evaluation (Table 2) on your LoRAs: pairs x prompts x seeds x methods, scored, reported.
+
+    Re-run the same command to resume. With `accelerate launch --multi_gpu --num_processes N -m freefuse eval
+    pairs ...` the images and the scores are split between GPUs.
+    """
+    from .evaluation import run as evaluation  # start-up time: torch, diffusers, transformers
+    from .runner import RunService  # start-up time
+
+    if quick:
+        if lora or model or refs:
+            raise SettingsError("--quick runs its own tiny model and LoRAs; leave out --lora, --model and --refs.")
+        config, options = evaluation.quick_setup(out)
+    else:
+        config = _pairs_config(evaluation, model, base_model, lora, refs, prompts, prompt_count, seeds, method, setting,
+                               single_prompt)  # fmt: skip
+        options = _pairs_options(evaluation, metric, metric_model, judge_references, crops, detector, detector_model,
+                                 skip_unavailable, device)  # fmt: skip
+    with _progress() as progress:
+        task = progress.add_task("checking", total=None)
+
+        def report(stage: str, done: int | None, total: int | None) -> None:
+            progress.update(task, description=stage, completed=done or 0, total=total)
+
+        try:
+            files = evaluation.run_pairs(config, options, out, RunService(device=device, dtype=dtype), report)
+        except KeyboardInterrupt:
+            progress.stop()
+            console.print(escape(f"Interrupted; finished images and scores are kept in {out}. Run the same command again to resume."), style="yellow")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+    if files:
+        console.print(escape(f"wrote {files['md']}, {files['html']}, {files['scores']}"), highlight=False, soft_wrap=True)
+
+
+def _pairs_config(evaluation, model, base_model, lora, refs, prompts, prompt_count, seeds, method, setting, single_prompt):
+    """`eval pairs`' generation plan from its options (`evaluation`: the module, imported by the command)."""
+    if model is None or len(lora or []) < 2:
+        raise SettingsError("Give --model and at least two --lora PATH=WORD (or --quick to try it).")
+    chosen, note = evaluation.load_prompts(prompts)
+    if prompt_count is not None:
+        if prompt_count < 1:
+            raise SettingsError(f"--prompt-count {prompt_count}: give at least 1.")
+        chosen = chosen[:prompt_count]
+        note = f"the first {len(chosen)} of: {note}"
+    folders = dict(_pair(item, "--refs", "NAME=FOLDER") for item in refs or [])
+    return evaluation.build_config(
+        model, [parse_lora_spec(item) for item in lora], folders, chosen, note, evaluation.parse_seeds(seeds),
+        evaluation.check_methods(method or evaluation.DEFAULT_METHODS), evaluation.parse_settings(setting or []),
+        single_prompt, base_model,
+    )  # fmt: skip
+
+
+def _pairs_options(evaluation, metric, metric_model, judge_references, crops, detector, detector_model,
+                   skip_unavailable, device):  # fmt: skip
+    """`eval pairs`' scoring options from its options (metrics keep their own dtypes: float32 features, the
+    judge in bfloat16 on a GPU; --dtype is the image model's)."""
+    if crops not in ("masks", "detector"):
+        raise SettingsError(f"--crops {crops!r}: use masks or detector.")
+    return evaluation.EvalOptions(
+        metrics=tuple(metric or evaluation.PAPER_METRICS),
+        metric_options=evaluation.MetricOptions(
+            device=device, models=dict(_pair(item, "--metric-model", "METRIC=ID") for item in metric_model or []),
+            judge_references=judge_references,
+        ),
+        crops=crops, detector=detector, detector_model=detector_model, skip_unavailable=skip_unavailable,
+        command="freefuse " + " ".join(sys.argv[1:]) if sys.argv and "freefuse" in sys.argv[0] else "freefuse eval pairs",
+    )  # fmt: skip
+
+
+def _pair(item: str, flag: str, form: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise SettingsError(f"{flag} {item!r}: write {form}.")
+    return key.strip(), value.strip()
+
+
+@eval_app.command("replay", cls=Command)
+@command
+def eval_replay(
+    manifest: Annotated[Path, typer.Argument(help="A `diffusers` row's manifest from `freefuse eval pairs` (images/NAME.json).")],
+    out: OutOpt = Path("out/replay"),
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+) -> None:
+    """Make a `diffusers` baseline row's image again (FreeFuse rows replay with `freefuse generate --manifest`)."""
+    from .evaluation import run as evaluation  # start-up time
+    from .runner import RunService  # start-up time
+
+    written = evaluation.replay_plain(manifest, RunService(device=device, dtype=dtype), out)
+    console.print(escape(f"wrote {', '.join(str(path) for path in written)}"), highlight=False, soft_wrap=True)
 
 
 def main() -> None:

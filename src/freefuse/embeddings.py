@@ -17,12 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import EmbeddingError
 
+if TYPE_CHECKING:  # torch is imported where tensors are changed: `inspect` reads headers only
+    import torch
+
 BUNDLE_PREFIX = "bundle_emb."
+MAX_PLACEHOLDER_CHARS = 100
 #: kohya's single-encoder form, read as the first CLIP encoder.
 _KOHYA_SUFFIX = ".string_to_param.*"
 #: OneTrainer's "output embeddings" (`t5_out`, `clip_l_out`) change what the encoder puts out, not its input.
@@ -42,7 +45,24 @@ def split_bundle_key(key: str) -> tuple[str, str]:
         placeholder, _, encoder = rest.rpartition(".")
     if not placeholder or not encoder:
         raise EmbeddingError(f"Bundled embedding key {key!r} is not `bundle_emb.<placeholder>.<encoder>`.")
+    if len(placeholder) > MAX_PLACEHOLDER_CHARS or any(char.isspace() or not char.isprintable() for char in placeholder):
+        raise EmbeddingError(
+            f"Bundled embedding key {key[:120]!r} has no usable trigger word: a placeholder is one word of at most "
+            f"{MAX_PLACEHOLDER_CHARS} printable characters, without spaces."
+        )
     return placeholder, encoder
+
+
+def check_bundle_shape(placeholder: str, encoder: str, shape) -> None:
+    """A bundled embedding is `[n_vectors, width]` (or `[width]`, one vector) with no empty axis;
+    `shape` from the tensor or from the file's header."""
+    shape = tuple(shape)
+    if not shape or any(not isinstance(size, int) or size < 1 for size in shape):
+        raise EmbeddingError(
+            f"bundles an embedding for {placeholder!r} ({encoder}) of shape {list(shape)}; an embedding is "
+            "[vectors, width] (or [width] for one vector). The file is damaged: export it again, or use a copy "
+            "without `bundle_emb.*` tensors."
+        )
 
 
 def bundled_embeddings(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -52,6 +72,7 @@ def bundled_embeddings(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict
         if not is_bundle_key(key):
             continue
         placeholder, encoder = split_bundle_key(key)
+        check_bundle_shape(placeholder, encoder, value.shape)
         vectors = value if value.ndim == 2 else value.reshape(-1, value.shape[-1])
         found.setdefault(placeholder, {})[encoder] = vectors
     return found
@@ -123,6 +144,8 @@ def install(
     embeddings: dict[str, dict[str, torch.Tensor]], slots: Mapping[str, tuple[str, str]], pipeline
 ) -> InstalledEmbeddings:
     """Put each embedding into its text encoder (call `check_embeddings` first). On error, nothing stays changed."""
+    import torch
+
     installed = InstalledEmbeddings()
     try:
         for placeholder, per_encoder in embeddings.items():
@@ -153,6 +176,8 @@ def install(
 
 def uninstall(installed: InstalledEmbeddings, pipeline) -> None:
     """Every replaced row and added token back as before `install`."""
+    import torch
+
     for text_encoder, token_id, row in reversed(installed.replaced):
         with torch.no_grad():
             text_encoder.get_input_embeddings().weight[token_id] = row

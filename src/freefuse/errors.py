@@ -29,6 +29,10 @@ class LoraFileError(FreeFuseError):
     """A LoRA file cannot be used: missing, not safetensors, corrupt, or for another model."""
 
 
+class LoraFitError(LoraFileError):
+    """A LoRA file made for another model: layers this model lacks, or of other sizes."""
+
+
 class ModelLoadError(FreeFuseError):
     """The base model cannot be found or loaded (the message says what is missing)."""
 
@@ -47,6 +51,10 @@ class MaskingError(FreeFuseError):
 
 class JobFileError(FreeFuseError):
     """A job or grid file is malformed; the message names the line or key."""
+
+
+class InputFileError(FreeFuseError):
+    """A file the run names cannot be read (an I/O error, a special file); the message names it."""
 
 
 class OutputFolderError(FreeFuseError):
@@ -121,6 +129,13 @@ def describe_failure(error: BaseException) -> Failure:
     if isinstance(error, OSError) and error.errno in PATH_ERRNOS:
         where = f" {str(error.filename)[:200]!r}" if error.filename else ""
         return Failure("user", f"path{where} cannot be used: {error.strerror or error}; check the path.")
+    if isinstance(error, OSError) and error.errno == errno.EIO:
+        where = f" {str(error.filename)[:200]!r}" if error.filename else " a file"
+        return Failure(
+            "user",
+            f"the system could not read or write{where} (input/output error): a failing disk, a network share that "
+            "went away, or a special file such as /proc/…; check the paths given.",
+        )
     if isinstance(error, OSError) and error.errno in STORAGE_ERRNOS:
         where = f" {error.filename}" if error.filename else ""
         reason = error.strerror or str(error)

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-from .core import storage
-from .errors import OutputExistsError, OutputFolderError
+from .core import jsontext, storage
+from .errors import InputFileError, OutputExistsError, OutputFolderError
 
 
 def check_free(paths: list[Path], overwrite: bool) -> None:
@@ -118,6 +118,19 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def read_input(path: str | Path, what: str) -> bytes:
+    """The bytes of a file the user named (`what`: "Job file", "Manifest", ...). A file that exists
+    but that the system cannot read (an I/O error, /proc/self/mem) is an `InputFileError` naming it."""
+    try:
+        return Path(path).read_bytes()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise
+    except OSError as error:
+        raise InputFileError(
+            f"{what} {path} cannot be read ({error.strerror or error}); check the file (and the disk it is on)."
+        ) from None
+
+
 def _cache_path() -> Path:
     root = os.environ.get("FREEFUSE_CACHE") or Path.home() / ".cache" / "freefuse"
     return Path(root) / "hashes.json"
@@ -129,9 +142,10 @@ def cached_sha256(path: Path) -> str:
     stat = path.stat()
     cache_file = _cache_path()
     try:
-        cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
-    except (OSError, json.JSONDecodeError):
+        cache = jsontext.loads(cache_file.read_text()) if cache_file.is_file() else {}
+    except (OSError, ValueError):
         cache = {}
+    cache = cache if isinstance(cache, dict) else {}
     entry = cache.get(str(path))
     if (
         isinstance(entry, dict)

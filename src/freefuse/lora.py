@@ -10,22 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import re
 import struct
-from collections.abc import Collection
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
+from .core import jsontext
 from .embeddings import EmbeddingError, bundled_embeddings, is_bundle_key, split_bundle_key
-from .errors import LoraFileError
+from .errors import LoraFileError, LoraFitError
 from .files import sha256_file
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch is imported by the functions that read tensors: `inspect` reads headers only
+    import torch
+
     from .backends.base import Backend
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle", ".th", ".tar", ".zip"}
@@ -38,6 +38,23 @@ TRIGGER_KEYS = (
     "trigger_word",
     "ss_trigger_word",
 )
+
+
+#: The strongest LoRA weight accepted. Typical weights are 0 to 2; far past this the LoRA's delta
+#: swamps the layer and the image is NaN (1e300 does not even fit in a float32 scale).
+MAX_LORA_WEIGHT = 100.0
+
+
+def check_lora_weight(weight) -> float:
+    """`weight` as a float if it is a usable LoRA strength; else a `ValueError` saying what is."""
+    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
+        raise ValueError(f"`weight` must be a finite number, got {weight!r}.")
+    if abs(weight) > MAX_LORA_WEIGHT:
+        raise ValueError(
+            f"`weight` {weight!r} is out of range: LoRA weights are usually 0 to 2, at most {MAX_LORA_WEIGHT:g} "
+            "either way (a weight this large only gives NaN images)."
+        )
+    return float(weight)
 
 
 #: What PEFT accepts as an adapter name (and what masks, manifests and file names show).
@@ -130,7 +147,12 @@ def check_lora_path(path: str | Path, architecture: type[Backend] | None = None)
     header = read_header(path)
     if architecture is not None:
         architecture.check_lora_keys(
-            [key for key in header if key != "__metadata__" and not is_bundle_key(key)], path.name
+            {
+                key: info.get("shape", []) if isinstance(info, dict) else []
+                for key, info in header.items()
+                if key != "__metadata__" and not is_bundle_key(key)
+            },
+            path.name,
         )
     return path
 
@@ -138,9 +160,14 @@ def check_lora_path(path: str | Path, architecture: type[Backend] | None = None)
 def read_header(path: Path) -> dict:
     """The JSON header of a safetensors file (its first bytes only), checked against the file size."""
     size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        raw = handle.read(_header_size(head, size, path))
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            raw = handle.read(_header_size(head, size, path))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise
+    except OSError as error:
+        raise LoraFileError(f"{path} cannot be read ({error.strerror or error}); check the file.") from None
     return _checked_header(raw, size, path)
 
 
@@ -166,10 +193,13 @@ def _header_size(head: bytes, size: int, path: Path) -> int:
 
 def _checked_header(raw: bytes, size: int, path: Path) -> dict:
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
-        reason = "nested too deeply" if isinstance(error, RecursionError) else error
-        raise LoraFileError(f"{path} has a corrupt safetensors header ({reason}).") from None
+        header = jsontext.loads(raw, unique_keys=True)
+    except jsontext.DuplicateKeyError as error:
+        raise LoraFileError(
+            f"{path} has a corrupt safetensors header: tensor {error.key[:80]!r} is listed twice."
+        ) from None
+    except ValueError as error:  # not UTF-8, not JSON, nested too deeply
+        raise LoraFileError(f"{path} has a corrupt safetensors header ({error}).") from None
     if not isinstance(header, dict):
         raise LoraFileError(f"{path} has a corrupt safetensors header (not a JSON object).")
     metadata = header.get("__metadata__", {})
@@ -183,6 +213,12 @@ def _checked_header(raw: bytes, size: int, path: Path) -> dict:
         if problem:
             raise LoraFileError(f"{path} has a corrupt safetensors header: tensor {key[:80]!r} {problem}.")
         end = max(end, info["data_offsets"][1])
+    overlap = _overlapping_tensors(header)
+    if overlap:
+        raise LoraFileError(
+            f"{path} has a corrupt safetensors header: tensor {overlap[1][:80]!r} overlaps tensor {overlap[0][:80]!r} "
+            "(their byte ranges share bytes). Download or export the file again."
+        )
     if 8 + len(raw) + end > size:
         raise LoraFileError(
             f"{path} is truncated: its tensors need {8 + len(raw) + end} bytes but the file has {size}. "
@@ -205,6 +241,34 @@ def _header_entry_problem(info, size: int) -> str | None:
         return "has a shape that is not a list of sizes"
     if not isinstance(dtype, str):
         return "has no dtype"
+    itemsize = DTYPE_BYTES.get(dtype)
+    if itemsize is not None and math.prod(shape) * itemsize != offsets[1] - offsets[0]:
+        return (
+            f"is {dtype} of shape {shape}, which is {math.prod(shape) * itemsize} bytes, but its byte range "
+            f"{offsets} holds {offsets[1] - offsets[0]}"
+        )
+    return None
+
+
+#: Bytes per element of the safetensors dtypes; a dtype not listed here is left to safetensors.
+DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8, "C64": 8,
+}  # fmt: skip
+
+
+def _overlapping_tensors(header: dict) -> tuple[str, str] | None:
+    """Two tensors whose byte ranges share bytes (names, in file order), or None."""
+    ranges = sorted(
+        (info["data_offsets"][0], info["data_offsets"][1], key)
+        for key, info in header.items()
+        if key != "__metadata__" and info["data_offsets"][1] > info["data_offsets"][0]
+    )
+    for (_, end, name), (begin, _, other) in zip(ranges, ranges[1:], strict=False):
+        if begin < end:
+            return name, other
     return None
 
 
@@ -224,7 +288,10 @@ def read_lora_file(path: str | Path) -> LoraFile:
     from safetensors.torch import load
 
     path = check_lora_path(path)
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise LoraFileError(f"{path} cannot be read ({error.strerror or error}); check the file.") from None
     metadata = header_metadata(parse_header(data, path))
     try:
         state_dict = load(data)
@@ -253,6 +320,8 @@ def read_lora_file(path: str | Path) -> LoraFile:
 
 def check_lora_tensor(path: Path, key: str, tensor: torch.Tensor) -> None:
     """LoRA weights are finite floating-point numbers; name the file and tensor when not."""
+    import torch
+
     if not tensor.is_floating_point():
         raise LoraFileError(
             f"{path.name}: tensor {key!r} holds {str(tensor.dtype).removeprefix('torch.')} values; LoRA weights "
@@ -296,7 +365,8 @@ def detect_layout(state_dict: dict[str, torch.Tensor]) -> str:
         if any(part in k for k in unet for part in _UNET_BLOCKS) or (
             unet
             and not any(
-                "double_blocks" in k or "single_blocks" in k or "transformer_blocks" in k for k in keys
+                "double_blocks" in k or "single_blocks" in k or "transformer_blocks" in k or _ZIMAGE.search(k)
+                for k in keys
             )
         ):
             return "kohya-unet"
@@ -321,9 +391,11 @@ def check_lora_fits(
 
     `state_dict` is in diffusers layout; `prefix` is the denoiser's key prefix ("transformer").
     """
+    import torch
+
     denoiser_keys = [k for k in state_dict if k.startswith(prefix + ".")]
     if not denoiser_keys:
-        raise LoraFileError(
+        raise LoraFitError(
             f"{source} has no layers for this model's {prefix} (first key {next(iter(state_dict), None)!r}); "
             "it is a LoRA for another architecture."
         )
@@ -337,7 +409,7 @@ def check_lora_fits(
         module_name, which = match.groups()
         module = modules.get(module_name)
         if module is None:
-            raise LoraFileError(
+            raise LoraFitError(
                 f"{source} does not fit this model: key {key!r} names layer {module_name!r}, which the "
                 f"{prefix} does not have (a LoRA for another model or version)."
             )
@@ -353,12 +425,12 @@ def check_lora_fits(
                 f"are {kind}."
             )
         if which == "A" and tensor.shape[1] != in_features:
-            raise LoraFileError(
+            raise LoraFitError(
                 f"{source} does not fit this model: key {key!r} has shape {tuple(tensor.shape)} but layer "
                 f"{module_name!r} takes {in_features} inputs (a LoRA for a model of another size)."
             )
         if which == "B" and tensor.shape[0] != out_features:
-            raise LoraFileError(
+            raise LoraFitError(
                 f"{source} does not fit this model: key {key!r} has shape {tuple(tensor.shape)} but layer "
                 f"{module_name!r} gives {out_features} outputs (a LoRA for a model of another size)."
             )
@@ -392,15 +464,15 @@ def trigger_words_and_source(metadata: dict[str, str]) -> tuple[list[str], str |
     for key in TRIGGER_KEYS:
         value = metadata.get(key)
         if value and value.strip():
-            with contextlib.suppress(json.JSONDecodeError):
-                parsed = json.loads(value)
+            with contextlib.suppress(ValueError):  # not JSON, or nested too deeply: plain text
+                parsed = jsontext.loads(value)
                 if isinstance(parsed, list):
                     return [str(word).strip() for word in parsed if str(word).strip()][:16], key
             return [word.strip() for word in value.split(",") if word.strip()][:16], key
     for key in ("ss_dataset_dirs", "ss_tag_frequency"):
         try:
-            folders = json.loads(metadata.get(key) or "null")
-        except json.JSONDecodeError:
+            folders = jsontext.loads(metadata.get(key) or "null")
+        except ValueError:  # not JSON, or nested too deeply: untrusted metadata, ignored
             continue
         if isinstance(folders, dict):
             weighted = [
@@ -438,8 +510,8 @@ def tag_frequencies(metadata: dict[str, str], limit: int = 10) -> list[tuple[str
     if not raw:
         return []
     try:
-        datasets = json.loads(raw)
-    except json.JSONDecodeError:
+        datasets = jsontext.loads(raw)
+    except ValueError:
         return []
     counts: dict[str, int] = {}
     if isinstance(datasets, dict):
@@ -451,26 +523,100 @@ def tag_frequencies(metadata: dict[str, str], limit: int = 10) -> list[tuple[str
     return sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:limit]
 
 
+UNET_FAMILY = "UNet (SD 1.x / SDXL)"
+FLUX_FAMILY = "FLUX transformer"  # FLUX.1 or FLUX.2: the names shared by both, no width that tells
+FLUX1_FAMILY = "FLUX.1 transformer"
+FLUX2_FAMILY = "FLUX.2 transformer"
+ZIMAGE_FAMILY = "Z-Image transformer"
+#: Families a file can be refused as (a "text encoder only" or "unknown" file is left to the loader).
+MODEL_FAMILIES = (UNET_FAMILY, FLUX_FAMILY, FLUX1_FAMILY, FLUX2_FAMILY, ZIMAGE_FAMILY)
+
+# Z-Image's blocks in every layout: diffusers' (`layers.0.attention.to_q`), ai-toolkit's
+# (`diffusion_model.` + those), kohya/musubi's (`lora_unet_layers_0_attention_qkv`).
+_ZIMAGE = re.compile(
+    r"(^|[._])(layers|noise_refiner|context_refiner)[._]\d+[._](attention|feed_forward|adaLN_modulation)"
+    r"|(^|[._])(cap_embedder|all_x_embedder|all_final_layer)[._]"
+)
+# Layer names only one FLUX generation has. FLUX.2: fused single-block projections, SwiGLU
+# feed-forwards, modulation shared by all blocks. FLUX.1: GELU feed-forwards, per-block modulation.
+_FLUX2_ONLY = re.compile(r"to_qkv_mlp_proj|[._]linear_(in|out)[._]|stream_modulation|time_guidance_embed")
+_FLUX1_ONLY = re.compile(
+    r"proj_mlp|[._]ff(_context)?[._]net[._]|norm1(_context)?[._]linear|time_text_embed|vector_in"
+    r"|(img|txt)_mod[._]lin|single_blocks[._]\d+[._]modulation[._]lin"
+)
+# Where the two share names (BFL, kohya, musubi layouts), the feed-forward widths differ: output
+# (input) width over the block's width of each layer, for FLUX.1 and FLUX.2.
+_FLUX_WIDTHS = (
+    (re.compile(r"(img|txt)_mlp[._]0$"), "out", 4, 6),
+    (re.compile(r"(img|txt)_mlp[._]2$"), "in", 4, 3),
+    (re.compile(r"linear1$"), "out", 7, 9),
+    (re.compile(r"linear2$"), "in", 5, 4),
+)
+_HALVES = ((".lora_down.weight", ".lora_up.weight"), (".lora_A.weight", ".lora_B.weight"))
+
+
+def _flux_generation(keys: list[str], shapes: Mapping[str, Sequence[int]] | None) -> str:
+    """FLUX.1 or FLUX.2 from the names one of them alone has, else from a feed-forward's widths."""
+    if any(_FLUX2_ONLY.search(key) for key in keys):
+        return FLUX2_FAMILY
+    if any(_FLUX1_ONLY.search(key) for key in keys):
+        return FLUX1_FAMILY
+    for key in keys if shapes is not None else ():
+        for down_suffix, up_suffix in _HALVES:
+            if not key.endswith(down_suffix):
+                continue
+            module = key[: -len(down_suffix)]
+            down, up = shapes.get(key), shapes.get(module + up_suffix)
+            if not down or not up or len(down) != 2 or len(up) != 2:
+                continue
+            for pattern, side, flux1, flux2 in _FLUX_WIDTHS:
+                if pattern.search(module):
+                    # The block's width is the other side of the layer; the ratio is an integer.
+                    ratio = up[0] / down[1] if side == "out" else down[1] / up[0]
+                    if ratio in (flux1, flux2):
+                        return FLUX1_FAMILY if ratio == flux1 else FLUX2_FAMILY
+    return FLUX_FAMILY
+
+
 def lora_family(keys) -> str:
-    """What a LoRA file is for, from its tensor names: "FLUX transformer", "UNet (SD 1.x / SDXL)",
-    "text encoder only", or "unknown"."""
+    """What a LoRA file is for, from its tensor names (and shapes, given a mapping name → shape):
+    "Z-Image transformer", "FLUX.1 transformer", "FLUX.2 transformer", "FLUX transformer" (FLUX.1
+    or FLUX.2: nothing in the file tells which), "UNet (SD 1.x / SDXL)", "text encoder only", or
+    "unknown"."""
+    shapes = keys if isinstance(keys, Mapping) else None
     keys = list(keys)
-    # FLUX's own block names first (kohya FLUX files start with lora_unet_ too), then UNet names
-    # (SD and SDXL attention layers are also called transformer_blocks), then diffusers' FLUX.
+    # Z-Image first (its kohya files start with lora_unet_ too), then FLUX's own block names (kohya
+    # FLUX files also start with lora_unet_), then UNet names (SD and SDXL attention layers are also
+    # called transformer_blocks), then diffusers' FLUX.
+    if any(_ZIMAGE.search(key) for key in keys):
+        return ZIMAGE_FAMILY
     if any(
         part in key
         for key in keys
         for part in ("double_blocks", "single_blocks", "single_transformer_blocks")
-    ):
-        return "FLUX transformer"
+    ) or any(_FLUX2_ONLY.search(key) for key in keys):
+        return _flux_generation(keys, shapes)
     unet_parts = ("down_blocks", "up_blocks", "mid_block", "input_blocks", "output_blocks")
     if any(key.startswith(("lora_unet_", "unet.")) or any(p in key for p in unet_parts) for key in keys):
-        return "UNet (SD 1.x / SDXL)"
+        return UNET_FAMILY
     if any(key.startswith(("transformer.", "diffusion_model.")) for key in keys):
-        return "FLUX transformer"
+        return _flux_generation(keys, shapes)
     if keys and all(key.startswith(("lora_te", "text_encoder")) for key in keys):
         return "text encoder only"
     return "unknown"
+
+
+def check_lora_family(keys, source: str, accepted: Sequence[str], model: str) -> None:
+    """Refuse a LoRA file whose tensor names (and shapes) say it is for another model family than
+    `accepted` (a file that says nothing is left to the loader), naming both: the file's family and
+    `model`, what it was given to."""
+    family = lora_family(keys)
+    if family in MODEL_FAMILIES and family not in accepted:
+        first = next(iter(keys), None)
+        raise LoraFileError(
+            f"{source} is a LoRA for a {family} (keys such as {first!r}), not for {model}; use a LoRA "
+            "trained for this model."
+        )
 
 
 _TEXT_ENCODER_PREFIXES = {
@@ -493,6 +639,12 @@ def text_encoder_parts(keys) -> list[str]:
     return sorted(found)
 
 
+#: The down (A) half of a LoRA layer, whose first axis is the rank: kohya's `.lora_down.weight`,
+#: PEFT's `.lora_A[.adapter].weight`, XLabs' `.processor.qkv_lora1.down.weight`.
+_DOWN_KEY = re.compile(r"\.lora_down\.|\.lora_A\.|_lora\d*\.down\.weight$")
+_LAYER_SUFFIX = re.compile(r"\.(lora_down|lora_A|lora_up|lora_B|alpha|down|up)(\.weight)?$")
+
+
 def describe_lora(path: str | Path) -> dict:
     """What `freefuse inspect` shows: layout, architecture, rank, adapted layers, trigger words and
     where they came from, selected metadata. Read from the safetensors header alone."""
@@ -505,10 +657,10 @@ def describe_lora(path: str | Path) -> dict:
         {
             int(shape[0])
             for key, shape in shapes.items()
-            if isinstance(shape, list) and len(shape) == 2 and (".lora_down." in key or ".lora_A." in key)
+            if isinstance(shape, list) and len(shape) == 2 and _DOWN_KEY.search(key)
         }
     )
-    layers = {re.sub(r"\.(lora_down|lora_A|lora_up|lora_B|alpha)(\.weight)?$", "", key) for key in shapes}
+    layers = {_LAYER_SUFFIX.sub("", key) for key in shapes}
     shown = (
         "ss_output_name",
         "ss_base_model_version",

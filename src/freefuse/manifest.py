@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import platform
 import sys
 from dataclasses import dataclass
@@ -19,7 +18,8 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .files import cached_sha256
+from .core import jsontext
+from .files import cached_sha256, read_input
 
 FORMAT = "freefuse-manifest/1"
 MAX_MANIFEST_BYTES = 4 << 20
@@ -184,8 +184,10 @@ def read_manifest(path: str | Path) -> dict:
             f"Manifest {path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; refusing to read it."
         )
     try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        manifest = jsontext.loads(read_input(path, "Manifest").decode("utf-8"))
+    except jsontext.NestingError as error:
+        raise ValueError(f"Manifest {path} is {error}; a manifest nests a few levels.") from None
+    except ValueError as error:  # not UTF-8, not JSON
         raise ValueError(f"Manifest {path} is not valid JSON: {error}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path} is not a FreeFuse manifest (expected format {FORMAT!r}).")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,11 +30,18 @@ class AdapterMask:
         text: `[B, T]` text-token mask in [0, 1].
         grid: `(h, w)` with h * w = N; layers that see the image at another resolution (a UNet's
             levels, its convolutions) get the mask resized to theirs. None: N tokens only.
+        text_lengths: per image, how many of the T text positions are its own
+            (`Conditioning.text_lengths`); None: all T. Layers that see the batch's text tokens
+            one image after the other (no batch axis) see those of each image.
+        image_multiple: the denoiser pads each image's N image tokens to a multiple of this many
+            (`Backend.sequence_multiple`); a padding token takes the subject's share of the image.
     """
 
     image: torch.Tensor
     text: torch.Tensor
     grid: tuple[int, int] | None = None
+    text_lengths: Sequence[int] | None = None
+    image_multiple: int = 1
 
     def image_map(self, size: tuple[int, int]) -> torch.Tensor:
         """`[B, 1, H', W']`: the image mask at `size`, area-averaged down (a coarse token gets the
@@ -51,9 +58,15 @@ class AdapterMask:
         return torch.nn.functional.interpolate(mask, size=tuple(size), mode="nearest")
 
     def image_tokens(self, count: int) -> torch.Tensor:
-        """`[B, count]`: the image mask on a grid of `count` tokens of the same aspect (a UNet level)."""
-        if count == self.image.shape[1]:
+        """`[B, count]`: the image mask on a grid of `count` tokens of the same aspect (a UNet level),
+        or the N tokens followed by the denoiser's padding tokens (`image_multiple`)."""
+        n_image = self.image.shape[1]
+        if count == n_image:
             return self.image
+        padding = -n_image % self.image_multiple
+        if padding and count == n_image + padding:
+            share = self.image.mean(dim=1, keepdim=True)
+            return torch.cat([self.image, share.expand(-1, padding)], dim=1)
         if self.grid is None:
             raise RuntimeError(
                 f"An image mask of {self.image.shape[1]} tokens has no grid to resize to {count}."
@@ -72,12 +85,16 @@ class AdapterMask:
         """The mask shaped to multiply a layer's output of `shape` (default: the grid's own sizes).
 
         `[B, S, 1]` with the segments of `layout` in order; `[B, 1]` for a layer without a token
-        axis (the share of the image the subject owns); `[B, 1, H, W]` for a convolution.
+        axis (the share of the image the subject owns); `[B, 1, H, W]` for a convolution; `[ΣS, 1]`
+        for a layer with tokens but no batch axis (2-d input: the images' tokens one after the
+        other, as Z-Image's embedders see them).
         """
         if not layout:
             return self.image.mean(dim=1, keepdim=True)
         if layout == ("spatial",):
             return self.image_map(tuple(shape[-2:]) if shape is not None else self.grid)
+        if shape is not None and len(shape) == 2:
+            return self._flat(layout, int(shape[0]))
         n_text = self.text.shape[1] * layout.count("text")
         n_image = (
             self.image.shape[1]
@@ -87,6 +104,20 @@ class AdapterMask:
         parts = [self.text if segment == "text" else self.image_tokens(n_image) for segment in layout]
         return torch.cat(parts, dim=1)[..., None]
 
+    def _flat(self, layout: TokenLayout, rows: int) -> torch.Tensor:
+        """`[rows, 1]`: each image's tokens of `layout`, image after image, without a batch axis."""
+        batch = self.image.shape[0]
+        lengths = list(self.text_lengths) if self.text_lengths is not None else [self.text.shape[1]] * batch
+        n_text = [length * layout.count("text") for length in lengths]
+        per_image = (rows - sum(n_text)) // batch // max(1, layout.count("image"))
+        image = self.image_tokens(per_image) if "image" in layout else None
+        pieces = [
+            part
+            for b in range(batch)
+            for part in (self.text[b, : lengths[b]] if segment == "text" else image[b] for segment in layout)
+        ]
+        return torch.cat(pieces)[:, None]
+
 
 def pass_masks(
     image_masks: dict[str, torch.Tensor],
@@ -95,6 +126,8 @@ def pass_masks(
     text_scope: str,
     everywhere: Set[tuple[str, int]] = frozenset(),
     grid: tuple[int, int] | None = None,
+    text_lengths: Sequence[int] | None = None,
+    image_multiple: int = 1,
 ) -> dict[str, AdapterMask]:
     """Every masked adapter's token masks for one forward pass (the prompt's, or the negative one's).
 
@@ -107,6 +140,8 @@ def pass_masks(
             elsewhere in the text; "all": on every text token.
         everywhere: (adapter, image) pairs acting on the whole text of that image, as in `merge`.
         grid: `(h, w)` of the N image tokens, for layers at other resolutions.
+        text_lengths, image_multiple: how the denoiser pads each image's text and image tokens
+            (`AdapterMask`).
 
     A subject whose image mask is all zero in an image is off on that image's text too: a LoRA
     masked out of the picture must leave it exactly as it would be without that LoRA.
@@ -124,7 +159,9 @@ def pass_masks(
                 for other, tokens in text_positions[b].items():
                     if other != name:
                         text[b, [t for t in tokens if t < n_text]] = 0.0
-        result[name] = AdapterMask(image=image, text=text, grid=grid)
+        result[name] = AdapterMask(
+            image=image, text=text, grid=grid, text_lengths=text_lengths, image_multiple=image_multiple
+        )
     return result
 
 
@@ -143,8 +180,10 @@ class _FusedLayer:
     down: torch.Tensor
     up: torch.Tensor
     #: Static masking (compiled blocks): this pass's coefficients, a buffer shared by the layers
-    #: with the same `cache_key` and written in place by `LoraMasker.set_masks`.
+    #: with the same `cache_key` and shape, written in place by `LoraMasker.set_masks`; and the
+    #: shape of the layer's rank activations per pass signature, measured by its first forward.
     coefficients: torch.Tensor | None = None
+    shapes: dict[tuple, tuple[int, ...]] = field(default_factory=dict)
 
     @functools.cached_property
     def cache_key(self) -> tuple:
@@ -203,10 +242,11 @@ class LoraMasker:
             adapter's output (the reference the fused op is tested against). Layers the fused op
             cannot take (not `lora.Linear`, bias on B, live dropout) use the "peft" path.
         static: for compiled blocks (`--compile`). Every pass comes with masks (all ones where
-            every LoRA acts), and each fused layer reads its coefficients from a buffer of one
-            shape per resolution that `set_masks` overwrites in place, so the compiled code sees
-            the same tensors at every step, pass and stage: nothing to recompile. Every adapted
-            layer must then take the fused op.
+            every LoRA acts), and each fused layer reads its coefficients from a buffer that
+            `set_masks` overwrites in place, so the compiled code sees the same tensors at every
+            step, pass and stage: nothing to recompile. A layer measures its shape in its first
+            forward for a pass's token counts, which must run uncompiled (the caller's first step).
+            Every adapted layer must take the fused op.
 
     `set_masks` switches masks between forward passes (the prompt's and the negative prompt's).
     """
@@ -236,6 +276,7 @@ class LoraMasker:
         self._masks: dict[str, AdapterMask] | None = None
         self._plans: list[_FusedLayer] = []
         self._buffers: dict[tuple, torch.Tensor] = {}
+        self._signature: tuple = ()
         self._cache: dict[tuple, torch.Tensor] = {}
         # Each masks object with what was built from it (kept with the object, not keyed by id():
         # a freed dict's id can be reused).
@@ -267,7 +308,7 @@ class LoraMasker:
         if self._masks is None or adapter not in self._masks:
             return None
         # What the mask's shape depends on: the token count, or a convolution's H x W.
-        key = (adapter, layout, tuple(output.shape[2:] if layout == ("spatial",) else output.shape[1:-1]))
+        key = (adapter, layout, tuple(output.shape[2:] if layout == ("spatial",) else output.shape[:-1]))
         mask = self._cache.get(key)
         if mask is None or mask.device != output.device or mask.dtype != output.dtype:
             mask = (
@@ -291,7 +332,7 @@ class LoraMasker:
     # -- the "fused" op -----------------------------------------------------------------------------
     def _coefficients(self, plan: _FusedLayer, low: torch.Tensor) -> torch.Tensor:
         """Per rank slot: scaling × the adapter's mask for this pass (`[B, S, Σr]`, `[B, Σr]` or `[Σr]`)."""
-        key = (*plan.cache_key, low.shape[1] if plan.layout else 0)
+        key = (*plan.cache_key, tuple(low.shape[:-1]) if plan.layout else 0)
         coefficients = self._cache.get(key)
         if coefficients is not None and coefficients.device == low.device:
             return coefficients
@@ -300,26 +341,47 @@ class LoraMasker:
         return coefficients
 
     def _write_static(self, masks: dict[str, AdapterMask] | None) -> None:
-        """Every fused layer's coefficients for the next passes, written into its shared buffer."""
+        """Every fused layer's coefficients for the next passes, written into its shared buffer; a
+        layer not yet measured for these masks' shapes is measured by its next forward."""
         if masks is None:
             raise MaskingError("Compiled blocks need masks for every pass (all ones where every LoRA acts); got None.")
         self._masks = masks
+        self._signature = _pass_signature(masks)
         device = next(iter(masks.values())).image.device
-        written: set[tuple] = set()
+        written: dict[tuple, torch.Tensor] = {}
         for plan in self._plans:
             if plan.down.device != device:
                 plan.down, plan.up = plan.down.to(device), plan.up.to(device)
-            if plan.cache_key in written:
-                plan.coefficients = self._buffers[plan.cache_key]
+            shape = plan.shapes.get(self._signature)
+            if shape is None:
+                plan.coefficients = None
                 continue
-            values = _coefficient_values(plan, masks, None).to(device)
-            buffer = self._buffers.get(plan.cache_key)
-            if buffer is None or buffer.shape != values.shape or buffer.device != values.device:
-                buffer = self._buffers[plan.cache_key] = values  # a new resolution: compiled anew anyway
-            else:
-                buffer.copy_(values)
-            plan.coefficients = buffer
-            written.add(plan.cache_key)
+            key = (*plan.cache_key, shape)
+            if key not in written:
+                values = _coefficient_values(plan, masks, shape).to(device)
+                buffer = self._buffers.get(key)
+                if buffer is None or buffer.shape != values.shape or buffer.device != values.device:
+                    buffer = self._buffers[key] = values
+                else:
+                    buffer.copy_(values)
+                written[key] = buffer
+            plan.coefficients = written[key]
+
+    def _measure(self, plan: _FusedLayer, low: torch.Tensor) -> torch.Tensor:
+        """A layer's first forward for a pass signature (run uncompiled): its shape, its buffer."""
+        shape = tuple(low.shape)
+        plan.shapes[self._signature] = shape
+        key = (*plan.cache_key, shape)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = _coefficient_values(plan, self._masks, low.shape).to(low.device)
+        plan.coefficients = buffer
+        return buffer
+
+    @property
+    def measured(self) -> bool:
+        """Whether every fused layer knows its shape for the current masks (static masking)."""
+        return all(plan.coefficients is not None for plan in self._plans)
 
     def _fused_forward(self, layer: torch.nn.Module, plan: _FusedLayer):
         static = self.static
@@ -333,6 +395,8 @@ class LoraMasker:
                 plan.down, plan.up = plan.down.to(x.device), plan.up.to(x.device)
             low = torch.nn.functional.linear(x.to(plan.down.dtype), plan.down)
             coefficients = plan.coefficients if static else self._coefficients(plan, low)
+            if coefficients is None:  # static: this layer's first forward for these shapes, uncompiled
+                coefficients = self._measure(plan, low)
             if coefficients.ndim > 1:
                 _check_shape(coefficients, low, "+".join(plan.adapters), plan.name, plan.layout)
             # bf16 × float32 promotes inside the one multiply kernel: no separate upcast of `low`.
@@ -384,10 +448,12 @@ class LoraMasker:
                         found[adapter] = True
                 if self.op == "fused" and _fusable(layer, adapters):
                     # An instance `forward` may already be there (accelerate's offload hooks): kept and put back.
-                    replaced.append((layer, layer.__dict__.get("forward")))
+                    # Planned first: a layer is put on the list only once its forward is really replaced.
                     plan = self._plan(name, layer, adapters)
+                    fused = self._fused_forward(layer, plan)
+                    replaced.append((layer, layer.__dict__.get("forward")))
+                    layer.forward = fused
                     self._plans.append(plan)
-                    layer.forward = self._fused_forward(layer, plan)
                     continue
                 if self.static:
                     raise MaskingError(
@@ -421,6 +487,13 @@ def is_compiled(module: torch.nn.Module) -> bool:
     if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
         return True
     return any(getattr(part, "_compiled_call_impl", None) is not None for part in module.modules())
+
+
+def _pass_signature(masks: dict[str, AdapterMask]) -> tuple:
+    """What the shapes of a pass's layers depend on: the batch, text and image token counts."""
+    mask = next(iter(masks.values()))
+    lengths = None if mask.text_lengths is None else tuple(mask.text_lengths)
+    return (tuple(mask.image.shape), tuple(mask.text.shape), lengths, mask.image_multiple, mask.grid)
 
 
 def _coefficient_values(
@@ -484,10 +557,12 @@ def _check_shape(
 
 
 @contextlib.contextmanager
-def adapters_for_run(pipeline, names: Sequence[str], weights: Sequence[float]) -> Iterator[None]:
-    """The run's adapters active with the run's weights while inside; afterwards every adapted layer
-    of every component has the caller's active adapters and scalings back (`set_adapters` state),
-    even after an error."""
+def adapters_for_run(pipeline, names: Sequence[str], weights: Sequence[float]) -> Iterator[bool]:
+    """The run's adapters active with the run's weights while inside, and enabled even where the
+    caller disabled the LoRA layers (`disable_lora()`: a run of FreeFuse's LoRAs that applied none
+    would be a silent wrong result); yields whether it had to enable them. Afterwards every adapted
+    layer of every component has the caller's state back (active adapters, scalings, enabled or
+    not, `requires_grad`), even after an error."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     saved = []
@@ -496,17 +571,20 @@ def adapters_for_run(pipeline, names: Sequence[str], weights: Sequence[float]) -
             for module in component.modules():
                 if isinstance(module, BaseTunerLayer):
                     grads = {name: p.requires_grad for name, p in module.named_parameters()}
-                    saved.append(
-                        (module, list(module.active_adapters), dict(getattr(module, "scaling", {})), grads)
-                    )
+                    state = (list(module.active_adapters), dict(getattr(module, "scaling", {})), grads)
+                    saved.append((module, *state, bool(module.disable_adapters)))
     try:
         pipeline.set_adapters(list(names), adapter_weights=list(weights))
-        yield
+        disabled = [module for module, *_, off in saved if off]
+        for module in disabled:
+            module.enable_adapters(True)
+        yield bool(disabled)
     finally:
-        for module, active, scaling, grads in saved:
+        for module, active, scaling, grads, off in saved:
             module.set_adapter(active)  # PEFT also switches requires_grad here: put it back below
             if scaling:
                 module.scaling.update(scaling)
+            module.enable_adapters(not off)
             for name, parameter in module.named_parameters():
                 if name in grads:
                     parameter.requires_grad_(grads[name])

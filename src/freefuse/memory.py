@@ -24,6 +24,8 @@ from .errors import SettingsError
 if TYPE_CHECKING:
     import torch
 
+    from .settings import GenerationSettings
+
 # torch, diffusers and the quantization packages are imported where they are used: the command
 # line reads the choices below for its help and its checks without them.
 
@@ -135,14 +137,10 @@ def large_text_encoders(architecture) -> list[str]:
 
 def compile_refusal(architecture) -> str | None:
     """Why `--compile` cannot run on this architecture's denoiser, or None when it can: it must
-    declare repeated blocks for regional compilation (`_repeated_blocks`), and its LoRA layers
-    must see one token grid (compiled masks are one buffer per layer kind; a UNet's levels each
-    see the image at their own resolution)."""
+    declare repeated blocks for regional compilation (`_repeated_blocks`)."""
     denoiser = component_classes(architecture).get(architecture.denoiser_name)
     if not getattr(denoiser, "_repeated_blocks", None):
         return f"the {architecture.name} denoiser declares no repeated blocks to compile"
-    if denoiser.__name__.startswith("UNet"):
-        return f"the {architecture.name} UNet's layers see the image at several resolutions, one buffer of masks each"
     return None
 
 
@@ -199,12 +197,12 @@ def check_memory_options(
     architecture,
     source: SourceFacts = SourceFacts(),
     device: torch.device | None = None,
-    lora_op: str | None = None,
+    settings: GenerationSettings | None = None,
 ) -> None:
     """Every rule over the options that needs no weights; a `SettingsError` names what to use instead.
 
     `device`: where the run goes (None: not known yet, its rules wait for loading, still before any
-    weights load); `lora_op`: the run's setting, when known.
+    weights load); `settings`: the run's, when known (`lora_op`, the attention bias).
     """
     _check_packages(options, source)
     _check_sources(options, architecture, source)
@@ -222,8 +220,13 @@ def check_memory_options(
                 "--compile with --quantize fp8: the fp8 cast before each layer breaks the compiled graph at every layer "
                 "(a new graph per layer shape, recompiled); use --quantize int8 or a GGUF file with --compile."
             )
-        if lora_op == "peft":
+        if settings is not None and settings.lora_op == "peft":
             raise SettingsError("--compile runs masked LoRAs with the fused op only; leave --lora-op peft out.")
+        if settings is not None and settings.attention_bias:
+            raise SettingsError(
+                "--compile with --attn-bias: the bias's attention processors change what the compiled blocks read at "
+                "the stage switch (not made static yet); leave one of them out."
+            )
     _check_offload(options, source)
     if device is not None:
         _check_device(options, source, device)
@@ -409,7 +412,7 @@ def _dense_outputs(module, inputs, output):
 
 def compile_blocks(denoiser: torch.nn.Module, **compile_options) -> None:
     """The denoiser's repeated blocks compiled (diffusers' regional compilation), once per block
-    class and resolution: FreeFuse's masks enter them as tensors of fixed shape
+    class and token count: FreeFuse's masks enter them as buffers overwritten in place
     (`LoraMasker(static=True)`), and each block's outputs get a fresh tensor's strides, so neither the
     steps, the stage-1 → stage-2 switch, the images of a batch nor the block order recompile."""
     import torch

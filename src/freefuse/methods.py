@@ -241,19 +241,20 @@ class AttentionMasks(Method):
         background = context.background[b] or None
         if background is not None:
             config = replace(config, background=True)
+        tensors = captured.image(b)  # its own text rows only, in a batch of prompts of different lengths
         try:
             result = core.masks_from_attention(
-                None if captured.q_text is None else captured.q_text[b],
-                captured.q_img[b],
-                None if captured.k_img is None else captured.k_img[b],
+                tensors["q_text"],
+                tensors["q_img"],
+                tensors["k_img"],
                 [context.positions[b][name] for name in active],
                 grid,
                 image=preview,
                 config=config,
                 background_tokens=background,
                 image_size=(height, width),
-                k_text=captured.k_text[b],
-                o_img=captured.o_img[b],
+                k_text=tensors["k_text"],
+                o_img=tensors["o_img"],
             )
         except core.NonFiniteError as error:
             what = "x0 preview" if error.argument == "image" else "attention capture"

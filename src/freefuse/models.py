@@ -13,7 +13,9 @@ from pathlib import Path
 import torch
 
 from .backends import BACKENDS, Architecture, architectures, backend_for
-from .errors import ModelLoadError
+from .core import jsontext
+from .errors import ModelLoadError, SettingsError
+from .files import read_input
 from .lora import read_header
 from .manifest import ModelSource
 from .memory import (
@@ -31,6 +33,7 @@ from .memory import (
     quantize_in_memory,
     store_in_fp8,
 )
+from .shapesworld.model import LORA_DIR as SHAPESWORLD_LORAS
 from .shapesworld.model import MODEL_DIR as SHAPESWORLD_DIR
 from .shapesworld.model import load_shapesworld
 from .tiny import TINY_PIPELINES
@@ -38,29 +41,93 @@ from .tiny import TINY_PIPELINES
 TINY = "tiny"
 TINY_SDXL = "tiny-sdxl"
 # The built-in random models, by name: the backend whose tiny pipeline each one is.
-TINY_MODELS = {TINY: "flux", TINY_SDXL: "sdxl"}
+TINY_ZIMAGE = "tiny-zimage"
+TINY_FLUX2 = "tiny-flux2"
+TINY_MODELS = {TINY: "flux", TINY_SDXL: "sdxl", TINY_ZIMAGE: "zimage", TINY_FLUX2: "flux2"}
 # The ShapesWorld model committed with FreeFuse (a FLUX.1-architecture pipeline).
 SHAPESWORLD = "shapesworld"
 BUILT_IN = (*TINY_MODELS, SHAPESWORLD)
 _HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 
 
+def fitting_loras(model: str) -> str:
+    """Where LoRAs that fit a built-in model come from ("" for other models): what to say when a
+    LoRA for another model is given to one."""
+    if model in TINY_MODELS:
+        return (
+            f" LoRAs that fit the built-in {model!r}: `freefuse demo --model {model} --out DIR` writes two random "
+            "ones to DIR/demo-loras/ and prints a `freefuse generate` line that uses them."
+        )
+    if model == SHAPESWORLD:
+        return (
+            f" ShapesWorld's own LoRAs (zorblax, quiffle, blorp, snerk) are in {SHAPESWORLD_LORAS}; "
+            "`freefuse demo --out DIR` copies two to DIR/demo-loras/ and prints a `freefuse generate` line that uses them."
+        )
+    return ""
+
+
+#: The device types FreeFuse runs on (each when this machine and this PyTorch have it).
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
 def pick_device(device: str | None = None) -> torch.device:
+    """The device a run uses: `device` when it is one this machine can run on (else a
+    `SettingsError` saying why, before anything loads), or the best available."""
     if device:
         try:
             chosen = torch.device(device)
-        except RuntimeError as error:
-            raise ValueError(f"Unknown device {device!r} ({error}); use cpu, cuda, cuda:1 or mps.") from None
-        if chosen.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(
-                f"Device {device!r} was asked for but CUDA is not available here; use --device cpu."
-            )
+        except (RuntimeError, ValueError) as error:
+            reason = str(error).split("(")[0].strip() or type(error).__name__
+            raise SettingsError(
+                f"--device {device}: not a device name ({reason}); use {_usable_devices()}."
+            ) from None
+        problem = _device_problem(chosen)
+        if problem:
+            raise SettingsError(f"--device {device}: {problem}; use {_usable_devices()}.")
         return chosen
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def _device_count(kind: str) -> int:
+    """How many devices of `kind` (cuda, mps, xpu) this machine and this PyTorch can use."""
+    if kind == "cuda":
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        return 1 if mps is not None and mps.is_available() else 0
+    module = getattr(torch, kind, None)
+    try:
+        return module.device_count() if module is not None and module.is_available() else 0
+    except (AttributeError, RuntimeError):
+        return 0
+
+
+def _device_problem(device: torch.device) -> str | None:
+    """Why a run cannot use `device` here, or None."""
+    if device.type == "cpu":
+        return None
+    if device.type not in DEVICE_TYPES:
+        return f"FreeFuse runs on {', '.join(DEVICE_TYPES)}, not on {device.type!r} devices"
+    count = _device_count(device.type)
+    names = {"cuda": "CUDA", "mps": "Apple's MPS", "xpu": "Intel's XPU"}
+    if count == 0:
+        return f"{names[device.type]} is not available here (no such device, or this PyTorch was built without it)"
+    if device.index is not None and device.index >= count:
+        return f"this machine has {count} {names[device.type]} device(s), {device.type}:0 to {device.type}:{count - 1}"
+    return None
+
+
+def _usable_devices() -> str:
+    usable = ["cpu"] + [
+        f"{kind}" + (f" or {kind}:0 to {kind}:{count - 1}" if count > 1 else "")
+        for kind in DEVICE_TYPES[1:]
+        if (count := _device_count(kind))
+    ]
+    return " or ".join(usable)
 
 
 def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
@@ -102,8 +169,6 @@ def cached_model(architecture: str | None = None) -> str | None:
 
 def _model_index(model: str) -> dict | None:
     """`model_index.json` of a local folder or of a cached hub model, without loading anything."""
-    import json
-
     path = Path(model).expanduser() / "model_index.json"
     if not path.is_file() and is_hub_id(model):
         try:
@@ -115,8 +180,8 @@ def _model_index(model: str) -> dict | None:
     if not path.is_file():
         return None
     try:
-        index = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        index = jsontext.loads(path.read_bytes())
+    except (OSError, ValueError):  # check_model_source says what is wrong with it
         return None
     return index if isinstance(index, dict) else None
 
@@ -155,8 +220,9 @@ def single_file_architecture(path: str | Path, keys: list[str] | None = None) ->
             return facts
     raise ModelLoadError(
         f"{path} is a single-file checkpoint of no architecture FreeFuse runs (first tensor {keys[0] if keys else None!r}); "
-        f"it reads SDXL checkpoints (conditioner.embedders…, model.diffusion_model.input_blocks…) and FLUX.1 ones "
-        "(double_blocks…)."
+        f"it reads SDXL checkpoints (conditioner.embedders…, model.diffusion_model.input_blocks…), FLUX.1 and "
+        "FLUX.2 [klein] transformers (double_blocks…; FLUX.2 with single_stream_modulation…) and Z-Image "
+        "transformers (layers…, noise_refiner…)."
     )
 
 
@@ -193,12 +259,22 @@ def architecture_of(model: str) -> type[Architecture] | None:
     raise ModelLoadError(f"{model} is a {class_name}; FreeFuse runs {supported}.")
 
 
+#: Names that are files, not Hugging Face repositories (weights, configs, pickles).
+_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".json", ".yaml", ".yml")
+
+
 def is_hub_id(model: str) -> bool:
-    """`owner/name` that is not a local path."""
-    if not _HUB_ID.match(model):
+    """`owner/name` that is not a local path, nor clearly meant as one: not `./x` or `../x`, not a
+    file name (`models/flux.safetensors`), and not in a local folder that exists (`here/flux` when
+    `here/` is a folder). A local path that does not exist is then said to be missing, not looked
+    up on the Hub."""
+    if not _HUB_ID.match(model) or model.split("/")[0] in (".", ".."):
         return False
+    if model.lower().endswith(_FILE_SUFFIXES):
+        return False
+    path = Path(model).expanduser()
     try:
-        return not Path(model).expanduser().exists()
+        return not path.exists() and not path.parent.is_dir()
     except OSError:  # a name the file system refuses is no local path
         return True
 
@@ -209,7 +285,8 @@ def check_model_source(model: str) -> None:
         return
     path = Path(model).expanduser()
     if not path.exists():
-        raise ModelLoadError(f"Model folder {path} does not exist.")
+        kind = "file" if path.suffix.lower() in _FILE_SUFFIXES else "folder"
+        raise ModelLoadError(f"Model {kind} {path} does not exist.")
     if path.is_file():
         if path.suffix == ".sft":
             raise ModelLoadError(
@@ -226,12 +303,12 @@ def check_model_source(model: str) -> None:
     index = path / "model_index.json"
     if not index.is_file():
         raise ModelLoadError(f"Model folder {path} is incomplete: model_index.json is missing.")
-    import json
-
     try:
-        components = json.loads(index.read_text())
-    except json.JSONDecodeError as error:
+        components = jsontext.loads(read_input(index, "Model index"))
+    except ValueError as error:  # not UTF-8, not JSON, nested too deeply
         raise ModelLoadError(f"{index} is not valid JSON ({error}).") from None
+    if not isinstance(components, dict):
+        raise ModelLoadError(f"{index} is not a JSON object; the model folder is damaged.")
     for name, value in components.items():
         if name.startswith("_") or not isinstance(value, list) or value[0] is None:
             continue
@@ -266,14 +343,12 @@ PREQUANTIZED = ("bitsandbytes",)
 
 def quantized_method(folder: Path) -> str | None:
     """The `quant_method` of a model folder's component (`<component>/config.json`), or None."""
-    import json
-
     config = folder / "config.json"
     if not config.is_file():
         return None
     try:
-        quantization = json.loads(config.read_text()).get("quantization_config")
-    except (OSError, json.JSONDecodeError, AttributeError):
+        quantization = jsontext.loads(config.read_bytes()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
         return None
     if not quantization:
         return None
@@ -354,17 +429,43 @@ def load_pipeline(
             **({"quantization_config": pipeline_quantization(configs)} if configs else {}),
         )
     except (OSError, ValueError) as error:
-        text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        hint = ""
-        if is_hub_id(model):
-            hint = (
-                " It is not in the local Hugging Face cache and downloading is off (HF_HUB_OFFLINE=1)."
-                if offline()
-                else " Check the id, your network, and `huggingface-cli login` for gated models."
-            )
-            hint += f" (No local folder named {model!r} exists either.)"
-        raise ModelLoadError(f"Could not load model {model!r}: {text}.{hint}") from None
+        raise ModelLoadError(load_failure(model, error)) from None
     return _place(pipeline, chosen, torch_dtype, options)
+
+
+def _root_cause(error: BaseException) -> BaseException:
+    """The innermost exception `error` was raised from (a network error under diffusers' own)."""
+    seen = {id(error)}
+    while (inner := error.__cause__ or error.__context__) is not None and id(inner) not in seen:
+        seen.add(id(inner))
+        error = inner
+    return error
+
+
+def load_failure(model: str, error: BaseException) -> str:
+    """Our own words for a model that did not load: what is missing, the real cause (not diffusers'
+    "root cause in the stacktrace above", which no one is shown), and what to do."""
+    root = _root_cause(error)
+    cause = f"{type(root).__name__}: {str(root).strip().splitlines()[0] if str(root).strip() else 'no message'}"
+    if not is_hub_id(model):
+        return f"Could not load model {model!r}: {cause}."
+    cached = _model_index(model) is not None
+    where = "partly in" if cached else "not in"
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE as cache
+    except ImportError:
+        cache = "the Hugging Face cache"
+    missing = f"Model {model!r} is {where} the local Hugging Face cache ({cache})"
+    if offline():
+        fix = f"downloading is off (HF_HUB_OFFLINE=1): download it where there is a network (`hf download {model}`)"
+    elif root is error:
+        fix = f"it could not be fetched: {cause}. Check the id, your network, and `hf auth login` for gated models"
+    else:
+        fix = (
+            f"it could not be fetched from the Hub ({cause}). Check the id and your network; gated models (FLUX.1-dev) "
+            "also need `hf auth login` and the licence accepted on the model's page"
+        )
+    return f"{missing}, and {fix}. Or pass a local diffusers folder (no folder named {model!r} exists here)."
 
 
 def model_source(model: str, base: str | None = None, memory: MemoryOptions | None = None) -> ModelSource | None:

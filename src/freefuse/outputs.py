@@ -10,13 +10,23 @@ from __future__ import annotations
 import copy
 import io
 import json
+import re
 from pathlib import Path
 
+from .errors import SettingsError
 from .files import OutputExistsError, check_output_folder, relative_to, remove_stale_parts, write_all
+
+#: An output name (`--name`): a plain file name in the output folder, never a path or a hidden file.
+OUTPUT_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+-]{0,99}$")
 
 
 def output_paths(out: Path, stem: str, count: int) -> list[dict[str, Path]]:
-    """The files one run writes, per image."""
+    """The files one run writes, per image, named `stem` (checked against `OUTPUT_NAME`)."""
+    if not isinstance(stem, str) or not OUTPUT_NAME.match(stem):
+        raise SettingsError(
+            f"--name {stem!r} cannot name the output files: use 1-100 letters, digits, '_', '-', '+' or '.', not "
+            "starting with '.', '-' or '+' (the files go inside --out; pick the folder with --out)."
+        )
     result = []
     for index in range(count):
         name = stem if count == 1 else f"{stem}-{index}"
@@ -57,7 +67,11 @@ def check_outputs(paths: list[dict[str, Path]], overwrite: bool) -> list[str]:
 
 
 def encode_outputs(
-    output, paths: list[dict[str, Path]], masks_only: bool = False, portable: bool = False
+    output,
+    paths: list[dict[str, Path]],
+    masks_only: bool = False,
+    portable: bool = False,
+    colours: dict[str, tuple[int, int, int]] | None = None,
 ) -> list[dict[Path, bytes]]:
     """Per image, every file it writes and its bytes: image (settings in PNG text chunks), mask
     overlay, masks, and the manifest last. `portable`: the manifest records no path outside its
@@ -93,7 +107,7 @@ def encode_outputs(
             info.add_text("parameters", a1111_parameters(manifest, index))
             data[files["image"]] = _png(image, info)
         if masks is not None:
-            data[files["overlay"]] = _png(masks.overlay(image))
+            data[files["overlay"]] = _png(masks.overlay(image, colours=colours))
             data.update(masks.encode(files["masks"]))
         else:
             record["outputs"].pop("overlay")
@@ -110,14 +124,19 @@ def _png(image, info=None) -> bytes:
 
 
 def write_outputs(
-    output, paths: list[dict[str, Path]], overwrite: bool, masks_only: bool = False, portable: bool = False
+    output,
+    paths: list[dict[str, Path]],
+    overwrite: bool,
+    masks_only: bool = False,
+    portable: bool = False,
+    colours: dict[str, tuple[int, int, int]] | None = None,
 ) -> list[list[Path]]:
     """Write a run's files as one unit (all images; each image's manifest after its other files):
     on any failure (a full disk, a kill) nothing of the run is left. Returns, per image, its files.
     `portable`: the manifests record no path outside their folder (runs handed to other people).
     """
     check_outputs(paths, overwrite)
-    encoded = encode_outputs(output, paths, masks_only, portable)
+    encoded = encode_outputs(output, paths, masks_only, portable, colours)
     ordered = {path: data for files in encoded for path, data in files.items() if path.suffix != ".json"}
     ordered.update(
         {path: data for files in encoded for path, data in files.items() if path.suffix == ".json"}
@@ -130,13 +149,30 @@ def _quoted(text: str) -> str:
     return '"' + text.replace('"', "'") + '"'
 
 
+# What a Hugging Face id looks like: `owner/name`, and neither part a path's `.` or `..`.
+_HUB_ID = re.compile(r"^(?!\.\.?/)[A-Za-z0-9_.-]+/(?!\.\.?$)[A-Za-z0-9_.-]+$")
+_MODEL_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf")
+
+
+def _shown_model(model: str) -> str:
+    """The model as a picture people share may name it: a built-in name or a Hugging Face id as
+    it is, a local folder or file (a single-file checkpoint) by its own name, never where it lives."""
+    path = Path(model).expanduser()
+    looks_like_a_file = model.lower().endswith(_MODEL_FILE_SUFFIXES)
+    try:
+        local = path.exists()
+    except OSError:
+        local = False
+    if local or looks_like_a_file or ("/" in model or "\\" in model) and not _HUB_ID.match(model):
+        return re.split(r"[\\/]", model.rstrip("\\/"))[-1] or model
+    return model
+
+
 def a1111_parameters(manifest: dict, index: int) -> str:
     """The `parameters` text chunk A1111-style PNG-info readers show: the prompt, a negative prompt
     line when there is one, then `Key: value` pairs (steps, seed, size, model, LoRAs, FreeFuse)."""
     settings, image = manifest["settings"], manifest["images"][index]
-    model = manifest.get("model", {}).get("id_or_path") or "unknown"
-    if Path(model).expanduser().is_dir():
-        model = Path(model).name  # a local folder: its name, not where it lives
+    model = _shown_model(manifest.get("model", {}).get("id_or_path") or "unknown")
     loras = manifest.get("loras", [])
     pairs = [
         ("Steps", settings["num_inference_steps"]),
@@ -188,6 +224,8 @@ def located(record: dict, folder: Path, portable: bool = False) -> None:
     model = record.get("model", {})
     if isinstance(model.get("id_or_path"), str) and Path(model["id_or_path"]).expanduser().is_dir():
         _locate(model, "id_or_path", "path_from_manifest", folder, portable)
+    if isinstance(model.get("base_model"), str) and Path(model["base_model"]).expanduser().is_dir():
+        _locate(model, "base_model", "base_model_from_manifest", folder, portable)
     _locate(record, "masks", "masks_from_manifest", folder, portable)
     if portable:
         record["command"] = []

@@ -17,7 +17,6 @@ lives in `freefuse.backends`.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,19 +27,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from .attention_bias import AttentionBiaser, PassBias, pass_bias
 from .backends import Conditioning, backend_for
 from .backends.base import CapturedAttention, PassName
-from .core import MaskSet
+from .core import BiasConfig, MaskSet
 from .embeddings import InstalledEmbeddings, check_embeddings
 from .embeddings import install as install_embeddings
 from .embeddings import uninstall as uninstall_embeddings
 from .errors import EmbeddingError, NumericalError
-from .lora import LoraFileError, adapter_name, check_adapter_name, read_lora_file, text_encoder_parts
+from .lora import (
+    LoraFileError,
+    adapter_name,
+    check_adapter_name,
+    check_lora_weight,
+    read_lora_file,
+    text_encoder_parts,
+)
 from .manifest import ModelSource, build_manifest
 from .masking import AdapterMask, LoraMasker, adapters_for_run, is_compiled, pass_masks
 from .methods import MaskInput, RunContext, SubjectMasks, get_method
 from .preflight import MaskFacts, ModelFacts, SubjectFacts, preflight
-from .settings import GenerationSettings
+from .settings import GenerationSettings, check_text
 
 SCOPES = ("subject", "global")
 # What `callback_on_step_end` may ask for, as in diffusers' `_callback_tensor_inputs`.
@@ -120,9 +127,10 @@ class FreeFuseOutput:
 
 
 def _check_weight(weight) -> float:
-    if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight):
-        raise ValueError(f"LoRA weight must be a finite number, got {weight!r}.")
-    return float(weight)
+    try:
+        return check_lora_weight(weight)
+    except ValueError as error:
+        raise ValueError(f"LoRA {error}") from None
 
 
 def _check_words(words, name: str) -> list[str]:
@@ -130,7 +138,7 @@ def _check_words(words, name: str) -> list[str]:
         return []
     if isinstance(words, str):
         words = [words]
-    cleaned = [str(word).strip() for word in words]
+    cleaned = [check_text(str(word), f"words of LoRA {name!r}", limit=None).strip() for word in words]
     if any(not word for word in cleaned):
         raise ValueError(f"LoRA {name!r} has an empty activation word; pass words like ['ohwx'].")
     return cleaned
@@ -408,6 +416,10 @@ class FreeFuse:
             op=settings.lora_op,
             static=is_compiled(backend.denoiser),
         )
+        bias_config = backend.architecture.attention_bias(settings)
+        biaser = AttentionBiaser(
+            backend.bias_sites(bias_config.blocks) if bias_config.active and method.masks_loras else []
+        )
         capture_steps = method.capture_steps(settings)
         steps = settings.num_inference_steps
 
@@ -417,7 +429,12 @@ class FreeFuse:
         # no_grad, not inference_mode: model CPU offload moves weights during the run, and weights
         # re-made under inference_mode become inference tensors that PEFT can no longer switch
         # (`requires_grad_` on them fails in `set_adapter` afterwards).
-        with run_adapters, torch.no_grad(), masker.installed():
+        with run_adapters as enabled_for_run, torch.no_grad(), masker.installed(), biaser.installed():
+            if enabled_for_run:
+                notes.append(
+                    "the pipeline's LoRA layers were disabled (`disable_lora()`); this run enabled them for its own "
+                    "LoRAs and disabled them again after."
+                )
             # 3. Encode prompts
             tick = time.perf_counter()
             conditioning = backend.encode(settings.image_prompts, settings.max_sequence_length)
@@ -433,14 +450,16 @@ class FreeFuse:
                 generators, batch, settings.height, settings.width, conditioning.prompt_embeds.dtype, latents
             )
             per_pass = pass_masks_of(context, subject_masks, conditioning, negative)
+            per_pass_bias = pass_biases_of(context, subject_masks, conditioning, negative, bias_config)
             # Where every LoRA acts everywhere: no masks, or all-ones ones for compiled blocks.
             unmasked = pass_masks_of(context, everywhere(context) if masker.static else None, conditioning, negative)
 
             def switch_masks(name: PassName) -> None:
-                # The masks of the pass about to run; none before the step they start at.
+                # The masks and the attention bias of the pass about to run; none before the step they start at.
                 waiting = subject_masks is not None and i < subject_masks.from_step
                 masks = (unmasked if waiting else per_pass)[name]
                 masker.set_masks(unmasked[name] if masks is None else masks)
+                biaser.set_pass(None if waiting else per_pass_bias[name])
 
             step_times = []
             captured = []
@@ -450,8 +469,9 @@ class FreeFuse:
                 for i, t in enumerate(timesteps):
                     tick = time.perf_counter()
                     tap_here = i in capture_steps
-                    # A tapped step runs uncompiled: the tap's hooks would change what was compiled.
-                    with eager_while(tap_here and masker.static):
+                    # Uncompiled: the first step (each fused layer measures its shapes) and a tapped
+                    # step (the tap's hooks would change what was compiled).
+                    with eager_while(masker.static and (i == 0 or tap_here)):
                         prediction, tap = backend.guided_prediction(
                             state,
                             t,
@@ -472,6 +492,7 @@ class FreeFuse:
                         )
                         captured = []
                         per_pass = pass_masks_of(context, subject_masks, conditioning, negative)
+                        per_pass_bias = pass_biases_of(context, subject_masks, conditioning, negative, bias_config)
                         timings["stage1_s"] = time.perf_counter() - tick_stage1
                     stop = mask_step_here and stop_after_masks
                     state.latents = x0 if stop else backend.step(prediction, t, state.latents)
@@ -487,6 +508,7 @@ class FreeFuse:
                     if stop:
                         break
             finally:
+                biaser.set_pass(None)  # the last pass's bias mask is not kept through the decode
                 if bar is not None:
                     bar.close()
             timings["denoise_s"] = sum(step_times)
@@ -576,20 +598,52 @@ def pass_masks_of(
     device = context.backend.device
     tokens = {name: mask.to(device) for name, mask in found.tokens.items()}
     scope = context.settings.text_scope
-    result: dict[PassName, dict[str, AdapterMask] | None] = {
-        "cond": pass_masks(
-            tokens, context.positions, conditioning.num_text_tokens, scope, found.everywhere, context.grid
-        ),
-        "uncond": None,
-    }
+    padding = context.backend.sequence_multiple  # how the denoiser pads each image's tokens
+    result: dict[PassName, dict[str, AdapterMask] | None] = {"cond": None, "uncond": None}
+    for name, encoded, positions in (
+        ("cond", conditioning, context.positions),
+        ("uncond", negative, context.negative_positions),
+    ):
+        if encoded is not None:
+            result[name] = pass_masks(
+                tokens,
+                positions,
+                encoded.num_text_tokens,
+                scope,
+                found.everywhere,
+                context.grid,
+                text_lengths=encoded.text_lengths,
+                image_multiple=padding,
+            )
+    return result
+
+
+def pass_biases_of(
+    context: RunContext,
+    found: SubjectMasks | None,
+    conditioning: Conditioning,
+    negative: Conditioning | None,
+    config: BiasConfig,
+) -> dict[PassName, PassBias | None]:
+    """Each forward pass's attention bias (the negative prompt's with its own words); a note for
+    each image of a run with several subjects where fewer than two have a region to bias."""
+    result: dict[PassName, PassBias | None] = {"cond": None, "uncond": None}
+    if found is None or not config.active:
+        return result
+    device = context.backend.device
+    tokens = {name: mask.to(device) for name, mask in found.tokens.items()}
+    result["cond"], unbiased = pass_bias(
+        tokens, context.positions, conditioning.num_text_tokens, config, context.grid, found.everywhere
+    )
+    if len(context.names) > 1:
+        for b in unbiased:
+            context.fallbacks[b].append(
+                f"image {b}: no attention bias in this image: it needs two subjects that each have a region of "
+                "their own (some of the image, not all of it)."
+            )
     if negative is not None:
-        result["uncond"] = pass_masks(
-            tokens,
-            context.negative_positions,
-            negative.num_text_tokens,
-            scope,
-            found.everywhere,
-            context.grid,
+        result["uncond"], _ = pass_bias(
+            tokens, context.negative_positions, negative.num_text_tokens, config, context.grid, found.everywhere
         )
     return result
 

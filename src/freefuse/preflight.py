@@ -12,13 +12,14 @@ multi-GB load, and said the same way by every front end.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from .errors import EmbeddingError, SettingsError, WordNotFoundError
 from .methods import Method, get_method
 from .settings import GenerationSettings
-from .tokens import find_word, shared_word, truncation_note, word_spans
+from .tokens import PromptTokens, find_word, shared_word, truncation_note, word_spans
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,7 @@ def preflight(
         notes = architecture.check_settings(settings) + notes
         if method.reads_attention:
             architecture.check_mask_config(settings)
+        architecture.check_attention_bias(settings)
     if not subjects:
         raise SettingsError("No LoRA given; a run needs at least one LoRA with its activation words.")
     settings = _resolved(model, settings) if architecture is not None else settings
@@ -156,10 +158,24 @@ def _resolved(model: ModelFacts, settings: GenerationSettings) -> GenerationSett
                     f"(0..{model.num_blocks - 1})."
                 )
     guidance = settings.guidance_scale
+    bias = architecture.attention_bias(settings)
+    # The architecture's share of the steps (few-step models read earlier), not the paper's 6/28.
+    mask_step = settings.mask_step or architecture.default_mask_step(settings.num_inference_steps)
+    if get_method(settings.method).reads_attention and settings.capture_steps > mask_step:
+        raise SettingsError(
+            f"`capture_steps` {settings.capture_steps} reaches before the first step: the last of them is the mask "
+            f"step {mask_step} ({architecture.name}'s default for {settings.num_inference_steps} steps); use at most "
+            f"{mask_step}, or set `mask_step`."
+        )
     return settings.model_copy(
         update={
+            "attention_bias": bias.scale,
+            "attention_bias_positive": bias.positive,
+            "attention_bias_bidirectional": bias.bidirectional,
+            "attention_bias_blocks": bias.blocks,
             "block": block,
-            "max_sequence_length": settings.max_sequence_length or architecture.max_sequence_length,
+            "mask_step": mask_step,
+            "max_sequence_length": settings.max_sequence_length or architecture.default_sequence_length(model.tokenizer),
             "mask_config": architecture.mask_config(settings),
             "guidance_scale": architecture.default_guidance if guidance is None else guidance,
         }
@@ -262,17 +278,20 @@ def _check_embeddings(architecture, subjects: Sequence[SubjectFacts], tokenizer)
 
 def _find_words(tokenizer, checked: Checked, masked: list[SubjectFacts]) -> None:
     """Token positions of every subject's and background word in every image's prompt (and the
-    negative prompt's), with the notes on what is missing or cut off."""
+    negative prompt's), with the notes on what is missing or cut off. Each prompt is tokenized once."""
     settings, method = checked.settings, checked.method
     length = settings.max_sequence_length
+    tokens = tokenized(tokenizer)
     for prompt in settings.prompts:
-        note = truncation_note(tokenizer, prompt, length)
+        note = truncation_note(tokenizer, prompt, length, tokens(prompt))
         if note:
             checked.notes.append(note)
     prompts = settings.image_prompts
-    checked.positions = word_positions(tokenizer, prompts, masked, length, method.needs_words, checked.notes)
+    checked.positions = word_positions(
+        tokenizer, prompts, masked, length, method.needs_words, checked.notes, tokens=tokens
+    )
     if method.needs_words:
-        _check_distinct_tokens(tokenizer, prompts, checked.positions, masked)
+        _check_distinct_tokens(tokenizer, prompts, checked.positions, masked, tokens)
         for index, found in enumerate(checked.positions):
             checked.notes.extend(
                 f"image {index}: LoRA {subject.name!r} is off after the mask step (its words are not in this prompt; "
@@ -280,10 +299,15 @@ def _find_words(tokenizer, checked: Checked, masked: list[SubjectFacts]) -> None
                 for subject in masked
                 if subject.name not in found
             )
-    checked.background = _background_positions(tokenizer, prompts, settings.background_words, length)
+    checked.background = _background_positions(tokenizer, prompts, settings.background_words, length, tokens)
     if checked.negative_prompt is not None:
         negatives = [checked.negative_prompt] * len(prompts)
-        checked.negative_positions = word_positions(tokenizer, negatives, masked, length, False, [])
+        checked.negative_positions = word_positions(tokenizer, negatives, masked, length, False, [], tokens=tokens)
+
+
+def tokenized(tokenizer) -> Callable[[str], PromptTokens]:
+    """`PromptTokens.of(tokenizer, prompt)`, computed once per prompt for the caller's lifetime."""
+    return functools.lru_cache(maxsize=None)(functools.partial(PromptTokens.of, tokenizer))
 
 
 def word_positions(
@@ -293,12 +317,15 @@ def word_positions(
     max_length: int,
     required: bool,
     notes: list[str],
+    tokens: Callable[[str], PromptTokens] | None = None,
 ) -> list[dict[str, list[int]]]:
     """For each prompt, {subject name: token positions of its activation words}.
 
     A subject none of whose words are in a prompt is absent from that prompt's dict. With
     `required`, a subject absent from every prompt is an error that shows the prompt's tokens.
+    `tokens`: the caller's `tokenized(tokenizer)`, so that each prompt is tokenized once.
     """
+    tokens = tokens or tokenized(tokenizer)
     per_image: list[dict[str, list[int]]] = [{} for _ in prompts]
     for subject in subjects:
         first_error: WordNotFoundError | None = None
@@ -307,7 +334,7 @@ def word_positions(
             missing = []
             for word in subject.words:
                 try:
-                    found.update(find_word(tokenizer, prompt, word, max_length).positions)
+                    found.update(find_word(tokenizer, prompt, word, max_length, tokens(prompt)).positions)
                 except WordNotFoundError as error:
                     first_error = first_error or error
                     missing.append(word)
@@ -321,21 +348,25 @@ def word_positions(
 
 
 def _check_distinct_tokens(
-    tokenizer, prompts: list[str], positions: list[dict[str, list[int]]], masked: list[SubjectFacts]
+    tokenizer,
+    prompts: list[str],
+    positions: list[dict[str, list[int]]],
+    masked: list[SubjectFacts],
+    tokens: Callable[[str], PromptTokens],
 ) -> None:
     """Two subjects whose words become the same tokens (both unknown to the tokenizer: `<unk>`)
     cannot be told apart by attention, whatever their spelling."""
     for index, prompt in enumerate(prompts):
-        ids = tokenizer(prompt, add_special_tokens=True, truncation=False)["input_ids"]
+        ids = tokens(prompt).ids
         seen: dict[tuple[int, ...], str] = {}
         for subject in masked:
             found = positions[index].get(subject.name)
             if not found:
                 continue
-            tokens = tuple(sorted({ids[p] for p in found if p < len(ids)}))
-            other = seen.setdefault(tokens, subject.name)
+            subject_tokens = tuple(sorted({ids[p] for p in found if p < len(ids)}))
+            other = seen.setdefault(subject_tokens, subject.name)
             if other != subject.name:
-                shown = tokenizer.convert_ids_to_tokens(list(tokens))
+                shown = tokenizer.convert_ids_to_tokens(list(subject_tokens))
                 raise WordNotFoundError(
                     f"LoRAs {other!r} and {subject.name!r} have words the model reads as the same tokens {shown} "
                     f"(in {prompt!r}); FreeFuse tells subjects apart by their words' tokens. Use words the "
@@ -343,14 +374,16 @@ def _check_distinct_tokens(
                 )
 
 
-def _background_positions(tokenizer, prompts: list[str], words: list[str], max_length: int) -> list[list[int]]:
+def _background_positions(
+    tokenizer, prompts: list[str], words: list[str], max_length: int, tokens: Callable[[str], PromptTokens]
+) -> list[list[int]]:
     """Per prompt, token positions of the background words found in it."""
     result = []
     for prompt in prompts:
         found: set[int] = set()
         for word in words:
             with contextlib.suppress(WordNotFoundError):
-                found.update(find_word(tokenizer, prompt, word, max_length).positions)
+                found.update(find_word(tokenizer, prompt, word, max_length, tokens(prompt)).positions)
         result.append(sorted(found))
     if words and not any(result):
         raise WordNotFoundError(f"None of the background words {words} is in the prompt; put them in it.")

@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RunCancelled, SettingsError
+from .errors import LoraFitError, RunCancelled, SettingsError
 from .manifest import ModelSource, model_differences, model_record
 from .memory import MemoryOptions, offload_name
-from .models import load_pipeline, model_source
+from .models import fitting_loras, load_pipeline, model_source, pick_device
 from .pipeline import FreeFuse, FreeFuseOutput, FreeFuseWarning, Subject
 from .spec import LoraSpec, RunSpec, changed_lora_message, model_changed_message
 
@@ -63,6 +63,8 @@ class RunService:
         max_loras: int = 8,
         memory: MemoryOptions | None = None,
     ) -> None:
+        if device is not None:
+            pick_device(device)  # a device this machine cannot run on is said now, before anything loads
         self.device, self.dtype, self.offload = device, dtype, offload
         self.memory = memory if memory is not None else MemoryOptions(offload=offload_name(offload))
         self.max_loras = max_loras
@@ -126,7 +128,13 @@ class RunService:
             self._unload(lambda other, _: other == name)  # another file (or a changed one) under this name
             kept = None
         if kept is None:
-            subject = self._owner.add_lora(path, name=name)
+            try:
+                subject = self._owner.add_lora(path, name=name)
+            except LoraFitError as error:  # for another model: say where LoRAs for a built-in one come from
+                hint = fitting_loras(self._model[0]) if self._model else ""
+                if not hint:
+                    raise
+                raise LoraFitError(f"{error}{hint}") from None
             kept = self._loaded[name] = _Loaded(identity=identity, subject=subject)
             self.lora_loads += 1
         if lora.sha256 is not None and lora.sha256 != kept.subject.sha256:
@@ -165,7 +173,7 @@ class RunService:
         if check:
             spec.check()
         settings = spec.settings
-        total = settings.resolved_mask_step if stop_after_masks else settings.num_inference_steps
+        total = settings.num_inference_steps
 
         def step_end(freefuse, step: int, timestep, tensors) -> dict:
             if cancel is not None and cancel.is_set():
@@ -178,7 +186,10 @@ class RunService:
             freefuse = self.freefuse(spec)
             if spec.recorded_model:
                 self._check_recorded_model(spec, freefuse)
-            freefuse.check_inputs(settings, spec.masks)  # a word error before any progress is shown
+            # A word error before any progress is shown; the mask step as the model resolves it.
+            checked, _, _ = freefuse.check_inputs(settings, spec.masks)
+            if stop_after_masks:
+                total = checked.resolved_mask_step
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", FreeFuseWarning)
                 output = freefuse.generate(

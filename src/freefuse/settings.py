@@ -10,6 +10,7 @@ in `FreeFuse.check_inputs`, still before any denoising.
 from __future__ import annotations
 
 import math
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -18,13 +19,14 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StrictBool,
     StrictInt,
     ValidationError,
     field_validator,
     model_validator,
 )
 
-from .core.config import MaskConfig
+from .core.config import BIAS_BLOCKS, MaskConfig
 from .errors import SettingsError
 from .methods import get_method
 
@@ -35,6 +37,38 @@ MAX_IMAGES = 256
 # (attention memory grows with the square of the pixels: 8192² is 262 144 FLUX tokens).
 MAX_SIDE = 8192
 MAX_STEPS = 1000
+
+
+#: The longest prompt accepted. Text encoders read at most 512 tokens (T5 on FLUX.1; CLIP reads
+#: 77), about 2,000 characters of English; a longer prompt is cut, and one far longer is a mistake.
+MAX_PROMPT_CHARS = 10_000
+# Lone surrogates: what Python makes of bytes that are not UTF-8 (a command-line argument, a file read
+# with surrogateescape) or of a JSON `\ud800` escape. No tokenizer or file format takes them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def check_text(value: Any, what: str, limit: int | None = MAX_PROMPT_CHARS) -> Any:
+    """A text a person wrote (a prompt, a word), if it is one: no undecodable bytes, at most `limit`
+    characters (None: the caller's own limit). Else a `ValueError` that names `what`. Other values
+    are left to the type checks."""
+    if not isinstance(value, str):
+        return value
+    bad = _SURROGATE.search(value)
+    if bad is not None:
+        code = ord(bad.group())
+        found = (
+            f"the undecodable byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"half of a surrogate pair ({code:#x})"
+        )
+        raise ValueError(
+            f"`{what}` is not valid UTF-8 text: character {bad.start()} is {found}. Save the file as UTF-8 (or type "
+            "the text again)."
+        )
+    if limit is not None and len(value) > limit:
+        raise ValueError(
+            f"`{what}` is {len(value):,} characters long; at most {limit:,} are accepted (the text encoder reads at "
+            "most 512 tokens, about 2,000 characters)."
+        )
+    return value
 
 
 def parse_size(size: str) -> tuple[int, int]:
@@ -103,7 +137,8 @@ class GenerationSettings(BaseModel):
     )
     method: str = Field("freefuse", description="How each subject LoRA's region is decided.")
     mask_step: StrictInt | None = Field(
-        None, description="Step whose attention gives the masks (default: 6 of 28, scaled to the steps)."
+        None,
+        description="Step whose attention gives the masks (default: the model's share of the steps; FLUX.1: 6 of 28).",
     )
     block: StrictInt | list[StrictInt] | None = Field(
         None,
@@ -138,6 +173,21 @@ class GenerationSettings(BaseModel):
         description="How masked LoRAs run: one fused op per layer (fast), or PEFT's per-adapter path (reference).",
     )
     mask_config: MaskConfig = Field(default_factory=MaskConfig, description="Stage 1's constants.")
+    attention_bias: Number | None = Field(
+        None,
+        description="Attention bias once the masks exist: added to the attention logits, it pushes a subject's "
+        "region away from the other subjects' words (and its words away from outside its region); 0: off "
+        "(default: the model's).",
+    )
+    attention_bias_positive: Number | None = Field(
+        None, description="The attention bias's pull of a subject's region toward its own words (default: the model's)."
+    )
+    attention_bias_bidirectional: StrictBool | None = Field(
+        None, description="The attention bias also acts on the words' attention to the image (default: the model's)."
+    )
+    attention_bias_blocks: Literal[BIAS_BLOCKS] | None = Field(  # type: ignore[valid-type]
+        None, description="Blocks the attention bias goes into (default: the model's)."
+    )
 
     def __init__(self, **values: Any) -> None:
         try:
@@ -155,6 +205,13 @@ class GenerationSettings(BaseModel):
                 raise ValueError("give `size` or `width`/`height`, not both")
             values["width"], values["height"] = parse_size(values.pop("size"))
         return values
+
+    @field_validator("prompt", "negative_prompt", "background_words", mode="before")
+    @classmethod
+    def _check_texts(cls, value: Any, info) -> Any:
+        for text in value if isinstance(value, list) else [value]:
+            check_text(text, info.field_name)
+        return value
 
     @field_validator("prompt")
     @classmethod
@@ -192,7 +249,7 @@ class GenerationSettings(BaseModel):
             )
         return value
 
-    @field_validator("guidance_scale", "true_cfg_scale")
+    @field_validator("guidance_scale", "true_cfg_scale", "attention_bias", "attention_bias_positive")
     @classmethod
     def _check_scale(cls, value: float | None, info) -> float | None:
         if value is not None and (not math.isfinite(value) or value < 0):
@@ -277,7 +334,11 @@ class GenerationSettings(BaseModel):
                 f"`mask_step` {self.resolved_mask_step} is past the last of {self.num_inference_steps} steps; use a "
                 f"value from 1 to {self.num_inference_steps} (the paper uses 6 of 28)."
             )
-        if get_method(self.method).reads_attention and self.capture_steps > self.resolved_mask_step:
+        if (
+            get_method(self.method).reads_attention
+            and self.mask_step is not None  # else the model's share decides, and preflight checks it
+            and self.capture_steps > self.mask_step
+        ):
             raise ValueError(
                 f"`capture_steps` {self.capture_steps} reaches before the first step: the last of them is the mask "
                 f"step {self.resolved_mask_step}; use at most {self.resolved_mask_step}."
@@ -301,6 +362,8 @@ class GenerationSettings(BaseModel):
 
     @property
     def resolved_mask_step(self) -> int:
+        """`mask_step`, or the paper's 6 of 28 scaled to the steps while no model is known (preflight
+        sets the model's own share: `Architecture.default_mask_step`)."""
         if self.mask_step is not None:
             return self.mask_step
         return max(1, round(PAPER_MASK_STEP / PAPER_STEPS * self.num_inference_steps))
@@ -324,9 +387,27 @@ class GenerationSettings(BaseModel):
                 f"`mask_step` equals the number of steps ({self.num_inference_steps}): masks are read at the last "
                 "step and never applied, so the image is the same as method='merge'."
             )
+        if self.attention_bias and not get_method(self.method).masks_loras:
+            notes.append(
+                f"`attention_bias` acts between masked subjects' regions and words; method {self.method!r} masks none, "
+                "so it does nothing."
+            )
+        if self.attention_bias == 0 and self.attention_bias_positive:
+            notes.append("`attention_bias` is 0, so the attention bias is off: `attention_bias_positive` does nothing.")
         return notes
 
     # -- records -----------------------------------------------------------------------------------
+    def with_seed(self, seed: int) -> GenerationSettings:
+        """A copy with another seed (checked), without validating every other field again: a grid's
+        jobs differ from one another by their seeds, 100,000 of them."""
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise SettingsError(f"`seed` must be a whole number, got {seed!r}.")
+        try:
+            type(self)._check_seed(seed)
+        except ValueError as error:
+            raise SettingsError(str(error)) from None
+        return self.model_copy(update={"seed": seed})
+
     def to_dict(self) -> dict:
         """JSON-able, every field by its own name, `mask_step` resolved (what a manifest records)."""
         values = self.model_dump(mode="json")
@@ -382,4 +463,8 @@ CLI_FLAGS: dict[str, tuple[tuple[str, ...], type]] = {
     "background_words": (("--background-word",), list[str]),
     "max_sequence_length": (("--max-sequence-length",), int),
     "lora_op": (("--lora-op",), str),
+    "attention_bias": (("--attn-bias",), float),
+    "attention_bias_positive": (("--attn-bias-positive",), float),
+    "attention_bias_bidirectional": (("--attn-bias-bidirectional/--attn-bias-one-way",), bool),
+    "attention_bias_blocks": (("--attn-bias-blocks",), str),
 }

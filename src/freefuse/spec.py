@@ -9,15 +9,25 @@ mistake is reported before a multi-GB model loads. Loading and running are the r
 
 from __future__ import annotations
 
-import math
+import os
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from .core import MaskSet
-from .embeddings import is_bundle_key, split_bundle_key
+from .embeddings import check_bundle_shape, is_bundle_key, split_bundle_key
 from .errors import EmbeddingError, LoraFileError, SettingsError
 from .files import cached_sha256
 from .lora import (
@@ -25,6 +35,7 @@ from .lora import (
     adapter_name,
     check_lora_contents,
     check_lora_path,
+    check_lora_weight,
     header_metadata,
     read_header,
     text_encoder_parts,
@@ -47,10 +58,17 @@ from .models import (
     source_facts,
 )
 from .preflight import Checked, MaskFacts, ModelFacts, SubjectFacts, preflight
-from .settings import GenerationSettings, Number, describe_errors
+from .settings import CLI_FLAGS, GenerationSettings, Number, check_text, describe_errors, parse_size
+from .tokens import RememberingTokenizer
+
+_T = TypeVar("_T")
 
 # An activation word: one to a few words of text, not a paragraph.
-Word = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+Word = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=200),
+    BeforeValidator(lambda value: check_text(value, "words", limit=None)),  # runs first: undecodable bytes
+]
 
 
 class LoraSpec(BaseModel):
@@ -79,9 +97,7 @@ class LoraSpec(BaseModel):
     @field_validator("weight")
     @classmethod
     def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError(f"`weight` must be a finite number, got {value!r}.")
-        return value
+        return check_lora_weight(value)
 
     @classmethod
     def parse(cls, values: dict, where: str) -> LoraSpec:
@@ -96,6 +112,33 @@ class LoraSpec(BaseModel):
     @property
     def adapter_name(self) -> str:
         return self.name or adapter_name(Path(self.path))
+
+
+class FileFacts:
+    """What `RunSpec.check` reads from files (a model folder's configs and tokenizer, LoRA headers
+    and tensors, hashes, mask files), kept for the next spec that names the same files: a batch of
+    100,000 jobs over a few files reads each once, not once per job. Each fact is keyed by its
+    file's path, size and modification time, so a file changed meanwhile is read again."""
+
+    def __init__(self) -> None:
+        self._known: dict[tuple, object] = {}
+
+    def get(self, kind: str, path: str | Path | None, compute: Callable[[], _T], *extra: Hashable) -> _T:
+        """`compute()`, or what it gave for the same `kind`, file and `extra` before."""
+        key = (kind, str(path), _stamp(path), *extra)
+        if key not in self._known:
+            self._known[key] = compute()
+        return self._known[key]  # type: ignore[return-value]
+
+
+def _stamp(path: str | Path | None) -> tuple[int, int] | None:
+    if path is None:
+        return None
+    try:
+        stat = os.stat(os.path.expanduser(path))
+    except (OSError, ValueError, TypeError):
+        return None
+    return stat.st_size, stat.st_mtime_ns
 
 
 @dataclass
@@ -114,24 +157,30 @@ class RunSpec:
     #: Quantization, offload and compile (`freefuse.memory`); None: the run service's.
     memory: MemoryOptions | None = None
 
-    def check(self) -> Checked:
+    def check(self, facts: FileFacts | None = None) -> Checked:
         """Everything that needs no weights: model folder and architecture, LoRA files, sizes, masks,
-        and then every rule of `freefuse.preflight`. Its notes are added to `notes`."""
-        check_model_source(self.model)
+        and then every rule of `freefuse.preflight`. Its notes are added to `notes`. `facts`: what
+        checks of other specs read from the same files (a batch's jobs share one)."""
+        facts = facts if facts is not None else FileFacts()
+        model, base = self.model, self.base_model
+        facts.get("model source", model, lambda: check_model_source(model))
         self._check_base_model()
         self._check_recorded_files()
-        architecture = architecture_of(self.model)
+        architecture = facts.get("architecture", model, lambda: architecture_of(model))
         if self.memory is not None:  # the device's rules wait for the run service, still before loading
-            check_memory_options(self.memory, architecture, source_facts(self.model), lora_op=self.settings.lora_op)
+            source = facts.get("source facts", model, lambda: source_facts(model))
+            check_memory_options(self.memory, architecture, source, settings=self.settings)
         for lora in self.loras:
-            check_lora_path(lora.path, architecture)
-        self._check_lora_files()
-        model = ModelFacts(
+            facts.get("lora path", lora.path, partial(check_lora_path, lora.path, architecture), architecture)
+        self._check_lora_files(facts)
+        model_facts = ModelFacts(
             architecture=architecture,
-            tokenizer=self._tokenizer(architecture),
-            size_multiple=pixels_per_token(self.model, self.base_model),
+            tokenizer=facts.get("tokenizer", model, lambda: self._tokenizer(architecture), base),
+            size_multiple=facts.get("pixels per token", model, lambda: pixels_per_token(model, base), base),
         )
-        checked = preflight(model, self.settings, [self._subject_facts(lora) for lora in self.loras], self._masks())
+        subjects = [self._subject_facts(lora, facts) for lora in self.loras]
+        masks = facts.get("masks", self.masks, self._masks, self.settings.method)
+        checked = preflight(model_facts, self.settings, subjects, masks)
         self.notes.extend(note for note in checked.notes if note not in self.notes)
         return checked
 
@@ -162,44 +211,39 @@ class RunSpec:
             if cached_sha256(path) != digest:
                 raise SettingsError(model_changed_message(self.model, [f"{name} (changed)"]))
 
-    def _check_lora_files(self) -> None:
+    def _check_lora_files(self, facts: FileFacts) -> None:
         """Every tensor of every file read once (finite floats), each file and name given once."""
         names: dict[str, str] = {}
         files: dict[Path, str] = {}
         for lora in self.loras:
             resolved = Path(lora.path).expanduser().resolve()
-            check_lora_contents(resolved)
+            facts.get("lora contents", resolved, partial(check_lora_contents, resolved))
             if resolved in files:
                 raise LoraFileError(f"LoRA file {lora.path} is given twice; give each LoRA once.")
             files[resolved] = lora.path
             if lora.adapter_name in names:
                 raise LoraFileError(
                     f"Two LoRAs get the name {lora.adapter_name!r} ({names[lora.adapter_name]} and {lora.path}); "
-                    "rename one file."
+                    "name one (CLI: --lora NAME::PATH; job files: `name`) or rename its file."
                 )
             names[lora.adapter_name] = lora.path
             if lora.sha256 is not None:
-                found = cached_sha256(resolved)
+                found = facts.get("sha256", resolved, partial(cached_sha256, resolved))
                 if found != lora.sha256:
                     raise LoraFileError(changed_lora_message(lora.path, found, lora.sha256))
 
     @staticmethod
-    def _subject_facts(lora: LoraSpec) -> SubjectFacts:
+    def _subject_facts(lora: LoraSpec, facts: FileFacts) -> SubjectFacts:
         """What preflight checks of one LoRA, from its file's header alone."""
-        header = read_header(Path(lora.path).expanduser())
-        keys = [key for key in header if key != "__metadata__"]
-        try:
-            bundled = tuple(split_bundle_key(key) for key in keys if is_bundle_key(key))
-        except EmbeddingError as error:
-            raise LoraFileError(f"{Path(lora.path).name}: {error}") from None
-        words = lora.words or trigger_words_from_metadata(header_metadata(header)) or [b[0] for b in bundled]
+        path = Path(lora.path).expanduser()
+        bundled, text_encoders, metadata_words = facts.get("header facts", path, partial(_header_facts, path, facts))
         return SubjectFacts(
             name=lora.adapter_name,
-            words=tuple(words),
+            words=tuple(lora.words or metadata_words or [b[0] for b in bundled]),
             scope=lora.scope,
             bundled=bundled,
-            text_encoders=tuple(text_encoder_parts(keys)),
-            source=Path(lora.path).name,
+            text_encoders=text_encoders,
+            source=path.name,
         )
 
     def _masks(self) -> MaskFacts | None:
@@ -219,8 +263,13 @@ class RunSpec:
         return MaskFacts(names=tuple(mask_set.names), size=mask_set.size)
 
     def _tokenizer(self, architecture):
-        """The activation-word tokenizer read from the model folder (no weights), or None where
-        it cannot be had before loading (a hub id, a single file without a local base)."""
+        """The activation-word tokenizer read from the model folder (no weights), remembering what it
+        tokenized for the next check; None where it cannot be had before loading (a hub id, a
+        single file without a local base)."""
+        tokenizer = self._read_tokenizer(architecture)
+        return None if tokenizer is None else RememberingTokenizer(tokenizer)
+
+    def _read_tokenizer(self, architecture):
         if architecture is None:
             return None
         if self.model in TINY_MODELS:
@@ -233,6 +282,20 @@ class RunSpec:
         if base and Path(base).expanduser().is_dir():
             return architecture.load_tokenizer(Path(base).expanduser())
         return None
+
+
+def _header_facts(path: Path, facts: FileFacts) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...], list[str]]:
+    """From a LoRA file's header: its bundled embeddings (placeholder, encoder), the text encoders
+    it adapts, and its metadata's trigger words."""
+    header = facts.get("header", path, partial(read_header, path))
+    keys = [key for key in header if key != "__metadata__"]
+    try:
+        bundled = tuple(split_bundle_key(key) for key in keys if is_bundle_key(key))
+        for key, (placeholder, encoder) in zip((k for k in keys if is_bundle_key(k)), bundled, strict=True):
+            check_bundle_shape(placeholder, encoder, header[key]["shape"])
+    except EmbeddingError as error:
+        raise LoraFileError(f"{path.name}: {error}") from None
+    return bundled, tuple(text_encoder_parts(keys)), trigger_words_from_metadata(header_metadata(header))
 
 
 def model_changed_message(model: str, differences: list[str]) -> str:
@@ -287,22 +350,96 @@ def _replay_settings(recorded: dict, overrides: dict, manifest_path, notes: list
     """The manifest's settings with the caller's winning; the notes say what changed."""
     recorded = dict(recorded)
     overrides = dict(overrides)
-    if overrides:
-        changed = ", ".join(
-            f"{key} {recorded.get(key)!r} -> {value!r}" for key, value in sorted(overrides.items())
-        )
-        notes.append(f"replaying {manifest_path} with settings given on the command line: {changed}.")
+    changed = _setting_differences(recorded, overrides)
+    if changed:
+        notes.append(f"replaying {manifest_path} with settings that differ from it: {'; '.join(changed)}.")
     if "size" in overrides:
         recorded.pop("width", None)
         recorded.pop("height", None)
     if "num_inference_steps" in overrides and "mask_step" not in overrides:
         recorded.pop("mask_step", None)  # the default scales with the new step count
         notes.append(
-            "the mask step follows the new step count (the paper's 6 of 28, scaled); pass --mask-step to fix it."
+            "the mask step follows the new step count (the model's share of the steps); pass --mask-step to fix it."
         )
     if isinstance(overrides.get("mask_config"), dict) and isinstance(recorded.get("mask_config"), dict):
         overrides["mask_config"] = {**recorded["mask_config"], **overrides["mask_config"]}
     return GenerationSettings.from_dict({**recorded, **overrides})
+
+
+def _setting_differences(recorded: dict, overrides: dict) -> list[str]:
+    """`--flag recorded -> given` for each setting given that differs from what the manifest recorded."""
+    changed = []
+    for key, value in sorted(overrides.items()):
+        if key == "size":
+            before = f"{recorded.get('width')}x{recorded.get('height')}"
+            width, height = parse_size(value)
+            value = f"{width}x{height}"
+        elif key == "mask_config" and isinstance(value, dict):
+            before = {name: (recorded.get(key) or {}).get(name) for name in value}
+        else:
+            before = recorded.get(key)
+        if before != value:
+            flag = CLI_FLAGS[key][0][0] if key in CLI_FLAGS else key
+            changed.append(f"{flag} {before!r} -> {value!r}")
+    return changed
+
+
+def _lora_differences(given: list[LoraSpec], manifest: dict, manifest_dir: Path) -> list[str]:
+    """For LoRAs given instead of a manifest's: every field of each that differs from what the manifest
+    recorded for the same LoRA (by name, else by file), and the LoRAs only one side has."""
+    recorded = [entry for entry in manifest.get("loras") or [] if isinstance(entry, dict)]
+    unmatched = list(recorded)
+    changes = []
+    for lora in given:
+        entry = _recorded_entry(lora, unmatched, manifest_dir)
+        if entry is None:
+            changes.append(f"LoRA {lora.adapter_name!r} is not in the manifest")
+            continue
+        unmatched.remove(entry)
+        fields = {
+            "name": (lora.adapter_name, entry.get("name")),
+            "weight": (lora.weight, entry.get("weight")),
+            "words": (_words_of(lora), entry.get("words")),
+            "scope": (lora.scope, entry.get("scope", "subject")),
+            "file sha256": (_sha256_of(lora.path), entry.get("sha256")),
+        }
+        for what, (now, then) in fields.items():
+            if then is not None and now is not None and now != then:
+                shown = (now[:12] + "…", then[:12] + "…") if what == "file sha256" else (now, then)
+                changes.append(f"LoRA {lora.adapter_name!r} {what} {shown[0]!r} (the manifest: {shown[1]!r})")
+    changes.extend(f"LoRA {entry.get('name')!r} of the manifest is left out" for entry in unmatched)
+    return changes
+
+
+def _recorded_entry(lora: LoraSpec, entries: list[dict], manifest_dir: Path) -> dict | None:
+    """The manifest's entry for `lora`: the same name, else the same file (hash or path)."""
+    for entry in entries:
+        if entry.get("name") == lora.adapter_name:
+            return entry
+    digest = _sha256_of(lora.path)
+    for entry in entries:
+        if digest is not None and entry.get("sha256") == digest:
+            return entry
+        recorded = [entry.get("path"), str(manifest_dir / str(entry.get("path_from_manifest")))]
+        here = Path(lora.path).expanduser().resolve()
+        if any(isinstance(path, str) and Path(path).expanduser().resolve() == here for path in recorded):
+            return entry
+    return None
+
+
+def _sha256_of(path: str) -> str | None:
+    resolved = Path(path).expanduser()
+    return cached_sha256(resolved) if resolved.is_file() else None
+
+
+def _words_of(lora: LoraSpec) -> list[str] | None:
+    """The words a LoRA runs with: given, else its file's trigger words (None when unreadable)."""
+    if lora.words:
+        return list(lora.words)
+    try:
+        return trigger_words_from_metadata(header_metadata(read_header(Path(lora.path).expanduser()))) or None
+    except (OSError, LoraFileError):
+        return None
 
 
 def _replay_loras(manifest: dict, manifest_path, manifest_dir: Path, here: Path) -> list[LoraSpec]:
@@ -331,10 +468,24 @@ def _replay_memory(manifest: dict, given: dict, manifest_path, notes: list[str])
     return chosen, chosen != recorded
 
 
-def _replay_model(manifest: dict, manifest_path, manifest_dir: Path, here: Path) -> tuple[str, str | None]:
+def _replay_model(
+    manifest: dict, manifest_path, manifest_dir: Path, here: Path, base_given: bool
+) -> tuple[str, str | None]:
+    """The model a manifest names and, unless the caller gives one, the base model its checkpoint's
+    configs came from; local paths of either must lie inside the manifest's or the working folder."""
     record = manifest["model"]
     model = record.get("id_or_path")
-    base_model = record["base_model"] if isinstance(record.get("base_model"), str) else None
+    base_model = record["base_model"] if isinstance(record.get("base_model"), str) and not base_given else None
+    if base_model is not None and not is_hub_id(base_model):
+        base_model = _resolve_recorded(
+            {"path": base_model, "path_from_manifest": record.get("base_model_from_manifest")},
+            "path",
+            manifest_dir,
+            here,
+            "base model folder",
+            manifest_path,
+            "--base-model",
+        )
     if not isinstance(model, str) or not model:
         raise SettingsError(f"Manifest {manifest_path} records no model path; pass --model.")
     if model not in BUILT_IN and not is_hub_id(model):
@@ -369,19 +520,44 @@ def replay_spec(
     working folder; manifests are untrusted, so those files must lie inside one of the two, or be
     given by the caller.
     """
-    manifest = read_manifest(manifest_path)
+    return replay_record(
+        read_manifest(manifest_path), manifest_path, model, loras, settings, masks, here, base_model, memory
+    )
+
+
+def replay_record(
+    manifest: dict,
+    manifest_path: str | Path,
+    model: str | None = None,
+    loras: list | None = None,
+    settings: dict | None = None,
+    masks: str | None = None,
+    here: Path | None = None,
+    base_model: str | None = None,
+    memory: dict | None = None,
+) -> RunSpec:
+    """`replay_spec` for a manifest already read (and checked by its reader) from `manifest_path`;
+    other records of a run in the manifest's shape (an evaluation's baseline rows) replay through it."""
     manifest_dir = Path(manifest_path).resolve().parent
     here = Path.cwd() if here is None else here
     notes: list[str] = []
     run_settings = _replay_settings(manifest["settings"], settings or {}, manifest_path, notes)
     run_memory, loaded_otherwise = _replay_memory(manifest, memory or {}, manifest_path, notes)
     if loras:
-        notes.append(f"replaying {manifest_path} with the LoRAs given on the command line instead of its own.")
+        differences = _lora_differences(list(loras), manifest, manifest_dir)
+        notes.append(
+            f"replaying {manifest_path} with the LoRAs given instead of its own: {'; '.join(differences)}."
+            if differences
+            else f"replaying {manifest_path} with the LoRAs given instead of its own (the same as recorded)."
+        )
     else:
         loras = _replay_loras(manifest, manifest_path, manifest_dir, here)
     recorded_model = None
+    recorded_id = manifest["model"].get("id_or_path") if isinstance(manifest.get("model"), dict) else None
+    if model is not None and recorded_id is not None and model != recorded_id:
+        notes.append(f"replaying {manifest_path} with model {model} (the manifest: {recorded_id}).")
     if model is None:
-        model, recorded_base = _replay_model(manifest, manifest_path, manifest_dir, here)
+        model, recorded_base = _replay_model(manifest, manifest_path, manifest_dir, here, base_model is not None)
         base_model = base_model if base_model is not None else recorded_base
         # Weights loaded otherwise (another quantization) hash otherwise: only the files are compared.
         recorded_model = {

@@ -32,9 +32,12 @@ from .tiny import (  # noqa: F401  (the tiny models, re-exported for tests)
     default_dtype,
     random_lora_weights,
     tiny_clip_tokenizer,
+    tiny_flux2_pipeline,
     tiny_flux_pipeline,
+    tiny_qwen_tokenizer,
     tiny_sdxl_pipeline,
     tiny_t5_tokenizer,
+    tiny_zimage_pipeline,
 )
 
 
@@ -314,6 +317,156 @@ def flux_single_file_state_dict(transformer) -> dict[str, torch.Tensor]:
     return {key: value.contiguous() for key, value in result.items()}
 
 
+def zimage_single_file_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """A Z-Image transformer's weights in the original layout, as ComfyUI's transformer-only files
+    store them: `attention.qkv` (fused q/k/v), `attention.out`, `q_norm`/`k_norm`, `x_embedder.`
+    and `final_layer.` without diffusers' patch-size key."""
+    renames = (
+        ("all_final_layer.2-1.", "final_layer."),
+        ("all_x_embedder.2-1.", "x_embedder."),
+        (".attention.to_out.0.", ".attention.out."),
+        (".attention.norm_q.", ".attention.q_norm."),
+        (".attention.norm_k.", ".attention.k_norm."),
+    )
+    result: dict[str, torch.Tensor] = {}
+    weights = transformer.state_dict()
+    for key, value in weights.items():
+        if ".attention.to_q." in key or ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        for old, new in renames:
+            key = key.replace(old, new)
+        result[key] = value
+    for key in weights:
+        if key.endswith(".attention.to_q.weight"):
+            block = key[: -len(".to_q.weight")]
+            result[f"{block}.qkv.weight"] = torch.cat([weights[f"{block}.to_{p}.weight"] for p in "qkv"])
+    return {key: value.contiguous() for key, value in result.items()}
+
+
+_FLUX2_TOP_TO_ORIGINAL = {
+    "x_embedder": "img_in",
+    "context_embedder": "txt_in",
+    "time_guidance_embed.timestep_embedder.linear_1": "time_in.in_layer",
+    "time_guidance_embed.timestep_embedder.linear_2": "time_in.out_layer",
+    "time_guidance_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+    "time_guidance_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+    "double_stream_modulation_img.linear": "double_stream_modulation_img.lin",
+    "double_stream_modulation_txt.linear": "double_stream_modulation_txt.lin",
+    "single_stream_modulation.linear": "single_stream_modulation.lin",
+    "proj_out": "final_layer.linear",
+}
+# FLUX.2's double-stream block layers (diffusers → BFL); q/k/v are fused separately.
+FLUX2_DOUBLE_TO_ORIGINAL = {
+    "attn.to_out.0": "img_attn.proj",
+    "attn.to_add_out": "txt_attn.proj",
+    "ff.linear_in": "img_mlp.0",
+    "ff.linear_out": "img_mlp.2",
+    "ff_context.linear_in": "txt_mlp.0",
+    "ff_context.linear_out": "txt_mlp.2",
+}
+FLUX2_SINGLE_TO_ORIGINAL = {"attn.to_qkv_mlp_proj": "linear1", "attn.to_out": "linear2"}
+FLUX2_QKV = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}
+_FLUX2_NORMS = {
+    "attn.norm_q": "img_attn.norm.query_norm",
+    "attn.norm_k": "img_attn.norm.key_norm",
+    "attn.norm_added_q": "txt_attn.norm.query_norm",
+    "attn.norm_added_k": "txt_attn.norm.key_norm",
+}
+
+
+def flux2_single_file_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """A FLUX.2 transformer's weights in BFL's layout, as ComfyUI's transformer-only files store
+    them: fused `img_attn.qkv`, `single_blocks.{i}.linear1/linear2`, the shared modulation's `.lin`,
+    norms as `.scale`, `final_layer.adaLN_modulation.1` with shift before scale."""
+    weights = transformer.state_dict()
+    result: dict[str, torch.Tensor] = {}
+
+    def take(name: str) -> dict[str, torch.Tensor]:
+        return {leaf: weights[f"{name}.{leaf}"] for leaf in ("weight", "bias") if f"{name}.{leaf}" in weights}
+
+    for name, original in _FLUX2_TOP_TO_ORIGINAL.items():
+        for leaf, value in take(name).items():
+            result[f"{original}.{leaf}"] = value
+    scale, shift = weights["norm_out.linear.weight"].chunk(2, dim=0)
+    result["final_layer.adaLN_modulation.1.weight"] = torch.cat([shift, scale])
+    for index in range(len(transformer.transformer_blocks)):
+        block, target = f"transformer_blocks.{index}", f"double_blocks.{index}"
+        for name, original in FLUX2_DOUBLE_TO_ORIGINAL.items():
+            for leaf, value in take(f"{block}.{name}").items():
+                result[f"{target}.{original}.{leaf}"] = value
+        for name, original in _FLUX2_NORMS.items():
+            result[f"{target}.{original}.scale"] = weights[f"{block}.{name}.weight"]
+        for original, names in FLUX2_QKV.items():
+            result[f"{target}.{original}.weight"] = torch.cat([weights[f"{block}.{n}.weight"] for n in names])
+    for index in range(len(transformer.single_transformer_blocks)):
+        block, target = f"single_transformer_blocks.{index}", f"single_blocks.{index}"
+        for name, original in FLUX2_SINGLE_TO_ORIGINAL.items():
+            for leaf, value in take(f"{block}.{name}").items():
+                result[f"{target}.{original}.{leaf}"] = value
+        result[f"{target}.norm.query_norm.scale"] = weights[f"{block}.attn.norm_q.weight"]
+        result[f"{target}.norm.key_norm.scale"] = weights[f"{block}.attn.norm_k.weight"]
+    return {key: value.contiguous() for key, value in result.items()}
+
+
+def kohya_names(state: dict[str, torch.Tensor], prefix: str = "transformer", alpha_ratio: float = 0.5) -> dict:
+    """A diffusers-layout LoRA (`<prefix>.<module>.lora_A.weight`) under kohya's and musubi-tuner's
+    names: `lora_unet_<module, dots as underscores>.lora_down/lora_up.weight` and an `.alpha` of
+    `alpha_ratio` × rank; the up weights are divided by that ratio, so the deltas stay the same."""
+    result: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, half = key.removeprefix(prefix + ".").rsplit(".lora_", 1)
+        name = "lora_unet_" + module.replace(".", "_")
+        if half.startswith("A"):
+            result[f"{name}.lora_down.weight"] = value
+            result[f"{name}.alpha"] = torch.tensor(alpha_ratio * value.shape[0])
+        else:
+            result[f"{name}.lora_up.weight"] = value / alpha_ratio
+    return result
+
+
+def ai_toolkit_names(state: dict[str, torch.Tensor], prefix: str = "transformer") -> dict:
+    """A diffusers-layout LoRA under ai-toolkit's names: `diffusion_model.<module>.lora_A.weight`."""
+    return {"diffusion_model." + key.removeprefix(prefix + "."): value for key, value in state.items()}
+
+
+def share_qkv_down(state: dict[str, torch.Tensor], groups: Iterable[tuple[str, str, str]]) -> dict:
+    """The LoRA with the q/k/v layers of each group (suffixes, e.g. `("to_q", "to_k", "to_v")`)
+    sharing the first one's down matrix: the LoRA a fused-qkv file (one down, stacked ups) is."""
+    result = dict(state)
+    for key in state:
+        for group in groups:
+            if key.endswith(f".{group[0]}.lora_A.weight"):
+                for other in group[1:]:
+                    result[key.replace(f".{group[0]}.", f".{other}.")] = state[key].clone()
+    return result
+
+
+def flux2_bfl_lora_state_dict(state: dict[str, torch.Tensor], kohya: bool = False, alpha_ratio: float = 0.5) -> dict:
+    """A diffusers-layout FLUX.2 LoRA whose q/k/v share their down matrices (`share_qkv_down`) in
+    BFL's names, as ai-toolkit writes them (`diffusion_model.double_blocks.0.img_attn.qkv.lora_A`),
+    or with `kohya`, as kohya/musubi-tuner do (`lora_unet_double_blocks_0_img_attn_qkv.lora_down`)."""
+    original: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        module, half = key.removeprefix("transformer.").rsplit(".lora_", 1)
+        parts = module.split(".")
+        block, inner = ".".join(parts[:2]), ".".join(parts[2:])
+        if parts[0] == "single_transformer_blocks":
+            original[f"single_blocks.{parts[1]}.{FLUX2_SINGLE_TO_ORIGINAL[inner]}.lora_{half}"] = value
+        elif inner in FLUX2_DOUBLE_TO_ORIGINAL:
+            original[f"double_blocks.{parts[1]}.{FLUX2_DOUBLE_TO_ORIGINAL[inner]}.lora_{half}"] = value
+        else:
+            for fused, names in FLUX2_QKV.items():
+                if inner == names[0]:
+                    target = f"double_blocks.{parts[1]}.{fused}.lora_{half}"
+                    if half.startswith("A"):
+                        original[target] = value
+                    else:
+                        original[target] = torch.cat([state[f"transformer.{block}.{n}.lora_B.weight"] for n in names])
+    if not kohya:
+        return {"diffusion_model." + key: value for key, value in original.items()}
+    return kohya_names({"t." + key: value for key, value in original.items()}, prefix="t", alpha_ratio=alpha_ratio)
+
+
 def kohya_sdxl_lora_state_dict(
     state: dict[str, torch.Tensor], unet, text_encoders: dict | None = None
 ) -> dict:
@@ -431,7 +584,8 @@ class LayerCall:
         layer: module name inside the transformer.
         label: what the recorder's `label` said when the call happened (e.g. "cond", "uncond").
         tokens: length of the token axis of the layer's input, or None for `[B, C]` inputs.
-        masks: adapter name → recovered coefficients, `[B, S]` (or `[B]` without a token axis).
+        masks: adapter name → recovered coefficients, `[B, S]` (or `[B]` without a token axis, `[R]`
+            for a 2-d input); NaN where every adapter's delta is exactly zero (nothing to read).
         fit_error: largest relative residual of the fit; ~0 when the output is exactly base plus
             per-token multiples of each adapter's delta.
     """
@@ -486,7 +640,10 @@ class LoraDeltaRecorder:
             deltas.append((x64 @ down.T @ up.T) * float(module.scaling[adapter]))
         system = torch.stack(deltas, dim=-1)  # [..., out, k]
         solution = torch.linalg.lstsq(system, residual[..., None]).solution[..., 0]  # [..., k]
-        fitted = (system @ solution[..., None])[..., 0]
+        # A token whose input makes every delta exactly zero (a zero padding row) says nothing.
+        silent = (system == 0).all(dim=-1).all(dim=-1)
+        solution = solution.masked_fill(silent[..., None], float("nan"))
+        fitted = (system @ solution.nan_to_num()[..., None])[..., 0]
         scale = residual.abs().amax().clamp_min(1e-12)
         fit_error = float((fitted - residual).abs().amax() / scale)
         self.calls.append(

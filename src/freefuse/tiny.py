@@ -1,4 +1,5 @@
-"""The tiny random models `--model tiny` and `--model tiny-sdxl` build, their tokenizers, and random LoRAs.
+"""The tiny random models `--model tiny`, `tiny-sdxl`, `tiny-zimage` and `tiny-flux2` build, their
+tokenizers, and random LoRAs.
 
 Product code: the offline demo, the built-in models and ShapesWorld's text encoders are made here.
 Nothing here touches the network or the disk. Every model is in eval mode, so two builds with one
@@ -336,14 +337,247 @@ def tiny_sdxl_pipeline(
     )
 
 
+# -- Qwen3-conditioned models: Z-Image and FLUX.2 [klein] --------------------------------------------
+
+# Qwen's special tokens; the first is also the padding token.
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+# Qwen3's chat template, for the one user turn both pipelines send: the user turn, then the
+# assistant's opening, and with `enable_thinking=False` (FLUX.2 [klein]) an empty thinking block.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+
+
+def tiny_qwen_tokenizer(words: Iterable[str] = TINY_WORDS):
+    """A byte-level BPE tokenizer in Qwen's layout: the 256 byte symbols, merges that spell the
+    known words (" alice" and "Alice" are one token each, as in Qwen's own vocabulary), Qwen's
+    special tokens and chat template. Unknown words still encode, byte by byte."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import Qwen2TokenizerFast
+
+    vocab = {symbol: index for index, symbol in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    merges: list[tuple[str, str]] = []
+    seen = set()
+    # Merges of the words after a space first: BPE applies the earliest merge first, so " hugging"
+    # becomes one token instead of " " + "hugging".
+    for space in ("Ġ", ""):
+        for word in [*words, "user", "assistant", "system"]:
+            for form in sorted({word, word.capitalize()}):
+                pieces = list(space + form)
+                while len(pieces) > 1:
+                    pair = (pieces[0], pieces[1])
+                    if pair not in seen:
+                        seen.add(pair)
+                        merges.append(pair)
+                    pieces = [pieces[0] + pieces[1], *pieces[2:]]
+                    vocab.setdefault(pieces[0], len(vocab))
+    model = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    model.decoder = decoders.ByteLevel()
+    model.post_processor = processors.ByteLevel(trim_offsets=False)
+    tokenizer = Qwen2TokenizerFast(
+        tokenizer_object=model,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=list(QWEN_SPECIAL_TOKENS[1:]),
+    )
+    tokenizer.add_tokens(["<think>", "</think>"])  # Qwen3's thinking markers: added, not special
+    tokenizer.chat_template = QWEN_CHAT_TEMPLATE
+    return tokenizer
+
+
+def qwen3_encoder(tokenizer, width: int, layers: int, causal_lm: bool = False, heads: int = 2):
+    """A small random Qwen3 text encoder (`Qwen3Model`, or `Qwen3ForCausalLM` as FLUX.2 [klein]
+    loads it) for `tokenizer`. Random draws come from the global generator."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3Model
+
+    config = Qwen3Config(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=2 * width,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        head_dim=max(8, width // heads),
+        max_position_embeddings=2048,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return Qwen3ForCausalLM(config) if causal_lm else Qwen3Model(config)
+
+
+def _tiny_vae(kind, latent_channels: int, **overrides):
+    """A 4-level VAE (factor 8, as the real ones) of a few thousand weights."""
+    return kind(
+        **{
+            "in_channels": 3,
+            "out_channels": 3,
+            "down_block_types": ("DownEncoderBlock2D",) * 4,
+            "up_block_types": ("UpDecoderBlock2D",) * 4,
+            "block_out_channels": (8, 8, 16, 16),
+            "layers_per_block": 1,
+            "latent_channels": latent_channels,
+            "norm_num_groups": 4,
+            "sample_size": 64,
+            "mid_block_add_attention": False,
+            **overrides,
+        }
+    )
+
+
+def _finish(transformer, text_encoder, vae, dtype: torch.dtype, device: str | torch.device):
+    """Every model in eval mode without gradients; the text encoder and VAE (made in float32 on the
+    CPU) moved to `dtype` and `device` when those differ."""
+    for model in (transformer, text_encoder, vae):
+        model.eval()
+        model.requires_grad_(False)
+    if dtype != torch.float32 or torch.device(device).type != "cpu":
+        text_encoder, vae = (m.to(device=device, dtype=dtype) for m in (text_encoder, vae))
+    return text_encoder, vae
+
+
+# Z-Image geometry (16 latent channels, 2x2 patches, 8x VAE: 16 pixels per token) at tiny widths.
+TINY_ZIMAGE_CONFIG = {
+    "all_patch_size": (2,),
+    "all_f_patch_size": (1,),
+    "in_channels": 16,
+    "dim": 32,
+    "n_layers": 2,
+    "n_refiner_layers": 1,
+    "n_heads": 2,
+    "n_kv_heads": 2,
+    "cap_feat_dim": 32,
+    "axes_dims": [4, 6, 6],
+    "axes_lens": [1024, 128, 128],
+}
+
+
+def tiny_zimage_pipeline(
+    seed: int = 0,
+    transformer_config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """A complete diffusers `ZImagePipeline` with tiny random weights, in eval mode: a 2-layer
+    Qwen3 text encoder as wide as `cap_feat_dim` (the pipeline reads its second-to-last hidden
+    states), the transformer (refiners, then single-stream `layers` over [image, text]), a VAE
+    with Z-Image's scaling and shift, and Z-Image's scheduler (shift 3). `transformer_config`
+    overrides the transformer's (benchmarks build mid-size ones this way)."""
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        ZImagePipeline,
+        ZImageTransformer2DModel,
+    )
+
+    config = {**TINY_ZIMAGE_CONFIG, **(transformer_config or {})}
+    tokenizer = tiny_qwen_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device), default_dtype(dtype):
+            transformer = ZImageTransformer2DModel(**config)
+            # A trained model's padding tokens are not zero (diffusers starts them at zero).
+            with torch.no_grad():
+                transformer.x_pad_token.normal_()
+                transformer.cap_pad_token.normal_()
+        text_encoder = qwen3_encoder(tokenizer, config["cap_feat_dim"], layers=2)
+        vae = _tiny_vae(
+            AutoencoderKL,
+            config["in_channels"],
+            scaling_factor=0.3611,
+            shift_factor=0.1159,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    text_encoder, vae = _finish(transformer, text_encoder, vae, dtype=dtype, device=device)
+    return ZImagePipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+    )
+
+
+# FLUX.2 geometry (32 latent channels in 2x2 patches = 128 inputs per token, 8x VAE) at tiny widths.
+# The text side is three of the text encoder's hidden states side by side (layers 9, 18, 27).
+TINY_FLUX2_CONFIG = {
+    "patch_size": 1,
+    "in_channels": 128,
+    "num_layers": 2,
+    "num_single_layers": 3,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 48,
+    "timestep_guidance_channels": 32,
+    "axes_dims_rope": (4, 4, 4, 4),
+    "guidance_embeds": False,
+}
+# FLUX.2 [klein] reads the text encoder's hidden states 9, 18 and 27: it needs 28 layers.
+FLUX2_TEXT_LAYERS = (9, 18, 27)
+
+
+def tiny_flux2_pipeline(
+    seed: int = 0,
+    transformer_config: dict | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    is_distilled: bool = True,
+):
+    """A complete diffusers `Flux2KleinPipeline` with tiny random weights, in eval mode: a 28-layer
+    Qwen3 causal LM a third as wide as `joint_attention_dim`, the FLUX.2 transformer (double-stream
+    blocks, then single-stream blocks over [text, image]), FLUX.2's VAE (latents batch-normalised)
+    and scheduler. `is_distilled`: as the 4B/9B [klein] models (no guidance pass)."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+
+    config = {**TINY_FLUX2_CONFIG, **(transformer_config or {})}
+    tokenizer = tiny_qwen_tokenizer()
+    width = config["joint_attention_dim"] // len(FLUX2_TEXT_LAYERS)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device), default_dtype(dtype):
+            transformer = Flux2Transformer2DModel(**config)
+        text_encoder = qwen3_encoder(tokenizer, width, layers=max(FLUX2_TEXT_LAYERS) + 1, causal_lm=True)
+        vae = _tiny_vae(AutoencoderKLFlux2, config["in_channels"] // 4)
+        # Latent statistics of a trained VAE are not 0 and 1: random ones, so that decoding uses them.
+        vae.bn.running_mean.normal_(0.0, 0.1)
+        vae.bn.running_var.uniform_(0.5, 2.0)
+    text_encoder, vae = _finish(transformer, text_encoder, vae, dtype=dtype, device=device)
+    scheduler = FlowMatchEulerDiscreteScheduler(
+        shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15, time_shift_type="exponential"
+    )
+    return Flux2KleinPipeline(
+        scheduler=scheduler,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        transformer=transformer,
+        is_distilled=is_distilled,
+    )
+
+
 ALL_LINEAR = "all-linear"
 #: Every linear layer and every convolution (a LyCORIS/LoCon-style LoRA on a UNet).
 ALL_LAYERS = "all-layers"
 
 
 # One tiny pipeline builder per registered backend (`freefuse.backends.BACKENDS`), by its name: the
-# built-in models (`--model tiny`, `tiny-sdxl`), the offline demo and the contract tests.
-TINY_PIPELINES = {"flux": tiny_flux_pipeline, "sdxl": tiny_sdxl_pipeline}
+# built-in models (`--model tiny`, `tiny-sdxl`, `tiny-zimage`, `tiny-flux2`), the offline demo and the
+# contract tests.
+TINY_PIPELINES = {
+    "flux": tiny_flux_pipeline,
+    "sdxl": tiny_sdxl_pipeline,
+    "zimage": tiny_zimage_pipeline,
+    "flux2": tiny_flux2_pipeline,
+}
 
 
 def random_lora_weights(

@@ -7,7 +7,10 @@ occurrence in the prompt counts.
 
 from __future__ import annotations
 
+import bisect
+import functools
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from .errors import WordNotFoundError
@@ -38,14 +41,105 @@ def word_spans(prompt: str, word: str) -> list[tuple[int, int]]:
     return [match.span() for match in re.finditer(pattern, prompt, flags=re.IGNORECASE)]
 
 
-def describe_tokens(tokenizer, prompt: str, limit: int = 80) -> str:
-    """The prompt's tokens as the model sees them, for error messages."""
-    pieces = tokenizer.convert_ids_to_tokens(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    shown = " ".join(repr(piece) for piece in pieces[:limit])
-    return shown + (f" … (+{len(pieces) - limit} more)" if len(pieces) > limit else "")
+class RememberingTokenizer:
+    """A tokenizer that remembers its last `size` answers: the checks of a batch's jobs tokenize the
+    same few prompts and words thousands of times. Everything else is the tokenizer's own."""
+
+    def __init__(self, tokenizer, size: int = 4096) -> None:
+        self.tokenizer, self.size = tokenizer, size
+        self._answers: OrderedDict[tuple, object] = OrderedDict()
+
+    def __call__(self, text, **options):
+        if not isinstance(text, str):
+            return self.tokenizer(text, **options)
+        key = (text, tuple(sorted(options.items())))
+        answer = self._answers.get(key)
+        if answer is None:
+            answer = self._answers[key] = self.tokenizer(text, **options)
+            if len(self._answers) > self.size:
+                self._answers.popitem(last=False)
+        return answer
+
+    def __getattr__(self, name: str):
+        return getattr(self.tokenizer, name)
 
 
-def find_word(tokenizer, prompt: str, word: str, max_length: int | None = None) -> WordMatch:
+@dataclass(frozen=True)
+class PromptTokens:
+    """A prompt tokenized once (special tokens added, not truncated): its token ids and each token's
+    character span. A check asks many questions of one prompt (each word of each subject, what the
+    limit cuts, which tokens two subjects share); this answers them without tokenizing again."""
+
+    prompt: str
+    ids: tuple[int, ...]
+    offsets: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def of(cls, tokenizer, prompt: str) -> PromptTokens:
+        encoding = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True, truncation=False)
+        offsets = tuple((int(start), int(end)) for start, end in encoding["offset_mapping"])
+        return cls(prompt=prompt, ids=tuple(encoding["input_ids"]), offsets=offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @functools.cached_property
+    def _sorted(self) -> tuple[list[int], list[int], list[int]] | None:
+        """(token index, start, end) of the tokens that cover text, in order; None if their spans are
+        not in text order (then `covering` scans)."""
+        tokens = [(index, start, end) for index, (start, end) in enumerate(self.offsets) if end > start]
+        starts = [start for _, start, _ in tokens]
+        ends = [end for _, _, end in tokens]
+        ordered = all(a <= b for a, b in zip(starts, starts[1:], strict=False)) and all(
+            a <= b for a, b in zip(ends, ends[1:], strict=False)
+        )
+        return ([index for index, _, _ in tokens], starts, ends) if ordered else None
+
+    def covering(self, start: int, end: int) -> list[int]:
+        """Positions of the tokens whose text overlaps characters [start, end): a binary search and
+        the tokens found, not a scan of the prompt."""
+        if self._sorted is None:
+            return [i for i, (s, e) in enumerate(self.offsets) if e > s and s < end and e > start]
+        indices, starts, ends = self._sorted
+        found = []
+        for j in range(bisect.bisect_right(ends, start), len(indices)):
+            if starts[j] >= end:
+                break
+            found.append(indices[j])
+        return found
+
+
+def describe_tokens(tokenizer, prompt: str, limit: int = 80, tokens: PromptTokens | None = None) -> str:
+    """The prompt's tokens as the model sees them (special tokens left out), for error messages."""
+    if tokens is None:
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    else:
+        special = set(getattr(tokenizer, "all_special_ids", None) or ()) - {getattr(tokenizer, "unk_token_id", None)}
+        ids = [token for token in tokens.ids if token not in special]  # the ones tokenizing added, not <unk>
+    shown = " ".join(repr(piece) for piece in tokenizer.convert_ids_to_tokens(list(ids[:limit])))
+    return shown + (f" … (+{len(ids) - limit} more)" if len(ids) > limit else "")
+
+
+def _inside_words(prompt: str, word: str, limit: int = 3) -> list[str]:
+    """Up to `limit` words of `prompt` that hold `word` inside them (for the message), each cut to
+    a few dozen characters around it: bounded work however long the prompt."""
+    found = []
+    for match in re.finditer(re.escape(word), prompt, re.IGNORECASE):
+        before = _WORD_END.search(prompt[max(0, match.start() - 40) : match.start()])
+        after = _WORD_START.match(prompt, match.end(), min(len(prompt), match.end() + 40))
+        found.append((before.group() if before else "") + match.group() + (after.group() if after else ""))
+        if len(found) == limit:
+            break
+    return found
+
+
+_WORD_END = re.compile(r"\w*\Z")
+_WORD_START = re.compile(r"\w*")
+
+
+def find_word(
+    tokenizer, prompt: str, word: str, max_length: int | None = None, tokens: PromptTokens | None = None
+) -> WordMatch:
     """Token positions of every whole-word occurrence of `word` in `prompt`.
 
     Args:
@@ -53,6 +147,7 @@ def find_word(tokenizer, prompt: str, word: str, max_length: int | None = None) 
         prompt: the text the model encodes.
         word: the activation word or phrase.
         max_length: the model's token limit; occurrences past it are cut off and do not count.
+        tokens: `PromptTokens.of(tokenizer, prompt)` when the caller has it already.
 
     Raises:
         WordNotFoundError: with the prompt's tokens, when the word is absent, occurs only inside
@@ -71,47 +166,42 @@ def find_word(tokenizer, prompt: str, word: str, max_length: int | None = None) 
             )
     spans = word_spans(prompt, word)
     if not spans:
-        inside = [
-            m.group(0) for m in re.finditer(r"\w*" + re.escape(word.strip()) + r"\w*", prompt, re.IGNORECASE)
-        ]
+        inside = _inside_words(prompt, word.strip())
         if inside:
             raise WordNotFoundError(
-                f"Activation word {word!r} appears only inside other words ({', '.join(map(repr, inside[:3]))}); "
+                f"Activation word {word!r} appears only inside other words ({', '.join(map(repr, inside))}); "
                 f"it must stand as a whole word in the prompt {prompt!r}."
             )
         raise WordNotFoundError(
             f"Activation word {word!r} is not in the prompt {prompt!r}. Put it in the prompt, or fix the "
-            f"LoRA's words. The prompt's tokens are: {describe_tokens(tokenizer, prompt)}"
+            f"LoRA's words. The prompt's tokens are: {describe_tokens(tokenizer, prompt, tokens=tokens)}"
         )
-    encoding = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True, truncation=False)
-    offsets = encoding["offset_mapping"]
+    tokens = tokens if tokens is not None else PromptTokens.of(tokenizer, prompt)
     # The last position before the limit holds the end-of-sequence token once the prompt is cut.
-    usable = len(offsets) if max_length is None or len(offsets) <= max_length else max_length - 1
+    usable = len(tokens) if max_length is None or len(tokens) <= max_length else max_length - 1
     positions: list[int] = []
     kept_spans: list[tuple[int, int]] = []
     for start, end in spans:
-        covered = [i for i, (s, e) in enumerate(offsets) if e > s and s < end and e > start]
-        inside_limit = [i for i in covered if i < usable]
-        if covered and len(inside_limit) == len(covered):
+        covered = tokens.covering(start, end)
+        if covered and max(covered) < usable:
             positions.extend(covered)
             kept_spans.append((start, end))
     if not positions:
         raise WordNotFoundError(
             f"Activation word {word!r} lies past the {max_length}-token limit of the text encoder and is cut "
-            f"off; move it earlier in the prompt or shorten the prompt ({len(offsets)} tokens)."
+            f"off; move it earlier in the prompt or shorten the prompt ({len(tokens)} tokens)."
         )
     return WordMatch(word=word, spans=tuple(kept_spans), positions=tuple(sorted(set(positions))))
 
 
-def truncation_note(tokenizer, prompt: str, max_length: int) -> str | None:
+def truncation_note(tokenizer, prompt: str, max_length: int, tokens: PromptTokens | None = None) -> str | None:
     """A message saying what the token limit cuts from `prompt`, or None if it all fits."""
-    encoding = tokenizer(prompt, return_offsets_mapping=True, add_special_tokens=True, truncation=False)
-    offsets = encoding["offset_mapping"]
-    if len(offsets) <= max_length:
+    tokens = tokens if tokens is not None else PromptTokens.of(tokenizer, prompt)
+    if len(tokens) <= max_length:
         return None
-    cut_from = offsets[max_length - 1][0]
+    cut_from = tokens.offsets[max_length - 1][0]
     return (
-        f"The prompt has {len(offsets)} tokens; the text encoder keeps {max_length}, so this part is cut: "
+        f"The prompt has {len(tokens)} tokens; the text encoder keeps {max_length}, so this part is cut: "
         f"{prompt[cut_from:]!r}"
     )
 

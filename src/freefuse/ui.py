@@ -28,7 +28,7 @@ from .shapesworld.model import lora_path
 from .workspace import MAX_LORAS, Form, LoraSlot, PageLimits, Workspace, mask_picture, summary
 
 log = logging.getLogger("freefuse.ui")
-FORM_FIELDS = ("prompt", "seed", "steps", "width", "height", "guidance", "mask_method", "mask_step")
+FORM_FIELDS = ("prompt", "seed", "steps", "width", "height", "guidance", "mask_method", "mask_step", "attn_bias")
 #: Pictures smaller than this (a side, pixels) are shown enlarged, pixels kept sharp; downloads keep their size.
 SHOWN_SIDE = 320
 #: The ShapesWorld example: the committed model and two of its subject LoRAs (files the page offers).
@@ -128,6 +128,7 @@ def _layout(workspace: Workspace, public_without_login: bool) -> SimpleNamespace
             guidance = gr.Textbox("", label="Guidance (empty: the model's)", elem_id="guidance")
             mask_method = gr.Dropdown(list(MAP_METHOD_NAMES), value="text-to-image", label="Mask method", elem_id="mask-method")
             mask_step = gr.Number(0, label="Mask step (0: default)", precision=0, elem_id="mask-step")
+            attn_bias = gr.Textbox("", label="Attention bias (empty: the model's; 0: off)", elem_id="attn-bias")
         warnings_box = gr.Markdown("", elem_id="warnings")
         with gr.Row():
             find = gr.Button("Find masks", elem_id="find-masks")
@@ -191,7 +192,7 @@ def _example(workspace: Workspace) -> list:
         else:
             rows += [None, "", "", 1.0, "subject"]
     size, steps = EXAMPLE["size"], EXAMPLE["steps"]
-    form = [EXAMPLE["prompt"], 0, steps, size, size, "", "text-to-image", 0]
+    form = [EXAMPLE["prompt"], 0, steps, size, size, "", "text-to-image", 0, ""]
     return [EXAMPLE["model"], *rows, *form]
 
 
@@ -255,7 +256,7 @@ def _wire(page: SimpleNamespace, workspace: Workspace) -> None:
     """Each event of the page to its workspace action."""
     lora_inputs = [component for row in page.lora_rows for component in row]
     form_inputs = [page.prompt, page.seed, page.steps, page.width, page.height, page.guidance]
-    form_inputs += [page.mask_method, page.mask_step]
+    form_inputs += [page.mask_method, page.mask_step, page.attn_bias]
     everything = [page.session, page.model_box, *lora_inputs, *form_inputs]
     for index, (file, path, words, _, _) in enumerate(page.lora_rows):
         file.change(

@@ -75,6 +75,7 @@ class Form:
     guidance: str | float | None = ""
     mask_method: str = "text-to-image"
     mask_step: float | None = 0
+    attn_bias: str | float | None = ""  # empty: the model's attention bias; 0: off
 
 
 @dataclass
@@ -309,6 +310,7 @@ class Workspace:
             method=method,
             mask_step=None if form.mask_step in (None, "", 0) else int(form.mask_step),
             mask_config={"method": form.mask_method},
+            attention_bias=None if form.attn_bias in (None, "") else float(form.attn_bias),
         )
         return RunSpec(model=model, loras=specs, settings=settings, masks=masks)
 

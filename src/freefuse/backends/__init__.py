@@ -5,7 +5,7 @@ runner parts over a loaded pipeline (`Backend`: encode, latents, predict, step, 
 
 from __future__ import annotations
 
-from . import flux, sdxl  # register themselves
+from . import flux, flux2, sdxl, zimage  # register themselves
 from .base import (
     IMAGE,
     NO_TOKENS,
@@ -20,8 +20,10 @@ from .base import (
     TokenLayout,
 )
 from .flux import FluxArchitecture, FluxBackend
+from .flux2 import Flux2Architecture, Flux2Backend
 from .registry import BACKENDS, architectures, backend_for, register
 from .sdxl import SdxlArchitecture, SdxlBackend
+from .zimage import ZImageArchitecture, ZImageBackend
 
 __all__ = [
     "BACKENDS",
@@ -34,15 +36,21 @@ __all__ = [
     "Backend",
     "CapturedAttention",
     "Conditioning",
+    "Flux2Architecture",
+    "Flux2Backend",
     "FluxArchitecture",
     "FluxBackend",
     "Latents",
     "SdxlArchitecture",
     "SdxlBackend",
     "TokenLayout",
+    "ZImageArchitecture",
+    "ZImageBackend",
     "architectures",
     "backend_for",
     "flux",
+    "flux2",
     "register",
     "sdxl",
+    "zimage",
 ]

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import dataclasses
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
@@ -29,8 +28,10 @@ from typing import TYPE_CHECKING, ClassVar, Literal, Protocol
 import numpy as np
 import torch
 
-from ..core import MaskConfig
+from ..core import BiasConfig, MaskConfig
+from ..core.config import BIAS_BLOCKS
 from ..core.methods import MAP_METHODS, get_map_method, refines
+from ..errors import LoraFileError, LoraFitError
 from ..lora import LoraFile, check_lora_fits
 
 if TYPE_CHECKING:
@@ -54,12 +55,17 @@ class Conditioning:
         prompt_embeds: `[B, T, C]` token embeddings the denoiser attends to.
         pooled: `[B, P]` pooled embedding, or None.
         text_ids: backend-specific position ids of the text tokens, or None.
+        text_lengths: per prompt, how many of the T text positions are its own as the denoiser's
+            layers see them (its tokens, and the padding the denoiser adds to them); the rest is
+            padding up to the longest prompt of the batch, which no token attends to. None: all T
+            (every prompt padded to one length by the text encoder, as FLUX.1 and SDXL do).
     """
 
     prompts: list[str]
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor | None
     text_ids: torch.Tensor | None
+    text_lengths: list[int] | None = None
 
     @property
     def num_text_tokens(self) -> int:
@@ -78,6 +84,9 @@ class CapturedAttention:
             `q_img` (methods refining with self-attention need them).
         k_text: `[B, C, heads, T, D]` text keys.
         o_img: `[B, C, N, heads*D]` the image tokens' attention outputs, before the output projection.
+        text_lengths: per image, how many of the T text rows are its own (`Conditioning.text_lengths`);
+            the rest is padding of a batch of prompts of different lengths, which its attention
+            never saw. None: all T.
     """
 
     q_text: torch.Tensor | None
@@ -85,27 +94,42 @@ class CapturedAttention:
     k_img: torch.Tensor | None
     k_text: torch.Tensor
     o_img: torch.Tensor
+    text_lengths: list[int] | None = None
 
     @staticmethod
     def concat(captures: list[CapturedAttention]) -> CapturedAttention:
         """Several steps' captures as one, their blocks side by side on the C axis."""
-        names = [item.name for item in dataclasses.fields(CapturedAttention)]
         return CapturedAttention(
             **{
                 n: None
                 if getattr(captures[0], n) is None
                 else torch.cat([getattr(c, n) for c in captures], dim=1)
-                for n in names
-            }
+                for n in _TENSOR_FIELDS
+            },
+            text_lengths=captures[0].text_lengths,
         )
 
     def cpu(self) -> CapturedAttention:
         return CapturedAttention(
-            **{
-                item.name: None if getattr(self, item.name) is None else getattr(self, item.name).cpu()
-                for item in dataclasses.fields(self)
-            }
+            **{n: None if getattr(self, n) is None else getattr(self, n).cpu() for n in _TENSOR_FIELDS},
+            text_lengths=self.text_lengths,
         )
+
+    def image(self, b: int) -> dict[str, torch.Tensor | None]:
+        """Image `b`'s tensors (`[C, heads, S, D]`), its text rows cut to its own (`text_lengths`)."""
+        length = None if self.text_lengths is None else self.text_lengths[b]
+        found = {}
+        for name in _TENSOR_FIELDS:
+            tensor = getattr(self, name)
+            if tensor is not None:
+                tensor = tensor[b]
+                if name.endswith("_text") and length is not None:
+                    tensor = tensor[..., :length, :]
+            found[name] = tensor
+        return found
+
+
+_TENSOR_FIELDS = ("q_text", "q_img", "k_img", "k_text", "o_img")
 
 
 class AttentionTap(Protocol):
@@ -125,6 +149,32 @@ class Latents:
 
     latents: torch.Tensor
     positions: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class BiasSite:
+    """One attention that takes stage 2's attention bias (`Backend.bias_sites`).
+
+    The bias goes in as the attention module's `attention_mask` keyword (diffusers' processors hand
+    it to SDPA as an additive `attn_mask`), from a forward pre-hook; the processor stays the
+    caller's.
+
+    Attributes:
+        name: the module's name in the denoiser, for messages.
+        module: the attention module (`FluxAttention`, `Attention`).
+        query, key: what its query and key sequences hold, in order (("text", "image") for a joint
+            attention; ("image",) over ("text",) for a cross-attention).
+        image_tokens: `(args, kwargs, n_text) -> N`, the image tokens of this call (a UNet level's).
+        heads_axis: the mask is `[B, 1, Sq, Sk]` (True) or `[B, Sq, Sk]` (processors that add the
+            heads axis themselves, as diffusers' `AttnProcessor2_0`).
+    """
+
+    name: str
+    module: torch.nn.Module
+    query: TokenLayout
+    key: TokenLayout
+    image_tokens: Callable[[tuple, dict, int], int]
+    heads_axis: bool = True
 
 
 class Architecture:
@@ -147,6 +197,10 @@ class Architecture:
     block_kind: ClassVar[str] = "block"
     #: The block the paper (or the authors' code) taps, of how many: other sizes get the same depth.
     paper_block: ClassVar[tuple[int, int]] = (0, 1)
+    #: The step the paper (or the authors' code for this architecture) reads masks at, of how many
+    #: steps: other step counts get the same share (`default_mask_step`). The paper's 6 of 28 by default;
+    #: few-step models read earlier in their short schedule.
+    paper_mask_step: ClassVar[tuple[int, int]] = (6, 28)
     #: Most text tokens the text encoder takes.
     max_sequence_length: ClassVar[int]
     #: Defaults a user expects on this architecture, for settings left unset.
@@ -167,11 +221,26 @@ class Architecture:
     #: The model folder's subfolder with the tokenizer of the tapped attention's text tokens.
     tokenizer_folder: ClassVar[str | None] = None
 
+    #: Stage 2's attention bias: this architecture's defaults, the block choices its model has
+    #: (`core.config.BIAS_BLOCKS`; empty: FreeFuse cannot reach its attention), and why not then.
+    default_attention_bias: ClassVar[BiasConfig] = BiasConfig()
+    attention_bias_blocks: ClassVar[tuple[str, ...]] = ()
+    attention_bias_refusal: ClassVar[str] = "FreeFuse does not add an attention bias to this architecture's attention"
+    #: Whether its text tokens attend to the image (joint attention), so that the bias's bidirectional half exists.
+    attention_bias_text_queries: ClassVar[bool] = True
+
     @classmethod
     def default_block(cls, num_blocks: int) -> int:
         """The block the paper taps, or the same relative depth on a model with `num_blocks` blocks."""
         block, of = cls.paper_block
         return round(block / max(1, of - 1) * (num_blocks - 1))
+
+    @classmethod
+    def default_mask_step(cls, num_inference_steps: int) -> int:
+        """The step whose attention gives the masks when the caller sets none: the paper's share of
+        the steps (`paper_mask_step`), at least the first."""
+        step, of = cls.paper_mask_step
+        return min(num_inference_steps, max(1, round(step / of * num_inference_steps)))
 
     @classmethod
     def pixels_per_token(cls, model_folder: Path | None) -> int:
@@ -183,6 +252,16 @@ class Architecture:
     def tiny_tokenizer(cls):
         """That tokenizer of the built-in tiny model, or None."""
         return None
+
+    @classmethod
+    def default_sequence_length(cls, tokenizer) -> int:
+        """The text token limit of a run that sets none: the model's own when its tokenizer declares a
+        shorter one (`model_max_length` in its config: ShapesWorld's T5 reads 24 tokens), else the
+        architecture's (`tokenizer`: the tapped text's, or None before the model can be read)."""
+        declared = getattr(tokenizer, "model_max_length", None)
+        if isinstance(declared, int) and 0 < declared < cls.max_sequence_length:
+            return declared
+        return cls.max_sequence_length
 
     @classmethod
     def load_tokenizer(cls, model_folder: Path | None):
@@ -214,8 +293,11 @@ class Architecture:
         return None
 
     @classmethod
-    def check_lora_keys(cls, keys: Sequence[str], source: str) -> None:
-        """Raise `LoraFileError` when a LoRA file's tensor names say it is for another architecture."""
+    def check_lora_keys(cls, keys: Sequence[str] | Mapping[str, Sequence[int]], source: str) -> None:
+        """Raise `LoraFileError` when a LoRA file's tensor names say it is for another architecture.
+
+        `keys`: the tensor names, or names → shapes where the header gives them (FLUX.1 and FLUX.2
+        files share their block names; their widths tell them apart)."""
         raise NotImplementedError
 
     @classmethod
@@ -239,6 +321,41 @@ class Architecture:
         if "mask_config" in settings.model_fields_set:
             return settings.mask_config
         return cls.default_mask_config
+
+    @classmethod
+    def attention_bias(cls, settings: GenerationSettings) -> BiasConfig:
+        """The run's attention bias: the caller's values where given, this architecture's elsewhere."""
+        default = cls.default_attention_bias
+        given = {
+            "scale": settings.attention_bias,
+            "positive": settings.attention_bias_positive,
+            "bidirectional": settings.attention_bias_bidirectional,
+            "blocks": settings.attention_bias_blocks,
+        }
+        return BiasConfig(**{k: getattr(default, k) if v is None else v for k, v in given.items()})
+
+    @classmethod
+    def check_attention_bias(cls, settings: GenerationSettings) -> None:
+        """Raise ValueError for an attention bias this architecture cannot add."""
+        config = cls.attention_bias(settings)
+        if not config.active:
+            return
+        if not cls.attention_bias_blocks:
+            raise ValueError(
+                f"`attention_bias` {config.scale:g} on {cls.name}: {cls.attention_bias_refusal}. Leave it out or set "
+                "it to 0 (CLI: --attn-bias 0)."
+            )
+        if config.bidirectional and not cls.attention_bias_text_queries:
+            raise ValueError(
+                f"`attention_bias_bidirectional`: {cls.name}'s text never attends to the image (its cross-attention "
+                "has image queries over text keys), so only the image-to-text half of the bias exists; turn it off "
+                "(CLI: --attn-bias-one-way)."
+            )
+        if config.blocks not in cls.attention_bias_blocks:
+            offered = [name for name in BIAS_BLOCKS if name in cls.attention_bias_blocks]
+            raise ValueError(
+                f"`attention_bias_blocks` {config.blocks!r}: {cls.name} models have {offered} (CLI: --attn-bias-blocks)."
+            )
 
     @classmethod
     def check_mask_config(cls, settings: GenerationSettings) -> None:
@@ -267,6 +384,10 @@ class Backend(abc.ABC):
     #: The architecture's name and denoiser attribute (copied from `architecture`).
     name: ClassVar[str]
     denoiser_name: ClassVar[str]
+    #: The denoiser pads each image's image tokens (and text tokens) to a multiple of this many
+    #: (Z-Image: 32). Padding image tokens take the subject's share of the image (as a layer without
+    #: tokens does); padding text tokens follow `text_scope` like any text token that is no word.
+    sequence_multiple: ClassVar[int] = 1
 
     def __init_subclass__(cls, **kwargs) -> None:
         super().__init_subclass__(**kwargs)
@@ -394,8 +515,15 @@ class Backend(abc.ABC):
         if negative is not None:
             before_pass("uncond")
             unconditional = self.predict(latents, timestep, negative, settings)
-            prediction = unconditional + self.architecture.cfg_scale(settings) * (prediction - unconditional)
+            prediction = self.combine(prediction, unconditional, settings)
         return prediction, tap
+
+    def combine(
+        self, prediction: torch.Tensor, unconditional: torch.Tensor, settings: GenerationSettings
+    ) -> torch.Tensor:
+        """The guided output of the two passes: `uncond + scale · (cond − uncond)` (a backend whose
+        pipeline writes it another way, rounding differently, says so here)."""
+        return unconditional + self.architecture.cfg_scale(settings) * (prediction - unconditional)
 
     @abc.abstractmethod
     def step(self, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
@@ -418,6 +546,12 @@ class Backend(abc.ABC):
         """Hooks recording the tapped blocks' queries, keys and attention outputs during the forward
         passes inside (`CapturedAttention`, one entry per block on its C axis)."""
 
+    def bias_sites(self, blocks: str) -> list[BiasSite]:
+        """The attentions stage 2's attention bias goes into, for a `blocks` choice among
+        `architecture.attention_bias_blocks` (`core.config.BIAS_BLOCKS`). An architecture that
+        offers none keeps this default: preflight refuses a bias on it before anything loads."""
+        raise NotImplementedError(f"{self.architecture.attention_bias_refusal} ({self.name}).")
+
     # -- LoRA files --------------------------------------------------------------------------------
     def lora_source(self, lora: LoraFile) -> dict[str, torch.Tensor]:
         """The tensors to hand to the pipeline's `load_lora_weights`, under names its converters
@@ -439,7 +573,8 @@ class Backend(abc.ABC):
         patterns), which diffusers applies only when it reads that header itself. On any failure
         nothing of the adapter stays behind.
         """
-        self.architecture.check_lora_keys(list(lora.state_dict), lora.path.name)
+        shapes = {key: tuple(tensor.shape) for key, tensor in lora.state_dict.items()}
+        self.architecture.check_lora_keys(shapes, lora.path.name)
         source = self.lora_source(lora)
         converted = self.lora_state_dict(lora, source)
         check_lora_fits(converted, self.denoiser, self.denoiser_name, source=lora.path.name)
@@ -457,6 +592,41 @@ class Backend(abc.ABC):
             if adapter_name in (getattr(self.denoiser, "peft_config", None) or {}):
                 self.pipeline.delete_adapters(adapter_name)
             raise
+
+
+def converter_failure(lora: LoraFile, model: str, converter: str, error: BaseException, hint: str = "") -> LoraFileError:
+    """A diffusers LoRA converter's failure, said in full: its own message, or, when it has none (a
+    bare `assert` in the converter), where it stopped and on which key; then `hint`."""
+    text = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    where = _stopped_at(error)
+    if not text:
+        text = f"{type(error).__name__} with no message{where}"
+    kind = LoraFitError if hint else LoraFileError  # a hint says why it does not fit this model
+    return kind(
+        f"{lora.path.name} is not a LoRA layout {model} understands: diffusers' converter ({converter}) "
+        f"stopped with: {text}.{hint}"
+    )
+
+
+def _stopped_at(error: BaseException) -> str:
+    """`, at FILE:LINE in FUNCTION (`source`), on key 'KEY'` from the innermost frame of `error`."""
+    import linecache
+
+    trace = error.__traceback__
+    if trace is None:
+        return ""
+    while trace.tb_next is not None:
+        trace = trace.tb_next
+    code = trace.tb_frame.f_code
+    source = linecache.getline(code.co_filename, trace.tb_lineno).strip()
+    text = f", at {Path(code.co_filename).name}:{trace.tb_lineno} in {code.co_name}"
+    text += f" (`{source[:120]}`)" if source else ""
+    keys = [
+        value
+        for name, value in trace.tb_frame.f_locals.items()
+        if name.endswith("key") and isinstance(value, str) and value
+    ]
+    return text + (f", on key {keys[0]!r}" if keys else "")
 
 
 def latent_preview(latents: torch.Tensor) -> np.ndarray:

@@ -9,7 +9,6 @@ attention keeps whatever processor (SDPA, flash, ...) is set and nothing is comp
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,8 +16,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..errors import LoraFileError
-from ..lora import lora_family
+from ..core import BiasConfig, jsontext
+from ..core.config import BIAS_BLOCKS
+from ..lora import FLUX1_FAMILY, FLUX_FAMILY, check_lora_family
 from ..tiny import tiny_t5_tokenizer
 from .base import (
     IMAGE,
@@ -26,10 +26,12 @@ from .base import (
     TEXT,
     Architecture,
     Backend,
+    BiasSite,
     CapturedAttention,
     Conditioning,
     Latents,
     TokenLayout,
+    converter_failure,
     keep_first_input,
     keep_output,
     latent_preview,
@@ -57,6 +59,10 @@ FLUX_LORA_TARGETS = (
     "proj_mlp",
     "proj_out",
 )
+#: What FLUX's joint attention's queries and keys hold: `torch.cat([text, image])` in both kinds of block.
+JOINT = ("text", "image")
+#: FLUX.1's transformer width (24 heads of 128), which diffusers' kohya converter takes for granted.
+FLUX1_WIDTH = 3072
 _TEXT_STREAM = ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "ff_context.")
 
 
@@ -112,6 +118,9 @@ class FluxArchitecture(Architecture):
     default_guidance = 3.5  # FLUX.1-dev's distilled guidance
     typical_lora_targets = (FLUX_LORA_TARGETS, "transformer_blocks")
     tokenizer_folder = "tokenizer_2"
+    # Joint attention: every block reads [text ‖ image], so both directions of the bias exist.
+    attention_bias_blocks = BIAS_BLOCKS
+    default_attention_bias = BiasConfig(scale=0.0, positive=1.0, bidirectional=True, blocks="all")
 
     @classmethod
     def pixels_per_token(cls, model_folder: Path | None) -> int:
@@ -119,9 +128,9 @@ class FluxArchitecture(Architecture):
         config = None if model_folder is None else Path(model_folder) / "vae" / "config.json"
         if config is not None and config.is_file():
             try:
-                channels = json.loads(config.read_text()).get("block_out_channels", [0] * 4)
+                channels = jsontext.loads(config.read_bytes()).get("block_out_channels", [0] * 4)
                 return 2 ** (len(channels) - 1) * 2
-            except (OSError, json.JSONDecodeError, TypeError):
+            except (OSError, ValueError, TypeError, AttributeError):
                 pass
         return 16
 
@@ -131,8 +140,11 @@ class FluxArchitecture(Architecture):
 
     @classmethod
     def single_file_matches(cls, keys) -> bool:
-        """FLUX.1's original layout (BFL's): `double_blocks.*`, with or without a `model.diffusion_model.` prefix."""
-        return any(key.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for key in keys)
+        """FLUX.1's original layout (BFL's): `double_blocks.*`, with or without a `model.diffusion_model.`
+        prefix, and per-block modulation (FLUX.2's files share the block names but not that)."""
+        return any(key.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for key in keys) and not any(
+            "stream_modulation" in key for key in keys
+        )
 
     @classmethod
     def default_single_file_base(cls, keys) -> str | None:
@@ -143,12 +155,8 @@ class FluxArchitecture(Architecture):
 
     @classmethod
     def check_lora_keys(cls, keys, source: str) -> None:
-        if lora_family(keys).startswith("UNet"):
-            first = next(iter(keys))
-            raise LoraFileError(
-                f"{source} is a LoRA for a UNet model (SD 1.x / SDXL keys such as {first!r}), not for a FLUX "
-                "transformer; use a LoRA trained for this model."
-            )
+        """FLUX.1's files, and FLUX files whose names and widths do not tell FLUX.1 from FLUX.2."""
+        check_lora_family(keys, source, (FLUX1_FAMILY, FLUX_FAMILY), "a FLUX.1 transformer")
 
     @classmethod
     def check_settings(cls, settings: GenerationSettings) -> list[str]:
@@ -378,6 +386,9 @@ class FluxBackend(Backend):
             for handle in handles:
                 handle.remove()
 
+    def bias_sites(self, blocks: str) -> list[BiasSite]:
+        return joint_bias_sites(self.denoiser, blocks)
+
     # -- LoRA files --------------------------------------------------------------------------------
     def lora_source(self, lora: LoraFile) -> dict[str, torch.Tensor]:
         """BFL-named files (`diffusion_model.double_blocks…lora_A`) and bare PEFT files, which diffusers'
@@ -404,9 +415,57 @@ class FluxBackend(Backend):
         state = dict(source)
         try:
             converted = FluxPipeline.lora_state_dict(state, return_alphas=True)
-        except (ValueError, KeyError, RuntimeError, AssertionError, TypeError) as error:
-            raise LoraFileError(
-                f"{lora.path.name} is not a LoRA layout FLUX.1 understands (first key {next(iter(state))!r}): "
-                f"{str(error).strip()[:300]}"
+        except (ValueError, KeyError, RuntimeError, AssertionError, TypeError, IndexError) as error:
+            raise converter_failure(
+                lora, "FLUX.1", "FluxPipeline.lora_state_dict", error, self._narrow_model_hint(lora)
             ) from None
         return converted[0] if isinstance(converted, tuple) else converted
+
+    def _narrow_model_hint(self, lora: LoraFile) -> str:
+        """Why a kohya-layout file fails on a transformer narrower than FLUX.1's (the tiny models)."""
+        config = self.denoiser.config
+        width = config.num_attention_heads * config.attention_head_dim
+        if lora.layout not in ("kohya", "bfl") or width == FLUX1_WIDTH:
+            return ""
+        return (
+            f" diffusers' kohya converter assumes FLUX.1's widths ({FLUX1_WIDTH}, MLP {4 * FLUX1_WIDTH}) where it "
+            f"splits fused layers (qkv, single blocks' linear1); this model's transformer is {width} wide, so a "
+            "kohya-layout file cannot be converted for it. Save the LoRA in diffusers' layout "
+            "(`transformer.<layer>.lora_A.weight`) instead."
+        )
+
+
+def _hidden_states(args: tuple, kwargs: dict) -> torch.Tensor:
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+def _image_tokens_double(args: tuple, kwargs: dict, n_text: int) -> int:
+    return int(_hidden_states(args, kwargs).shape[1])
+
+
+def _image_tokens_single(args: tuple, kwargs: dict, n_text: int) -> int:
+    return int(_hidden_states(args, kwargs).shape[1]) - n_text
+
+
+def joint_bias_sites(denoiser: torch.nn.Module, blocks: str) -> list[BiasSite]:
+    """Every block's joint attention over [text ‖ image] in a FLUX-style transformer (FLUX.1's and
+    FLUX.2's): the double-stream blocks (image tokens in `hidden_states`, text in
+    `encoder_hidden_states`), then the single-stream ones (both in `hidden_states`); "last-half" is
+    the second half of that order."""
+    double = [
+        BiasSite(f"transformer_blocks.{i}.attn", block.attn, JOINT, JOINT, _image_tokens_double)
+        for i, block in enumerate(denoiser.transformer_blocks)
+    ]
+    single = [
+        BiasSite(f"single_transformer_blocks.{i}.attn", block.attn, JOINT, JOINT, _image_tokens_single)
+        for i, block in enumerate(denoiser.single_transformer_blocks)
+    ]
+    ordered = double + single
+    chosen = {
+        "all": ordered,
+        "double-stream": double,
+        "single-stream": single,
+        "last-half": ordered[len(ordered) // 2 :],
+        "none": [],
+    }
+    return chosen[blocks]

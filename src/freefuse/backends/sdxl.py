@@ -15,7 +15,6 @@ not attend to the image in a UNet, so there are no text queries: methods `image-
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,9 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..core import MaskConfig
-from ..errors import LoraFileError
-from ..lora import lora_family
+from ..core import BiasConfig, MaskConfig, jsontext
+from ..lora import UNET_FAMILY, check_lora_family
 from ..tiny import tiny_clip_tokenizer
 from .base import (
     IMAGE,
@@ -34,10 +32,12 @@ from .base import (
     TEXT,
     Architecture,
     Backend,
+    BiasSite,
     CapturedAttention,
     Conditioning,
     Latents,
     TokenLayout,
+    converter_failure,
     keep_first_input,
     keep_output,
     latent_preview,
@@ -141,6 +141,11 @@ class SdxlArchitecture(Architecture):
     embedding_slots = {"clip_l": ("tokenizer", "text_encoder"), "clip_g": ("tokenizer_2", "text_encoder_2")}
     typical_lora_targets = (SDXL_LORA_TARGETS, ".attentions.")
     tokenizer_folder = "tokenizer"
+    # The bias goes into every cross-attention (image queries over the CLIP tokens) at every level;
+    # text never attends to the image in a UNet, so there is no text-to-image half.
+    attention_bias_blocks = ("all", "last-half", "none")
+    attention_bias_text_queries = False
+    default_attention_bias = BiasConfig(scale=0.0, positive=1.0, bidirectional=False, blocks="all")
 
     @classmethod
     def pixels_per_token(cls, model_folder: Path | None) -> int:
@@ -148,12 +153,12 @@ class SdxlArchitecture(Architecture):
         if model_folder is None:
             return 32
         try:
-            vae = json.loads((Path(model_folder) / "vae" / "config.json").read_text())
-            unet = json.loads((Path(model_folder) / "unet" / "config.json").read_text())
+            vae = jsontext.loads((Path(model_folder) / "vae" / "config.json").read_bytes())
+            unet = jsontext.loads((Path(model_folder) / "unet" / "config.json").read_bytes())
             vae_factor = 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
             levels = [i for i, kind in enumerate(unet["down_block_types"]) if "CrossAttn" in kind]
             return vae_factor * 2 ** max(levels)
-        except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        except (OSError, KeyError, TypeError, ValueError, AttributeError):
             return 32
 
     @classmethod
@@ -171,11 +176,7 @@ class SdxlArchitecture(Architecture):
 
     @classmethod
     def check_lora_keys(cls, keys, source: str) -> None:
-        if lora_family(keys) == "FLUX transformer":
-            raise LoraFileError(
-                f"{source} is a LoRA for a FLUX transformer (keys such as {next(iter(keys))!r}), not for an SDXL "
-                "UNet; use a LoRA trained for this model."
-            )
+        check_lora_family(keys, source, (UNET_FAMILY,), "an SDXL UNet")
 
     @classmethod
     def check_settings(cls, settings: GenerationSettings) -> list[str]:
@@ -271,6 +272,16 @@ class SdxlBackend(Backend):
         if ".attentions." in module_name:
             return TEXT if any(module_name.endswith(part) for part in _CROSS_ATTENTION_TEXT_SIDE) else IMAGE
         return NO_TOKENS  # time_embedding, add_embedding, the resnets' time_emb_proj
+
+    def bias_sites(self, blocks: str) -> list[BiasSite]:
+        """Every transformer block's cross-attention (`attn2`: the level's image tokens over the text),
+        at every level, in forward order; "last-half" is the second half of that order. The mask
+        is `[B, N, T]`: diffusers' `AttnProcessor2_0` adds the heads axis itself."""
+        sites = [
+            BiasSite(f"{name}.attn2", self.denoiser.get_submodule(name).attn2, IMAGE, TEXT, _image_tokens, False)
+            for name, _ in self._levels
+        ]
+        return {"all": sites, "last-half": sites[len(sites) // 2 :], "none": []}[blocks]
 
     # -- the denoising loop's parts ----------------------------------------------------------------
     def encode(self, prompts: list[str], max_sequence_length: int) -> Conditioning:
@@ -456,11 +467,8 @@ class SdxlBackend(Backend):
         state = dict(source)
         try:
             converted, _ = StableDiffusionXLPipeline.lora_state_dict(state, unet_config=self.denoiser.config)
-        except (ValueError, KeyError, RuntimeError, AssertionError, TypeError) as error:
-            raise LoraFileError(
-                f"{lora.path.name} is not a LoRA layout SDXL understands (first key {next(iter(state))!r}): "
-                f"{str(error).strip()[:300]}"
-            ) from None
+        except (ValueError, KeyError, RuntimeError, AssertionError, TypeError, IndexError) as error:
+            raise converter_failure(lora, "SDXL", "StableDiffusionXLPipeline.lora_state_dict", error) from None
         unet = {
             key.removeprefix("unet."): value for key, value in converted.items() if key.startswith("unet.")
         }
@@ -469,3 +477,8 @@ class SdxlBackend(Backend):
             **{"unet." + key: value for key, value in convert_unet_state_dict_to_peft(unet).items()},
             **others,
         }
+
+
+def _image_tokens(args: tuple, kwargs: dict, n_text: int) -> int:
+    """The level's image tokens: the cross-attention's queries (`hidden_states`, its first argument)."""
+    return int((kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[1])

@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .config import MaskConfig
+from .config import BiasConfig, MaskConfig
 
 _LAZY = {
+    "attention_bias": ".bias",
+    "bias_tables": ".bias",
     "border_tokens": ".attention",
     "cross_attention_maps": ".attention",
     "filter_sinks": ".attention",
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
         head_mean_attention,
         refine_with_self_attention,
     )
+    from .bias import attention_bias, bias_tables
     from .masks import MaskResult, NonFiniteError, check_inputs, masks_from_attention
     from .maskset import MaskSet, load_mask_image, subject_colour
     from .voting import superpixels, to_token_grid, vote_superpixels, vote_tokens
@@ -54,10 +57,13 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "BiasConfig",
     "MaskConfig",
     "MaskResult",
     "MaskSet",
     "NonFiniteError",
+    "attention_bias",
+    "bias_tables",
     "border_tokens",
     "check_inputs",
     "cross_attention_maps",

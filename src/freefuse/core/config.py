@@ -130,3 +130,44 @@ class MaskConfig:
         if unknown:
             raise ValueError(f"Unknown mask settings {unknown}; valid ones are {sorted(known)}.")
         return cls(**values)
+
+
+#: Which attention blocks stage 2's attention bias goes into: every block that mixes text and image,
+#: FLUX's double-stream (separate text and image weights) or single-stream (one joint sequence)
+#: blocks only, the second half of the blocks in the order they run, or none. A backend offers the
+#: ones its model has (`Architecture.attention_bias_blocks`).
+BIAS_BLOCKS = ("all", "double-stream", "single-stream", "last-half", "none")
+
+
+@dataclass(frozen=True)
+class BiasConfig:
+    """Stage 2's attention bias, added to the attention logits once the masks exist.
+
+    Attributes:
+        scale: the negative bias: a subject's image tokens toward the other subjects' words (and,
+            `bidirectional`, its words toward image tokens outside its region). 0: no bias at all.
+        positive: the positive bias: a subject's image tokens toward its own words (and,
+            `bidirectional`, its words toward its own region).
+        bidirectional: also bias the text queries (joint attention only; a UNet's text never attends).
+        blocks: which blocks (`BIAS_BLOCKS`).
+    """
+
+    scale: float = 0.0
+    positive: float = 0.0
+    bidirectional: bool = True
+    blocks: str = "all"
+
+    def __post_init__(self) -> None:
+        for name in ("scale", "positive"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < float("inf"):
+                raise ValueError(f"attention bias `{name}` must be a finite number >= 0, got {value!r}.")
+        if not isinstance(self.bidirectional, bool):
+            raise ValueError(f"attention bias `bidirectional` must be true or false, got {self.bidirectional!r}.")
+        if self.blocks not in BIAS_BLOCKS:
+            raise ValueError(f"attention bias `blocks` must be one of {list(BIAS_BLOCKS)}, got {self.blocks!r}.")
+
+    @property
+    def active(self) -> bool:
+        """Whether any bias is added: a scale above 0 and some blocks (a scale of 0 turns it all off)."""
+        return self.scale > 0 and self.blocks != "none"

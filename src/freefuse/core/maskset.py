@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from . import storage
+from . import jsontext, storage
 
 # Distinct, colour-blind-friendly subject colours (Okabe-Ito), then a fallback hue walk.
 PALETTE = [
@@ -26,6 +26,7 @@ PALETTE = [
     (204, 121, 167),
 ]
 MAX_SUBJECTS_IN_FILE = 256
+MAX_NAME_CHARS = 100
 MAX_MASK_PIXELS = 8192 * 8192
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -140,16 +141,17 @@ class MaskSet:
 
             try:
                 with safe_open(str(path), framework="pt") as handle:
-                    names = json.loads((handle.metadata() or {}).get("names", "null") or "null")
+                    names = jsontext.loads((handle.metadata() or {}).get("names", "null") or "null")
                     if "masks" not in handle.keys():  # noqa: SIM118 (not a mapping)
                         raise ValueError(f"{path} holds no `masks` tensor; it was not written by FreeFuse.")
                     masks = handle.get_tensor("masks")
-            except (SafetensorError, OSError, json.JSONDecodeError) as error:
+            except (SafetensorError, OSError, ValueError) as error:
                 raise ValueError(f"{path} is not a readable mask file: {error}") from None
             if not isinstance(names, list):
                 raise ValueError(
                     f"{path} has no subject names in its metadata; it was not written by FreeFuse."
                 )
+            _check_names(names, path)
             if masks.ndim != 3 or masks.shape[1] * masks.shape[2] > MAX_MASK_PIXELS:
                 raise ValueError(f"{path}: masks of shape {tuple(masks.shape)}; expected [subjects, H, W].")
             return cls(names, masks)
@@ -158,8 +160,14 @@ class MaskSet:
         if path.stat().st_size > 1 << 20:
             raise ValueError(f"{path} is larger than 1 MiB; a mask index is a short JSON file.")
         try:
-            index = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as error:
+            text = path.read_bytes()
+        except OSError as error:
+            raise ValueError(f"Mask file {path} cannot be read ({error.strerror or error}).") from None
+        try:
+            index = jsontext.loads(text)
+        except jsontext.NestingError as error:
+            raise ValueError(f"{path} is {error}; a mask index is a short, flat JSON object.") from None
+        except ValueError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from None
         if not isinstance(index, dict):
             raise ValueError(f"{path} must be a JSON object with `names` and `files`.")
@@ -168,6 +176,7 @@ class MaskSet:
             raise ValueError(f"{path} must list `names` and `files` of equal length.")
         if len(names) > MAX_SUBJECTS_IN_FILE:
             raise ValueError(f"{path} lists {len(names)} masks; at most {MAX_SUBJECTS_IN_FILE} are accepted.")
+        _check_names(names, path)
         folder = path.parent.resolve()
         masks = []
         for file in files:
@@ -185,20 +194,29 @@ class MaskSet:
     # -- pictures ----------------------------------------------------------------------------
 
     def overlay(
-        self, image: Image.Image | None = None, alpha: float = 0.55, legend: bool = True
+        self,
+        image: Image.Image | None = None,
+        alpha: float = 0.55,
+        legend: bool = True,
+        colours: dict[str, tuple[int, int, int]] | None = None,
     ) -> Image.Image:
-        """Subject colours blended over `image` (or over grey), with a legend of names."""
+        """Subject colours blended over `image` (or over grey); with `legend`, a strip of names below
+        the picture (never over it: on a 64-px picture a legend on top hides a third of it).
+
+        `colours`: a colour per subject name (e.g. each subject's own, so that a mask is not read as
+        another subject's); the others take the palette's, by position."""
         height, width = self.size
         base = (
             image.convert("RGB").resize((width, height))
             if image is not None
             else Image.new("RGB", (width, height), (96, 96, 96))
         )
+        chosen = [(colours or {}).get(name, subject_colour(i)) for i, name in enumerate(self.names)]
         pixels = np.asarray(base).astype(np.float32)
         colour = np.zeros_like(pixels)
         weight = np.zeros(pixels.shape[:2], dtype=np.float32)
-        for index, mask in enumerate(self.masks.numpy()):
-            colour += mask[..., None] * np.array(subject_colour(index), dtype=np.float32)
+        for mask, rgb in zip(self.masks.numpy(), chosen, strict=True):
+            colour += mask[..., None] * np.array(rgb, dtype=np.float32)
             weight += mask
         covered = np.clip(weight, 0, 1)[..., None] * alpha
         blended = (
@@ -207,21 +225,56 @@ class MaskSet:
         )
         result = Image.fromarray(blended.clip(0, 255).astype(np.uint8))
         if legend and self.names:
-            draw_legend(result, [(name, subject_colour(i)) for i, name in enumerate(self.names)])
+            return below(result, legend_strip(list(zip(self.names, chosen, strict=True)), width))
         return result
 
 
-def draw_legend(image: Image.Image, entries: list[tuple[str, tuple[int, int, int]]]) -> None:
-    """Draw coloured squares with names in the top-left corner of `image`, in place."""
-    draw = ImageDraw.Draw(image)
+LEGEND_LINE = 14
+
+
+def legend_strip(entries: list[tuple[str, tuple[int, int, int]]], width: int) -> Image.Image:
+    """A `width`-wide strip of coloured squares with names, as many to a line as fit."""
     font = ImageFont.load_default()
-    line = 14
-    box_width = 20 + max(int(draw.textlength(name, font=font)) for name, _ in entries) + 8
-    draw.rectangle([2, 2, 2 + box_width, 4 + line * len(entries)], fill=(0, 0, 0))
-    for row, (name, colour) in enumerate(entries):
-        top = 4 + row * line
-        draw.rectangle([6, top + 2, 16, top + 12], fill=colour)
-        draw.text((20, top), name, fill=(255, 255, 255), font=font)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    lines: list[list[tuple[str, tuple[int, int, int], int]]] = [[]]
+    used = 2
+    for name, colour in entries:
+        size = 14 + int(measure.textlength(name, font=font)) + 8  # square, gap, name, space
+        if lines[-1] and used + size > width:
+            lines.append([])
+            used = 2
+        lines[-1].append((name, colour, used))
+        used += size
+    strip = Image.new("RGB", (width, 2 + LEGEND_LINE * len(lines)), (24, 24, 24))
+    draw = ImageDraw.Draw(strip)
+    for row, line in enumerate(lines):
+        top = 1 + row * LEGEND_LINE
+        for name, colour, left in line:
+            draw.rectangle([left, top + 2, left + 9, top + 11], fill=colour)
+            draw.text((left + 13, top), name, fill=(255, 255, 255), font=font)
+    return strip
+
+
+def below(picture: Image.Image, strip: Image.Image) -> Image.Image:
+    """`picture` with `strip` under it (as wide as the wider of the two)."""
+    joined = Image.new("RGB", (max(picture.width, strip.width), picture.height + strip.height), (24, 24, 24))
+    joined.paste(picture, (0, 0))
+    joined.paste(strip, (0, picture.height))
+    return joined
+
+
+def _check_names(names: list, path: Path) -> None:
+    """Subject names read from a file are shown in messages and legends and matched against the
+    run's LoRA names: short printable texts, no control characters and no path separators."""
+    for name in names:
+        if not (
+            isinstance(name, str) and 1 <= len(name) <= MAX_NAME_CHARS and name.isprintable() and not set(name) & {"/", "\\"}
+        ):
+            shown = repr(name)[:80] if isinstance(name, str) else type(name).__name__
+            raise ValueError(
+                f"{path} names a mask {shown}; subject names are 1-{MAX_NAME_CHARS} printable characters without "
+                "'/' or '\\' (a run's masks are named by its LoRAs' adapter names)."
+            )
 
 
 def load_mask_image(path: str | Path) -> torch.Tensor:

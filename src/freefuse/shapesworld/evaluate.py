@@ -65,6 +65,24 @@ PROMPTS = {
 METHODS = ("merge", "freefuse", "masks")
 #: `freefuse/<mask method>`: FreeFuse with that stage-1 method (`core.config.MAP_METHOD_NAMES`).
 VARIANT = "freefuse/"
+#: `<method>+bias<scale>`: FreeFuse (or a `freefuse/` variant, or the ground-truth masks) with stage
+#: 2's attention bias at that scale (`attention_bias`; its other settings the model's), e.g. freefuse+bias5.
+BIAS_VARIANT = "+bias"
+
+
+def split_bias(method: str) -> tuple[str, dict]:
+    """`"freefuse+bias5"` → `("freefuse", {"attention_bias": 5.0})`; a method without it → `(method, {})`.
+    Raises ValueError for a scale that is no number >= 0, or a bias on `merge` (it masks nothing)."""
+    base, marker, scale = method.partition(BIAS_VARIANT)
+    if not marker:
+        return method, {}
+    try:
+        value = float(scale)
+    except ValueError:
+        raise ValueError(f"{method!r}: the attention bias scale after '{BIAS_VARIANT}' must be a number.") from None
+    if not 0 <= value < float("inf") or base == "merge":
+        raise ValueError(f"{method!r}: use a scale >= 0 on freefuse, freefuse/<mask method> or masks.")
+    return base, {"attention_bias": value}
 
 
 @dataclass
@@ -358,20 +376,21 @@ def _runs(config: EvalConfig, evaluator: Evaluator, group: list[str], prompt: st
     subjects = [config.world_spec.subjects[word] for word in group]
     outputs = {}
 
-    def freefuse(method: str = "freefuse"):
+    def freefuse(method: str = "freefuse", bias: dict | None = None):
         stage1 = stage1_settings(config)
         if method.startswith(VARIANT):
             stage1 = {**stage1, "mask_config": {"method": method.removeprefix(VARIANT)}}
-        return evaluator.run(group, prompt, seed, "freefuse", config.steps, stage1=stage1)
+        return evaluator.run(group, prompt, seed, "freefuse", config.steps, stage1=stage1, settings=bias)
 
     for method in config.methods:
-        if method == "masks":
+        base, bias = split_bias(method)
+        if base == "masks":
             outputs["freefuse"] = outputs.get("freefuse") or freefuse()
             gt = oracle_masks(subjects, _to_uint8(outputs["freefuse"].images[0]), outputs["freefuse"].masks[0])
-            late = {"user_masks_from": config.masks_from, "mask_step": config.resolved_mask_step}
+            late = {"user_masks_from": config.masks_from, "mask_step": config.resolved_mask_step, **bias}
             outputs[method] = evaluator.run(group, prompt, seed, "masks", config.steps, masks=gt, settings=late)
         elif method not in outputs:
-            outputs[method] = freefuse(method) if method.startswith("freefuse") else evaluator.run(
+            outputs[method] = freefuse(base, bias) if base.startswith("freefuse") else evaluator.run(
                 group, prompt, seed, method, config.steps
             )
     return outputs
@@ -756,7 +775,11 @@ def picture_grid(samples: list[dict], methods, rows: int) -> Image.Image:
     """Rows of samples; columns: each method's picture, then FreeFuse's mask overlay (4x upscaled)."""
 
     chosen = samples[:rows]
-    columns = list(methods) + (["freefuse masks"] if any(r["masks"] is not None for r in chosen) else [])
+    # The masks go over FreeFuse's picture, or the first FreeFuse variant's (the bias acts after the
+    # mask step: its variants' stage 1 is FreeFuse's own).
+    under = next((m for m in methods if m == "freefuse"), next((m for m in methods if m.startswith("freefuse" + BIAS_VARIANT)), None))
+    overlay = under is not None and any(r["masks"] is not None for r in chosen)
+    columns = list(methods) + (["freefuse masks"] if overlay else [])
     cell, label = SIZE * 4, 14
     grid = Image.new("RGB", (cell * len(columns), label + cell * len(chosen)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
@@ -765,9 +788,7 @@ def picture_grid(samples: list[dict], methods, rows: int) -> Image.Image:
     for row, record in enumerate(chosen):
         for column, name in enumerate(columns):
             if name == "freefuse masks":
-                picture = record["masks"].overlay(
-                    record["images"]["freefuse"].resize((SIZE, SIZE)), legend=False
-                )
+                picture = record["masks"].overlay(record["images"][under].resize((SIZE, SIZE)), legend=False)
             else:
                 picture = record["images"][name]
             grid.paste(picture.resize((cell, cell), Image.NEAREST), (column * cell, label + row * cell))

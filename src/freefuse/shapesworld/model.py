@@ -22,6 +22,8 @@ from .scenes import SIZE, WORLDS, training_vocabulary
 WEIGHTS = Path(__file__).parent / "weights"
 MODEL_DIR = WEIGHTS / "model"
 LORA_DIR = WEIGHTS / "loras"
+#: The text tokens the model was trained on. Its T5 tokenizer declares it (`model_max_length`), so
+#: that a run that sets no `max_sequence_length` uses it: read past it, the model draws near-black.
 MAX_TEXT_TOKENS = 24
 
 TRANSFORMER_CONFIG = {
@@ -84,7 +86,9 @@ def token_grid(vae) -> int:
 
 def tokenizers():
     words = training_vocabulary()
-    return tiny_clip_tokenizer(words), tiny_t5_tokenizer(words)
+    t5 = tiny_t5_tokenizer(words)
+    t5.model_max_length = MAX_TEXT_TOKENS
+    return tiny_clip_tokenizer(words), t5
 
 
 def add_subject_words(pipeline, seed: int = 0, world: str = "v1") -> None:
@@ -97,6 +101,7 @@ def add_subject_words(pipeline, seed: int = 0, world: str = "v1") -> None:
     """
     old = pipeline.tokenizer_2
     new = tiny_t5_tokenizer(training_vocabulary(), rare_words=list(WORLDS[world].subjects))
+    new.model_max_length = MAX_TEXT_TOKENS
     old_vocab, new_vocab = old.get_vocab(), new.get_vocab()
     if any(new_vocab.get(piece) != index for piece, index in old_vocab.items()):
         raise ValueError(
