@@ -288,6 +288,27 @@ def test_a_compiled_freefuse_run_never_recompiles(kind) -> None:
     torch._dynamo.reset()
 
 
+def test_compiled_blocks_run_merge_and_the_lora_free_base() -> None:
+    """`method="merge"` masks nothing (nor does a run with the LoRAs switched off): compiled
+    blocks run it as the eager blocks do, with no mask buffer to write."""
+    import torch._dynamo
+
+    freefuse = two_loras()
+    settings = {"seed": 3, "method": "merge"}
+    eager = batch_images(freefuse, ["Alice hugging Bob"], **settings)
+    freefuse.pipeline.disable_lora()
+    eager_base = batch_images(freefuse, ["Alice hugging Bob"], **settings)
+    freefuse.pipeline.enable_lora()
+    torch._dynamo.reset()
+    compile_blocks(freefuse.backend.denoiser, backend="eager")
+    try:
+        assert torch.equal(batch_images(freefuse, ["Alice hugging Bob"], **settings), eager)
+        freefuse.pipeline.disable_lora()
+        assert torch.equal(batch_images(freefuse, ["Alice hugging Bob"], **settings), eager_base)
+    finally:
+        torch._dynamo.reset()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("architecture", ["flux2", "zimage", "sdxl"])
 def test_compiled_runs_on_the_other_backends_never_recompile(architecture: str) -> None:

@@ -346,6 +346,8 @@ class LoraMasker:
         if masks is None:
             raise MaskingError("Compiled blocks need masks for every pass (all ones where every LoRA acts); got None.")
         self._masks = masks
+        if not masks and not self._plans:
+            return  # nothing masked (`method="merge"`, LoRAs off): no layer reads a buffer
         self._signature = _pass_signature(masks)
         device = next(iter(masks.values())).image.device
         written: dict[tuple, torch.Tensor] = {}
