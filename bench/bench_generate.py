@@ -21,18 +21,21 @@ Random weights: the numbers measure cost, not image quality.
 With `--bases` / `--offload` / `--compile`, the options table instead: per quantized base
 (`freefuse.testing.quantize_denoiser`: GGUF types, bitsandbytes NF4, torchao int8, fp8 storage),
 offload mode and compile, the base model, merge (PEFT) and FreeFuse on that same base, each
-model built in its own process; compiled runs report the first run's compile time apart from
-the steady state (medians of the later runs).
+model built in its own process; compiled runs report the first run's compile time (a fresh
+inductor cache per option: a cold compile) apart from the steady state (medians of the later runs).
+`--preset small` keeps the whole CPU table to minutes; `--compile only` leaves out the uncompiled rows.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -442,7 +445,11 @@ def options_table(args) -> None:
             continue
         command = [sys.executable, __file__, "--preset", args.preset, "--device", args.device, "--preview", args.preview]
         command += ["--repeats", str(args.repeats), "--options-worker", "--option", *option]
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        # A fresh inductor cache for each compiled option: `compile s` is a cold compile, not a
+        # read of what an earlier option or run left in the shared on-disk cache.
+        with tempfile.TemporaryDirectory(prefix="freefuse-inductor-") as cache:
+            environment = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}
+            done = subprocess.run(command, capture_output=True, text=True, check=False, env=environment)
         if done.returncode != 0:
             print(f"| {' | '.join(option)} | failed: {done.stderr.strip().splitlines()[-1][:200]} |")
             continue
