@@ -36,6 +36,9 @@ NO_BLOCKS = type("NoBlocks", (), {"name": "noblocks", "pipeline_classes": ("Flux
 HAS = {name: importlib.util.find_spec(name) is not None for name in ("torchao", "bitsandbytes", "gguf")}
 needs_torchao = pytest.mark.skipif(not HAS["torchao"], reason="needs `torchao` (pip install 'freefuse[quant]')")
 needs_gguf = pytest.mark.skipif(not HAS["gguf"], reason="needs `gguf` (pip install 'freefuse[quant]')")
+needs_bitsandbytes = pytest.mark.skipif(
+    not HAS["bitsandbytes"], reason="needs `bitsandbytes` (pip install 'freefuse[quant]')"
+)
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -251,6 +254,7 @@ COMPILED_BASES = [
     pytest.param(None, id="plain", marks=pytest.mark.slow),
     pytest.param("gguf-Q8_0", id="gguf", marks=[pytest.mark.slow, needs_gguf]),
     pytest.param("int8", id="int8", marks=[pytest.mark.slow, needs_torchao]),
+    pytest.param("nf4", id="nf4", marks=[pytest.mark.slow, needs_bitsandbytes]),  # bitsandbytes' CPU kernels
 ]
 
 
