@@ -245,3 +245,18 @@ def test_lora_layers_stored_in_fp8_run_the_fused_op_in_the_compute_dtype() -> No
     masks = band_masks("alice", "bob")
     fused = images(freefuse, method="masks", masks=masks)
     assert (fused - images(freefuse, method="masks", masks=masks, lora_op="peft")).abs().max() <= TOLERANCE
+
+
+def test_the_fused_op_takes_plain_layers_without_bitsandbytes(monkeypatch) -> None:
+    """Without bitsandbytes, PEFT's bitsandbytes module fails to import; asking it about a plain
+    layer must not (it once broke every fused-op run on a machine without bitsandbytes)."""
+    import sys
+
+    import peft.tuners.lora
+
+    freefuse = build(None)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    monkeypatch.setitem(sys.modules, "peft.tuners.lora.bnb", None)  # importing it raises ImportError
+    monkeypatch.delattr(peft.tuners.lora, "bnb", raising=False)
+    layers = adapted_layers(freefuse)
+    assert layers and all(_fusable(layer, list(NAMES)) for _, layer in layers)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Callable, Iterator, Sequence, Set
 from dataclasses import dataclass, field
 
@@ -198,12 +199,16 @@ def _sums_like_peft(layer: torch.nn.Module) -> bool:
     linear), its subclasses that keep that forward (torchao's `TorchaoLoraLinear`), and PEFT's
     bitsandbytes layers (`Linear4bit`, `Linear8bitLt`), whose forward is that sum written out
     again. The fused op forms the same sum (`tests/test_quantized.py` pins it per base)."""
-    from peft.tuners.lora import bnb as peft_bnb
     from peft.tuners.lora.layer import Linear as LoraLinear
 
     if isinstance(layer, LoraLinear):
         return type(layer).forward is LoraLinear.forward
-    # PEFT defines its bitsandbytes layers only when bitsandbytes is installed.
+    # A bitsandbytes layer exists only once bitsandbytes is imported; without it PEFT's module
+    # does not even import (ModuleNotFoundError), so it is not asked.
+    if sys.modules.get("bitsandbytes") is None:
+        return False
+    from peft.tuners.lora import bnb as peft_bnb
+
     return type(layer) in {getattr(peft_bnb, name, None) for name in ("Linear4bit", "Linear8bitLt")}
 
 
