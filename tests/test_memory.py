@@ -68,9 +68,16 @@ REFUSED = [
 ]
 
 
+@pytest.fixture
+def quant_packages(monkeypatch) -> None:
+    """torchao, bitsandbytes and gguf look installed: a refusal that comes before loading is the
+    same with or without them (their absence has its own test)."""
+    monkeypatch.setattr("freefuse.memory._check_packages", lambda options, source: None)
+
+
 @pytest.mark.parametrize(("options", "architecture", "source", "device", "settings", "says"), REFUSED)
 def test_combinations_that_cannot_work_are_refused_before_loading(
-    options, architecture, source, device, settings, says
+    options, architecture, source, device, settings, says, quant_packages
 ) -> None:
     from freefuse.settings import GenerationSettings
 
@@ -107,7 +114,9 @@ def test_unknown_choices_and_a_missing_package_say_what_to_do(monkeypatch) -> No
         check_memory_options(MemoryOptions(quantize="int8"), FLUX, SourceFacts(), CPU)
 
 
-def test_the_command_line_refuses_nf4_on_a_cpu_before_loading_anything(assets, tmp_path, monkeypatch) -> None:
+def test_the_command_line_refuses_nf4_on_a_cpu_before_loading_anything(
+    assets, tmp_path, monkeypatch, quant_packages
+) -> None:
     def never_load(*args, **kwargs):
         raise AssertionError("weights were loaded")
 
@@ -397,7 +406,7 @@ def write_gguf(path: Path, state: dict[str, torch.Tensor], kind: str = "Q8_0") -
 
 
 @needs_gguf
-def test_inspect_names_a_gguf_files_quant_type_and_quantize_is_refused_on_it(assets, tmp_path) -> None:
+def test_inspect_names_a_gguf_files_quant_type_and_quantize_is_refused_on_it(assets, tmp_path, quant_packages) -> None:
     generator = torch.Generator().manual_seed(0)
     state = {
         "double_blocks.0.img_attn.qkv.weight": torch.randn(96, 64, generator=generator),
