@@ -88,7 +88,7 @@ MUTATIONS = (
     Mutation(
         "fused LoRA op ignores the masks",
         "masking.py",
-        "masks[a].for_layout(plan.layout, low.shape) if a in masks else None for a in plan.adapters",
+        "masks[a].for_layout(plan.layout, shape) if a in masks else None for a in plan.adapters",
         "None for a in plan.adapters",
         ("tests/test_stage2_layers.py",),
     ),
@@ -393,8 +393,8 @@ MUTATIONS = (
     Mutation(
         "fused op coefficients in the activations' dtype (bf16 0.8 = 0.80078)",
         "masking.py",
-        "coefficients = coefficients.to(device=low.device, dtype=torch.float32)",
-        "coefficients = coefficients.to(device=low.device, dtype=low.dtype)",
+        "coefficients = _coefficient_values(plan, self._masks or {}, low.shape).to(low.device)",
+        "coefficients = _coefficient_values(plan, self._masks or {}, low.shape).to(low.device, low.dtype)",
         ("tests/test_pins_fused_dtype.py",),
     ),
     Mutation(
@@ -481,6 +481,36 @@ MUTATIONS = (
         "if not self.received(path):",
         "if False:",
         ("tests/test_conditions_cli.py::test_the_page_takes_pictures_and_its_downloaded_run_replays_from_itself",),
+    ),
+    Mutation(
+        "the fused op ignores the masks on quantized layers (GGUF, bitsandbytes, torchao, fp8)",
+        "masking.py",
+        "coefficients = plan.coefficients if static else self._coefficients(plan, low)",
+        "coefficients = plan.coefficients if static else (self._coefficients(plan, low) if type(layer.base_layer)"
+        " is torch.nn.Linear and type(layer.base_layer.weight) in (torch.Tensor, torch.nn.Parameter) and"
+        " layer.base_layer.weight.dtype.itemsize > 1 else plan.scales.to(low.device))",
+        ("tests/test_quantized.py",),
+    ),
+    Mutation(
+        "compiled blocks: the first step runs compiled (fused layers measure their shapes inside the graph)",
+        "pipeline.py",
+        "with eager_while(masker.static and (i == 0 or tap_here)):",
+        "with eager_while(masker.static and tap_here):",
+        ("tests/test_memory.py::test_a_compiled_freefuse_run_never_recompiles",),
+    ),
+    Mutation(
+        "compiled blocks: a masks-free run (merge, LoRAs off) writes mask buffers",
+        "masking.py",
+        "if not masks and not self._plans:",
+        "if False:",
+        ("tests/test_memory.py::test_compiled_blocks_run_merge_and_the_lora_free_base",),
+    ),
+    Mutation(
+        "--compile with --quantize fp8 let through (refused only with an offload)",
+        "memory.py",
+        'if options.quantize == "fp8":',
+        'if options.quantize == "fp8" and options.offload != "none":',
+        ("tests/test_memory.py::test_combinations_that_cannot_work_are_refused_before_loading",),
     ),
 )
 

@@ -259,11 +259,11 @@ def test_model_folder_incomplete_names_the_missing_file(assets, tmp_path) -> Non
 def test_quantized_model_folders_are_refused_before_loading(assets, tmp_path, monkeypatch) -> None:
     import shutil
 
-    quantized = tmp_path / "nf4"
+    quantized = tmp_path / "quanto"
     shutil.copytree(assets / "model", quantized)
     config_path = quantized / "transformer" / "config.json"
     config = json.loads(config_path.read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    config["quantization_config"] = {"quant_method": "quanto", "weights_dtype": "int8"}
     config_path.write_text(json.dumps(config))
 
     def never_load(*args, **kwargs):
@@ -271,7 +271,7 @@ def test_quantized_model_folders_are_refused_before_loading(assets, tmp_path, mo
 
     monkeypatch.setattr("diffusers.DiffusionPipeline.from_pretrained", never_load)
     result = generate(assets, tmp_path / "o", model=str(quantized))
-    assert_user_error(result, "is quantized (bitsandbytes)", "unquantized")
+    assert_user_error(result, "is quantized with quanto", "--quantize nf4|int8|fp8")
     assert_nothing_written(tmp_path / "o")
 
 

@@ -45,6 +45,7 @@ from .conditions import ConditionsSpec
 from .core.config import MAP_METHOD_NAMES
 from .errors import INTERRUPTED, USER_ERRORS, SettingsError, describe_failure, is_interrupt
 from .lora import check_adapter_name
+from .memory import MemoryOptions, describe_gguf
 from .methods import METHODS
 from .outputs import check_outputs, output_paths, write_outputs
 from .settings import CLI_FLAGS, GenerationSettings, parse_size
@@ -317,7 +318,7 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Diffusers folder, Hugging Face id, single .safetensors checkpoint, or 'tiny', 'tiny-sdxl', "
+        help="Diffusers folder, Hugging Face id, single .safetensors or .gguf checkpoint, or 'tiny', 'tiny-sdxl', "
         "'tiny-zimage', 'tiny-flux2'.",
     ),
 ]
@@ -331,7 +332,32 @@ DtypeOpt = Annotated[
     str | None, typer.Option("--dtype", help="bfloat16 | float16 | float32 (default: bf16 on GPU).")
 ]
 OffloadOpt = Annotated[
-    bool, typer.Option("--offload", metavar="", help="Model CPU offload (less GPU memory, slower).")
+    str | None,
+    typer.Option(
+        "--offload",
+        help="Keep weights in CPU memory until used: model (each model while it runs), sequential (each layer; "
+        "least memory, slowest) or group (layers streamed ahead of use).",
+    ),
+]
+QuantizeOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--quantize",
+        help="Quantize the denoiser while loading: nf4 (bitsandbytes, GPU), int8 (torchao) or fp8 (float8 storage). "
+        "A .gguf --model is quantized already.",
+    ),
+]
+QuantizeTextOpt = Annotated[
+    str | None,
+    typer.Option("--quantize-text-encoder", help="Quantize the large text encoder (T5, Qwen): nf4 (GPU) or int8."),
+]
+CompileOpt = Annotated[
+    bool | None,
+    typer.Option(
+        "--compile/--no-compile",
+        help="Compile the denoiser's repeated blocks (slow first image, faster after).",
+        show_default=False,
+    ),
 ]
 
 # Options of a run besides its settings: (name, annotation, default). Settings options come from
@@ -344,8 +370,8 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
             str | None,
             typer.Option(
                 "--base-model",
-                help="For --model FILE.safetensors: a diffusers folder or id with its configs (default: the "
-                "architecture's reference model).",
+                help="For --model FILE.safetensors or FILE.gguf: a diffusers folder or id with its configs and the "
+                "parts the file lacks (default: the architecture's reference model).",
             ),
         ],
         None,
@@ -472,7 +498,10 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
     ("overwrite", OverwriteOpt, False),
     ("device", DeviceOpt, None),
     ("dtype", DtypeOpt, None),
-    ("offload", OffloadOpt, False),
+    ("offload", OffloadOpt, None),
+    ("quantize", QuantizeOpt, None),
+    ("quantize_text_encoder", QuantizeTextOpt, None),
+    ("compile", CompileOpt, None),
 ]
 
 
@@ -483,10 +512,15 @@ class RunOptions:
     values: dict
     settings: dict
 
+    def memory(self) -> dict:
+        """The quantization, offload and compile flags given (None: not given)."""
+        return {name: self.values[name] for name in ("quantize", "quantize_text_encoder", "offload", "compile")}
+
     def spec(self) -> RunSpec:
         """The run: from the flags, or from `--manifest` with the flags given winning (and said).
         Mistakes in the flags alone are said before torch is imported."""
         loras = _loras_from_flags(self.values["lora"], self.values["global_lora"])
+        memory = MemoryOptions().updated(**self.memory())  # a mistake in these flags, said before torch loads
         settings = None
         if self.values["manifest"] is None:
             if "prompt" not in self.settings:
@@ -512,6 +546,7 @@ class RunOptions:
                 self.values["masks"],
                 base_model=self.values["base_model"],
                 conditions=conditions,
+                memory=self.memory(),
             )
         return RunSpec(
             self.values["model"],
@@ -520,6 +555,7 @@ class RunOptions:
             self.values["masks"],
             base_model=self.values["base_model"],
             conditions=conditions,
+            memory=memory,
         )
 
 
@@ -651,7 +687,7 @@ def _service(options: RunOptions):
     from .runner import RunService  # torch and diffusers: not for --help or a flag's mistake
 
     _quiet_model_libraries()
-    return RunService(options.values["device"], options.values["dtype"], options.values["offload"])
+    return RunService(options.values["device"], options.values["dtype"])
 
 
 # -- commands --------------------------------------------------------------------------------------------
@@ -667,7 +703,7 @@ def generate(options: RunOptions) -> None:
     service = _service(options)
     stages.report("loading")
     with console.status(escape(f"Loading {spec.model} ...")):
-        service.pipeline(spec.model, spec.base_model)
+        service.pipeline(spec.model, spec.base_model, spec.memory)
     output = execute(service, spec)
     stages.report("writing")
     write_outputs(output, paths, options.values["overwrite"])
@@ -694,7 +730,7 @@ def masks_command(options: RunOptions) -> None:
     _check_outputs_free(paths, options.values["overwrite"])
     service = _service(options)
     with console.status(escape(f"Loading {spec.model} ...")):
-        service.pipeline(spec.model, spec.base_model)
+        service.pipeline(spec.model, spec.base_model, spec.memory)
     output = execute(service, spec, stop_after_masks=True)
     write_outputs(output, paths, options.values["overwrite"], masks_only=True)
     for files in paths:
@@ -718,7 +754,7 @@ def batch(
     ] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    offload: OffloadOpt = False,
+    offload: OffloadOpt = None,
 ) -> None:
     """Run many jobs; re-run the same command after a crash to finish what is missing.
 
@@ -799,7 +835,7 @@ def batch(
 @app.command(cls=Command)
 @command
 def inspect(
-    files: Annotated[list[Path], typer.Argument(help="LoRA .safetensors files.")],
+    files: Annotated[list[Path], typer.Argument(help="LoRA .safetensors files (or .gguf model files).")],
     as_json: Annotated[
         bool, typer.Option("--json", metavar="", help="Print JSON instead of a table.")
     ] = False,
@@ -808,14 +844,15 @@ def inspect(
 
     Trigger words are read from `modelspec.trigger_phrase`, `trigger_phrase`, `trigger_words`,
     `trigger_word`, `ss_trigger_word`; else kohya's dataset folder names (`10_ohwx woman`); else
-    kohya's most frequent caption tag. Every file is reported; the exit code is 2 if any could not be read.
+    kohya's most frequent caption tag. A .gguf model file: its quantization type and tensor types.
+    Every file is reported; the exit code is 2 if any could not be read.
     """
     from .lora import describe_lora  # start-up time: torch
 
     reports = []
     for path in files:
         try:
-            reports.append(describe_lora(path))
+            reports.append(describe_gguf(path) if path.suffix == ".gguf" else describe_lora(path))
         except USER_ERRORS as error:
             reports.append({"path": str(path), "error": str(error)})
     if as_json:
@@ -826,6 +863,9 @@ def inspect(
             if "error" in report:
                 table.add_row("error", escape(report["error"]))
             for key in (
+                "format",
+                "quant_type",
+                "tensor_types",
                 "layout",
                 "for",
                 "sha256",
@@ -840,6 +880,8 @@ def inspect(
             ):
                 if key in report:
                     value = report[key]
+                    if isinstance(value, dict):
+                        value = [f"{name} {count}" for name, count in value.items()]
                     table.add_row(
                         key, escape(", ".join(map(str, value)) if isinstance(value, list) else str(value))
                     )
@@ -880,7 +922,7 @@ def demo(
     ] = False,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
-    offload: OffloadOpt = False,
+    offload: OffloadOpt = None,
     arch: Annotated[
         str | None,
         typer.Option(

@@ -147,7 +147,8 @@ def describe_failure(error: BaseException) -> Failure:
     if _is_out_of_memory(error):
         return Failure(
             "memory",
-            "the device ran out of memory. Lower memory use with --offload (model CPU offload), --dtype bfloat16, a "
-            "smaller --size, fewer images per prompt, or --preview latent.",
+            "the device ran out of memory. Lower memory use with --offload model (or group), --quantize int8|nf4|fp8 "
+            "(or a GGUF --model), --dtype bfloat16, a smaller --size, fewer images per prompt, or --preview latent; "
+            "README \"On a small GPU\" has the flags for 12, 16 and 24 GB.",
         )
     return Failure("internal", f"{type(error).__name__}: {error}")

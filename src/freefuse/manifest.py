@@ -56,10 +56,12 @@ def device_description(device: torch.device) -> str:
 @dataclass(frozen=True)
 class ModelSource:
     """Where a pipeline came from when its components' folders do not say: a single-file
-    checkpoint, and the diffusers folder or hub id its configs (and missing parts) came from."""
+    checkpoint, and the diffusers folder or hub id its configs (and missing parts) came from; and
+    how it was loaded when not plainly (`load`: `freefuse.memory.MemoryOptions.to_record()`)."""
 
     single_file: str | None = None
     base_model: str | None = None
+    load: dict | None = None
 
 
 def model_record(pipeline, denoiser: torch.nn.Module, source: ModelSource | None = None) -> dict:
@@ -71,6 +73,8 @@ def model_record(pipeline, denoiser: torch.nn.Module, source: ModelSource | None
         files["checkpoint"] = cached_sha256(Path(source.single_file))
         if source.base_model:
             record["base_model"] = source.base_model
+    if source is not None and source.load:
+        record["load"] = dict(source.load)
     for name, component in pipeline.components.items():
         folder = getattr(getattr(component, "config", None), "_name_or_path", None)
         if isinstance(folder, str) and folder and Path(folder).is_dir():
@@ -102,7 +106,10 @@ def base_weights_sha256(denoiser: torch.nn.Module) -> str:
     }
     for key, tensor in sorted(own.items()):
         digest.update(key.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+        tensor = tensor.detach()
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "dequantize"):
+            tensor = tensor.dequantize()  # torchao's quantized tensors have no bytes of their own to read
+        digest.update(tensor.float().cpu().numpy().tobytes())
     return digest.hexdigest()
 
 

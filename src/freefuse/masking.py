@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sys
 from collections.abc import Callable, Iterator, Sequence, Set
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -179,6 +180,11 @@ class _FusedLayer:
     scales: torch.Tensor
     down: torch.Tensor
     up: torch.Tensor
+    #: Static masking (compiled blocks): this pass's coefficients, a buffer shared by the layers
+    #: with the same `cache_key` and shape, written in place by `LoraMasker.set_masks`; and the
+    #: shape of the layer's rank activations per pass signature, measured by its first forward.
+    coefficients: torch.Tensor | None = None
+    shapes: dict[tuple, tuple[int, ...]] = field(default_factory=dict)
 
     @functools.cached_property
     def cache_key(self) -> tuple:
@@ -187,12 +193,29 @@ class _FusedLayer:
         return (self.layout, self.adapters, tuple(self.ranks.tolist()), tuple(self.scales.tolist()))
 
 
-def _fusable(layer: torch.nn.Module, adapters: Sequence[str]) -> bool:
-    """A plain PEFT `lora.Linear` whose adapters are plain LoRA: not merged, no DoRA or other
-    variant, no bias on B, no live dropout, weights in memory (not offloaded to "meta")."""
+def _sums_like_peft(layer: torch.nn.Module) -> bool:
+    """A PEFT LoRA layer whose forward is `base_layer(x) + Σ_a lora_B(lora_A(dropout(x))) · scaling_a`,
+    whatever its base layer: `lora.Linear` (over `nn.Linear`, GGUF's `GGUFLinear`, an fp8-stored
+    linear), its subclasses that keep that forward (torchao's `TorchaoLoraLinear`), and PEFT's
+    bitsandbytes layers (`Linear4bit`, `Linear8bitLt`), whose forward is that sum written out
+    again. The fused op forms the same sum (`tests/test_quantized.py` pins it per base)."""
     from peft.tuners.lora.layer import Linear as LoraLinear
 
-    if type(layer) is not LoraLinear or getattr(layer, "merged", False):
+    if isinstance(layer, LoraLinear):
+        return type(layer).forward is LoraLinear.forward
+    # A bitsandbytes layer exists only once bitsandbytes is imported; without it PEFT's module
+    # does not even import (ModuleNotFoundError), so it is not asked.
+    if sys.modules.get("bitsandbytes") is None:
+        return False
+    from peft.tuners.lora import bnb as peft_bnb
+
+    return type(layer) in {getattr(peft_bnb, name, None) for name in ("Linear4bit", "Linear8bitLt")}
+
+
+def _fusable(layer: torch.nn.Module, adapters: Sequence[str]) -> bool:
+    """A PEFT LoRA linear layer (see `_sums_like_peft`) whose adapters are plain LoRA: not merged, no
+    DoRA or other variant, no bias on B, no live dropout, weights in memory (not offloaded to "meta")."""
+    if not _sums_like_peft(layer) or getattr(layer, "merged", False):
         return False
     for adapter in adapters:
         if layer.lora_A[adapter].weight.device.type == "meta":
@@ -223,6 +246,12 @@ class LoraMasker:
             instead of `out`. "peft": PEFT's own per-adapter path with a hook scaling each masked
             adapter's output (the reference the fused op is tested against). Layers the fused op
             cannot take (not `lora.Linear`, bias on B, live dropout) use the "peft" path.
+        static: for compiled blocks (`--compile`). Every pass comes with masks (all ones where
+            every LoRA acts), and each fused layer reads its coefficients from a buffer that
+            `set_masks` overwrites in place, so the compiled code sees the same tensors at every
+            step, pass and stage: nothing to recompile. A layer measures its shape in its first
+            forward for a pass's token counts, which must run uncompiled (the caller's first step).
+            Every adapted layer must take the fused op.
 
     `set_masks` switches masks between forward passes (the prompt's and the negative prompt's).
     """
@@ -234,18 +263,25 @@ class LoraMasker:
         layout_of: Callable[[str], TokenLayout],
         unmasked: Sequence[str] = (),
         op: str = "fused",
+        static: bool = False,
     ) -> None:
         if op not in LORA_OPS:
             raise ValueError(f"Unknown LoRA op {op!r}; use one of {list(LORA_OPS)}.")
+        if static and op != "fused":
+            raise MaskingError("Compiled blocks take the fused LoRA op only; leave lora_op at 'fused'.")
         self.denoiser = denoiser
         self.masked = list(masked)
         self.unmasked = list(unmasked)
         self.layout_of = layout_of
         self.op = op
+        self.static = static
         self._forget_masks()
 
     def _forget_masks(self) -> None:
         self._masks: dict[str, AdapterMask] | None = None
+        self._plans: list[_FusedLayer] = []
+        self._buffers: dict[tuple, torch.Tensor] = {}
+        self._signature: tuple = ()
         self._cache: dict[tuple, torch.Tensor] = {}
         # Each masks object with what was built from it (kept with the object, not keyed by id():
         # a freed dict's id can be reused).
@@ -259,6 +295,9 @@ class LoraMasker:
         Setting the same masks object again (every step of a run) keeps what was built from it, so
         the per-layer coefficients are made once per run and pass, not once per step.
         """
+        if self.static:
+            self._write_static(masks)
+            return
         if masks is self._masks:
             return
         self._masks = masks
@@ -302,24 +341,58 @@ class LoraMasker:
         coefficients = self._cache.get(key)
         if coefficients is not None and coefficients.device == low.device:
             return coefficients
-        masks = self._masks or {}
-        per_adapter = [
-            masks[a].for_layout(plan.layout, low.shape) if a in masks else None for a in plan.adapters
-        ]
-        if all(mask is None for mask in per_adapter):
-            coefficients = plan.scales
-        else:
-            like = next(mask for mask in per_adapter if mask is not None)
-            stacked = torch.cat([like.new_ones(like.shape) if m is None else m for m in per_adapter], dim=-1)
-            coefficients = stacked.repeat_interleave(plan.ranks.to(stacked.device), dim=-1) * plan.scales.to(
-                stacked.device
-            )
-        # float32, as PEFT's Python-float scaling is: a bf16 0.8 would be 0.80078.
-        coefficients = coefficients.to(device=low.device, dtype=torch.float32)
+        coefficients = _coefficient_values(plan, self._masks or {}, low.shape).to(low.device)
         self._cache[key] = coefficients
         return coefficients
 
+    def _write_static(self, masks: dict[str, AdapterMask] | None) -> None:
+        """Every fused layer's coefficients for the next passes, written into its shared buffer; a
+        layer not yet measured for these masks' shapes is measured by its next forward."""
+        if masks is None:
+            raise MaskingError("Compiled blocks need masks for every pass (all ones where every LoRA acts); got None.")
+        self._masks = masks
+        if not masks and not self._plans:
+            return  # nothing masked (`method="merge"`, LoRAs off): no layer reads a buffer
+        self._signature = _pass_signature(masks)
+        device = next(iter(masks.values())).image.device
+        written: dict[tuple, torch.Tensor] = {}
+        for plan in self._plans:
+            if plan.down.device != device:
+                plan.down, plan.up = plan.down.to(device), plan.up.to(device)
+            shape = plan.shapes.get(self._signature)
+            if shape is None:
+                plan.coefficients = None
+                continue
+            key = (*plan.cache_key, shape)
+            if key not in written:
+                values = _coefficient_values(plan, masks, shape).to(device)
+                buffer = self._buffers.get(key)
+                if buffer is None or buffer.shape != values.shape or buffer.device != values.device:
+                    buffer = self._buffers[key] = values
+                else:
+                    buffer.copy_(values)
+                written[key] = buffer
+            plan.coefficients = written[key]
+
+    def _measure(self, plan: _FusedLayer, low: torch.Tensor) -> torch.Tensor:
+        """A layer's first forward for a pass signature (run uncompiled): its shape, its buffer."""
+        shape = tuple(low.shape)
+        plan.shapes[self._signature] = shape
+        key = (*plan.cache_key, shape)
+        buffer = self._buffers.get(key)
+        if buffer is None:
+            buffer = self._buffers[key] = _coefficient_values(plan, self._masks, low.shape).to(low.device)
+        plan.coefficients = buffer
+        return buffer
+
+    @property
+    def measured(self) -> bool:
+        """Whether every fused layer knows its shape for the current masks (static masking)."""
+        return all(plan.coefficients is not None for plan in self._plans)
+
     def _fused_forward(self, layer: torch.nn.Module, plan: _FusedLayer):
+        static = self.static
+
         def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
             result = layer.base_layer(x, *args, **kwargs)
             if layer.disable_adapters:
@@ -328,7 +401,9 @@ class LoraMasker:
                 # Model CPU offload moves the layer's own weights to the GPU, not these copies.
                 plan.down, plan.up = plan.down.to(x.device), plan.up.to(x.device)
             low = torch.nn.functional.linear(x.to(plan.down.dtype), plan.down)
-            coefficients = self._coefficients(plan, low)
+            coefficients = plan.coefficients if static else self._coefficients(plan, low)
+            if coefficients is None:  # static: this layer's first forward for these shapes, uncompiled
+                coefficients = self._measure(plan, low)
             if coefficients.ndim > 1:
                 _check_shape(coefficients, low, "+".join(plan.adapters), plan.name, plan.layout)
             # bf16 × float32 promotes inside the one multiply kernel: no separate upcast of `low`.
@@ -345,6 +420,7 @@ class LoraMasker:
         return forward
 
     def _plan(self, name: str, layer: torch.nn.Module, adapters: list[str]) -> _FusedLayer:
+        dtype = _compute_dtype(layer, adapters[0])
         return _FusedLayer(
             name=name,
             layout=self.layout_of(name),
@@ -353,8 +429,8 @@ class LoraMasker:
             scales=torch.cat(
                 [torch.full((layer.lora_A[a].weight.shape[0],), float(layer.scaling[a])) for a in adapters]
             ),
-            down=torch.cat([layer.lora_A[a].weight.detach() for a in adapters], dim=0),
-            up=torch.cat([layer.lora_B[a].weight.detach() for a in adapters], dim=1),
+            down=torch.cat([layer.lora_A[a].weight.detach().to(dtype) for a in adapters], dim=0),
+            up=torch.cat([layer.lora_B[a].weight.detach().to(dtype) for a in adapters], dim=1),
         )
 
     @contextlib.contextmanager
@@ -380,10 +456,17 @@ class LoraMasker:
                 if self.op == "fused" and _fusable(layer, adapters):
                     # An instance `forward` may already be there (accelerate's offload hooks): kept and put back.
                     # Planned first: a layer is put on the list only once its forward is really replaced.
-                    fused = self._fused_forward(layer, self._plan(name, layer, adapters))
+                    plan = self._plan(name, layer, adapters)
+                    fused = self._fused_forward(layer, plan)
                     replaced.append((layer, layer.__dict__.get("forward")))
                     layer.forward = fused
+                    self._plans.append(plan)
                     continue
+                if self.static:
+                    raise MaskingError(
+                        f"Layer {name!r} ({type(layer).__name__} over {type(layer.get_base_layer()).__name__}) cannot "
+                        "take the fused LoRA op, which compiled blocks need; leave --compile out for this model."
+                    )
                 layout = self.layout_of(name)
                 for adapter in adapters:
                     if adapter in self.masked:
@@ -403,6 +486,53 @@ class LoraMasker:
                 else:
                     layer.forward = previous
             self._forget_masks()
+
+
+def is_compiled(module: torch.nn.Module) -> bool:
+    """Whether `module`, or any part of it, runs compiled: `torch.compile(module)`, or
+    `Module.compile()` on its blocks, as diffusers' `compile_repeated_blocks` does."""
+    if isinstance(module, torch._dynamo.eval_frame.OptimizedModule):
+        return True
+    return any(getattr(part, "_compiled_call_impl", None) is not None for part in module.modules())
+
+
+def _pass_signature(masks: dict[str, AdapterMask]) -> tuple:
+    """What the shapes of a pass's layers depend on: the batch, text and image token counts."""
+    mask = next(iter(masks.values()))
+    lengths = None if mask.text_lengths is None else tuple(mask.text_lengths)
+    return (tuple(mask.image.shape), tuple(mask.text.shape), lengths, mask.image_multiple, mask.grid)
+
+
+def _coefficient_values(
+    plan: _FusedLayer, masks: dict[str, AdapterMask], shape: Sequence[int] | None
+) -> torch.Tensor:
+    """Scaling × mask per rank slot for a layer whose rank activations have `shape` (None: the
+    masks' own grid), float32 as PEFT's Python-float scaling is (a bf16 0.8 would be 0.80078)."""
+    per_adapter = [masks[a].for_layout(plan.layout, shape) if a in masks else None for a in plan.adapters]
+    if all(mask is None for mask in per_adapter):
+        return plan.scales.to(torch.float32)
+    like = next(mask for mask in per_adapter if mask is not None)
+    stacked = torch.cat([like.new_ones(like.shape) if m is None else m for m in per_adapter], dim=-1)
+    coefficients = stacked.repeat_interleave(plan.ranks.to(stacked.device), dim=-1) * plan.scales.to(stacked.device)
+    return coefficients.to(torch.float32)
+
+
+def _compute_dtype(layer: torch.nn.Module, adapter: str) -> torch.dtype:
+    """The dtype of a layer's concatenated LoRA copies: the LoRA weights' own, except for weights
+    stored in a one-byte float (fp8 layerwise casting applied to the LoRA layers too), which
+    compute in the casting's compute dtype: the copies are never fp8."""
+    weight = layer.lora_A[adapter].weight
+    if weight.dtype.itemsize > 1:
+        return weight.dtype
+    registry = getattr(layer.lora_A[adapter], "_diffusers_hook", None)  # diffusers' hook registry
+    hook = registry.get_hook("layerwise_casting") if registry is not None else None
+    compute = getattr(hook, "compute_dtype", None) or getattr(layer.get_base_layer(), "compute_dtype", None)
+    if compute is None:
+        raise MaskingError(
+            f"Adapter {adapter!r} is stored in {weight.dtype} with no compute dtype to run in; load LoRAs in "
+            "bfloat16 or float32."
+        )
+    return compute
 
 
 def _check_maskable(layer: torch.nn.Module, adapter: str, name: str) -> None:

@@ -12,12 +12,27 @@ from pathlib import Path
 
 import torch
 
-from .backends import BACKENDS, Architecture, architectures
+from .backends import BACKENDS, Architecture, architectures, backend_for
 from .core import jsontext
 from .errors import ModelLoadError, SettingsError
 from .files import read_input
 from .lora import read_header
 from .manifest import ModelSource
+from .memory import (
+    MemoryOptions,
+    SourceFacts,
+    check_memory_options,
+    compile_blocks,
+    component_classes,
+    gguf_quant_type,
+    gguf_tensor_types,
+    offload,
+    offload_name,
+    pipeline_quantization,
+    quantization_configs,
+    quantize_in_memory,
+    store_in_fp8,
+)
 from .shapesworld.model import LORA_DIR as SHAPESWORLD_LORAS
 from .shapesworld.model import MODEL_DIR as SHAPESWORLD_DIR
 from .shapesworld.model import load_shapesworld
@@ -172,18 +187,24 @@ def _model_index(model: str) -> dict | None:
 
 
 # Single-file checkpoints are safetensors files, under the suffix diffusers reads as safetensors
-# (any other it would hand to torch.load, which unpickles).
-SINGLE_FILE_SUFFIXES = (".safetensors",)
+# (any other it would hand to torch.load, which unpickles), or GGUF files (quantized transformers).
+SINGLE_FILE_SUFFIXES = (".safetensors", ".gguf")
 
 
 def is_single_file(model: str) -> bool:
-    """A single-file checkpoint (`.safetensors`), as civitai-style downloads store models."""
+    """A single-file checkpoint (`.safetensors`, `.gguf`), as civitai-style downloads store models."""
     path = Path(model).expanduser()
     return path.is_file() and path.suffix in SINGLE_FILE_SUFFIXES
 
 
+def is_gguf(model: str) -> bool:
+    return is_single_file(model) and Path(model).suffix == ".gguf"
+
+
 def single_file_keys(path: str | Path) -> list[str]:
     """The tensor names of a single-file checkpoint, from its header (no weights read)."""
+    if Path(path).suffix == ".gguf":
+        return list(gguf_tensor_types(Path(path).expanduser()))
     try:
         return [key for key in read_header(Path(path).expanduser()) if key != "__metadata__"]
     except (OSError, ValueError) as error:
@@ -274,8 +295,8 @@ def check_model_source(model: str) -> None:
             )
         if path.suffix not in SINGLE_FILE_SUFFIXES:
             raise ModelLoadError(
-                f"{path} is a single file but not .safetensors; FreeFuse never unpickles a model file. Use the "
-                ".safetensors download, a diffusers pipeline folder (with model_index.json) or a Hugging Face id."
+                f"{path} is a single file but not .safetensors or .gguf; FreeFuse never unpickles a model file. Use the "
+                ".safetensors or .gguf download, a diffusers pipeline folder (with model_index.json) or a Hugging Face id."
             )
         single_file_architecture(path)
         return
@@ -307,27 +328,44 @@ def check_model_source(model: str) -> None:
                 f"Model folder {path} is incomplete: `{name}/` has no weights (*.safetensors, e.g. "
                 f"{name}/diffusion_pytorch_model.safetensors or {name}/model.safetensors).{hint}"
             )
-        _refuse_quantized(folder)
+        method = quantized_method(folder)
+        if method is not None and method not in PREQUANTIZED:
+            raise ModelLoadError(
+                f"`{name}/` of {path} is quantized with {method}, which FreeFuse does not run; use the unquantized model "
+                "with --quantize nf4|int8|fp8, or a GGUF file of it."
+            )
     architecture_of(model)  # a pipeline class no backend runs is refused here
 
 
-def _refuse_quantized(folder: Path) -> None:
-    """Quantized components (bitsandbytes, torchao, GGUF, ...) are refused before any weight loads:
-    masked LoRAs on their layers are not tested yet."""
+# Already quantized model folders FreeFuse runs (`quant_method` of their configs).
+PREQUANTIZED = ("bitsandbytes",)
+
+
+def quantized_method(folder: Path) -> str | None:
+    """The `quant_method` of a model folder's component (`<component>/config.json`), or None."""
     config = folder / "config.json"
     if not config.is_file():
-        return
+        return None
     try:
         quantization = jsontext.loads(config.read_bytes()).get("quantization_config")
     except (OSError, ValueError, AttributeError):
-        return
-    if quantization:
-        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
-        raise ModelLoadError(
-            f"`{folder.name}/` of {folder.parent} is quantized ({method}); FreeFuse does not run quantized models yet "
-            "(masked LoRAs on quantized layers are untested). Use the unquantized model (bfloat16 on a GPU, "
-            "--offload if it does not fit)."
-        )
+        return None
+    if not quantization:
+        return None
+    return str(quantization.get("quant_method", "unknown")) if isinstance(quantization, dict) else "unknown"
+
+
+def source_facts(model: str) -> SourceFacts:
+    """What the memory options' rules need of a model source (its files' headers, no weights)."""
+    if model in BUILT_IN:
+        return SourceFacts(built_in=True)
+    if is_gguf(model):
+        return SourceFacts(gguf=gguf_quant_type(gguf_tensor_types(Path(model).expanduser())))
+    local = Path(model).expanduser()
+    if local.is_dir():
+        methods = [quantized_method(folder) for folder in sorted(local.iterdir()) if folder.is_dir()]
+        return SourceFacts(prequantized=next((method for method in methods if method), None))
+    return SourceFacts()
 
 
 def pixels_per_token(model: str, base: str | None = None) -> int | None:
@@ -349,48 +387,50 @@ def load_pipeline(
     model: str,
     device: str | None = None,
     dtype: str | None = None,
-    offload: bool = False,
+    offload: bool | str = False,
     base: str | None = None,
+    memory: MemoryOptions | None = None,
 ):
     """A diffusers pipeline on `device` (auto: cuda, mps, cpu); "tiny" builds the in-memory demo model.
 
     A single-file checkpoint loads through diffusers' `from_single_file`, its configs (and any
     component the file lacks, e.g. the text encoders of a FLUX transformer-only file) from `base`:
-    a diffusers folder or hub id, by default the architecture's reference model.
+    a diffusers folder or hub id, by default the architecture's reference model. A GGUF file is
+    such a transformer-only file, quantized. `memory`: quantization, offload and compile
+    (`freefuse.memory`); without it, `offload` (True or an `--offload` name) alone.
     """
     chosen = pick_device(device)
     torch_dtype = pick_dtype(dtype, chosen)
-    if offload and chosen.type == "cpu":
-        raise ModelLoadError(
-            "--offload moves the models to a GPU one at a time while keeping them in CPU memory; on the CPU there "
-            "is nothing to offload. Leave --offload out (or pass --device cuda on a machine with a GPU)."
-        )
-    if model in TINY_MODELS:
+    options = memory if memory is not None else MemoryOptions(offload=offload_name(offload))
+    architecture = architecture_of(model) if model in BUILT_IN or Path(model).expanduser().exists() else None
+    check_memory_options(options, architecture, source_facts(model), chosen)  # before any weights load
+    if model in TINY_MODELS or model == SHAPESWORLD:
         # Built on the CPU in float32 and moved, so the tiny model's weights are the same on every
         # device; then the same dtype and offload as a real model.
-        pipeline = TINY_PIPELINES[TINY_MODELS[model]](seed=0)
+        pipeline = load_shapesworld() if model == SHAPESWORLD else TINY_PIPELINES[TINY_MODELS[model]](seed=0)
         pipeline.register_to_config(_name_or_path=model)
-        return _place(pipeline, chosen, torch_dtype, offload)
-    if model == SHAPESWORLD:
-        pipeline = load_shapesworld()
-        pipeline.register_to_config(_name_or_path=SHAPESWORLD)
-        return _place(pipeline, chosen, torch_dtype, offload)
+        pipeline.to(dtype=torch_dtype)
+        if options.quantize == "int8" or options.quantize_text_encoder == "int8":
+            quantize_in_memory(pipeline, options, architecture)
+        return _place(pipeline, chosen, torch_dtype, options)
     check_model_source(model)
     if is_single_file(model):
-        return _place(_load_single_file(model, base, torch_dtype), chosen, None, offload)
+        return _place(_load_single_file(model, base, torch_dtype, options), chosen, torch_dtype, options)
     from diffusers import DiffusionPipeline
 
     local = Path(model).expanduser()
+    configs = quantization_configs(options, architecture, torch_dtype) if architecture is not None else {}
     try:
         pipeline = DiffusionPipeline.from_pretrained(
             str(local) if local.exists() else model,
             torch_dtype=torch_dtype,
             local_files_only=offline(),
             use_safetensors=True,  # never fall back to unpickling .bin files
+            **({"quantization_config": pipeline_quantization(configs)} if configs else {}),
         )
     except (OSError, ValueError) as error:
         raise ModelLoadError(load_failure(model, error)) from None
-    return _place(pipeline, chosen, None, offload)
+    return _place(pipeline, chosen, torch_dtype, options)
 
 
 def _root_cause(error: BaseException) -> BaseException:
@@ -428,18 +468,20 @@ def load_failure(model: str, error: BaseException) -> str:
     return f"{missing}, and {fix}. Or pass a local diffusers folder (no folder named {model!r} exists here)."
 
 
-def model_source(model: str, base: str | None = None) -> ModelSource | None:
+def model_source(model: str, base: str | None = None, memory: MemoryOptions | None = None) -> ModelSource | None:
     """What the manifest records of a single-file checkpoint (the file, and where its configs came
-    from, as `load_pipeline` resolves it), so that a replay loads the same; None for other models."""
+    from, as `load_pipeline` resolves it) and of how the model was loaded (`memory`, when not the
+    default), so that a replay loads the same; None when there is nothing of either."""
+    load = memory.to_record() if memory is not None and not memory.is_default else None
     if not is_single_file(model):
-        return None
+        return ModelSource(load=load) if load else None
     config = base_model_for(model, base)
     if config is not None and Path(config).expanduser().is_dir():
         config = str(Path(config).expanduser().resolve())
-    return ModelSource(single_file=str(Path(model).expanduser()), base_model=config)
+    return ModelSource(single_file=str(Path(model).expanduser()), base_model=config, load=load)
 
 
-def _load_single_file(model: str, base: str | None, torch_dtype: torch.dtype | None):
+def _load_single_file(model: str, base: str | None, torch_dtype: torch.dtype, options: MemoryOptions):
     if base is not None and not Path(base).expanduser().is_dir() and not is_hub_id(base):
         raise ModelLoadError(f"--base-model {base} is neither a diffusers folder nor a Hugging Face id.")
     path = Path(model).expanduser()
@@ -450,9 +492,12 @@ def _load_single_file(model: str, base: str | None, torch_dtype: torch.dtype | N
     if local:
         config = str(Path(config).expanduser().resolve())
     try:
-        pipeline = BACKENDS[architecture.name].load_single_file(
-            path, keys, config, torch_dtype=torch_dtype, local_files_only=offline() or local
-        )
+        if path.suffix == ".gguf" or quantization_configs(options, architecture, torch_dtype):
+            pipeline = _load_denoiser_file(path, architecture, config, torch_dtype, options, offline() or local)
+        else:
+            pipeline = BACKENDS[architecture.name].load_single_file(
+                path, keys, config, torch_dtype=torch_dtype, local_files_only=offline() or local
+            )
     except Exception as error:
         text = str(error).strip().splitlines()[0] if str(error).strip() else ""
         source = f"configs from {config}" if config else "the model type diffusers read from the file"
@@ -465,15 +510,49 @@ def _load_single_file(model: str, base: str | None, torch_dtype: torch.dtype | N
     return pipeline
 
 
-def _place(pipeline, device: torch.device, dtype: torch.dtype | None, offload: bool):
-    """Eval mode, the dtype (when given), then on the device or with model CPU offload."""
+def _load_denoiser_file(
+    path: Path, architecture, config: str | None, torch_dtype: torch.dtype, options: MemoryOptions, local_only: bool
+):
+    """A denoiser-only file quantized while it loads (a GGUF file, or `--quantize nf4|int8`), the
+    rest of the pipeline from `config` (text encoders quantized there when asked)."""
+    import diffusers
+
+    if path.suffix == ".gguf":
+        quantization = diffusers.GGUFQuantizationConfig(compute_dtype=torch_dtype)
+    else:
+        quantization = quantization_configs(options, architecture, torch_dtype)[architecture.denoiser_name]
+    name = architecture.denoiser_name
+    denoiser = component_classes(architecture)[name].from_single_file(
+        str(path),
+        config=config,
+        subfolder=name,
+        torch_dtype=torch_dtype,
+        quantization_config=quantization,
+        local_files_only=local_only,
+    )
+    text = pipeline_quantization(quantization_configs(options, architecture, torch_dtype, denoiser=False))
+    return getattr(diffusers, architecture.pipeline_classes[0]).from_pretrained(
+        config,
+        **{name: denoiser},
+        torch_dtype=torch_dtype,
+        use_safetensors=True,
+        local_files_only=local_only,
+        **({"quantization_config": text} if text is not None else {}),
+    )
+
+
+def _place(pipeline, device: torch.device, dtype: torch.dtype, options: MemoryOptions):
+    """Eval mode, fp8 storage, then on the device or offloaded, then compiled blocks."""
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
-    if dtype is not None:
-        pipeline.to(dtype=dtype)
-    if offload:
-        pipeline.enable_model_cpu_offload(device=device)
+    denoiser = backend_for(pipeline).denoiser
+    if options.quantize == "fp8":
+        store_in_fp8(denoiser, dtype)
+    if options.offload != "none":
+        offload(pipeline, options, device)
     else:
         pipeline.to(device)
+    if options.compile:
+        compile_blocks(denoiser)
     return pipeline

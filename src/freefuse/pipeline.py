@@ -16,6 +16,7 @@ lives in `freefuse.backends`.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,7 +45,7 @@ from .lora import (
     text_encoder_parts,
 )
 from .manifest import ModelSource, build_manifest
-from .masking import AdapterMask, LoraMasker, adapters_for_run, pass_masks
+from .masking import AdapterMask, LoraMasker, adapters_for_run, is_compiled, pass_masks
 from .methods import MaskInput, RunContext, SubjectMasks, get_method
 from .preflight import MaskFacts, ModelFacts, SubjectFacts, preflight
 from .settings import GenerationSettings, check_text
@@ -454,6 +455,7 @@ class FreeFuse:
             if method.masks_loras
             else [],
             op=settings.lora_op,
+            static=is_compiled(backend.denoiser),
         )
         bias_config = backend.architecture.attention_bias(settings)
         biaser = AttentionBiaser(
@@ -501,12 +503,14 @@ class FreeFuse:
             region = inpaint_region(conditions, context.size)
             per_pass = pass_masks_of(context, subject_masks, conditioning, negative)
             per_pass_bias = pass_biases_of(context, subject_masks, conditioning, negative, bias_config)
-            unmasked: dict[PassName, None] = {"cond": None, "uncond": None}
+            # Where every LoRA acts everywhere: no masks, or all-ones ones for compiled blocks.
+            unmasked = pass_masks_of(context, everywhere(context) if masker.static else None, conditioning, negative)
 
             def switch_masks(name: PassName) -> None:
                 # The masks and the attention bias of the pass about to run; none before the step they start at.
                 waiting = subject_masks is not None and i < subject_masks.from_step
-                masker.set_masks((unmasked if waiting else per_pass)[name])
+                masks = (unmasked if waiting else per_pass)[name]
+                masker.set_masks(unmasked[name] if masks is None else masks)
                 biaser.set_pass(None if waiting else per_pass_bias[name])
 
             step_times = []
@@ -517,15 +521,18 @@ class FreeFuse:
                 for i, t in enumerate(timesteps):
                     tick = time.perf_counter()
                     tap_here = i in capture_steps
-                    prediction, tap = backend.guided_prediction(
-                        state,
-                        t,
-                        conditioning,
-                        negative,
-                        settings,
-                        switch_masks,
-                        settings.block if tap_here else None,
-                    )
+                    # Uncompiled: the first step (each fused layer measures its shapes) and a tapped
+                    # step (the tap's hooks would change what was compiled).
+                    with eager_while(masker.static and (i == 0 or tap_here)):
+                        prediction, tap = backend.guided_prediction(
+                            state,
+                            t,
+                            conditioning,
+                            negative,
+                            settings,
+                            switch_masks,
+                            settings.block if tap_here else None,
+                        )
                     mask_step_here = bool(capture_steps) and i == capture_steps[-1]
                     if tap_here:
                         captured.append(tap.result().cpu())
@@ -698,6 +705,20 @@ def pass_biases_of(
             tokens, context.negative_positions, negative.num_text_tokens, config, context.grid, found.everywhere
         )
     return result
+
+
+def everywhere(context: RunContext) -> SubjectMasks:
+    """Every masked LoRA on every token of every image (what `merge` does), as masks."""
+    tokens = {
+        name: torch.ones(context.batch, context.grid[0] * context.grid[1], device=context.backend.device)
+        for name in context.names
+    }
+    return SubjectMasks(tokens=tokens, everywhere={(name, b) for name in context.names for b in range(context.batch)})
+
+
+def eager_while(condition: bool):
+    """Compiled code runs as plain Python inside (`torch.compiler.set_stance`) when `condition`."""
+    return torch.compiler.set_stance("force_eager") if condition else contextlib.nullcontext()
 
 
 def mask_facts(masks: MaskInput) -> MaskFacts | None:

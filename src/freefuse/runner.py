@@ -21,6 +21,7 @@ import torch
 from .conditions import controlnet_facts
 from .errors import LoraFitError, ModelLoadError, RunCancelled, SettingsError
 from .manifest import ModelSource, model_differences, model_record
+from .memory import MemoryOptions, offload_name
 from .models import fitting_loras, load_failure, load_pipeline, model_source, offline, pick_device
 from .pipeline import FreeFuse, FreeFuseOutput, FreeFuseWarning, Subject
 from .spec import LoraSpec, RunSpec, changed_lora_message, model_changed_message
@@ -53,19 +54,27 @@ class RunService:
     Args:
         device, dtype, offload: where and how models load (see `freefuse.models.load_pipeline`).
         max_loras: adapters kept loaded; the least recently used beyond this are deleted.
+        memory: quantization, offload and compile for specs that name none (`RunSpec.memory`);
+            default: `offload` alone.
     """
 
     def __init__(
-        self, device: str | None = None, dtype: str | None = None, offload: bool = False, max_loras: int = 8
+        self,
+        device: str | None = None,
+        dtype: str | None = None,
+        offload: bool | str = False,
+        max_loras: int = 8,
+        memory: MemoryOptions | None = None,
     ) -> None:
         if device is not None:
             pick_device(device)  # a device this machine cannot run on is said now, before anything loads
         self.device, self.dtype, self.offload = device, dtype, offload
+        self.memory = memory if memory is not None else MemoryOptions(offload=offload_name(offload))
         self.max_loras = max_loras
         self.lock = threading.RLock()
         self.model_loads = 0
         self.lora_loads = 0
-        self._model: tuple[str, str | None] | None = None
+        self._model: tuple[str, str | None, MemoryOptions] | None = None
         self._pipeline = None
         self._source: ModelSource | None = None
         self._owner: FreeFuse | None = None  # owns the kept adapters (and their bundled embeddings)
@@ -73,17 +82,17 @@ class RunService:
         self._controlnets: dict[str, torch.nn.Module] = {}  # kept for the next run of the same model
 
     # -- models and LoRAs --------------------------------------------------------------------------
-    def pipeline(self, model: str, base_model: str | None = None):
-        """The pipeline of `model` (loaded now unless it is the one loaded)."""
+    def pipeline(self, model: str, base_model: str | None = None, memory: MemoryOptions | None = None):
+        """The pipeline of `model` loaded as `memory` says (default: the service's), loaded now unless
+        it is the one loaded."""
         with self.lock:
-            if self._model != (model, base_model):
+            memory = memory if memory is not None else self.memory
+            if self._model != (model, base_model, memory):
                 self.close()  # free the previous model first; a failed load leaves none
-                self._pipeline = load_pipeline(
-                    model, device=self.device, dtype=self.dtype, offload=self.offload, base=base_model
-                )
-                self._source = model_source(model, base_model)
+                self._pipeline = load_pipeline(model, device=self.device, dtype=self.dtype, base=base_model, memory=memory)
+                self._source = model_source(model, base_model, memory)
                 self._owner = FreeFuse(self._pipeline, source=self._source)
-                self._model = (model, base_model)
+                self._model = (model, base_model, memory)
                 self.model_loads += 1
             return self._pipeline
 
@@ -97,7 +106,7 @@ class RunService:
     def freefuse(self, spec: RunSpec) -> FreeFuse:
         """A `FreeFuse` over `spec`'s model with exactly `spec`'s LoRAs (each loaded once, then kept)."""
         with self.lock:
-            pipeline = self.pipeline(spec.model, spec.base_model)
+            pipeline = self.pipeline(spec.model, spec.base_model, spec.memory)
             wanted = {lora.adapter_name for lora in spec.loras}
             self._unload(lambda name, kept: name not in wanted and bool(kept.subject.embeddings))
             freefuse = FreeFuse(pipeline, source=self._source)

@@ -43,6 +43,7 @@ from .lora import (
     trigger_words_from_metadata,
 )
 from .manifest import read_manifest
+from .memory import MemoryOptions, check_memory_options
 from .methods import METHODS
 from .models import (
     BUILT_IN,
@@ -55,6 +56,7 @@ from .models import (
     is_hub_id,
     is_single_file,
     pixels_per_token,
+    source_facts,
 )
 from .preflight import Checked, MaskFacts, ModelFacts, SubjectFacts, preflight
 from .settings import CLI_FLAGS, GenerationSettings, Number, check_text, describe_errors, parse_size
@@ -155,6 +157,8 @@ class RunSpec:
     recorded_model: dict | None = None
     #: What the run is conditioned on besides its prompt (init image, inpainting mask, ControlNets).
     conditions: ConditionsSpec | None = None
+    #: Quantization, offload and compile (`freefuse.memory`); None: the run service's.
+    memory: MemoryOptions | None = None
 
     def check(self, facts: FileFacts | None = None) -> Checked:
         """Everything that needs no weights: model folder and architecture, LoRA files, sizes, masks,
@@ -166,6 +170,9 @@ class RunSpec:
         self._check_base_model()
         self._check_recorded_files()
         architecture = facts.get("architecture", model, lambda: architecture_of(model))
+        if self.memory is not None:  # the device's rules wait for the run service, still before loading
+            source = facts.get("source facts", model, lambda: source_facts(model))
+            check_memory_options(self.memory, architecture, source, settings=self.settings)
         for lora in self.loras:
             facts.get("lora path", lora.path, partial(check_lora_path, lora.path, architecture), architecture)
         self._check_lora_files(facts)
@@ -196,7 +203,8 @@ class RunSpec:
             return
         if not is_single_file(self.model):
             raise SettingsError(
-                "A base model only applies to a single-file checkpoint (a model FILE.safetensors); leave it out."
+                "A base model only applies to a single-file checkpoint (a model FILE.safetensors or FILE.gguf); leave "
+                "it out."
             )
         if not Path(self.base_model).expanduser().is_dir() and not is_hub_id(self.base_model):
             raise SettingsError(f"Base model {self.base_model} is neither a diffusers folder nor a Hugging Face id.")
@@ -459,6 +467,21 @@ def _replay_loras(manifest: dict, manifest_path, manifest_dir: Path, here: Path)
     return loras
 
 
+def _replay_memory(manifest: dict, given: dict, manifest_path, notes: list[str]) -> tuple[MemoryOptions, bool]:
+    """How the manifest's model was loaded, with each option the caller gives winning (and said),
+    and whether that changed anything."""
+    try:
+        recorded = MemoryOptions.from_record(manifest["model"].get("load"))
+    except SettingsError as error:
+        raise SettingsError(f"Manifest {manifest_path}: {error}") from None
+    chosen = recorded.updated(**given)
+    if chosen != recorded:
+        before, after = recorded.to_record(), chosen.to_record()
+        changed = ", ".join(f"{key} {before[key]!r} -> {after[key]!r}" for key in before if before[key] != after[key])
+        notes.append(f"replaying {manifest_path} with the model loaded otherwise: {changed}.")
+    return chosen, chosen != recorded
+
+
 def _replay_model(
     manifest: dict, manifest_path, manifest_dir: Path, here: Path, base_given: bool
 ) -> tuple[str, str | None]:
@@ -501,19 +524,21 @@ def replay_spec(
     here: Path | None = None,
     base_model: str | None = None,
     conditions: ConditionsSpec | None = None,
+    memory: dict | None = None,
 ) -> RunSpec:
     """The run a manifest describes, with what the caller gives instead.
 
     What is given wins over the manifest: `model`, `base_model`, `loras` (all of them), `masks`, each
-    setting in `settings` (field names) and each condition `conditions` sets (an init image, the
-    controls...); the returned spec's `notes` say which ones changed. Condition images must still
-    have the hashes the manifest recorded.
+    setting in `settings` (field names), each condition `conditions` sets (an init image, the
+    controls...) and each of `memory` (`MemoryOptions` fields, None: not given) over how the
+    manifest's model was loaded; the returned spec's `notes` say which ones changed. Condition
+    images must still have the hashes the manifest recorded.
     Files a manifest names are looked up from the manifest's own folder first, then from the
     working folder; manifests are untrusted, so those files must lie inside one of the two, or be
     given by the caller.
     """
     return replay_record(
-        read_manifest(manifest_path), manifest_path, model, loras, settings, masks, here, base_model, conditions
+        read_manifest(manifest_path), manifest_path, model, loras, settings, masks, here, base_model, conditions, memory
     )
 
 
@@ -527,6 +552,7 @@ def replay_record(
     here: Path | None = None,
     base_model: str | None = None,
     conditions: ConditionsSpec | None = None,
+    memory: dict | None = None,
 ) -> RunSpec:
     """`replay_spec` for a manifest already read (and checked by its reader) from `manifest_path`;
     other records of a run in the manifest's shape (an evaluation's baseline rows) replay through it."""
@@ -534,6 +560,7 @@ def replay_record(
     here = Path.cwd() if here is None else here
     notes: list[str] = []
     run_settings = _replay_settings(manifest["settings"], settings or {}, manifest_path, notes)
+    run_memory, loaded_otherwise = _replay_memory(manifest, memory or {}, manifest_path, notes)
     if loras:
         differences = _lora_differences(list(loras), manifest, manifest_dir)
         notes.append(
@@ -550,9 +577,10 @@ def replay_record(
     if model is None:
         model, recorded_base = _replay_model(manifest, manifest_path, manifest_dir, here, base_model is not None)
         base_model = base_model if base_model is not None else recorded_base
+        # Weights loaded otherwise (another quantization) hash otherwise: only the files are compared.
         recorded_model = {
             key: manifest["model"][key]
-            for key in ("files", "base_weights_sha256")
+            for key in ("files",) + (() if loaded_otherwise else ("base_weights_sha256",))
             if isinstance(manifest["model"].get(key), dict | str)
         }
     if masks is None and isinstance(manifest.get("masks"), str) and manifest["masks"] != "in-memory":
@@ -580,6 +608,7 @@ def replay_record(
         base_model=base_model,
         recorded_model=recorded_model or None,
         conditions=_given_conditions(recorded_conditions, conditions, manifest_path, notes),
+        memory=run_memory,
     )
 
 

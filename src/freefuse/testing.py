@@ -21,6 +21,7 @@ from .backends import BACKENDS, backend_for
 from .backends.flux import FLUX_LORA_TARGETS
 from .core import MaskConfig, masks_from_attention
 from .core.attention import border_tokens
+from .memory import store_in_fp8
 from .tiny import (  # noqa: F401  (the tiny models, re-exported for tests)
     ALL_LAYERS,
     ALL_LINEAR,
@@ -894,3 +895,96 @@ def scene_ious(scene: dict, result) -> list[float]:
         mask, truth = result.token_masks[subject] > 0.5, scene["regions"] == subject
         found.append(float((mask & truth).sum() / (mask | truth).sum().clamp_min(1)))
     return found
+
+
+# -- quantized bases ------------------------------------------------------------------------------------
+
+#: `quantize_denoiser` kinds: GGUF types, bitsandbytes NF4 and LLM.int8, torchao int8, fp8 storage.
+QUANTIZED_BASES = ("gguf-Q8_0", "gguf-Q5_0", "gguf-Q4_0", "nf4", "bnb-int8", "int8", "fp8")
+#: The package each kind needs (tests skip without it).
+QUANTIZED_BASE_PACKAGES = {"gguf": "gguf", "nf4": "bitsandbytes", "bnb-int8": "bitsandbytes", "int8": "torchao"}
+
+
+def _swap_linears(module: torch.nn.Module, make) -> None:
+    """Every plain `nn.Linear` under `module` replaced by `make(linear)` (None: kept)."""
+    for name, child in module.named_children():
+        if type(child) is torch.nn.Linear:
+            made = make(child)
+            if made is not None:
+                setattr(module, name, made)
+        else:
+            _swap_linears(child, make)
+
+
+def _gguf_linear(linear: torch.nn.Linear, kind: str, random_blocks: bool):
+    """`linear` as diffusers' `GGUFLinear` with its weight in GGUF type `kind` ("Q8_0"); with
+    `random_blocks`, random blocks of that type (a benchmark's random model: quantizing 12B
+    weights in numpy would take longer than the benchmark)."""
+    import gguf
+    from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
+
+    qtype = gguf.GGMLQuantizationType[kind]
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    weight = linear.weight.detach()
+    if weight.shape[1] % block:
+        return None  # as GGUF files keep such tensors unquantized
+    if random_blocks:
+        rows, blocks = weight.shape[0], weight.shape[1] // block
+        data = torch.randint(0, 256, (rows, blocks, size), dtype=torch.uint8, device=weight.device)
+        scale = torch.full((rows, blocks), float(weight.float().std()) / 64, dtype=torch.float16, device=weight.device)
+        data[..., :2] = scale.view(torch.uint8).view(rows, blocks, 2)  # every type here starts with an fp16 scale
+        data = data.reshape(rows, blocks * size)
+    else:
+        data = torch.from_numpy(gguf.quants.quantize(weight.float().cpu().numpy(), qtype)).to(weight.device)
+    layer = GGUFLinear(
+        linear.in_features, linear.out_features, bias=linear.bias is not None, compute_dtype=weight.dtype, device="meta"
+    )
+    layer.weight = GGUFParameter(data, quant_type=qtype)
+    if linear.bias is not None:
+        layer.bias = torch.nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+    return layer
+
+
+def _bnb_linear(linear: torch.nn.Linear, four_bit: bool):
+    """`linear` as a bitsandbytes layer, quantized on its device (as `from_pretrained` leaves it)."""
+    import bitsandbytes as bnb
+
+    device = linear.weight.device
+    if four_bit:
+        layer = bnb.nn.Linear4bit(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            compute_dtype=linear.weight.dtype,
+            quant_type="nf4",
+            device="cpu",
+        )
+    else:
+        layer = bnb.nn.Linear8bitLt(
+            linear.in_features, linear.out_features, bias=linear.bias is not None, has_fp16_weights=False, device="cpu"
+        )
+    layer.load_state_dict({key: value.cpu() for key, value in linear.state_dict().items()})
+    return layer.to(device)  # bitsandbytes quantizes as the weight moves
+
+
+def quantize_denoiser(pipeline, kind: str, random_blocks: bool = False) -> None:
+    """The pipeline's denoiser quantized in place, its layers as loading a quantized model leaves
+    them (GGUF's `GGUFLinear`, bitsandbytes' `Linear4bit`/`Linear8bitLt`, torchao's int8 tensors,
+    fp8 storage), for tests and benchmarks of random models without a file. LoRAs made before
+    (`typical_lora_state_dict`) load onto it as onto a loaded quantized model. `kind`: one of
+    `QUANTIZED_BASES`."""
+    denoiser = backend_for(pipeline).denoiser
+    if kind.startswith("gguf-"):
+        _swap_linears(denoiser, lambda linear: _gguf_linear(linear, kind.removeprefix("gguf-"), random_blocks))
+    elif kind in ("nf4", "bnb-int8"):
+        _swap_linears(denoiser, lambda linear: _bnb_linear(linear, kind == "nf4"))
+        # What diffusers' bitsandbytes quantizer sets; PEFT reads it to pick its bitsandbytes LoRA layers.
+        setattr(denoiser, "is_loaded_in_4bit" if kind == "nf4" else "is_loaded_in_8bit", True)
+    elif kind == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(denoiser, Int8WeightOnlyConfig())
+    elif kind == "fp8":
+        store_in_fp8(denoiser, next(denoiser.parameters()).dtype)
+    else:
+        raise ValueError(f"Unknown quantized base {kind!r}; use one of {list(QUANTIZED_BASES)}.")
