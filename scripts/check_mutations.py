@@ -290,11 +290,20 @@ MUTATIONS = (
         ("tests/test_pins_adapter_state.py",),
     ),
     Mutation(
-        "a run re-enables LoRAs the caller disabled",
+        # A run enables LoRA layers the caller disabled, for the run only (a run that applied none
+        # would be a silent wrong result), and gives the caller's state back after it.
+        "LoRAs the caller disabled stay enabled after a run",
         "masking.py",
-        "        pipeline.set_adapters(list(names), adapter_weights=list(weights))",
-        "        pipeline.enable_lora()\n        pipeline.set_adapters(list(names), adapter_weights=list(weights))",
-        ("tests/test_pins_adapter_state.py",),
+        "            module.enable_adapters(not off)",
+        "            module.enable_adapters(True)",
+        ("tests/test_pins_adapter_state.py::test_loras_the_caller_disabled_stay_disabled_after_a_run",),
+    ),
+    Mutation(
+        "a run after disable_lora() applies none of its LoRAs",
+        "masking.py",
+        "        disabled = [module for module, *_, off in saved if off]",
+        "        disabled = []",
+        ("tests/test_pins_adapter_state.py::test_a_run_after_disable_lora_applies_its_loras_and_says_so",),
     ),
     # -- replay of a manifest whose LoRA changed ------------------------------------------------------
     Mutation(
