@@ -95,8 +95,10 @@ def test_add_loras_find_masks_paint_generate_download_and_replay(server, page, t
     # 1. Two LoRAs, one uploaded and one by its path: their trigger words come from the files' metadata.
     page.locator("#lora-file-0 input[type=file]").set_input_files(str(folder / "alice.safetensors"))
     page.locator("#lora-path-1 textarea, #lora-path-1 input").first.fill(str(folder / "bob.safetensors"))
+    # The upload's event and the typed path's event finish in either order on a loaded machine.
     page.wait_for_function(
         "document.querySelector('#lora-words-1 textarea, #lora-words-1 input').value === 'Bob'"
+        " && document.querySelector('#lora-words-0 textarea, #lora-words-0 input').value !== ''"
     )
     assert text_of(page, "#lora-words-0 textarea, #lora-words-0 input") == "Alice"
     page.wait_for_function("document.querySelector('#warnings').innerText.includes('Ready')")
