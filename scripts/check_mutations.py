@@ -521,6 +521,41 @@ MUTATIONS = (
         'if options.quantize == "fp8" and options.offload != "none":',
         ("tests/test_memory.py::test_combinations_that_cannot_work_are_refused_before_loading",),
     ),
+    Mutation(
+        "the negative pass reads the prompt's reference image instead of a black one",
+        "backends/flux.py",
+        "                [black] * count, None, self.device, negative.prompt_embeds.shape[0]",
+        "                [reference] * count, None, self.device, negative.prompt_embeds.shape[0]",
+        ("tests/test_ip_adapter.py::test_true_cfg_reads_a_black_negative_reference_as_flux_pipeline_does",),
+    ),
+    Mutation(
+        "the IP-Adapter scale of a run is left set after it",
+        "backends/flux.py",
+        "                processor.scale = scales",
+        "                pass",
+        ("tests/test_ip_adapter.py::test_the_scale_is_the_runs_and_the_callers_comes_back",),
+    ),
+    Mutation(
+        "a replay's model check counts the IP-Adapter's image encoder as the model's",
+        "manifest.py",
+        "        if name in IP_ADAPTER_COMPONENTS and has_ip_adapter(denoiser):",
+        "        if False:",
+        ("tests/test_ip_adapter.py::test_cli_runs_an_ip_adapter_records_it_and_replays_it_byte_for_byte",),
+    ),
+    Mutation(
+        "Redux image tokens put before the prompt's (the subjects' words would move)",
+        "backends/flux.py",
+        "joined = torch.cat([embeds, image_tokens.expand(batch, -1, -1).to(embeds.dtype)], dim=1)",
+        "joined = torch.cat([image_tokens.expand(batch, -1, -1).to(embeds.dtype), embeds], dim=1)",
+        ("tests/test_redux.py",),
+    ),
+    Mutation(
+        "the Redux scale left out",
+        "backends/flux.py",
+        "conditioning.prompt_embeds = joined * scale[:, None, None]",
+        "conditioning.prompt_embeds = joined",
+        ("tests/test_redux.py",),
+    ),
 )
 
 

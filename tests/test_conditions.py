@@ -342,7 +342,7 @@ def test_conditions_that_cannot_run_are_refused(flux: FreeFuse) -> None:
         (Conditions.of(init_image=picture(1), inpaint_mask=region(box=(0, 0, 0, 0))), "repaints nothing"),
         (Conditions.of(init_image=picture(1), inpaint_mask=region(box=(0, 0, SIZE, SIZE))), "whole image"),
         (Conditions.of(controls=[Control(picture(3))]), "need a ControlNet"),
-        (Conditions.of(ip_adapter=picture(3)), "not supported by FreeFuse yet"),
+        (Conditions.of(ip_adapter=picture(3)), "needs a model with an IP-Adapter"),
     ]
     for conditions, message in cases:
         with pytest.raises(SettingsError, match=message):

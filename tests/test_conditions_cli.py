@@ -131,7 +131,7 @@ def test_a_replay_finds_changed_images_and_a_given_flag_wins(assets, files, monk
         (["--init-image", "init.png", "--strength", "1.5"], "at most 1"),
         (["--init-image", "rgba.png"], "'RGBA' image"),
         (["--init-image", "init.png", "--inpaint-mask", "init.png"], "it must be 'L' or '1'"),
-        (["--ip-adapter", "init.png@0.5"], "not supported by FreeFuse yet"),
+        (["--ip-adapter", "init.png@0.5"], "needs a model with an IP-Adapter"),
         (["--init-image", "missing.png"], "does not exist"),
     ],
 )

@@ -94,6 +94,11 @@ class Job(RunSpec):
                 ref["sha256"] = self.facts.get("sha256", ref["path"], partial(_file_sha256, ref["path"]))
                 ref["path"] = relative(ref["path"])
             conditions["controlnets"] = [relative(net) for net in conditions["controlnets"]]
+            for key in ("ip_adapter_scale", "ip_adapter_model", "image_encoder", "redux", "redux_scale", "redux_model"):
+                if conditions[key] is None:
+                    del conditions[key]  # only when set: jobs without an IP-Adapter or Redux keep their ids
+                elif key in ("ip_adapter_model", "image_encoder", "redux_model"):
+                    conditions[key] = relative(conditions[key])
             record["conditions"] = conditions
         return record
 
@@ -137,13 +142,14 @@ def _relative(path: str, base: Path | None) -> str:
 
 def _image_refs(conditions: dict) -> list[dict]:
     """The image entries (`{path, sha256}`) of a dumped `ConditionsSpec`."""
-    refs = [conditions.get(key) for key in ("init_image", "inpaint_mask", "ip_adapter")]
+    refs = [conditions.get(key) for key in ("init_image", "inpaint_mask", "ip_adapter", "redux")]
     refs += [control["image"] for control in conditions.get("controls", [])]
     return [ref for ref in refs if isinstance(ref, dict)]
 
 
 def _conditions(entry, base: Path, where: str) -> ConditionsSpec | None:
-    """A job's `conditions`, image paths relative to the job file, ControlNets folders or hub ids."""
+    """A job's `conditions`, image paths relative to the job file, ControlNets (and an IP-Adapter
+    with its image encoder) files, folders or hub ids."""
     if entry is None:
         return None
     conditions = ConditionsSpec.parse(entry, where)
@@ -151,6 +157,9 @@ def _conditions(entry, base: Path, where: str) -> ConditionsSpec | None:
     for ref in _image_refs(values):
         ref["path"] = _resolve(ref["path"], base)
     values["controlnets"] = [_folder_or_hub_id(net, base) for net in values["controlnets"]]
+    for key in ("ip_adapter_model", "image_encoder", "redux_model"):
+        if values[key] is not None:
+            values[key] = _folder_or_hub_id(values[key], base)
     return ConditionsSpec.parse(values, where)
 
 

@@ -470,7 +470,56 @@ RUN_OPTIONS: list[tuple[str, object, object]] = [
         "ip_adapter",
         Annotated[
             str | None,
-            typer.Option("--ip-adapter", help=r"IP-Adapter reference IMAGE\[@SCALE] (not supported yet: refused)."),
+            typer.Option(
+                "--ip-adapter",
+                help=r"Reference IMAGE\[@SCALE] for --ip-adapter-model (FLUX.1; SCALE default 1.0).",
+            ),
+        ],
+        None,
+    ),
+    (
+        "ip_adapter_model",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--ip-adapter-model",
+                help="FLUX.1 IP-Adapter for --ip-adapter: a .safetensors file, its folder, or a Hugging Face id "
+                "(e.g. XLabs-AI/flux-ip-adapter).",
+            ),
+        ],
+        None,
+    ),
+    (
+        "redux",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--redux", help=r"Reference IMAGE\[@SCALE] for --redux-model (FLUX.1; SCALE: prompt_embeds_scale, default 1.0)."
+            ),
+        ],
+        None,
+    ),
+    (
+        "redux_model",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--redux-model",
+                help="FLUX Redux model for --redux: a FluxPriorReduxPipeline folder or Hugging Face id "
+                "(e.g. black-forest-labs/FLUX.1-Redux-dev).",
+            ),
+        ],
+        None,
+    ),
+    (
+        "image_encoder",
+        Annotated[
+            str | None,
+            typer.Option(
+                "--image-encoder",
+                help="CLIP image encoder of --ip-adapter-model: a folder or Hugging Face id "
+                "(default openai/clip-vit-large-patch14).",
+            ),
         ],
         None,
     ),
@@ -564,15 +613,19 @@ def parse_control(text: str) -> dict:
     kind, sep, rest = text.partition("=")
     if not sep or not kind or not rest:
         raise SettingsError(f"--control {text!r} is not TYPE=IMAGE[@SCALE], e.g. --control depth=depth.png@0.7.")
-    image, scale = rest, 1.0
-    head, at, tail = rest.rpartition("@")
+    image, scale = split_scale(rest)
+    return {"type": kind, "image": image, "scale": scale}
+
+
+def split_scale(text: str) -> tuple[str, float]:
+    """`IMAGE[@SCALE]` → `(IMAGE, SCALE)` (1.0 when none is given; an @ in a file name stays in it)."""
+    head, at, tail = text.rpartition("@")
     if at:
         try:
-            scale = float(tail)
-            image = head
+            return head, float(tail)
         except ValueError:
             pass  # an @ in the file name
-    return {"type": kind, "image": image, "scale": scale}
+    return text, 1.0
 
 
 def conditions_from_flags(values: dict):
@@ -582,7 +635,12 @@ def conditions_from_flags(values: dict):
         if values.get(key) is not None:
             given[key] = values[key]
     if values.get("ip_adapter") is not None:
-        given["ip_adapter"] = values["ip_adapter"].rpartition("@")[0] or values["ip_adapter"]
+        given["ip_adapter"], given["ip_adapter_scale"] = split_scale(values["ip_adapter"])
+    if values.get("redux") is not None:
+        given["redux"], given["redux_scale"] = split_scale(values["redux"])
+    for key in ("ip_adapter_model", "image_encoder", "redux_model"):
+        if values.get(key) is not None:
+            given[key] = values[key]
     controls = [parse_control(text) for text in values.get("control") or []]
     nets = list(values.get("controlnet") or [])
     if controls or nets:

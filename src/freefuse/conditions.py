@@ -1,5 +1,6 @@
 """What a run is conditioned on besides its prompt: an init image and `strength` (img2img), an
-inpainting mask, ControlNet images with their scales. Images are untrusted input.
+inpainting mask, ControlNet images with their scales, an IP-Adapter or Redux reference image with
+its scale. Images are untrusted input.
 
 Two forms, as for LoRAs:
 - `ConditionsSpec`: paths and numbers, as the command line, a job-file line and a manifest give
@@ -40,8 +41,19 @@ IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
 PICTURE_MODES = ("RGB", "L")
 MASK_MODES = ("L", "1")
 #: The kinds of condition, as architectures list the ones they take (`Architecture.conditions`).
-IMG2IMG, INPAINT, CONTROLNET, IP_ADAPTER = "img2img", "inpaint", "controlnet", "ip-adapter"
+IMG2IMG, INPAINT, CONTROLNET, IP_ADAPTER, REDUX = "img2img", "inpaint", "controlnet", "ip-adapter", "redux"
+#: The folders of a `FluxPriorReduxPipeline` FreeFuse reads (its text encoders are not used: the run's own are).
+REDUX_PARTS = ("image_encoder", "feature_extractor", "image_embedder")
 MAX_CONTROLS = 8
+#: Highest ControlNet or IP-Adapter scale taken (diffusers sets no bound; real runs use 0.3-1.5).
+MAX_SCALE = 10.0
+#: What `--ip-adapter-model` names in a hub repository or a folder, as XLabs' FLUX IP-Adapters are published.
+IP_ADAPTER_WEIGHT_NAME = "ip_adapter.safetensors"
+#: The CLIP image encoder FLUX.1 IP-Adapters (XLabs) were trained with, when none is named.
+DEFAULT_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
+#: The key prefixes of a FLUX IP-Adapter file, as `FluxIPAdapterMixin.load_ip_adapter` sorts them.
+IP_ADAPTER_PROJ_PREFIXES = ("ip_adapter_proj_model.", "image_proj.")
+IP_ADAPTER_ATTN_PREFIXES = ("double_blocks.", "ip_adapter.")
 
 ImagePath = Annotated[str, StringConstraints(min_length=1, max_length=4096)]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
@@ -156,7 +168,15 @@ class Conditions:
         inpaint_mask: white (>= 0.5) where the init image is repainted; the rest is kept.
         controls: ControlNet inputs, each read by `controlnets[control.controlnet]`.
         controlnets: where the run's ControlNets came from (folders or ids), for the manifest.
-        ip_adapter: a reference image for an IP-Adapter (refused: not supported yet).
+        ip_adapter: the reference image an IP-Adapter reads (the pipeline must have one loaded:
+            `pipe.load_ip_adapter(...)`, or the command line's `--ip-adapter-model`).
+        ip_adapter_scale: how strongly it acts (`set_ip_adapter_scale`, every block), for this run only.
+        ip_adapter_model: where the IP-Adapter came from (a file or hub id), for the manifest.
+        image_encoder: where its CLIP image encoder came from, for the manifest.
+        redux: the reference image a FLUX Redux model reads (its image tokens are appended to the
+            prompt's, as `FluxPriorReduxPipeline` does; the run takes the model as `redux=`).
+        redux_scale: `prompt_embeds_scale`: the prompt's and the image's tokens are multiplied by it.
+        redux_model: where the Redux model came from (a folder or hub id), for the manifest.
     """
 
     init_image: ConditionImage | None = None
@@ -165,6 +185,12 @@ class Conditions:
     controls: tuple[Control, ...] = ()
     controlnets: tuple[str, ...] = ()
     ip_adapter: ConditionImage | None = None
+    ip_adapter_scale: float = 1.0
+    ip_adapter_model: str | None = None
+    image_encoder: str | None = None
+    redux: ConditionImage | None = None
+    redux_scale: float = 1.0
+    redux_model: str | None = None
 
     @classmethod
     def of(
@@ -175,6 +201,12 @@ class Conditions:
         controls: Sequence[Control | Mapping] = (),
         controlnets: Sequence[str] = (),
         ip_adapter=None,
+        ip_adapter_scale: float = 1.0,
+        ip_adapter_model: str | None = None,
+        image_encoder: str | None = None,
+        redux=None,
+        redux_scale: float = 1.0,
+        redux_model: str | None = None,
     ) -> Conditions:
         """From PIL images or paths (checked as files are): the library's way to build one."""
         made = []
@@ -196,6 +228,12 @@ class Conditions:
             controls=tuple(made),
             controlnets=tuple(controlnets),
             ip_adapter=None if ip_adapter is None else image_in_memory(ip_adapter, "ip_adapter"),
+            ip_adapter_scale=ip_adapter_scale,
+            ip_adapter_model=ip_adapter_model,
+            image_encoder=image_encoder,
+            redux=None if redux is None else image_in_memory(redux, "redux"),
+            redux_scale=redux_scale,
+            redux_model=redux_model,
         )
 
     @property
@@ -210,6 +248,8 @@ class Conditions:
             found.append(CONTROLNET)
         if self.ip_adapter is not None:
             found.append(IP_ADAPTER)
+        if self.redux is not None:
+            found.append(REDUX)
         return found
 
     @property
@@ -240,7 +280,21 @@ class Conditions:
                 {"type": c.type, "image": c.image.record(), "scale": c.scale, "controlnet": c.controlnet}
                 for c in self.controls
             ]
+        if self.ip_adapter is not None:
+            record["ip_adapter"] = {
+                "image": self.ip_adapter.record(),
+                "scale": self.ip_adapter_scale,
+                "model": self.ip_adapter_model,
+                "image_encoder": self.image_encoder,
+            }
+        if self.redux is not None:
+            record["redux"] = {"image": self.redux.record(), "scale": self.redux_scale, "model": self.redux_model}
         return record
+
+
+def has_reference(conditions: Conditions | None) -> bool:
+    """Whether a run reads an IP-Adapter reference image."""
+    return conditions is not None and conditions.ip_adapter is not None
 
 
 def inpaint_region(conditions: Conditions | None, size: tuple[int, int]):
@@ -288,15 +342,20 @@ class ControlSpec(BaseModel):
     @field_validator("scale")
     @classmethod
     def _scale(cls, value: float) -> float:
-        if not math.isfinite(value) or not 0 <= value <= 10:
-            raise ValueError(f"a ControlNet scale is a number from 0 to 10, got {value!r}")
-        return value
+        return check_scale(value, "a ControlNet scale")
+
+
+def check_scale(value: float, what: str) -> float:
+    """`value` if it is a finite number from 0 to `MAX_SCALE`; else a `ValueError` naming `what`."""
+    if not math.isfinite(value) or not 0 <= value <= MAX_SCALE:
+        raise ValueError(f"{what} is a number from 0 to {MAX_SCALE:g}, got {value!r}")
+    return value
 
 
 class ConditionsSpec(BaseModel):
     """A run's conditions as files: what `--init-image`, `--strength`, `--inpaint-mask`,
-    `--control`, `--controlnet` and `--ip-adapter` give, and a job file's and manifest's
-    `conditions`."""
+    `--control`, `--controlnet`, `--ip-adapter`, `--ip-adapter-model` and `--image-encoder` give,
+    and a job file's and manifest's `conditions`."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -306,11 +365,27 @@ class ConditionsSpec(BaseModel):
     controls: Annotated[list[ControlSpec], Field(max_length=MAX_CONTROLS)] = Field(default_factory=list)
     controlnets: Annotated[list[ImagePath], Field(max_length=MAX_CONTROLS)] = Field(default_factory=list)
     ip_adapter: ImageRef | None = None
+    ip_adapter_scale: Number | None = None
+    ip_adapter_model: ImagePath | None = None
+    image_encoder: ImagePath | None = None
+    redux: ImageRef | None = None
+    redux_scale: Number | None = None
+    redux_model: ImagePath | None = None
 
-    @field_validator("init_image", "inpaint_mask", "ip_adapter", mode="before")
+    @field_validator("init_image", "inpaint_mask", "ip_adapter", "redux", mode="before")
     @classmethod
     def _path(cls, value: Any) -> Any:
         return {"path": value} if isinstance(value, str) else value
+
+    @field_validator("ip_adapter_scale")
+    @classmethod
+    def _ip_scale(cls, value: float | None) -> float | None:
+        return None if value is None else check_scale(value, "an IP-Adapter scale")
+
+    @field_validator("redux_scale")
+    @classmethod
+    def _redux_scale(cls, value: float | None) -> float | None:
+        return None if value is None else check_scale(value, "a Redux scale")
 
     @classmethod
     def parse(cls, values: Any, where: str) -> ConditionsSpec:
@@ -326,7 +401,7 @@ class ConditionsSpec(BaseModel):
 
     def paths(self) -> list[str]:
         """Every image file it names."""
-        refs = [self.init_image, self.inpaint_mask, self.ip_adapter] + [control.image for control in self.controls]
+        refs = [self.init_image, self.inpaint_mask, self.ip_adapter, self.redux] + [c.image for c in self.controls]
         return [ref.path for ref in refs if ref is not None]
 
     def load(self) -> Conditions:
@@ -359,7 +434,21 @@ class ConditionsSpec(BaseModel):
             controls=controls,
             controlnets=tuple(self.controlnets),
             ip_adapter=read(self.ip_adapter, "IP-Adapter image"),
+            ip_adapter_scale=1.0 if self.ip_adapter_scale is None else self.ip_adapter_scale,
+            ip_adapter_model=self.ip_adapter_model,
+            image_encoder=self.ip_encoder,
+            redux=read(self.redux, "Redux image"),
+            redux_scale=1.0 if self.redux_scale is None else self.redux_scale,
+            redux_model=self.redux_model,
         )
+
+    @property
+    def ip_encoder(self) -> str | None:
+        """The image encoder the IP-Adapter loads with (the default one unless named), or None
+        without an IP-Adapter model."""
+        if self.ip_adapter_model is None:
+            return None
+        return self.image_encoder or DEFAULT_IMAGE_ENCODER
 
 
 # -- ControlNets, before and after loading ----------------------------------------------------------------
@@ -414,9 +503,88 @@ def loaded_controlnet_facts(model, source: str = "in memory") -> ControlNetFacts
     )
 
 
+def ip_adapter_file(source: str) -> tuple[str, str] | None:
+    """`--ip-adapter-model`'s `(folder or hub id, weight file name)` for `load_ip_adapter`: a local
+    `.safetensors` file, a folder holding `IP_ADAPTER_WEIGHT_NAME`, or a hub id (None: not found here).
+    A local file is checked from its header (no tensor is read): an IP-Adapter for FLUX has image
+    projection keys and per-block key/value projections; a file of another kind is refused, and
+    nothing but safetensors is read."""
+    from safetensors import safe_open
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / IP_ADAPTER_WEIGHT_NAME
+        if not path.is_file():
+            raise SettingsError(f"IP-Adapter folder {source} has no {IP_ADAPTER_WEIGHT_NAME}; give the file itself.")
+    elif not path.exists():
+        if path.suffix or source.startswith((".", "/", "~")) or source.count("/") != 1:
+            raise SettingsError(
+                f"IP-Adapter {source} does not exist; give a FLUX IP-Adapter .safetensors file, its folder, or a "
+                "Hugging Face id (e.g. XLabs-AI/flux-ip-adapter)."
+            )
+        return None
+    if path.suffix != ".safetensors":
+        raise SettingsError(f"IP-Adapter {path.name} is not a .safetensors file; FreeFuse reads safetensors only.")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as opened:
+            keys = list(opened.keys())
+    except Exception as error:  # safetensors raises its own error types for a damaged header
+        raise InputFileError(f"IP-Adapter {path.name} is not a readable safetensors file ({error}).") from None
+    has_projection = any(key.startswith(IP_ADAPTER_PROJ_PREFIXES) for key in keys)
+    has_attention = any(key.startswith(IP_ADAPTER_ATTN_PREFIXES) for key in keys)
+    if not (has_projection and has_attention):
+        raise SettingsError(
+            f"{path.name} is not a FLUX IP-Adapter: it needs image projection keys ({IP_ADAPTER_PROJ_PREFIXES[0]}…) and "
+            f"per-block keys ({IP_ADAPTER_ATTN_PREFIXES[0]}…), as XLabs' flux-ip-adapter files have."
+        )
+    return str(path.parent), path.name
+
+
+def redux_source(source: str) -> str:
+    """`--redux-model`: a `FluxPriorReduxPipeline` folder (its `model_index.json` and the parts
+    FreeFuse reads, each with safetensors weights where it has weights) or a hub id."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        missing = [part for part in REDUX_PARTS if not (folder / part).is_dir()]
+        if not (folder / "model_index.json").is_file() or missing:
+            raise SettingsError(
+                f"Redux model {source} is not a FluxPriorReduxPipeline folder (missing "
+                f"{', '.join(missing) or 'model_index.json'}); give its folder or a Hugging Face id (e.g. "
+                "black-forest-labs/FLUX.1-Redux-dev)."
+            )
+        for part in ("image_encoder", "image_embedder"):
+            if not any((folder / part).glob("*.safetensors")):
+                raise SettingsError(f"Redux model {source}: {part} has no .safetensors weights; FreeFuse reads safetensors only.")
+        return str(folder)
+    if folder.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise SettingsError(
+            f"Redux model {source} is neither a folder nor a Hugging Face id (e.g. black-forest-labs/FLUX.1-Redux-dev)."
+        )
+    return source
+
+
+def image_encoder_source(source: str) -> str:
+    """An IP-Adapter's image encoder: a local folder of CLIP vision weights in safetensors (refused
+    otherwise: nothing else is unpickled), or a hub id, returned as `from_pretrained` takes it."""
+    folder = Path(source).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+            raise SettingsError(
+                f"Image encoder {source} needs config.json and .safetensors weights (a CLIP vision model saved with "
+                "`save_pretrained`); FreeFuse reads safetensors only."
+            )
+        return str(folder)
+    if folder.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        raise SettingsError(f"Image encoder {source} is neither a folder nor a Hugging Face id (e.g. {DEFAULT_IMAGE_ENCODER}).")
+    return source
+
+
 @dataclass
 class ConditionFacts:
-    """What preflight checks of a run's conditions: the conditions, and its ControlNets' facts."""
+    """What preflight checks of a run's conditions: the conditions, its ControlNets' facts, and
+    whether the model has an IP-Adapter and whether the run has a Redux model (None: not known)."""
 
     conditions: Conditions
     controlnets: list[ControlNetFacts] = field(default_factory=list)
+    ip_adapter: bool | None = None
+    redux: bool | None = None

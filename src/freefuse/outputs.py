@@ -230,6 +230,12 @@ def located(record: dict, folder: Path, portable: bool = False) -> None:
     conditions = record.get("conditions") or {}
     images = [conditions.get("init_image"), conditions.get("inpaint_mask")]
     images += [control.get("image") for control in conditions.get("controls", []) if isinstance(control, dict)]
+    for kind, keys in (("ip_adapter", ("model", "image_encoder")), ("redux", ("model",))):
+        reference = conditions.get(kind)
+        if isinstance(reference, dict):
+            images.append(reference.get("image"))
+            for key in keys:  # files and folders here; hub ids stay as they are
+                _locate(reference, key, f"{key}_from_manifest", folder, portable)
     for image in images:
         if isinstance(image, dict):
             _locate(image, "path", "path_from_manifest", folder, portable)

@@ -30,7 +30,7 @@ import torch
 from .attention_bias import AttentionBiaser, PassBias, pass_bias
 from .backends import Conditioning, backend_for
 from .backends.base import CapturedAttention, PassName, flat_controlnets
-from .conditions import ConditionFacts, Conditions, inpaint_region, loaded_controlnet_facts
+from .conditions import ConditionFacts, Conditions, has_reference, inpaint_region, loaded_controlnet_facts
 from .core import BiasConfig, MaskSet
 from .embeddings import InstalledEmbeddings, check_embeddings
 from .embeddings import install as install_embeddings
@@ -47,7 +47,7 @@ from .lora import (
 from .manifest import ModelSource, build_manifest
 from .masking import AdapterMask, LoraMasker, adapters_for_run, is_compiled, pass_masks
 from .methods import MaskInput, RunContext, SubjectMasks, get_method
-from .preflight import MaskFacts, ModelFacts, SubjectFacts, preflight
+from .preflight import MaskFacts, ModelFacts, SubjectFacts, check_ip_adapter, preflight
 from .settings import GenerationSettings, check_text
 
 SCOPES = ("subject", "global")
@@ -310,6 +310,7 @@ class FreeFuse:
         output_type: str = "pil",
         conditions: Conditions | None = None,
         controlnet: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
+        redux=None,
         **settings: Any,
     ) -> FreeFuseOutput:
         """Generate. Keyword settings are `GenerationSettings` fields (seed, height, method, ...).
@@ -318,8 +319,9 @@ class FreeFuse:
         generator (or one per image) for the noise instead of `seed`, initial latents instead of
         noise, and `callback_on_step_end(freefuse, step_index, timestep, callback_kwargs)` after each
         step, whose returned dict may replace `latents`. `conditions`: an init image and
-        `strength`, an inpainting mask, control images (`freefuse.Conditions.of(...)`); `controlnet`:
-        the ControlNet model(s) the control images are for.
+        `strength`, an inpainting mask, control images, an IP-Adapter or Redux reference image
+        (`freefuse.Conditions.of(...)`); `controlnet`: the ControlNet model(s) the control images are
+        for; `redux`: the `FluxPriorReduxPipeline` (its text encoders unused) the Redux image is for.
         """
         return self.generate(
             GenerationSettings(prompt=prompt, **settings),
@@ -332,6 +334,7 @@ class FreeFuse:
             output_type=output_type,
             conditions=conditions,
             controlnet=controlnet,
+            redux=redux,
         )
 
     def masks(
@@ -340,6 +343,7 @@ class FreeFuse:
         progress: bool = True,
         conditions: Conditions | None = None,
         controlnet: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
+        redux=None,
         **settings: Any,
     ) -> FreeFuseOutput:
         """Stage 1 only: run up to `mask_step`, return the masks and the x0 images they were read from."""
@@ -350,6 +354,7 @@ class FreeFuse:
             stop_after_masks=True,
             conditions=conditions,
             controlnet=controlnet,
+            redux=redux,
         )
 
     def check_inputs(
@@ -358,6 +363,7 @@ class FreeFuse:
         masks: MaskInput = None,
         conditions: Conditions | None = None,
         controlnet: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
+        redux=None,
     ) -> tuple[GenerationSettings, RunContext, list[str]]:
         """Every check that needs the model but no denoising (`freefuse.preflight` with this model's facts).
 
@@ -382,9 +388,14 @@ class FreeFuse:
             facts = ConditionFacts(
                 conditions,
                 [loaded_controlnet_facts(net, sources[i] if i < len(sources) else f"{i + 1}") for i, net in enumerate(nets)],
+                ip_adapter=backend.has_ip_adapter,
+                redux=redux is not None,
             )
         elif nets:
             raise ValueError("`controlnet` was given without control images; pass `conditions=Conditions.of(controls=[...])`.")
+        elif backend.has_ip_adapter or redux is not None:  # a model waiting for a reference image
+            facts = ConditionFacts(Conditions(), ip_adapter=backend.has_ip_adapter, redux=redux is not None)
+            check_ip_adapter(facts)
         checked = preflight(
             model, settings, [s.facts() for s in self.subjects.values()], mask_facts(masks), facts
         )
@@ -417,6 +428,7 @@ class FreeFuse:
         stop_after_masks: bool = False,
         conditions: Conditions | None = None,
         controlnet: torch.nn.Module | Sequence[torch.nn.Module] | None = None,
+        redux=None,
     ) -> FreeFuseOutput:
         """Run one generation (a batch of images); see `__call__` for the arguments.
 
@@ -432,7 +444,7 @@ class FreeFuse:
             raise ValueError(
                 f"`callback_on_step_end_tensor_inputs` {unknown} are not available; use {list(CALLBACK_TENSOR_INPUTS)}."
             )
-        settings, context, notes = self.check_inputs(settings, masks, conditions, controlnet)
+        settings, context, notes = self.check_inputs(settings, masks, conditions, controlnet, redux)
         conditions = context.conditions
         method = get_method(settings.method)
         if stop_after_masks and not method.reads_attention:
@@ -470,7 +482,8 @@ class FreeFuse:
         # no_grad, not inference_mode: model CPU offload moves weights during the run, and weights
         # re-made under inference_mode become inference tensors that PEFT can no longer switch
         # (`requires_grad_` on them fails in `set_adapter` afterwards).
-        with run_adapters as enabled_for_run, torch.no_grad(), masker.installed(), biaser.installed():
+        ip_scale = backend.ip_adapter_scale(conditions.ip_adapter_scale) if has_reference(conditions) else contextlib.nullcontext()
+        with run_adapters as enabled_for_run, torch.no_grad(), masker.installed(), biaser.installed(), ip_scale:
             if enabled_for_run:
                 notes.append(
                     "the pipeline's LoRA layers were disabled (`disable_lora()`); this run enabled them for its own "
@@ -482,6 +495,10 @@ class FreeFuse:
             negative = None
             if context.negative_prompt is not None:
                 negative = backend.encode_negative([context.negative_prompt] * batch, settings)
+            if has_reference(conditions):
+                backend.add_reference(conditioning, negative, conditions, settings.width, settings.height)
+            if conditions is not None and conditions.redux is not None:
+                backend.add_redux(conditioning, conditions, redux)
             timings["encode_s"] = time.perf_counter() - tick
 
             # 4. Timesteps (first: some schedulers scale the initial noise by their first sigma; from

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from .conditions import CONTROLNET, IMG2IMG, INPAINT, IP_ADAPTER, ConditionFacts, Conditions
+from .conditions import CONTROLNET, IMG2IMG, INPAINT, MAX_SCALE, ConditionFacts, Conditions
 from .errors import EmbeddingError, SettingsError, WordNotFoundError
 from .methods import Method, get_method
 from .settings import GenerationSettings
@@ -126,7 +127,7 @@ def preflight(
     if not subjects:
         raise SettingsError("No LoRA given; a run needs at least one LoRA with its activation words.")
     resolved, steps = None, settings.num_inference_steps
-    if conditions is not None and not conditions.conditions.empty:
+    if conditions is not None and (not conditions.conditions.empty or conditions.ip_adapter or conditions.redux):
         resolved = check_conditions(architecture, settings, conditions)
         if resolved.strength is not None and architecture is not None:
             steps = _denoised_steps(architecture, settings, resolved.strength)
@@ -426,17 +427,12 @@ def shared_word_message(name: str, other: str, word: str, other_word: str) -> st
 
 def check_conditions(architecture, settings: GenerationSettings, facts: ConditionFacts) -> Conditions:
     """A run's conditions against its settings and architecture (None: not known yet); returns them
-    with `strength` resolved. Refused: what the architecture does not take, IP-Adapter and Redux
-    (not supported yet), `strength` without an init image or outside (0, 1], images of another
-    size than the run's, an inpainting mask that repaints nothing or everything, ControlNets for
-    another architecture or without their images."""
+    with `strength` resolved. Refused: what the architecture does not take, an IP-Adapter image for
+    a model without an IP-Adapter (or an IP-Adapter without its image), `strength` without an init
+    image or outside (0, 1], images of another size than the run's, an inpainting mask that
+    repaints nothing or everything, ControlNets for another architecture or without their images."""
     conditions = facts.conditions
     kinds = conditions.kinds
-    if IP_ADAPTER in kinds:
-        raise SettingsError(
-            "IP-Adapter and Redux reference images are not supported by FreeFuse yet; leave --ip-adapter out (a "
-            "ControlNet, an init image or an inpainting mask can be used)."
-        )
     if architecture is not None:
         refused = [kind for kind in kinds if kind not in architecture.conditions]
         if refused:
@@ -453,6 +449,7 @@ def check_conditions(architecture, settings: GenerationSettings, facts: Conditio
         raise SettingsError(
             "A ControlNet with an init image (ControlNet img2img or inpainting) is not supported yet; use one of them."
         )
+    check_ip_adapter(facts)
     for what, image in _images(conditions):
         if image.size != (settings.width, settings.height):
             width, height = image.size
@@ -474,6 +471,39 @@ def check_conditions(architecture, settings: GenerationSettings, facts: Conditio
         if not 0 < strength <= 1:
             raise SettingsError(f"`strength` must be above 0 and at most 1 (CLI: --strength), got {strength!r}.")
     return replace(conditions, strength=strength)
+
+
+def check_ip_adapter(facts: ConditionFacts) -> None:
+    """An IP-Adapter image needs a model with an IP-Adapter, and an IP-Adapter its image; the same
+    for a Redux image and its model; their scales are from 0 to `MAX_SCALE`."""
+    conditions = facts.conditions
+    if conditions.ip_adapter is not None and facts.ip_adapter is False:
+        raise SettingsError(
+            "An IP-Adapter image needs a model with an IP-Adapter: give one (CLI: --ip-adapter-model FILE_OR_ID, e.g. "
+            "XLabs-AI/flux-ip-adapter; library: `pipe.load_ip_adapter(...)` before `FreeFuse(pipe)`)."
+        )
+    if conditions.ip_adapter is None and facts.ip_adapter:
+        raise SettingsError(
+            "The model has an IP-Adapter, which needs a reference image in every run: give one (CLI: --ip-adapter "
+            "IMAGE; library: `Conditions.of(ip_adapter=image)`), or leave the IP-Adapter out (`pipe.unload_ip_adapter()`)."
+        )
+    _check_scale(conditions.ip_adapter_scale, "IP-Adapter", "--ip-adapter")
+    if conditions.redux is not None and facts.redux is False:
+        raise SettingsError(
+            "A Redux image needs a Redux model to read it: give one (CLI: --redux-model FOLDER_OR_ID, e.g. "
+            "black-forest-labs/FLUX.1-Redux-dev; library: `redux=FluxPriorReduxPipeline.from_pretrained(...)`)."
+        )
+    if conditions.redux is None and facts.redux:
+        raise SettingsError(
+            "A Redux model was given without its reference image: add it (CLI: --redux IMAGE; library: "
+            "`Conditions.of(redux=image)`), or leave the model out."
+        )
+    _check_scale(conditions.redux_scale, "Redux", "--redux")
+
+
+def _check_scale(scale: float, what: str, flag: str) -> None:
+    if not math.isfinite(scale) or not 0 <= scale <= MAX_SCALE:
+        raise SettingsError(f"The {what} scale is a number from 0 to {MAX_SCALE:g} (CLI: {flag} IMAGE@SCALE), got {scale!r}.")
 
 
 def _images(conditions: Conditions):

@@ -18,7 +18,13 @@ from pathlib import Path
 
 import torch
 
-from .conditions import controlnet_facts
+from .conditions import (
+    IP_ADAPTER_WEIGHT_NAME,
+    controlnet_facts,
+    image_encoder_source,
+    ip_adapter_file,
+    redux_source,
+)
 from .errors import LoraFitError, ModelLoadError, RunCancelled, SettingsError
 from .manifest import ModelSource, model_differences, model_record
 from .memory import MemoryOptions, offload_name
@@ -80,6 +86,8 @@ class RunService:
         self._owner: FreeFuse | None = None  # owns the kept adapters (and their bundled embeddings)
         self._loaded: OrderedDict[str, _Loaded] = OrderedDict()
         self._controlnets: dict[str, torch.nn.Module] = {}  # kept for the next run of the same model
+        self._ip_adapter: tuple[str, str] | None = None  # (IP-Adapter, image encoder) loaded into the pipeline
+        self._redux: tuple[str, object] | None = None  # (source, FluxPriorReduxPipeline) kept for the next run
 
     # -- models and LoRAs --------------------------------------------------------------------------
     def pipeline(self, model: str, base_model: str | None = None, memory: MemoryOptions | None = None):
@@ -102,6 +110,8 @@ class RunService:
             self._model, self._pipeline, self._source, self._owner = None, None, None, None
             self._loaded.clear()
             self._controlnets.clear()
+            self._ip_adapter = None
+            self._redux = None
 
     def freefuse(self, spec: RunSpec) -> FreeFuse:
         """A `FreeFuse` over `spec`'s model with exactly `spec`'s LoRAs (each loaded once, then kept)."""
@@ -158,6 +168,76 @@ class RunService:
                 if source not in self._controlnets:
                     self._controlnets[source] = self._load_controlnet(source)
             return [self._controlnets[source] for source in wanted]
+
+    def ip_adapter(self, spec: RunSpec) -> None:
+        """The loaded pipeline with `spec`'s IP-Adapter and image encoder, and no other (loaded once
+        and kept while runs use it; unloaded for a run without one, which diffusers could not run)."""
+        conditions = spec.conditions
+        wanted = None
+        if conditions is not None and conditions.ip_adapter_model is not None:
+            wanted = (conditions.ip_adapter_model, conditions.ip_encoder)
+        with self.lock:
+            if self._ip_adapter == wanted:
+                return
+            pipeline = self._pipeline
+            if self._ip_adapter is not None:
+                pipeline.unload_ip_adapter()  # also lets the image encoder go
+                self._ip_adapter = None
+            if wanted is not None:
+                self._load_ip_adapter(pipeline, *wanted)
+                self._ip_adapter = wanted
+
+    def redux(self, spec: RunSpec):
+        """`spec`'s Redux model (a `FluxPriorReduxPipeline` without text encoders, on the model's
+        device and dtype, loaded once and kept while runs use it), or None."""
+        source = spec.conditions.redux_model if spec.conditions is not None else None
+        with self.lock:
+            if source is None:
+                self._redux = None
+                return None
+            if self._redux is None or self._redux[0] != source:
+                self._redux = None
+                self._redux = (source, self._load_redux(source))
+            return self._redux[1]
+
+    def _load_redux(self, source: str):
+        """The image parts of a Redux model (folder or hub id), safetensors weights only."""
+        from diffusers import FluxPriorReduxPipeline
+
+        backend = self._owner.backend
+        try:
+            prior = FluxPriorReduxPipeline.from_pretrained(
+                redux_source(source),
+                text_encoder=None,
+                tokenizer=None,
+                text_encoder_2=None,
+                tokenizer_2=None,
+                torch_dtype=backend.denoiser.dtype,
+                use_safetensors=True,
+                local_files_only=offline(),
+            )
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(load_failure(source, error)) from None
+        return prior.to(backend.device)
+
+    def _load_ip_adapter(self, pipeline, source: str, encoder: str) -> None:
+        """`load_ip_adapter` from a safetensors file (checked by `ip_adapter_file`) or a hub id, with
+        its CLIP image encoder from a folder (safetensors weights) or a hub id."""
+        if not hasattr(pipeline, "load_ip_adapter"):
+            raise SettingsError(f"{type(pipeline).__name__} takes no IP-Adapter; FLUX.1 models do.")
+        located = ip_adapter_file(source) or (source, IP_ADAPTER_WEIGHT_NAME)
+        denoiser = self._owner.backend.denoiser
+        try:
+            pipeline.load_ip_adapter(
+                located[0],
+                weight_name=located[1],
+                image_encoder_pretrained_model_name_or_path=image_encoder_source(encoder),
+                image_encoder_dtype=denoiser.dtype,
+                local_files_only=offline(),
+            )
+        except (OSError, ValueError, KeyError) as error:
+            raise ModelLoadError(load_failure(source, error)) from None
+        pipeline.image_encoder.to(self._owner.backend.device)
 
     def _load_controlnet(self, source: str) -> torch.nn.Module:
         """A ControlNet folder or hub id, of the class its config names (the architecture's own:
@@ -229,8 +309,10 @@ class RunService:
                 self._check_recorded_model(spec, freefuse)
             conditions = spec.conditions.load() if spec.conditions is not None and not spec.conditions.empty else None
             nets = self.controlnets(spec)
+            self.ip_adapter(spec)
+            redux = self.redux(spec)
             # A word error before any progress is shown; the mask step as the model resolves it.
-            checked, context, _ = freefuse.check_inputs(settings, spec.masks, conditions, nets)
+            checked, context, _ = freefuse.check_inputs(settings, spec.masks, conditions, nets, redux)
             total = context.steps
             if stop_after_masks:
                 total = checked.resolved_mask_step
@@ -245,6 +327,7 @@ class RunService:
                     stop_after_masks=stop_after_masks,
                     conditions=conditions,
                     controlnet=nets,
+                    redux=redux,
                 )
         notes = [str(w.message) for w in caught if issubclass(w.category, FreeFuseWarning)]
         return RunResult(output=output, notes=notes)

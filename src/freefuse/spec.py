@@ -26,7 +26,14 @@ from pydantic import (
     field_validator,
 )
 
-from .conditions import ConditionFacts, ConditionsSpec, controlnet_facts
+from .conditions import (
+    ConditionFacts,
+    ConditionsSpec,
+    controlnet_facts,
+    image_encoder_source,
+    ip_adapter_file,
+    redux_source,
+)
 from .core import MaskSet
 from .embeddings import check_bundle_shape, is_bundle_key, split_bundle_key
 from .errors import EmbeddingError, LoraFileError, SettingsError
@@ -196,7 +203,18 @@ class RunSpec:
         stamps = tuple(_stamp(path) for path in conditions.paths())
         loaded = facts.get("conditions", None, conditions.load, conditions.model_dump_json(), stamps)
         nets = [facts.get("controlnet", source, partial(controlnet_facts, source)) for source in conditions.controlnets]
-        return ConditionFacts(loaded, nets)
+        if conditions.ip_adapter_model is not None:  # its file's header and its encoder's folder, no weights
+            facts.get("ip-adapter", conditions.ip_adapter_model, partial(ip_adapter_file, conditions.ip_adapter_model))
+            image_encoder_source(conditions.ip_encoder)
+        if conditions.redux_model is not None:
+            redux_source(conditions.redux_model)
+        # The model the command line loads has an IP-Adapter exactly when one is named; Redux likewise.
+        return ConditionFacts(
+            loaded,
+            nets,
+            ip_adapter=conditions.ip_adapter_model is not None,
+            redux=conditions.redux_model is not None,
+        )
 
     def _check_base_model(self) -> None:
         if self.base_model is None:
@@ -654,7 +672,39 @@ def _replay_conditions(
         values["controlnets"] = [
             _recorded_controlnet(entry, manifest_path, manifest_dir, here) for entry in record["controlnets"]
         ]
+    reference = record.get("ip_adapter")
+    if isinstance(reference, dict) and "ip_adapter" not in taken:
+        values["ip_adapter"] = image(reference.get("image"), "IP-Adapter image", "--ip-adapter")
+        values["ip_adapter_scale"] = reference.get("scale")
+    if isinstance(reference, dict) and "ip_adapter_model" not in taken:
+        values["ip_adapter_model"] = _recorded_source(
+            reference, "model", manifest_path, manifest_dir, here, "IP-Adapter", "--ip-adapter-model"
+        )
+        if "image_encoder" not in taken:
+            values["image_encoder"] = _recorded_source(
+                reference, "image_encoder", manifest_path, manifest_dir, here, "image encoder", "--image-encoder"
+            )
+    redux = record.get("redux")
+    if isinstance(redux, dict) and "redux" not in taken:
+        values["redux"] = image(redux.get("image"), "Redux image", "--redux")
+        values["redux_scale"] = redux.get("scale")
+    if isinstance(redux, dict) and "redux_model" not in taken:
+        values["redux_model"] = _recorded_source(
+            redux, "model", manifest_path, manifest_dir, here, "Redux model", "--redux-model"
+        )
     return ConditionsSpec.parse(values, f"Manifest {manifest_path}")
+
+
+def _recorded_source(entry: dict, key: str, manifest_path, manifest_dir: Path, here: Path, what: str, flag: str) -> str:
+    """A model a manifest's entry names under `key`: a hub id as it is, a file or folder found again."""
+    source = entry.get(key)
+    if not isinstance(source, str) or not source:
+        raise SettingsError(
+            f"Manifest {manifest_path} records an {what} the caller loaded (no source); pass it with {flag}."
+        )
+    if is_hub_id(source) and not Path(source).expanduser().exists():
+        return source
+    return _resolve_recorded(entry, key, manifest_dir, here, what, manifest_path, flag)
 
 
 def _recorded_controlnet(entry, manifest_path, manifest_dir: Path, here: Path) -> str:

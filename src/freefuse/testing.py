@@ -152,6 +152,102 @@ def tiny_flux_controlnet(pipeline, seed: int = 0, union: bool = False, hint: boo
     return net.eval().requires_grad_(False)
 
 
+#: The tiny CLIP image encoder's embedding width (its `projection_dim`).
+TINY_IMAGE_EMBED_DIM = 24
+
+
+def tiny_clip_image_encoder(seed: int = 0):
+    """A random `CLIPVisionModelWithProjection` reading 32-pixel images, in eval mode."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=TINY_IMAGE_EMBED_DIM,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return CLIPVisionModelWithProjection(config).eval().requires_grad_(False)
+
+
+def tiny_flux_ip_adapter_state_dict(transformer, seed: int = 0, spread: float = 0.3) -> dict:
+    """A random FLUX IP-Adapter for `transformer`, as `load_ip_adapter` takes it from a dict:
+    `{"image_proj": {proj, norm}, "ip_adapter": {"<block>.to_k_ip.weight", ...}}` (4 image tokens
+    of the text width, one key/value projection pair per double-stream block)."""
+    config = transformer.config
+    text_width = config["joint_attention_dim"]
+    inner = config["num_attention_heads"] * config["attention_head_dim"]
+    generator = torch.Generator().manual_seed(seed)
+
+    def random(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * spread
+
+    state = {
+        "image_proj": {
+            "proj.weight": random(4 * text_width, TINY_IMAGE_EMBED_DIM),
+            "proj.bias": random(4 * text_width),
+            "norm.weight": 1 + random(text_width),
+            "norm.bias": random(text_width),
+        },
+        "ip_adapter": {},
+    }
+    for block in range(config["num_layers"]):
+        for name in ("to_k_ip", "to_v_ip"):
+            state["ip_adapter"][f"{block}.{name}.weight"] = random(inner, text_width)
+            state["ip_adapter"][f"{block}.{name}.bias"] = random(inner)
+    return state
+
+
+def xlabs_ip_adapter_file(state: dict) -> dict[str, torch.Tensor]:
+    """`tiny_flux_ip_adapter_state_dict`'s weights under the key names of XLabs' ip_adapter.safetensors
+    (what `load_ip_adapter` reads from a file)."""
+    flat = {f"ip_adapter_proj_model.{key}": value for key, value in state["image_proj"].items()}
+    for key, value in state["ip_adapter"].items():
+        block, name, kind = key.split(".")
+        xlabs = {"to_k_ip": "ip_adapter_double_stream_k_proj", "to_v_ip": "ip_adapter_double_stream_v_proj"}[name]
+        flat[f"double_blocks.{block}.processor.{xlabs}.{kind}"] = value.contiguous()
+    return flat
+
+
+def tiny_flux_ip_adapter(pipeline, seed: int = 0) -> dict:
+    """A random IP-Adapter loaded into the tiny FLUX `pipeline` (`load_ip_adapter`), with a tiny CLIP
+    image encoder registered first; returns the adapter's state dict."""
+    state = tiny_flux_ip_adapter_state_dict(pipeline.transformer, seed=seed)
+    pipeline.register_modules(image_encoder=tiny_clip_image_encoder(seed))
+    pipeline.load_ip_adapter(state, weight_name="in memory", image_encoder_dtype=pipeline.transformer.dtype)
+    return state
+
+
+def tiny_flux_redux(pipeline, seed: int = 0, text_encoders: bool = False):
+    """A random `FluxPriorReduxPipeline` for the tiny FLUX `pipeline`: a tiny SigLIP vision encoder
+    (16 tokens of 32-pixel images) and a `ReduxImageEncoder` out to the transformer's text width.
+    `text_encoders`: with the pipeline's own (the prior then encodes a prompt, as diffusers' oracle)."""
+    from diffusers import FluxPriorReduxPipeline
+    from diffusers.pipelines.flux.modeling_flux import ReduxImageEncoder
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    config = SiglipVisionConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        encoder = SiglipVisionModel(config).eval().requires_grad_(False)
+        embedder = ReduxImageEncoder(redux_dim=16, txt_in_features=pipeline.transformer.config["joint_attention_dim"])
+    texts = {}
+    if text_encoders:
+        texts = {name: getattr(pipeline, name) for name in ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")}
+    return FluxPriorReduxPipeline(
+        image_encoder=encoder,
+        feature_extractor=SiglipImageProcessor(size={"height": 32, "width": 32}),
+        image_embedder=embedder.eval().requires_grad_(False),
+        **texts,
+    )
+
+
 def tiny_sdxl_controlnet(pipeline, seed: int = 0):
     """A random `ControlNetModel` for the tiny SDXL pipeline's UNet (`ControlNetModel.from_unet`,
     its own conditioning embedding), in eval mode, its zero convolutions made random."""

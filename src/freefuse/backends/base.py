@@ -60,6 +60,8 @@ class Conditioning:
             layers see them (its tokens, and the padding the denoiser adds to them); the rest is
             padding up to the longest prompt of the batch, which no token attends to. None: all T
             (every prompt padded to one length by the text encoder, as FLUX.1 and SDXL do).
+        image_embeds: the IP-Adapter's reference image embeddings this pass reads (one `[B, E]`
+            tensor per IP-Adapter, as `prepare_ip_adapter_image_embeds` makes them), or None.
     """
 
     prompts: list[str]
@@ -67,6 +69,7 @@ class Conditioning:
     pooled: torch.Tensor | None
     text_ids: torch.Tensor | None
     text_lengths: list[int] | None = None
+    image_embeds: list[torch.Tensor] | None = None
 
     @property
     def num_text_tokens(self) -> int:
@@ -575,6 +578,28 @@ class Backend(abc.ABC):
         if next_timestep is not None:
             kept = self.renoise(kept, keep.noise, torch.tensor([next_timestep]))
         return (1 - keep.mask) * kept + keep.mask * state.latents
+
+    @property
+    def has_ip_adapter(self) -> bool:
+        """Whether the pipeline has an IP-Adapter loaded (`load_ip_adapter`)."""
+        return False
+
+    def add_reference(
+        self, conditioning: Conditioning, negative: Conditioning | None, conditions: Conditions, width: int, height: int
+    ) -> None:
+        """Put the IP-Adapter's reference image embeddings on the passes' conditionings (the
+        negative pass reads a black image's, as diffusers' pipelines do). Backends without
+        IP-Adapters take none (preflight refuses them first)."""
+        raise NotImplementedError(f"{self.name} runs take no IP-Adapter.")
+
+    def add_redux(self, conditioning: Conditioning, conditions: Conditions, redux) -> None:
+        """Append a Redux model's reference image tokens to the prompt's pass (the negative prompt's
+        pass reads none, as in diffusers). Backends without Redux take none (preflight refuses it first)."""
+        raise NotImplementedError(f"{self.name} runs take no Redux image.")
+
+    def ip_adapter_scale(self, scale: float) -> contextlib.AbstractContextManager[None]:
+        """The IP-Adapter's scale set for the run inside, and the caller's put back after."""
+        return contextlib.nullcontext()
 
     def check_controlnets(self, controlnets: Sequence[torch.nn.Module]) -> None:
         """Raise ValueError when a loaded ControlNet is not one this backend runs."""

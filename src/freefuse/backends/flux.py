@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..conditions import CONTROLNET, IMG2IMG, INPAINT
+from ..conditions import CONTROLNET, IMG2IMG, INPAINT, IP_ADAPTER, REDUX
 from ..core import BiasConfig, jsontext
 from ..core.config import BIAS_BLOCKS
 from ..lora import FLUX1_FAMILY, FLUX_FAMILY, check_lora_family
@@ -123,7 +123,7 @@ class FluxArchitecture(Architecture):
     default_guidance = 3.5  # FLUX.1-dev's distilled guidance
     typical_lora_targets = (FLUX_LORA_TARGETS, "transformer_blocks")
     tokenizer_folder = "tokenizer_2"
-    conditions = (IMG2IMG, INPAINT, CONTROLNET)
+    conditions = (IMG2IMG, INPAINT, CONTROLNET, IP_ADAPTER, REDUX)
     default_strength = {IMG2IMG: 0.6, INPAINT: 0.6}  # FluxImg2ImgPipeline's and FluxInpaintPipeline's
     controlnet_classes = ("FluxControlNetModel",)
     # The FLUX.1 union ControlNets' modes (InstantX, Shakker-Labs "Union-Pro"), in embedding order.
@@ -482,6 +482,66 @@ class FluxBackend(Backend):
             return None
         return self.architecture.union_modes.index(control.type)
 
+    # -- IP-Adapter --------------------------------------------------------------------------------
+
+    @property
+    def has_ip_adapter(self) -> bool:
+        return getattr(self.denoiser, "encoder_hid_proj", None) is not None
+
+    def add_reference(
+        self, conditioning: Conditioning, negative: Conditioning | None, conditions: Conditions, width: int, height: int
+    ) -> None:
+        """`FluxPipeline`'s IP-Adapter inputs: the reference image's CLIP embeddings (its
+        `prepare_ip_adapter_image_embeds`, one image per IP-Adapter) for the prompt's pass, and a
+        black image's for the negative prompt's."""
+        count = self.denoiser.encoder_hid_proj.num_ip_adapters
+        batch = conditioning.prompt_embeds.shape[0]
+        reference = conditions.ip_adapter.image.convert("RGB")
+        conditioning.image_embeds = self.pipeline.prepare_ip_adapter_image_embeds(
+            [reference] * count, None, self.device, batch
+        )
+        if negative is not None:
+            black = np.zeros((width, height, 3), dtype=np.uint8)  # diffusers' shape, (width, height)
+            negative.image_embeds = self.pipeline.prepare_ip_adapter_image_embeds(
+                [black] * count, None, self.device, negative.prompt_embeds.shape[0]
+            )
+
+    def add_redux(self, conditioning: Conditioning, conditions: Conditions, redux) -> None:
+        """What `FluxPriorReduxPipeline` hands `FluxPipeline`, for each prompt of the batch: the
+        prompt's T5 tokens with the reference image's tokens (its `encode_image`, then its
+        `image_embedder`) appended, both multiplied by `prompt_embeds_scale`; text position ids for
+        all of them (zeros, as `FluxPipeline.encode_prompt` makes them for given embeddings). The
+        subjects' words keep their positions: the image tokens come after every prompt token."""
+        embeds = conditioning.prompt_embeds
+        batch = embeds.shape[0]
+        features = redux.encode_image(conditions.redux.image.convert("RGB"), self.device, 1)
+        image_tokens = redux.image_embedder(features).image_embeds.to(device=embeds.device)
+        joined = torch.cat([embeds, image_tokens.expand(batch, -1, -1).to(embeds.dtype)], dim=1)
+        scale = torch.tensor([conditions.redux_scale] * batch, device=embeds.device, dtype=image_tokens.dtype)
+        conditioning.prompt_embeds = joined * scale[:, None, None]  # the pooled text stays (its scale: 1)
+        text_ids = conditioning.text_ids
+        conditioning.text_ids = torch.zeros(joined.shape[1], 3, device=text_ids.device, dtype=text_ids.dtype)
+
+    @contextlib.contextmanager
+    def ip_adapter_scale(self, scale: float) -> Iterator[None]:
+        """`set_ip_adapter_scale(scale)` for the run; each processor's own scales put back after."""
+        processors = [p for p in self.denoiser.attn_processors.values() if hasattr(p, "to_k_ip")]
+        kept = [list(processor.scale) for processor in processors]
+        try:
+            self.pipeline.set_ip_adapter_scale(scale)
+            yield
+        finally:
+            for processor, scales in zip(processors, kept, strict=True):
+                processor.scale = scales
+
+    @staticmethod
+    def _ip_inputs(conditioning: Conditioning) -> dict:
+        """The transformer's (and a ControlNet's) `joint_attention_kwargs` for this pass: a new dict
+        each call, since the transformer pops the embeddings out of it."""
+        if conditioning.image_embeds is None:
+            return {}
+        return {"joint_attention_kwargs": {"ip_adapter_image_embeds": conditioning.image_embeds}}
+
     def renoise(self, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
         """`FluxInpaintPipeline`'s re-noising of the kept image: the scheduler's `scale_noise`."""
         return self.pipeline.scheduler.scale_noise(clean, timestep, noise)
@@ -523,7 +583,7 @@ class FluxBackend(Backend):
             txt_ids=conditioning.text_ids,
             img_ids=latents.positions,
             return_dict=False,
-        )
+        )  # no IP-Adapter inputs: `FluxControlNetPipeline` hands them over, but a ControlNet ignores them
 
     def _guidance_scale(self, settings: GenerationSettings) -> float:
         return self.architecture.default_guidance if settings.guidance_scale is None else settings.guidance_scale
@@ -536,7 +596,8 @@ class FluxBackend(Backend):
         settings: GenerationSettings,
     ) -> torch.Tensor:
         """The velocity; FLUX.1-dev's distilled guidance goes in as an embedding, a ControlNet's
-        residuals (`FluxControl.residuals`) as the transformer's block samples."""
+        residuals (`FluxControl.residuals`) as the transformer's block samples, an IP-Adapter's
+        reference embeddings (`Conditioning.image_embeds`) as its `joint_attention_kwargs`."""
         hidden = latents.latents
         batch = hidden.shape[0]
         guidance = None
@@ -560,6 +621,7 @@ class FluxBackend(Backend):
             img_ids=latents.positions,
             return_dict=False,
             **control,
+            **self._ip_inputs(conditioning),
         )[0]
 
     def step(self, prediction: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
