@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -249,6 +250,7 @@ def files(assets):
         str(assets / "ip" / "ip_adapter.safetensors"),
     )
     tiny_clip_image_encoder(seed=4).save_pretrained(assets / "image_encoder")
+    tiny_clip_image_encoder(seed=4).save_pretrained(assets / "ip" / "image_encoder")  # found beside the adapter
     picture(9).save(assets / "ref.png")
     return assets
 
@@ -366,3 +368,44 @@ def test_a_job_file_names_its_ip_adapter_relative_to_itself(files) -> None:
         JobFileError, match="ip-bad.jsonl line 1: conditions: .*IP-Adapter scale is a number from 0 to 10"
     ):
         load_jobs(files / "ip-bad.jsonl")
+
+
+def test_a_public_page_reads_a_reference_picture_with_an_offered_model_by_name(files, tmp_path) -> None:
+    import shutil
+
+    from freefuse.runner import RunService
+    from freefuse.workspace import Form, LoraSlot, Workspace
+
+    uploads = tmp_path / "uploads"
+    slots = []
+    for name, word in (("alice", "Alice"), ("bob", "Bob")):
+        target = uploads / name / f"{name}.safetensors"
+        target.parent.mkdir(parents=True)
+        shutil.copyfile(files / f"{name}.safetensors", target)
+        slots.append(LoraSlot(path=str(target), words=word))
+    workspace = Workspace(
+        tmp_path / "sessions",
+        RunService(),
+        received=lambda path: path.is_relative_to(uploads.resolve()),
+        local_paths=False,
+        models=["tiny"],
+        ip_adapters=[str(files / "ip")],
+    )
+    assert list(workspace.ip_adapters) == ["ip"]  # shown by name: no server path on the page
+    session = workspace.new_session()
+    reference = uploads / "picture" / "reference.png"
+    reference.parent.mkdir()
+    picture(3).convert("RGBA").save(reference)
+    form = Form(prompt="Alice hugging Bob", seed=1, steps=3, width=64, height=64, reference_image=str(reference))
+    with pytest.raises(SettingsError, match="IP-Adapter or by a Redux model: pick one of them"):
+        workspace.check(session, "tiny", slots, form)
+    with pytest.raises(SettingsError, match="This page's IP-Adapters are: ip;"):
+        workspace.check(session, "tiny", slots, Form(**{**form.__dict__, "ip_adapter_model": str(files / "ip")}))
+    with pytest.raises(SettingsError, match="This page's Redux models are: none;"):
+        workspace.check(session, "tiny", slots, Form(**{**form.__dict__, "redux_model": "black-forest-labs/x"}))
+    offered = Form(**{**form.__dict__, "ip_adapter_model": "ip", "reference_scale": 0.6})
+    run = workspace.generate(session, "tiny", slots, offered)
+    manifest_path = next(Path(path) for path in run.downloads if str(path).endswith(".json"))
+    recorded = json.loads(manifest_path.read_text())["conditions"]["ip_adapter"]
+    assert recorded["image"]["path"] == "conditions/reference.png" and recorded["scale"] == 0.6
+    assert recorded["model"] == "ip" and str(files) not in manifest_path.read_text()

@@ -46,6 +46,18 @@ def server(tmp_path_factory):
             path=folder / f"{name}.safetensors",
             metadata={"modelspec.trigger_phrase": word},
         )
+    # A FLUX IP-Adapter for the tiny model, with its image encoder in its folder (found there).
+    from safetensors.torch import save_file
+
+    from freefuse.testing import (
+        tiny_clip_image_encoder,
+        tiny_flux_ip_adapter_state_dict,
+        xlabs_ip_adapter_file,
+    )
+
+    (folder / "ip").mkdir()
+    save_file(xlabs_ip_adapter_file(tiny_flux_ip_adapter_state_dict(pipe.transformer)), str(folder / "ip" / "ip_adapter.safetensors"))
+    tiny_clip_image_encoder().save_pretrained(folder / "ip" / "image_encoder")
     app = build_app(model="tiny", root=folder / "sessions")
     port = free_port()
     with warnings.catch_warnings():
@@ -259,3 +271,37 @@ def test_an_init_picture_uploaded_in_the_page_conditions_the_run(server, page, t
     assert manifest["conditions"]["init_image"]["path"] == "conditions/init.png"
     assert manifest["conditions"]["strength"] == 0.7
     assert Image.open(run / "conditions" / "init.png").mode == "RGB"
+
+
+def test_a_reference_picture_read_by_a_typed_ip_adapter_conditions_the_run(server, page, tmp_path) -> None:
+    from PIL import Image
+
+    reference = tmp_path / "reference.png"
+    Image.new("RGB", (40, 30), (200, 40, 90)).save(reference)  # any size: the image encoder resizes it
+    page.locator("#lora-file-0 input[type=file]").set_input_files(str(server["folder"] / "alice.safetensors"))
+    page.wait_for_function(
+        "document.querySelector('#lora-words-0 textarea, #lora-words-0 input').value === 'Alice'"
+    )
+    page.locator("#prompt textarea").fill("Alice in the snow")
+    page.locator("#steps input").fill("3")
+    page.locator("#width input").fill("64")
+    page.locator("#height input").fill("64")
+    page.get_by_text("reference picture").first.click()
+    page.locator("#reference-image input[type=file]").set_input_files(str(reference))
+    # Without a model to read it, the picture is refused before anything runs.
+    page.wait_for_function("document.querySelector('#warnings').innerText.includes('IP-Adapter or by a Redux model')")
+    page.locator("#ip-adapter-model textarea, #ip-adapter-model input").first.fill(str(server["folder"] / "ip"))
+    page.locator("#reference-scale input").fill("0.5")
+    page.wait_for_function("document.querySelector('#warnings').innerText.includes('Ready')")
+    earlier = set((server["folder"] / "sessions").glob("*/run-*"))
+    page.click("#generate")
+    page.wait_for_function(
+        "document.querySelector('#run-choice input') && document.querySelector('#run-choice input').value === 'run 1'",
+    )
+    assert not toasts(page) and not message(page).strip()
+    [run] = set((server["folder"] / "sessions").glob("*/run-*")) - earlier
+    recorded = json.loads((run / "freefuse.json").read_text())["conditions"]["ip_adapter"]
+    assert recorded["image"]["path"] == "conditions/reference.png" and recorded["scale"] == 0.5
+    # Found beside the adapter, and named in the downloadable manifest without the server's paths.
+    assert recorded["model"] == "ip" and recorded["image_encoder"] == "image_encoder"
+    assert Image.open(run / "conditions" / "reference.png").size == (40, 30)

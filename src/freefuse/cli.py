@@ -1100,6 +1100,19 @@ def ui(
             "to this machine alone also takes any typed one.",
         ),
     ] = None,
+    ip_adapter_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--ip-adapter-model",
+            help="FLUX.1 IP-Adapter the page offers for reference pictures (file, folder or id); repeatable.",
+        ),
+    ] = None,
+    redux_model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--redux-model", help="FLUX Redux model the page offers for reference pictures (folder or id); repeatable."
+        ),
+    ] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
@@ -1136,6 +1149,8 @@ def ui(
         public_without_login=not local and credentials is None,
         limits=limits,
         controlnets=list(controlnet or []),
+        ip_adapters=list(ip_adapter_model or []),
+        reduxes=list(redux_model or []),
     )
     shown_host = "localhost" if local else host
     console.print(

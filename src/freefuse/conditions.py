@@ -444,11 +444,18 @@ class ConditionsSpec(BaseModel):
 
     @property
     def ip_encoder(self) -> str | None:
-        """The image encoder the IP-Adapter loads with (the default one unless named), or None
-        without an IP-Adapter model."""
+        """The image encoder the IP-Adapter loads with, or None without an IP-Adapter model: the one
+        named; else an `image_encoder` folder beside a local IP-Adapter file (or inside its folder);
+        else `DEFAULT_IMAGE_ENCODER`."""
         if self.ip_adapter_model is None:
             return None
-        return self.image_encoder or DEFAULT_IMAGE_ENCODER
+        if self.image_encoder is not None:
+            return self.image_encoder
+        local = Path(self.ip_adapter_model).expanduser()
+        beside = (local if local.is_dir() else local.parent) / "image_encoder"
+        if local.exists() and beside.is_dir():
+            return str(beside)
+        return DEFAULT_IMAGE_ENCODER
 
 
 # -- ControlNets, before and after loading ----------------------------------------------------------------

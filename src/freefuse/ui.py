@@ -45,6 +45,10 @@ FORM_FIELDS = (
     "control_type",
     "control_scale",
     "controlnet",
+    "reference_image",
+    "reference_scale",
+    "ip_adapter_model",
+    "redux_model",
 )
 #: Pictures smaller than this (a side, pixels) are shown enlarged, pixels kept sharp; downloads keep their size.
 SHOWN_SIDE = 320
@@ -103,6 +107,14 @@ def action(workspace: Workspace, rest: int):
     return decorate
 
 
+def _model_choice(workspace: Workspace, offered: dict[str, str], label: str, elem_id: str):
+    """A box for a model the page runs beside the base one: typed (a local page), or picked among the
+    ones it offers by their shown names ("none": no such model)."""
+    if workspace.local_paths:
+        return gr.Textbox("", label=f"{label} (file, folder or id)", elem_id=elem_id)
+    return gr.Dropdown([("none", ""), *offered], value="", label=label, elem_id=elem_id)
+
+
 def _lora_rows(workspace: Workspace) -> list[tuple]:
     rows = []
     with gr.Accordion("LoRAs", open=True):
@@ -148,7 +160,7 @@ def _layout(workspace: Workspace, public_without_login: bool) -> SimpleNamespace
             mask_method = gr.Dropdown(list(MAP_METHOD_NAMES), value="text-to-image", label="Mask method", elem_id="mask-method")
             mask_step = gr.Number(0, label="Mask step (0: default)", precision=0, elem_id="mask-step")
             attn_bias = gr.Textbox("", label="Attention bias (empty: the model's; 0: off)", elem_id="attn-bias")
-        with gr.Accordion("Start from a picture, repaint a region, ControlNet", open=False):
+        with gr.Accordion("Start from a picture, repaint a region, ControlNet, reference picture", open=False):
             with gr.Row():
                 # type="filepath" with no image_mode: the upload's own path reaches the workspace,
                 # which takes only files Gradio received (as for LoRA files) and reads them bounded.
@@ -166,6 +178,11 @@ def _layout(workspace: Workspace, public_without_login: bool) -> SimpleNamespace
                     offered = [("none", ""), *workspace.controlnets]  # shown names; "" (none) also when none is offered
                     value = next(iter(workspace.controlnets), "")
                     controlnet = gr.Dropdown(offered, value=value, label="ControlNet", elem_id="controlnet")
+            with gr.Row():
+                reference_image = gr.Image(label="Reference picture (FLUX.1)", elem_id="reference-image", **picture)
+                reference_scale = gr.Number(1.0, label="Reference scale", elem_id="reference-scale")
+                ip_adapter_model = _model_choice(workspace, workspace.ip_adapters, "IP-Adapter", "ip-adapter-model")
+                redux_model = _model_choice(workspace, workspace.reduxes, "Redux model", "redux-model")
         warnings_box = gr.Markdown("", elem_id="warnings")
         with gr.Row():
             find = gr.Button("Find masks", elem_id="find-masks")
@@ -295,6 +312,7 @@ def _wire(page: SimpleNamespace, workspace: Workspace) -> None:
     form_inputs = [page.prompt, page.seed, page.steps, page.width, page.height, page.guidance]
     form_inputs += [page.mask_method, page.mask_step, page.attn_bias, page.init_image, page.strength, page.inpaint_mask]
     form_inputs += [page.control_image, page.control_type, page.control_scale, page.controlnet]
+    form_inputs += [page.reference_image, page.reference_scale, page.ip_adapter_model, page.redux_model]
     everything = [page.session, page.model_box, *lora_inputs, *form_inputs]
     for index, (file, path, words, _, _) in enumerate(page.lora_rows):
         file.change(
@@ -361,14 +379,17 @@ def build_app(
     public_without_login: bool = False,
     limits: PageLimits | None = None,
     controlnets: list[str] | None = None,
+    ip_adapters: list[str] | None = None,
+    reduxes: list[str] | None = None,
 ):
     """The Gradio app; `root` holds one folder per browser session (default: a temporary folder).
 
     `local_paths`: offer boxes for paths on the server's machine (LoRAs, any model); the CLI turns
     it off when the page is served beyond this machine. Then visitors pick among `models` (default:
     `model` and ShapesWorld) and upload their LoRA files. `public_without_login`: say on the page
-    that it has no login. `limits`: storage bounds (`PageLimits`). `controlnets`: the ControlNets the
-    page offers (a local page also takes typed ones).
+    that it has no login. `limits`: storage bounds (`PageLimits`). `controlnets`, `ip_adapters`,
+    `reduxes`: the models the page offers for control and reference pictures (a local page also
+    takes typed ones).
     """
     root = Path(root or tempfile.mkdtemp(prefix="freefuse-ui-"))
     offered = list(dict.fromkeys([*(models or [model]), EXAMPLE["model"]]))
@@ -380,6 +401,8 @@ def build_app(
         examples=[lora_path(name) for name, _ in EXAMPLE["loras"]],
         limits=limits,
         controlnets=controlnets,
+        ip_adapters=ip_adapters,
+        reduxes=reduxes,
     )
     page = _layout(workspace, public_without_login)
     # An upload is a file Gradio's upload route took (its own record), not any path a value names.

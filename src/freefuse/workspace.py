@@ -89,6 +89,10 @@ class Form:
     control_type: str = ""
     control_scale: float | None = 1.0
     controlnet: str = ""
+    reference_image: str | None = None  # read by the IP-Adapter or the Redux model picked
+    reference_scale: float | None = 1.0
+    ip_adapter_model: str = ""
+    redux_model: str = ""
 
 
 @dataclass
@@ -177,6 +181,8 @@ class Workspace:
         limits: storage bounds.
         controlnets: the ControlNets a visitor may pick (folders or hub ids, shown by name); any with
             `local_paths`.
+        ip_adapters, reduxes: the IP-Adapters and Redux models a reference picture may be read by
+            (files, folders or hub ids, shown by name); any with `local_paths`.
     """
 
     def __init__(
@@ -189,14 +195,12 @@ class Workspace:
         examples: list[Path] | None = None,
         limits: PageLimits | None = None,
         controlnets: list[str] | None = None,
+        ip_adapters: list[str] | None = None,
+        reduxes: list[str] | None = None,
     ) -> None:
-        # Shown by name (a folder's last part, or the hub id), so that no server path reaches the page.
-        self.controlnets: dict[str, str] = {}
-        for source in controlnets or []:
-            shown = (Path(source).name or source) if Path(source).expanduser().is_dir() else source
-            while shown in self.controlnets:
-                shown += "'"
-            self.controlnets[shown] = source
+        self.controlnets = _by_shown_name(controlnets)
+        self.ip_adapters = _by_shown_name(ip_adapters)
+        self.reduxes = _by_shown_name(reduxes)
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.service = service
@@ -249,13 +253,15 @@ class Workspace:
     def controlnet(self, name: str) -> str:
         """The ControlNet a visitor names: one the page offers (by its shown name), or on a local
         page any typed folder or id."""
+        return self._offered(name, self.controlnets, "ControlNets", "the control picture")
+
+    def _offered(self, name: str, offered: dict[str, str], what: str, without: str) -> str:
         name = (name or "").strip()
-        if name in self.controlnets:
-            return self.controlnets[name]
+        if name in offered:
+            return offered[name]
         if self.local_paths and name:
             return name
-        offered = ", ".join(self.controlnets) or "none"
-        raise SettingsError(f"This page's ControlNets are: {offered}; pick one of them (or leave the control picture out).")
+        raise SettingsError(f"This page's {what} are: {', '.join(offered) or 'none'}; pick one of them (or leave {without} out).")
 
     def condition_image(self, value, what: str) -> Path:
         """The file a picture widget names, if the visitor may use it: an upload Gradio received
@@ -275,10 +281,15 @@ class Workspace:
         condition image is) written as PNG into `folder/conditions`, so that the run's folder holds
         every file its manifest names, as the conditions of a run; None without any. The init and
         control pictures are kept as RGB, the mask as grey (white: repainted)."""
-        pictures = {"init": form.init_image, "mask": form.inpaint_mask, "control": form.control_image}
+        pictures = {
+            "init": form.init_image,
+            "mask": form.inpaint_mask,
+            "control": form.control_image,
+            "reference": form.reference_image,
+        }
         if all(picture in (None, "") for picture in pictures.values()):
             return None
-        labels = {"init": "init picture", "mask": "inpainting mask", "control": "control picture"}
+        labels = {"init": "init picture", "mask": "inpainting mask", "control": "control picture", "reference": "reference picture"}
         saved = {}
         for name, picture in pictures.items():
             if picture in (None, ""):
@@ -300,7 +311,24 @@ class Workspace:
             scale = 1.0 if form.control_scale in (None, "") else float(form.control_scale)
             values["controls"] = [{"type": (form.control_type or "").strip() or None, "image": saved["control"], "scale": scale}]
             values["controlnets"] = [self.controlnet(form.controlnet)]
+        if "reference" in saved:
+            values.update(self._reference(form, saved["reference"]))
         return ConditionsSpec.parse(values, "the page's pictures")
+
+    def _reference(self, form: Form, picture: str) -> dict:
+        """The reference picture's condition: read by the IP-Adapter or the Redux model picked (one)."""
+        scale = 1.0 if form.reference_scale in (None, "") else float(form.reference_scale)
+        adapter, redux = (form.ip_adapter_model or "").strip(), (form.redux_model or "").strip()
+        if bool(adapter) == bool(redux):
+            raise SettingsError(
+                "A reference picture is read by an IP-Adapter or by a Redux model: pick one of them (not both), or "
+                "leave the reference picture out."
+            )
+        if adapter:
+            source = self._offered(adapter, self.ip_adapters, "IP-Adapters", "the reference picture")
+            return {"ip_adapter": picture, "ip_adapter_scale": scale, "ip_adapter_model": source}
+        source = self._offered(redux, self.reduxes, "Redux models", "the reference picture")
+        return {"redux": picture, "redux_scale": scale, "redux_model": source}
 
     # -- storage -------------------------------------------------------------------------------------
     def _open(self, session: Session) -> None:
@@ -487,3 +515,15 @@ def _size(folder: Path) -> int:
 
 def _mib(size: int) -> str:
     return f"{size / (1 << 20):.1f} MiB"
+
+
+def _by_shown_name(sources: list[str] | None) -> dict[str, str]:
+    """Models a page offers, by the name it shows (a file's or folder's last part, or the hub id),
+    so that no server path reaches the page."""
+    shown_names: dict[str, str] = {}
+    for source in sources or []:
+        shown = (Path(source).name or source) if Path(source).expanduser().exists() else source
+        while shown in shown_names:
+            shown += "'"
+        shown_names[shown] = source
+    return shown_names
