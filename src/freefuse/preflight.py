@@ -473,32 +473,39 @@ def check_conditions(architecture, settings: GenerationSettings, facts: Conditio
     return replace(conditions, strength=strength)
 
 
+#: Per reference-image condition (a `Conditions` and `ConditionFacts` field): what it is, its flag,
+#: and what to say of an image without its model and of a model without its image.
+_REFERENCES = {
+    "ip_adapter": (
+        "IP-Adapter",
+        "--ip-adapter",
+        "An IP-Adapter image needs a model with an IP-Adapter: give one (CLI: --ip-adapter-model FILE_OR_ID, e.g. "
+        "XLabs-AI/flux-ip-adapter; library: `pipe.load_ip_adapter(...)` before `FreeFuse(pipe)`).",
+        "The model has an IP-Adapter, which needs a reference image in every run: give one (CLI: --ip-adapter "
+        "IMAGE; library: `Conditions.of(ip_adapter=image)`), or leave the IP-Adapter out (`pipe.unload_ip_adapter()`).",
+    ),
+    "redux": (
+        "Redux",
+        "--redux",
+        "A Redux image needs a Redux model to read it: give one (CLI: --redux-model FOLDER_OR_ID, e.g. "
+        "black-forest-labs/FLUX.1-Redux-dev; library: `redux=FluxPriorReduxPipeline.from_pretrained(...)`).",
+        "A Redux model was given without its reference image: add it (CLI: --redux IMAGE; library: "
+        "`Conditions.of(redux=image)`), or leave the model out.",
+    ),
+}
+
+
 def check_ip_adapter(facts: ConditionFacts) -> None:
     """An IP-Adapter image needs a model with an IP-Adapter, and an IP-Adapter its image; the same
     for a Redux image and its model; their scales are from 0 to `MAX_SCALE`."""
     conditions = facts.conditions
-    if conditions.ip_adapter is not None and facts.ip_adapter is False:
-        raise SettingsError(
-            "An IP-Adapter image needs a model with an IP-Adapter: give one (CLI: --ip-adapter-model FILE_OR_ID, e.g. "
-            "XLabs-AI/flux-ip-adapter; library: `pipe.load_ip_adapter(...)` before `FreeFuse(pipe)`)."
-        )
-    if conditions.ip_adapter is None and facts.ip_adapter:
-        raise SettingsError(
-            "The model has an IP-Adapter, which needs a reference image in every run: give one (CLI: --ip-adapter "
-            "IMAGE; library: `Conditions.of(ip_adapter=image)`), or leave the IP-Adapter out (`pipe.unload_ip_adapter()`)."
-        )
-    _check_scale(conditions.ip_adapter_scale, "IP-Adapter", "--ip-adapter")
-    if conditions.redux is not None and facts.redux is False:
-        raise SettingsError(
-            "A Redux image needs a Redux model to read it: give one (CLI: --redux-model FOLDER_OR_ID, e.g. "
-            "black-forest-labs/FLUX.1-Redux-dev; library: `redux=FluxPriorReduxPipeline.from_pretrained(...)`)."
-        )
-    if conditions.redux is None and facts.redux:
-        raise SettingsError(
-            "A Redux model was given without its reference image: add it (CLI: --redux IMAGE; library: "
-            "`Conditions.of(redux=image)`), or leave the model out."
-        )
-    _check_scale(conditions.redux_scale, "Redux", "--redux")
+    for kind, (what, flag, without_model, without_image) in _REFERENCES.items():
+        image, has_model = getattr(conditions, kind), getattr(facts, kind)
+        if image is not None and has_model is False:
+            raise SettingsError(without_model)
+        if image is None and has_model:
+            raise SettingsError(without_image)
+        _check_scale(getattr(conditions, f"{kind}_scale"), what, flag)
 
 
 def _check_scale(scale: float, what: str, flag: str) -> None:

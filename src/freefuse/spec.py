@@ -672,27 +672,27 @@ def _replay_conditions(
         values["controlnets"] = [
             _recorded_controlnet(entry, manifest_path, manifest_dir, here) for entry in record["controlnets"]
         ]
-    reference = record.get("ip_adapter")
-    if isinstance(reference, dict) and "ip_adapter" not in taken:
-        values["ip_adapter"] = image(reference.get("image"), "IP-Adapter image", "--ip-adapter")
-        values["ip_adapter_scale"] = reference.get("scale")
-    if isinstance(reference, dict) and "ip_adapter_model" not in taken:
-        values["ip_adapter_model"] = _recorded_source(
-            reference, "model", manifest_path, manifest_dir, here, "IP-Adapter", "--ip-adapter-model"
-        )
-        if "image_encoder" not in taken:
-            values["image_encoder"] = _recorded_source(
-                reference, "image_encoder", manifest_path, manifest_dir, here, "image encoder", "--image-encoder"
-            )
-    redux = record.get("redux")
-    if isinstance(redux, dict) and "redux" not in taken:
-        values["redux"] = image(redux.get("image"), "Redux image", "--redux")
-        values["redux_scale"] = redux.get("scale")
-    if isinstance(redux, dict) and "redux_model" not in taken:
-        values["redux_model"] = _recorded_source(
-            redux, "model", manifest_path, manifest_dir, here, "Redux model", "--redux-model"
-        )
+    # Reference images, each with the models that read it (the second, the IP-Adapter's image
+    # encoder, is looked for only when the first is: another adapter given comes with its own).
+    for kind, what, models in (
+        ("ip_adapter", "IP-Adapter", (("ip_adapter_model", "model", "IP-Adapter"), ("image_encoder", "image_encoder", "image encoder"))),
+        ("redux", "Redux", (("redux_model", "model", "Redux model"),)),
+    ):
+        entry = record.get(kind)
+        if not isinstance(entry, dict):
+            continue
+        if kind not in taken:
+            values[kind] = image(entry.get("image"), f"{what} image", _flag(kind))
+            values[f"{kind}_scale"] = entry.get("scale")
+        for field_name, key, label in models:
+            if field_name in taken or models[0][0] in taken:
+                break
+            values[field_name] = _recorded_source(entry, key, manifest_path, manifest_dir, here, label, _flag(field_name))
     return ConditionsSpec.parse(values, f"Manifest {manifest_path}")
+
+
+def _flag(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
 
 
 def _recorded_source(entry: dict, key: str, manifest_path, manifest_dir: Path, here: Path, what: str, flag: str) -> str:

@@ -101,6 +101,13 @@ class CapturedAttention:
     text_lengths: list[int] | None = None
 
     @staticmethod
+    def of_blocks(per_block: list[dict[str, torch.Tensor]], text_lengths: list[int] | None = None) -> CapturedAttention:
+        """C tapped blocks' tensors (each `[B, heads, S, D]`, by field name) stacked on the C axis;
+        the fields a backend does not tap (SDXL's text queries, image keys) are None."""
+        stacked = {name: torch.stack([one[name] for one in per_block], dim=1) for name in per_block[0]}
+        return CapturedAttention(**{**dict.fromkeys(_TENSOR_FIELDS), **stacked}, text_lengths=text_lengths)
+
+    @staticmethod
     def concat(captures: list[CapturedAttention]) -> CapturedAttention:
         """Several steps' captures as one, their blocks side by side on the C axis."""
         return CapturedAttention(

@@ -103,9 +103,7 @@ class FluxAttentionTap:
 
     def result(self) -> CapturedAttention:
         """`CapturedAttention` with RoPE applied, shapes `[B, C, heads, S, D]` (C tapped blocks)."""
-        per_block = [self._one(block) for block in self.blocks]
-        stacked = {name: torch.stack([one[name] for one in per_block], dim=1) for name in per_block[0]}
-        return CapturedAttention(**stacked)
+        return CapturedAttention.of_blocks([self._one(block) for block in self.blocks])
 
 
 class FluxArchitecture(Architecture):

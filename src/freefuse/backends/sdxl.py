@@ -122,8 +122,7 @@ class SdxlAttentionTap:
             per_block.append(
                 {"q_img": split(store["q_img"]), "k_text": split(store["k_text"]), "o_img": store["o_img"]}
             )
-        stacked = {key: torch.stack([one[key] for one in per_block], dim=1) for key in per_block[0]}
-        return CapturedAttention(q_text=None, k_img=None, **stacked)
+        return CapturedAttention.of_blocks(per_block)
 
 
 class SdxlArchitecture(Architecture):

@@ -115,10 +115,8 @@ class ZImageAttentionTap:
     def result(self) -> CapturedAttention:
         """`CapturedAttention`, shapes `[B, C, heads, S, D]`; text rows cut to the longest prompt's
         padded tokens, `text_lengths` saying each image's own."""
-        per_block = [self._one(block) for block in self.blocks]
-        stacked = {name: torch.stack([one[name] for one in per_block], dim=1) for name in per_block[0]}
         lengths = [padded(n, self.multiple) for n in self.sizes["text"]]
-        return CapturedAttention(**stacked, text_lengths=lengths)
+        return CapturedAttention.of_blocks([self._one(block) for block in self.blocks], text_lengths=lengths)
 
 
 class ZImageArchitecture(Architecture):
