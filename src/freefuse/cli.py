@@ -1047,6 +1047,25 @@ def _auth(auth: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+#: What `freefuse ui` offers for reference pictures (beside its ControlNets).
+OfferedIpAdapters = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--ip-adapter-model",
+        metavar="ADAPTER",
+        help="FLUX.1 IP-Adapter the page offers for reference pictures (file, folder or id); repeatable.",
+    ),
+]
+OfferedReduxes = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--redux-model",
+        metavar="MODEL",
+        help="FLUX Redux model the page offers for reference pictures (folder or id); repeatable.",
+    ),
+]
+
+
 @app.command(cls=Command)
 @command
 def ui(
@@ -1096,23 +1115,13 @@ def ui(
         list[str] | None,
         typer.Option(
             "--controlnet",
+            metavar="MODEL",
             help="ControlNet the page offers (a folder or Hugging Face id); repeat to offer several. A page served "
             "to this machine alone also takes any typed one.",
         ),
     ] = None,
-    ip_adapter_model: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--ip-adapter-model",
-            help="FLUX.1 IP-Adapter the page offers for reference pictures (file, folder or id); repeatable.",
-        ),
-    ] = None,
-    redux_model: Annotated[
-        list[str] | None,
-        typer.Option(
-            "--redux-model", help="FLUX Redux model the page offers for reference pictures (folder or id); repeatable."
-        ),
-    ] = None,
+    ip_adapter_model: OfferedIpAdapters = None,
+    redux_model: OfferedReduxes = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
 ) -> None:
