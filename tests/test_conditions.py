@@ -396,6 +396,11 @@ def test_architectures_without_these_conditions_refuse_them() -> None:
     from freefuse.preflight import ModelFacts, SubjectFacts, preflight
 
     settings = GenerationSettings(prompt="Alice", height=SIZE, width=SIZE)
+    from freefuse.backends.flux2 import Flux2Architecture
+
     facts = ConditionFacts(Conditions.of(init_image=picture(1)))
-    with pytest.raises(SettingsError, match="zimage runs take no img2img"):
-        preflight(ModelFacts(ZImageArchitecture), settings, [SubjectFacts("alice", ("Alice",))], None, facts)
+    with pytest.raises(SettingsError, match="flux2 runs take no img2img"):
+        preflight(ModelFacts(Flux2Architecture), settings, [SubjectFacts("alice", ("Alice",))], None, facts)
+    controls = ConditionFacts(Conditions.of(controls=[Control(picture(3))]))
+    with pytest.raises(SettingsError, match="zimage runs take no controlnet"):
+        preflight(ModelFacts(ZImageArchitecture), settings, [SubjectFacts("alice", ("Alice",))], None, controls)

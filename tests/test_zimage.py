@@ -438,3 +438,70 @@ def test_in_a_batch_a_short_prompt_reads_only_its_own_text(pipe) -> None:
         torch.testing.assert_close(
             batch.attention[0][name]["cross"], alone.attention[0][name]["cross"], atol=1e-5, rtol=1e-3
         )
+
+
+def _picture(seed: int, mode: str = "RGB"):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 255, (SIZE // 16, SIZE // 16, 3), dtype=np.uint8)
+    return Image.fromarray(coarse).resize((SIZE, SIZE), Image.BILINEAR).convert(mode)
+
+
+def _region():
+    from PIL import Image
+
+    mask = np.zeros((SIZE, SIZE), dtype=np.uint8)
+    mask[32:96, 40:100] = 255
+    return Image.fromarray(mask, "L")
+
+
+@pytest.mark.parametrize("kind", ["img2img", "inpaint"])
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_img2img_and_inpainting_merge_are_the_zimage_pipelines(pipe, tmp_path, kind: str, guidance: float) -> None:
+    """`ZImageImg2ImgPipeline` and `ZImageInpaintPipeline` over the same components and LoRAs, with
+    the same generator: Turbo's single pass exactly, the guided pass to float rounding (diffusers
+    batches both passes)."""
+    import diffusers
+
+    from freefuse.conditions import Conditions
+
+    files = lora_files(pipe, tmp_path)
+    freefuse = FreeFuse(pipe)
+    for name, path in files.items():
+        freefuse.add_lora(path, words=[name.capitalize()])
+    init = _picture(1)
+    inputs = {"image": init, "strength": 0.7}
+    conditions = Conditions.of(init_image=init, strength=0.7)
+    if kind == "inpaint":
+        inputs["mask_image"] = _region()
+        conditions = Conditions.of(init_image=init, inpaint_mask=_region(), strength=0.7)
+    ours = run(freefuse, method="merge", seed=4, guidance_scale=guidance, conditions=conditions).images[0]
+    cls = getattr(diffusers, "ZImageInpaintPipeline" if kind == "inpaint" else "ZImageImg2ImgPipeline")
+    reference = cls(**pipe.components)
+    reference.set_progress_bar_config(disable=True)
+    pipe.set_adapters(list(files))
+    theirs = diffusers_image(reference, seed=4, guidance_scale=guidance, **inputs)[0]
+    torch.testing.assert_close(ours, theirs, atol=0.0 if guidance == 0 else 2e-5, rtol=0)
+    plain = run(freefuse, method="merge", seed=4, guidance_scale=guidance).images[0]
+    assert (plain - theirs).abs().max() > 1e-2  # the init image does change the picture
+
+
+def test_zimage_inpainting_keeps_the_init_image_outside_and_all_ones_masks_are_merge(pipe, tmp_path) -> None:
+    from freefuse import MaskSet
+    from freefuse.conditions import Conditions
+
+    files = lora_files(pipe, tmp_path)
+    freefuse = FreeFuse(pipe)
+    for name, path in files.items():
+        freefuse.add_lora(path, words=[name.capitalize()])
+    conditions = Conditions.of(init_image=_picture(2), inpaint_mask=_region(), strength=0.9)
+    merged = run(freefuse, method="merge", seed=3, conditions=conditions).images[0]
+    ones = MaskSet(list(NAMES), torch.ones(len(NAMES), SIZE, SIZE))
+    masked = run(freefuse, method="masks", masks=ones, text_scope="all", seed=3, conditions=conditions).images[0]
+    assert (merged - masked).abs().max() <= 1e-5
+    found = run(freefuse, seed=3, conditions=conditions)
+    inside = torch.zeros(SIZE, SIZE, dtype=torch.bool)
+    inside[32:96, 40:100] = True
+    for mask in found.masks[0].masks:  # each subject's mask is cut to the repainted region
+        assert float(mask[~inside].abs().max()) == 0.0

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ..conditions import IMG2IMG, INPAINT
 from ..lora import ZIMAGE_FAMILY, check_lora_family
 from ..tiny import tiny_qwen_tokenizer
 from .base import (
@@ -38,6 +39,7 @@ from .base import (
     Backend,
     CapturedAttention,
     Conditioning,
+    Inpainting,
     Latents,
     TokenLayout,
     converter_failure,
@@ -49,6 +51,7 @@ from .qwen import ChatPromptTokenizer, rotate
 from .registry import register
 
 if TYPE_CHECKING:
+    from ..conditions import Conditions
     from ..lora import LoraFile
     from ..settings import GenerationSettings
 
@@ -137,10 +140,18 @@ class ZImageArchitecture(Architecture):
     embedding_slots = {}
     typical_lora_targets = (ZIMAGE_LORA_TARGETS, "layers.")
     tokenizer_folder = "tokenizer"
+    conditions = (IMG2IMG, INPAINT)
+    default_strength = {IMG2IMG: 0.6, INPAINT: 1.0}  # ZImageImg2ImgPipeline's and ZImageInpaintPipeline's
     attention_bias_refusal = (
         "FreeFuse does not add the attention bias to Z-Image yet: its layers attend over [image ‖ text] with each "
         "part padded per image, a layout the bias's mask does not follow"
     )
+
+    @classmethod
+    def denoised_steps(cls, num_inference_steps: int, strength: float) -> int:
+        """`ZImageImg2ImgPipeline.get_timesteps`: the first `int(N - min(N·strength, N))` steps are skipped."""
+        skipped = int(max(num_inference_steps - min(num_inference_steps * strength, num_inference_steps), 0))
+        return num_inference_steps - skipped
 
     @classmethod
     def pixels_per_token(cls, model_folder: Path | None) -> int:
@@ -331,6 +342,69 @@ class ZImageBackend(Backend):
         timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
         scheduler.set_begin_index(0)
         return timesteps, scheduler.sigmas
+
+    def _helper(self, name: str):
+        """diffusers' pipeline `name` over this pipeline's components, whose own `get_timesteps`,
+        `prepare_latents` and image processors a run from an init image calls."""
+        import diffusers
+
+        return getattr(diffusers, name)(**self.pipeline.components)
+
+    def schedule(
+        self, num_inference_steps: int, height: int, width: int, strength: float | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        timesteps, sigmas = self.timesteps(num_inference_steps, height, width)
+        if strength is None:
+            return timesteps, sigmas
+        timesteps, _ = self._helper("ZImageImg2ImgPipeline").get_timesteps(num_inference_steps, strength, self.device)
+        return timesteps, sigmas[len(sigmas) - 1 - len(timesteps) :]
+
+    def prepare(
+        self,
+        generators: list[torch.Generator] | torch.Generator,
+        batch: int,
+        height: int,
+        width: int,
+        dtype: torch.dtype,
+        latents: torch.Tensor | None,
+        conditions: Conditions | None,
+        first_timestep: torch.Tensor,
+        controlnets: Sequence[torch.nn.Module] = (),
+    ) -> Latents:
+        """As `ZImageImg2ImgPipeline` or `ZImageInpaintPipeline` prepare: the init image noised to
+        `first_timestep` (and, inpainting, the noise and clean latents kept for the blend and the
+        mask at latent size), by their own `prepare_latents` and `prepare_mask_latents`. With one
+        generator per image, each image is prepared alone from its own."""
+        if conditions is None or conditions.init_image is None:
+            return self.prepare_latents(generators, batch, height, width, dtype, latents)
+        per_image = isinstance(generators, list)
+        parts = []
+        for index, generator in enumerate(generators if per_image else [generators]):
+            count = 1 if per_image else batch
+            given = None if latents is None else latents[index : index + 1] if per_image else latents
+            parts.append(self._start(conditions, generator, count, height, width, dtype, given, first_timestep))
+        return Latents.concat(parts)
+
+    def _start(self, conditions: Conditions, generator, count: int, height: int, width: int, dtype, given, first):
+        inpaint = conditions.inpaint_mask is not None
+        helper = self._helper("ZImageInpaintPipeline" if inpaint else "ZImageImg2ImgPipeline")
+        picture = conditions.init_image.image.convert("RGB")
+        init = helper.image_processor.preprocess(picture, height=height, width=width).to(dtype=torch.float32)
+        channels = self.denoiser.in_channels
+        start = first.repeat(count)
+        if not inpaint:
+            noised = helper.prepare_latents(init, start, count, channels, height, width, dtype, self.device, generator, given)
+            return Latents(noised)
+        noised, noise, image_latents = helper.prepare_latents(
+            init, start, count, channels, height, width, dtype, self.device, generator, given
+        )
+        region = helper.mask_processor.preprocess(conditions.inpaint_mask.image, height=height, width=width)
+        mask, _ = helper.prepare_mask_latents(region, init * (region < 0.5), count, height, width, dtype, self.device, generator)
+        return Latents(noised, None, Inpainting(image_latents, noise, mask))
+
+    def renoise(self, clean: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        """`ZImageInpaintPipeline`'s re-noising of the kept image: the scheduler's `scale_noise`."""
+        return self.pipeline.scheduler.scale_noise(clean, timestep, noise)
 
     def _forward(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: list[torch.Tensor]) -> list:
         """The transformer's outputs, one `[C, 1, h, w]` per image (minus the velocity)."""
