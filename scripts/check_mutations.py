@@ -556,6 +556,20 @@ MUTATIONS = (
         "conditioning.prompt_embeds = joined",
         ("tests/test_redux.py",),
     ),
+    Mutation(
+        "Z-Image inpainting keeps the init image clean outside the mask instead of noised to the next step",
+        "backends/zimage.py",
+        "        return self.pipeline.scheduler.scale_noise(clean, timestep, noise)",
+        "        return clean",
+        ("tests/test_zimage.py::test_img2img_and_inpainting_merge_are_the_zimage_pipelines",),
+    ),
+    Mutation(
+        "Z-Image img2img denoises every step (strength's schedule ignored)",
+        "backends/zimage.py",
+        "        return timesteps, sigmas[len(sigmas) - 1 - len(timesteps) :]",
+        "        return self.timesteps(num_inference_steps, height, width)",
+        ("tests/test_zimage.py::test_img2img_and_inpainting_merge_are_the_zimage_pipelines",),
+    ),
 )
 
 
