@@ -570,6 +570,20 @@ MUTATIONS = (
         "        return self.timesteps(num_inference_steps, height, width)",
         ("tests/test_zimage.py::test_img2img_and_inpainting_merge_are_the_zimage_pipelines",),
     ),
+    Mutation(
+        "FLUX.1 Fill reads blank masked-picture inputs",
+        "backends/flux_fill.py",
+        "joined = Latents(torch.cat((latents.latents, fill.latents), dim=2), latents.positions)",
+        "joined = Latents(torch.cat((latents.latents, torch.zeros_like(fill.latents)), dim=2), latents.positions)",
+        ("tests/test_flux_fill.py",),
+    ),
+    Mutation(
+        "FLUX.1 Fill's masked picture keeps the region it repaints",
+        "backends/flux_fill.py",
+        "masked = (init * (1 - region)).to(device=self.device, dtype=dtype)",
+        "masked = init.to(device=self.device, dtype=dtype)",
+        ("tests/test_flux_fill.py",),
+    ),
 )
 
 

@@ -33,6 +33,7 @@ from .tiny import (  # noqa: F401  (the tiny models, re-exported for tests)
     random_lora_weights,
     tiny_clip_tokenizer,
     tiny_flux2_pipeline,
+    tiny_flux_fill_pipeline,
     tiny_flux_pipeline,
     tiny_qwen_tokenizer,
     tiny_sdxl_pipeline,

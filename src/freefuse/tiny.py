@@ -229,6 +229,25 @@ def tiny_flux_pipeline(
     )
 
 
+def tiny_flux_fill_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A `FluxFillPipeline` with tiny random weights: the tiny FLUX.1 pipeline's components, its
+    transformer reading the noise, the masked picture's latents and the mask side by side (as FLUX.1
+    Fill's: 16 + 16 + 8·8·4 packed channels in, 16 out)."""
+    from diffusers import FluxFillPipeline, FluxTransformer2DModel
+
+    base = tiny_flux_pipeline(seed=seed, dtype=dtype, device=device)
+    latent = TINY_TRANSFORMER_CONFIG["in_channels"]
+    mask = base.vae_scale_factor**2 * 4
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device), default_dtype(dtype):
+            transformer = FluxTransformer2DModel(
+                **{**TINY_TRANSFORMER_CONFIG, "in_channels": 2 * latent + mask, "out_channels": latent}
+            )
+    components = {**base.components, "transformer": transformer.eval().requires_grad_(False)}
+    return FluxFillPipeline(**{name: components[name] for name in FluxFillPipeline._get_signature_keys(FluxFillPipeline)[0]})
+
+
 TINY_UNET_CONFIG = {
     "block_out_channels": (32, 64),
     "layers_per_block": 1,
@@ -577,6 +596,7 @@ TINY_PIPELINES = {
     "sdxl": tiny_sdxl_pipeline,
     "zimage": tiny_zimage_pipeline,
     "flux2": tiny_flux2_pipeline,
+    "flux-fill": tiny_flux_fill_pipeline,
 }
 
 

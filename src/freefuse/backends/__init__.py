@@ -5,7 +5,7 @@ runner parts over a loaded pipeline (`Backend`: encode, latents, predict, step, 
 
 from __future__ import annotations
 
-from . import flux, flux2, sdxl, zimage  # register themselves
+from . import flux, flux2, flux_fill, sdxl, zimage  # register themselves
 from .base import (
     IMAGE,
     NO_TOKENS,
@@ -21,6 +21,7 @@ from .base import (
 )
 from .flux import FluxArchitecture, FluxBackend
 from .flux2 import Flux2Architecture, Flux2Backend
+from .flux_fill import FluxFillArchitecture, FluxFillBackend
 from .registry import BACKENDS, architectures, backend_for, register
 from .sdxl import SdxlArchitecture, SdxlBackend
 from .zimage import ZImageArchitecture, ZImageBackend
@@ -40,6 +41,8 @@ __all__ = [
     "Flux2Backend",
     "FluxArchitecture",
     "FluxBackend",
+    "FluxFillArchitecture",
+    "FluxFillBackend",
     "Latents",
     "SdxlArchitecture",
     "SdxlBackend",
@@ -50,6 +53,7 @@ __all__ = [
     "backend_for",
     "flux",
     "flux2",
+    "flux_fill",
     "register",
     "sdxl",
     "zimage",

@@ -301,6 +301,11 @@ class FluxBackend(Backend):
         )
         return Conditioning(list(prompts), prompt_embeds, pooled, text_ids)
 
+    @property
+    def latent_channels(self) -> int:
+        """The VAE's latent channels (the transformer reads them packed 2×2: four times as many)."""
+        return self.denoiser.config.in_channels // 4
+
     def prepare_latents(
         self,
         generators: list[torch.Generator] | torch.Generator,
@@ -311,7 +316,7 @@ class FluxBackend(Backend):
         latents: torch.Tensor | None = None,
     ) -> Latents:
         """Packed noise `[B, N, C]` and the image tokens' position ids (`FluxPipeline.prepare_latents`)."""
-        channels = self.denoiser.config.in_channels // 4
+        channels = self.latent_channels
         noise, positions = self.pipeline.prepare_latents(
             batch, channels, height, width, dtype, self.device, generators, latents
         )
@@ -396,7 +401,7 @@ class FluxBackend(Backend):
     def _start(self, conditions: Conditions, generator, count: int, height: int, width: int, dtype, given, first):
         """One generator's images: noise, or the init image noised to `first` (and the inpainting
         mask), by the diffusers pipeline's own `prepare_latents` and `prepare_mask_latents`."""
-        channels = self.denoiser.config.in_channels // 4
+        channels = self.latent_channels
         if conditions.init_image is None:
             noise, positions = self.pipeline.prepare_latents(
                 count, channels, height, width, dtype, self.device, generator, given
@@ -440,7 +445,7 @@ class FluxBackend(Backend):
 
         latents = retrieve_latents(vae.encode(image), generator=generator)
         latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
-        channels = self.denoiser.config.in_channels // 4
+        channels = self.latent_channels
         return helper._pack_latents(latents, count, channels, *latents.shape[2:])
 
     def _control(self, nets, controls: Sequence[Control], images: list[torch.Tensor], batch: int) -> FluxControl:
