@@ -584,6 +584,13 @@ MUTATIONS = (
         "masked = init.to(device=self.device, dtype=dtype)",
         ("tests/test_flux_fill.py",),
     ),
+    Mutation(
+        "Z-Image ControlNet's scale ignored",
+        "backends/zimage.py",
+        "images, time, embeds, control.image, conditioning_scale=control.scale",
+        "images, time, embeds, control.image, conditioning_scale=1.0",
+        ("tests/test_zimage.py::test_controlnet_merge_is_the_zimage_controlnet_pipeline",),
+    ),
 )
 
 

@@ -506,3 +506,69 @@ def test_zimage_inpainting_keeps_the_init_image_outside_and_all_ones_masks_are_m
     inside[32:96, 40:100] = True
     for mask in found.masks[0].masks:  # each subject's mask is cut to the repainted region
         assert float(mask[~inside].abs().max()) == 0.0
+
+
+@pytest.mark.parametrize("guidance", [0.0, 3.0])
+def test_controlnet_merge_is_the_zimage_controlnet_pipeline(pipe, tmp_path, guidance: float) -> None:
+    """`ZImageControlNetPipeline` with a tiny random ControlNet over the same components and LoRAs:
+    exactly without guidance, to float rounding with it (diffusers batches the two passes)."""
+    from diffusers import ZImageControlNetPipeline
+
+    from freefuse import MaskSet
+    from freefuse.conditions import Conditions, Control
+    from freefuse.errors import SettingsError
+    from freefuse.testing import tiny_zimage_controlnet
+
+    files = lora_files(pipe, tmp_path)
+    freefuse = FreeFuse(pipe)
+    for name, path in files.items():
+        freefuse.add_lora(path, words=[name.capitalize()])
+    net = tiny_zimage_controlnet(pipe, seed=5)
+    control = _picture(6)
+    conditions = Conditions.of(controls=[Control(control, scale=0.8, type="depth")])
+    ours = run(freefuse, method="merge", seed=4, guidance_scale=guidance, conditions=conditions, controlnet=net)
+    reference = ZImageControlNetPipeline(**pipe.components, controlnet=net)
+    reference.set_progress_bar_config(disable=True)
+    pipe.set_adapters(list(files))
+    theirs = diffusers_image(
+        reference, seed=4, guidance_scale=guidance, control_image=control, controlnet_conditioning_scale=0.8
+    )[0]
+    torch.testing.assert_close(ours.images[0], theirs, atol=0.0 if guidance == 0 else 2e-5, rtol=0)
+    plain = run(freefuse, method="merge", seed=4, guidance_scale=guidance).images[0]
+    assert (plain - theirs).abs().max() > 1e-2  # the ControlNet does act
+    ones = MaskSet(list(NAMES), torch.ones(len(NAMES), SIZE, SIZE))
+    masked = run(freefuse, method="masks", masks=ones, text_scope="all", seed=4, guidance_scale=guidance,
+                 conditions=conditions, controlnet=net).images[0]  # fmt: skip
+    assert (ours.images[0] - masked).abs().max() <= 1e-5
+    two = Conditions.of(controls=[Control(control), Control(_picture(7))])
+    with pytest.raises(SettingsError, match="zimage runs take at most 1 ControlNet"):
+        run(freefuse, method="merge", seed=4, conditions=two, controlnet=net)
+
+
+def test_cli_runs_a_zimage_controlnet_folder_and_replays(pipe, tmp_path, monkeypatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from freefuse.cli import app
+    from freefuse.testing import tiny_zimage_controlnet
+
+    monkeypatch.chdir(tmp_path)
+    files = lora_files(pipe, tmp_path)
+    tiny_zimage_controlnet(pipe, seed=5).save_pretrained(tmp_path / "controlnet")
+    _picture(6).save(tmp_path / "depth.png")
+    args = ["generate", "--model", "tiny-zimage", "--prompt", PROMPT, "--size", "128x128", "--steps", "3",
+            "--max-sequence-length", str(TOKENS), "--seed", "2"]  # fmt: skip
+    for name, path in files.items():
+        args += ["--lora", f"{path}={name.capitalize()}"]
+    runner = CliRunner()
+    first = runner.invoke(app, [*args, "--controlnet", "controlnet", "--control", "depth=depth.png@0.8", "--out", "a"])
+    assert first.exit_code == 0, first.output
+    recorded = json.loads((tmp_path / "a" / "freefuse.json").read_text())["conditions"]
+    assert recorded["controlnets"][0]["class"] == "ZImageControlNetModel" and recorded["controls"][0]["scale"] == 0.8
+    again = runner.invoke(app, ["generate", "--manifest", "a/freefuse.json", "--out", "b"])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "a" / "freefuse.png").read_bytes() == (tmp_path / "b" / "freefuse.png").read_bytes()
+    plain = runner.invoke(app, [*args, "--out", "c"])
+    assert plain.exit_code == 0, plain.output
+    assert (tmp_path / "c" / "freefuse.png").read_bytes() != (tmp_path / "a" / "freefuse.png").read_bytes()

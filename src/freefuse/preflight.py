@@ -528,6 +528,12 @@ def _check_controls(architecture, conditions: Conditions, facts: ConditionFacts)
         if nets:
             raise SettingsError("A ControlNet was given without a control image; add --control TYPE=IMAGE.")
         return
+    most = None if architecture is None else architecture.max_controls
+    if most is not None and (len(controls) > most or len(nets) > most):
+        raise SettingsError(
+            f"{architecture.name} runs take at most {most} ControlNet with {most} control image (as its diffusers "
+            f"pipeline); {len(controls)} control images and {len(nets)} ControlNets were given."
+        )
     if CONTROLNET in conditions.kinds and not nets:
         raise SettingsError("Control images need a ControlNet to read them (CLI: --controlnet MODEL; library: `controlnet=`).")
     for index, control in enumerate(controls):

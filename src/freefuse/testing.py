@@ -249,6 +249,31 @@ def tiny_flux_redux(pipeline, seed: int = 0, text_encoders: bool = False):
     )
 
 
+def tiny_zimage_controlnet(pipeline, seed: int = 0):
+    """A random `ZImageControlNetModel` for the tiny Z-Image pipeline's transformer (control blocks
+    beside its layers 0 and 1, one control refiner), in eval mode, its zero-initialised projections
+    made random. Its embedders are the transformer's once a pipeline takes it (`from_transformer`)."""
+    from diffusers import ZImageControlNetModel
+
+    config = pipeline.transformer.config
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = ZImageControlNetModel(
+            control_layers_places=[0, 1],
+            control_refiner_layers_places=[0],
+            control_in_dim=config["in_channels"],
+            add_control_noise_refiner="control_noise_refiner",
+            all_patch_size=tuple(config["all_patch_size"]),
+            all_f_patch_size=tuple(config["all_f_patch_size"]),
+            dim=config["dim"],
+            n_refiner_layers=config["n_refiner_layers"],
+            n_heads=config["n_heads"],
+            n_kv_heads=config["n_kv_heads"],
+        )
+    _wake(net, torch.Generator().manual_seed(seed + 1000), 0.05)
+    return net.eval().requires_grad_(False)
+
+
 def tiny_sdxl_controlnet(pipeline, seed: int = 0):
     """A random `ControlNetModel` for the tiny SDXL pipeline's UNet (`ControlNetModel.from_unet`,
     its own conditioning embedding), in eval mode, its zero convolutions made random."""

@@ -272,6 +272,8 @@ class Architecture:
     default_strength: ClassVar[dict[str, float]] = {}
     #: `_class_name`s (config.json) of the ControlNets this architecture runs.
     controlnet_classes: ClassVar[tuple[str, ...]] = ()
+    #: How many control images one run may have (None: any; the pipeline's own limit otherwise).
+    max_controls: ClassVar[int | None] = None
     #: A union ControlNet's modes by name, in the order of its mode embedding (`--control TYPE=…`).
     union_modes: ClassVar[tuple[str, ...]] = ()
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from ..conditions import IMG2IMG, INPAINT
+from ..conditions import CONTROLNET, IMG2IMG, INPAINT
 from ..lora import ZIMAGE_FAMILY, check_lora_family
 from ..tiny import tiny_qwen_tokenizer
 from .base import (
@@ -43,6 +43,7 @@ from .base import (
     Latents,
     TokenLayout,
     converter_failure,
+    flat_controlnets,
     keep_first_input,
     keep_output,
     latent_preview,
@@ -51,7 +52,7 @@ from .qwen import ChatPromptTokenizer, rotate
 from .registry import register
 
 if TYPE_CHECKING:
-    from ..conditions import Conditions
+    from ..conditions import Conditions, Control
     from ..lora import LoraFile
     from ..settings import GenerationSettings
 
@@ -140,8 +141,10 @@ class ZImageArchitecture(Architecture):
     embedding_slots = {}
     typical_lora_targets = (ZIMAGE_LORA_TARGETS, "layers.")
     tokenizer_folder = "tokenizer"
-    conditions = (IMG2IMG, INPAINT)
+    conditions = (IMG2IMG, INPAINT, CONTROLNET)
     default_strength = {IMG2IMG: 0.6, INPAINT: 1.0}  # ZImageImg2ImgPipeline's and ZImageInpaintPipeline's
+    controlnet_classes = ("ZImageControlNetModel",)
+    max_controls = 1  # ZImageControlNetPipeline: one ControlNet, one control image
     attention_bias_refusal = (
         "FreeFuse does not add the attention bias to Z-Image yet: its layers attend over [image ‖ text] with each "
         "part padded per image, a layout the bias's mask does not follow"
@@ -228,6 +231,16 @@ class ZImageArchitecture(Architecture):
     def cfg_scale(cls, settings: GenerationSettings) -> float:
         """`pos + s · (pos − neg)` is `neg + (1 + s) · (pos − neg)`."""
         return 1.0 + cls.guidance(settings)
+
+
+@dataclass
+class ZImageControl:
+    """A Z-Image ControlNet run's inputs: the ControlNet (holding the transformer's embedders), the
+    encoded control picture `[B, control_in_dim, 1, h, w]`, its scale (`controlnet_conditioning_scale`)."""
+
+    net: torch.nn.Module
+    image: torch.Tensor
+    scale: float
 
 
 @register
@@ -343,12 +356,12 @@ class ZImageBackend(Backend):
         scheduler.set_begin_index(0)
         return timesteps, scheduler.sigmas
 
-    def _helper(self, name: str):
+    def _helper(self, name: str, **extra):
         """diffusers' pipeline `name` over this pipeline's components, whose own `get_timesteps`,
-        `prepare_latents` and image processors a run from an init image calls."""
+        `prepare_latents`, `prepare_image` and image processors a conditioned run calls."""
         import diffusers
 
-        return getattr(diffusers, name)(**self.pipeline.components)
+        return getattr(diffusers, name)(**self.pipeline.components, **extra)
 
     def schedule(
         self, num_inference_steps: int, height: int, width: int, strength: float | None = None
@@ -375,15 +388,49 @@ class ZImageBackend(Backend):
         `first_timestep` (and, inpainting, the noise and clean latents kept for the blend and the
         mask at latent size), by their own `prepare_latents` and `prepare_mask_latents`. With one
         generator per image, each image is prepared alone from its own."""
-        if conditions is None or conditions.init_image is None:
+        if conditions is None or (conditions.init_image is None and not conditions.controls):
             return self.prepare_latents(generators, batch, height, width, dtype, latents)
+        helper = None
+        if conditions.controls:  # as the pipeline's __init__: the ControlNet takes the transformer's embedders
+            helper = self._helper("ZImageControlNetPipeline", controlnet=flat_controlnets(controlnets)[0])
         per_image = isinstance(generators, list)
-        parts = []
+        parts, images = [], []
         for index, generator in enumerate(generators if per_image else [generators]):
             count = 1 if per_image else batch
             given = None if latents is None else latents[index : index + 1] if per_image else latents
-            parts.append(self._start(conditions, generator, count, height, width, dtype, given, first_timestep))
-        return Latents.concat(parts)
+            if helper is not None:
+                images.append(self._control_image(helper, conditions.controls[0], generator, count, height, width))
+                parts.append(self.prepare_latents(generator, count, height, width, dtype, given))
+            else:
+                parts.append(self._start(conditions, generator, count, height, width, dtype, given, first_timestep))
+        control = None
+        if helper is not None:
+            control = ZImageControl(helper.controlnet, torch.cat(images), conditions.controls[0].scale)
+        return Latents.concat(parts, control)
+
+    def _control_image(self, helper, control: Control, generator, count: int, height: int, width: int) -> torch.Tensor:
+        """`ZImageControlNetPipeline`'s control input: the picture VAE-encoded (the distribution's
+        mode: no draw from the generator), scaled, and padded with zero channels to the
+        ControlNet's `control_in_dim`."""
+        from diffusers.pipelines.z_image.pipeline_z_image_controlnet import retrieve_latents
+
+        vae = self.pipeline.vae
+        image = helper.prepare_image(
+            image=control.image.image.convert("RGB"),
+            width=width,
+            height=height,
+            batch_size=count,
+            num_images_per_prompt=1,
+            device=self.device,
+            dtype=vae.dtype,
+        )
+        encoded = retrieve_latents(vae.encode(image), generator=generator, sample_mode="argmax")
+        encoded = ((encoded - vae.config.shift_factor) * vae.config.scaling_factor).unsqueeze(2)
+        wanted = helper.controlnet.config.control_in_dim
+        if encoded.shape[1] != wanted:
+            padding = torch.zeros(encoded.shape[0], wanted - encoded.shape[1], *encoded.shape[2:])
+            encoded = torch.cat([encoded, padding.to(device=encoded.device, dtype=encoded.dtype)], dim=1)
+        return encoded
 
     def _start(self, conditions: Conditions, generator, count: int, height: int, width: int, dtype, given, first):
         inpaint = conditions.inpaint_mask is not None
@@ -406,12 +453,20 @@ class ZImageBackend(Backend):
         """`ZImageInpaintPipeline`'s re-noising of the kept image: the scheduler's `scale_noise`."""
         return self.pipeline.scheduler.scale_noise(clean, timestep, noise)
 
-    def _forward(self, latents: torch.Tensor, timestep: torch.Tensor, embeds: list[torch.Tensor]) -> list:
-        """The transformer's outputs, one `[C, 1, h, w]` per image (minus the velocity)."""
+    def _forward(
+        self, latents: torch.Tensor, timestep: torch.Tensor, embeds: list[torch.Tensor], control: ZImageControl | None = None
+    ) -> list:
+        """The transformer's outputs, one `[C, 1, h, w]` per image (minus the velocity); with a
+        ControlNet, its block samples for this pass first (as `ZImageControlNetPipeline` calls it)."""
         batch = latents.shape[0]
         time = (1000 - timestep.expand(batch)) / 1000
         images = list(latents.to(self.denoiser.dtype).unsqueeze(2).unbind(dim=0))
-        return self.denoiser(images, time, embeds, return_dict=False)[0]
+        extra = {}
+        if control is not None:
+            extra["controlnet_block_samples"] = control.net(
+                images, time, embeds, control.image, conditioning_scale=control.scale
+            )
+        return self.denoiser(images, time, embeds, return_dict=False, **extra)[0]
 
     @staticmethod
     def _embeds(conditioning: Conditioning) -> list[torch.Tensor]:
@@ -429,7 +484,8 @@ class ZImageBackend(Backend):
         settings: GenerationSettings,
     ) -> torch.Tensor:
         """The velocity in float32 (the transformer predicts its negative)."""
-        outputs = self._forward(latents.latents, timestep, self._embeds(conditioning))
+        control = latents.control if isinstance(latents.control, ZImageControl) else None
+        outputs = self._forward(latents.latents, timestep, self._embeds(conditioning), control)
         return -torch.stack([one.float() for one in outputs], dim=0).squeeze(2)
 
     def combine(
