@@ -401,6 +401,6 @@ def test_architectures_without_these_conditions_refuse_them() -> None:
     facts = ConditionFacts(Conditions.of(init_image=picture(1)))
     with pytest.raises(SettingsError, match="flux2 runs take no img2img"):
         preflight(ModelFacts(Flux2Architecture), settings, [SubjectFacts("alice", ("Alice",))], None, facts)
-    controls = ConditionFacts(Conditions.of(controls=[Control(picture(3))]))
-    with pytest.raises(SettingsError, match="zimage runs take no controlnet"):
-        preflight(ModelFacts(ZImageArchitecture), settings, [SubjectFacts("alice", ("Alice",))], None, controls)
+    reference = ConditionFacts(Conditions.of(ip_adapter=picture(3)))
+    with pytest.raises(SettingsError, match="zimage runs take no ip-adapter"):
+        preflight(ModelFacts(ZImageArchitecture), settings, [SubjectFacts("alice", ("Alice",))], None, reference)

@@ -118,6 +118,94 @@ def test_the_scale_is_the_runs_and_the_callers_comes_back(flux: FreeFuse) -> Non
     assert ours.manifest["conditions"]["ip_adapter"]["scale"] == 0.4
 
 
+def test_without_a_scale_the_pipelines_own_acts_and_is_recorded_and_an_error_keeps_the_callers(flux) -> None:
+    from diffusers import FluxPipeline
+
+    reference = picture(1)
+    processors = [p for p in flux.pipeline.transformer.attn_processors.values() if hasattr(p, "to_k_ip")]
+    flux.pipeline.set_ip_adapter_scale(0.6)
+    try:
+        ours = run(flux, method="merge", seed=5, conditions=Conditions.of(ip_adapter=reference))
+        theirs = oracle(flux.pipeline, FluxPipeline, 5, ip_adapter_image=reference)
+        assert torch.equal(ours.images[0], theirs)  # as FluxPipeline: the scale the pipeline has
+        assert ours.manifest["conditions"]["ip_adapter"]["scale"] == 0.6
+
+        def fail(*args):
+            raise RuntimeError("stopped by the caller")
+
+        with pytest.raises(RuntimeError, match="stopped by the caller"):
+            run(flux, method="merge", seed=5, callback_on_step_end=fail,
+                conditions=Conditions.of(ip_adapter=reference, ip_adapter_scale=0.2))  # fmt: skip
+        assert all(p.scale == [0.6] for p in processors)  # put back on the way out of a failed run too
+    finally:
+        flux.pipeline.set_ip_adapter_scale(1.0)
+
+
+def test_the_model_record_leaves_the_ip_adapter_out() -> None:
+    from freefuse.manifest import model_record
+
+    pipe = tiny_flux_pipeline(seed=0)
+    before = model_record(pipe, pipe.transformer)
+    tiny_flux_ip_adapter(pipe)
+    assert model_record(pipe, pipe.transformer) == before  # a replay's model check compares the model alone
+    assert before["base_weights_sha256"]
+
+
+def test_one_run_service_loads_switches_and_lets_go_of_ip_adapters(files, monkeypatch) -> None:
+    """The service keeps an IP-Adapter for the next run with it, loads the next one (its own
+    encoder), and unloads it for a run without one: that run is the plain run."""
+    from freefuse.runner import RunService
+    from freefuse.spec import LoraSpec, RunSpec
+
+    monkeypatch.chdir(files)
+    service = RunService()
+    loras = [LoraSpec(path=str(files / "alice.safetensors"), words=["Alice"]), LoraSpec(path=str(files / "bob.safetensors"), words=["Bob"])]
+    settings = {"prompt": PROMPT, "seed": 3, "height": 128, "width": 128, "num_inference_steps": 3, "max_sequence_length": 32}
+
+    def spec(**conditions):
+        from freefuse.conditions import ConditionsSpec
+        from freefuse.settings import GenerationSettings
+
+        given = ConditionsSpec(**conditions) if conditions else None
+        return RunSpec(str(files / "model"), loras, GenerationSettings(**settings), conditions=given)
+
+    plain = service.run(spec()).output.images[0]
+    first = spec(ip_adapter="ref.png", ip_adapter_model="ip/ip_adapter.safetensors", image_encoder="image_encoder")
+    with_adapter = service.run(first).output.images[0]
+    again = service.run(first).output.images[0]
+    assert service.model_loads == 1 and service._ip_adapter is not None
+    assert np.array_equal(np.asarray(with_adapter), np.asarray(again))
+    without = service.run(spec()).output.images[0]
+    assert not service._owner.backend.has_ip_adapter and service._pipeline.image_encoder is None
+    assert np.array_equal(np.asarray(without), np.asarray(plain))  # nothing of the adapter left
+    other = service.run(spec(ip_adapter="ref.png", ip_adapter_model="ip")).output.images[0]  # its own encoder
+    loaded_from = Path(service._pipeline.image_encoder.config._name_or_path).resolve()
+    assert loaded_from == (files / "ip" / "image_encoder").resolve()
+    assert not np.array_equal(np.asarray(other), np.asarray(plain))
+
+
+def test_an_ip_adapter_with_offload_or_compile_and_settings_without_their_image_are_refused(files) -> None:
+    from freefuse.conditions import ConditionsSpec
+    from freefuse.memory import MemoryOptions
+    from freefuse.settings import GenerationSettings
+    from freefuse.spec import LoraSpec, RunSpec
+
+    conditions = ConditionsSpec(ip_adapter=str(files / "ref.png"), ip_adapter_model=str(files / "ip"))
+    settings = GenerationSettings(prompt=PROMPT, height=128, width=128)
+    loras = [LoraSpec(path=str(files / "alice.safetensors"), words=["Alice"])]
+    for memory in (MemoryOptions(offload="sequential"), MemoryOptions(compile=True)):
+        spec = RunSpec(str(files / "model"), loras, settings, conditions=conditions, memory=memory)
+        with pytest.raises(SettingsError, match="swaps the transformer's attention processors"):
+            spec.check()
+    for values, message in (
+        ({"ip_adapter_model": "ip", "ip_adapter_scale": 0.5}, "ip_adapter_scale applies to ip_adapter"),
+        ({"image_encoder": "image_encoder"}, "image_encoder applies to ip_adapter_model"),
+        ({"redux_scale": 0.5}, "redux_scale applies to redux"),
+    ):
+        with pytest.raises(SettingsError, match=message):
+            ConditionsSpec.parse(values, "a job")
+
+
 def test_true_cfg_reads_a_black_negative_reference_as_flux_pipeline_does(flux: FreeFuse) -> None:
     from diffusers import FluxPipeline
 
@@ -185,6 +273,8 @@ def test_a_reference_needs_an_ip_adapter_and_an_ip_adapter_a_reference() -> None
     plain = with_loras(tiny_flux_pipeline(seed=0))
     with pytest.raises(SettingsError, match="needs a model with an IP-Adapter"):
         run(plain, method="merge", seed=1, conditions=Conditions.of(ip_adapter=picture(1)))
+    with pytest.raises(SettingsError, match="IP-Adapter scale was given without its image"):
+        run(plain, method="merge", seed=1, conditions=Conditions.of(ip_adapter_scale=0.5))
     pipe = tiny_flux_pipeline(seed=0)
     tiny_flux_ip_adapter(pipe)
     loaded = with_loras(pipe)

@@ -26,11 +26,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .core import jsontext
 from .errors import InputFileError, SettingsError
-from .files import read_input
+from .files import is_hub_id, read_input
 from .settings import MAX_SIDE, Number, describe_errors
 
 #: Largest condition image file read (a 8192² PNG of noise is ~200 MB; real ones are far smaller).
@@ -170,7 +178,8 @@ class Conditions:
         controlnets: where the run's ControlNets came from (folders or ids), for the manifest.
         ip_adapter: the reference image an IP-Adapter reads (the pipeline must have one loaded:
             `pipe.load_ip_adapter(...)`, or the command line's `--ip-adapter-model`).
-        ip_adapter_scale: how strongly it acts (`set_ip_adapter_scale`, every block), for this run only.
+        ip_adapter_scale: how strongly it acts (`set_ip_adapter_scale`, every block), for this run
+            only; None: the scales the pipeline's IP-Adapter has (what `FluxPipeline` would use).
         ip_adapter_model: where the IP-Adapter came from (a file or hub id), for the manifest.
         image_encoder: where its CLIP image encoder came from, for the manifest.
         redux: the reference image a FLUX Redux model reads (its image tokens are appended to the
@@ -185,7 +194,7 @@ class Conditions:
     controls: tuple[Control, ...] = ()
     controlnets: tuple[str, ...] = ()
     ip_adapter: ConditionImage | None = None
-    ip_adapter_scale: float = 1.0
+    ip_adapter_scale: float | None = None
     ip_adapter_model: str | None = None
     image_encoder: str | None = None
     redux: ConditionImage | None = None
@@ -201,7 +210,7 @@ class Conditions:
         controls: Sequence[Control | Mapping] = (),
         controlnets: Sequence[str] = (),
         ip_adapter=None,
-        ip_adapter_scale: float = 1.0,
+        ip_adapter_scale: float | None = None,
         ip_adapter_model: str | None = None,
         image_encoder: str | None = None,
         redux=None,
@@ -254,7 +263,9 @@ class Conditions:
 
     @property
     def empty(self) -> bool:
-        return not self.kinds and self.strength is None
+        """No condition and no setting of one (a setting without its image is preflight's to refuse)."""
+        unset = self.strength is None and self.ip_adapter_scale is None and self.redux_scale == 1.0
+        return not self.kinds and unset
 
     def mask_share(self) -> float | None:
         """The share of the inpainting mask's pixels that are repainted (>= 0.5, as diffusers
@@ -387,6 +398,19 @@ class ConditionsSpec(BaseModel):
     def _redux_scale(cls, value: float | None) -> float | None:
         return None if value is None else check_scale(value, "a Redux scale")
 
+    @model_validator(mode="after")
+    def _nothing_ignored(self) -> ConditionsSpec:
+        """A setting of a reference image without the image (or model) it applies to is a mistake to
+        say, not something to drop."""
+        for setting, needs, flag in (
+            ("ip_adapter_scale", "ip_adapter", "--ip-adapter IMAGE@SCALE"),
+            ("redux_scale", "redux", "--redux IMAGE@SCALE"),
+            ("image_encoder", "ip_adapter_model", "--ip-adapter-model"),
+        ):
+            if getattr(self, setting) is not None and getattr(self, needs) is None:
+                raise ValueError(f"{setting} applies to {needs}, which is not given ({flag})")
+        return self
+
     @classmethod
     def parse(cls, values: Any, where: str) -> ConditionsSpec:
         """From a job file's or manifest's mapping; errors name `where`."""
@@ -434,7 +458,7 @@ class ConditionsSpec(BaseModel):
             controls=controls,
             controlnets=tuple(self.controlnets),
             ip_adapter=read(self.ip_adapter, "IP-Adapter image"),
-            ip_adapter_scale=1.0 if self.ip_adapter_scale is None else self.ip_adapter_scale,
+            ip_adapter_scale=self.ip_adapter_scale,
             ip_adapter_model=self.ip_adapter_model,
             image_encoder=self.ip_encoder,
             redux=read(self.redux, "Redux image"),
@@ -524,7 +548,7 @@ def ip_adapter_file(source: str) -> tuple[str, str] | None:
         if not path.is_file():
             raise SettingsError(f"IP-Adapter folder {source} has no {IP_ADAPTER_WEIGHT_NAME}; give the file itself.")
     elif not path.exists():
-        if path.suffix or source.startswith((".", "/", "~")) or source.count("/") != 1:
+        if not is_hub_id(source):
             raise SettingsError(
                 f"IP-Adapter {source} does not exist; give a FLUX IP-Adapter .safetensors file, its folder, or a "
                 "Hugging Face id (e.g. XLabs-AI/flux-ip-adapter)."
@@ -563,7 +587,7 @@ def redux_source(source: str) -> str:
             if not any((folder / part).glob("*.safetensors")):
                 raise SettingsError(f"Redux model {source}: {part} has no .safetensors weights; FreeFuse reads safetensors only.")
         return str(folder)
-    if folder.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+    if not is_hub_id(source):
         raise SettingsError(
             f"Redux model {source} is neither a folder nor a Hugging Face id (e.g. black-forest-labs/FLUX.1-Redux-dev)."
         )
@@ -571,17 +595,19 @@ def redux_source(source: str) -> str:
 
 
 def image_encoder_source(source: str) -> str:
-    """An IP-Adapter's image encoder: a local folder of CLIP vision weights in safetensors (refused
-    otherwise: nothing else is unpickled), or a hub id, returned as `from_pretrained` takes it."""
+    """An IP-Adapter's image encoder: a local folder of CLIP vision weights in safetensors
+    (`model.safetensors`, or its sharded index; refused otherwise: nothing else is unpickled), or a
+    hub id, returned as `from_pretrained` takes it (with `use_safetensors=True`)."""
     folder = Path(source).expanduser()
     if folder.is_dir():
-        if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        weights = ("model.safetensors", "model.safetensors.index.json")
+        if not (folder / "config.json").is_file() or not any((folder / name).is_file() for name in weights):
             raise SettingsError(
-                f"Image encoder {source} needs config.json and .safetensors weights (a CLIP vision model saved with "
+                f"Image encoder {source} needs config.json and model.safetensors (a CLIP vision model saved with "
                 "`save_pretrained`); FreeFuse reads safetensors only."
             )
         return str(folder)
-    if folder.exists() or source.startswith((".", "/", "~")) or source.count("/") != 1:
+    if not is_hub_id(source):
         raise SettingsError(f"Image encoder {source} is neither a folder nor a Hugging Face id (e.g. {DEFAULT_IMAGE_ENCODER}).")
     return source
 

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -163,3 +164,26 @@ def cached_sha256(path: Path) -> str:
 def relative_to(path: str | Path, folder: Path) -> str:
     """`path` as seen from `folder` (what a manifest in `folder` records, so a folder moved whole replays)."""
     return os.path.relpath(Path(path).expanduser().resolve(), folder.resolve())
+
+
+# -- model sources ---------------------------------------------------------------------------------------
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
+#: Suffixes that make a name a file, never a hub id (weights, configs).
+MODEL_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".json", ".yaml", ".yml")
+
+
+def is_hub_id(model: str) -> bool:
+    """`owner/name` that is not a local path, nor clearly meant as one: not `./x` or `../x`, not a
+    file name (`models/flux.safetensors`), and not in a local folder that exists (`here/flux` when
+    `here/` is a folder). A local path that does not exist is then said to be missing, not looked
+    up on the Hub."""
+    if not _HUB_ID.match(model) or model.split("/")[0] in (".", ".."):
+        return False
+    if model.lower().endswith(MODEL_FILE_SUFFIXES):
+        return False
+    path = Path(model).expanduser()
+    try:
+        return not path.exists() and not path.parent.is_dir()
+    except OSError:  # a name the file system refuses is no local path
+        return True

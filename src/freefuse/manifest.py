@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
+from .backends.base import ip_adapter_loaded
 from .core import jsontext
 from .files import cached_sha256, read_input
 
@@ -68,14 +69,6 @@ class ModelSource:
 IP_ADAPTER_COMPONENTS = ("image_encoder", "feature_extractor")
 
 
-def has_ip_adapter(denoiser: torch.nn.Module) -> bool:
-    """Whether `load_ip_adapter` put an IP-Adapter into `denoiser` (its image projection and its
-    attention processors' key/value projections, neither of them the model's own weights)."""
-    return getattr(denoiser, "encoder_hid_proj", None) is not None and any(
-        hasattr(processor, "to_k_ip") for processor in getattr(denoiser, "attn_processors", {}).values()
-    )
-
-
 def model_record(pipeline, denoiser: torch.nn.Module, source: ModelSource | None = None) -> dict:
     """Model id/path, class, and a hash per weight/config file (or of the denoiser's weights when in memory)."""
     record = {"id_or_path": getattr(pipeline, "name_or_path", None) or None, "class": type(pipeline).__name__}
@@ -88,7 +81,7 @@ def model_record(pipeline, denoiser: torch.nn.Module, source: ModelSource | None
     if source is not None and source.load:
         record["load"] = dict(source.load)
     for name, component in pipeline.components.items():
-        if name in IP_ADAPTER_COMPONENTS and has_ip_adapter(denoiser):
+        if name in IP_ADAPTER_COMPONENTS and ip_adapter_loaded(denoiser):
             continue  # the IP-Adapter's own, recorded with it (`conditions.ip_adapter`), not the model's
         folder = getattr(getattr(component, "config", None), "_name_or_path", None)
         if isinstance(folder, str) and folder and Path(folder).is_dir():
@@ -113,7 +106,7 @@ def base_weights_sha256(denoiser: torch.nn.Module) -> str:
     """A hash of the denoiser's own weights, whatever LoRA adapters are loaded into it (PEFT moves a
     layer's weight to `<layer>.base_layer.weight` and adds `lora_A`/`lora_B`: both left out)."""
     digest = hashlib.sha256()
-    ip_adapter = has_ip_adapter(denoiser)
+    ip_adapter = ip_adapter_loaded(denoiser)
     own = {
         key.replace(".base_layer.", "."): tensor
         for key, tensor in denoiser.state_dict().items()

@@ -7,7 +7,6 @@ the registered backends; nothing here knows a particular architecture.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import torch
@@ -15,7 +14,7 @@ import torch
 from .backends import BACKENDS, Architecture, architectures, backend_for
 from .core import jsontext
 from .errors import ModelLoadError, SettingsError
-from .files import read_input
+from .files import MODEL_FILE_SUFFIXES, is_hub_id, read_input
 from .lora import read_header
 from .manifest import ModelSource
 from .memory import (
@@ -47,7 +46,6 @@ TINY_MODELS = {TINY: "flux", TINY_SDXL: "sdxl", TINY_ZIMAGE: "zimage", TINY_FLUX
 # The ShapesWorld model committed with FreeFuse (a FLUX.1-architecture pipeline).
 SHAPESWORLD = "shapesworld"
 BUILT_IN = (*TINY_MODELS, SHAPESWORLD)
-_HUB_ID = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+$")
 
 
 def fitting_loras(model: str) -> str:
@@ -260,32 +258,13 @@ def architecture_of(model: str) -> type[Architecture] | None:
 
 
 #: Names that are files, not Hugging Face repositories (weights, configs, pickles).
-_FILE_SUFFIXES = (".safetensors", ".sft", ".ckpt", ".pt", ".pth", ".bin", ".gguf", ".json", ".yaml", ".yml")
-
-
-def is_hub_id(model: str) -> bool:
-    """`owner/name` that is not a local path, nor clearly meant as one: not `./x` or `../x`, not a
-    file name (`models/flux.safetensors`), and not in a local folder that exists (`here/flux` when
-    `here/` is a folder). A local path that does not exist is then said to be missing, not looked
-    up on the Hub."""
-    if not _HUB_ID.match(model) or model.split("/")[0] in (".", ".."):
-        return False
-    if model.lower().endswith(_FILE_SUFFIXES):
-        return False
-    path = Path(model).expanduser()
-    try:
-        return not path.exists() and not path.parent.is_dir()
-    except OSError:  # a name the file system refuses is no local path
-        return True
-
-
 def check_model_source(model: str) -> None:
     """Checks that need no weights: a local folder must be a complete diffusers pipeline folder."""
     if model in BUILT_IN or is_hub_id(model):
         return
     path = Path(model).expanduser()
     if not path.exists():
-        kind = "file" if path.suffix.lower() in _FILE_SUFFIXES else "folder"
+        kind = "file" if path.suffix.lower() in MODEL_FILE_SUFFIXES else "folder"
         raise ModelLoadError(f"Model {kind} {path} does not exist.")
     if path.is_file():
         if path.suffix == ".sft":

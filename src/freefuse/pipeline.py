@@ -47,7 +47,7 @@ from .lora import (
 from .manifest import ModelSource, build_manifest
 from .masking import AdapterMask, LoraMasker, adapters_for_run, is_compiled, pass_masks
 from .methods import MaskInput, RunContext, SubjectMasks, get_method
-from .preflight import MaskFacts, ModelFacts, SubjectFacts, check_ip_adapter, preflight
+from .preflight import MaskFacts, ModelFacts, SubjectFacts, preflight
 from .settings import GenerationSettings, check_text
 
 SCOPES = ("subject", "global")
@@ -395,7 +395,6 @@ class FreeFuse:
             raise ValueError("`controlnet` was given without control images; pass `conditions=Conditions.of(controls=[...])`.")
         elif backend.has_ip_adapter or redux is not None:  # a model waiting for a reference image
             facts = ConditionFacts(Conditions(), ip_adapter=backend.has_ip_adapter, redux=redux is not None)
-            check_ip_adapter(facts)
         checked = preflight(
             model, settings, [s.facts() for s in self.subjects.values()], mask_facts(masks), facts
         )
@@ -482,7 +481,12 @@ class FreeFuse:
         # no_grad, not inference_mode: model CPU offload moves weights during the run, and weights
         # re-made under inference_mode become inference tensors that PEFT can no longer switch
         # (`requires_grad_` on them fails in `set_adapter` afterwards).
-        ip_scale = backend.ip_adapter_scale(conditions.ip_adapter_scale) if has_reference(conditions) else contextlib.nullcontext()
+        ip_scale = contextlib.nullcontext()
+        if has_reference(conditions):
+            if conditions.ip_adapter_scale is None:  # the pipeline's own, recorded as it is
+                conditions = replace(conditions, ip_adapter_scale=backend.ip_adapter_scales())
+            else:
+                ip_scale = backend.ip_adapter_scale(conditions.ip_adapter_scale)
         with run_adapters as enabled_for_run, torch.no_grad(), masker.installed(), biaser.installed(), ip_scale:
             if enabled_for_run:
                 notes.append(

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 
-from .conditions import CONTROLNET, IMG2IMG, INPAINT, MAX_SCALE, ConditionFacts, Conditions
+from .conditions import CONTROLNET, IMG2IMG, INPAINT, ConditionFacts, Conditions, check_scale
 from .errors import EmbeddingError, SettingsError, WordNotFoundError
 from .methods import Method, get_method
 from .settings import GenerationSettings
@@ -505,12 +504,18 @@ def check_ip_adapter(facts: ConditionFacts) -> None:
             raise SettingsError(without_model)
         if image is None and has_model:
             raise SettingsError(without_image)
-        _check_scale(getattr(conditions, f"{kind}_scale"), what, flag)
+        scale = getattr(conditions, f"{kind}_scale")
+        if image is None and scale not in (None, 1.0):
+            raise SettingsError(f"The {what} scale was given without its image ({flag} IMAGE@SCALE); give both.")
+        if scale is not None:
+            _check_scale(scale, what, flag)
 
 
 def _check_scale(scale: float, what: str, flag: str) -> None:
-    if not math.isfinite(scale) or not 0 <= scale <= MAX_SCALE:
-        raise SettingsError(f"The {what} scale is a number from 0 to {MAX_SCALE:g} (CLI: {flag} IMAGE@SCALE), got {scale!r}.")
+    try:
+        check_scale(scale, f"The {what} scale")
+    except ValueError as error:
+        raise SettingsError(f"{error} (CLI: {flag} IMAGE@SCALE).") from None
 
 
 def _images(conditions: Conditions):

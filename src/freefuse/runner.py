@@ -221,23 +221,30 @@ class RunService:
         return prior.to(backend.device)
 
     def _load_ip_adapter(self, pipeline, source: str, encoder: str) -> None:
-        """`load_ip_adapter` from a safetensors file (checked by `ip_adapter_file`) or a hub id, with
-        its CLIP image encoder from a folder (safetensors weights) or a hub id."""
+        """`load_ip_adapter` from a safetensors file (checked by `ip_adapter_file`) or a hub id. Its
+        CLIP image encoder is loaded here first, safetensors only, and registered, so that diffusers
+        (which would also take pickled weights) loads none; a failed load is unloaded again."""
+        from transformers import CLIPVisionModelWithProjection
+
         if not hasattr(pipeline, "load_ip_adapter"):
             raise SettingsError(f"{type(pipeline).__name__} takes no IP-Adapter; FLUX.1 models do.")
         located = ip_adapter_file(source) or (source, IP_ADAPTER_WEIGHT_NAME)
-        denoiser = self._owner.backend.denoiser
+        backend = self._owner.backend
         try:
-            pipeline.load_ip_adapter(
-                located[0],
-                weight_name=located[1],
-                image_encoder_pretrained_model_name_or_path=image_encoder_source(encoder),
-                image_encoder_dtype=denoiser.dtype,
+            image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+                image_encoder_source(encoder),
+                torch_dtype=backend.denoiser.dtype,
+                use_safetensors=True,
                 local_files_only=offline(),
             )
-        except (OSError, ValueError, KeyError) as error:
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(load_failure(encoder, error)) from None
+        pipeline.register_modules(image_encoder=image_encoder.to(backend.device).eval())
+        try:
+            pipeline.load_ip_adapter(located[0], weight_name=located[1], local_files_only=offline())
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            pipeline.unload_ip_adapter()  # the encoder registered, processors half swapped: none of it stays
             raise ModelLoadError(load_failure(source, error)) from None
-        pipeline.image_encoder.to(self._owner.backend.device)
 
     def _load_controlnet(self, source: str) -> torch.nn.Module:
         """A ControlNet folder or hub id, of the class its config names (the architecture's own:

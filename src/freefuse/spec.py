@@ -203,6 +203,14 @@ class RunSpec:
         stamps = tuple(_stamp(path) for path in conditions.paths())
         loaded = facts.get("conditions", None, conditions.load, conditions.model_dump_json(), stamps)
         nets = [facts.get("controlnet", source, partial(controlnet_facts, source)) for source in conditions.controlnets]
+        memory = self.memory
+        unfollowed = memory is not None and (memory.offload in ("sequential", "group") or memory.compile)
+        if conditions.ip_adapter_model is not None and unfollowed:
+            raise SettingsError(
+                "An IP-Adapter swaps the transformer's attention processors after the model has loaded, which "
+                f"{'--compile' if memory.compile else '--offload ' + memory.offload} does not follow (not supported): "
+                "use --offload model, or leave it out."
+            )
         if conditions.ip_adapter_model is not None:  # its file's header and its encoder's folder, no weights
             facts.get("ip-adapter", conditions.ip_adapter_model, partial(ip_adapter_file, conditions.ip_adapter_model))
             image_encoder_source(conditions.ip_encoder)

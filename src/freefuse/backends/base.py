@@ -591,7 +591,7 @@ class Backend(abc.ABC):
     @property
     def has_ip_adapter(self) -> bool:
         """Whether the pipeline has an IP-Adapter loaded (`load_ip_adapter`)."""
-        return False
+        return ip_adapter_loaded(self.denoiser)
 
     def add_reference(
         self, conditioning: Conditioning, negative: Conditioning | None, conditions: Conditions, width: int, height: int
@@ -606,9 +606,21 @@ class Backend(abc.ABC):
         pass reads none, as in diffusers). Backends without Redux take none (preflight refuses it first)."""
         raise NotImplementedError(f"{self.name} runs take no Redux image.")
 
+    def ip_adapter_scales(self) -> float | None:
+        """The IP-Adapter's scale now, when every block has the same one (None: per-block scales)."""
+        return None
+
     def ip_adapter_scale(self, scale: float) -> contextlib.AbstractContextManager[None]:
         """The IP-Adapter's scale set for the run inside, and the caller's put back after."""
         return contextlib.nullcontext()
+
+    def _helper(self, name: str, **extra):
+        """diffusers' pipeline `name` over this pipeline's components, whose own methods a conditioned
+        run calls (`get_timesteps`, `prepare_latents`, `prepare_image`, image processors): theirs,
+        not copies."""
+        import diffusers
+
+        return getattr(diffusers, name)(**self.pipeline.components, **extra)
 
     def check_controlnets(self, controlnets: Sequence[torch.nn.Module]) -> None:
         """Raise ValueError when a loaded ControlNet is not one this backend runs."""
@@ -811,3 +823,11 @@ def flat_controlnets(controlnets) -> list[torch.nn.Module]:
     for net in [controlnets] if isinstance(controlnets, torch.nn.Module) else list(controlnets):
         found.extend(net.nets if hasattr(net, "nets") else [net])
     return found
+
+
+def ip_adapter_loaded(denoiser: torch.nn.Module) -> bool:
+    """Whether `load_ip_adapter` put an IP-Adapter into `denoiser`: its image projection
+    (`encoder_hid_proj`) and attention processors with key/value projections for the image."""
+    return getattr(denoiser, "encoder_hid_proj", None) is not None and any(
+        hasattr(processor, "to_k_ip") for processor in getattr(denoiser, "attn_processors", {}).values()
+    )

@@ -346,13 +346,6 @@ class FluxBackend(Backend):
         return timesteps, scheduler.sigmas
 
     # -- conditioned runs: img2img, inpainting, ControlNets ------------------------------------------
-    def _helper(self, name: str, **extra):
-        """diffusers' pipeline `name` over this pipeline's components, whose methods a conditioned
-        run calls (its `get_timesteps`, `prepare_latents`, image processors): theirs, not copies."""
-        import diffusers
-
-        return getattr(diffusers, name)(**self.pipeline.components, **extra)
-
     def schedule(
         self, num_inference_steps: int, height: int, width: int, strength: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -487,10 +480,6 @@ class FluxBackend(Backend):
 
     # -- IP-Adapter --------------------------------------------------------------------------------
 
-    @property
-    def has_ip_adapter(self) -> bool:
-        return getattr(self.denoiser, "encoder_hid_proj", None) is not None
-
     def add_reference(
         self, conditioning: Conditioning, negative: Conditioning | None, conditions: Conditions, width: int, height: int
     ) -> None:
@@ -520,15 +509,23 @@ class FluxBackend(Backend):
         features = redux.encode_image(conditions.redux.image.convert("RGB"), self.device, 1)
         image_tokens = redux.image_embedder(features).image_embeds.to(device=embeds.device)
         joined = torch.cat([embeds, image_tokens.expand(batch, -1, -1).to(embeds.dtype)], dim=1)
-        scale = torch.tensor([conditions.redux_scale] * batch, device=embeds.device, dtype=image_tokens.dtype)
+        # In the text's dtype: a Redux model loaded in another one must not change what the transformer reads.
+        scale = torch.tensor([conditions.redux_scale] * batch, device=embeds.device, dtype=embeds.dtype)
         conditioning.prompt_embeds = joined * scale[:, None, None]  # the pooled text stays (its scale: 1)
         text_ids = conditioning.text_ids
         conditioning.text_ids = torch.zeros(joined.shape[1], 3, device=text_ids.device, dtype=text_ids.dtype)
 
+    def _ip_processors(self) -> list:
+        return [p for p in self.denoiser.attn_processors.values() if hasattr(p, "to_k_ip")]
+
+    def ip_adapter_scales(self) -> float | None:
+        scales = {float(scale) for processor in self._ip_processors() for scale in processor.scale}
+        return scales.pop() if len(scales) == 1 else None
+
     @contextlib.contextmanager
     def ip_adapter_scale(self, scale: float) -> Iterator[None]:
         """`set_ip_adapter_scale(scale)` for the run; each processor's own scales put back after."""
-        processors = [p for p in self.denoiser.attn_processors.values() if hasattr(p, "to_k_ip")]
+        processors = self._ip_processors()
         kept = [list(processor.scale) for processor in processors]
         try:
             self.pipeline.set_ip_adapter_scale(scale)

@@ -380,13 +380,6 @@ class SdxlBackend(Backend):
         return timesteps, sigmas
 
     # -- conditioned runs: img2img, inpainting, ControlNets ------------------------------------------
-    def _helper(self, name: str, **extra):
-        """diffusers' pipeline `name` over this pipeline's components, whose methods a conditioned
-        run calls (its `get_timesteps`, `prepare_latents`, image processors): theirs, not copies."""
-        import diffusers
-
-        return getattr(diffusers, name)(**self.pipeline.components, **extra)
-
     def schedule(
         self, num_inference_steps: int, height: int, width: int, strength: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:

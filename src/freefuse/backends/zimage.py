@@ -356,13 +356,6 @@ class ZImageBackend(Backend):
         scheduler.set_begin_index(0)
         return timesteps, scheduler.sigmas
 
-    def _helper(self, name: str, **extra):
-        """diffusers' pipeline `name` over this pipeline's components, whose own `get_timesteps`,
-        `prepare_latents`, `prepare_image` and image processors a conditioned run calls."""
-        import diffusers
-
-        return getattr(diffusers, name)(**self.pipeline.components, **extra)
-
     def schedule(
         self, num_inference_steps: int, height: int, width: int, strength: float | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
