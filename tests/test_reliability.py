@@ -287,7 +287,7 @@ def test_a_pipeline_class_no_backend_runs_is_refused_before_loading(assets, tmp_
     assert_user_error(
         result,
         "is a StableDiffusion3Pipeline",
-        "FreeFuse runs ['Flux2KleinPipeline', 'FluxPipeline', 'StableDiffusionXLPipeline', 'ZImagePipeline']",
+        "FreeFuse runs ['Flux2KleinPipeline', 'FluxFillPipeline', 'FluxPipeline', 'StableDiffusionXLPipeline', 'ZImagePipeline']",
     )
     assert_nothing_written(tmp_path / "o")
 
