@@ -46,12 +46,13 @@ def client(public):
     return client_module.Client(public["url"], verbose=False)
 
 
-def generate_inputs(lora, model: str = "tiny", init=None) -> list:
+def generate_inputs(lora, model: str = "tiny", init=None, reference=None, ip_adapter: str = "") -> list:
     """The generate endpoint's inputs: the model, four LoRA rows (file, path, words, weight, scope), the form
     (settings, then the conditions' pictures and fields)."""
     rows = [lora, "", "Alice", 1.0, "subject"] + [None, "", "", 1.0, "subject"] * 3
     form = ["Alice in the snow", 1, 3, 64, 64, "", "text-to-image", 0, ""]
     form += [init, 0, None, None, "", 1.0, ""]  # an init picture or none; no inpainting mask or ControlNet
+    form += [reference, 1.0, ip_adapter, ""]  # a reference picture and the IP-Adapter that reads it, or none
     return [model, *rows, *form]
 
 
@@ -101,6 +102,27 @@ def test_a_forged_picture_value_reads_no_server_image_and_an_uploaded_one_runs(p
     assert answer[0] == "", answer[0]
     recorded = [path.read_text() for path in public["root"].glob("*/run-*/freefuse.json")]
     assert any('"conditions/init.png"' in text for text in recorded)
+
+
+
+def test_a_forged_reference_picture_or_a_server_path_for_its_model_reads_nothing(public, tmp_path) -> None:
+    from PIL import Image
+
+    secret = tmp_path / "server-only.png"
+    Image.new("RGB", (40, 40), (10, 200, 10)).save(secret)
+    lora = tmp_path / "alice.safetensors"
+    shutil.copyfile(public["secret"], lora)
+    result = call(public, "generate", generate_inputs(None, reference=forged(secret), ip_adapter="none"))
+    assert "event: complete" not in result or "not received as an upload" in result, result
+    assert secret.read_bytes() not in kept_bytes(public["root"])
+    # A public page offers its IP-Adapters by name: a server path is not among the choices (Gradio itself
+    # refuses it; the workspace would too: "This page's IP-Adapters are: …").
+    with pytest.raises(Exception, match="not in the list of choices"):
+        client(public).predict(
+            *generate_inputs(client_module.handle_file(str(lora)), reference=client_module.handle_file(str(secret)),
+                             ip_adapter=str(tmp_path)), api_name="/generate",
+        )  # fmt: skip
+    assert not list(public["root"].glob("*/run-*/conditions/reference.png"))
 
 
 def test_another_sessions_files_cannot_be_fetched_and_downloads_name_no_server_path(public, tmp_path) -> None:
