@@ -538,9 +538,26 @@ MUTATIONS = (
     Mutation(
         "a replay's model check counts the IP-Adapter's image encoder as the model's",
         "manifest.py",
-        "        if name in IP_ADAPTER_COMPONENTS and has_ip_adapter(denoiser):",
+        "        if name in IP_ADAPTER_COMPONENTS and ip_adapter_loaded(denoiser):",
         "        if False:",
-        ("tests/test_ip_adapter.py::test_cli_runs_an_ip_adapter_records_it_and_replays_it_byte_for_byte",),
+        (
+            "tests/test_ip_adapter.py::test_cli_runs_an_ip_adapter_records_it_and_replays_it_byte_for_byte",
+            "tests/test_ip_adapter.py::test_the_model_record_leaves_the_ip_adapter_out",
+        ),
+    ),
+    Mutation(
+        "an in-memory model's weight hash counts the IP-Adapter's projections",
+        "manifest.py",
+        "        and not (ip_adapter and (\".processor.\" in key or key.startswith(\"encoder_hid_proj.\")))",
+        "        and True",
+        ("tests/test_ip_adapter.py::test_the_model_record_leaves_the_ip_adapter_out",),
+    ),
+    Mutation(
+        "a run service keeps the previous IP-Adapter for a run without one",
+        "runner.py",
+        "                pipeline.unload_ip_adapter()  # also lets the image encoder go",
+        "                pass",
+        ("tests/test_ip_adapter.py::test_one_run_service_loads_switches_and_lets_go_of_ip_adapters",),
     ),
     Mutation(
         "Redux image tokens put before the prompt's (the subjects' words would move)",
