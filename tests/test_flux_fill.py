@@ -123,3 +123,15 @@ def test_a_fill_model_folder_runs_from_the_command_line_and_replays(tmp_path, mo
     again = runner.invoke(app, ["generate", "--manifest", "a/freefuse.json", "--out", "b"])
     assert again.exit_code == 0, again.output
     assert (tmp_path / "a" / "freefuse.png").read_bytes() == (tmp_path / "b" / "freefuse.png").read_bytes()
+
+
+def test_a_fill_image_does_not_depend_on_the_rest_of_the_batch(fill: FreeFuse) -> None:
+    """Seed 10 with two images makes image 1 from seed 11: the same picture as seed 11 alone (its
+    noise and its masked-picture latents from its own generator)."""
+    conditions = Conditions.of(init_image=picture(4), inpaint_mask=region())
+    alone = run(fill, method="merge", seed=11, conditions=conditions).images[0]
+    batch = run(fill, method="merge", seed=10, num_images_per_prompt=2, conditions=conditions).images
+    assert (batch[1] - alone).abs().max() <= 2e-5
+    assert (batch[0] - alone).abs().max() > 1e-3
+    blank = run(fill, method="merge", seed=11).images[0]  # no picture: a black one repainted everywhere
+    assert (blank - alone).abs().max() > 1e-3
