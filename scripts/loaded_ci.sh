@@ -25,10 +25,11 @@ for run in $(seq "$RUNS"); do
     clone="$OUT/clone-$run"
     rm -rf "$clone"
     git clone -q . "$clone"
+    tested=$(git -C "$clone" rev-parse --short HEAD)  # this checkout's HEAD now: commits made meanwhile count
     start=$(date +%s)
     (cd "$clone" && ./.ci/run) >"$OUT/run-$run.log" 2>&1
     rc=$?
     took=$(( $(date +%s) - start ))
     result=$(grep -E '^=+ .*(passed|failed|error).* =+$' "$OUT/run-$run.log" | tail -1)
-    echo "$(date -Is) run $run: exit $rc, ${took}s, $result" | tee -a "$OUT/summary.txt"
+    echo "$(date -Is) run $run ($tested): exit $rc, ${took}s, $result" | tee -a "$OUT/summary.txt"
 done
