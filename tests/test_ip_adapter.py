@@ -499,3 +499,18 @@ def test_a_public_page_reads_a_reference_picture_with_an_offered_model_by_name(f
     recorded = json.loads(manifest_path.read_text())["conditions"]["ip_adapter"]
     assert recorded["image"]["path"] == "conditions/reference.png" and recorded["scale"] == 0.6
     assert recorded["model"] == "ip" and str(files) not in manifest_path.read_text()
+
+
+def test_an_image_encoder_folder_must_hold_model_safetensors(tmp_path) -> None:
+    """transformers would fall back to a pickled `pytorch_model.bin` beside some other safetensors
+    file: such a folder is refused before anything is read."""
+    from freefuse.conditions import image_encoder_source
+
+    folder = tmp_path / "encoder"
+    tiny_clip_image_encoder().save_pretrained(folder)
+    assert image_encoder_source(str(folder)) == str(folder)
+    (folder / "model.safetensors").rename(folder / "other.safetensors")
+    (folder / "pytorch_model.bin").write_bytes(b"a pickle would be here")
+    with pytest.raises(SettingsError, match="needs config.json and model.safetensors"):
+        image_encoder_source(str(folder))
+    assert image_encoder_source("openai/clip-vit-large-patch14") == "openai/clip-vit-large-patch14"
