@@ -581,8 +581,8 @@ MUTATIONS = (
         ("tests/test_zimage.py::test_img2img_and_inpainting_merge_are_the_zimage_pipelines",),
     ),
     Mutation(
-        "Z-Image img2img denoises every step (strength's schedule ignored)",
-        "backends/zimage.py",
+        "img2img denoises every step (strength's schedule ignored; the shared schedule, read on Z-Image)",
+        "backends/base.py",
         "        return timesteps, sigmas[len(sigmas) - 1 - len(timesteps) :]",
         "        return self.timesteps(num_inference_steps, height, width)",
         ("tests/test_zimage.py::test_img2img_and_inpainting_merge_are_the_zimage_pipelines",),

@@ -442,6 +442,10 @@ class Backend(abc.ABC):
     attention tap, the token layout of its layers, and loading its LoRA files. Its facts and
     rules are its `architecture`'s."""
 
+    #: diffusers' img2img pipeline of this architecture, whose `get_timesteps` a run from an init
+    #: image follows (`schedule`); None: the backend runs no img2img.
+    img2img_pipeline: ClassVar[str | None] = None
+
     architecture: ClassVar[type[Architecture]]
     #: The architecture's name and denoiser attribute (copied from `architecture`).
     name: ClassVar[str]
@@ -550,9 +554,13 @@ class Backend(abc.ABC):
         """`(timesteps [S], sigmas [S + 1])` of the steps this run denoises: all of them (`timesteps`),
         or from an init image the last `strength` share of them (the img2img pipeline's
         `get_timesteps`, which also sets the scheduler's first step)."""
+        if strength is not None and self.img2img_pipeline is None:
+            raise NotImplementedError(f"{self.name} runs no img2img (preflight refuses it before loading)")
+        timesteps, sigmas = self.timesteps(num_inference_steps, height, width)
         if strength is None:
-            return self.timesteps(num_inference_steps, height, width)
-        raise NotImplementedError(f"{self.name} runs no img2img (preflight refuses it before loading)")
+            return timesteps, sigmas
+        timesteps, _ = self._helper(self.img2img_pipeline).get_timesteps(num_inference_steps, strength, self.device)
+        return timesteps, sigmas[len(sigmas) - 1 - len(timesteps) :]
 
     def prepare(
         self,

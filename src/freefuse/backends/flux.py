@@ -230,6 +230,7 @@ class FluxBackend(Backend):
     """FLUX.1's runner parts over a `FluxPipeline`."""
 
     architecture = FluxArchitecture
+    img2img_pipeline = "FluxImg2ImgPipeline"
 
     @classmethod
     def matches(cls, pipeline) -> bool:
@@ -346,15 +347,6 @@ class FluxBackend(Backend):
         return timesteps, scheduler.sigmas
 
     # -- conditioned runs: img2img, inpainting, ControlNets ------------------------------------------
-    def schedule(
-        self, num_inference_steps: int, height: int, width: int, strength: float | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        timesteps, sigmas = self.timesteps(num_inference_steps, height, width)
-        if strength is None:
-            return timesteps, sigmas
-        timesteps, _ = self._helper("FluxImg2ImgPipeline").get_timesteps(num_inference_steps, strength, self.device)
-        return timesteps, sigmas[len(sigmas) - 1 - len(timesteps) :]
-
     def prepare(
         self,
         generators: list[torch.Generator] | torch.Generator,

@@ -239,6 +239,7 @@ class SdxlBackend(Backend):
     """SDXL's runner parts over a `StableDiffusionXLPipeline`."""
 
     architecture = SdxlArchitecture
+    img2img_pipeline = "StableDiffusionXLImg2ImgPipeline"
 
     @classmethod
     def matches(cls, pipeline) -> bool:
@@ -380,16 +381,6 @@ class SdxlBackend(Backend):
         return timesteps, sigmas
 
     # -- conditioned runs: img2img, inpainting, ControlNets ------------------------------------------
-    def schedule(
-        self, num_inference_steps: int, height: int, width: int, strength: float | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        timesteps, sigmas = self.timesteps(num_inference_steps, height, width)
-        if strength is None:
-            return timesteps, sigmas
-        helper = self._helper("StableDiffusionXLImg2ImgPipeline")
-        timesteps, _ = helper.get_timesteps(num_inference_steps, strength, self.device)
-        return timesteps, sigmas[len(sigmas) - 1 - len(timesteps) :]
-
     def prepare(
         self,
         generators: list[torch.Generator] | torch.Generator,

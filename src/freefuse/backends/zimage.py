@@ -248,6 +248,7 @@ class ZImageBackend(Backend):
     """Z-Image's runner parts over a `ZImagePipeline`."""
 
     architecture = ZImageArchitecture
+    img2img_pipeline = "ZImageImg2ImgPipeline"
     sequence_multiple = 32  # `SEQ_MULTI_OF` of diffusers' Z-Image transformer (checked in the tests)
 
     @classmethod
@@ -355,15 +356,6 @@ class ZImageBackend(Backend):
         timesteps, _ = retrieve_timesteps(scheduler, num_inference_steps, self.device, sigmas=sigmas, mu=mu)
         scheduler.set_begin_index(0)
         return timesteps, scheduler.sigmas
-
-    def schedule(
-        self, num_inference_steps: int, height: int, width: int, strength: float | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        timesteps, sigmas = self.timesteps(num_inference_steps, height, width)
-        if strength is None:
-            return timesteps, sigmas
-        timesteps, _ = self._helper("ZImageImg2ImgPipeline").get_timesteps(num_inference_steps, strength, self.device)
-        return timesteps, sigmas[len(sigmas) - 1 - len(timesteps) :]
 
     def prepare(
         self,
